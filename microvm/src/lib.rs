@@ -1,0 +1,1 @@
+//! KVM microVM launcher (filled by the microVM issue).

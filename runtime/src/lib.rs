@@ -1,0 +1,1 @@
+//! Container runtime (filled by the runtime issue).
