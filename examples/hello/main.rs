@@ -1,0 +1,53 @@
+//! The workload of twinbox's built-in default image. Static, no dependencies, so the same
+//! binary runs as a container's pid 1 on the host kernel and as a VM guest's workload.
+//!
+//! `hello` greets and says where it runs; `hello true` exits 0 at once; `hello exit N`
+//! exits N; `hello sleep SECS` idles; `hello spin N` does N rounds of integer work and
+//! prints a checksum.
+
+use std::process::ExitCode;
+
+fn main() -> ExitCode {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.first().map(String::as_str) {
+        None | Some("greet") => greet(),
+        Some("true") => ExitCode::SUCCESS,
+        Some("exit") => ExitCode::from(arg_num(&args, 0) as u8),
+        Some("sleep") => {
+            std::thread::sleep(std::time::Duration::from_secs(arg_num(&args, u64::MAX / 4)));
+            ExitCode::SUCCESS
+        }
+        Some("spin") => {
+            println!("{}", spin(arg_num(&args, 1_000_000)));
+            ExitCode::SUCCESS
+        }
+        Some(other) => {
+            eprintln!("hello: unknown mode {other:?}; use greet, true, exit N, sleep SECS or spin N");
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn arg_num(args: &[String], default: u64) -> u64 {
+    args.get(1).and_then(|s| s.parse().ok()).unwrap_or(default)
+}
+
+fn greet() -> ExitCode {
+    let kernel = std::fs::read_to_string("/proc/sys/kernel/osrelease").unwrap_or_else(|_| "unknown (no /proc)".into());
+    let host = std::fs::read_to_string("/proc/sys/kernel/hostname").unwrap_or_else(|_| "unknown".into());
+    println!("Hello from twinbox!");
+    println!("pid {} on kernel {} as host {}", std::process::id(), kernel.trim(), host.trim());
+    ExitCode::SUCCESS
+}
+
+/// A xorshift loop the optimiser cannot fold away.
+fn spin(rounds: u64) -> u64 {
+    let mut x: u64 = 0x9E37_79B9_7F4A_7C15;
+    for i in 0..rounds {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        x = x.wrapping_add(i);
+    }
+    x
+}
