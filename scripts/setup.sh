@@ -1,0 +1,50 @@
+#!/usr/bin/env bash
+# Install what twinbox needs on a Debian/Ubuntu machine, build it, and build the default
+# images. Idempotent: a second run only checks. With --run, also runs the main job.
+#   sudo scripts/setup.sh [--run]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+APT_PACKAGES=(
+  build-essential pkg-config ca-certificates curl git
+  busybox-static e2fsprogs            # default busybox image, VM root disks (mkfs.ext4 -d)
+  skopeo umoci                        # interop peers for the image store
+  runc crun                           # container peers measured by the harness
+)
+
+need_root() {
+  if [ "$(id -u)" -ne 0 ]; then
+    echo "setup.sh: run as root (sudo): it installs packages and the store lives in /var/lib/twinbox" >&2
+    exit 1
+  fi
+}
+
+install_packages() {
+  local missing=()
+  for p in "${APT_PACKAGES[@]}"; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    echo "setup.sh: installing ${missing[*]}"
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+}
+
+install_rust() {
+  if ! command -v cargo >/dev/null 2>&1; then
+    [ -x "$HOME/.cargo/bin/cargo" ] || curl -sSf https://sh.rustup.rs | sh -s -- -y --profile minimal -c clippy,rustfmt
+    export PATH="$HOME/.cargo/bin:$PATH"
+  fi
+}
+
+need_root
+install_packages
+install_rust
+cargo build --release -q -p twinbox
+scripts/default-images.sh target/release/twinbox
+
+if [ "${1:-}" = "--run" ]; then
+  # The main job. Until the harness lands (issue 5) it shows the default images.
+  target/release/twinbox images
+fi

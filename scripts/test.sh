@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# The whole test suite, as CI runs it: install what the tests need, then format, lint, test.
+#   sudo scripts/test.sh
+# Tests that need root, /dev/kvm or a tool skip with a reason when it is missing, except under
+# CI=true, where a missing capability fails the run.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+if [ "$(id -u)" -eq 0 ]; then
+  missing=()
+  for p in skopeo umoci busybox-static e2fsprogs file; do
+    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
+  done
+  if [ ${#missing[@]} -gt 0 ]; then
+    apt-get update -qq
+    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
+  fi
+fi
+
+cargo fmt --all -- --check
+cargo clippy -q --workspace --all-targets -- -D warnings
+# The default-image example is built static here; the CLI tests use it.
+cargo rustc -q -p twinbox-hello --release -- -C target-feature=+crt-static -C strip=symbols
+cargo test -q --workspace -- --test-threads="${TEST_THREADS:-2}"
