@@ -1,0 +1,648 @@
+//! cgroups for containers, on the three layouts hosts have:
+//!
+//! - [`Layout::Legacy`]: cgroup v1 only, one hierarchy per controller (or per group of them:
+//!   `cpu,cpuacct`) under the mount root.
+//! - [`Layout::Hybrid`]: the v1 hierarchies plus a cgroup2 mount at `<root>/unified` that holds
+//!   no controllers we use. Limits go to v1; the container's cgroup is also made in the cgroup2
+//!   hierarchy and its processes join it, as runc does, so tools that look only at v2 (systemd,
+//!   `/proc/PID/cgroup`'s `0::` line) see them.
+//! - [`Layout::Unified`]: pure cgroup v2 at the mount root.
+//!
+//! Which one a host has is read from `/proc/thread-self/mountinfo` (the filesystem types of the
+//! mounts at and directly below the mount root), so a combined `cpu,cpuacct` mount and its
+//! `cpu`/`cpuacct` symlinks are found by what is mounted, not by name.
+//!
+//! **Paths.** `linux.cgroupsPath` `/a/b` is relative to every hierarchy's root (as runc); a
+//! relative path `a/b` goes under `/twinbox/` (`/twinbox/a/b`): runc puts it below its own
+//! cgroup, but on v2 a runtime's own cgroup usually holds processes and so cannot have
+//! controllers enabled for children, and a path that depends on who calls `create` would not
+//! be found again by `delete`. No path → `/twinbox/<id>`. The systemd `slice:prefix:name`
+//! form is refused (no systemd driver).
+//!
+//! **Parents.** Intermediate directories (`/twinbox`) are shared by all containers: made when
+//! missing (v1 cpuset: given their parent's `cpuset.cpus`/`cpuset.mems`; v2: our controllers
+//! enabled in their `cgroup.subtree_control`) and never removed by `destroy`, like runc:
+//! removing an empty `/twinbox` would race with a concurrent `create` between its `mkdir
+//! /twinbox` (`EEXIST`) and `mkdir /twinbox/<id>`. A failed `create` does remove the parents
+//! *it* made when they are still empty, and `create` re-walks the path if a parent vanishes
+//! under it, so the two cannot break each other. The container's own leaf must not exist yet.
+//!
+//! **Limits** (`linux.resources`): memory (limit, swap = memory+swap total, reservation,
+//! swappiness and disableOOMKiller on v1), cpu (shares, quota/period, cpus/mems), pids, v1 device
+//! rules (the spec's in order, then the default devices, as runc), and on v2 the `unified` map.
+//! A limit whose controller is missing is an error naming it. Block I/O, hugepages, network,
+//! RDMA, realtime/idle/burst CPU and kernel memory are ignored with a debug log; v2 device
+//! rules (eBPF) are not implemented yet and ignored with a debug log.
+
+mod fs;
+mod mountinfo;
+mod v1;
+mod v2;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::ffi::OsStr;
+use std::fmt;
+use std::path::{Component, Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use nix::errno::Errno;
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
+use oci_spec::runtime::LinuxResources;
+use serde::{Deserialize, Serialize};
+
+/// Where hosts mount their cgroup hierarchies.
+pub const DEFAULT_MOUNT_ROOT: &str = "/sys/fs/cgroup";
+/// The parent of containers' cgroups when the spec names none (`/twinbox/<id>`), and of
+/// relative `cgroupsPath`s.
+pub const DEFAULT_PARENT: &str = "twinbox";
+/// How long `destroy` waits for killed processes to leave the cgroup.
+pub const KILL_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// How a host's cgroup hierarchies are mounted.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[serde(rename_all = "lowercase")]
+pub enum Layout {
+    /// cgroup v1 only.
+    Legacy,
+    /// cgroup v1 controllers plus a controller-less cgroup2 at `<root>/unified`.
+    Hybrid,
+    /// cgroup v2 only, at the mount root.
+    Unified,
+}
+
+impl fmt::Display for Layout {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Layout::Legacy => "cgroup v1",
+            Layout::Hybrid => "cgroup v1/v2 hybrid",
+            Layout::Unified => "cgroup v2",
+        })
+    }
+}
+
+/// Errors of cgroup set-up, control and removal.
+#[derive(Debug, thiserror::Error)]
+pub enum CgroupError {
+    #[error("cannot read the mount table {path}; is /proc mounted?")]
+    MountInfo {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cgroup mount root {path} is not accessible; pass the directory where cgroups are mounted")]
+    MountRoot {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "no cgroup filesystem is mounted at or directly below {mount_root}; mount cgroup2 there, or the v1 \
+         controllers in directories below it"
+    )]
+    NoCgroupMounts { mount_root: PathBuf },
+    #[error(
+        "cgroupsPath {path:?} is in the systemd slice:prefix:name form, but the systemd cgroup driver is not \
+         supported; use an absolute cgroupsPath such as /twinbox/<id>"
+    )]
+    SystemdPath { path: String },
+    #[error("cgroupsPath {path:?} {reason}; use an absolute path such as /twinbox/<id>")]
+    InvalidPath { path: PathBuf, reason: &'static str },
+    #[error("container id {id:?} cannot name a cgroup: it must be non-empty, not \".\" or \"..\", with no '/'")]
+    InvalidId { id: String },
+    #[error("linux.resources.{field} = {value} is invalid: expected {expected}")]
+    InvalidValue { field: &'static str, value: String, expected: &'static str },
+    #[error(
+        "linux.resources.memory.swap ({swap}) is below memory.limit ({limit}): swap is the memory+swap total, \
+         so set it to at least the limit (or -1 for unlimited)"
+    )]
+    SwapBelowLimit { limit: i64, swap: i64 },
+    #[error("linux.resources.memory.swap ({swap}) needs a memory.limit; set one, or drop swap")]
+    SwapWithoutLimit { swap: i64 },
+    #[error(
+        "cgroup v1 controller {controller} is not mounted under {mount_root}, but linux.resources sets a \
+         {controller} limit; mount the controller, or drop the limit"
+    )]
+    ControllerNotMounted { controller: &'static str, mount_root: PathBuf },
+    #[error(
+        "controller {controller} not available in cgroup v2 hierarchy at {path}: it is not in \
+         cgroup.controllers or could not be enabled in a parent's cgroup.subtree_control (on a v1/hybrid host \
+         it may be bound to a v1 hierarchy); enable it, or drop the {controller} limits"
+    )]
+    ControllerUnavailableV2 { controller: String, path: PathBuf },
+    #[error(
+        "linux.resources.unified sets {key}, which needs cgroup v2, but this host has {layout}; use the typed \
+         linux.resources fields"
+    )]
+    UnifiedNeedsV2 { key: String, layout: Layout },
+    #[error("linux.resources.unified key {key:?} does not name a controller file (like memory.high) of the cgroup")]
+    InvalidUnifiedKey { key: String },
+    #[error(
+        "cgroup {path} already exists: another container uses this cgroupsPath, or an earlier one was not \
+         deleted; choose another path, or delete that container"
+    )]
+    AlreadyExists { path: PathBuf },
+    #[error("cgroup {path} does not exist (not created yet, or destroyed); create the container first")]
+    NotCreated { path: PathBuf },
+    #[error("cannot create cgroup directory {path}")]
+    Mkdir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot write {value:?} to {path}; check that the linux.resources value is valid on this host")]
+    Write {
+        path: PathBuf,
+        value: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} does not exist: this kernel lacks the feature or the controller is off; drop the setting")]
+    MissingFile { path: PathBuf },
+    #[error("cannot read {path}")]
+    Read {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("unexpected content {content:?} in {path}")]
+    Parse { path: PathBuf, content: String },
+    #[error("{path} has no oom_kill counter; that needs Linux 4.13 or later")]
+    NoOomCounter { path: PathBuf },
+    #[error(
+        "cannot move pid {pid} into {path}; check that the process still exists (and on cgroup v1 that the \
+         cgroup's cpuset.cpus and cpuset.mems are set)"
+    )]
+    AddTask {
+        pid: i32,
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{path} did not report {state} within {waited:?} (a process may be in uninterruptible sleep); it was \
+         thawed again, retry later"
+    )]
+    FreezeTimeout { path: PathBuf, state: &'static str, waited: Duration },
+    #[error(
+        "processes {pids:?} were still in cgroup {path} {waited:?} after SIGKILL; they may be in \
+         uninterruptible sleep (D state, see /proc/PID/stack): retry the delete later"
+    )]
+    KillTimeout { path: PathBuf, pids: Vec<i32>, waited: Duration },
+    #[error("cannot send SIGKILL to pid {pid} in cgroup {path}")]
+    Kill {
+        pid: i32,
+        path: PathBuf,
+        #[source]
+        source: Errno,
+    },
+    #[error("cannot remove cgroup directory {path}; a process or a child cgroup may still be in it")]
+    Rmdir {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Usage counters of a container's cgroup; `None` where the host does not provide the counter
+/// (controller not mounted or enabled, or an older kernel: `memory.peak` needs Linux 5.19).
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct CgroupStats {
+    /// Bytes charged now (v1 `memory.usage_in_bytes`, v2 `memory.current`).
+    pub memory_current: Option<u64>,
+    /// Most bytes ever charged (v1 `memory.max_usage_in_bytes`, v2 `memory.peak`).
+    pub memory_peak: Option<u64>,
+    /// CPU time used, in nanoseconds (v1 `cpuacct.usage`, v2 `cpu.stat` `usage_usec`).
+    pub cpu_usage_ns: Option<u64>,
+    /// Tasks now (`pids.current`).
+    pub pids_current: Option<u64>,
+}
+
+/// Which layout the cgroup hierarchies at `mount_root` (normally [`DEFAULT_MOUNT_ROOT`]) have.
+pub fn detect(mount_root: &Path) -> Result<Layout, CgroupError> {
+    Ok(mountinfo::discover(mount_root)?.layout)
+}
+
+/// One container's cgroup in every hierarchy of the host. Plain data, stored in the container's
+/// state and reloaded by other processes (`kill`, `delete`); nothing is made until
+/// [`create`](Self::create) and nothing is removed on drop (see [`destroy`](Self::destroy)).
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct CgroupManager {
+    layout: Layout,
+    /// The root the hierarchies were found under (for messages).
+    mount_root: PathBuf,
+    /// The container's cgroup relative to each hierarchy's root, like `/twinbox/<id>`.
+    path: PathBuf,
+    /// v1 controller (or `name=systemd`) → mount point of its hierarchy.
+    v1: BTreeMap<String, PathBuf>,
+    /// The cgroup2 mount point (unified: the mount root; hybrid: `<root>/unified`).
+    unified: Option<PathBuf>,
+}
+
+impl CgroupManager {
+    /// The container's cgroup under [`DEFAULT_MOUNT_ROOT`]. `cgroups_path` is the spec's
+    /// `linux.cgroupsPath` (absolute: relative to the hierarchy roots; relative: under
+    /// `/twinbox/`; `None` → `/twinbox/<id>`); the systemd `slice:prefix:name` form is an error.
+    pub fn new(cgroups_path: Option<&Path>, id: &str) -> Result<Self, CgroupError> {
+        Self::with_mount_root(Path::new(DEFAULT_MOUNT_ROOT), cgroups_path, id)
+    }
+
+    /// As [`new`](Self::new), with the hierarchies found under `mount_root`.
+    pub fn with_mount_root(mount_root: &Path, cgroups_path: Option<&Path>, id: &str) -> Result<Self, CgroupError> {
+        let path = resolve_path(cgroups_path, id)?;
+        let h = mountinfo::discover(mount_root)?;
+        Ok(Self::from_hierarchies(h, mount_root, path))
+    }
+
+    fn from_hierarchies(h: mountinfo::Hierarchies, mount_root: &Path, path: PathBuf) -> Self {
+        Self { layout: h.layout, mount_root: mount_root.to_path_buf(), path, v1: h.v1, unified: h.unified }
+    }
+
+    /// The host's layout.
+    pub fn layout(&self) -> Layout {
+        self.layout
+    }
+
+    /// The container's cgroup relative to each hierarchy's root (`/twinbox/<id>`).
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// The container's directory holding `controller`'s files (`"memory"`, `"cpu"`, …): in that
+    /// controller's v1 hierarchy, or the cgroup2 one on a unified host. `None` when a v1 host
+    /// does not mount it.
+    pub fn controller_dir(&self, controller: &str) -> Option<PathBuf> {
+        match self.layout {
+            Layout::Unified => self.unified_dir(),
+            Layout::Legacy | Layout::Hybrid => self.v1.get(controller).map(|mount| self.leaf(mount)),
+        }
+    }
+
+    /// The container's directory in the cgroup2 hierarchy (hybrid and unified hosts).
+    pub fn unified_dir(&self) -> Option<PathBuf> {
+        self.unified.as_deref().map(|mount| self.leaf(mount))
+    }
+
+    /// Every directory `create` makes for the container (one per hierarchy) and `destroy`
+    /// removes.
+    pub fn dirs(&self) -> Vec<PathBuf> {
+        let mut out: Vec<PathBuf> = self.v1_mounts().into_iter().map(|m| self.leaf(m)).collect();
+        out.extend(self.unified_dir());
+        out
+    }
+
+    /// Makes the container's cgroup in every hierarchy and applies `resources`; on any error,
+    /// removes what it made.
+    pub fn create(&self, resources: Option<&LinuxResources>) -> Result<(), CgroupError> {
+        if let Some(r) = resources {
+            self.check(r)?;
+        }
+        let components = self.components();
+        let mut created = fs::CreatedDirs::default();
+        match self.layout {
+            Layout::Legacy | Layout::Hybrid => {
+                let cpuset = self.v1.get("cpuset").map(PathBuf::as_path);
+                for mount in self.v1_mounts() {
+                    let is_cpuset = cpuset == Some(mount);
+                    fs::make_chain(
+                        mount,
+                        &components,
+                        &mut created,
+                        |_| Ok(()),
+                        |child, parent| if is_cpuset { v1::inherit_cpuset(child, parent) } else { Ok(()) },
+                    )?;
+                }
+                if let Some(mount) = &self.unified {
+                    fs::make_chain(mount, &components, &mut created, |_| Ok(()), |_, _| Ok(()))?;
+                }
+                if let Some(r) = resources {
+                    v1::apply(self, r, true)?;
+                }
+            }
+            Layout::Unified => {
+                let extra = match resources {
+                    Some(r) => v2::needed(r)?,
+                    None => BTreeSet::new(),
+                };
+                let (leaf, available) = v2::make_leaf(self.unified_mount()?, &components, &extra, &mut created)?;
+                if let Some(r) = resources {
+                    v2::apply(&leaf, &available, r)?;
+                }
+            }
+        }
+        created.keep();
+        tracing::debug!(path = %self.path.display(), layout = %self.layout, "cgroup created");
+        Ok(())
+    }
+
+    /// Moves process `pid` into the container's cgroup in every hierarchy.
+    pub fn add_task(&self, pid: Pid) -> Result<(), CgroupError> {
+        for dir in self.dirs() {
+            fs::write(&dir.join("cgroup.procs"), &pid.to_string()).map_err(|e| match e {
+                CgroupError::Write { path, source, .. } => CgroupError::AddTask { pid: pid.as_raw(), path, source },
+                other => other,
+            })?;
+        }
+        Ok(())
+    }
+
+    /// Applies new limits to the existing cgroup (v1 device rules are left as created).
+    pub fn update(&self, resources: &LinuxResources) -> Result<(), CgroupError> {
+        self.check(resources)?;
+        if !self.dirs().iter().any(|d| d.is_dir()) {
+            return Err(CgroupError::NotCreated { path: self.path.clone() });
+        }
+        match self.layout {
+            Layout::Legacy | Layout::Hybrid => v1::apply(self, resources, false),
+            Layout::Unified => {
+                let leaf = self.leaf(self.unified_mount()?);
+                let available = v2::leaf_controllers(&leaf)?;
+                v2::apply(&leaf, &available, resources)
+            }
+        }
+    }
+
+    /// The processes in the container's cgroup and the cgroups below it, in every hierarchy.
+    /// Empty when the cgroup does not exist.
+    pub fn pids(&self) -> Result<Vec<Pid>, CgroupError> {
+        Ok(self.pid_set()?.into_iter().map(Pid::from_raw).collect())
+    }
+
+    /// How many processes the kernel's OOM killer killed in the cgroup.
+    pub fn oom_kills(&self) -> Result<u64, CgroupError> {
+        match self.layout {
+            Layout::Legacy | Layout::Hybrid => v1::oom_kills(self),
+            Layout::Unified => v2::oom_kills(&self.leaf(self.unified_mount()?)),
+        }
+    }
+
+    /// Memory, CPU and task counters.
+    pub fn stats(&self) -> Result<CgroupStats, CgroupError> {
+        match self.layout {
+            Layout::Legacy | Layout::Hybrid => v1::stats(self),
+            Layout::Unified => v2::stats(&self.leaf(self.unified_mount()?)),
+        }
+    }
+
+    /// Freezes (waiting until every process is frozen) or thaws the cgroup: the v1 freezer, or
+    /// v2 `cgroup.freeze` (also on a hybrid host without a v1 freezer).
+    pub fn freeze(&self, frozen: bool) -> Result<(), CgroupError> {
+        match (self.layout, self.v1_dir("freezer")) {
+            (Layout::Legacy | Layout::Hybrid, Ok(dir)) => v1::freeze(&dir, frozen),
+            (Layout::Hybrid | Layout::Unified, _) => v2::freeze(&self.leaf(self.unified_mount()?), frozen),
+            (Layout::Legacy, Err(e)) => Err(e),
+        }
+    }
+
+    /// Kills whatever is left in the cgroup (v2 `cgroup.kill` when the kernel has it, else
+    /// SIGKILL to every listed process, with the v1 freezer holding them still while they are
+    /// listed and signalled), waits until it is empty (at most [`KILL_TIMEOUT`]) and removes
+    /// the container's directory, and any child cgroups, in every hierarchy (`EBUSY` retried).
+    /// Shared parents stay. Calling it again, or for a cgroup never created, is fine.
+    pub fn destroy(&self) -> Result<(), CgroupError> {
+        let dirs: Vec<PathBuf> = self.dirs().into_iter().filter(|d| d.exists()).collect();
+        if dirs.is_empty() {
+            return Ok(());
+        }
+        self.kill_all()?;
+        let mut first_error = None;
+        for dir in &dirs {
+            if let Err(e) = fs::remove_tree(dir) {
+                tracing::warn!(path = %dir.display(), error = %e, "cannot remove cgroup");
+                first_error.get_or_insert(e);
+            }
+        }
+        match first_error {
+            Some(e) => Err(e),
+            None => {
+                tracing::debug!(path = %self.path.display(), "cgroup destroyed");
+                Ok(())
+            }
+        }
+    }
+
+    fn kill_all(&self) -> Result<(), CgroupError> {
+        // v2 cgroup.kill: the kernel kills everything, late forks included. On a unified host
+        // that is all it takes; on a hybrid one, processes that joined only the v1 hierarchies
+        // (an add_task that failed half-way) still need the signals below.
+        let cgroup_kill = match self.unified_dir().filter(|d| d.exists()) {
+            Some(dir) => v2::kill(&dir)?,
+            None => false,
+        };
+        let send_signals = !(cgroup_kill && self.layout == Layout::Unified);
+        let start = Instant::now();
+        let mut sleep = Duration::from_millis(1);
+        loop {
+            let pids = self.pid_set()?;
+            if pids.is_empty() {
+                return Ok(());
+            }
+            if start.elapsed() >= KILL_TIMEOUT {
+                return Err(CgroupError::KillTimeout {
+                    path: self.path.clone(),
+                    pids: pids.into_iter().collect(),
+                    waited: KILL_TIMEOUT,
+                });
+            }
+            if send_signals {
+                self.sigkill(&pids)?;
+            }
+            std::thread::sleep(sleep);
+            sleep = (sleep * 2).min(Duration::from_millis(50));
+        }
+    }
+
+    /// SIGKILL to each of `pids`, the v1 freezer (when there is one) holding the cgroup still
+    /// meanwhile so that nothing forks between the listing and the signals.
+    fn sigkill(&self, pids: &BTreeSet<i32>) -> Result<(), CgroupError> {
+        let thaw = if self.layout == Layout::Unified { None } else { v1::freeze_for_kill(self) };
+        let result = pids.iter().try_for_each(|&pid| match kill(Pid::from_raw(pid), Signal::SIGKILL) {
+            Ok(()) | Err(Errno::ESRCH) => Ok(()),
+            Err(source) => Err(CgroupError::Kill { pid, path: self.path.clone(), source }),
+        });
+        if let Some(state) = thaw {
+            fs::write(&state, "THAWED")?;
+        }
+        result
+    }
+
+    fn pid_set(&self) -> Result<BTreeSet<i32>, CgroupError> {
+        let mut set = BTreeSet::new();
+        for dir in self.dirs() {
+            fs::procs_recursive(&dir, &mut set)?;
+        }
+        Ok(set)
+    }
+
+    /// Refuses, before anything is made, limits this host cannot apply.
+    fn check(&self, r: &LinuxResources) -> Result<(), CgroupError> {
+        validate(r)?;
+        match self.layout {
+            Layout::Legacy | Layout::Hybrid => {
+                for controller in v1::needed(r) {
+                    self.v1_dir(controller)?;
+                }
+                if let Some(key) = r.unified().as_ref().and_then(|u| u.keys().min()) {
+                    return Err(CgroupError::UnifiedNeedsV2 { key: key.clone(), layout: self.layout });
+                }
+            }
+            Layout::Unified => {
+                let mount = self.unified_mount()?;
+                let offered = fs::read_words(&mount.join("cgroup.controllers"))?;
+                if let Some(c) = v2::needed(r)?.into_iter().find(|c| !offered.contains(c)) {
+                    return Err(CgroupError::ControllerUnavailableV2 { controller: c, path: mount.to_path_buf() });
+                }
+            }
+        }
+        log_ignored(r);
+        Ok(())
+    }
+
+    fn leaf(&self, mount: &Path) -> PathBuf {
+        mount.join(self.path.strip_prefix("/").unwrap_or(&self.path))
+    }
+
+    fn components(&self) -> Vec<&OsStr> {
+        self.path.components().filter_map(|c| if let Component::Normal(s) = c { Some(s) } else { None }).collect()
+    }
+
+    /// The distinct v1 hierarchies (a combined `cpu,cpuacct` mount once).
+    fn v1_mounts(&self) -> BTreeSet<&Path> {
+        self.v1.values().map(PathBuf::as_path).collect()
+    }
+
+    fn v1_dir(&self, controller: &'static str) -> Result<PathBuf, CgroupError> {
+        match self.v1.get(controller) {
+            Some(mount) if self.layout != Layout::Unified => Ok(self.leaf(mount)),
+            _ => Err(CgroupError::ControllerNotMounted { controller, mount_root: self.mount_root.clone() }),
+        }
+    }
+
+    fn unified_mount(&self) -> Result<&Path, CgroupError> {
+        self.unified.as_deref().ok_or_else(|| CgroupError::NoCgroupMounts { mount_root: self.mount_root.clone() })
+    }
+}
+
+/// The container's cgroup path relative to the hierarchy roots (see the module docs).
+fn resolve_path(cgroups_path: Option<&Path>, id: &str) -> Result<PathBuf, CgroupError> {
+    if id.is_empty() || id == "." || id == ".." || id.contains('/') {
+        return Err(CgroupError::InvalidId { id: id.to_string() });
+    }
+    let Some(p) = cgroups_path else {
+        return Ok(Path::new("/").join(DEFAULT_PARENT).join(id));
+    };
+    if !p.is_absolute() && p.to_string_lossy().split(':').count() == 3 {
+        return Err(CgroupError::SystemdPath { path: p.to_string_lossy().into_owned() });
+    }
+    let mut out = PathBuf::from("/");
+    if !p.is_absolute() {
+        out.push(DEFAULT_PARENT);
+    }
+    for c in p.components() {
+        match c {
+            Component::Normal(s) => out.push(s),
+            Component::RootDir | Component::CurDir => {}
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(CgroupError::InvalidPath { path: p.to_path_buf(), reason: "must not contain \"..\"" })
+            }
+        }
+    }
+    if out == Path::new("/") {
+        return Err(CgroupError::InvalidPath { path: p.to_path_buf(), reason: "names the root cgroup" });
+    }
+    Ok(out)
+}
+
+/// Value checks common to v1 and v2, so a bad spec fails before anything is made.
+fn validate(r: &LinuxResources) -> Result<(), CgroupError> {
+    if let Some(m) = r.memory() {
+        let fields = [("memory.limit", m.limit()), ("memory.swap", m.swap()), ("memory.reservation", m.reservation())];
+        for (field, value) in fields {
+            if let Some(v) = value.filter(|v| *v < -1) {
+                return Err(CgroupError::InvalidValue {
+                    field,
+                    value: v.to_string(),
+                    expected: "bytes, or -1 for unlimited",
+                });
+            }
+        }
+        if let Some(s) = m.swappiness().filter(|s| *s > 100) {
+            return Err(CgroupError::InvalidValue {
+                field: "memory.swappiness",
+                value: s.to_string(),
+                expected: "0 to 100",
+            });
+        }
+        let limit = m.limit().filter(|v| *v != 0);
+        match (limit, m.swap().filter(|v| *v != 0)) {
+            (Some(l), Some(s)) if l > 0 && s > 0 && s < l => {
+                return Err(CgroupError::SwapBelowLimit { limit: l, swap: s })
+            }
+            (None | Some(-1), Some(s)) if s > 0 => return Err(CgroupError::SwapWithoutLimit { swap: s }),
+            _ => {}
+        }
+    }
+    if let Some(q) = r.cpu().as_ref().and_then(|c| c.quota()).filter(|q| *q < -1) {
+        return Err(CgroupError::InvalidValue {
+            field: "cpu.quota",
+            value: q.to_string(),
+            expected: "microseconds per period, or -1 for unlimited",
+        });
+    }
+    Ok(())
+}
+
+fn log_ignored(r: &LinuxResources) {
+    let mut ignored = Vec::new();
+    if r.block_io().is_some() {
+        ignored.push("blockIO");
+    }
+    if r.hugepage_limits().as_ref().is_some_and(|h| !h.is_empty()) {
+        ignored.push("hugepageLimits");
+    }
+    if r.network().is_some() {
+        ignored.push("network");
+    }
+    if r.rdma().as_ref().is_some_and(|h| !h.is_empty()) {
+        ignored.push("rdma");
+    }
+    if let Some(c) = r.cpu() {
+        if c.realtime_runtime().is_some() || c.realtime_period().is_some() {
+            ignored.push("cpu.realtimeRuntime/realtimePeriod");
+        }
+        if c.idle().is_some() || c.burst().is_some() {
+            ignored.push("cpu.idle/burst");
+        }
+    }
+    if let Some(m) = r.memory() {
+        #[allow(deprecated)]
+        let kernel = m.kernel().is_some();
+        if kernel || m.kernel_tcp().is_some() {
+            ignored.push("memory.kernel/kernelTCP");
+        }
+    }
+    if !ignored.is_empty() {
+        tracing::debug!(?ignored, "linux.resources settings not supported by twinbox; ignored");
+    }
+}
+
+/// A v2 limit value: `-1` (or any negative) is `max`.
+fn max_or(v: i64) -> String {
+    if v < 0 {
+        "max".to_string()
+    } else {
+        v.to_string()
+    }
+}
+
+/// `pids.max` for the spec's limit: `0` or negative is no limit.
+fn pids_max(limit: i64) -> String {
+    if limit > 0 {
+        limit.to_string()
+    } else {
+        "max".to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests;

@@ -1,0 +1,816 @@
+//! The runc-compatible command line: `twinbox-runc` and `twinbox runtime …`.
+//!
+//! Errors go to stderr (and to `--log`, as runc's JSON lines with `--log-format json`) and the
+//! exit code is 1, except when the container's program cannot be found (127) or executed
+//! (126). `run` and `exec` in the foreground exit with the process's status (128+signal when
+//! killed).
+
+use std::ffi::OsString;
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use clap::{Parser, Subcommand, ValueEnum};
+use nix::sys::signal::{kill, SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::unistd::Pid;
+use oci_spec::runtime::Process;
+
+use crate::container::{error_chain, CreateOptions, ExecOptions, Runtime, RuntimeError, DEFAULT_ROOT};
+use crate::kill::parse_signal;
+use crate::state::Status;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+enum Format {
+    Table,
+    Json,
+}
+
+/// An OCI container runtime (runc-compatible).
+#[derive(Debug, Parser)]
+#[command(name = "twinbox-runc", version, about)]
+struct Cli {
+    /// Root directory for container state.
+    #[arg(long, global = true, default_value = DEFAULT_ROOT)]
+    root: PathBuf,
+    /// Log file (default: stderr).
+    #[arg(long, global = true)]
+    log: Option<PathBuf>,
+    /// Log format.
+    #[arg(long = "log-format", global = true, value_enum, default_value = "text")]
+    log_format: LogFormat,
+    /// Debug logging.
+    #[arg(long, global = true)]
+    debug: bool,
+    /// Use systemd cgroups (not supported).
+    #[arg(long = "systemd-cgroup", global = true)]
+    systemd_cgroup: bool,
+    /// Rootless mode (accepted for compatibility; rootless set-up follows the spec's user
+    /// namespace).
+    #[arg(long, global = true, num_args = 0..=1, default_missing_value = "true")]
+    rootless: Option<String>,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Debug, clap::Args)]
+struct CreateArgs {
+    /// Bundle directory (holds config.json).
+    #[arg(short = 'b', long, default_value = ".")]
+    bundle: PathBuf,
+    /// File to write the init's pid to.
+    #[arg(long = "pid-file")]
+    pid_file: Option<PathBuf>,
+    /// Unix socket that receives the pty master (SCM_RIGHTS).
+    #[arg(long = "console-socket")]
+    console_socket: Option<PathBuf>,
+    /// Do not use pivot_root (MS_MOVE + chroot).
+    #[arg(long = "no-pivot")]
+    no_pivot: bool,
+    /// Do not create a new session keyring.
+    #[arg(long = "no-new-keyring")]
+    no_new_keyring: bool,
+    /// Pass N extra descriptors (3 .. 3+N) to the container.
+    #[arg(long = "preserve-fds", default_value_t = 0)]
+    preserve_fds: u32,
+    /// Container id.
+    id: String,
+}
+
+#[derive(Debug, Subcommand)]
+enum Command {
+    /// Create a container (its init waits for `start`).
+    Create(CreateArgs),
+    /// Start a created container.
+    Start { id: String },
+    /// Print a container's state as JSON.
+    State { id: String },
+    /// Send a signal to a container's init (or all its processes).
+    Kill {
+        /// Signal every process in the container.
+        #[arg(short = 'a', long)]
+        all: bool,
+        id: String,
+        /// Signal name or number.
+        #[arg(default_value = "TERM")]
+        signal: String,
+    },
+    /// Delete a container.
+    Delete {
+        /// Kill a running container first.
+        #[arg(short = 'f', long)]
+        force: bool,
+        id: String,
+    },
+    /// Create and start a container; in the foreground, wait for it and delete it.
+    Run {
+        /// Return once started.
+        #[arg(short = 'd', long)]
+        detach: bool,
+        #[command(flatten)]
+        create: CreateArgs,
+    },
+    /// Run a process in a running container.
+    Exec(ExecArgs),
+    /// List the processes of a container.
+    Ps {
+        #[arg(short = 'f', long, value_enum, default_value = "table")]
+        format: Format,
+        id: String,
+        /// ps(1) options (ignored).
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        ps_args: Vec<String>,
+    },
+    /// List containers.
+    List {
+        #[arg(short = 'f', long, value_enum, default_value = "table")]
+        format: Format,
+        /// Only ids.
+        #[arg(short = 'q', long)]
+        quiet: bool,
+    },
+    /// Print the features this runtime supports, as JSON.
+    Features,
+}
+
+#[derive(Debug, clap::Args)]
+struct ExecArgs {
+    /// A process.json to run (instead of CMD and the options below).
+    #[arg(short = 'p', long)]
+    process: Option<PathBuf>,
+    /// Return once the process has started.
+    #[arg(short = 'd', long)]
+    detach: bool,
+    #[arg(long = "pid-file")]
+    pid_file: Option<PathBuf>,
+    /// Allocate a pseudo-TTY (needs --console-socket).
+    #[arg(short = 't', long)]
+    tty: bool,
+    #[arg(long = "console-socket")]
+    console_socket: Option<PathBuf>,
+    /// Working directory in the container.
+    #[arg(long)]
+    cwd: Option<PathBuf>,
+    /// Extra environment, K=V.
+    #[arg(short = 'e', long)]
+    env: Vec<String>,
+    /// UID[:GID].
+    #[arg(short = 'u', long)]
+    user: Option<String>,
+    /// Extra group ids.
+    #[arg(short = 'g', long = "additional-gids")]
+    additional_gids: Vec<u32>,
+    #[arg(long = "preserve-fds", default_value_t = 0)]
+    preserve_fds: u32,
+    /// Container id.
+    id: String,
+    /// Command and arguments.
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    command: Vec<String>,
+}
+
+/// Errors of the CLI layer itself.
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    #[error("--systemd-cgroup is not supported")]
+    Systemd,
+    #[error("reading {path}")]
+    ProcessFile {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("parsing {path}")]
+    ProcessJson {
+        path: PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("invalid --user {0:?} (want UID[:GID])")]
+    User(String),
+    #[error("exec needs a command or --process")]
+    NoCommand,
+    #[error("the container has no process to base exec on")]
+    NoBaseProcess,
+    #[error("cannot allocate a tty for a detached process without --console-socket")]
+    TtyNeedsSocket,
+    #[error("console")]
+    Console(#[source] std::io::Error),
+    #[error("waiting for the container process")]
+    Wait(#[source] nix::errno::Errno),
+    #[error("writing output")]
+    Output(#[source] std::io::Error),
+}
+
+impl CliError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            CliError::Runtime(e) => e.exit_code(),
+            _ => 1,
+        }
+    }
+}
+
+/// Run the CLI with `args` (including argv[0]); returns the exit code.
+pub fn main(args: Vec<OsString>) -> i32 {
+    let cli = match Cli::try_parse_from(args) {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = e.print();
+            return if e.use_stderr() { 1 } else { 0 };
+        }
+    };
+    let log = LogSink::open(cli.log.as_deref(), cli.log_format);
+    init_tracing(cli.debug, &log);
+    match dispatch(&cli) {
+        Ok(code) => code,
+        Err(e) => {
+            let msg = error_chain(&e);
+            eprintln!("twinbox-runc: {msg}");
+            log.error(&msg);
+            e.exit_code()
+        }
+    }
+}
+
+fn dispatch(cli: &Cli) -> Result<i32, CliError> {
+    if cli.systemd_cgroup {
+        return Err(CliError::Systemd);
+    }
+    let rt = Runtime::new(&cli.root);
+    let out = |s: String| -> Result<i32, CliError> {
+        let mut o = std::io::stdout().lock();
+        o.write_all(s.as_bytes()).map_err(CliError::Output)?;
+        Ok(0)
+    };
+    match &cli.command {
+        Command::Create(c) => {
+            rt.create(&c.id, &c.bundle, create_options(c))?;
+            Ok(0)
+        }
+        Command::Start { id } => {
+            rt.start(id)?;
+            Ok(0)
+        }
+        Command::State { id } => {
+            let st = rt.state(id)?;
+            out(format!("{}\n", serde_json::to_string_pretty(&st.oci()).unwrap_or_default()))
+        }
+        Command::Kill { all, id, signal } => {
+            let sig = parse_signal(signal)?;
+            rt.kill(id, sig, *all)?;
+            Ok(0)
+        }
+        Command::Delete { force, id } => {
+            rt.delete(id, *force)?;
+            Ok(0)
+        }
+        Command::Run { detach, create } => run(&rt, create, *detach),
+        Command::Exec(e) => exec(&rt, e),
+        Command::Ps { format, id, .. } => {
+            let pids = rt.ps(id)?;
+            match format {
+                Format::Json => {
+                    let v: Vec<i32> = pids.iter().map(|p| p.as_raw()).collect();
+                    out(format!("{}\n", serde_json::to_string(&v).unwrap_or_default()))
+                }
+                Format::Table => {
+                    let mut s = String::from("PID\tCMD\n");
+                    for p in pids {
+                        let cmd = std::fs::read(format!("/proc/{p}/cmdline"))
+                            .map(|b| String::from_utf8_lossy(&b).trim_end_matches('\0').replace('\0', " "))
+                            .unwrap_or_default();
+                        s.push_str(&format!("{p}\t{cmd}\n"));
+                    }
+                    out(s)
+                }
+            }
+        }
+        Command::List { format, quiet } => {
+            let all = rt.list()?;
+            if *quiet {
+                return out(all.iter().map(|s| format!("{}\n", s.id)).collect());
+            }
+            match format {
+                Format::Json => {
+                    let v: Vec<_> = all.iter().map(|s| s.oci()).collect();
+                    out(format!("{}\n", serde_json::to_string(&v).unwrap_or_default()))
+                }
+                Format::Table => {
+                    let mut rows = vec![[
+                        "ID".to_string(),
+                        "PID".into(),
+                        "STATUS".into(),
+                        "BUNDLE".into(),
+                        "CREATED".into(),
+                        "OWNER".into(),
+                    ]];
+                    for s in &all {
+                        let o = s.oci();
+                        rows.push([
+                            o.id,
+                            o.pid.to_string(),
+                            o.status.to_string(),
+                            o.bundle.display().to_string(),
+                            o.created,
+                            o.owner,
+                        ]);
+                    }
+                    out(table(&rows))
+                }
+            }
+        }
+        Command::Features => out(format!("{}\n", serde_json::to_string_pretty(&features()).unwrap_or_default())),
+    }
+}
+
+fn create_options(c: &CreateArgs) -> CreateOptions {
+    CreateOptions {
+        pid_file: c.pid_file.clone(),
+        console_socket: c.console_socket.clone(),
+        stdio: None,
+        no_new_keyring: c.no_new_keyring,
+        no_pivot: c.no_pivot,
+        preserve_fds: c.preserve_fds,
+    }
+}
+
+/// The signals `run` and `exec` forward to the container process (plus SIGCHLD to notice its
+/// end).
+fn forwarded_signals() -> SigSet {
+    let mut set = SigSet::empty();
+    for s in [
+        Signal::SIGINT,
+        Signal::SIGTERM,
+        Signal::SIGHUP,
+        Signal::SIGQUIT,
+        Signal::SIGUSR1,
+        Signal::SIGUSR2,
+        Signal::SIGWINCH,
+        Signal::SIGCHLD,
+    ] {
+        set.add(s);
+    }
+    set
+}
+
+/// Wait for `pid` (a child), forwarding signals to it; returns its exit code (128+signal).
+/// The signals must already be blocked. With a console, SIGWINCH resizes it instead.
+fn wait_forwarding(pid: Pid, set: &SigSet, console: Option<&ConsoleProxy>) -> Result<i32, CliError> {
+    loop {
+        // Reap first: the child may have ended before we started waiting for signals.
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
+            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
+            Ok(_) => {}
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(CliError::Wait(e)),
+        }
+        let sig = set.wait().map_err(CliError::Wait)?;
+        if let (Signal::SIGWINCH, Some(c)) = (sig, console) {
+            c.resize();
+        } else if sig != Signal::SIGCHLD {
+            tracing::debug!(signal = %sig, pid = pid.as_raw(), "forwarding");
+            let _ = kill(pid, sig);
+        }
+    }
+}
+
+/// Does the bundle's config ask for a terminal?
+fn wants_terminal(bundle: &Path) -> bool {
+    crate::create::load_spec(bundle).ok().and_then(|s| s.process().as_ref().and_then(|p| p.terminal())).unwrap_or(false)
+}
+
+/// Block the forwarded signals; returns the previous mask.
+fn block_signals(set: &SigSet) -> Result<SigSet, CliError> {
+    let mut old = SigSet::empty();
+    nix::sys::signal::pthread_sigmask(nix::sys::signal::SigmaskHow::SIG_BLOCK, Some(set), Some(&mut old))
+        .map_err(CliError::Wait)?;
+    Ok(old)
+}
+
+fn run(rt: &Runtime, c: &CreateArgs, detach: bool) -> Result<i32, CliError> {
+    let own_console = if !detach && c.console_socket.is_none() && wants_terminal(&c.bundle) {
+        Some(OwnConsole::listen().map_err(CliError::Console)?)
+    } else {
+        None
+    };
+    let set = forwarded_signals();
+    let old = if detach { None } else { Some(block_signals(&set)?) };
+    let result = (|| {
+        let mut opts = create_options(c);
+        if let Some(oc) = &own_console {
+            opts.console_socket = Some(oc.path.clone());
+        }
+        let st = rt.create(&c.id, &c.bundle, opts)?;
+        let proxy = match own_console.as_ref().map(OwnConsole::receive) {
+            Some(Ok(master)) => Some(ConsoleProxy::start(master)),
+            Some(Err(e)) => {
+                let _ = rt.delete(&c.id, true);
+                return Err(CliError::Console(e));
+            }
+            None => None,
+        };
+        if let Err(e) = rt.start(&c.id) {
+            let _ = rt.delete(&c.id, true);
+            return Err(e.into());
+        }
+        if detach {
+            return Ok(0);
+        }
+        let code = wait_forwarding(Pid::from_raw(st.pid), &set, proxy.as_ref());
+        if let Some(p) = proxy {
+            p.finish();
+        }
+        if let Err(e) = rt.delete(&c.id, true) {
+            tracing::warn!(error = %error_chain(&e), "deleting the container after run");
+        }
+        code
+    })();
+    if let Some(old) = old {
+        let _ = old.thread_set_mask();
+    }
+    result
+}
+
+fn exec(rt: &Runtime, e: &ExecArgs) -> Result<i32, CliError> {
+    let process = exec_process(rt, e)?;
+    let terminal = process.terminal().unwrap_or(false);
+    if terminal && e.console_socket.is_none() && e.detach {
+        return Err(CliError::TtyNeedsSocket);
+    }
+    let own_console = if terminal && e.console_socket.is_none() {
+        Some(OwnConsole::listen().map_err(CliError::Console)?)
+    } else {
+        None
+    };
+    let opts = ExecOptions {
+        pid_file: e.pid_file.clone(),
+        console_socket: e.console_socket.clone().or_else(|| own_console.as_ref().map(|c| c.path.clone())),
+        stdio: None,
+        preserve_fds: e.preserve_fds,
+    };
+    if e.detach {
+        rt.exec(&e.id, &process, opts)?;
+        return Ok(0);
+    }
+    let set = forwarded_signals();
+    let old = block_signals(&set)?;
+    let result = rt.exec(&e.id, &process, opts).map_err(CliError::from).and_then(|pid| {
+        let proxy = match &own_console {
+            Some(oc) => Some(ConsoleProxy::start(oc.receive().map_err(CliError::Console)?)),
+            None => None,
+        };
+        let code = wait_forwarding(pid, &set, proxy.as_ref());
+        if let Some(p) = proxy {
+            p.finish();
+        }
+        code
+    });
+    let _ = old.thread_set_mask();
+    result
+}
+
+/// The process to exec: `--process FILE`, or the container's own process with CMD and the
+/// overrides (as runc does).
+fn exec_process(rt: &Runtime, e: &ExecArgs) -> Result<Process, CliError> {
+    if let Some(path) = &e.process {
+        let bytes = std::fs::read(path).map_err(|source| CliError::ProcessFile { path: path.clone(), source })?;
+        return serde_json::from_slice(&bytes).map_err(|source| CliError::ProcessJson { path: path.clone(), source });
+    }
+    if e.command.is_empty() {
+        return Err(CliError::NoCommand);
+    }
+    let st = rt.state(&e.id)?;
+    let mut p = st.config.process().clone().ok_or(CliError::NoBaseProcess)?;
+    p.set_args(Some(e.command.clone()));
+    p.set_terminal(Some(e.tty));
+    if let Some(cwd) = &e.cwd {
+        p.set_cwd(cwd.clone());
+    }
+    if !e.env.is_empty() {
+        let mut env = p.env().clone().unwrap_or_default();
+        for kv in &e.env {
+            let key = kv.split('=').next().unwrap_or("");
+            env.retain(|old| old.split('=').next() != Some(key));
+            env.push(kv.clone());
+        }
+        p.set_env(Some(env));
+    }
+    if let Some(u) = &e.user {
+        let (uid, gid) = match u.split_once(':') {
+            Some((a, b)) => (a, Some(b)),
+            None => (u.as_str(), None),
+        };
+        let uid: u32 = uid.parse().map_err(|_| CliError::User(u.clone()))?;
+        let gid: u32 = match gid {
+            Some(g) => g.parse().map_err(|_| CliError::User(u.clone()))?,
+            None => p.user().gid(),
+        };
+        let user = p.user_mut();
+        user.set_uid(uid);
+        user.set_gid(gid);
+        user.set_username(None);
+    }
+    if !e.additional_gids.is_empty() {
+        p.user_mut().set_additional_gids(Some(e.additional_gids.clone()));
+    }
+    if st.status == Status::Stopped {
+        return Err(RuntimeError::CannotExec { status: st.status }.into());
+    }
+    Ok(p)
+}
+
+/// A console socket the CLI listens on itself when a foreground `run`/`exec` needs a terminal
+/// and the user gave no `--console-socket` (runc does the same): it receives the pty master and
+/// proxies it to this process's stdio.
+struct OwnConsole {
+    path: PathBuf,
+    listener: std::os::unix::net::UnixListener,
+}
+
+impl OwnConsole {
+    fn listen() -> std::io::Result<OwnConsole> {
+        let nanos = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.subsec_nanos())
+            .unwrap_or_default();
+        let path = std::env::temp_dir().join(format!("twinbox-console-{}-{nanos}.sock", std::process::id()));
+        let listener = std::os::unix::net::UnixListener::bind(&path)?;
+        Ok(OwnConsole { path, listener })
+    }
+
+    /// The pty master the container's init (or exec'd process) sent.
+    fn receive(&self) -> std::io::Result<std::os::fd::OwnedFd> {
+        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
+        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+        let (conn, _) = self.listener.accept()?;
+        let mut buf = [0u8; 4096];
+        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
+        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
+        let msg = recvmsg::<UnixAddr>(conn.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
+            .map_err(std::io::Error::from)?;
+        for c in msg.cmsgs().map_err(std::io::Error::from)? {
+            if let ControlMessageOwned::ScmRights(fds) = c {
+                if let Some(&fd) = fds.first() {
+                    // SAFETY: SCM_RIGHTS just installed this descriptor in our table; nothing
+                    // else owns it.
+                    return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
+                }
+            }
+        }
+        Err(std::io::Error::other("no descriptor received on the console socket"))
+    }
+}
+
+impl Drop for OwnConsole {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.path);
+    }
+}
+
+/// Copies between this process's stdio and a pty master; stdin in raw mode while it runs.
+struct ConsoleProxy {
+    master: Arc<std::fs::File>,
+    saved: Option<nix::sys::termios::Termios>,
+    output: std::thread::JoinHandle<()>,
+}
+
+impl ConsoleProxy {
+    fn start(master: std::os::fd::OwnedFd) -> ConsoleProxy {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let master = Arc::new(std::fs::File::from(master));
+        let stdin = std::io::stdin();
+        let saved = tcgetattr(&stdin).ok();
+        if let Some(t) = &saved {
+            let mut raw = t.clone();
+            cfmakeraw(&mut raw);
+            let _ = tcsetattr(&stdin, SetArg::TCSANOW, &raw);
+        }
+        let m = Arc::clone(&master);
+        let output = std::thread::spawn(move || {
+            let mut out = std::io::stdout();
+            // Ends with EIO once every slave descriptor is closed.
+            let _ = std::io::copy(&mut &*m, &mut out);
+            let _ = out.flush();
+        });
+        let m = Arc::clone(&master);
+        // Not joined: it is blocked reading our stdin when the process ends.
+        std::thread::spawn(move || {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut &*m);
+        });
+        let proxy = ConsoleProxy { master, saved, output };
+        proxy.resize();
+        proxy
+    }
+
+    /// Give the pty our terminal's size.
+    fn resize(&self) {
+        use std::os::fd::AsRawFd;
+        // SAFETY: winsize is plain old data; all zeroes is a valid value.
+        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
+        // SAFETY: TIOCGWINSZ writes a winsize into the valid pointer given; TIOCSWINSZ reads one.
+        unsafe {
+            if libc::ioctl(libc::STDIN_FILENO, libc::TIOCGWINSZ, &mut ws) == 0 {
+                libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws);
+            }
+        }
+    }
+
+    /// Drain the output and restore the terminal.
+    fn finish(self) {
+        let _ = self.output.join();
+        if let Some(t) = &self.saved {
+            let _ = nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, t);
+        }
+    }
+}
+
+/// Columns separated by at least three spaces (runc uses a tabwriter).
+fn table(rows: &[[String; 6]]) -> String {
+    let mut widths = [0usize; 6];
+    for r in rows {
+        for (w, c) in widths.iter_mut().zip(r) {
+            *w = (*w).max(c.chars().count());
+        }
+    }
+    let mut s = String::new();
+    for r in rows {
+        for (i, c) in r.iter().enumerate() {
+            if i + 1 == r.len() {
+                s.push_str(c);
+            } else {
+                s.push_str(&format!("{c:<w$}   ", w = widths[i]));
+            }
+        }
+        s.push('\n');
+    }
+    s
+}
+
+fn features() -> serde_json::Value {
+    serde_json::json!({
+        "ociVersionMin": "1.0.0",
+        "ociVersionMax": "1.3.0",
+        "hooks": ["prestart", "createRuntime", "createContainer", "startContainer", "poststart", "poststop"],
+        "mountOptions": [
+            "acl", "async", "atime", "bind", "defaults", "dev", "diratime", "dirsync", "exec",
+            "iversion", "lazytime", "loud", "mand", "noacl", "noatime", "nodev", "nodiratime",
+            "noexec", "noiversion", "nolazytime", "nomand", "norelatime", "nostrictatime",
+            "nosuid", "private", "rbind", "relatime", "remount", "ro", "rprivate", "rshared",
+            "rslave", "runbindable", "rw", "shared", "silent", "slave", "strictatime", "suid",
+            "sync", "tmpcopyup", "unbindable"
+        ],
+        "linux": {
+            "namespaces": ["cgroup", "ipc", "mount", "network", "pid", "user", "uts"],
+            "cgroup": { "v1": true, "v2": true, "systemd": false, "systemdUser": false },
+            "seccomp": { "enabled": true },
+            "apparmor": { "enabled": false },
+            "selinux": { "enabled": false }
+        },
+        "annotations": {
+            crate::rootfs::OVERLAY_ANNOTATION: "overlay rootfs: {\"lower\":[…],\"upper\":…,\"work\":…}"
+        }
+    })
+}
+
+/// Where logs and the final error go: a file (text or runc's JSON lines) or nowhere extra.
+#[derive(Clone)]
+struct LogSink {
+    file: Option<Arc<Mutex<std::fs::File>>>,
+    format: LogFormat,
+}
+
+impl LogSink {
+    fn open(path: Option<&Path>, format: LogFormat) -> LogSink {
+        let file = path.and_then(|p| {
+            std::fs::OpenOptions::new()
+                .create(true)
+                .append(true)
+                .open(p)
+                .map_err(|e| eprintln!("twinbox-runc: opening log {}: {e}", p.display()))
+                .ok()
+        });
+        LogSink { file: file.map(|f| Arc::new(Mutex::new(f))), format }
+    }
+
+    fn line(&self, level: &str, msg: &str) {
+        let Some(f) = &self.file else { return };
+        let time = chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true);
+        let line = match self.format {
+            LogFormat::Json => format!("{}\n", serde_json::json!({ "level": level, "msg": msg, "time": time })),
+            LogFormat::Text => format!("time={time:?} level={level} msg={msg:?}\n"),
+        };
+        if let Ok(mut f) = f.lock() {
+            let _ = f.write_all(line.as_bytes());
+        }
+    }
+
+    fn error(&self, msg: &str) {
+        self.line("error", msg);
+    }
+}
+
+/// A tracing writer that turns each formatted line ("LEVEL message fields") into a log line.
+struct SinkWriter {
+    sink: LogSink,
+    buf: Vec<u8>,
+}
+
+impl Write for SinkWriter {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.buf.extend_from_slice(b);
+        Ok(b.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Drop for SinkWriter {
+    fn drop(&mut self) {
+        let text = String::from_utf8_lossy(&self.buf);
+        for line in text.lines() {
+            let line = line.trim();
+            let (level, msg) = line.split_once(' ').unwrap_or(("info", line));
+            self.sink.line(&level.to_ascii_lowercase(), msg.trim());
+        }
+    }
+}
+
+fn init_tracing(debug: bool, log: &LogSink) {
+    let level = if debug { tracing::Level::DEBUG } else { tracing::Level::WARN };
+    let builder = tracing_subscriber::fmt().with_max_level(level).with_target(false).without_time().with_ansi(false);
+    let res = if log.file.is_some() {
+        let sink = log.clone();
+        builder.with_writer(move || SinkWriter { sink: sink.clone(), buf: Vec::new() }).try_init()
+    } else {
+        builder.with_writer(std::io::stderr).try_init()
+    };
+    // Already initialised (a library caller set up tracing): keep theirs.
+    let _ = res;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_runc_style_command_lines() {
+        let c = Cli::try_parse_from([
+            "x",
+            "--root",
+            "/tmp/r",
+            "--log",
+            "/tmp/l",
+            "--log-format",
+            "json",
+            "create",
+            "--bundle",
+            "/b",
+            "--pid-file",
+            "/p",
+            "c1",
+        ])
+        .unwrap();
+        assert_eq!(c.root, PathBuf::from("/tmp/r"));
+        assert_eq!(c.log_format, LogFormat::Json);
+        match c.command {
+            Command::Create(a) => {
+                assert_eq!(a.bundle, PathBuf::from("/b"));
+                assert_eq!(a.id, "c1");
+            }
+            other => panic!("{other:?}"),
+        }
+        let c = Cli::try_parse_from(["x", "kill", "c1", "9"]).unwrap();
+        assert!(matches!(c.command, Command::Kill { ref signal, .. } if signal == "9"));
+        let c = Cli::try_parse_from(["x", "kill", "--all", "c1"]).unwrap();
+        assert!(matches!(c.command, Command::Kill { all: true, ref signal, .. } if signal == "TERM"));
+        let c = Cli::try_parse_from(["x", "exec", "-e", "A=1", "c1", "sh", "-c", "echo hi"]).unwrap();
+        match c.command {
+            Command::Exec(e) => assert_eq!(e.command, ["sh", "-c", "echo hi"]),
+            other => panic!("{other:?}"),
+        }
+        let c = Cli::try_parse_from(["x", "run", "-d", "-b", "/b", "c1"]).unwrap();
+        assert!(matches!(c.command, Command::Run { detach: true, .. }));
+    }
+
+    #[test]
+    fn tables_align() {
+        let rows = [
+            ["ID", "PID", "STATUS", "BUNDLE", "CREATED", "OWNER"].map(String::from),
+            ["a", "1", "running", "/b", "t", "root"].map(String::from),
+        ];
+        let t = table(&rows);
+        assert!(t.starts_with("ID   PID   STATUS    BUNDLE   CREATED   OWNER\n"));
+    }
+}

@@ -1,0 +1,304 @@
+//! `create`: load and check the bundle, make the state directory, the exec fifo and the cgroup,
+//! clone the init into its namespaces, put it into the cgroup, write its id maps, run the
+//! prestart/createRuntime hooks when it asks, and return once it reports it is ready (blocked
+//! on `exec.fifo`). Everything made along the way is undone by [`CreateGuard`] on failure.
+
+use std::ffi::CString;
+use std::os::fd::{AsRawFd, OwnedFd};
+use std::path::{Path, PathBuf};
+
+use nix::fcntl::OFlag;
+use nix::sys::signal::{kill, Signal};
+use nix::sys::stat::Mode;
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+use oci_spec::runtime::{LinuxDeviceCgroup, LinuxNamespaceType, LinuxResources, Spec};
+
+use crate::cgroups::CgroupManager;
+use crate::container::{connect_console, validate_id, write_pid_file, CreateOptions, Runtime, RuntimeError};
+use crate::init::{self, InitArgs, Msg, SyncChannel};
+use crate::namespaces::{self, Namespaces, PidNsForChildren};
+use crate::rootfs::{Overlay, OVERLAY_ANNOTATION};
+use crate::state::{ProcStat, State, Status, EXEC_FIFO, OCI_VERSION};
+
+/// Undoes a partial create unless disarmed: kills and reaps the init, destroys the cgroup,
+/// removes the state directory.
+struct CreateGuard {
+    dir: PathBuf,
+    cgroup: Option<CgroupManager>,
+    child: Option<Pid>,
+    armed: bool,
+}
+
+impl CreateGuard {
+    fn new(dir: PathBuf) -> Self {
+        CreateGuard { dir, cgroup: None, child: None, armed: true }
+    }
+
+    fn disarm(mut self) {
+        self.armed = false;
+    }
+}
+
+impl Drop for CreateGuard {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        if let Some(pid) = self.child {
+            let _ = kill(pid, Signal::SIGKILL);
+            let _ = waitpid(pid, None);
+        }
+        if let Some(cg) = &self.cgroup {
+            if let Err(e) = cg.destroy() {
+                tracing::warn!(error = %e, "removing the cgroup of a failed create");
+            }
+        }
+        if let Err(e) = std::fs::remove_dir_all(&self.dir) {
+            if e.kind() != std::io::ErrorKind::NotFound {
+                tracing::warn!(dir = %self.dir.display(), error = %e, "removing state dir");
+            }
+        }
+    }
+}
+
+/// Accept ociVersion 1.0.x – 1.3.x (with any pre-release suffix, like runc's "1.0.2-dev").
+pub fn check_version(v: &str) -> Result<(), RuntimeError> {
+    let bad = || RuntimeError::Version { version: v.to_string() };
+    let core = v.split(['-', '+']).next().unwrap_or("");
+    let mut parts = core.split('.');
+    let major: u32 = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    let minor: u32 = parts.next().and_then(|p| p.parse().ok()).ok_or_else(bad)?;
+    if let Some(patch) = parts.next() {
+        patch.parse::<u32>().map_err(|_| bad())?;
+    }
+    if major != 1 || minor > 3 || parts.next().is_some() {
+        return Err(bad());
+    }
+    Ok(())
+}
+
+/// Load `<bundle>/config.json` and check what create needs from it.
+pub fn load_spec(bundle: &Path) -> Result<Spec, RuntimeError> {
+    let path = bundle.join("config.json");
+    let spec = Spec::load(&path).map_err(|source| RuntimeError::Spec { path, source })?;
+    check_version(spec.version())?;
+    Ok(spec)
+}
+
+/// Log the `linux` fields this runtime accepts but does not act on.
+fn warn_unsupported(linux: &oci_spec::runtime::Linux) {
+    for (field, set) in [
+        ("intelRdt", linux.intel_rdt().is_some()),
+        ("personality", linux.personality().is_some()),
+        ("timeOffsets", linux.time_offsets().is_some()),
+        ("memoryPolicy", linux.memory_policy().is_some()),
+        ("mountLabel", linux.mount_label().is_some()),
+        ("netDevices", linux.net_devices().is_some()),
+    ] {
+        if set {
+            tracing::warn!(field, "linux field not supported, ignored");
+        }
+    }
+}
+
+/// The spec's resources, with an allow rule for every device in `linux.devices` (as runc does:
+/// a device the container gets must also be usable under a deny-all device policy).
+fn resources_with_devices(linux: &oci_spec::runtime::Linux) -> Option<LinuxResources> {
+    let devices = linux.devices().as_deref().unwrap_or(&[]);
+    let mut res = linux.resources().clone();
+    if devices.is_empty() {
+        return res;
+    }
+    let r = res.get_or_insert_with(LinuxResources::default);
+    let mut rules = r.devices().clone().unwrap_or_default();
+    rules.extend(devices.iter().map(LinuxDeviceCgroup::from));
+    r.set_devices(Some(rules));
+    res
+}
+
+pub(crate) fn create(rt: &Runtime, id: &str, bundle: &Path, opts: CreateOptions) -> Result<State, RuntimeError> {
+    validate_id(id)?;
+    let bundle =
+        std::fs::canonicalize(bundle).map_err(|source| RuntimeError::Bundle { path: bundle.to_path_buf(), source })?;
+    let spec = load_spec(&bundle)?;
+    let root = spec.root().as_ref().ok_or(RuntimeError::InvalidSpec { reason: "root is missing" })?;
+    let rootfs_path = if root.path().is_absolute() { root.path().clone() } else { bundle.join(root.path()) };
+    let rootfs = std::fs::canonicalize(&rootfs_path)
+        .map_err(|source| RuntimeError::Rootfs { path: rootfs_path.clone(), source })?;
+    let process = spec.process().as_ref().ok_or(RuntimeError::InvalidSpec { reason: "process is missing" })?;
+    if process.args().as_deref().unwrap_or(&[]).is_empty() {
+        return Err(RuntimeError::InvalidSpec { reason: "process.args must not be empty" });
+    }
+    let linux = spec.linux().clone().unwrap_or_default();
+    let ns = Namespaces::from_spec(linux.namespaces().as_deref().unwrap_or(&[]))?;
+    if !ns.contains(LinuxNamespaceType::Mount) {
+        return Err(RuntimeError::InvalidSpec { reason: "a mount namespace is required" });
+    }
+    if spec.hostname().as_deref().is_some_and(|h| !h.is_empty()) && !ns.contains(LinuxNamespaceType::Uts) {
+        return Err(RuntimeError::InvalidSpec { reason: "unable to set hostname without a private UTS namespace" });
+    }
+    let overlay =
+        spec.annotations().as_ref().and_then(|a| a.get(OVERLAY_ANNOTATION)).map(|v| Overlay::parse(v)).transpose()?;
+    let terminal = process.terminal().unwrap_or(false);
+    if terminal && opts.console_socket.is_none() {
+        return Err(RuntimeError::NoConsoleSocket);
+    }
+    let prepared = crate::process::prepare(process, linux.seccomp().as_ref())?;
+    warn_unsupported(&linux);
+
+    // The state directory; mkdir's EEXIST is the "already exists" check.
+    std::fs::create_dir_all(rt.root()).map_err(|source| RuntimeError::Io {
+        what: "creating state root",
+        path: rt.root().to_path_buf(),
+        source,
+    })?;
+    let dir = rt.state_dir(id);
+    match nix::unistd::mkdir(&dir, Mode::from_bits_truncate(0o711)) {
+        Ok(()) => {}
+        Err(nix::errno::Errno::EEXIST) => return Err(RuntimeError::Exists { id: id.to_string() }),
+        Err(source) => return Err(RuntimeError::Sys { what: "creating the state directory", source }),
+    }
+    let mut guard = CreateGuard::new(dir.clone());
+    // 0622 so that the init can open it for writing after dropping to its user.
+    nix::unistd::mkfifo(&dir.join(EXEC_FIFO), Mode::from_bits_truncate(0o622))
+        .map_err(|source| RuntimeError::Sys { what: "creating exec.fifo", source })?;
+    nix::sys::stat::fchmodat(
+        nix::fcntl::AT_FDCWD,
+        &dir.join(EXEC_FIFO),
+        Mode::from_bits_truncate(0o622),
+        nix::sys::stat::FchmodatFlags::FollowSymlink,
+    )
+    .map_err(|source| RuntimeError::Sys { what: "chmod exec.fifo", source })?;
+    let state_dir_fd: OwnedFd =
+        nix::fcntl::open(&dir, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
+            .map_err(|source| RuntimeError::Sys { what: "opening the state directory", source })?;
+
+    let cgroup = CgroupManager::new(linux.cgroups_path().as_deref(), id)?;
+    cgroup.create(resources_with_devices(&linux).as_ref())?;
+    guard.cgroup = Some(cgroup.clone());
+
+    let console = match (&opts.console_socket, terminal) {
+        (Some(p), true) => Some(connect_console(p)?),
+        _ => None,
+    };
+    let owner = nix::unistd::User::from_uid(nix::unistd::geteuid())
+        .ok()
+        .flatten()
+        .map(|u| u.name)
+        .unwrap_or_else(|| nix::unistd::geteuid().to_string());
+    let mut state = State {
+        oci_version: OCI_VERSION.to_string(),
+        id: id.to_string(),
+        status: Status::Creating,
+        pid: 0,
+        bundle: bundle.clone(),
+        annotations: spec.annotations().clone().unwrap_or_default(),
+        rootfs: rootfs.clone(),
+        created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
+        owner,
+        init_start_time: 0,
+        cgroup: cgroup.clone(),
+        config: spec.clone(),
+    };
+
+    let hooks = spec.hooks().clone().unwrap_or_default();
+    let prestart = hooks.prestart().clone().unwrap_or_default();
+    let create_runtime = hooks.create_runtime().clone().unwrap_or_default();
+    let (parent_sync, child_sync) =
+        SyncChannel::pair().map_err(|source| RuntimeError::Sys { what: "socketpair", source })?;
+    let stdio_raw = opts.stdio.as_ref().map(|[a, b, c]| [a.as_raw_fd(), b.as_raw_fd(), c.as_raw_fd()]);
+    let session_keyring = if opts.no_new_keyring { None } else { CString::new(format!("_ses.{id}")).ok() };
+    let args = InitArgs {
+        spec: &spec,
+        bundle: &bundle,
+        rootfs: &rootfs,
+        overlay: overlay.as_ref(),
+        ns: &ns,
+        prepared: &prepared,
+        sync: &child_sync,
+        state_dir: state_dir_fd.as_raw_fd(),
+        stdio: stdio_raw,
+        console: console.as_ref().map(|c| c.as_raw_fd()),
+        preserve_fds: opts.preserve_fds,
+        no_pivot: opts.no_pivot,
+        parent_hooks: !prestart.is_empty() || !create_runtime.is_empty(),
+        session_keyring,
+    };
+
+    let pid = {
+        let _pidns = ns.pid_path.as_deref().map(PidNsForChildren::enter).transpose()?;
+        namespaces::clone_process(ns.clone_flags, || init::run(&args))?
+    };
+    guard.child = Some(pid);
+    drop(child_sync);
+    drop(opts.stdio);
+    drop(console);
+    tracing::debug!(id, pid = pid.as_raw(), "init cloned");
+
+    if ns.is_new(LinuxNamespaceType::User) {
+        namespaces::write_id_maps(
+            pid,
+            linux.uid_mappings().as_deref().unwrap_or(&[]),
+            linux.gid_mappings().as_deref().unwrap_or(&[]),
+        )?;
+    }
+    cgroup.add_task(pid)?;
+    state.pid = pid.as_raw();
+    let sys = |what| move |source| RuntimeError::Sys { what, source };
+    parent_sync.send(&Msg::Go(state.oci_json())).map_err(sys("sending go to the init"))?;
+
+    loop {
+        match parent_sync.recv().map_err(sys("waiting for the init"))? {
+            Some(Msg::HooksRequest) => {
+                let json = state.oci_json();
+                crate::hooks::run("prestart", &prestart, &json)?;
+                crate::hooks::run("createRuntime", &create_runtime, &json)?;
+                parent_sync.send(&Msg::HooksDone).map_err(sys("resuming the init"))?;
+            }
+            Some(Msg::Ready) => break,
+            Some(Msg::Error { code, message }) => {
+                return Err(RuntimeError::Init { message, code });
+            }
+            Some(_) | None => {
+                let status = match waitpid(pid, None) {
+                    Ok(WaitStatus::Exited(_, c)) => format!("exit status {c}"),
+                    Ok(WaitStatus::Signaled(_, s, _)) => format!("killed by {s}"),
+                    Ok(other) => format!("{other:?}"),
+                    Err(e) => e.to_string(),
+                };
+                guard.child = None;
+                return Err(RuntimeError::InitDied { status });
+            }
+        }
+    }
+
+    state.init_start_time = ProcStat::read(pid.as_raw()).map(|s| s.start_time).unwrap_or_default();
+    state.status = Status::Created;
+    state.save(&dir)?;
+    if let Some(p) = &opts.pid_file {
+        write_pid_file(p, pid)?;
+    }
+    guard.disarm();
+    tracing::debug!(id, pid = pid.as_raw(), "created");
+    Ok(state)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn versions() {
+        for ok in ["1.0.0", "1.0.2-dev", "1.1.0", "1.2.1", "1.3.0", "1.2"] {
+            assert!(check_version(ok).is_ok(), "{ok}");
+        }
+        for bad in ["2.0.0", "0.9.0", "1.4.0", "", "x", "1.0.x"] {
+            assert!(check_version(bad).is_err(), "{bad}");
+        }
+        assert_eq!(
+            check_version("2.0.0").unwrap_err().to_string(),
+            "unsupported ociVersion \"2.0.0\": this runtime supports 1.0.x to 1.3.x"
+        );
+    }
+}

@@ -1,0 +1,571 @@
+//! Docker-like containers over the OCI runtime: `twinbox run`, `ps`, `logs`, `stop`, `kill`,
+//! `rm`, `start`, `exec`.
+//!
+//! A container is a directory `<store>/containers/<id>/` holding `record.json` (what the user
+//! asked for and what happened), the OCI bundle (`bundle/config.json`, an empty
+//! `bundle/rootfs` mount point), the copy-on-write `upper/` and `work/` dirs, and `log` for
+//! detached containers. The image's unpacked layers are the overlay lowers; the overlay is
+//! mounted by the runtime inside the container's own mount namespace, so nothing is mounted on
+//! the host and nothing can be left mounted.
+//!
+//! A foreground run waits for its container itself. A detached run (`-d`) leaves one small
+//! monitor process per container (the container init's parent), which records the exit code
+//! and OOM kill, and removes the container when `--rm` was given.
+
+pub mod build_run;
+pub mod spec;
+
+use std::fs;
+use std::io::{self, Read, Write};
+use std::os::fd::OwnedFd;
+use std::path::{Path, PathBuf};
+
+use nix::sys::signal::{SigSet, Signal};
+use nix::sys::wait::{waitpid, WaitStatus};
+use nix::unistd::Pid;
+use serde::{Deserialize, Serialize};
+use twinbox_image::{store::remove_tree, Store, StoreError};
+
+use crate::cgroups::CgroupManager;
+use crate::container::{CreateOptions, Runtime};
+use crate::RuntimeError;
+pub use spec::RunOptions;
+
+/// Errors from the container engine.
+#[derive(Debug, thiserror::Error)]
+pub enum EngineError {
+    /// The image store failed or lacks the image.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The OCI runtime failed.
+    #[error(transparent)]
+    Runtime(#[from] RuntimeError),
+    /// Neither the image nor the run gives a command.
+    #[error("no command given and image {0} has no ENTRYPOINT or CMD; give a command after the image name")]
+    NoCommand(String),
+    /// `-w` must be absolute.
+    #[error("working directory {0:?} is not absolute")]
+    RelativeWorkdir(String),
+    /// A seccomp profile file that is not OCI seccomp JSON.
+    #[error("seccomp profile {0} is not valid OCI seccomp JSON")]
+    SeccompProfile(PathBuf, #[source] serde_json::Error),
+    /// `--cpus` must be positive.
+    #[error("--cpus {0} is not a positive number")]
+    BadCpus(f64),
+    /// A user name the image's /etc/passwd does not list.
+    #[error("unable to find user {0}: no matching entries in the image's /etc/passwd; give a numeric uid")]
+    UnknownUser(String),
+    /// A group name the image's /etc/group does not list.
+    #[error("unable to find group {0}: no matching entries in the image's /etc/group; give a numeric gid")]
+    UnknownGroup(String),
+    /// No container with that id, id prefix or name.
+    #[error("no such container: {0}; see `twinbox ps -a`")]
+    NoSuchContainer(String),
+    /// The name is taken.
+    #[error("the container name {0:?} is already in use; remove that container or choose another name")]
+    NameInUse(String),
+    /// `rm` of a running container without `-f`.
+    #[error("container {0} is running; stop it first or use rm -f")]
+    Running(String),
+    /// The operation needs a running container.
+    #[error("container {0} is not running")]
+    NotRunning(String),
+    /// A filesystem operation on a container's directory failed.
+    #[error("{op} {path}")]
+    Io {
+        /// What was being done.
+        op: &'static str,
+        /// On what.
+        path: PathBuf,
+        /// The OS error.
+        #[source]
+        source: io::Error,
+    },
+    /// A system call failed.
+    #[error("{0}")]
+    Sys(&'static str, #[source] nix::Error),
+    /// The detached monitor reported a failure to start the container.
+    #[error("starting the container failed: {0}")]
+    Monitor(String),
+}
+
+fn io_err(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> EngineError {
+    let path = path.into();
+    move |source| EngineError::Io { op, path, source }
+}
+
+/// Where a container is in its life, as `twinbox ps` shows it.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(tag = "state", rename_all = "lowercase")]
+pub enum Phase {
+    /// Prepared, not started.
+    Created,
+    /// Its process runs.
+    Running {
+        /// The init's host pid.
+        pid: i32,
+    },
+    /// It ended.
+    Exited {
+        /// Exit code as a shell reports it (128+N for signal N).
+        code: i32,
+        /// The kernel's OOM killer killed it.
+        oom_killed: bool,
+    },
+}
+
+/// What `record.json` holds.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Record {
+    /// 64 hex characters.
+    pub id: String,
+    /// Unique name.
+    pub name: String,
+    /// The image as the user named it.
+    pub image: String,
+    /// Manifest digest of the image.
+    pub image_digest: String,
+    /// The command run.
+    pub command: Vec<String>,
+    /// The options it was run with.
+    pub options: RunOptions,
+    /// RFC 3339 creation time.
+    pub created: String,
+    /// Current phase.
+    pub phase: Phase,
+}
+
+/// The container engine.
+pub struct Engine {
+    store: Store,
+    runtime: Runtime,
+    dir: PathBuf,
+}
+
+/// How a foreground container ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Exit {
+    /// Exit code (128+N when killed by signal N).
+    pub code: i32,
+    /// Killed by the OOM killer.
+    pub oom_killed: bool,
+}
+
+impl Engine {
+    /// Open over an image store; containers live in `<store>/containers`, runtime state in
+    /// `runtime_root`.
+    pub fn new(store: Store, runtime_root: impl Into<PathBuf>) -> Result<Self, EngineError> {
+        let dir = store.root().join("containers");
+        fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
+        Ok(Self { store, runtime: Runtime::new(runtime_root), dir })
+    }
+
+    /// The image store.
+    pub fn store(&self) -> &Store {
+        &self.store
+    }
+
+    fn container_dir(&self, id: &str) -> PathBuf {
+        self.dir.join(id)
+    }
+
+    /// Write the bundle and record for a new container; nothing runs yet. On error nothing
+    /// is left behind.
+    pub fn prepare(&self, opts: &RunOptions) -> Result<Record, EngineError> {
+        let image = self.store.resolve(&opts.image)?;
+        let layers = self.store.unpacked_layers(&image)?;
+        let id = new_id();
+        let name = match &opts.name {
+            Some(n) => {
+                if self.records()?.iter().any(|r| &r.name == n) {
+                    return Err(EngineError::NameInUse(n.clone()));
+                }
+                n.clone()
+            }
+            None => format!("twinbox_{}", &id[..8]),
+        };
+        let cdir = self.container_dir(&id);
+        let guard = DirGuard(cdir.clone());
+        for d in ["bundle/rootfs", "upper", "work"] {
+            fs::create_dir_all(cdir.join(d)).map_err(io_err("create directory", cdir.join(d)))?;
+        }
+        let overlay = spec::OverlayStack {
+            lower: layers.iter().rev().cloned().collect(),
+            upper: cdir.join("upper"),
+            work: cdir.join("work"),
+        };
+        let spec = spec::build_spec(&id, &image.config, &layers, &overlay, opts)?;
+        let cfg = cdir.join("bundle/config.json");
+        let json = serde_json::to_vec_pretty(&spec).expect("a spec always serializes");
+        fs::write(&cfg, json).map_err(io_err("write", &cfg))?;
+        let command = spec.process().as_ref().and_then(|p| p.args().clone()).unwrap_or_default();
+        let record = Record {
+            id: id.clone(),
+            name,
+            image: opts.image.clone(),
+            image_digest: image.manifest_digest.to_string(),
+            command,
+            options: opts.clone(),
+            created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            phase: Phase::Created,
+        };
+        self.save(&record)?;
+        self.store.hold(&id, &image.manifest_digest)?;
+        std::mem::forget(guard);
+        Ok(record)
+    }
+
+    fn save(&self, r: &Record) -> Result<(), EngineError> {
+        let p = self.container_dir(&r.id).join("record.json");
+        let tmp = p.with_extension("json.tmp");
+        fs::write(&tmp, serde_json::to_vec_pretty(r).expect("a record always serializes"))
+            .map_err(io_err("write", &tmp))?;
+        fs::rename(&tmp, &p).map_err(io_err("rename", &p))
+    }
+
+    /// All containers, oldest first.
+    pub fn records(&self) -> Result<Vec<Record>, EngineError> {
+        let mut out = Vec::new();
+        for e in fs::read_dir(&self.dir).map_err(io_err("list", &self.dir))?.flatten() {
+            if let Ok(bytes) = fs::read(e.path().join("record.json")) {
+                if let Ok(mut r) = serde_json::from_slice::<Record>(&bytes) {
+                    r.phase = self.live_phase(&r);
+                    out.push(r);
+                }
+            }
+        }
+        out.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
+        Ok(out)
+    }
+
+    /// A record's phase checked against the processes actually running: a container whose
+    /// init is gone but whose monitor could not record it shows as exited with code -1.
+    fn live_phase(&self, r: &Record) -> Phase {
+        match &r.phase {
+            Phase::Running { pid } if nix::sys::signal::kill(Pid::from_raw(*pid), None).is_err() => {
+                Phase::Exited { code: -1, oom_killed: false }
+            }
+            p => p.clone(),
+        }
+    }
+
+    /// Find a container by full id, unique id prefix or name.
+    pub fn find(&self, key: &str) -> Result<Record, EngineError> {
+        let all = self.records()?;
+        if let Some(r) = all.iter().find(|r| r.id == key || r.name == key) {
+            return Ok(r.clone());
+        }
+        let hits: Vec<&Record> = all.iter().filter(|r| key.len() >= 3 && r.id.starts_with(key)).collect();
+        match hits.as_slice() {
+            [one] => Ok((*one).clone()),
+            _ => Err(EngineError::NoSuchContainer(key.to_owned())),
+        }
+    }
+
+    /// Run a prepared container in the foreground: its stdio is ours, signals we receive go
+    /// to its init, and we return when it exits.
+    pub fn run_foreground(&self, mut record: Record) -> Result<Exit, EngineError> {
+        let bundle = self.container_dir(&record.id).join("bundle");
+        // Block the signals we forward before the container exists, so none is lost.
+        let mut forwarded = SigSet::empty();
+        for s in FORWARDED {
+            forwarded.add(s);
+        }
+        forwarded.add(Signal::SIGCHLD);
+        let old = forwarded
+            .thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_BLOCK)
+            .map_err(|e| EngineError::Sys("sigprocmask", e))?;
+        let result = (|| {
+            let state = self.runtime.create(&record.id, &bundle, CreateOptions::default())?;
+            let pid = Pid::from_raw(state.pid);
+            record.phase = Phase::Running { pid: pid.as_raw() };
+            self.save(&record)?;
+            if let Err(e) = self.runtime.start(&record.id) {
+                let _ = self.runtime.delete(&record.id, true);
+                return Err(e.into());
+            }
+            Ok(wait_forwarding(pid, &forwarded))
+        })();
+        let _ = old.thread_set_mask();
+        let code = match result {
+            Ok(code) => code,
+            Err(e) => {
+                let _ = self.runtime.delete(&record.id, true);
+                let _ = self.remove_files(&record.id);
+                return Err(e);
+            }
+        };
+        self.finish(record, code)
+    }
+
+    /// After the init exited with `code`: note OOM, delete the runtime container, and either
+    /// remove everything (`--rm`) or record the exit.
+    fn finish(&self, mut record: Record, code: i32) -> Result<Exit, EngineError> {
+        let oom_killed = CgroupManager::new(Some(Path::new(&format!("/twinbox/{}", record.id))), &record.id)
+            .ok()
+            .and_then(|c| c.oom_kills().ok())
+            .is_some_and(|n| n > 0);
+        let deleted = self.runtime.delete(&record.id, true);
+        if record.options.rm {
+            self.remove_files(&record.id)?;
+        } else {
+            record.phase = Phase::Exited { code, oom_killed };
+            self.save(&record)?;
+        }
+        deleted?;
+        Ok(Exit { code, oom_killed })
+    }
+
+    fn remove_files(&self, id: &str) -> Result<(), EngineError> {
+        self.store.release(id)?;
+        remove_tree(&self.container_dir(id)).map_err(EngineError::from)
+    }
+
+    /// Start a prepared (or exited) container in the background under a monitor process;
+    /// returns once it runs (or failed to).
+    pub fn run_detached(&self, mut record: Record) -> Result<Record, EngineError> {
+        let cdir = self.container_dir(&record.id);
+        let log_path = cdir.join("log");
+        let (mut rd, wr) = std::io::pipe().map_err(io_err("create pipe for", &cdir))?;
+        // SAFETY: the CLI is single-threaded when it gets here, so the child may run ordinary
+        // Rust code (allocation, I/O) after fork.
+        match unsafe { nix::unistd::fork() }.map_err(|e| EngineError::Sys("fork", e))? {
+            nix::unistd::ForkResult::Child => {
+                drop(rd);
+                let code = self.monitor(record, &log_path, wr);
+                std::process::exit(code);
+            }
+            nix::unistd::ForkResult::Parent { .. } => {}
+        }
+        drop(wr);
+        let mut msg = String::new();
+        rd.read_to_string(&mut msg).map_err(io_err("read from monitor of", &cdir))?;
+        match msg.strip_prefix("ok ") {
+            Some(pid) => {
+                record.phase = Phase::Running { pid: pid.trim().parse().unwrap_or(0) };
+                Ok(record)
+            }
+            None => Err(EngineError::Monitor(if msg.is_empty() { "the monitor died".into() } else { msg })),
+        }
+    }
+
+    /// The monitor: its own session, stdio to the log, the container init as its child.
+    fn monitor(&self, mut record: Record, log_path: &Path, mut report: io::PipeWriter) -> i32 {
+        let _ = nix::unistd::setsid();
+        let setup = (|| -> Result<Pid, EngineError> {
+            let log =
+                fs::OpenOptions::new().create(true).append(true).open(log_path).map_err(io_err("open", log_path))?;
+            let null = fs::File::open("/dev/null").map_err(io_err("open", "/dev/null"))?;
+            let dup = |f: &fs::File| -> Result<OwnedFd, EngineError> {
+                f.try_clone().map(OwnedFd::from).map_err(io_err("dup", log_path))
+            };
+            let stdio = [OwnedFd::from(null), dup(&log)?, dup(&log)?];
+            let bundle = self.container_dir(&record.id).join("bundle");
+            let state =
+                self.runtime.create(&record.id, &bundle, CreateOptions { stdio: Some(stdio), ..Default::default() })?;
+            let pid = Pid::from_raw(state.pid);
+            record.phase = Phase::Running { pid: pid.as_raw() };
+            self.save(&record)?;
+            if let Err(e) = self.runtime.start(&record.id) {
+                let _ = self.runtime.delete(&record.id, true);
+                return Err(e.into());
+            }
+            Ok(pid)
+        })();
+        let pid = match setup {
+            Ok(pid) => {
+                let _ = writeln!(report, "ok {pid}");
+                pid
+            }
+            Err(e) => {
+                let _ = write!(report, "{}", error_chain(&e));
+                let _ = self.runtime.delete(&record.id, true);
+                let _ = self.remove_files(&record.id);
+                return 1;
+            }
+        };
+        drop(report);
+        // Nothing of ours is needed on the terminal any more.
+        if let Ok(null) = fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
+            let _ = nix::unistd::dup2_stdin(&null);
+            let _ = nix::unistd::dup2_stdout(&null);
+            let _ = nix::unistd::dup2_stderr(&null);
+        }
+        let code = wait_exit(pid);
+        match self.finish(record, code) {
+            Ok(_) => 0,
+            Err(_) => 1,
+        }
+    }
+
+    /// Signal a running container's init.
+    pub fn kill(&self, key: &str, sig: Signal) -> Result<Record, EngineError> {
+        let r = self.find(key)?;
+        match r.phase {
+            Phase::Running { .. } => {
+                self.runtime.kill(&r.id, sig, false)?;
+                Ok(r)
+            }
+            _ => Err(EngineError::NotRunning(r.name)),
+        }
+    }
+
+    /// SIGTERM, then SIGKILL after `timeout`; returns when it has exited.
+    pub fn stop(&self, key: &str, timeout: std::time::Duration) -> Result<Record, EngineError> {
+        let r = self.find(key)?;
+        let Phase::Running { pid } = r.phase else { return Ok(r) };
+        let pid = Pid::from_raw(pid);
+        let _ = self.runtime.kill(&r.id, Signal::SIGTERM, false);
+        if !wait_gone(pid, timeout) {
+            let _ = self.runtime.kill(&r.id, Signal::SIGKILL, true);
+            wait_gone(pid, std::time::Duration::from_secs(10));
+        }
+        // Give the monitor a moment to record the exit.
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        while std::time::Instant::now() < deadline {
+            match self.find(&r.id) {
+                Ok(now) if matches!(now.phase, Phase::Running { .. }) => {
+                    std::thread::sleep(std::time::Duration::from_millis(10))
+                }
+                Ok(now) => return Ok(now),
+                Err(_) => return Ok(r),
+            }
+        }
+        self.find(&r.id)
+    }
+
+    /// Remove a container; `force` kills it first if it runs.
+    pub fn remove(&self, key: &str, force: bool) -> Result<Record, EngineError> {
+        let r = self.find(key)?;
+        if let Phase::Running { pid } = r.phase {
+            if !force {
+                return Err(EngineError::Running(r.name));
+            }
+            let _ = self.runtime.kill(&r.id, Signal::SIGKILL, true);
+            wait_gone(Pid::from_raw(pid), std::time::Duration::from_secs(10));
+        }
+        match self.runtime.delete(&r.id, true) {
+            Ok(()) | Err(RuntimeError::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.remove_files(&r.id)?;
+        Ok(r)
+    }
+
+    /// Start an exited (or created) container again, detached.
+    pub fn start(&self, key: &str) -> Result<Record, EngineError> {
+        let r = self.find(key)?;
+        if matches!(r.phase, Phase::Running { .. }) {
+            return Ok(r);
+        }
+        match self.runtime.delete(&r.id, true) {
+            Ok(()) | Err(RuntimeError::NotFound { .. }) => {}
+            Err(e) => return Err(e.into()),
+        }
+        self.run_detached(r)
+    }
+
+    /// Path of a detached container's log.
+    pub fn log_path(&self, key: &str) -> Result<PathBuf, EngineError> {
+        Ok(self.container_dir(&self.find(key)?.id).join("log"))
+    }
+}
+
+/// Signals `twinbox run` passes on to the container's init.
+pub const FORWARDED: [Signal; 6] =
+    [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2];
+
+/// Wait for `pid` (our child) while passing blocked `FORWARDED` signals on to it; returns its
+/// exit code (128+N for signal N).
+fn wait_forwarding(pid: Pid, set: &SigSet) -> i32 {
+    loop {
+        match waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) => {}
+            Ok(s) => {
+                if let Some(code) = exit_code(s) {
+                    return code;
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return 125,
+        }
+        match set.wait() {
+            Ok(Signal::SIGCHLD) => {}
+            Ok(sig) => {
+                let _ = nix::sys::signal::kill(pid, sig);
+            }
+            Err(_) => {}
+        }
+    }
+}
+
+fn wait_exit(pid: Pid) -> i32 {
+    loop {
+        match waitpid(pid, None) {
+            Ok(s) => {
+                if let Some(code) = exit_code(s) {
+                    return code;
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(_) => return -1,
+        }
+    }
+}
+
+fn exit_code(s: WaitStatus) -> Option<i32> {
+    match s {
+        WaitStatus::Exited(_, c) => Some(c),
+        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as i32),
+        _ => None,
+    }
+}
+
+fn wait_gone(pid: Pid, timeout: std::time::Duration) -> bool {
+    let deadline = std::time::Instant::now() + timeout;
+    while std::time::Instant::now() < deadline {
+        if nix::sys::signal::kill(pid, None).is_err() || is_zombie(pid) {
+            return true;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(10));
+    }
+    false
+}
+
+fn is_zombie(pid: Pid) -> bool {
+    fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
+        .unwrap_or(false)
+}
+
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// A random 64-hex container id.
+fn new_id() -> String {
+    let mut b = [0u8; 32];
+    if fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).is_err() {
+        let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
+        b[..16].copy_from_slice(&t.to_le_bytes());
+        b[16..20].copy_from_slice(&std::process::id().to_le_bytes());
+    }
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Removes a half-made container directory unless forgotten.
+struct DirGuard(PathBuf);
+
+impl Drop for DirGuard {
+    fn drop(&mut self) {
+        let _ = remove_tree(&self.0);
+    }
+}

@@ -1,0 +1,230 @@
+//! cgroup v2, and layout detection on real mounts, verified on any host, including the v1/v2
+//! hybrid development host.
+//!
+//! How v2 is verified there: the test thread unshares its mount namespace (`unshare(CLONE_NEWNS)`
+//! affects only the calling thread, and the manager reads `/proc/thread-self/mountinfo`), makes
+//! `/` recursively private and mounts cgroup2 on a temp directory. That is the host's one cgroup2
+//! hierarchy (the one also mounted at `/sys/fs/cgroup/unified`), so
+//! `CgroupManager::with_mount_root(tmp)` sees a pure-v2 layout and really creates, joins,
+//! freezes, kills and removes cgroups in it. On a hybrid host that hierarchy has no memory,
+//! pids, cpu or cpuset controller (each is bound to its v1 hierarchy, and a controller lives in
+//! one hierarchy only), so limits cannot be enforced there: the test checks instead that a
+//! memory limit is refused with the "controller memory not available in cgroup v2 hierarchy"
+//! error, leaving nothing behind. Which v2 file gets which value is asserted by the unit tests
+//! on fake cgroup trees (`cargo test -p twinbox-runtime --lib cgroups`); on a pure-v2 host this
+//! test also applies a memory limit for real.
+//!
+//! Needs root: without it each test prints `SKIPPED: …` and returns (a failure under `CI=true`).
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+use nix::sched::{unshare, CloneFlags};
+use nix::unistd::Pid;
+use oci_spec::runtime::{LinuxMemoryBuilder, LinuxResourcesBuilder};
+use std::os::unix::process::ExitStatusExt;
+use twinbox_runtime::cgroups::{detect, CgroupError, CgroupManager, Layout, DEFAULT_MOUNT_ROOT};
+
+const MIB: i64 = 1024 * 1024;
+
+fn have_root(test: &str) -> bool {
+    if nix::unistd::geteuid().is_root() {
+        return true;
+    }
+    assert!(
+        std::env::var("CI").as_deref() != Ok("true"),
+        "{test}: cgroup tests need root, and CI=true forbids skipping"
+    );
+    eprintln!("SKIPPED: {test}: needs root to mount cgroup2 and create cgroups");
+    false
+}
+
+fn unique_id() -> String {
+    static N: AtomicUsize = AtomicUsize::new(0);
+    format!("twinbox-test-{}-v2-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
+}
+
+/// Fails if any directory named `id` or `id-…` is left under `/sys/fs/cgroup/*/` (depth ≤ 3).
+fn assert_no_leak(id: &str) {
+    fn walk(dir: &Path, depth: usize, id: &str, found: &mut Vec<PathBuf>) {
+        let Ok(entries) = std::fs::read_dir(dir) else { return };
+        for e in entries.flatten() {
+            if !e.file_type().is_ok_and(|t| t.is_dir()) {
+                continue;
+            }
+            let name = e.file_name().to_string_lossy().into_owned();
+            if name == id || name.starts_with(&format!("{id}-")) {
+                found.push(e.path());
+            }
+            if depth < 3 {
+                walk(&e.path(), depth + 1, id, found);
+            }
+        }
+    }
+    let mut found = Vec::new();
+    walk(Path::new(DEFAULT_MOUNT_ROOT), 0, id, &mut found);
+    assert!(found.is_empty(), "cgroup directories left behind: {found:?}");
+}
+
+/// This thread's private mount namespace with `/` made rprivate, so nothing mounted here is
+/// seen by the host; the mounts listed are detached when the test ends, however it ends.
+struct PrivateMounts {
+    mounted: Vec<PathBuf>,
+    dir: tempfile::TempDir,
+}
+
+impl PrivateMounts {
+    fn new() -> PrivateMounts {
+        unshare(CloneFlags::CLONE_NEWNS).expect("unshare(CLONE_NEWNS)");
+        mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)
+            .expect("make / rprivate");
+        PrivateMounts { mounted: Vec::new(), dir: tempfile::tempdir().unwrap() }
+    }
+
+    fn root(&self) -> &Path {
+        self.dir.path()
+    }
+
+    /// Mounts `fstype` with `data` at `root/sub` (`""`: the root itself).
+    fn mount(&mut self, sub: &str, fstype: &str, data: Option<&str>) -> nix::Result<PathBuf> {
+        let target = if sub.is_empty() { self.root().to_path_buf() } else { self.root().join(sub) };
+        std::fs::create_dir_all(&target).unwrap();
+        mount(Some(fstype), &target, Some(fstype), MsFlags::empty(), data)?;
+        self.mounted.push(target.clone());
+        Ok(target)
+    }
+}
+
+impl Drop for PrivateMounts {
+    fn drop(&mut self) {
+        for target in self.mounted.iter().rev() {
+            let _ = umount2(target, MntFlags::MNT_DETACH);
+        }
+    }
+}
+
+struct Kid(Child);
+
+impl Drop for Kid {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+struct Destroy<'a>(&'a CgroupManager);
+
+impl Drop for Destroy<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.0.destroy() {
+            eprintln!("cleanup: {e}");
+        }
+    }
+}
+
+fn read(path: &Path) -> String {
+    std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).trim().to_string()
+}
+
+#[test]
+fn private_cgroup2_mount_is_unified_and_works() {
+    if !have_root("private_cgroup2_mount_is_unified_and_works") {
+        return;
+    }
+    let id = unique_id();
+    let mut mounts = PrivateMounts::new();
+    let root = mounts.mount("", "cgroup2", None).expect("mount cgroup2");
+    assert_eq!(detect(&root).unwrap(), Layout::Unified);
+
+    let m = CgroupManager::with_mount_root(&root, None, &id).unwrap();
+    assert_eq!(m.layout(), Layout::Unified);
+    let leaf = root.join("twinbox").join(&id);
+    assert_eq!(m.dirs(), std::slice::from_ref(&leaf));
+    let cleanup = Destroy(&m);
+    m.create(None).unwrap();
+    assert!(leaf.is_dir());
+
+    let child = Command::new("sleep").arg("30").stdin(Stdio::null()).spawn().unwrap();
+    let pid = Pid::from_raw(child.id() as i32);
+    let mut kid = Kid(child);
+    m.add_task(pid).unwrap();
+    assert_eq!(read(&leaf.join("cgroup.procs")), pid.to_string());
+    let proc_cgroup = read(Path::new(&format!("/proc/{pid}/cgroup")));
+    assert!(proc_cgroup.lines().any(|l| l == format!("0::/twinbox/{id}")), "{proc_cgroup}");
+    assert_eq!(m.pids().unwrap(), [pid]);
+    let stats = m.stats().unwrap();
+    assert!(stats.cpu_usage_ns.is_some(), "cpu.stat is a core file: {stats:?}");
+
+    m.freeze(true).unwrap();
+    assert!(read(&leaf.join("cgroup.events")).lines().any(|l| l == "frozen 1"));
+    m.freeze(false).unwrap();
+    assert!(read(&leaf.join("cgroup.events")).lines().any(|l| l == "frozen 0"));
+
+    m.destroy().unwrap();
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = kid.0.try_wait().unwrap() {
+            break s;
+        }
+        assert!(start.elapsed() < Duration::from_secs(5), "child survived destroy");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert_eq!(status.signal(), Some(libc::SIGKILL));
+    assert!(!leaf.exists());
+    assert!(root.join("twinbox").is_dir(), "the shared parent stays");
+    drop(cleanup);
+
+    // A memory limit: refused with a clear error where the hierarchy lacks the controller
+    // (hybrid hosts), applied where it has it (pure v2).
+    let id2 = format!("{id}-mem");
+    let m2 = CgroupManager::with_mount_root(&root, None, &id2).unwrap();
+    let _cleanup2 = Destroy(&m2);
+    let r = LinuxResourcesBuilder::default()
+        .memory(LinuxMemoryBuilder::default().limit(32 * MIB).build().unwrap())
+        .build()
+        .unwrap();
+    let offered = read(&root.join("cgroup.controllers"));
+    if offered.split_whitespace().any(|c| c == "memory") {
+        m2.create(Some(&r)).unwrap();
+        assert_eq!(read(&root.join("twinbox").join(&id2).join("memory.max")), "33554432");
+        m2.destroy().unwrap();
+    } else {
+        let err = m2.create(Some(&r)).unwrap_err();
+        assert!(matches!(&err, CgroupError::ControllerUnavailableV2 { controller, .. } if controller == "memory"));
+        let msg = err.to_string();
+        assert!(msg.contains("controller memory not available in cgroup v2 hierarchy"), "{msg}");
+        assert!(!root.join("twinbox").join(&id2).exists());
+        eprintln!("v2 memory limit refused as expected here (cgroup.controllers: {offered:?}): {msg}");
+    }
+    drop(mounts);
+    assert_no_leak(&id);
+}
+
+#[test]
+fn layouts_are_detected_from_real_mounts() {
+    if !have_root("layouts_are_detected_from_real_mounts") {
+        return;
+    }
+    let mut mounts = PrivateMounts::new();
+    mounts.mount("", "tmpfs", Some("mode=755")).expect("mount tmpfs");
+    let root = mounts.root().to_path_buf();
+    let empty = detect(&root).unwrap_err();
+    assert!(matches!(empty, CgroupError::NoCgroupMounts { .. }), "{empty}");
+    // A v1 hierarchy can be mounted again only where the host uses v1 for it.
+    match mounts.mount("pids", "cgroup", Some("pids")) {
+        Ok(_) => {
+            assert_eq!(detect(&root).unwrap(), Layout::Legacy);
+            mounts.mount("unified", "cgroup2", None).expect("mount cgroup2");
+            assert_eq!(detect(&root).unwrap(), Layout::Hybrid);
+            let m = CgroupManager::with_mount_root(&root, None, "x").unwrap();
+            assert_eq!(m.controller_dir("pids"), Some(root.join("pids/twinbox/x")));
+            assert_eq!(m.unified_dir(), Some(root.join("unified/twinbox/x")));
+        }
+        Err(e) => eprintln!("SKIPPED (part): the pids controller is not available to cgroup v1 here ({e})"),
+    }
+    let missing = detect(Path::new("/nonexistent-twinbox")).unwrap_err();
+    assert!(matches!(missing, CgroupError::MountRoot { .. }), "{missing}");
+}
