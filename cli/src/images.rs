@@ -71,7 +71,17 @@ pub fn build(root: &Path, a: BuildArgs) -> Result<()> {
             eprintln!("{line}");
         }
     };
-    let out = build::build(&store, &opts, &mut progress)?;
+    // RUN steps run in containers, which need root; without root the builder refuses RUN.
+    let out = if nix::unistd::geteuid().is_root() {
+        let runtime_root = std::env::var_os("TWINBOX_RUNTIME_ROOT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| crate::containers::RUNTIME_ROOT.into());
+        let engine = twinbox_runtime::engine::Engine::new(store.clone(), runtime_root)?;
+        let mut runner = twinbox_runtime::engine::build_run::BuildRunner::new(&engine);
+        build::build_with(&store, &opts, &mut progress, Some(&mut runner))?
+    } else {
+        build::build(&store, &opts, &mut progress)?
+    };
     if quiet {
         println!("{}", out.config_digest);
     } else {

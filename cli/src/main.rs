@@ -1,9 +1,11 @@
 //! `twinbox`: a thin adapter over the libraries — parse arguments, call, print errors.
 
+mod containers;
 mod images;
 
 use std::process::ExitCode;
 
+use anyhow::Result;
 use clap::{Parser, Subcommand};
 
 /// One OCI image, two isolation models: containers and KVM microVMs, measured side by side.
@@ -40,6 +42,27 @@ enum Command {
     Prune(images::PruneArgs),
     /// Write an image's root filesystem (all layers applied) into a directory.
     Unpack(images::UnpackArgs),
+    /// Run a command in a new container of an image.
+    Run(Box<containers::RunArgs>),
+    /// List containers.
+    Ps(containers::PsArgs),
+    /// Print a detached container's output.
+    Logs(containers::LogsArgs),
+    /// Stop containers (SIGTERM, then SIGKILL).
+    Stop(containers::StopArgs),
+    /// Send a signal to containers.
+    Kill(containers::KillArgs),
+    /// Remove containers.
+    Rm(containers::RmArgs),
+    /// Start stopped containers again, detached.
+    Start(containers::ContainerArgs),
+    /// The OCI runtime with runc's command line (create, start, state, kill, delete, run, exec, ps, list).
+    #[command(disable_help_flag = true)]
+    Runtime {
+        /// runc-style arguments.
+        #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+        args: Vec<std::ffi::OsString>,
+    },
 }
 
 /// Errors the user can fix (exit 1), as opposed to internal failures (exit 125).
@@ -58,23 +81,42 @@ fn main() -> ExitCode {
             };
         }
     };
+    if let Command::Runtime { args } = cli.command {
+        // runc's own flags, logging and exit codes.
+        let mut argv = vec![std::ffi::OsString::from("twinbox runtime")];
+        argv.extend(args);
+        return ExitCode::from(twinbox_runtime::cli::main(argv).clamp(0, 255) as u8);
+    }
     init_logging(cli.verbose);
+    let root = &cli.root;
+    // Like `docker run`: any failure of twinbox itself around a run is 125, so the workload's
+    // own codes (1, 2, …, 126, 127, 128+N) stay unambiguous.
+    let is_run = matches!(cli.command, Command::Run(_));
+    let ok = |r: Result<()>| r.map(|()| 0);
     let result = match cli.command {
-        Command::Build(a) => images::build(&cli.root, a),
-        Command::Images(a) => images::images(&cli.root, a),
-        Command::Inspect(a) => images::inspect(&cli.root, a),
-        Command::Tag(a) => images::tag(&cli.root, a),
-        Command::Rmi(a) => images::rmi(&cli.root, a),
-        Command::Save(a) => images::save(&cli.root, a),
-        Command::Load(a) => images::load(&cli.root, a),
-        Command::Prune(a) => images::prune(&cli.root, a),
-        Command::Unpack(a) => images::unpack(&cli.root, a),
+        Command::Build(a) => ok(images::build(root, a)),
+        Command::Images(a) => ok(images::images(root, a)),
+        Command::Inspect(a) => ok(images::inspect(root, a)),
+        Command::Tag(a) => ok(images::tag(root, a)),
+        Command::Rmi(a) => ok(images::rmi(root, a)),
+        Command::Save(a) => ok(images::save(root, a)),
+        Command::Load(a) => ok(images::load(root, a)),
+        Command::Prune(a) => ok(images::prune(root, a)),
+        Command::Unpack(a) => ok(images::unpack(root, a)),
+        Command::Run(a) => containers::run(root, *a),
+        Command::Ps(a) => containers::ps(root, a),
+        Command::Logs(a) => containers::logs(root, a),
+        Command::Stop(a) => containers::stop(root, a),
+        Command::Kill(a) => containers::kill(root, a),
+        Command::Rm(a) => containers::rm(root, a),
+        Command::Start(a) => containers::start(root, a),
+        Command::Runtime { .. } => unreachable!("handled above"),
     };
     match result {
-        Ok(()) => ExitCode::SUCCESS,
+        Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
             eprintln!("twinbox: {e:#}");
-            ExitCode::from(exit_code(&e))
+            ExitCode::from(if is_run { 125 } else { exit_code(&e) })
         }
     }
 }
@@ -109,6 +151,23 @@ fn exit_code(e: &anyhow::Error) -> u8 {
                 | StoreError::NoPlatform { .. } => 1,
                 _ => 125,
             };
+        }
+        if let Some(e) = cause.downcast_ref::<twinbox_runtime::engine::EngineError>() {
+            use twinbox_runtime::engine::EngineError as E;
+            match e {
+                E::Store(_) => continue,
+                E::NoCommand(_)
+                | E::RelativeWorkdir(_)
+                | E::BadCpus(_)
+                | E::UnknownUser(_)
+                | E::UnknownGroup(_)
+                | E::NoSuchContainer(_)
+                | E::NameInUse(_)
+                | E::Running(_)
+                | E::NotRunning(_)
+                | E::SeccompProfile(..) => return 1,
+                _ => return 125,
+            }
         }
         if let Some(a) = cause.downcast_ref::<ArchiveError>() {
             match a {

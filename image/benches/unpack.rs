@@ -1,5 +1,5 @@
 //! Unpack throughput of a ≈200 MB image: twinbox's flattening unpacker vs `umoci unpack` of the
-//! same OCI layout, measured in one run, interleaved by criterion's sampling.
+//! same OCI layout, measured in one run (removing the previous tree is not timed).
 //!
 //! `cargo bench -p twinbox-image --bench unpack` (as root, for ownership; umoci from apt).
 //! Set `TWINBOX_BENCH_MB` to change the image size.
@@ -9,7 +9,7 @@ use std::path::Path;
 use std::process::Command;
 use std::time::Duration;
 
-use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use criterion::{criterion_group, criterion_main, BatchSize, Criterion, Throughput};
 use oci_spec::image::{Descriptor, ImageConfigurationBuilder, MediaType, RootFsBuilder};
 use twinbox_image::{rootfs, Digest, Reference, Store};
 
@@ -40,6 +40,8 @@ fn layer(total: usize, seed: u64) -> Vec<u8> {
         data.extend(std::iter::repeat_n(b"text line of a config file\n".as_slice(), size / 54).flatten());
         let mut h = tar::Header::new_gnu();
         h.set_mode(0o644);
+        h.set_uid(0);
+        h.set_gid(0);
         h.set_mtime(1_700_000_000);
         h.set_size(data.len() as u64);
         b.append_data(&mut h, format!("{dir}/file{i}.so"), data.as_slice()).unwrap();
@@ -47,6 +49,10 @@ fn layer(total: usize, seed: u64) -> Vec<u8> {
             let mut l = tar::Header::new_gnu();
             l.set_entry_type(tar::EntryType::Symlink);
             l.set_size(0);
+            l.set_mode(0o777);
+            l.set_uid(0);
+            l.set_gid(0);
+            l.set_mtime(1_700_000_000);
             b.append_link(&mut l, format!("{dir}/link{i}"), format!("file{i}.so")).unwrap();
         }
         written += data.len() + 512;
@@ -94,19 +100,19 @@ fn unpack(c: &mut Criterion) {
     let mut g = c.benchmark_group("unpack");
     g.sample_size(10).measurement_time(Duration::from_secs(30)).throughput(Throughput::Bytes((mb as u64) << 20));
     g.bench_function(format!("twinbox {mb}MB"), |b| {
-        b.iter(|| {
-            clear(&out);
-            rootfs::flatten(&store, &image, &out).unwrap();
-        })
+        b.iter_batched(|| clear(&out), |()| rootfs::flatten(&store, &image, &out).unwrap(), BatchSize::PerIteration)
     });
     if have_umoci() {
         let src = format!("{}:bench:1", store.root().display());
         g.bench_function(format!("umoci {mb}MB"), |b| {
-            b.iter(|| {
-                clear(&out);
-                let st = Command::new("umoci").args(["unpack", "--image", &src]).arg(&out).status().unwrap();
-                assert!(st.success());
-            })
+            b.iter_batched(
+                || clear(&out),
+                |()| {
+                    let st = Command::new("umoci").args(["unpack", "--image", &src]).arg(&out).status().unwrap();
+                    assert!(st.success());
+                },
+                BatchSize::PerIteration,
+            )
         });
     } else {
         eprintln!("umoci not installed: only twinbox measured (apt-get install umoci)");

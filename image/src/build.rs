@@ -6,6 +6,9 @@
 //!   ARG ENV LABEL …   config only (history entry with empty_layer)
 //!   COPY / ADD        Context (sources, .dockerignore) ─► cache key ─► hit: reuse the layer
 //!                                                                 └► miss: LayerPlan ─► tar+gzip blob
+//!   RUN               cache key ─► hit: reuse the layer
+//!                               └► miss: unpack the layers so far ─► RunStep (a container over
+//!                                  them) ─► its overlayfs upper dir ─► upper::plan_from_upper ─► blob
 //! ─► config + manifest in the Store ─► tags
 //! ```
 //!
@@ -18,13 +21,21 @@
 //! it produced (`build-cache/<key>` in the store, a JSON record naming the blob, which keeps it
 //! alive through `prune`). An unchanged step only hashes its sources.
 //!
-//! `RUN` needs a container runtime. The builder refuses it for now; [`RunStep`] is the seam
-//! where a runtime will plug in.
+//! `RUN` needs a container runtime, which this crate does not have: [`build_with`] takes a
+//! [`RunStep`] (the runtime crate's `engine::build_run::BuildRunner`); [`build`] has none and
+//! refuses `RUN` before doing any work. A `RUN` step runs its command (`SHELL` + the line for
+//! the shell form, as given for the exec form) with the image's `ENV` plus the `ARG` values in
+//! effect (an `ENV` of the same name wins), its `WORKDIR` and `USER`, no network, stdout and
+//! stderr going to the build's. What it changed becomes a layer, even when it changed nothing
+//! (an empty layer, as Docker makes). A `RUN` layer is only as reproducible as its command:
+//! file times are kept, or clamped to `SOURCE_DATE_EPOCH` when one is given. Its cache key is
+//! the diff ids below it, the command, the environment, working directory and user.
 
 pub mod context;
 pub mod dockerfile;
 pub mod layer;
 pub mod shell;
+pub mod upper;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::fs::{self, File};
@@ -80,7 +91,7 @@ pub struct BuildOutput {
     pub config_digest: Digest,
     /// Instructions from `FROM` on.
     pub steps: usize,
-    /// `COPY`/`ADD` steps whose layer came from the cache.
+    /// `COPY`/`ADD`/`RUN` steps whose layer came from the cache.
     pub cached_steps: usize,
 }
 
@@ -93,19 +104,35 @@ pub struct RunRequest<'a> {
     pub argv: &'a [String],
     /// `KEY=VALUE` environment (ENV and ARG values).
     pub env: &'a [String],
-    /// Working directory.
+    /// Working directory (absolute; it may not exist yet, the runner creates it).
     pub workdir: &'a str,
     /// User (`USER`), empty for root.
     pub user: &'a str,
 }
 
-/// How `RUN` will be executed once a runtime is available: run the command in a container
-/// over `lowers` and return the directory holding what it changed (an overlayfs upper
-/// directory, whiteouts as 0/0 character devices), which the builder turns into a layer.
-/// Not wired yet: [`build`] refuses `RUN` with [`BuildError::RunNotSupported`].
+/// How `RUN` is executed: run the command in a container over `lowers` and return the
+/// directory holding what it changed (an overlayfs upper directory: whiteouts as 0/0
+/// character devices, opaque directories with `trusted.overlay.opaque=y`). The builder owns
+/// that directory from then on: it turns it into a layer and removes it. Whatever else the
+/// step made (bundle, work dir, runtime state, cgroup) the runner removes before it returns,
+/// whether the step succeeded or not.
 pub trait RunStep {
     /// Run one step; returns the upper directory.
-    fn run(&mut self, request: &RunRequest<'_>) -> Result<PathBuf, Box<dyn std::error::Error + Send + Sync + 'static>>;
+    fn run(&mut self, request: &RunRequest<'_>) -> Result<PathBuf, RunStepError>;
+}
+
+/// Why a [`RunStep`] produced no layer.
+#[derive(Debug, thiserror::Error)]
+pub enum RunStepError {
+    /// The command ran and exited with a non-zero code (128+N when killed by signal N).
+    #[error("the command exited with code {code}")]
+    Exit {
+        /// The exit code.
+        code: i32,
+    },
+    /// The step could not be run (the runtime's own error).
+    #[error("running the step in a container")]
+    Runtime(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
 }
 
 /// Why a build failed. Errors about an instruction name its Dockerfile line.
@@ -132,11 +159,54 @@ pub enum BuildError {
     /// The context directory is unusable.
     #[error("opening the build context")]
     OpenContext(#[source] ContextError),
-    /// `RUN` without a container runtime.
-    #[error("line {line}: RUN is not supported yet: twinbox builds without a container runtime until the runtime issue lands; build with COPY/ADD only")]
+    /// `RUN` without a container runtime (the CLI has one only when it runs as root).
+    #[error("line {line}: RUN needs root: it runs the command in a container, and twinbox runs containers only as root; run the build as root (sudo), or build with COPY/ADD only")]
     RunNotSupported {
         /// Where.
         line: usize,
+    },
+    /// A `RUN` command exited non-zero (Docker's wording).
+    #[error("line {line}: The command '{command}' returned a non-zero code: {code}")]
+    RunFailed {
+        /// Where.
+        line: usize,
+        /// The command, its words joined by spaces.
+        command: String,
+        /// Its exit code (128+N when killed by signal N).
+        code: i32,
+    },
+    /// A `RUN` step could not be run.
+    #[error("line {line}: {instruction}")]
+    Run {
+        /// Where.
+        line: usize,
+        /// The instruction.
+        instruction: String,
+        /// Why.
+        #[source]
+        source: RunStepError,
+    },
+    /// The layers under a `RUN` step could not be unpacked for it.
+    #[error("line {line}: {instruction}: unpacking the layers below it")]
+    UnpackLowers {
+        /// Where.
+        line: usize,
+        /// The instruction.
+        instruction: String,
+        /// Why.
+        #[source]
+        source: Box<StoreError>,
+    },
+    /// What a `RUN` step changed could not be turned into a layer.
+    #[error("line {line}: {instruction}: storing what the command changed")]
+    Upper {
+        /// Where.
+        line: usize,
+        /// The instruction.
+        instruction: String,
+        /// Why.
+        #[source]
+        source: upper::UpperError,
     },
     /// A second `FROM`.
     #[error("line {line}: a second FROM: multi-stage builds are not supported yet; build each stage as its own image and use FROM IMAGE")]
@@ -302,9 +372,21 @@ pub enum BuildError {
     Store(#[source] Box<StoreError>),
 }
 
-/// Build the image `opts` describes into `store`. `progress` receives one line per step
-/// (`STEP 2/6: COPY hello /hello`) and per layer (`--> cached`, `--> sha256:…`).
+/// Build the image `opts` describes into `store`, without a container runtime: a Dockerfile
+/// with `RUN` is refused ([`BuildError::RunNotSupported`]). `progress` receives one line per
+/// step (`STEP 2/6: COPY hello /hello`) and per layer (`--> cached`, `--> sha256:…`).
 pub fn build(store: &Store, opts: &BuildOptions, progress: &mut dyn FnMut(&str)) -> Result<BuildOutput, BuildError> {
+    build_with(store, opts, progress, None)
+}
+
+/// [`build`], with `runner` executing `RUN` steps. A failing step fails the build
+/// ([`BuildError::RunFailed`]) and nothing is tagged.
+pub fn build_with(
+    store: &Store,
+    opts: &BuildOptions,
+    progress: &mut dyn FnMut(&str),
+    runner: Option<&mut dyn RunStep>,
+) -> Result<BuildOutput, BuildError> {
     for t in &opts.tags {
         if t.digest().is_some() {
             return Err(BuildError::TagWithDigest { reference: t.to_string() });
@@ -313,9 +395,12 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &mut dyn FnMut(&str))
     let path = opts.dockerfile.clone().unwrap_or_else(|| opts.context.join("Dockerfile"));
     let text = fs::read_to_string(&path).map_err(|source| BuildError::ReadDockerfile { path: path.clone(), source })?;
     let df = dockerfile::parse(&text).map_err(|source| BuildError::Parse { path: path.clone(), source })?;
-    preflight(&df.instructions)?;
+    preflight(&df.instructions, runner.is_some())?;
     let ctx = Context::open(&opts.context).map_err(BuildError::OpenContext)?;
-    let epoch = source_date_epoch(opts)?;
+    let (epoch, epoch_given) = match source_date_epoch(opts)? {
+        Some(e) => (e, true),
+        None => (0, false),
+    };
     // Hold the store's writer lock so a concurrent prune waits for our untagged blobs.
     let _guard = store.writer_guard().map_err(|e| BuildError::Store(Box::new(e)))?;
     let mut b = Builder {
@@ -324,6 +409,9 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &mut dyn FnMut(&str))
         ctx,
         escape: df.escape,
         epoch,
+        epoch_given,
+        // Re-borrowed so that its trait object's lifetime can shrink to the builder's.
+        runner: runner.map(|r| r as &mut dyn RunStep),
         created: rfc3339(epoch),
         progress,
         config: ImageConfiguration::default(),
@@ -362,7 +450,7 @@ pub fn build(store: &Store, opts: &BuildOptions, progress: &mut dyn FnMut(&str))
 }
 
 /// Refuse what cannot be built before doing any work.
-fn preflight(instructions: &[Instruction]) -> Result<(), BuildError> {
+fn preflight(instructions: &[Instruction], can_run: bool) -> Result<(), BuildError> {
     let mut froms = 0;
     for ins in instructions {
         match &ins.command {
@@ -372,7 +460,7 @@ fn preflight(instructions: &[Instruction]) -> Result<(), BuildError> {
                     return Err(BuildError::MultiStage { line: ins.line });
                 }
             }
-            Command::Run(_) => return Err(BuildError::RunNotSupported { line: ins.line }),
+            Command::Run(_) if !can_run => return Err(BuildError::RunNotSupported { line: ins.line }),
             Command::Copy(CopyArgs { from: Some(_), .. }) => return Err(BuildError::CopyFrom { line: ins.line }),
             Command::Healthcheck(_) | Command::Onbuild(_) => {
                 return Err(BuildError::Unsupported { line: ins.line, instruction: ins.keyword() })
@@ -383,18 +471,19 @@ fn preflight(instructions: &[Instruction]) -> Result<(), BuildError> {
     Ok(())
 }
 
-fn source_date_epoch(opts: &BuildOptions) -> Result<u64, BuildError> {
+/// The build's `SOURCE_DATE_EPOCH`, if it has one.
+fn source_date_epoch(opts: &BuildOptions) -> Result<Option<u64>, BuildError> {
     if let Some(e) = opts.source_date_epoch {
-        return Ok(e);
+        return Ok(Some(e));
     }
     let value = match opts.build_args.get("SOURCE_DATE_EPOCH") {
         Some(v) => v.clone(),
         None => match std::env::var("SOURCE_DATE_EPOCH") {
             Ok(v) if !v.trim().is_empty() => v,
-            _ => return Ok(0),
+            _ => return Ok(None),
         },
     };
-    value.trim().parse().map_err(|_| BuildError::Epoch { value })
+    value.trim().parse().map(Some).map_err(|_| BuildError::Epoch { value })
 }
 
 fn rfc3339(epoch: u64) -> String {
@@ -419,7 +508,7 @@ fn automatic_arg(name: &str) -> Option<String> {
     }
 }
 
-/// The layer-cache record for one `COPY`/`ADD` step.
+/// The layer-cache record for one `COPY`/`ADD`/`RUN` step.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 struct CacheRecord {
@@ -437,7 +526,11 @@ struct Builder<'a> {
     opts: &'a BuildOptions,
     ctx: Context,
     escape: char,
+    /// File times of `COPY`/`ADD` and `created`: `SOURCE_DATE_EPOCH`, else 0.
     epoch: u64,
+    /// Whether `SOURCE_DATE_EPOCH` was given (then `RUN` layers' times are clamped to it).
+    epoch_given: bool,
+    runner: Option<&'a mut dyn RunStep>,
     created: String,
     progress: &'a mut dyn FnMut(&str),
     config: ImageConfiguration,
@@ -564,7 +657,7 @@ impl Builder<'_> {
             }
             Command::Copy(args) => self.copy(ins, args, false),
             Command::Add(args) => self.copy(ins, args, true),
-            Command::Run(_) => Err(BuildError::RunNotSupported { line: ins.line }),
+            Command::Run(cl) => self.run_step(ins, cl),
             Command::Cmd(cl) => {
                 let argv = self.argv(cl);
                 self.run.set_cmd(Some(argv.clone()));
@@ -818,6 +911,98 @@ impl Builder<'_> {
         Ok(())
     }
 
+    /// The environment of a `RUN` step, and the `ARG` values in effect: the image's `ENV`,
+    /// then those `ARG` values that no `ENV` of the same name overrides (Docker's rule).
+    fn run_env(&self) -> (Vec<String>, Vec<String>) {
+        let key = |kv: &str| kv.split_once('=').map_or(kv, |(k, _)| k).to_owned();
+        let mut env = self.run.env().clone().unwrap_or_default();
+        let set: BTreeSet<String> = env.iter().map(|kv| key(kv)).collect();
+        let args: Vec<String> = self.args.iter().filter_map(|(k, v)| v.as_ref().map(|v| format!("{k}={v}"))).collect();
+        env.extend(args.iter().filter(|kv| !set.contains(&key(kv))).cloned());
+        (env, args)
+    }
+
+    fn run_step(&mut self, ins: &Instruction, cl: &CommandLine) -> Result<(), BuildError> {
+        let argv = self.argv(cl);
+        let (env, args) = self.run_env();
+        let workdir = self.run.working_dir().clone().filter(|w| !w.is_empty()).unwrap_or_else(|| "/".into());
+        let user = self.run.user().clone().unwrap_or_default();
+        // Docker's history text: `RUN |2 A=1 B=2 /bin/sh -c make` when ARGs are in effect.
+        let mut created_by = "RUN ".to_owned();
+        if !args.is_empty() {
+            created_by.push_str(&format!("|{} {} ", args.len(), args.join(" ")));
+        }
+        created_by.push_str(&match cl {
+            CommandLine::Shell(_) => argv.join(" "),
+            CommandLine::Exec(_) => json_list(&argv),
+        });
+        let key = {
+            let mut h = KeyHasher(HashingWriter::new(io::sink()));
+            h.field(format!("twinbox build cache v{CACHE_VERSION}"));
+            h.field(format!("run epoch={} given={}", self.epoch, self.epoch_given));
+            for d in &self.diff_ids {
+                h.field(d.to_string());
+            }
+            h.field(&created_by);
+            h.field(json_list(&argv));
+            h.field(json_list(&env));
+            h.field(format!("workdir={workdir}"));
+            h.field(format!("user={user}"));
+            h.0.finish().0
+        };
+        let record_path = self.store.build_cache_dir().join(key.hex());
+        let cached = if self.opts.no_cache { None } else { self.cache_lookup(&record_path) };
+        let blob = match cached {
+            Some(blob) => {
+                self.cached_steps += 1;
+                (self.progress)("--> cached");
+                blob
+            }
+            None => {
+                let req = RunRequest { lowers: &[], argv: &argv, env: &env, workdir: &workdir, user: &user };
+                let blob = self.run_fresh(ins, req)?;
+                self.write_record(&record_path, &created_by, &blob)?;
+                (self.progress)(&format!("--> {}", blob.digest));
+                blob
+            }
+        };
+        self.layers.push(blob.descriptor());
+        self.diff_ids.push(blob.diff_id.clone());
+        self.push_history(created_by, false);
+        Ok(())
+    }
+
+    /// Run a `RUN` step (`req` without its lowers) and store what it changed as a layer.
+    fn run_fresh(&mut self, ins: &Instruction, req: RunRequest<'_>) -> Result<LayerBlob, BuildError> {
+        let mut lowers = Vec::with_capacity(self.layers.len());
+        for (desc, diff_id) in self.layers.iter().zip(&self.diff_ids) {
+            let dir = self.store.unpack_layer(desc, diff_id).map_err(|e| BuildError::UnpackLowers {
+                line: ins.line,
+                instruction: ins.text.clone(),
+                source: Box::new(e),
+            })?;
+            lowers.push(dir);
+        }
+        let req = RunRequest { lowers: &lowers, ..req };
+        let runner = self.runner.as_deref_mut().expect("preflight refuses RUN without a runner");
+        let upper = match runner.run(&req) {
+            Ok(dir) => UpperDir(dir),
+            Err(RunStepError::Exit { code }) => {
+                return Err(BuildError::RunFailed { line: ins.line, command: req.argv.join(" "), code })
+            }
+            Err(source) => return Err(BuildError::Run { line: ins.line, instruction: ins.text.clone(), source }),
+        };
+        let clamp = self.epoch_given.then_some(self.epoch);
+        let plan = upper::plan_from_upper(&upper.0, clamp).map_err(|source| BuildError::Upper {
+            line: ins.line,
+            instruction: ins.text.clone(),
+            source,
+        })?;
+        let blob = layer::write_layer(self.store, &plan).map_err(|e| self.layer_err(ins, e))?;
+        drop(upper);
+        Ok(blob)
+    }
+
     #[allow(clippy::too_many_arguments)]
     fn cache_key(
         &self,
@@ -924,7 +1109,7 @@ impl Builder<'_> {
         // The destination directory for "into a directory" copies, created if it is new.
         let ensure_dir = |plan: &mut LayerPlan, dir: &str| {
             if !dir.is_empty() && !lower.is_dir(dir) && plan.get(dir).is_none() {
-                plan.insert(dir.to_owned(), Entry { kind: EntryKind::Dir, mode: 0o755, uid, gid, mtime: epoch });
+                plan.insert(dir.to_owned(), Entry::new(EntryKind::Dir, 0o755, uid, gid, epoch));
             }
         };
         let from_item = |item: &Item| {
@@ -939,7 +1124,7 @@ impl Builder<'_> {
                 (_, Some(m)) => m,
                 (_, None) => item.mode,
             };
-            Entry { kind, mode, uid, gid, mtime: if keep { item.mtime } else { epoch } }
+            Entry::new(kind, mode, uid, gid, if keep { item.mtime } else { epoch })
         };
         for m in matched {
             let src = &m.source;
@@ -951,7 +1136,7 @@ impl Builder<'_> {
                     })?;
                     let mode = chmod.unwrap_or(std::os::unix::fs::PermissionsExt::mode(&meta.permissions()) & 0o7777);
                     let mtime = if keep { std::os::unix::fs::MetadataExt::mtime(&meta).max(0) as u64 } else { epoch };
-                    plan.insert(target.clone(), Entry { kind: EntryKind::Dir, mode, uid, gid, mtime });
+                    plan.insert(target.clone(), Entry::new(EntryKind::Dir, mode, uid, gid, mtime));
                 }
                 for item in &m.items {
                     let path = place(lower, &join(&target, &item.rel), item.kind == ItemKind::Dir);
@@ -989,10 +1174,8 @@ impl Builder<'_> {
             }
         }
         plan.add_parents(|p| match lower.get(p) {
-            Some(n) if n.kind == LowerKind::Dir => {
-                Entry { kind: EntryKind::Dir, mode: n.mode, uid: n.uid, gid: n.gid, mtime: epoch }
-            }
-            _ => Entry { kind: EntryKind::Dir, mode: 0o755, uid: 0, gid: 0, mtime: epoch },
+            Some(n) if n.kind == LowerKind::Dir => Entry::new(EntryKind::Dir, n.mode, n.uid, n.gid, epoch),
+            _ => Entry::new(EntryKind::Dir, 0o755, 0, 0, epoch),
         });
         Ok(plan)
     }
@@ -1017,6 +1200,18 @@ impl Builder<'_> {
         }
         (self.progress)(&format!("--> {manifest_digest}"));
         Ok(BuildOutput { manifest, manifest_digest, config_digest, steps, cached_steps: self.cached_steps })
+    }
+}
+
+/// A `RUN` step's upper directory, which the builder owns once the runner returns it: removed
+/// when dropped, whether or not it became a layer.
+struct UpperDir(PathBuf);
+
+impl Drop for UpperDir {
+    fn drop(&mut self) {
+        if let Err(e) = crate::store::remove_tree(&self.0) {
+            tracing::warn!(dir = %self.0.display(), error = %e, "cannot remove a RUN step's upper directory; `twinbox prune` will");
+        }
     }
 }
 

@@ -158,7 +158,14 @@ pub enum EntryKind {
         /// Minor number.
         minor: u32,
     },
+    /// An OCI whiteout marker, written as an empty regular file: its path is `DIR/.wh.NAME`
+    /// (NAME is deleted from the layers below) or `DIR/.wh..wh..opq` (DIR is emptied of what
+    /// the layers below put there).
+    Whiteout,
 }
+
+/// Extended attributes by name (without the `SCHILY.xattr.` prefix).
+pub type Xattrs = Vec<(String, Vec<u8>)>;
 
 /// One entry of a layer.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -173,6 +180,17 @@ pub struct Entry {
     pub gid: u64,
     /// Modification time.
     pub mtime: u64,
+    /// Extended attributes (`security.capability`, `user.*`, …), written as PAX
+    /// `SCHILY.xattr.NAME` records in name order. Hardlinks after the first carry none (they
+    /// share the first one's inode).
+    pub xattrs: Xattrs,
+}
+
+impl Entry {
+    /// An entry without xattrs.
+    pub fn new(kind: EntryKind, mode: u32, uid: u64, gid: u64, mtime: u64) -> Self {
+        Entry { kind, mode, uid, gid, mtime, xattrs: Vec::new() }
+    }
 }
 
 /// The content of one layer: entries by path (relative, no leading or trailing `/`).
@@ -298,6 +316,13 @@ pub fn write_layer(store: &Store, plan: &LayerPlan) -> Result<LayerBlob, LayerEr
         h.set_mtime(e.mtime);
         h.set_size(0);
         let w = LayerError::Write;
+        let hardlink = matches!(&e.kind, EntryKind::File { link: Some(k), .. } if first_link.contains_key(k));
+        if !e.xattrs.is_empty() && !hardlink {
+            let mut xattrs: Vec<(String, &[u8])> =
+                e.xattrs.iter().map(|(k, v)| (format!("SCHILY.xattr.{k}"), v.as_slice())).collect();
+            xattrs.sort();
+            tar.append_pax_extensions(xattrs.iter().map(|(k, v)| (k.as_str(), *v))).map_err(w)?;
+        }
         match &e.kind {
             EntryKind::Dir => {
                 h.set_entry_type(tar::EntryType::Directory);
@@ -339,6 +364,9 @@ pub fn write_layer(store: &Store, plan: &LayerPlan) -> Result<LayerBlob, LayerEr
             }
             EntryKind::Fifo => {
                 h.set_entry_type(tar::EntryType::Fifo);
+                // Zeros, not blanks: readers (ours included) parse a fifo's device fields.
+                h.set_device_major(0).map_err(w)?;
+                h.set_device_minor(0).map_err(w)?;
                 tar.append_data(&mut h, path, io::empty()).map_err(w)?;
             }
             EntryKind::Char { major, minor } | EntryKind::Block { major, minor } => {
@@ -347,6 +375,10 @@ pub fn write_layer(store: &Store, plan: &LayerPlan) -> Result<LayerBlob, LayerEr
                 h.set_entry_type(t);
                 h.set_device_major(*major).map_err(w)?;
                 h.set_device_minor(*minor).map_err(w)?;
+                tar.append_data(&mut h, path, io::empty()).map_err(w)?;
+            }
+            EntryKind::Whiteout => {
+                h.set_entry_type(tar::EntryType::Regular);
                 tar.append_data(&mut h, path, io::empty()).map_err(w)?;
             }
         }
@@ -513,7 +545,29 @@ impl LowerFs {
 
     /// Apply a layer this build just wrote (as the next layer).
     pub fn apply_plan(&mut self, plan: &LayerPlan) {
+        // Whiteouts hide what the lower layers have, not what this layer adds.
         for (path, e) in plan.entries() {
+            if e.kind != EntryKind::Whiteout {
+                continue;
+            }
+            let (dir, base) = path.rsplit_once('/').unwrap_or(("", path.as_str()));
+            if base == ".wh..wh..opq" {
+                remove_below(&mut self.nodes, dir);
+                if dir.is_empty() {
+                    self.nodes.clear();
+                }
+            } else if let Some(name) = base.strip_prefix(".wh.") {
+                let victim = if dir.is_empty() { name.to_owned() } else { format!("{dir}/{name}") };
+                self.nodes.remove(&victim);
+                remove_below(&mut self.nodes, &victim);
+            }
+        }
+        let nodes = &self.nodes;
+        self.files.retain(|p, _| nodes.contains_key(p));
+        for (path, e) in plan.entries() {
+            if e.kind == EntryKind::Whiteout {
+                continue;
+            }
             let kind = match &e.kind {
                 EntryKind::Dir => LowerKind::Dir,
                 EntryKind::Symlink { target } => LowerKind::Symlink(target.clone()),
@@ -708,7 +762,7 @@ pub fn read_archive(archive: &Path, compression: Compression, spool: &Path) -> R
                 });
             }
         };
-        out.push(ArchiveEntry { path, entry: Entry { kind, mode, uid, gid, mtime } });
+        out.push(ArchiveEntry { path, entry: Entry::new(kind, mode, uid, gid, mtime) });
     }
     Ok(out)
 }
@@ -742,7 +796,7 @@ mod tests {
 
     #[test]
     fn plan_replacing_a_dir_drops_its_contents() {
-        let e = |kind| Entry { kind, mode: 0o644, uid: 0, gid: 0, mtime: 0 };
+        let e = |kind| Entry::new(kind, 0o644, 0, 0, 0);
         let mut p = LayerPlan::default();
         p.insert("a".into(), e(EntryKind::Dir));
         p.insert("a/b".into(), e(EntryKind::Fifo));

@@ -1,0 +1,325 @@
+//! Container commands: run, ps, logs, stop, kill, rm, start, and the runc-compatible `runtime`.
+
+use std::io::Write;
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::{Context, Result};
+use clap::Args;
+use twinbox_runtime::engine::{Engine, Phase, RunOptions};
+
+use crate::UserError;
+
+/// Where the OCI runtime keeps container state for containers made by `twinbox run`.
+pub const RUNTIME_ROOT: &str = "/run/twinbox/runtime";
+
+fn engine(root: &Path) -> Result<Engine> {
+    let store = twinbox_image::Store::open(root).with_context(|| {
+        format!("opening the image store at {} (set --root or TWINBOX_ROOT to use another)", root.display())
+    })?;
+    let runtime_root =
+        std::env::var_os("TWINBOX_RUNTIME_ROOT").map(std::path::PathBuf::from).unwrap_or_else(|| RUNTIME_ROOT.into());
+    Ok(Engine::new(store, runtime_root)?)
+}
+
+#[derive(Args, Debug)]
+pub struct RunArgs {
+    /// Remove the container when it exits.
+    #[arg(long)]
+    rm: bool,
+    /// Run in the background and print the container id.
+    #[arg(short, long)]
+    detach: bool,
+    /// Container name.
+    #[arg(long)]
+    name: Option<String>,
+    /// Set an environment variable (K=V, or K to pass ours).
+    #[arg(short, long = "env")]
+    env: Vec<String>,
+    /// Working directory inside the container.
+    #[arg(short, long)]
+    workdir: Option<String>,
+    /// User (name or uid, optionally :group or :gid).
+    #[arg(short, long)]
+    user: Option<String>,
+    /// Hostname.
+    #[arg(long)]
+    hostname: Option<String>,
+    /// Memory limit (bytes, or with b, k, m, g).
+    #[arg(short, long, value_parser = parse_memory)]
+    memory: Option<i64>,
+    /// CPU limit, in CPUs.
+    #[arg(long)]
+    cpus: Option<f64>,
+    /// Maximum number of processes.
+    #[arg(long)]
+    pids_limit: Option<i64>,
+    /// Mount the root filesystem read-only.
+    #[arg(long)]
+    read_only: bool,
+    /// Override the image's ENTRYPOINT.
+    #[arg(long)]
+    entrypoint: Option<String>,
+    /// Security options: `seccomp=unconfined` or `seccomp=PROFILE.json`.
+    #[arg(long = "security-opt")]
+    security_opt: Vec<String>,
+    /// Network mode; only `none` (loopback only) exists so far.
+    #[arg(long, default_value = "none")]
+    network: String,
+    /// Isolation model.
+    #[arg(long, default_value = "container", value_parser = ["container", "microvm"])]
+    isolation: String,
+    /// The image.
+    image: String,
+    /// Command and arguments (replace the image's CMD).
+    #[arg(trailing_var_arg = true, allow_hyphen_values = true)]
+    cmd: Vec<String>,
+}
+
+/// Docker's memory sizes: a number with an optional b/k/m/g suffix (binary units).
+pub fn parse_memory(s: &str) -> Result<i64, String> {
+    let t = s.trim().to_ascii_lowercase();
+    let t = t.strip_suffix('b').filter(|x| x.ends_with(['k', 'm', 'g'])).unwrap_or(&t);
+    let (num, mult) = match t.chars().last() {
+        Some('k') => (&t[..t.len() - 1], 1i64 << 10),
+        Some('m') => (&t[..t.len() - 1], 1 << 20),
+        Some('g') => (&t[..t.len() - 1], 1 << 30),
+        Some('b') => (&t[..t.len() - 1], 1),
+        _ => (t, 1),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("invalid memory size {s:?}: use e.g. 512m or 1g"))?;
+    let bytes = (n * mult as f64) as i64;
+    if bytes < 6 << 20 {
+        return Err(format!("memory limit {s:?} is below the minimum of 6m"));
+    }
+    Ok(bytes)
+}
+
+pub fn run(root: &Path, a: RunArgs) -> Result<i32> {
+    if a.isolation == "microvm" {
+        return Err(
+            UserError("--isolation microvm is not available yet (issue 4); use --isolation container".into()).into()
+        );
+    }
+    if a.network != "none" {
+        return Err(UserError(format!("--network {} is not supported yet; only --network none", a.network)).into());
+    }
+    if a.detach && a.rm {
+        // Allowed, as in Docker: the monitor removes it on exit.
+    }
+    let mut seccomp = None;
+    for o in &a.security_opt {
+        match o.split_once(['=', ':']) {
+            Some(("seccomp", v)) => seccomp = Some(std::path::PathBuf::from(v)),
+            _ => {
+                return Err(UserError(format!(
+                    "unsupported --security-opt {o:?}: only seccomp=unconfined or seccomp=FILE"
+                ))
+                .into())
+            }
+        }
+    }
+    let eng = engine(root)?;
+    let opts = RunOptions {
+        seccomp,
+        image: a.image,
+        cmd: a.cmd,
+        entrypoint: a.entrypoint,
+        env: a.env,
+        workdir: a.workdir,
+        user: a.user,
+        hostname: a.hostname,
+        name: a.name,
+        memory: a.memory,
+        cpus: a.cpus,
+        pids_limit: a.pids_limit,
+        read_only: a.read_only,
+        rm: a.rm,
+        detach: a.detach,
+    };
+    let record = eng.prepare(&opts)?;
+    if a.detach {
+        let r = eng.run_detached(record)?;
+        println!("{}", r.id);
+        return Ok(0);
+    }
+    let exit = match eng.run_foreground(record) {
+        Ok(exit) => exit,
+        // The command is missing (127) or not executable (126): the workload's failure, as
+        // Docker reports it, not twinbox's.
+        Err(twinbox_runtime::engine::EngineError::Runtime(e)) if matches!(e.exit_code(), 126 | 127) => {
+            eprintln!("twinbox: {}", twinbox_runtime::container::error_chain(&e));
+            return Ok(e.exit_code());
+        }
+        Err(e) => return Err(e.into()),
+    };
+    if exit.oom_killed {
+        eprintln!("twinbox: the container was killed by the OOM killer (memory limit reached)");
+    }
+    Ok(exit.code)
+}
+
+#[derive(Args, Debug)]
+pub struct PsArgs {
+    /// Show all containers (default: running ones).
+    #[arg(short, long)]
+    all: bool,
+    /// Only ids.
+    #[arg(short, long)]
+    quiet: bool,
+    /// JSON output.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn ps(root: &Path, a: PsArgs) -> Result<i32> {
+    let eng = engine(root)?;
+    let list: Vec<_> =
+        eng.records()?.into_iter().filter(|r| a.all || matches!(r.phase, Phase::Running { .. })).collect();
+    let mut out = std::io::stdout().lock();
+    if a.json {
+        serde_json::to_writer_pretty(&mut out, &list)?;
+        writeln!(out)?;
+        return Ok(0);
+    }
+    if a.quiet {
+        for r in &list {
+            writeln!(out, "{}", &r.id[..12])?;
+        }
+        return Ok(0);
+    }
+    writeln!(out, "{:<14}{:<24}{:<28}{:<24}NAME", "CONTAINER ID", "IMAGE", "COMMAND", "STATUS")?;
+    for r in &list {
+        let status = match &r.phase {
+            Phase::Created => "Created".to_string(),
+            Phase::Running { .. } => "Up".to_string(),
+            Phase::Exited { code, oom_killed: true } => format!("Exited ({code}) OOM"),
+            Phase::Exited { code: -1, .. } => "Exited (unknown)".to_string(),
+            Phase::Exited { code, .. } => format!("Exited ({code})"),
+        };
+        let mut cmd = format!("{:?}", r.command.join(" "));
+        if cmd.len() > 26 {
+            cmd.truncate(24);
+            cmd.push_str("…\"");
+        }
+        writeln!(out, "{:<14}{:<24}{:<28}{:<24}{}", &r.id[..12], r.image, cmd, status, r.name)?;
+    }
+    Ok(0)
+}
+
+#[derive(Args, Debug)]
+pub struct ContainerArgs {
+    /// Containers (id, id prefix or name).
+    #[arg(required = true)]
+    containers: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct StopArgs {
+    /// Seconds to wait after SIGTERM before SIGKILL.
+    #[arg(short, long, default_value_t = 10)]
+    time: u64,
+    /// Containers (id, id prefix or name).
+    #[arg(required = true)]
+    containers: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct KillArgs {
+    /// Signal (name or number).
+    #[arg(short, long, default_value = "KILL")]
+    signal: String,
+    /// Containers (id, id prefix or name).
+    #[arg(required = true)]
+    containers: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct RmArgs {
+    /// Kill it first if it is running.
+    #[arg(short, long)]
+    force: bool,
+    /// Containers (id, id prefix or name).
+    #[arg(required = true)]
+    containers: Vec<String>,
+}
+
+#[derive(Args, Debug)]
+pub struct LogsArgs {
+    /// Container (id, id prefix or name).
+    container: String,
+}
+
+/// Signal by name (`KILL`, `SIGKILL`) or number.
+pub fn parse_signal(s: &str) -> Result<nix::sys::signal::Signal> {
+    use std::str::FromStr;
+    if let Ok(n) = s.parse::<i32>() {
+        return nix::sys::signal::Signal::try_from(n).map_err(|_| UserError(format!("unknown signal {s}")).into());
+    }
+    let up = s.to_ascii_uppercase();
+    let name = if up.starts_with("SIG") { up } else { format!("SIG{up}") };
+    nix::sys::signal::Signal::from_str(&name).map_err(|_| UserError(format!("unknown signal {s}")).into())
+}
+
+fn each(keys: &[String], mut f: impl FnMut(&str) -> Result<()>) -> Result<i32> {
+    let mut failed = false;
+    for k in keys {
+        if let Err(e) = f(k) {
+            eprintln!("twinbox: {e:#}");
+            failed = true;
+        }
+    }
+    Ok(if failed { 1 } else { 0 })
+}
+
+pub fn stop(root: &Path, a: StopArgs) -> Result<i32> {
+    let eng = engine(root)?;
+    each(&a.containers, |k| {
+        eng.stop(k, Duration::from_secs(a.time))?;
+        println!("{k}");
+        Ok(())
+    })
+}
+
+pub fn kill(root: &Path, a: KillArgs) -> Result<i32> {
+    let sig = parse_signal(&a.signal)?;
+    let eng = engine(root)?;
+    each(&a.containers, |k| {
+        eng.kill(k, sig)?;
+        println!("{k}");
+        Ok(())
+    })
+}
+
+pub fn rm(root: &Path, a: RmArgs) -> Result<i32> {
+    let eng = engine(root)?;
+    each(&a.containers, |k| {
+        eng.remove(k, a.force)?;
+        println!("{k}");
+        Ok(())
+    })
+}
+
+pub fn start(root: &Path, a: ContainerArgs) -> Result<i32> {
+    let eng = engine(root)?;
+    each(&a.containers, |k| {
+        eng.start(k)?;
+        println!("{k}");
+        Ok(())
+    })
+}
+
+pub fn logs(root: &Path, a: LogsArgs) -> Result<i32> {
+    let eng = engine(root)?;
+    let p = eng.log_path(&a.container)?;
+    match std::fs::File::open(&p) {
+        Ok(mut f) => {
+            std::io::copy(&mut f, &mut std::io::stdout().lock())?;
+        }
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            eprintln!("twinbox: {} has no log: only detached containers (run -d) keep one", a.container);
+        }
+        Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
+    }
+    Ok(0)
+}

@@ -1,0 +1,311 @@
+//! `twinbox run` end to end, as root, on the default images built in a private store. Every
+//! test ends with a leak check: no mount, cgroup, container dir, runtime state or process left.
+
+mod common;
+
+use std::path::Path;
+use std::process::Command;
+
+use common::{require, require_root, Env};
+
+/// A private store with a busybox image (each test its own, so leak checks see only its own
+/// containers).
+struct Images {
+    env: Env,
+    /// Container cgroups that existed before the test (of other runs on this machine).
+    cgroups_before: Vec<String>,
+    /// Tests in this file run one at a time, so that cgroups under /twinbox are ours.
+    _serial: std::sync::MutexGuard<'static, ()>,
+}
+
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// Container cgroup dirs (64-hex names) under /twinbox in the hierarchies we use.
+fn container_cgroups() -> Vec<String> {
+    let mut out = Vec::new();
+    for ctl in ["memory", "pids", "cpu", "unified"] {
+        let dir = Path::new("/sys/fs/cgroup").join(ctl).join("twinbox");
+        for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let n = e.file_name().to_string_lossy().into_owned();
+            if n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()) && e.path().is_dir() {
+                out.push(e.path().display().to_string());
+            }
+        }
+    }
+    out
+}
+
+fn images() -> Option<Images> {
+    {
+        {
+            let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+            if !require_root() {
+                return None;
+            }
+            let busybox = Path::new("/bin/busybox");
+            if !require(busybox.exists(), "/bin/busybox (Debian busybox-static) is not installed") {
+                return None;
+            }
+            let env = Env::new();
+            // The busybox image, as scripts/default-images.sh makes it.
+            let ctx = env.path("busybox");
+            let bin = ctx.join("rootfs/bin");
+            std::fs::create_dir_all(&bin).unwrap();
+            std::fs::create_dir_all(ctx.join("rootfs/etc")).unwrap();
+            std::fs::copy(busybox, bin.join("busybox")).unwrap();
+            for a in [
+                "sh", "echo", "cat", "id", "hostname", "sleep", "mkdir", "touch", "ls", "head", "tail", "ip",
+                "unshare", "grep", "wc", "true", "pwd",
+            ] {
+                std::os::unix::fs::symlink("busybox", bin.join(a)).unwrap();
+            }
+            std::fs::write(
+                ctx.join("rootfs/etc/passwd"),
+                "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+            )
+            .unwrap();
+            std::fs::write(ctx.join("rootfs/etc/group"), "root:x:0:\napp:x:1000:\n").unwrap();
+            std::fs::write(
+                ctx.join("Dockerfile"),
+                "FROM scratch\nCOPY rootfs/ /\nENV PATH=/bin GREETING=hello-from-image\nWORKDIR /work\nCMD [\"/bin/sh\"]\n",
+            )
+            .unwrap();
+            env.ok(&["build", "-q", "-t", "busybox:latest", ctx.to_str().unwrap()]);
+            std::fs::write(ctx.join("Dockerfile.user"), "FROM busybox:latest\nUSER app\n").unwrap();
+            env.ok(&[
+                "build",
+                "-q",
+                "-t",
+                "busybox:app",
+                "-f",
+                ctx.join("Dockerfile.user").to_str().unwrap(),
+                ctx.to_str().unwrap(),
+            ]);
+            Some(Images { env, cgroups_before: container_cgroups(), _serial: serial })
+        }
+    }
+}
+
+/// What is on the machine that a container could leave behind.
+fn leftovers(env: &Env) -> Vec<String> {
+    let mut out = Vec::new();
+    let store = env.root().display().to_string();
+    for l in std::fs::read_to_string("/proc/self/mountinfo").unwrap().lines() {
+        if l.contains(&store) {
+            out.push(format!("mount: {l}"));
+        }
+    }
+    if let Ok(d) = std::fs::read_dir(env.root().join("containers")) {
+        for e in d.flatten() {
+            out.push(format!("container dir: {}", e.path().display()));
+        }
+    }
+    if let Ok(d) = std::fs::read_dir(env.path("runtime")) {
+        for e in d.flatten() {
+            out.push(format!("runtime state: {}", e.path().display()));
+        }
+    }
+    out
+}
+
+fn new_cgroups(img: &Images) -> Vec<String> {
+    container_cgroups()
+        .into_iter()
+        .filter(|c| !img.cgroups_before.contains(c))
+        .map(|c| format!("cgroup: {c}"))
+        .collect()
+}
+
+fn run(img: &Images, args: &[&str]) -> (i32, String, String) {
+    let mut cmd = img.env.cmd();
+    cmd.env("TWINBOX_RUNTIME_ROOT", img.env.path("runtime"));
+    let o = cmd.arg("run").args(args).output().unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
+fn no_leaks(img: &Images) {
+    let mut l = leftovers(&img.env);
+    l.extend(new_cgroups(img));
+    assert!(l.is_empty(), "left behind: {l:#?}");
+}
+
+#[test]
+fn exit_codes_pid_1_and_hostname() {
+    let Some(img) = images() else { return };
+    let img = &img;
+    let (code, out, err) =
+        run(img, &["--rm", "--hostname", "box1", "busybox", "sh", "-c", "echo pid=$$ host=$(hostname); exit 3"]);
+    assert_eq!(code, 3, "{err}");
+    assert_eq!(out.trim(), "pid=1 host=box1");
+    // A signal to `twinbox run` goes to the container's init.
+    let mut child = img
+        .env
+        .cmd()
+        .env("TWINBOX_RUNTIME_ROOT", img.env.path("runtime"))
+        .args(["run", "--rm", "busybox", "sh", "-c", "trap 'exit 7' TERM; echo ready; while true; do sleep 0.05; done"])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(&mut std::io::BufReader::new(child.stdout.as_mut().unwrap()), &mut line).unwrap();
+    assert_eq!(line.trim(), "ready");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGTERM).unwrap();
+    assert_eq!(child.wait().unwrap().code(), Some(7), "SIGTERM forwarded, the trap's exit code returned");
+    let (code, _, err) = run(img, &["--rm", "busybox", "/nonexistent"]);
+    assert_eq!(code, 127, "{err}");
+    assert!(err.contains("/nonexistent"), "{err}");
+    let (code, _, err) = run(img, &["--rm", "busybox", "/etc/passwd"]);
+    assert_eq!(code, 126, "{err}");
+    let (code, _, err) = run(img, &["--rm", "no-such-image:1"]);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("no such image"), "{err}");
+    no_leaks(img);
+}
+
+#[test]
+fn each_rm_run_starts_from_the_image() {
+    let Some(img) = images() else { return };
+    let img = &img;
+    let (code, _, err) = run(img, &["--rm", "busybox", "sh", "-c", "echo scratch > /work/file && cat /work/file"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, _) = run(img, &["--rm", "busybox", "sh", "-c", "ls /work"]);
+    assert_eq!(code, 0);
+    assert_eq!(out.trim(), "", "the copy-on-write layer of the first run is gone");
+    no_leaks(img);
+}
+
+#[test]
+fn image_env_workdir_and_user_are_honoured() {
+    let Some(img) = images() else { return };
+    let img = &img;
+    let (code, out, err) = run(img, &["--rm", "busybox", "sh", "-c", "echo $GREETING $(pwd) $(id -u)"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), "hello-from-image /work 0");
+    let (_, out, _) =
+        run(img, &["--rm", "-e", "GREETING=override", "-w", "/tmp", "busybox", "sh", "-c", "echo $GREETING $(pwd)"]);
+    assert_eq!(out.trim(), "override /tmp");
+    let (code, out, err) = run(img, &["--rm", "busybox:app", "id"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("uid=1000(app) gid=1000(app)"), "{out}");
+    let (_, out, _) = run(img, &["--rm", "-u", "4242:4343", "busybox", "id"]);
+    assert!(out.starts_with("uid=4242 gid=4343"), "{out}");
+    let (code, _, err) = run(img, &["--rm", "-u", "nobody-here", "busybox", "id"]);
+    assert_eq!(code, 125);
+    assert!(err.contains("unable to find user nobody-here"), "{err}");
+    no_leaks(img);
+}
+
+#[test]
+fn memory_limit_oom_kills_with_137() {
+    let Some(img) = images() else { return };
+    let img = &img;
+    let (code, _, err) = run(img, &["--rm", "--memory", "32m", "busybox", "sh", "-c", "head -c 100m /dev/zero | tail"]);
+    assert_eq!(code, 137, "{err}");
+    assert!(err.contains("OOM"), "the OOM kill is reported: {err}");
+    no_leaks(img);
+}
+
+#[test]
+fn pids_limit_stops_a_fork_bomb() {
+    let Some(img) = images() else { return };
+    let img = &img;
+    // 60 background sleeps: fine without a limit, refused after 20 processes with one.
+    let script = "i=0; while [ $i -lt 60 ]; do sleep 2 & i=$((i+1)); done; echo all-started";
+    let (code, out, err) = run(img, &["--rm", "busybox", "sh", "-c", script]);
+    assert_eq!((code, out.trim()), (0, "all-started"), "{err}");
+    let (code, out, err) = run(img, &["--rm", "--pids-limit", "20", "busybox", "sh", "-c", script]);
+    assert_ne!(code, 0);
+    assert_eq!(out.trim(), "", "the loop did not finish");
+    assert!(err.contains("can't fork"), "{err}");
+    no_leaks(img);
+}
+
+#[test]
+fn read_only_caps_masks_and_seccomp() {
+    let Some(img) = images() else { return };
+    let img = &img;
+    let (code, _, err) = run(img, &["--rm", "--read-only", "busybox", "touch", "/x"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("Read-only file system"), "{err}");
+    // CAP_NET_ADMIN is not in the default set.
+    let (code, _, err) = run(img, &["--rm", "busybox", "ip", "link", "set", "lo", "down"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("Operation not permitted"), "{err}");
+    // /proc/sys is read-only; masked files read empty.
+    let (code, out, err) = run(
+        img,
+        &[
+            "--rm",
+            "busybox",
+            "sh",
+            "-c",
+            "echo x > /proc/sys/kernel/ostype; cat /proc/timer_list /proc/keys 2>/dev/null | wc -c",
+        ],
+    );
+    assert_eq!(code, 0, "{err}");
+    assert!(err.contains("Read-only file system"), "{err}");
+    assert_eq!(out.trim(), "0", "masked paths read empty");
+    // The default seccomp profile refuses unshare even though root in the container.
+    let (code, _, err) = run(img, &["--rm", "busybox", "unshare", "-u", "true"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("Operation not permitted"), "{err}");
+    // A profile file: mkdir denied with EACCES (13), other syscalls allowed.
+    let profile = img.env.path("deny-mkdir.json");
+    std::fs::write(
+        &profile,
+        r#"{"defaultAction":"SCMP_ACT_ALLOW","syscalls":[{"names":["mkdir","mkdirat"],"action":"SCMP_ACT_ERRNO","errnoRet":13}]}"#,
+    )
+    .unwrap();
+    let opt = format!("seccomp={}", profile.display());
+    let (code, _, err) = run(img, &["--rm", "--security-opt", &opt, "busybox", "mkdir", "/tmp/d"]);
+    assert_eq!(code, 1);
+    assert!(err.contains("Permission denied"), "{err}");
+    no_leaks(img);
+}
+
+#[test]
+fn detached_containers_ps_logs_stop_rm() {
+    let Some(img) = images() else { return };
+    let img = &img;
+    let (code, out, err) = run(img, &["-d", "--name", "sleeper", "busybox", "sh", "-c", "echo up; exec sleep 300"]);
+    assert_eq!(code, 0, "{err}");
+    let id = out.trim().to_owned();
+    assert_eq!(id.len(), 64);
+    let tb = |args: &[&str]| {
+        let mut c = img.env.cmd();
+        c.env("TWINBOX_RUNTIME_ROOT", img.env.path("runtime"));
+        let o = c.args(args).output().unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (_, ps, _) = tb(&["ps"]);
+    assert!(ps.contains("sleeper") && ps.contains("Up"), "{ps}");
+    std::thread::sleep(std::time::Duration::from_millis(200));
+    assert_eq!(tb(&["logs", "sleeper"]).1.trim(), "up");
+    let (code, _, err) = tb(&["rm", "sleeper"]);
+    assert_eq!(code, 1, "rm of a running container refuses");
+    assert!(err.contains("running"), "{err}");
+    let (code, _, err) = tb(&["stop", "-t", "1", "sleeper"]);
+    assert_eq!(code, 0, "{err}");
+    let (_, ps, _) = tb(&["ps", "-a"]);
+    assert!(ps.contains("Exited (143)") || ps.contains("Exited (137)"), "{ps}");
+    let (code, _, err) = tb(&["rm", "sleeper"]);
+    assert_eq!(code, 0, "{err}");
+    // -d --rm: the monitor removes the container when it exits.
+    let (code, _, err) = run(img, &["-d", "--rm", "busybox", "true"]);
+    assert_eq!(code, 0, "{err}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !leftovers(&img.env).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    no_leaks(img);
+    let pg = Command::new("pgrep").args(["-f", &id]).output().unwrap();
+    assert!(pg.stdout.is_empty(), "no process mentions the container");
+}
