@@ -323,3 +323,26 @@ pub fn logs(root: &Path, a: LogsArgs) -> Result<i32> {
     }
     Ok(0)
 }
+
+#[derive(Args, Debug)]
+pub struct ExecArgs {
+    /// Set an environment variable (K=V).
+    #[arg(short, long = "env")]
+    env: Vec<String>,
+    /// Working directory.
+    #[arg(short, long)]
+    workdir: Option<String>,
+    /// User (name or uid, optionally :group or :gid).
+    #[arg(short, long)]
+    user: Option<String>,
+    /// Container (id, id prefix or name).
+    container: String,
+    /// Command and arguments.
+    #[arg(required = true, trailing_var_arg = true, allow_hyphen_values = true)]
+    cmd: Vec<String>,
+}
+
+pub fn exec(root: &Path, a: ExecArgs) -> Result<i32> {
+    let eng = engine(root)?;
+    Ok(eng.exec(&a.container, &a.cmd, &a.env, a.workdir.as_deref(), a.user.as_deref())?)
+}

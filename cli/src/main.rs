@@ -54,6 +54,8 @@ enum Command {
     Kill(containers::KillArgs),
     /// Remove containers.
     Rm(containers::RmArgs),
+    /// Run a command in a running container.
+    Exec(containers::ExecArgs),
     /// Start stopped containers again, detached.
     Start(containers::ContainerArgs),
     /// The OCI runtime with runc's command line (create, start, state, kill, delete, run, exec, ps, list).
@@ -110,6 +112,7 @@ fn main() -> ExitCode {
         Command::Kill(a) => containers::kill(root, a),
         Command::Rm(a) => containers::rm(root, a),
         Command::Start(a) => containers::start(root, a),
+        Command::Exec(a) => containers::exec(root, a),
         Command::Runtime { .. } => unreachable!("handled above"),
     };
     match result {

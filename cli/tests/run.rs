@@ -287,6 +287,12 @@ fn detached_containers_ps_logs_stop_rm() {
     };
     let (_, ps, _) = tb(&["ps"]);
     assert!(ps.contains("sleeper") && ps.contains("Up"), "{ps}");
+    // exec joins the container: same hostname, sees its pid 1, gets the extra env.
+    let (code, out, err) =
+        tb(&["exec", "-e", "X=42", "sleeper", "sh", "-c", "echo $X $(hostname) $(cat /proc/1/comm)"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(out.trim(), format!("42 {} sleep", &id[..12]));
+    assert_eq!(tb(&["exec", "sleeper", "sh", "-c", "exit 5"]).0, 5);
     std::thread::sleep(std::time::Duration::from_millis(200));
     assert_eq!(tb(&["logs", "sleeper"]).1.trim(), "up");
     let (code, _, err) = tb(&["rm", "sleeper"]);
@@ -308,4 +314,29 @@ fn detached_containers_ps_logs_stop_rm() {
     no_leaks(img);
     let pg = Command::new("pgrep").args(["-f", &id]).output().unwrap();
     assert!(pg.stdout.is_empty(), "no process mentions the container");
+}
+
+#[test]
+fn a_hundred_containers_sixteen_at_a_time() {
+    let Some(img) = images() else { return };
+    let img = &img;
+    let next = std::sync::atomic::AtomicUsize::new(0);
+    let failures = std::sync::Mutex::new(Vec::new());
+    std::thread::scope(|s| {
+        for _ in 0..16 {
+            s.spawn(|| loop {
+                let i = next.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                if i >= 100 {
+                    break;
+                }
+                let (code, out, err) = run(img, &["--rm", "busybox", "sh", "-c", &format!("echo {i}")]);
+                if code != 0 || out.trim() != i.to_string() {
+                    failures.lock().unwrap().push(format!("#{i}: exit {code}, out {out:?}, err {err}"));
+                }
+            });
+        }
+    });
+    let f = failures.into_inner().unwrap();
+    assert!(f.is_empty(), "{} of 100 failed: {f:#?}", f.len());
+    no_leaks(img);
 }

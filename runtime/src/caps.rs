@@ -100,7 +100,7 @@ impl CapSets {
             } else {
                 // The kernel only raises an ambient capability that is permitted and inheritable;
                 // runc warns and goes on.
-                tracing::warn!(%cap, "ambient capability not permitted and inheritable, ignored");
+                tracing::debug!(%cap, "ambient capability not permitted and inheritable, ignored");
             }
         }
         ambient.sort_by_key(HostCap::index);

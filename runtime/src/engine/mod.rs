@@ -465,6 +465,49 @@ impl Engine {
         self.run_detached(r)
     }
 
+    /// Run another process in a running container (`twinbox exec`), with its stdio ours;
+    /// returns its exit code. `env` adds to the container's environment; `workdir` and `user`
+    /// replace the container's.
+    pub fn exec(
+        &self,
+        key: &str,
+        argv: &[String],
+        env: &[String],
+        workdir: Option<&str>,
+        user: Option<&str>,
+    ) -> Result<i32, EngineError> {
+        let r = self.find(key)?;
+        if !matches!(r.phase, Phase::Running { .. }) {
+            return Err(EngineError::NotRunning(r.name));
+        }
+        let state = self.runtime.state(&r.id)?;
+        let mut process = state.config.process().clone().unwrap_or_default();
+        process.set_args(Some(argv.to_vec()));
+        process.set_terminal(Some(false));
+        let mut vars = process.env().clone().unwrap_or_default();
+        for kv in env {
+            let key = kv.split('=').next().unwrap_or_default();
+            vars.retain(|e| e.split('=').next() != Some(key));
+            vars.push(kv.clone());
+        }
+        process.set_env(Some(vars));
+        if let Some(w) = workdir {
+            process.set_cwd(w.into());
+        }
+        if let Some(u) = user {
+            let image = self.store.resolve(&r.image_digest)?;
+            let layers = self.store.unpacked_layers(&image)?;
+            let (uid, gid, additional) = spec::resolve_user(u, &layers)?;
+            let mut user = process.user().clone();
+            user.set_uid(uid);
+            user.set_gid(gid);
+            user.set_additional_gids(Some(additional));
+            process.set_user(user);
+        }
+        let pid = self.runtime.exec(&r.id, &process, crate::container::ExecOptions::default())?;
+        Ok(wait_exit(pid))
+    }
+
     /// Path of a detached container's log.
     pub fn log_path(&self, key: &str) -> Result<PathBuf, EngineError> {
         Ok(self.container_dir(&self.find(key)?.id).join("log"))
