@@ -9,6 +9,7 @@
 pub mod archive;
 pub mod build;
 pub mod digest;
+pub mod pipeline;
 pub mod reference;
 pub mod rootfs;
 pub mod store;

@@ -25,7 +25,7 @@ pub fn flatten(store: &Store, image: &Image, target: &Path) -> Result<UnpackStat
         let digest = Digest::try_from(layer.digest())?;
         let wrap = |source| StoreError::Unpack { layer: digest.clone(), source };
         let compression = Compression::from_media_type(layer.media_type().as_ref()).map_err(wrap)?;
-        let mut stream = unpack::decompress(store.open_blob(&digest)?, compression).map_err(wrap)?;
+        let mut stream = crate::pipeline::decompress_in_background(store.open_blob(&digest)?, compression);
         let stats = unpack::unpack(&mut stream, target, &opts).map_err(wrap)?;
         // Drain the end-of-archive padding so the blob's digest check at EOF runs.
         io::copy(&mut stream, &mut io::sink()).map_err(|source| StoreError::Io {

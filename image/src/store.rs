@@ -721,7 +721,8 @@ impl Store {
             .map_err(io_err("create temp dir in", self.tmp_dir()))?;
         let compression = Compression::from_media_type(layer.media_type().as_ref()).map_err(wrap)?;
         let blob = self.open_blob(&layer_digest)?;
-        let mut stream = crate::digest::HashingReader::new(unpack::decompress(blob, compression).map_err(wrap)?);
+        let mut stream =
+            crate::digest::HashingReader::new(crate::pipeline::decompress_in_background(blob, compression));
         let opts = UnpackOptions::new(unpack::Mode::Overlay);
         unpack::unpack(&mut stream, tmp.path(), &opts).map_err(wrap)?;
         // Read what the tar reader left (end-of-archive padding) so the diff id covers it all.
