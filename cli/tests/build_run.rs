@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-use common::{require, require_root, Env};
+use common::{busybox_rootfs, require, require_root, Env};
 
 /// The leak checks look at machine-wide cgroups: one test at a time.
 static SERIAL: Mutex<()> = Mutex::new(());
@@ -30,17 +30,10 @@ fn base() -> Option<Env> {
     if !require_root() {
         return None;
     }
-    let busybox = Path::new("/bin/busybox");
-    if !require(busybox.exists(), "/bin/busybox (Debian busybox-static) is not installed") {
-        return None;
-    }
     let env = Env::new();
     let ctx = env.path("base");
-    let bin = ctx.join("rootfs/bin");
-    std::fs::create_dir_all(&bin).unwrap();
-    std::fs::copy(busybox, bin.join("busybox")).unwrap();
-    for a in ["sh", "echo", "mkdir", "rm", "cat", "ls", "touch", "chmod"] {
-        std::os::unix::fs::symlink("busybox", bin.join(a)).unwrap();
+    if !busybox_rootfs(&ctx, &["sh", "echo", "mkdir", "rm", "cat", "ls", "touch", "chmod"]) {
+        return None;
     }
     std::fs::write(ctx.join("Dockerfile"), "FROM scratch\nCOPY rootfs/ /\n").unwrap();
     build(&env, &["-t", "base", ctx.to_str().unwrap()]).ok();

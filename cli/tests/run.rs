@@ -6,7 +6,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{require, require_root, Env};
+use common::{busybox_rootfs, require_root, Env};
 
 /// A private store with a busybox image (each test its own, so leak checks see only its own
 /// containers).
@@ -36,54 +36,44 @@ fn container_cgroups() -> Vec<String> {
 }
 
 fn images() -> Option<Images> {
-    {
-        {
-            let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-            if !require_root() {
-                return None;
-            }
-            let busybox = Path::new("/bin/busybox");
-            if !require(busybox.exists(), "/bin/busybox (Debian busybox-static) is not installed") {
-                return None;
-            }
-            let env = Env::new();
-            // The busybox image, as scripts/default-images.sh makes it.
-            let ctx = env.path("busybox");
-            let bin = ctx.join("rootfs/bin");
-            std::fs::create_dir_all(&bin).unwrap();
-            std::fs::create_dir_all(ctx.join("rootfs/etc")).unwrap();
-            std::fs::copy(busybox, bin.join("busybox")).unwrap();
-            for a in [
-                "sh", "echo", "cat", "id", "hostname", "sleep", "mkdir", "touch", "ls", "head", "tail", "ip",
-                "unshare", "grep", "wc", "true", "pwd",
-            ] {
-                std::os::unix::fs::symlink("busybox", bin.join(a)).unwrap();
-            }
-            std::fs::write(
-                ctx.join("rootfs/etc/passwd"),
-                "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
-            )
-            .unwrap();
-            std::fs::write(ctx.join("rootfs/etc/group"), "root:x:0:\napp:x:1000:\n").unwrap();
-            std::fs::write(
-                ctx.join("Dockerfile"),
-                "FROM scratch\nCOPY rootfs/ /\nENV PATH=/bin GREETING=hello-from-image\nWORKDIR /work\nCMD [\"/bin/sh\"]\n",
-            )
-            .unwrap();
-            env.ok(&["build", "-q", "-t", "busybox:latest", ctx.to_str().unwrap()]);
-            std::fs::write(ctx.join("Dockerfile.user"), "FROM busybox:latest\nUSER app\n").unwrap();
-            env.ok(&[
-                "build",
-                "-q",
-                "-t",
-                "busybox:app",
-                "-f",
-                ctx.join("Dockerfile.user").to_str().unwrap(),
-                ctx.to_str().unwrap(),
-            ]);
-            Some(Images { env, cgroups_before: container_cgroups(), _serial: serial })
-        }
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !require_root() {
+        return None;
     }
+    let env = Env::new();
+    // The busybox image, as scripts/default-images.sh makes it.
+    let ctx = env.path("busybox");
+    let applets = [
+        "sh", "echo", "cat", "id", "hostname", "sleep", "mkdir", "touch", "ls", "head", "tail", "ip", "unshare",
+        "grep", "wc", "true", "pwd",
+    ];
+    if !busybox_rootfs(&ctx, &applets) {
+        return None;
+    }
+    std::fs::create_dir_all(ctx.join("rootfs/etc")).unwrap();
+    std::fs::write(
+        ctx.join("rootfs/etc/passwd"),
+        "root:x:0:0:root:/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n",
+    )
+    .unwrap();
+    std::fs::write(ctx.join("rootfs/etc/group"), "root:x:0:\napp:x:1000:\n").unwrap();
+    std::fs::write(
+        ctx.join("Dockerfile"),
+        "FROM scratch\nCOPY rootfs/ /\nENV PATH=/bin GREETING=hello-from-image\nWORKDIR /work\nCMD [\"/bin/sh\"]\n",
+    )
+    .unwrap();
+    env.ok(&["build", "-q", "-t", "busybox:latest", ctx.to_str().unwrap()]);
+    std::fs::write(ctx.join("Dockerfile.user"), "FROM busybox:latest\nUSER app\n").unwrap();
+    env.ok(&[
+        "build",
+        "-q",
+        "-t",
+        "busybox:app",
+        "-f",
+        ctx.join("Dockerfile.user").to_str().unwrap(),
+        ctx.to_str().unwrap(),
+    ]);
+    Some(Images { env, cgroups_before: container_cgroups(), _serial: serial })
 }
 
 /// What is on the machine that a container could leave behind.

@@ -53,6 +53,22 @@ fn bundle(dir: &Path, args: &[&str]) -> PathBuf {
     b
 }
 
+/// Run `cmd` in its own mount namespace with a tmpfs over /sys/fs/cgroup/unified, so crun
+/// sees a plain cgroup v1 host instead of the hybrid it refuses. Done in the forked child
+/// before exec, so it costs an unshare, not another program start.
+fn hide_unified_cgroup2(cmd: &mut Command) {
+    use nix::mount::{mount, MsFlags};
+    // SAFETY: only async-signal-safe system calls between fork and exec.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+            mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)?;
+            mount(Some("tmpfs"), "/sys/fs/cgroup/unified", Some("tmpfs"), MsFlags::empty(), None::<&str>)?;
+            Ok(())
+        });
+    }
+}
+
 /// Wall time and CPU time (user+sys of the whole process tree) of one run.
 fn measure(b: &Backend, id: &str) -> Option<(Duration, Duration)> {
     let mut argv: Vec<String> = b.argv.iter().map(|a| a.replace("{id}", id)).collect();
@@ -60,27 +76,7 @@ fn measure(b: &Backend, id: &str) -> Option<(Duration, Duration)> {
     let mut cmd = Command::new(prog);
     cmd.args(&argv).stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
     if b.hide_unified {
-        // SAFETY: only async-signal-safe system calls between fork and exec.
-        unsafe {
-            cmd.pre_exec(|| {
-                nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
-                nix::mount::mount(
-                    None::<&str>,
-                    "/",
-                    None::<&str>,
-                    nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
-                    None::<&str>,
-                )?;
-                nix::mount::mount(
-                    Some("tmpfs"),
-                    "/sys/fs/cgroup/unified",
-                    Some("tmpfs"),
-                    nix::mount::MsFlags::empty(),
-                    None::<&str>,
-                )?;
-                Ok(())
-            });
-        }
+        hide_unified_cgroup2(&mut cmd);
     }
     let before = children_cpu();
     let t = Instant::now();
@@ -155,27 +151,7 @@ fn idle_memory(name: &str, argv0: &[String], hide_unified: bool, dir: &Path, n: 
             .stdout(Stdio::null())
             .stderr(Stdio::null());
         if hide_unified {
-            // SAFETY: only async-signal-safe system calls between fork and exec.
-            unsafe {
-                cmd.pre_exec(|| {
-                    nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
-                    nix::mount::mount(
-                        None::<&str>,
-                        "/",
-                        None::<&str>,
-                        nix::mount::MsFlags::MS_REC | nix::mount::MsFlags::MS_PRIVATE,
-                        None::<&str>,
-                    )?;
-                    nix::mount::mount(
-                        Some("tmpfs"),
-                        "/sys/fs/cgroup/unified",
-                        Some("tmpfs"),
-                        nix::mount::MsFlags::empty(),
-                        None::<&str>,
-                    )?;
-                    Ok(())
-                });
-            }
+            hide_unified_cgroup2(&mut cmd);
         }
         cmd.status().is_ok_and(|s| s.success())
     };

@@ -112,3 +112,19 @@ pub fn hello_context(dest: &Path) -> bool {
     std::fs::copy(bin, dest.join("hello")).unwrap();
     true
 }
+
+/// Put Debian's static busybox and links for `applets` under `ctx/rootfs/bin`; false (skip) if
+/// busybox-static is not installed.
+pub fn busybox_rootfs(ctx: &Path, applets: &[&str]) -> bool {
+    let busybox = Path::new("/bin/busybox");
+    if !require(busybox.exists(), "/bin/busybox (Debian busybox-static) is not installed") {
+        return false;
+    }
+    let bin = ctx.join("rootfs/bin");
+    std::fs::create_dir_all(&bin).unwrap();
+    std::fs::copy(busybox, bin.join("busybox")).unwrap();
+    for a in applets {
+        std::os::unix::fs::symlink("busybox", bin.join(a)).unwrap();
+    }
+    true
+}

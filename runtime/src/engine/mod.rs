@@ -227,11 +227,9 @@ impl Engine {
     pub fn records(&self) -> Result<Vec<Record>, EngineError> {
         let mut out = Vec::new();
         for e in fs::read_dir(&self.dir).map_err(io_err("list", &self.dir))?.flatten() {
-            if let Ok(bytes) = fs::read(e.path().join("record.json")) {
-                if let Ok(mut r) = serde_json::from_slice::<Record>(&bytes) {
-                    r.phase = self.live_phase(&r);
-                    out.push(r);
-                }
+            if let Some(mut r) = self.stored(&e.file_name().to_string_lossy()) {
+                r.phase = self.live_phase(&r);
+                out.push(r);
             }
         }
         out.sort_by(|a, b| a.created.cmp(&b.created).then(a.id.cmp(&b.id)));
@@ -420,18 +418,23 @@ impl Engine {
             let _ = self.runtime.kill(&r.id, Signal::SIGKILL, true);
             wait_gone(pid, std::time::Duration::from_secs(10));
         }
-        // Give the monitor a moment to record the exit.
+        // Wait for the monitor to record the exit code (the live view already says exited).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
         while std::time::Instant::now() < deadline {
-            match self.find(&r.id) {
-                Ok(now) if matches!(now.phase, Phase::Running { .. }) => {
+            match self.stored(&r.id) {
+                Some(now) if matches!(now.phase, Phase::Running { .. }) => {
                     std::thread::sleep(std::time::Duration::from_millis(10))
                 }
-                Ok(now) => return Ok(now),
-                Err(_) => return Ok(r),
+                _ => break,
             }
         }
-        self.find(&r.id)
+        self.find(&r.id).or(Ok(r))
+    }
+
+    /// The record as last written, without checking the processes.
+    fn stored(&self, id: &str) -> Option<Record> {
+        let bytes = fs::read(self.container_dir(id).join("record.json")).ok()?;
+        serde_json::from_slice(&bytes).ok()
     }
 
     /// Remove a container; `force` kills it first if it runs.
