@@ -1,1 +1,124 @@
-//! KVM microVM launcher (filled by the microVM issue).
+//! twinbox's KVM microVM: a small VMM on the rust-vmm crates.
+//!
+//! ```text
+//! VmConfig (serde data) ─► VmBuilder / Vm::try_from ─► Vm { KvmVm, vCPUs, PIO bus, MMIO bus }
+//!                                                          └─ run(console) ─► VmExit
+//! ```
+//!
+//! Devices: COM1 8250 console (0x3f8, GSI 4), i8042 reset (0x60..=0x64: reset ends the VM),
+//! Firecracker-compatible boot timer (MMIO 0xc000_0000, magic byte 123), exit-status port
+//! (I/O 0x501). Only `vstate` talks to KVM and holds `unsafe`.
+
+pub mod config;
+pub mod devices;
+pub mod loader;
+pub mod stub;
+pub mod vstate;
+
+mod builder;
+
+pub use builder::{Vm, VmBuilder};
+pub use config::{ConfigError, VmConfig};
+
+use std::io::Write;
+use std::time::Duration;
+
+/// How a VM ended, when the guest ended it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ExitReason {
+    /// The guest reset the machine (i8042 0xFE, `reboot=k`): a clean end for a microVM.
+    Reset,
+    /// The guest powered off (KVM system event shutdown).
+    Shutdown,
+    /// The guest agent reported its workload's exit status on the exit port.
+    Exited(i32),
+    /// The boot vCPU halted with interrupts disabled: nothing can wake it again.
+    Halted {
+        /// Instruction pointer after the `hlt`.
+        rip: u64,
+    },
+}
+
+impl std::fmt::Display for ExitReason {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            ExitReason::Reset => write!(f, "guest reset (clean stop)"),
+            ExitReason::Shutdown => write!(f, "guest powered off"),
+            ExitReason::Exited(s) => write!(f, "guest reported exit status {s}"),
+            ExitReason::Halted { rip } => {
+                write!(f, "guest halted with interrupts disabled at rip {rip:#x}")
+            }
+        }
+    }
+}
+
+/// The result of a VM run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct VmExit {
+    /// How it ended.
+    pub reason: ExitReason,
+    /// VMM process start → the guest's first boot-timer signal, if it came.
+    pub boot_time: Option<Duration>,
+    /// How many boot-timer signals the guest sent.
+    pub boot_signals: u32,
+}
+
+impl VmExit {
+    /// The exit code a CLI should return: the guest's status, 0 for reset/power-off, 1 for a
+    /// dead halt.
+    pub fn exit_code(&self) -> i32 {
+        match self.reason {
+            ExitReason::Exited(s) => s,
+            ExitReason::Reset | ExitReason::Shutdown => 0,
+            ExitReason::Halted { .. } => 1,
+        }
+    }
+}
+
+/// Errors of building or running a VM.
+#[derive(Debug, thiserror::Error)]
+pub enum VmError {
+    /// The configuration is invalid.
+    #[error("invalid VM configuration")]
+    Config(#[from] ConfigError),
+    /// Guest memory could not be set up.
+    #[error("cannot set up guest memory")]
+    Memory(#[from] vstate::memory::MemoryError),
+    /// KVM refused to create the VM.
+    #[error("cannot create the VM")]
+    Kvm(#[from] vstate::vm::KvmVmError),
+    /// The kernel, initrd or command line could not be loaded.
+    #[error("cannot load the guest")]
+    Loader(#[from] loader::LoaderError),
+    /// A stub does not fit guest memory.
+    #[error("stub guest of {len} bytes does not fit guest memory")]
+    StubTooLarge {
+        /// Its size.
+        len: usize,
+    },
+    /// Devices could not be placed on the buses.
+    #[error("cannot place devices")]
+    Bus(#[from] devices::BusError),
+    /// The serial interrupt eventfd could not be created.
+    #[error("cannot create the serial interrupt eventfd")]
+    EventFd(#[source] std::io::Error),
+    /// A vCPU failed or the guest stopped abnormally.
+    #[error("the guest did not stop cleanly")]
+    Vcpu(#[from] vstate::vcpu::VcpuError),
+    /// The console could not be written.
+    #[error("cannot write the guest console")]
+    Console(#[source] std::io::Error),
+}
+
+/// Builds the VM described by `config` and runs it to the end, copying the guest console to
+/// `console`. The boot timer counts from an estimate of this process's start (±10 ms); use
+/// [`VmBuilder::start_time`] to pass an exact `Instant` taken first thing in `main`.
+pub fn run(config: VmConfig, console: &mut dyn Write) -> Result<VmExit, VmError> {
+    Vm::try_from(config)?.run(console)
+}
+
+/// Runs a raw flat 32-bit stub (see [`stub`]) in a VM of `mem_mib` MiB, console to stdout.
+pub fn run_stub(code: &[u8], mem_mib: u32) -> Result<VmExit, VmError> {
+    let config = VmConfig { memory_mib: mem_mib, ..VmConfig::default() };
+    VmBuilder::new(config).stub(code.to_vec()).build()?.run(&mut std::io::stdout().lock())
+}

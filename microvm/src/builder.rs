@@ -1,0 +1,179 @@
+//! From `VmConfig` to a running `Vm`.
+
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use vm_memory::{Bytes, GuestAddress};
+use vmm_sys_util::eventfd::EventFd;
+
+use crate::devices::legacy::i8042::{I8042Device, I8042_PORT_LEN};
+use crate::devices::legacy::serial::{SerialDevice, SharedBuffer, SERIAL_PORT_LEN};
+use crate::devices::legacy::{EventFdTrigger, COM1_GSI, COM1_PORT, I8042_PORT};
+use crate::devices::pseudo::boot_timer::{BootTimer, BOOT_TIMER_ADDR, BOOT_TIMER_LEN};
+use crate::devices::pseudo::exit_port::{ExitPort, EXIT_PORT, EXIT_PORT_LEN};
+use crate::devices::pseudo::process_start_estimate;
+use crate::devices::Bus;
+use crate::stub::{STUB_LOAD_ADDR, STUB_STACK};
+use crate::vstate::memory::create_guest_memory;
+use crate::vstate::vcpu::{Vcpu, VcpuStop};
+use crate::vstate::vm::KvmVm;
+use crate::{ExitReason, VmConfig, VmError, VmExit};
+
+/// Builds a [`Vm`] from a [`VmConfig`], with the options that are not configuration data.
+#[derive(Debug)]
+pub struct VmBuilder {
+    config: VmConfig,
+    start: Option<Instant>,
+    stub: Option<Vec<u8>>,
+    irqchip: bool,
+}
+
+impl VmBuilder {
+    /// A builder for `config`.
+    pub fn new(config: VmConfig) -> Self {
+        VmBuilder { config, start: None, stub: None, irqchip: true }
+    }
+
+    /// The instant the boot timer counts from (the VMM process start).
+    pub fn start_time(mut self, start: Instant) -> Self {
+        self.start = Some(start);
+        self
+    }
+
+    /// Boots raw flat 32-bit code at [`STUB_LOAD_ADDR`] instead of `config.kernel`.
+    pub fn stub(mut self, code: Vec<u8>) -> Self {
+        self.stub = Some(code);
+        self
+    }
+
+    /// With `false`, no in-kernel irqchip and PIT: no interrupts, any `hlt` is final. Only for
+    /// stub guests (a Linux kernel needs both); it makes VM set-up and teardown cheaper.
+    pub fn in_kernel_irqchip(mut self, irqchip: bool) -> Self {
+        self.irqchip = irqchip;
+        self
+    }
+
+    /// Creates the VM: memory, KVM VM and vCPUs, devices, the guest loaded. A failure drops
+    /// whatever was built so far, which closes its fds and unmaps its memory.
+    pub fn build(self) -> Result<Vm, VmError> {
+        let config = self.config;
+        config.validate()?;
+        let start = self.start.unwrap_or_else(process_start_estimate);
+        let memory = create_guest_memory(u64::from(config.memory_mib))?;
+        let kvm_vm = KvmVm::new(memory, self.irqchip)?;
+        kvm_vm.check_vcpu_count(usize::from(config.vcpus))?;
+
+        let console = SharedBuffer::new();
+        let serial_evt = if self.irqchip {
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(VmError::EventFd)?;
+            kvm_vm.register_irqfd(&evt, COM1_GSI)?;
+            Some(evt)
+        } else {
+            None
+        };
+        let serial = SerialDevice::new(EventFdTrigger(serial_evt), console.clone());
+        let boot_timer = Arc::new(Mutex::new(BootTimer::new(start)));
+        let mut pio = Bus::new();
+        pio.insert(Arc::new(Mutex::new(serial)), COM1_PORT, SERIAL_PORT_LEN)?;
+        pio.insert(Arc::new(Mutex::new(I8042Device::new())), I8042_PORT, I8042_PORT_LEN)?;
+        pio.insert(Arc::new(Mutex::new(ExitPort)), EXIT_PORT, EXIT_PORT_LEN)?;
+        let mut mmio = Bus::new();
+        mmio.insert(boot_timer.clone(), BOOT_TIMER_ADDR, BOOT_TIMER_LEN)?;
+
+        let supported = kvm_vm.supported_cpuid()?;
+        let vcpus = (0..config.vcpus)
+            .map(|id| Vcpu::new(&kvm_vm, &supported, id, config.vcpus))
+            .collect::<Result<Vec<_>, _>>()?;
+
+        match &self.stub {
+            Some(code) => {
+                kvm_vm
+                    .memory()
+                    .write_slice(code, GuestAddress(STUB_LOAD_ADDR))
+                    .map_err(|_| VmError::StubTooLarge { len: code.len() })?;
+                vcpus[0].setup_flat_protected(STUB_LOAD_ADDR, STUB_STACK, 0)?;
+            }
+            None => {
+                let boot = crate::loader::load_linux(
+                    kvm_vm.memory(),
+                    &config.kernel,
+                    config.initrd.as_deref(),
+                    &config.cmdline,
+                )?;
+                vcpus[0].setup_long_mode(kvm_vm.memory(), boot.entry, boot.boot_params)?;
+            }
+        }
+
+        Ok(Vm { vcpus, pio, mmio, console, boot_timer, timeout: config.timeout(), kvm_vm })
+    }
+}
+
+/// A built microVM. Dropping it closes the vCPU and VM fds and unmaps guest memory.
+pub struct Vm {
+    // Field order is drop order: vCPUs before the VM, the VM before its memory (inside).
+    vcpus: Vec<Vcpu>,
+    pio: Bus,
+    mmio: Bus,
+    console: SharedBuffer,
+    boot_timer: Arc<Mutex<BootTimer>>,
+    timeout: Option<Duration>,
+    kvm_vm: KvmVm,
+}
+
+impl std::fmt::Debug for Vm {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Vm")
+            .field("vcpus", &self.vcpus.len())
+            .field("pio", &self.pio)
+            .field("mmio", &self.mmio)
+            .finish_non_exhaustive()
+    }
+}
+
+impl TryFrom<VmConfig> for Vm {
+    type Error = VmError;
+
+    fn try_from(config: VmConfig) -> Result<Self, Self::Error> {
+        VmBuilder::new(config).build()
+    }
+}
+
+impl Vm {
+    /// Runs the guest on the calling thread until it stops, copying its console to `console`.
+    ///
+    /// The boot vCPU runs here; application processors stay in wait-for-SIPI (SMP start-up
+    /// threads come with the Linux boot).
+    pub fn run(&mut self, console: &mut dyn Write) -> Result<VmExit, VmError> {
+        let buffer = self.console.clone();
+        let mut console_err = None;
+        let mut forward = || {
+            if console_err.is_none() {
+                if let Err(e) = buffer.drain_to(console) {
+                    console_err = Some(e);
+                }
+            }
+        };
+        let result = self.vcpus[0].run(&self.pio, &self.mmio, self.timeout, &mut forward);
+        forward();
+        if let Some(e) = console_err {
+            return Err(VmError::Console(e));
+        }
+        let stop = result?;
+        let timer = self.boot_timer.lock().unwrap_or_else(|e| e.into_inner());
+        let reason = match stop {
+            VcpuStop::Reset => ExitReason::Reset,
+            VcpuStop::Shutdown => ExitReason::Shutdown,
+            VcpuStop::Exited(s) => ExitReason::Exited(s),
+            VcpuStop::Halted { rip } => ExitReason::Halted { rip },
+        };
+        tracing::debug!(%reason, "VM stopped");
+        Ok(VmExit { reason, boot_time: timer.boot_time(), boot_signals: timer.signals() })
+    }
+
+    /// The guest memory size in bytes.
+    pub fn memory_bytes(&self) -> u64 {
+        use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
+        self.kvm_vm.memory().iter().map(|r| r.len()).sum()
+    }
+}

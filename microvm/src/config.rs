@@ -1,0 +1,140 @@
+//! `VmConfig`: what a microVM is made of, as plain data (serde) a CLI or a file fills in.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// x86's COMMAND_LINE_SIZE, including the terminating NUL.
+pub const MAX_CMDLINE_LEN: usize = 2048;
+/// More than this many vCPUs would need x2APIC ids the MP set-up does not write.
+pub const MAX_VCPUS: u8 = 254;
+/// Default kernel command line: serial console, `reboot=k` so a guest reboot reaches the
+/// i8042 (which ends the VM), no PCI, panic reboots at once.
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux";
+
+/// A microVM's configuration.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct VmConfig {
+    /// Guest RAM in MiB.
+    pub memory_mib: u32,
+    /// Number of vCPUs.
+    pub vcpus: u8,
+    /// The guest kernel: an uncompressed ELF vmlinux or a bzImage.
+    pub kernel: PathBuf,
+    /// An initramfs, loaded below 3 GiB at the top of RAM.
+    pub initrd: Option<PathBuf>,
+    /// The kernel command line.
+    pub cmdline: String,
+    /// Block devices for virtio-mmio (not implemented yet: refused by validation).
+    pub disks: Vec<PathBuf>,
+    /// Stop the VM with an error when it runs longer than this many milliseconds.
+    pub timeout_ms: Option<u64>,
+}
+
+impl Default for VmConfig {
+    fn default() -> Self {
+        VmConfig {
+            memory_mib: 128,
+            vcpus: 1,
+            kernel: PathBuf::new(),
+            initrd: None,
+            cmdline: DEFAULT_CMDLINE.to_string(),
+            disks: Vec::new(),
+            timeout_ms: None,
+        }
+    }
+}
+
+/// A configuration that cannot describe a VM.
+#[derive(Debug, thiserror::Error, PartialEq, Eq)]
+pub enum ConfigError {
+    /// memory_mib is 0.
+    #[error("memory must be at least 1 MiB")]
+    NoMemory,
+    /// vcpus out of range.
+    #[error("{0} vCPUs asked: a microVM has 1 to {MAX_VCPUS}")]
+    Vcpus(u8),
+    /// The command line is too long for x86's boot protocol.
+    #[error("kernel command line is {0} bytes, the limit is {max}", max = MAX_CMDLINE_LEN - 1)]
+    CmdlineTooLong(usize),
+    /// The command line holds a NUL or a non-printable byte.
+    #[error("kernel command line holds a control character")]
+    CmdlineControlChar,
+    /// timeout_ms is 0.
+    #[error("a timeout of 0 ms would stop the VM before it starts")]
+    ZeroTimeout,
+    /// virtio-blk is not built yet.
+    #[error("disks are not supported yet (virtio-blk is still to come)")]
+    DisksNotSupported,
+}
+
+impl VmConfig {
+    /// Checks what can be checked without touching the host.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        if self.memory_mib == 0 {
+            return Err(ConfigError::NoMemory);
+        }
+        if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
+            return Err(ConfigError::Vcpus(self.vcpus));
+        }
+        if self.cmdline.len() >= MAX_CMDLINE_LEN {
+            return Err(ConfigError::CmdlineTooLong(self.cmdline.len()));
+        }
+        if self.cmdline.chars().any(|c| c.is_control()) {
+            return Err(ConfigError::CmdlineControlChar);
+        }
+        if self.timeout_ms == Some(0) {
+            return Err(ConfigError::ZeroTimeout);
+        }
+        if !self.disks.is_empty() {
+            return Err(ConfigError::DisksNotSupported);
+        }
+        Ok(())
+    }
+
+    /// The timeout as a `Duration`.
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout_ms.map(Duration::from_millis)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_is_valid() {
+        VmConfig::default().validate().unwrap();
+    }
+
+    #[test]
+    fn bad_values_are_refused_with_a_reason() {
+        let base = VmConfig::default();
+        let cases = [
+            (VmConfig { memory_mib: 0, ..base.clone() }, ConfigError::NoMemory),
+            (VmConfig { vcpus: 0, ..base.clone() }, ConfigError::Vcpus(0)),
+            (VmConfig { vcpus: 255, ..base.clone() }, ConfigError::Vcpus(255)),
+            (VmConfig { cmdline: "x".repeat(2048), ..base.clone() }, ConfigError::CmdlineTooLong(2048)),
+            (VmConfig { cmdline: "a\0b".into(), ..base.clone() }, ConfigError::CmdlineControlChar),
+            (VmConfig { timeout_ms: Some(0), ..base.clone() }, ConfigError::ZeroTimeout),
+            (VmConfig { disks: vec!["d.img".into()], ..base.clone() }, ConfigError::DisksNotSupported),
+        ];
+        for (config, want) in cases {
+            assert_eq!(config.validate(), Err(want));
+        }
+    }
+
+    #[test]
+    fn serde_round_trip_and_defaults() {
+        let c: VmConfig = serde_json::from_str(r#"{"kernel":"/k","memory_mib":256,"timeout_ms":5000}"#).unwrap();
+        assert_eq!(c.memory_mib, 256);
+        assert_eq!(c.vcpus, 1);
+        assert_eq!(c.cmdline, DEFAULT_CMDLINE);
+        assert_eq!(c.timeout(), Some(Duration::from_secs(5)));
+        let back: VmConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
+        assert_eq!(back, c);
+        assert!(serde_json::from_str::<VmConfig>(r#"{"memroy_mib":1}"#).is_err());
+    }
+}

@@ -1,0 +1,164 @@
+//! Tiny hand-assembled guests under real KVM (PVM here): exit handling and devices.
+//!
+//! Needs /dev/kvm. Without it each test prints "SKIPPED: …" and passes, except under CI=true,
+//! where a missing /dev/kvm fails the test.
+
+use std::time::{Duration, Instant};
+
+use twinbox_microvm::stub::StubAsm;
+use twinbox_microvm::vstate::vcpu::VcpuError;
+use twinbox_microvm::{ExitReason, VmBuilder, VmConfig, VmError, VmExit};
+
+fn kvm_available(test: &str) -> bool {
+    match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
+        Ok(_) => true,
+        Err(e) => {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("{test}: /dev/kvm is required under CI=true: {e}");
+            }
+            eprintln!("SKIPPED: {test}: /dev/kvm not usable: {e}");
+            false
+        }
+    }
+}
+
+fn run(code: Vec<u8>, timeout_ms: Option<u64>) -> (Result<VmExit, VmError>, String) {
+    let config = VmConfig { memory_mib: 16, timeout_ms, ..VmConfig::default() };
+    let mut console = Vec::new();
+    let result =
+        VmBuilder::new(config).start_time(Instant::now()).stub(code).build().and_then(|mut vm| vm.run(&mut console));
+    (result, String::from_utf8_lossy(&console).into_owned())
+}
+
+#[test]
+fn hello_boot_timer_and_reset() {
+    if !kvm_available("hello_boot_timer_and_reset") {
+        return;
+    }
+    let code = StubAsm::new().serial_print(b"Hello").boot_timer().i8042_reset().spin().finish();
+    let (result, console) = run(code, Some(10_000));
+    let exit = result.expect("the stub resets cleanly");
+    assert_eq!(console, "Hello");
+    assert_eq!(exit.reason, ExitReason::Reset);
+    assert_eq!(exit.exit_code(), 0);
+    assert_eq!(exit.boot_signals, 1);
+    let boot = exit.boot_time.expect("boot timer recorded");
+    assert!(boot > Duration::ZERO && boot < Duration::from_secs(5), "{boot:?}");
+}
+
+#[test]
+fn exit_port_status_is_returned() {
+    if !kvm_available("exit_port_status_is_returned") {
+        return;
+    }
+    let (result, _) = run(StubAsm::new().exit_status(3).spin().finish(), Some(10_000));
+    let exit = result.unwrap();
+    assert_eq!(exit.reason, ExitReason::Exited(3));
+    assert_eq!(exit.exit_code(), 3);
+    assert_eq!(exit.boot_time, None);
+}
+
+#[test]
+fn halt_with_interrupts_off_is_reported() {
+    if !kvm_available("halt_with_interrupts_off_is_reported") {
+        return;
+    }
+    let t = Instant::now();
+    let (result, console) = run(StubAsm::new().serial_print(b"bye").cli_hlt().finish(), Some(10_000));
+    let exit = result.unwrap();
+    assert!(matches!(exit.reason, ExitReason::Halted { .. }), "{exit:?}");
+    assert!(exit.reason.to_string().contains("halted"));
+    assert_eq!(console, "bye");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
+
+#[test]
+fn a_hang_ends_at_the_timeout() {
+    if !kvm_available("a_hang_ends_at_the_timeout") {
+        return;
+    }
+    let t = Instant::now();
+    let (result, _) = run(StubAsm::new().spin().finish(), Some(300));
+    let err = result.unwrap_err();
+    assert!(matches!(err, VmError::Vcpu(VcpuError::Timeout(d)) if d == Duration::from_millis(300)), "{err:?}");
+    let elapsed = t.elapsed();
+    assert!(elapsed >= Duration::from_millis(300), "{elapsed:?}");
+    assert!(elapsed < Duration::from_secs(3), "{elapsed:?}");
+    let chain = error_chain(&err);
+    assert!(chain.contains("timeout"), "{chain}");
+}
+
+#[test]
+fn triple_fault_is_an_error() {
+    if !kvm_available("triple_fault_is_an_error") {
+        return;
+    }
+    let (result, _) = run(StubAsm::new().triple_fault().finish(), Some(10_000));
+    let err = result.unwrap_err();
+    assert!(matches!(err, VmError::Vcpu(VcpuError::TripleFault { .. })), "{err:?}");
+    assert!(error_chain(&err).contains("triple fault"));
+}
+
+#[test]
+fn idle_guest_with_interrupts_on_keeps_running_until_timeout() {
+    if !kvm_available("idle_guest_with_interrupts_on_keeps_running_until_timeout") {
+        return;
+    }
+    let (result, _) = run(StubAsm::new().idle().finish(), Some(200));
+    let err = result.unwrap_err();
+    assert!(matches!(err, VmError::Vcpu(VcpuError::Timeout(_))), "{err:?}");
+}
+
+#[test]
+fn run_stub_entry_point() {
+    if !kvm_available("run_stub_entry_point") {
+        return;
+    }
+    let exit = twinbox_microvm::run_stub(&twinbox_microvm::stub::floor_stub(), 128).unwrap();
+    assert_eq!(exit.reason, ExitReason::Reset);
+    assert_eq!(exit.boot_signals, 1);
+}
+
+#[test]
+fn missing_kernel_is_a_clear_error() {
+    if !kvm_available("missing_kernel_is_a_clear_error") {
+        return;
+    }
+    let config = VmConfig { kernel: "/nonexistent/vmlinux".into(), ..VmConfig::default() };
+    let err = twinbox_microvm::run(config, &mut std::io::sink()).unwrap_err();
+    assert!(error_chain(&err).contains("kernel /nonexistent/vmlinux does not exist"));
+}
+
+fn error_chain(err: &dyn std::error::Error) -> String {
+    let mut s = err.to_string();
+    let mut cur = err.source();
+    while let Some(e) = cur {
+        s.push_str(": ");
+        s.push_str(&e.to_string());
+        cur = e.source();
+    }
+    s
+}
+
+fn run_without_irqchip(code: Vec<u8>) -> (Result<VmExit, VmError>, String) {
+    let config = VmConfig { memory_mib: 16, timeout_ms: Some(10_000), ..VmConfig::default() };
+    let mut console = Vec::new();
+    let result =
+        VmBuilder::new(config).in_kernel_irqchip(false).stub(code).build().and_then(|mut vm| vm.run(&mut console));
+    (result, String::from_utf8_lossy(&console).into_owned())
+}
+
+#[test]
+fn without_irqchip_hello_reset_and_hlt() {
+    if !kvm_available("without_irqchip_hello_reset_and_hlt") {
+        return;
+    }
+    let code = StubAsm::new().serial_print(b"Hello").boot_timer().i8042_reset().finish();
+    let (result, console) = run_without_irqchip(code);
+    let exit = result.unwrap();
+    assert_eq!((exit.reason, exit.boot_signals), (ExitReason::Reset, 1));
+    assert_eq!(console, "Hello");
+    // Without an interrupt controller even `sti; hlt` can never wake up.
+    let (result, _) = run_without_irqchip(StubAsm::new().idle().finish());
+    assert!(matches!(result.unwrap().reason, ExitReason::Halted { .. }));
+}
