@@ -2,6 +2,7 @@
 
 mod containers;
 mod images;
+mod vm;
 
 use std::process::ExitCode;
 
@@ -58,6 +59,8 @@ enum Command {
     Exec(containers::ExecArgs),
     /// Start stopped containers again, detached.
     Start(containers::ContainerArgs),
+    /// Boot a kernel in a KVM microVM.
+    Vm(vm::VmArgs),
     /// The OCI runtime with runc's command line (create, start, state, kill, delete, run, exec, ps, list).
     #[command(disable_help_flag = true)]
     Runtime {
@@ -113,6 +116,7 @@ fn main() -> ExitCode {
         Command::Rm(a) => containers::rm(root, a),
         Command::Start(a) => containers::start(root, a),
         Command::Exec(a) => containers::exec(root, a),
+        Command::Vm(a) => vm::vm(a),
         Command::Runtime { .. } => unreachable!("handled above"),
     };
     match result {
@@ -171,6 +175,13 @@ fn exit_code(e: &anyhow::Error) -> u8 {
                 | E::SeccompProfile(..) => return 1,
                 _ => return 125,
             }
+        }
+        if let Some(e) = cause.downcast_ref::<twinbox_microvm::VmError>() {
+            use twinbox_microvm::VmError as V;
+            return match e {
+                V::Config(_) | V::Loader(_) | V::Memory(_) => 1,
+                _ => 125,
+            };
         }
         if let Some(a) = cause.downcast_ref::<ArchiveError>() {
             match a {

@@ -1,0 +1,52 @@
+//! `twinbox vm`: boot a kernel in a microVM directly (the lower-level entry point).
+
+use std::path::PathBuf;
+
+use anyhow::Result;
+use clap::Args;
+use twinbox_microvm::VmConfig;
+
+#[derive(Args, Debug)]
+pub struct VmArgs {
+    /// Guest kernel: an uncompressed ELF vmlinux or a bzImage.
+    #[arg(long)]
+    kernel: PathBuf,
+    /// Initramfs.
+    #[arg(long)]
+    initrd: Option<PathBuf>,
+    /// Root disk image (virtio-blk; not available yet).
+    #[arg(long)]
+    disk: Vec<PathBuf>,
+    /// Kernel command line (default: a quiet serial console, reboot=k, panic=1).
+    #[arg(long)]
+    cmdline: Option<String>,
+    /// Guest memory (bytes, or with k, m, g).
+    #[arg(short, long, value_parser = crate::containers::parse_memory, default_value = "128m")]
+    memory: i64,
+    /// Number of vCPUs.
+    #[arg(long, default_value_t = 1)]
+    cpus: u8,
+    /// Stop the VM after this many seconds.
+    #[arg(long)]
+    timeout: Option<f64>,
+}
+
+pub fn vm(a: VmArgs) -> Result<i32> {
+    let mut config = VmConfig {
+        memory_mib: u32::try_from(a.memory >> 20).unwrap_or(u32::MAX),
+        vcpus: a.cpus,
+        kernel: a.kernel,
+        initrd: a.initrd,
+        disks: a.disk,
+        timeout_ms: a.timeout.map(|s| (s * 1000.0) as u64),
+        ..VmConfig::default()
+    };
+    if let Some(c) = a.cmdline {
+        config.cmdline = c;
+    }
+    let exit = twinbox_microvm::run(config, &mut std::io::stdout().lock())?;
+    if let Some(t) = exit.boot_time {
+        tracing::info!(boot_time_us = t.as_micros() as u64, "guest boot timer");
+    }
+    Ok(exit.exit_code())
+}
