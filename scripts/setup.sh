@@ -10,6 +10,8 @@ APT_PACKAGES=(
   busybox-static e2fsprogs            # default busybox image, VM root disks (mkfs.ext4 -d)
   skopeo umoci                        # interop peers for the image store
   runc crun                           # container peers measured by the harness
+  fonts-dejavu-core                   # the font the report charts are drawn with
+  docker-registry                     # a local registry for `twinbox push`/`pull`
 )
 
 need_root() {
@@ -45,6 +47,7 @@ cargo build --release -q -p twinbox
 scripts/default-images.sh target/release/twinbox
 
 if [ "${1:-}" = "--run" ]; then
-  # The main job. Until the harness lands (issue 5) it shows the default images.
-  target/release/twinbox images
+  # The main job: measure every isolation model available here on the default image, with
+  # the peers; the report lands in reports/<date>-<rev>/.
+  target/release/twinbox bench
 fi

@@ -1,1 +1,197 @@
-//! Benchmark harness (filled by the harness issue).
+//! The harness behind `twinbox bench`: one image run by every isolation model the host offers
+//! (a bare process, twinbox containers, runc, crun; microVMs once they boot), measured side by
+//! side, written up as `results.json`, `report.md`, `report.html` and charts.
+//!
+//! ```text
+//! Options ─► run() ─► backend::Backend (prepare → launch → ready → measure → teardown)
+//!                       × scenario::{start, memory, density, cpu}, interleaved round by round
+//!         ─► results::Results { context, backends (with reasons), records (raw samples) }
+//!         ─► report::write() (md, html, PNG + SVG charts)     compare::compare(base, new)
+//! ```
+
+pub mod backend;
+pub mod compare;
+pub mod host;
+pub mod report;
+pub mod results;
+pub mod scenario;
+pub mod signal;
+pub mod stats;
+
+use std::path::{Path, PathBuf};
+
+use backend::{Backend, PreparedImage};
+use results::{BackendStatus, Results, Settings};
+pub use scenario::Scenario;
+
+/// The image every backend runs unless told otherwise.
+pub const DEFAULT_IMAGE: &str = "hello:latest";
+
+/// What to run; `None` means the default (or the `--quick` one).
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub store_root: PathBuf,
+    pub image: String,
+    /// The `twinbox` binary measured by the twinbox-container backend.
+    pub twinbox: PathBuf,
+    pub scenarios: Vec<Scenario>,
+    pub backends: Vec<String>,
+    pub quick: bool,
+    pub runs: Option<usize>,
+    pub instances: Option<usize>,
+    pub max: Option<usize>,
+}
+
+impl Options {
+    pub fn new(store_root: &Path, twinbox: &Path) -> Options {
+        Options {
+            store_root: store_root.to_owned(),
+            image: DEFAULT_IMAGE.into(),
+            twinbox: twinbox.to_owned(),
+            scenarios: Scenario::ALL.to_vec(),
+            backends: backend::ALL.iter().map(|s| s.to_string()).collect(),
+            quick: false,
+            runs: None,
+            instances: None,
+            max: None,
+        }
+    }
+
+    /// The numbers a run uses.
+    pub fn settings(&self) -> Settings {
+        let q = self.quick;
+        Settings {
+            image: self.image.clone(),
+            scenarios: self.scenarios.iter().map(|s| s.as_str().to_owned()).collect(),
+            backends: self.backends.clone(),
+            quick: q,
+            start_runs: self.runs.unwrap_or(if q { 10 } else { 30 }).max(1),
+            cpu_runs: self.runs.map(|r| r.clamp(1, 10)).unwrap_or(if q { 3 } else { 10 }),
+            warmup: if q { 2 } else { 5 },
+            instances: self.instances.unwrap_or(if q { 10 } else { 20 }).max(1),
+            max: self.max.unwrap_or(if q { 10 } else { 50 }).max(1),
+            cpu_target_ms: if q { 150 } else { 500 },
+        }
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BenchError {
+    #[error("image {image} is not in the store at {root}; build the default images with scripts/default-images.sh (TWINBOX_ROOT={root})")]
+    NoImage { image: String, root: PathBuf },
+    #[error("cannot open the image store")]
+    Store(#[source] twinbox_image::StoreError),
+    #[error("unknown backend {0:?}; backends: {list}", list = backend::ALL.join(", "))]
+    UnknownBackend(String),
+    #[error("cannot flatten {image} for the bundles")]
+    Flatten {
+        image: String,
+        #[source]
+        source: twinbox_image::StoreError,
+    },
+    #[error("image {0} has no entrypoint to run")]
+    NoEntrypoint(String),
+    #[error("cannot make a scratch directory")]
+    Scratch(#[source] std::io::Error),
+}
+
+/// Measure. Backends that cannot run are listed with their reason; scenarios stop early
+/// (results marked `interrupted`) after [`signal::interrupt`], with every instance torn down.
+pub fn run(opts: &Options) -> Result<Results, BenchError> {
+    let store = twinbox_image::Store::open(&opts.store_root).map_err(BenchError::Store)?;
+    let image = match store.resolve(&opts.image) {
+        Ok(i) => i,
+        Err(twinbox_image::StoreError::NoSuchImage(_)) => {
+            return Err(BenchError::NoImage { image: opts.image.clone(), root: opts.store_root.clone() })
+        }
+        Err(e) => return Err(BenchError::Store(e)),
+    };
+    let mut all: Vec<Box<dyn Backend>> = Vec::new();
+    for name in &opts.backends {
+        all.push(backend::by_name(name, &opts.twinbox).ok_or_else(|| BenchError::UnknownBackend(name.clone()))?);
+    }
+    let settings = opts.settings();
+    let context = host::Context::detect(opts.twinbox.parent());
+    tracing::info!(rev = %context.rev, host = %context.host, virt = %context.virtualization.kind, "bench starting");
+
+    let scratch = tempfile::Builder::new().prefix("twinbox-bench-").tempdir().map_err(BenchError::Scratch)?;
+    let rootfs = scratch.path().join("rootfs");
+    twinbox_image::rootfs::flatten(&store, &image, &rootfs)
+        .map_err(|source| BenchError::Flatten { image: opts.image.clone(), source })?;
+    let cfg = image.config.config().clone().unwrap_or_default();
+    let entrypoint = cfg
+        .entrypoint()
+        .clone()
+        .filter(|e| !e.is_empty())
+        .ok_or_else(|| BenchError::NoEntrypoint(opts.image.clone()))?;
+    let prepared = PreparedImage {
+        reference: opts.image.clone(),
+        store_root: opts.store_root.clone(),
+        rootfs,
+        entrypoint,
+        work: scratch.path().to_owned(),
+    };
+
+    let mut statuses = Vec::new();
+    let mut ready: Vec<Box<dyn Backend>> = Vec::new();
+    let mut notes = Vec::new();
+    for mut b in all {
+        let mut status = BackendStatus {
+            name: b.name().to_owned(),
+            isolation: b.isolation().as_str().to_owned(),
+            available: false,
+            reason: None,
+            version: None,
+            note: b.note(),
+        };
+        match b.available() {
+            Err(u) => status.reason = Some(u.reason),
+            Ok(()) => match b.prepare(&prepared) {
+                Ok(()) => {
+                    status.available = true;
+                    status.version = b.version();
+                    ready.push(b);
+                }
+                Err(e) => status.reason = Some(format!("prepare failed: {}", scenario::error_chain(&e))),
+            },
+        }
+        statuses.push(status);
+    }
+
+    let tag = format!("tbb{}", std::process::id());
+    let mut run = scenario::Run {
+        backends: &ready,
+        settings: &settings,
+        context: &context,
+        image: &prepared,
+        records: Vec::new(),
+        notes: Vec::new(),
+        tag,
+    };
+    if !ready.is_empty() {
+        for s in &opts.scenarios {
+            if signal::interrupted() {
+                break;
+            }
+            tracing::info!(scenario = s.as_str(), "scenario");
+            match s {
+                Scenario::Start => scenario::start::run(&mut run),
+                Scenario::Memory => scenario::memory::run(&mut run),
+                Scenario::Density => scenario::density::run(&mut run),
+                Scenario::Cpu => scenario::cpu::run(&mut run),
+            }
+        }
+    }
+    let records = std::mem::take(&mut run.records);
+    notes.append(&mut run.notes);
+    drop(run);
+    Ok(Results {
+        schema: results::SCHEMA.into(),
+        context,
+        settings,
+        interrupted: signal::interrupted(),
+        backends: statuses,
+        records,
+        notes,
+    })
+}

@@ -1,7 +1,9 @@
 //! `twinbox`: a thin adapter over the libraries — parse arguments, call, print errors.
 
+mod bench;
 mod containers;
 mod images;
+mod registry;
 mod vm;
 
 use std::process::ExitCode;
@@ -43,6 +45,14 @@ enum Command {
     Prune(images::PruneArgs),
     /// Write an image's root filesystem (all layers applied) into a directory.
     Unpack(images::UnpackArgs),
+    /// Download an image from a registry.
+    Pull(registry::PullArgs),
+    /// Upload an image to a registry.
+    Push(registry::PushArgs),
+    /// Check and store credentials for a registry (Docker's config.json).
+    Login(registry::LoginArgs),
+    /// Remove stored credentials for a registry.
+    Logout(registry::LogoutArgs),
     /// Run a command in a new container of an image.
     Run(Box<containers::RunArgs>),
     /// List containers.
@@ -61,6 +71,8 @@ enum Command {
     Start(containers::ContainerArgs),
     /// Boot a kernel in a KVM microVM.
     Vm(vm::VmArgs),
+    /// Measure the image as a container and as a microVM beside runc, crun, QEMU and Firecracker; write a report.
+    Bench(Box<bench::BenchArgs>),
     /// The OCI runtime with runc's command line (create, start, state, kill, delete, run, exec, ps, list).
     #[command(disable_help_flag = true)]
     Runtime {
@@ -108,6 +120,10 @@ fn main() -> ExitCode {
         Command::Load(a) => ok(images::load(root, a)),
         Command::Prune(a) => ok(images::prune(root, a)),
         Command::Unpack(a) => ok(images::unpack(root, a)),
+        Command::Pull(a) => ok(registry::pull(root, a)),
+        Command::Push(a) => ok(registry::push(root, a)),
+        Command::Login(a) => ok(registry::login(a)),
+        Command::Logout(a) => ok(registry::logout(a)),
         Command::Run(a) => containers::run(root, *a),
         Command::Ps(a) => containers::ps(root, a),
         Command::Logs(a) => containers::logs(root, a),
@@ -117,6 +133,7 @@ fn main() -> ExitCode {
         Command::Start(a) => containers::start(root, a),
         Command::Exec(a) => containers::exec(root, a),
         Command::Vm(a) => vm::vm(a),
+        Command::Bench(a) => bench::bench(root, *a),
         Command::Runtime { .. } => unreachable!("handled above"),
     };
     match result {
@@ -182,6 +199,9 @@ fn exit_code(e: &anyhow::Error) -> u8 {
                 V::Config(_) | V::Loader(_) | V::Memory(_) => 1,
                 _ => 125,
             };
+        }
+        if let Some(r) = cause.downcast_ref::<twinbox_image::registry::RegistryError>() {
+            return if r.is_user_error() { 1 } else { 125 };
         }
         if let Some(a) = cause.downcast_ref::<ArchiveError>() {
             match a {

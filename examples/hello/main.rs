@@ -3,7 +3,8 @@
 //!
 //! `hello` greets and says where it runs; `hello true` exits 0 at once; `hello exit N`
 //! exits N; `hello sleep SECS` idles; `hello spin N` does N rounds of integer work and
-//! prints a checksum.
+//! prints a checksum; `hello syscalls N` makes N getppid() system calls (the syscall-heavy
+//! loop of `twinbox bench`) and prints their sum.
 
 use std::process::ExitCode;
 
@@ -21,8 +22,12 @@ fn main() -> ExitCode {
             println!("{}", spin(arg_num(&args, 1_000_000)));
             ExitCode::SUCCESS
         }
+        Some("syscalls") => {
+            println!("{}", syscalls(arg_num(&args, 1_000_000)));
+            ExitCode::SUCCESS
+        }
         Some(other) => {
-            eprintln!("hello: unknown mode {other:?}; use greet, true, exit N, sleep SECS or spin N");
+            eprintln!("hello: unknown mode {other:?}; use greet, true, exit N, sleep SECS, spin N or syscalls N");
             ExitCode::from(2)
         }
     }
@@ -50,4 +55,9 @@ fn spin(rounds: u64) -> u64 {
         x = x.wrapping_add(i);
     }
     x
+}
+
+/// One getppid() system call per round (std does not cache it), summed so none is skipped.
+fn syscalls(rounds: u64) -> u64 {
+    (0..rounds).fold(0u64, |acc, _| acc.wrapping_add(u64::from(std::os::unix::process::parent_id())))
 }

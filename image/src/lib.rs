@@ -11,6 +11,7 @@ pub mod build;
 pub mod digest;
 pub mod pipeline;
 pub mod reference;
+pub mod registry;
 pub mod rootfs;
 pub mod store;
 pub mod unpack;

@@ -1,0 +1,229 @@
+//! Backends: one way each of running the image's workload. Every backend has the same
+//! lifecycle — prepare the image, launch an instance, wait until it is ready, measure, tear it
+//! down — and says whether it can run here at all ([`Backend::available`]), with a reason a
+//! reader can act on when it cannot.
+//!
+//! | backend | what runs `hello …` |
+//! |---|---|
+//! | `process` | the workload binary straight from the flattened image: no isolation, the floor |
+//! | `twinbox-container` | `twinbox run --rm hello:latest …`, the CLI being measured |
+//! | `runc`, `crun` | an OCI bundle (the flattened image + a default config.json) |
+//! | `twinbox-microvm`, `qemu-microvm`, `firecracker` | not yet: reported with the reason |
+
+mod microvm;
+mod oci;
+mod process;
+mod twinbox;
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+pub use microvm::{Firecracker, QemuMicrovm, TwinboxMicrovm};
+pub use oci::{Oci, OciRuntime};
+pub use process::Process;
+pub use twinbox::TwinboxContainer;
+
+/// Names of every backend, in report order.
+pub const ALL: [&str; 7] =
+    ["process", "twinbox-container", "runc", "crun", "twinbox-microvm", "qemu-microvm", "firecracker"];
+
+/// Why a backend cannot run on this host.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unavailable {
+    pub reason: String,
+}
+
+impl Unavailable {
+    pub fn new(reason: impl Into<String>) -> Self {
+        Unavailable { reason: reason.into() }
+    }
+}
+
+/// The isolation model a backend stands for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Isolation {
+    Process,
+    Container,
+    MicroVm,
+}
+
+impl Isolation {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Isolation::Process => "process",
+            Isolation::Container => "container",
+            Isolation::MicroVm => "microvm",
+        }
+    }
+}
+
+/// What the instance runs: a mode of the default image's `hello`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Workload {
+    /// `hello true`: exit 0 at once.
+    True,
+    /// `hello spin 0`: its first action is to print one line, the time-to-workload marker.
+    Marker,
+    /// `hello sleep SECS`: idle. The number doubles as the instance's marker in /proc.
+    Sleep(u64),
+    /// `hello spin N`: N rounds of integer work.
+    Spin(u64),
+    /// `hello syscalls N`: N getppid() calls.
+    Syscalls(u64),
+}
+
+impl Workload {
+    pub fn args(&self) -> Vec<String> {
+        match self {
+            Workload::True => vec!["true".into()],
+            Workload::Marker => vec!["spin".into(), "0".into()],
+            Workload::Sleep(n) => vec!["sleep".into(), n.to_string()],
+            Workload::Spin(n) => vec!["spin".into(), n.to_string()],
+            Workload::Syscalls(n) => vec!["syscalls".into(), n.to_string()],
+        }
+    }
+}
+
+/// The image, ready for every backend: flattened once into a scratch directory.
+#[derive(Debug, Clone)]
+pub struct PreparedImage {
+    /// As the user named it (`hello:latest`).
+    pub reference: String,
+    /// The image store it came from (what `twinbox --root` gets).
+    pub store_root: PathBuf,
+    /// The flattened root filesystem.
+    pub rootfs: PathBuf,
+    /// The image's entrypoint (`["/hello"]`).
+    pub entrypoint: Vec<String>,
+    /// Scratch space for bundles and runtime state.
+    pub work: PathBuf,
+}
+
+impl PreparedImage {
+    /// The entrypoint as a host path inside the flattened rootfs.
+    pub fn workload_on_host(&self) -> PathBuf {
+        self.rootfs.join(self.entrypoint[0].trim_start_matches('/'))
+    }
+
+    /// Entrypoint followed by the workload's arguments.
+    pub fn argv(&self, w: &Workload) -> Vec<String> {
+        let mut v = self.entrypoint.clone();
+        v.extend(w.args());
+        v
+    }
+}
+
+/// A running instance a backend started; give it back to [`Backend::teardown`].
+#[derive(Debug)]
+pub struct Instance {
+    pub id: String,
+    /// The workload process, when the backend owns it directly (the bare process).
+    pub child: Option<Child>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum BackendError {
+    #[error("cannot start {what}")]
+    Spawn {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{what} failed ({status}): {stderr}")]
+    Failed { what: String, status: String, stderr: String },
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// One way of running the workload.
+pub trait Backend {
+    fn name(&self) -> &'static str;
+    fn isolation(&self) -> Isolation;
+    /// Whether it can run on this host; the reason when not.
+    fn available(&self) -> Result<(), Unavailable>;
+    /// The tool's version, for the report.
+    fn version(&self) -> Option<String> {
+        None
+    }
+    /// How it is run, when that needs saying in the report.
+    fn note(&self) -> Option<String> {
+        None
+    }
+    /// Get ready to run instances of `image` (bundles, state directories).
+    fn prepare(&mut self, image: &PreparedImage) -> Result<(), BackendError>;
+    /// A command that runs `workload` in a fresh instance in the foreground and removes the
+    /// instance when it exits. The workload's stdout is the command's stdout.
+    fn run_command(&self, workload: &Workload, id: &str) -> Result<Command, BackendError>;
+    /// After a foreground run that did not end normally: remove whatever it left.
+    fn cleanup_run(&self, _id: &str) {}
+    /// Start `workload` in a new instance in the background; returns when the launcher says
+    /// it is started.
+    fn launch(&self, workload: &Workload, id: &str) -> Result<Instance, BackendError>;
+    /// Stop and remove an instance. Idempotent.
+    fn teardown(&self, instance: &mut Instance) -> Result<(), BackendError>;
+}
+
+/// Make the backend named `name` (one of [`ALL`]); `twinbox` is the binary measured for
+/// `twinbox-container`.
+pub fn by_name(name: &str, twinbox: &Path) -> Option<Box<dyn Backend>> {
+    Some(match name {
+        "process" => Box::new(Process::default()),
+        "twinbox-container" => Box::new(TwinboxContainer::new(twinbox)),
+        "runc" => Box::new(Oci::new(OciRuntime::Runc)),
+        "crun" => Box::new(Oci::new(OciRuntime::Crun)),
+        "twinbox-microvm" => Box::new(TwinboxMicrovm),
+        "qemu-microvm" => Box::new(QemuMicrovm),
+        "firecracker" => Box::new(Firecracker),
+        _ => return None,
+    })
+}
+
+/// Run a control command (launch -d, teardown, delete) to completion; its stderr on failure.
+/// Stderr goes to an unnamed file, not a pipe: a detached instance inherits it and would
+/// hold a pipe open for as long as it lives.
+pub(crate) fn run_quiet(mut cmd: Command, what: &str) -> Result<(), BackendError> {
+    use std::io::{Read, Seek};
+    let spawn_err = |source| BackendError::Spawn { what: what.to_owned(), source };
+    let mut log = tempfile::tempfile().map_err(spawn_err)?;
+    let err = log.try_clone().map_err(spawn_err)?;
+    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(err);
+    let status = cmd.status().map_err(spawn_err)?;
+    if status.success() {
+        return Ok(());
+    }
+    let mut stderr = String::new();
+    let _ = log.rewind().and_then(|()| log.read_to_string(&mut stderr));
+    Err(BackendError::Failed { what: what.to_owned(), status: status.to_string(), stderr: stderr.trim().to_owned() })
+}
+
+/// Children go into their own process group, so a Ctrl-C at the terminal reaches only the
+/// harness, which then tears down what it started.
+pub(crate) fn own_process_group(cmd: &mut Command) -> &mut Command {
+    use std::os::unix::process::CommandExt;
+    cmd.process_group(0)
+}
+
+/// Whether we are root (namespaces, cgroups and mounts need it).
+pub(crate) fn is_root() -> bool {
+    nix::unistd::geteuid().is_root()
+}
+
+/// Wait until a process whose arguments include `marker` shows in /proc (the workload has
+/// exec'd), at most `timeout`.
+pub fn wait_for_marker(marker: &str, timeout: Duration) -> bool {
+    let t = Instant::now();
+    loop {
+        if crate::host::scan().iter().any(|p| p.args.iter().any(|a| a == marker)) {
+            return true;
+        }
+        if t.elapsed() > timeout {
+            return false;
+        }
+        std::thread::sleep(Duration::from_millis(2));
+    }
+}

@@ -1,0 +1,184 @@
+//! `runc` and `crun`, given an OCI bundle made from the same image: the flattened rootfs and
+//! `oci_spec::runtime::Spec::default()` with the workload's arguments.
+//!
+//! crun refuses this project's cgroup v1/v2 hybrid hosts, so on those it runs in a private
+//! mount namespace with a tmpfs over /sys/fs/cgroup/unified, set up in the forked child before
+//! exec (crun pays an unshare, not another program start) — as runtime/benches/start.rs does.
+
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use super::{
+    is_root, own_process_group, run_quiet, Backend, BackendError, Instance, Isolation, PreparedImage, Unavailable,
+    Workload,
+};
+use crate::host::{tool_version, which};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum OciRuntime {
+    Runc,
+    Crun,
+}
+
+impl OciRuntime {
+    fn name(self) -> &'static str {
+        match self {
+            OciRuntime::Runc => "runc",
+            OciRuntime::Crun => "crun",
+        }
+    }
+}
+
+#[derive(Debug)]
+pub struct Oci {
+    runtime: OciRuntime,
+    exe: Option<PathBuf>,
+    hide_unified: bool,
+    image: Option<PreparedImage>,
+    state: PathBuf,
+}
+
+impl Oci {
+    pub fn new(runtime: OciRuntime) -> Self {
+        let hybrid = matches!(
+            twinbox_runtime::cgroups::detect(Path::new("/sys/fs/cgroup")),
+            Ok(twinbox_runtime::cgroups::Layout::Hybrid)
+        );
+        Oci {
+            runtime,
+            exe: which(runtime.name()),
+            hide_unified: runtime == OciRuntime::Crun && hybrid,
+            image: None,
+            state: PathBuf::new(),
+        }
+    }
+
+    fn base(&self) -> Command {
+        let mut cmd = Command::new(self.exe.as_ref().expect("available() before use"));
+        cmd.arg("--root").arg(&self.state);
+        own_process_group(&mut cmd);
+        if self.hide_unified {
+            hide_unified_cgroup2(&mut cmd);
+        }
+        cmd
+    }
+
+    /// A bundle per instance: config.json only; the root is the shared flattened rootfs.
+    fn bundle(&self, workload: &Workload, id: &str) -> Result<PathBuf, BackendError> {
+        let image = self.image.as_ref().expect("prepare() before use");
+        let dir = image.work.join("bundles").join(format!("{}-{id}", self.runtime.name()));
+        let write_err = |source| BackendError::Write { path: dir.clone(), source };
+        std::fs::create_dir_all(&dir).map_err(write_err)?;
+        let spec = bundle_spec(&image.rootfs, &image.argv(workload));
+        let json = serde_json::to_vec_pretty(&spec).expect("a runtime spec always serializes");
+        std::fs::write(dir.join("config.json"), json).map_err(write_err)?;
+        Ok(dir)
+    }
+}
+
+/// The default spec (namespaces, mounts, capabilities as runc's `spec` gives), with `args`,
+/// no terminal, and `rootfs` (absolute) as the root.
+pub fn bundle_spec(rootfs: &Path, args: &[String]) -> oci_spec::runtime::Spec {
+    let mut spec = oci_spec::runtime::Spec::default();
+    let mut p = spec.process().clone().unwrap_or_default();
+    p.set_args(Some(args.to_vec()));
+    p.set_terminal(Some(false));
+    spec.set_process(Some(p));
+    spec.set_hostname(Some("bench".into()));
+    let mut root = spec.root().clone().unwrap_or_default();
+    root.set_path(rootfs.to_owned());
+    spec.set_root(Some(root));
+    spec
+}
+
+/// Run `cmd` in its own mount namespace with a tmpfs over /sys/fs/cgroup/unified, so crun
+/// sees a plain cgroup v1 host instead of the hybrid it refuses.
+fn hide_unified_cgroup2(cmd: &mut Command) {
+    use nix::mount::{mount, MsFlags};
+    // SAFETY: the closure runs between fork and exec and makes only async-signal-safe system
+    // calls (unshare, mount); it allocates nothing.
+    unsafe {
+        cmd.pre_exec(|| {
+            nix::sched::unshare(nix::sched::CloneFlags::CLONE_NEWNS)?;
+            mount(None::<&str>, "/", None::<&str>, MsFlags::MS_REC | MsFlags::MS_PRIVATE, None::<&str>)?;
+            mount(Some("tmpfs"), "/sys/fs/cgroup/unified", Some("tmpfs"), MsFlags::empty(), None::<&str>)?;
+            Ok(())
+        });
+    }
+}
+
+impl Backend for Oci {
+    fn name(&self) -> &'static str {
+        self.runtime.name()
+    }
+
+    fn isolation(&self) -> Isolation {
+        Isolation::Container
+    }
+
+    fn available(&self) -> Result<(), Unavailable> {
+        if self.exe.is_none() {
+            return Err(Unavailable::new(format!("{0} not on PATH (apt-get install {0})", self.runtime.name())));
+        }
+        if !is_root() {
+            return Err(Unavailable::new("needs root (namespaces, cgroups)"));
+        }
+        Ok(())
+    }
+
+    fn version(&self) -> Option<String> {
+        self.exe.as_deref().and_then(tool_version)
+    }
+
+    fn note(&self) -> Option<String> {
+        let how = format!(
+            "`{} run -b BUNDLE ID`, bundle = flattened image + default config.json (no seccomp profile)",
+            self.runtime.name()
+        );
+        Some(if self.hide_unified {
+            format!(
+                "{how}; crun refuses the cgroup v1/v2 hybrid, so it runs in a private mount namespace with a tmpfs \
+                 over /sys/fs/cgroup/unified (set up before exec)"
+            )
+        } else {
+            how
+        })
+    }
+
+    fn prepare(&mut self, image: &PreparedImage) -> Result<(), BackendError> {
+        self.state = image.work.join(format!("state-{}", self.runtime.name()));
+        std::fs::create_dir_all(&self.state)
+            .map_err(|source| BackendError::Write { path: self.state.clone(), source })?;
+        self.image = Some(image.clone());
+        Ok(())
+    }
+
+    fn run_command(&self, workload: &Workload, id: &str) -> Result<Command, BackendError> {
+        let bundle = self.bundle(workload, id)?;
+        let mut cmd = self.base();
+        cmd.arg("run").arg("-b").arg(bundle).arg(id);
+        Ok(cmd)
+    }
+
+    fn cleanup_run(&self, id: &str) {
+        let mut cmd = self.base();
+        cmd.args(["delete", "--force", id]);
+        let _ = run_quiet(cmd, "delete");
+    }
+
+    fn launch(&self, workload: &Workload, id: &str) -> Result<Instance, BackendError> {
+        let bundle = self.bundle(workload, id)?;
+        let mut cmd = self.base();
+        cmd.arg("run").arg("-d").arg("-b").arg(bundle).arg(id);
+        cmd.stdin(Stdio::null());
+        run_quiet(cmd, &format!("{} run -d", self.runtime.name()))?;
+        Ok(Instance { id: id.to_owned(), child: None })
+    }
+
+    fn teardown(&self, instance: &mut Instance) -> Result<(), BackendError> {
+        let mut cmd = self.base();
+        cmd.args(["delete", "--force", &instance.id]);
+        run_quiet(cmd, &format!("{} delete --force", self.runtime.name()))
+    }
+}

@@ -1,0 +1,64 @@
+//! `process`: the workload binary run straight from the flattened image, with no namespaces,
+//! no cgroup and no rootfs switch — the floor every isolation model is compared with.
+
+use std::process::{Command, Stdio};
+
+use super::{own_process_group, Backend, BackendError, Instance, Isolation, PreparedImage, Unavailable, Workload};
+
+#[derive(Debug, Default)]
+pub struct Process {
+    image: Option<PreparedImage>,
+}
+
+impl Process {
+    fn command(&self, workload: &Workload) -> Command {
+        let image = self.image.as_ref().expect("prepare() before use");
+        let mut cmd = Command::new(image.workload_on_host());
+        cmd.args(workload.args());
+        own_process_group(&mut cmd);
+        cmd
+    }
+}
+
+impl Backend for Process {
+    fn name(&self) -> &'static str {
+        "process"
+    }
+
+    fn isolation(&self) -> Isolation {
+        Isolation::Process
+    }
+
+    fn available(&self) -> Result<(), Unavailable> {
+        Ok(())
+    }
+
+    fn note(&self) -> Option<String> {
+        Some("the image's /hello executed directly on the host: no isolation (the floor)".into())
+    }
+
+    fn prepare(&mut self, image: &PreparedImage) -> Result<(), BackendError> {
+        self.image = Some(image.clone());
+        Ok(())
+    }
+
+    fn run_command(&self, workload: &Workload, _id: &str) -> Result<Command, BackendError> {
+        Ok(self.command(workload))
+    }
+
+    fn launch(&self, workload: &Workload, id: &str) -> Result<Instance, BackendError> {
+        let mut cmd = self.command(workload);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        // spawn() returns once the exec has succeeded.
+        let child = cmd.spawn().map_err(|source| BackendError::Spawn { what: "the workload".into(), source })?;
+        Ok(Instance { id: id.to_owned(), child: Some(child) })
+    }
+
+    fn teardown(&self, instance: &mut Instance) -> Result<(), BackendError> {
+        if let Some(mut c) = instance.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+        Ok(())
+    }
+}

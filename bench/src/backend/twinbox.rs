@@ -1,0 +1,89 @@
+//! `twinbox-container`: the `twinbox` CLI itself (`twinbox run --rm hello:latest …`), so what
+//! is measured is what a user types: image lookup, overlay set-up, the runtime, cleanup.
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+
+use super::{
+    is_root, own_process_group, run_quiet, Backend, BackendError, Instance, Isolation, PreparedImage, Unavailable,
+    Workload,
+};
+
+#[derive(Debug)]
+pub struct TwinboxContainer {
+    exe: PathBuf,
+    image: Option<PreparedImage>,
+}
+
+impl TwinboxContainer {
+    /// `exe`: the `twinbox` binary to measure (the running one, normally).
+    pub fn new(exe: &Path) -> Self {
+        TwinboxContainer { exe: exe.to_owned(), image: None }
+    }
+
+    fn twinbox(&self) -> Command {
+        let image = self.image.as_ref().expect("prepare() before use");
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("--root").arg(&image.store_root).env_remove("RUST_LOG");
+        own_process_group(&mut cmd);
+        cmd
+    }
+}
+
+impl Backend for TwinboxContainer {
+    fn name(&self) -> &'static str {
+        "twinbox-container"
+    }
+
+    fn isolation(&self) -> Isolation {
+        Isolation::Container
+    }
+
+    fn available(&self) -> Result<(), Unavailable> {
+        if !self.exe.exists() {
+            return Err(Unavailable::new(format!("{} does not exist", self.exe.display())));
+        }
+        if !is_root() {
+            return Err(Unavailable::new("needs root (namespaces, cgroups, overlay mounts)"));
+        }
+        Ok(())
+    }
+
+    fn version(&self) -> Option<String> {
+        crate::host::tool_version(&self.exe)
+    }
+
+    fn note(&self) -> Option<String> {
+        Some(format!(
+            "`{} run --rm IMAGE …` with its default seccomp profile (detached: `run -d`, then `rm -f`)",
+            self.exe.display()
+        ))
+    }
+
+    fn prepare(&mut self, image: &PreparedImage) -> Result<(), BackendError> {
+        self.image = Some(image.clone());
+        Ok(())
+    }
+
+    fn run_command(&self, workload: &Workload, _id: &str) -> Result<Command, BackendError> {
+        let image = self.image.as_ref().expect("prepare() before use");
+        let mut cmd = self.twinbox();
+        cmd.args(["run", "--rm", &image.reference]).args(workload.args());
+        Ok(cmd)
+    }
+
+    fn launch(&self, workload: &Workload, id: &str) -> Result<Instance, BackendError> {
+        let image = self.image.as_ref().expect("prepare() before use");
+        let mut cmd = self.twinbox();
+        cmd.args(["run", "-d", "--name", id, &image.reference]).args(workload.args());
+        cmd.stdin(Stdio::null());
+        run_quiet(cmd, "twinbox run -d")?;
+        Ok(Instance { id: id.to_owned(), child: None })
+    }
+
+    fn teardown(&self, instance: &mut Instance) -> Result<(), BackendError> {
+        let mut cmd = self.twinbox();
+        cmd.args(["rm", "-f", &instance.id]);
+        run_quiet(cmd, "twinbox rm -f")
+    }
+}

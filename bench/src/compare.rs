@@ -1,0 +1,183 @@
+//! `twinbox bench compare BASE NEW`: per metric, the change of the median and a two-sided
+//! Mann-Whitney U test on the raw samples. A metric regressed when it moved the wrong way by
+//! more than the threshold *and* the test says the samples differ (p < alpha). Metrics with
+//! fewer than [`MIN_SAMPLES`] samples on either side are shown but not judged.
+
+use serde::Serialize;
+
+use crate::results::{Better, Results};
+use crate::stats::{mann_whitney, median};
+
+/// Below this many samples per side the test cannot reach significance; not judged.
+pub const MIN_SAMPLES: usize = 4;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Verdict {
+    /// Worse by more than the threshold, and significant.
+    Regressed,
+    /// Better by more than the threshold, and significant.
+    Improved,
+    /// Within the threshold, or not significant.
+    Same,
+    /// Too few samples to test.
+    Untested,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Change {
+    pub backend: String,
+    pub scenario: String,
+    pub metric: String,
+    pub unit: String,
+    pub base_median: f64,
+    pub new_median: f64,
+    /// (new − base) / base, as a fraction.
+    pub change: f64,
+    pub p: Option<f64>,
+    pub verdict: Verdict,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Comparison {
+    pub changes: Vec<Change>,
+    /// Metrics only one side has.
+    pub unmatched: Vec<String>,
+}
+
+impl Comparison {
+    pub fn regressed(&self) -> bool {
+        self.changes.iter().any(|c| c.verdict == Verdict::Regressed)
+    }
+
+    /// A table for a terminal.
+    pub fn render(&self, threshold: f64, alpha: f64) -> String {
+        let mut s = format!(
+            "{:<18} {:<8} {:<24} {:>12} {:>12} {:>8} {:>8}  verdict (threshold {:.0}%, alpha {alpha})\n",
+            "backend",
+            "scenario",
+            "metric",
+            "base p50",
+            "new p50",
+            "change",
+            "p",
+            threshold * 100.0
+        );
+        for c in &self.changes {
+            s.push_str(&format!(
+                "{:<18} {:<8} {:<24} {:>12} {:>12} {:>+7.1}% {:>8}  {}\n",
+                c.backend,
+                c.scenario,
+                c.metric,
+                format!("{:.3} {}", c.base_median, c.unit),
+                format!("{:.3} {}", c.new_median, c.unit),
+                c.change * 100.0,
+                c.p.map(|p| format!("{p:.4}")).unwrap_or_else(|| "-".into()),
+                match c.verdict {
+                    Verdict::Regressed => "REGRESSED",
+                    Verdict::Improved => "improved",
+                    Verdict::Same => "same",
+                    Verdict::Untested => "untested (too few samples)",
+                }
+            ));
+        }
+        for u in &self.unmatched {
+            s.push_str(&format!("only in one file: {u}\n"));
+        }
+        s
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompareError {
+    #[error(
+        "the two runs were taken under different virtualization ({base} vs {new}); such figures are never compared"
+    )]
+    Virtualization { base: String, new: String },
+}
+
+/// Compare every metric both runs have. `threshold`: the fraction (0.10 for 10%) a median may
+/// worsen before it counts; `alpha`: the significance level.
+pub fn compare(base: &Results, new: &Results, threshold: f64, alpha: f64) -> Result<Comparison, CompareError> {
+    let (bk, nk) = (base.context.virtualization.kind, new.context.virtualization.kind);
+    if bk != nk {
+        return Err(CompareError::Virtualization { base: bk.to_string(), new: nk.to_string() });
+    }
+    let mut changes = Vec::new();
+    let mut unmatched = Vec::new();
+    for b in &base.records {
+        let Some(n) = new.record(&b.backend, &b.scenario, &b.metric) else {
+            if !b.samples.is_empty() {
+                unmatched.push(format!("{}/{}/{} (base)", b.backend, b.scenario, b.metric));
+            }
+            continue;
+        };
+        if b.samples.is_empty() || n.samples.is_empty() {
+            continue;
+        }
+        let (mb, mn) = (median(&b.samples), median(&n.samples));
+        let change = if mb != 0.0 { (mn - mb) / mb.abs() } else { 0.0 };
+        let worse = match b.better {
+            Better::Lower => change,
+            Better::Higher => -change,
+        };
+        let (p, verdict) = if b.samples.len() < MIN_SAMPLES || n.samples.len() < MIN_SAMPLES {
+            (None, Verdict::Untested)
+        } else {
+            let p = mann_whitney(&b.samples, &n.samples).p;
+            let v = if p >= alpha || worse.abs() <= threshold {
+                Verdict::Same
+            } else if worse > 0.0 {
+                Verdict::Regressed
+            } else {
+                Verdict::Improved
+            };
+            (Some(p), v)
+        };
+        changes.push(Change {
+            backend: b.backend.clone(),
+            scenario: b.scenario.clone(),
+            metric: b.metric.clone(),
+            unit: b.unit.clone(),
+            base_median: mb,
+            new_median: mn,
+            change,
+            p,
+            verdict,
+        });
+    }
+    for n in &new.records {
+        if base.record(&n.backend, &n.scenario, &n.metric).is_none() && !n.samples.is_empty() {
+            unmatched.push(format!("{}/{}/{} (new)", n.backend, n.scenario, n.metric));
+        }
+    }
+    Ok(Comparison { changes, unmatched })
+}
+
+/// `10%`, `10` or `0.1` → 0.1.
+pub fn parse_threshold(s: &str) -> Result<f64, String> {
+    let t = s.trim();
+    let (num, pct) = match t.strip_suffix('%') {
+        Some(n) => (n, true),
+        None => (t, false),
+    };
+    let v: f64 = num.trim().parse().map_err(|_| format!("invalid threshold {s:?}: use e.g. 10%"))?;
+    let v = if pct || v > 1.0 { v / 100.0 } else { v };
+    if !(0.0..10.0).contains(&v) {
+        return Err(format!("threshold {s:?} out of range"));
+    }
+    Ok(v)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn thresholds() {
+        assert_eq!(parse_threshold("10%").unwrap(), 0.1);
+        assert_eq!(parse_threshold("10").unwrap(), 0.1);
+        assert_eq!(parse_threshold("0.25").unwrap(), 0.25);
+        assert!(parse_threshold("x").is_err());
+    }
+}

@@ -1,0 +1,245 @@
+//! What the figures were taken on (revision, date, host, kernel, cgroup layout, kind of
+//! virtualization) and the host-side memory readings the scenarios take.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use serde::{Deserialize, Serialize};
+
+/// How KVM guests would run on this host; figures from different kinds never go into one
+/// comparison.
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum VirtKind {
+    /// /dev/kvm backed by VMX/SVM (kvm_intel, kvm_amd).
+    HardwareKvm,
+    /// /dev/kvm is PVM (kvm_pvm): a software-assisted KVM for hosts that are themselves VMs.
+    Pvm,
+    /// Inside a guest that QEMU emulates with TCG.
+    NestedTcg,
+    /// No /dev/kvm at all.
+    None,
+}
+
+impl std::fmt::Display for VirtKind {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            VirtKind::HardwareKvm => "hardware KVM",
+            VirtKind::Pvm => "PVM",
+            VirtKind::NestedTcg => "nested TCG",
+            VirtKind::None => "no KVM",
+        })
+    }
+}
+
+/// The virtualization the host offers and what it runs on.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct Virtualization {
+    pub kind: VirtKind,
+    /// e.g. "kvm_pvm loaded; the host itself runs under a hypervisor (KVM)".
+    pub detail: String,
+}
+
+/// Where and when figures were taken; copied into every record.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Context {
+    /// `git rev-parse --short HEAD` of the checkout, or "unknown".
+    pub rev: String,
+    /// Uncommitted changes in the checkout when measured.
+    pub dirty: bool,
+    /// RFC 3339 local time at the start of the run.
+    pub date: String,
+    pub host: String,
+    pub kernel: String,
+    pub cpus: usize,
+    pub cpu_model: String,
+    pub mem_total_kib: u64,
+    /// As `twinbox_runtime::cgroups::Layout` prints it ("cgroup v1/v2 hybrid"), or "unknown".
+    pub cgroup_layout: String,
+    pub virtualization: Virtualization,
+}
+
+impl Context {
+    /// Look at this host. `repo_hint`: a directory inside the checkout (the `twinbox`
+    /// binary's), tried after the current directory.
+    pub fn detect(repo_hint: Option<&Path>) -> Context {
+        let (rev, dirty) = git_rev(repo_hint);
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        Context {
+            rev,
+            dirty,
+            date: chrono::Local::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, false),
+            host: read_trim("/proc/sys/kernel/hostname"),
+            kernel: read_trim("/proc/sys/kernel/osrelease"),
+            cpus: std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1),
+            cpu_model: cpuinfo
+                .lines()
+                .find_map(|l| l.strip_prefix("model name").and_then(|r| r.split_once(':')).map(|(_, m)| m.trim()))
+                .unwrap_or("unknown")
+                .to_owned(),
+            mem_total_kib: meminfo().get("MemTotal").copied().unwrap_or(0),
+            cgroup_layout: twinbox_runtime::cgroups::detect(Path::new("/sys/fs/cgroup"))
+                .map(|l| l.to_string())
+                .unwrap_or_else(|_| "unknown".into()),
+            virtualization: detect_virtualization(Path::new("/"), &cpuinfo),
+        }
+    }
+}
+
+fn read_trim(p: &str) -> String {
+    std::fs::read_to_string(p).map(|s| s.trim().to_owned()).unwrap_or_else(|_| "unknown".into())
+}
+
+fn git_rev(hint: Option<&Path>) -> (String, bool) {
+    let mut dirs: Vec<PathBuf> = std::env::current_dir().into_iter().collect();
+    dirs.extend(hint.map(Path::to_owned));
+    for d in dirs {
+        let out = Command::new("git").arg("-C").arg(&d).args(["rev-parse", "--short", "HEAD"]).output();
+        if let Some(o) = out.ok().filter(|o| o.status.success()) {
+            let rev = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+            let dirty = Command::new("git")
+                .arg("-C")
+                .arg(&d)
+                .args(["status", "--porcelain", "--untracked-files=no"])
+                .output()
+                .is_ok_and(|o| o.status.success() && !o.stdout.is_empty());
+            return (rev, dirty);
+        }
+    }
+    ("unknown".into(), false)
+}
+
+/// Classify the host's KVM. `root` is "/" except in tests.
+pub fn detect_virtualization(root: &Path, cpuinfo: &str) -> Virtualization {
+    let has = |p: &str| root.join(p).exists();
+    let under_hypervisor =
+        cpuinfo.lines().any(|l| l.starts_with("flags") && l.split_whitespace().any(|f| f == "hypervisor"));
+    let vendor = std::fs::read_to_string(root.join("sys/class/dmi/id/sys_vendor")).unwrap_or_default();
+    let product = std::fs::read_to_string(root.join("sys/class/dmi/id/product_name")).unwrap_or_default();
+    let tcg = cpuinfo.lines().any(|l| l.starts_with("model name") && l.contains("QEMU Virtual CPU"));
+    let outer = if under_hypervisor {
+        let what = format!("{} {}", vendor.trim(), product.trim());
+        format!(
+            "the host itself is a guest ({})",
+            if what.trim().is_empty() { "unknown hypervisor" } else { what.trim() }
+        )
+    } else {
+        "bare metal".into()
+    };
+    let (kind, detail) = if has("sys/module/kvm_pvm") {
+        (VirtKind::Pvm, format!("/dev/kvm is PVM (kvm_pvm loaded); {outer}"))
+    } else if tcg {
+        (VirtKind::NestedTcg, format!("a guest emulated by QEMU TCG; {outer}"))
+    } else if has("dev/kvm") && (has("sys/module/kvm_intel") || has("sys/module/kvm_amd")) {
+        (
+            VirtKind::HardwareKvm,
+            format!("/dev/kvm with {}; {outer}", if has("sys/module/kvm_intel") { "kvm_intel" } else { "kvm_amd" }),
+        )
+    } else {
+        (VirtKind::None, format!("no usable /dev/kvm; {outer}"))
+    };
+    Virtualization { kind, detail }
+}
+
+/// /proc/meminfo as KiB values by key.
+pub fn meminfo() -> HashMap<String, u64> {
+    let text = std::fs::read_to_string("/proc/meminfo").unwrap_or_default();
+    text.lines()
+        .filter_map(|l| {
+            let (k, v) = l.split_once(':')?;
+            Some((k.to_owned(), v.split_whitespace().next()?.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The kernel memory that grows with every process, namespace and mount: Slab + PageTables +
+/// KernelStack, in KiB.
+pub fn kernel_kib() -> u64 {
+    let m = meminfo();
+    ["Slab", "PageTables", "KernelStack"].iter().filter_map(|k| m.get(*k)).sum()
+}
+
+/// Host memory in use (MemTotal − MemAvailable), in KiB.
+pub fn used_kib() -> u64 {
+    let m = meminfo();
+    m.get("MemTotal").copied().unwrap_or(0).saturating_sub(m.get("MemAvailable").copied().unwrap_or(0))
+}
+
+/// One process found by [`scan`].
+#[derive(Debug, Clone)]
+pub struct Proc {
+    pub pid: u32,
+    pub args: Vec<String>,
+}
+
+/// Every process with its command line.
+pub fn scan() -> Vec<Proc> {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
+    rd.flatten()
+        .filter_map(|e| {
+            let pid: u32 = e.file_name().to_str()?.parse().ok()?;
+            let raw = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args = raw
+                .split(|b| *b == 0)
+                .filter(|a| !a.is_empty())
+                .map(|a| String::from_utf8_lossy(a).into_owned())
+                .collect();
+            Some(Proc { pid, args })
+        })
+        .collect()
+}
+
+/// Proportional set size of a process, in KiB (None when it is gone).
+pub fn pss_kib(pid: u32) -> Option<u64> {
+    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).ok()?;
+    text.lines().find_map(|l| l.strip_prefix("Pss:")).and_then(|r| r.split_whitespace().next()?.parse().ok())
+}
+
+/// Find `name` on PATH.
+pub fn which(name: &str) -> Option<PathBuf> {
+    let path = std::env::var_os("PATH")?;
+    std::env::split_paths(&path).map(|d| d.join(name)).find(|p| {
+        use std::os::unix::fs::PermissionsExt;
+        p.metadata().is_ok_and(|m| m.is_file() && m.permissions().mode() & 0o111 != 0)
+    })
+}
+
+/// The first line of `tool --version`, if it runs.
+pub fn tool_version(tool: &Path) -> Option<String> {
+    let o = Command::new(tool).arg("--version").output().ok()?;
+    let text = String::from_utf8_lossy(&o.stdout);
+    text.lines().next().map(|l| l.trim().to_owned()).filter(|l| !l.is_empty())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn virtualization_kinds_from_a_fake_root() {
+        let d = tempfile::tempdir().unwrap();
+        let flags = "flags\t: fpu vme hypervisor\nmodel name\t: Intel Xeon\n";
+        assert_eq!(detect_virtualization(d.path(), flags).kind, VirtKind::None);
+        std::fs::create_dir_all(d.path().join("sys/module/kvm_intel")).unwrap();
+        std::fs::create_dir_all(d.path().join("dev")).unwrap();
+        std::fs::write(d.path().join("dev/kvm"), "").unwrap();
+        assert_eq!(detect_virtualization(d.path(), flags).kind, VirtKind::HardwareKvm);
+        std::fs::create_dir_all(d.path().join("sys/module/kvm_pvm")).unwrap();
+        let v = detect_virtualization(d.path(), flags);
+        assert_eq!(v.kind, VirtKind::Pvm);
+        assert!(v.detail.contains("kvm_pvm") && v.detail.contains("guest"), "{}", v.detail);
+        let tcg = "model name\t: QEMU Virtual CPU version 2.5+\n";
+        let d2 = tempfile::tempdir().unwrap();
+        assert_eq!(detect_virtualization(d2.path(), tcg).kind, VirtKind::NestedTcg);
+    }
+
+    #[test]
+    fn meminfo_has_the_fields_the_scenarios_read() {
+        let m = meminfo();
+        for k in ["MemTotal", "MemAvailable", "Slab", "PageTables", "KernelStack"] {
+            assert!(m.contains_key(k), "{k} missing from /proc/meminfo");
+        }
+        assert!(used_kib() > 0 && kernel_kib() > 0);
+    }
+}

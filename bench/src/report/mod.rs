@@ -1,0 +1,524 @@
+//! The report: `results.json`, `report.md`, a self-contained `report.html` (SVG charts
+//! inlined) and the charts as PNG and SVG. Markdown and HTML are rendered from one document
+//! model ([`Block`]), so they always say the same thing.
+
+pub mod charts;
+
+use std::fmt::Write as _;
+use std::path::{Path, PathBuf};
+
+use crate::results::{Record, Results};
+use crate::stats::median;
+
+/// One piece of the report.
+#[derive(Debug, Clone)]
+pub enum Block {
+    Heading(u8, String),
+    Para(String),
+    List(Vec<String>),
+    Table { head: Vec<String>, rows: Vec<Vec<String>> },
+    Figure { stem: String, caption: String },
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReportError {
+    #[error("cannot write {path}")]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// What [`write`] produced.
+#[derive(Debug)]
+pub struct Written {
+    pub dir: PathBuf,
+    pub files: Vec<PathBuf>,
+    /// Why there are no charts, when there are none.
+    pub charts_skipped: Option<String>,
+}
+
+/// A number with as many digits as it deserves.
+pub fn num(v: f64) -> String {
+    if !v.is_finite() {
+        return "–".into();
+    }
+    let a = v.abs();
+    if a >= 100.0 {
+        format!("{v:.0}")
+    } else if a >= 10.0 {
+        format!("{v:.1}")
+    } else if a >= 1.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// `<base>/<date>-<rev>`: where a run's report goes by default.
+pub fn default_dir(base: &Path, r: &Results) -> PathBuf {
+    let date = r.context.date.get(..10).unwrap_or("undated");
+    base.join(format!("{date}-{}", r.context.rev))
+}
+
+/// Write everything into `dir` (created).
+pub fn write(r: &Results, dir: &Path) -> Result<Written, ReportError> {
+    let werr = |path: &Path| {
+        let path = path.to_owned();
+        move |source| ReportError::Write { path, source }
+    };
+    std::fs::create_dir_all(dir).map_err(werr(dir))?;
+    let mut files = Vec::new();
+    let json_path = dir.join("results.json");
+    let json = serde_json::to_vec_pretty(r).expect("results always serialize");
+    std::fs::write(&json_path, json).map_err(werr(&json_path))?;
+    files.push(json_path);
+
+    let (charts, skipped) = match charts::draw_all(r, dir) {
+        Ok(c) => (c, None),
+        Err(e) => {
+            tracing::warn!("charts: {e}");
+            (Vec::new(), Some(crate::scenario::error_chain(&e)))
+        }
+    };
+    for c in &charts {
+        files.push(dir.join(format!("{}.svg", c.stem)));
+        files.push(dir.join(format!("{}.png", c.stem)));
+    }
+    let doc = document(r, &charts, skipped.as_deref());
+    let md_path = dir.join("report.md");
+    std::fs::write(&md_path, markdown(&doc)).map_err(werr(&md_path))?;
+    files.push(md_path);
+    let html_path = dir.join("report.html");
+    std::fs::write(&html_path, html(&doc, dir, &title(r))).map_err(werr(&html_path))?;
+    files.push(html_path);
+    Ok(Written { dir: dir.to_owned(), files, charts_skipped: skipped })
+}
+
+fn title(r: &Results) -> String {
+    format!("twinbox bench: {} on {}", r.context.date.get(..10).unwrap_or(""), r.context.host)
+}
+
+fn med(r: &Results, backend: &str, scenario: &str, metric: &str) -> Option<f64> {
+    r.record(backend, scenario, metric).filter(|x| !x.samples.is_empty()).map(|x| median(&x.samples))
+}
+
+/// "twinbox-container 12.3 ms, runc 45.6 ms"
+fn list_medians(r: &Results, scenario: &str, metric: &str, unit: &str, skip: &[&str]) -> String {
+    r.records
+        .iter()
+        .filter(|x| {
+            x.scenario == scenario && x.metric == metric && !x.samples.is_empty() && !skip.contains(&x.backend.as_str())
+        })
+        .map(|x| format!("{} {} {unit}", x.backend, num(median(&x.samples))))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// The opening section: what the figures support, and where they do not.
+fn what_this_shows(r: &Results) -> Vec<String> {
+    let mut out = Vec::new();
+    let floor = "process";
+    if let Some(p) = med(r, floor, "start", "time_to_workload") {
+        let others = list_medians(r, "start", "time_to_workload", "ms", &[floor]);
+        if !others.is_empty() {
+            out.push(format!(
+                "**Start.** From launch to the workload's first instruction (median): {others}, against {} ms for the \
+                 bare process. That difference is the price of a container start here: namespaces, cgroups, a \
+                 root filesystem switch and the runtime's own start-up; the workload itself is the same static binary.",
+                num(p)
+            ));
+        }
+    } else if !list_medians(r, "start", "time_to_workload", "ms", &[]).is_empty() {
+        out.push(format!(
+            "**Start.** From launch to the workload's first instruction (median): {}.",
+            list_medians(r, "start", "time_to_workload", "ms", &[])
+        ));
+    }
+    let e2e = list_medians(r, "start", "end_to_end", "ms", &[]);
+    if !e2e.is_empty() {
+        out.push(format!("**End to end** (launch → `hello true` exited and the instance removed, median): {e2e}."));
+    }
+    let mem = list_medians(r, "memory", "total_per_instance", "KiB", &[]);
+    if !mem.is_empty() {
+        out.push(format!(
+            "**Memory.** An idle instance costs, per instance (PSS of what stays running + kernel growth): {mem}. \
+             Containers share the host kernel and the image's pages, so an idle one costs its processes plus \
+             kernel objects (namespaces, mounts, cgroups){}.",
+            match med(r, "twinbox-container", "memory", "processes_per_instance") {
+                Some(n) if n > 1.0 => format!(
+                    "; a detached twinbox container keeps its monitor (a fork of the `twinbox` binary) beside the \
+                     workload, {} processes per instance, and that monitor is most of its PSS",
+                    num(n)
+                ),
+                _ => String::new(),
+            }
+        ));
+    }
+
+    let rate = list_medians(r, "density", "launch_rate", "/s", &[]);
+    if !rate.is_empty() {
+        out.push(format!(
+            "**Density.** Launching up to {} instances one after another: {rate}. The curves show whether launch \
+             latency and host memory grow linearly with N.",
+            r.settings.max
+        ));
+    }
+    let cpu = list_medians(r, "cpu", "compute_ratio", "×", &[floor]);
+    if !cpu.is_empty() {
+        let sys = list_medians(r, "cpu", "syscalls_ratio", "×", &[floor]);
+        let ratios: Vec<f64> = r
+            .records
+            .iter()
+            .filter(|x| {
+                x.scenario == "cpu" && x.metric == "compute_ratio" && x.backend != floor && !x.samples.is_empty()
+            })
+            .map(|x| median(&x.samples))
+            .collect();
+        let worst = ratios.iter().map(|v| (v - 1.0).abs()).fold(0.0_f64, f64::max);
+        let reading = if worst <= 0.05 {
+            "indistinguishable from the bare process, as expected without virtualization: the same kernel and \
+             scheduler run the loop"
+                .to_owned()
+        } else {
+            format!(
+                "up to {:.0}% away from the bare process; containers add no instructions to a compute loop, so read \
+                 this against the spread in the chart (a shared {}-CPU host; cgroup CPU shares also change how a \
+                 container competes with other work) before calling it a cost",
+                worst * 100.0,
+                r.context.cpus
+            )
+        };
+        out.push(format!(
+            "**CPU.** A compute loop inside each backend, as a fraction of the bare process's time: {cpu} — \
+             {reading}.{}",
+            if sys.is_empty() {
+                String::new()
+            } else {
+                format!(
+                    " A syscall-heavy loop (getppid): {sys}; a seccomp filter, where the runtime installs one, is \
+                     paid on every system call."
+                )
+            }
+        ));
+    }
+    let missing: Vec<String> = r
+        .backends
+        .iter()
+        .filter(|b| !b.available)
+        .map(|b| format!("{} ({})", b.name, b.reason.as_deref().unwrap_or("no reason given")))
+        .collect();
+    let vm_measured = r.backends.iter().any(|b| b.isolation == "microvm" && b.available);
+    if !vm_measured {
+        out.push(
+            "**Where these figures do not reach.** No microVM was measured in this run, so the other half of the \
+             trade-off — a VM boots its own kernel and pays for it in start-up time and RAM per guest, in exchange \
+             for a much smaller shared attack surface — is *not* shown here; nothing above compares containers with \
+             VMs."
+                .into(),
+        );
+    }
+    if !missing.is_empty() {
+        out.push(format!("**Not measured:** {}.", missing.join("; ")));
+    }
+    out.push(format!(
+        "**Scope.** One host ({}; {}), {} CPUs, a machine shared with other work: the figures are this host's, \
+         medians over the runs stated, and are only compared with runs under the same kind of virtualization. \
+         Isolation strength itself is not measured.",
+        r.context.virtualization.kind, r.context.virtualization.detail, r.context.cpus
+    ));
+    if r.interrupted {
+        out.push(
+            "**Interrupted.** The run was stopped with Ctrl-C; what is here is what was measured until then.".into(),
+        );
+    }
+    out
+}
+
+fn summary_rows(records: &[&Record]) -> Vec<Vec<String>> {
+    records
+        .iter()
+        .map(|x| {
+            let s = x.summary;
+            let f = |g: fn(&crate::stats::Summary) -> f64| s.as_ref().map(|s| num(g(s))).unwrap_or_else(|| "–".into());
+            vec![
+                x.backend.clone(),
+                x.metric.clone(),
+                x.unit.clone(),
+                f(|s| s.p50),
+                f(|s| s.p90),
+                f(|s| s.p99),
+                f(|s| s.min),
+                f(|s| s.max),
+                x.samples.len().to_string(),
+                x.failures.to_string(),
+            ]
+        })
+        .collect()
+}
+
+fn stats_table(records: &[&Record]) -> Block {
+    Block::Table {
+        head: ["backend", "metric", "unit", "p50", "p90", "p99", "min", "max", "n", "failed"]
+            .map(String::from)
+            .to_vec(),
+        rows: summary_rows(records),
+    }
+}
+
+/// The report as blocks.
+pub fn document(r: &Results, charts: &[charts::Chart], charts_skipped: Option<&str>) -> Vec<Block> {
+    let c = &r.context;
+    let s = &r.settings;
+    let mut d = vec![Block::Heading(1, title(r))];
+    d.push(Block::Para(format!(
+        "Image `{}`, revision `{}`{}, {} run{}. Raw samples: `results.json`.",
+        s.image,
+        c.rev,
+        if c.dirty { " with uncommitted changes" } else { "" },
+        if s.quick { "a `--quick`" } else { "a full" },
+        if r.interrupted { ", interrupted" } else { "" }
+    )));
+    d.push(Block::Heading(2, "What this shows".into()));
+    d.push(Block::List(what_this_shows(r)));
+
+    d.push(Block::Heading(2, "Where and how".into()));
+    d.push(Block::Table {
+        head: vec!["".into(), "".into()],
+        rows: vec![
+            vec!["host".into(), c.host.clone()],
+            vec!["date".into(), c.date.clone()],
+            vec!["revision".into(), format!("{}{}", c.rev, if c.dirty { " (dirty)" } else { "" })],
+            vec!["kernel".into(), c.kernel.clone()],
+            vec!["CPU".into(), format!("{} × {}", c.cpus, c.cpu_model)],
+            vec!["memory".into(), format!("{} MiB", c.mem_total_kib / 1024)],
+            vec!["cgroups".into(), c.cgroup_layout.clone()],
+            vec!["virtualization".into(), format!("{} — {}", c.virtualization.kind, c.virtualization.detail)],
+            vec!["scenarios".into(), s.scenarios.join(", ")],
+            vec![
+                "rounds".into(),
+                format!(
+                    "start {} measured + {} warm-up dropped; cpu {} + 1; memory {} instances; density up to {}",
+                    s.start_runs, s.warmup, s.cpu_runs, s.instances, s.max
+                ),
+            ],
+        ],
+    });
+    d.push(Block::Para(
+        "Backends run interleaved round by round with the order rotated each round; percentiles come from an HDR \
+         histogram of the raw samples (3 significant digits). Timings are stamped by the harness on the host: the \
+         workload signals by writing to its stdout pipe."
+            .into(),
+    ));
+
+    d.push(Block::Heading(2, "Backends".into()));
+    d.push(Block::Table {
+        head: ["backend", "isolation", "measured", "reason / how it runs", "version"].map(String::from).to_vec(),
+        rows: r
+            .backends
+            .iter()
+            .map(|b| {
+                vec![
+                    b.name.clone(),
+                    b.isolation.clone(),
+                    if b.available { "yes".into() } else { "**no**".into() },
+                    if b.available { b.note.clone().unwrap_or_default() } else { b.reason.clone().unwrap_or_default() },
+                    b.version.clone().unwrap_or_default(),
+                ]
+            })
+            .collect(),
+    });
+
+    let figs = |stems: &[&str]| -> Vec<Block> {
+        charts
+            .iter()
+            .filter(|c| stems.contains(&c.stem.as_str()))
+            .map(|c| Block::Figure {
+                stem: c.stem.clone(),
+                caption: format!("{}. {}", c.title, c.caption.replace('\n', "; ")),
+            })
+            .collect()
+    };
+    let section = |scenario: &str| -> Vec<&Record> { r.records.iter().filter(|x| x.scenario == scenario).collect() };
+    let method = |recs: &[&Record]| -> Block {
+        let mut seen: Vec<String> = Vec::new();
+        for x in recs {
+            let line = format!("`{}`: {}", x.metric, x.description);
+            if !seen.contains(&line) {
+                seen.push(line);
+            }
+        }
+        Block::List(seen)
+    };
+    for (scenario, heading, stems) in [
+        ("start", "Start latency", &["start-time-to-workload", "start-end-to-end"][..]),
+        ("memory", "Memory per idle instance", &["memory"][..]),
+        ("density", "Density", &["density-launch-latency", "density-host-memory"][..]),
+        ("cpu", "CPU cost", &["cpu"][..]),
+    ] {
+        let recs = section(scenario);
+        if recs.is_empty() {
+            continue;
+        }
+        d.push(Block::Heading(2, heading.into()));
+        d.extend(figs(stems));
+        d.push(stats_table(&recs));
+        d.push(method(&recs));
+    }
+    if let Some(why) = charts_skipped {
+        d.push(Block::Para(format!("No charts: {why}.")));
+    }
+    if !r.notes.is_empty() {
+        d.push(Block::Heading(2, "Notes from the run".into()));
+        d.push(Block::List(r.notes.clone()));
+    }
+    d.push(Block::Heading(2, "Reproduce".into()));
+    d.push(Block::Para(format!(
+        "`sudo twinbox bench{}{}` (store with `hello:latest`: `scripts/default-images.sh`); compare two runs with \
+         `twinbox bench compare BASE/results.json NEW/results.json --max-regression 10%`.",
+        if s.quick { " --quick" } else { "" },
+        if s.scenarios.len() < 4 { format!(" --scenario {}", s.scenarios.join(",")) } else { String::new() }
+    )));
+    d
+}
+
+fn md_cell(s: &str) -> String {
+    s.replace('|', "\\|").replace('\n', " ")
+}
+
+/// Render as GitHub Markdown; figures reference the SVG next to the file.
+pub fn markdown(doc: &[Block]) -> String {
+    let mut o = String::new();
+    for b in doc {
+        match b {
+            Block::Heading(l, t) => {
+                let _ = writeln!(o, "{} {t}\n", "#".repeat(*l as usize));
+            }
+            Block::Para(t) => {
+                let _ = writeln!(o, "{t}\n");
+            }
+            Block::List(items) => {
+                for i in items {
+                    let _ = writeln!(o, "- {i}");
+                }
+                o.push('\n');
+            }
+            Block::Table { head, rows } => {
+                let _ = writeln!(o, "| {} |", head.iter().map(|h| md_cell(h)).collect::<Vec<_>>().join(" | "));
+                let _ = writeln!(o, "|{}|", head.iter().map(|_| "---").collect::<Vec<_>>().join("|"));
+                for r in rows {
+                    let _ = writeln!(o, "| {} |", r.iter().map(|c| md_cell(c)).collect::<Vec<_>>().join(" | "));
+                }
+                o.push('\n');
+            }
+            Block::Figure { stem, caption } => {
+                let _ = writeln!(o, "![{}]({stem}.svg)\n\n*{caption}* ([PNG]({stem}.png))\n", md_cell(caption));
+            }
+        }
+    }
+    o
+}
+
+fn esc(s: &str) -> String {
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
+}
+
+/// Escape, then the two inline marks the report uses: `code` and **bold**, *em*.
+fn inline(s: &str) -> String {
+    let e = esc(s);
+    let mut out = String::new();
+    for (i, part) in e.split('`').enumerate() {
+        if i % 2 == 1 {
+            let _ = write!(out, "<code>{part}</code>");
+        } else {
+            let mut t = String::new();
+            for (j, p) in part.split("**").enumerate() {
+                if j % 2 == 1 {
+                    let _ = write!(t, "<strong>{p}</strong>");
+                } else {
+                    t.push_str(p);
+                }
+            }
+            out.push_str(&t);
+        }
+    }
+    out
+}
+
+/// Render as one HTML file with the SVG charts inlined.
+pub fn html(doc: &[Block], dir: &Path, title: &str) -> String {
+    let mut o = String::new();
+    let _ = write!(
+        o,
+        "<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{}</title>\n<style>\
+         body{{font-family:sans-serif;max-width:1060px;margin:2em auto;padding:0 1em;color:#222;line-height:1.45}}\
+         table{{border-collapse:collapse;margin:1em 0;font-size:14px}}td,th{{border:1px solid #ccc;padding:3px 8px;text-align:left}}\
+         th{{background:#f3f3f3}}code{{background:#f3f3f3;padding:0 3px}}figure{{margin:1.5em 0}}\
+         figure svg{{max-width:100%;height:auto}}figcaption{{font-size:14px;color:#555}}\
+         </style></head><body>\n",
+        esc(title)
+    );
+    for b in doc {
+        match b {
+            Block::Heading(l, t) => {
+                let _ = writeln!(o, "<h{l}>{}</h{l}>", inline(t));
+            }
+            Block::Para(t) => {
+                let _ = writeln!(o, "<p>{}</p>", inline(t));
+            }
+            Block::List(items) => {
+                o.push_str("<ul>\n");
+                for i in items {
+                    let _ = writeln!(o, "<li>{}</li>", inline(i));
+                }
+                o.push_str("</ul>\n");
+            }
+            Block::Table { head, rows } => {
+                o.push_str("<table>\n");
+                if head.iter().any(|h| !h.is_empty()) {
+                    let _ = writeln!(
+                        o,
+                        "<tr>{}</tr>",
+                        head.iter().map(|h| format!("<th>{}</th>", inline(h))).collect::<String>()
+                    );
+                }
+                for r in rows {
+                    let _ = writeln!(
+                        o,
+                        "<tr>{}</tr>",
+                        r.iter().map(|c| format!("<td>{}</td>", inline(c))).collect::<String>()
+                    );
+                }
+                o.push_str("</table>\n");
+            }
+            Block::Figure { stem, caption } => {
+                let svg = std::fs::read_to_string(dir.join(format!("{stem}.svg"))).unwrap_or_default();
+                // Drop any XML prolog so the SVG can sit inside HTML.
+                let svg = svg.find("<svg").map(|i| &svg[i..]).unwrap_or("");
+                let _ = writeln!(o, "<figure>{svg}<figcaption>{}</figcaption></figure>", inline(caption));
+            }
+        }
+    }
+    o.push_str("</body></html>\n");
+    o
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn inline_marks_and_escaping() {
+        assert_eq!(inline("a `b<c>` **d** e"), "a <code>b&lt;c&gt;</code> <strong>d</strong> e");
+    }
+
+    #[test]
+    fn numbers() {
+        assert_eq!(num(1234.5), "1234");
+        assert_eq!(num(12.34), "12.3");
+        assert_eq!(num(1.234), "1.23");
+        assert_eq!(num(0.1234), "0.123");
+        assert_eq!(num(f64::NAN), "–");
+    }
+}

@@ -1,0 +1,147 @@
+//! `results.json`: every raw sample with its context. The schema (`"schema":
+//! "twinbox-bench/1"`):
+//!
+//! ```text
+//! {
+//!   "schema": "twinbox-bench/1",
+//!   "context":  Context,              // rev, dirty, date, host, kernel, cpus, cpu_model, mem_total_kib,
+//!                                     // cgroup_layout, virtualization { kind, detail }
+//!   "settings": Settings,             // what was asked: scenarios, backends, runs, warm-up, instances, max, image
+//!   "interrupted": bool,              // Ctrl-C: what is here is what was measured until then
+//!   "backends": [ { "name", "isolation", "available", "reason"?, "version"?, "note"? } ],
+//!   "records":  [ {
+//!       "backend", "scenario", "metric", "unit", "better": "lower" | "higher",
+//!       "description",                // what one sample is, in words
+//!       "samples": [f64],             // raw, in the order taken (density: sample i is instance i+1)
+//!       "warmup_dropped", "failures",
+//!       "summary": { n, min, max, mean, p50, p90, p99 } | null,   // p50/p90/p99 from an HDR histogram
+//!       "context": Context            // a copy, so a record stands on its own
+//!   } ],
+//!   "notes": [string]
+//! }
+//! ```
+//!
+//! Units: `ms`, `KiB`, `MiB`, `instances/s`, `ratio` (a backend's figure over the bare process's).
+
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+use crate::host::Context;
+use crate::stats::Summary;
+
+/// The schema identifier written into every results.json.
+pub const SCHEMA: &str = "twinbox-bench/1";
+
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Results {
+    pub schema: String,
+    pub context: Context,
+    pub settings: Settings,
+    pub interrupted: bool,
+    pub backends: Vec<BackendStatus>,
+    pub records: Vec<Record>,
+    pub notes: Vec<String>,
+}
+
+/// What the run was asked to do.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct Settings {
+    pub image: String,
+    pub scenarios: Vec<String>,
+    pub backends: Vec<String>,
+    pub quick: bool,
+    /// Measured rounds of the start scenario.
+    pub start_runs: usize,
+    /// Measured rounds of the CPU scenario.
+    pub cpu_runs: usize,
+    pub warmup: usize,
+    /// Idle instances per backend in the memory scenario.
+    pub instances: usize,
+    /// Instances per backend in the density scenario.
+    pub max: usize,
+    /// Target duration of the bare process's compute and syscall loops, ms.
+    pub cpu_target_ms: u64,
+}
+
+/// Whether a backend was measured, and if not why.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct BackendStatus {
+    pub name: String,
+    /// "process", "container" or "microvm".
+    pub isolation: String,
+    pub available: bool,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub version: Option<String>,
+    /// How it was run, when that needs saying (crun's hidden cgroup2 mount).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+#[derive(Serialize, Deserialize, Clone, Copy, Debug, PartialEq, Eq)]
+#[serde(rename_all = "lowercase")]
+pub enum Better {
+    Lower,
+    Higher,
+}
+
+/// One metric of one backend in one scenario.
+#[derive(Serialize, Deserialize, Clone, Debug)]
+pub struct Record {
+    pub backend: String,
+    pub scenario: String,
+    pub metric: String,
+    pub unit: String,
+    pub better: Better,
+    pub description: String,
+    pub samples: Vec<f64>,
+    pub warmup_dropped: usize,
+    pub failures: usize,
+    pub summary: Option<Summary>,
+    pub context: Context,
+}
+
+impl Record {
+    /// The key `compare` matches records by.
+    pub fn key(&self) -> (String, String, String) {
+        (self.backend.clone(), self.scenario.clone(), self.metric.clone())
+    }
+}
+
+impl Results {
+    pub fn record(&self, backend: &str, scenario: &str, metric: &str) -> Option<&Record> {
+        self.records.iter().find(|r| r.backend == backend && r.scenario == scenario && r.metric == metric)
+    }
+
+    /// Read a results.json, checking its schema.
+    pub fn load(path: &Path) -> Result<Results, ResultsError> {
+        let bytes = std::fs::read(path).map_err(|source| ResultsError::Read { path: path.to_owned(), source })?;
+        let value: serde_json::Value =
+            serde_json::from_slice(&bytes).map_err(|source| ResultsError::Json { path: path.to_owned(), source })?;
+        let schema = value.get("schema").and_then(|s| s.as_str()).unwrap_or("none").to_owned();
+        if schema != SCHEMA {
+            return Err(ResultsError::Schema { path: path.to_owned(), found: schema });
+        }
+        serde_json::from_value(value).map_err(|source| ResultsError::Json { path: path.to_owned(), source })
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ResultsError {
+    #[error("cannot read {path}")]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path} is not a twinbox bench results.json")]
+    Json {
+        path: std::path::PathBuf,
+        #[source]
+        source: serde_json::Error,
+    },
+    #[error("{path} has schema {found:?}, expected {SCHEMA:?}")]
+    Schema { path: std::path::PathBuf, found: String },
+}

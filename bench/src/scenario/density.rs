@@ -1,0 +1,119 @@
+//! Density: start instances of `hello sleep` one after another up to N, recording after each
+//! the launch latency (launch → the launcher returns with the instance started; for the bare
+//! process, the exec done) and the host memory the instances hold: PSS of every process they
+//! left running plus the kernel's Slab + PageTables + KernelStack growth since before the
+//! first (MemAvailable moves with everything else on a shared machine; this does not); then the launch rate (instances / sum of launch latencies) and the teardown time
+//! per instance. Each backend starts from nothing running.
+
+use std::time::{Duration, Instant};
+
+use super::{leftovers, marker_base, ms, Fleet, Run, Scenario};
+use crate::backend::Workload;
+use crate::host::{kernel_kib, pss_kib, scan};
+use crate::results::Better;
+
+pub fn run(r: &mut Run<'_>) {
+    let max = r.settings.max.max(1);
+    let nb = r.backends.len();
+    let bar = r.progress((max * nb) as u64, "density");
+    for k in 0..nb {
+        if crate::signal::interrupted() {
+            break;
+        }
+        let b = r.backends[k].as_ref();
+        let name = b.name();
+        bar.set_message(name);
+        let base = marker_base();
+        let markers: Vec<String> = (0..max as u64).map(|i| (base + i).to_string()).collect();
+        let mut fleet = Fleet::new(b);
+        std::thread::sleep(Duration::from_millis(300));
+        let k0 = kernel_kib() as f64;
+        let mut latency = Vec::new();
+        let mut memory = Vec::new();
+        let mut failure = None;
+        for i in 0..max {
+            if crate::signal::interrupted() {
+                break;
+            }
+            let t = Instant::now();
+            match b.launch(&Workload::Sleep(base + i as u64), &format!("{}-d{name}-{i}", r.tag)) {
+                Ok(inst) => {
+                    latency.push(ms(t.elapsed()));
+                    fleet.instances.push(inst);
+                    let pss: u64 = scan()
+                        .iter()
+                        .filter(|p| p.args.iter().any(|a| markers[..=i].contains(a)))
+                        .filter_map(|p| pss_kib(p.pid))
+                        .sum();
+                    memory.push((pss as f64 + kernel_kib() as f64 - k0) / 1024.0);
+                }
+                Err(e) => {
+                    failure = Some(format!("density: {name}: launch {} failed: {}", i + 1, super::error_chain(&e)));
+                    break;
+                }
+            }
+            bar.inc(1);
+        }
+        let (times, errors) = fleet.teardown();
+        drop(fleet);
+        if let Some(f) = failure {
+            r.note(f);
+        }
+        for e in errors {
+            r.note(format!("density: teardown: {e}"));
+        }
+        std::thread::sleep(Duration::from_millis(200));
+        let left = leftovers(&markers);
+        if left > 0 {
+            r.note(format!("density: {name}: {left} processes still running after teardown"));
+        }
+        let count = latency.len();
+        let total_s: f64 = latency.iter().sum::<f64>() / 1000.0;
+        let rate = if total_s > 0.0 { vec![count as f64 / total_s] } else { Vec::new() };
+        r.record(
+            name,
+            Scenario::Density,
+            "launch_latency",
+            "ms",
+            Better::Lower,
+            "launch of instance i (sample i−1) with i−1 already running: until the launcher returns",
+            latency,
+            0,
+            0,
+        );
+        r.record(
+            name,
+            Scenario::Density,
+            "host_memory",
+            "MiB",
+            Better::Lower,
+            "after launching instance i (sample i−1): PSS of all instances' processes + kernel Slab/PageTables/KernelStack growth",
+            memory,
+            0,
+            0,
+        );
+        r.record(
+            name,
+            Scenario::Density,
+            "launch_rate",
+            "instances/s",
+            Better::Higher,
+            &format!("{count} instances / the sum of their launch latencies"),
+            rate,
+            0,
+            0,
+        );
+        r.record(
+            name,
+            Scenario::Density,
+            "teardown",
+            "ms",
+            Better::Lower,
+            "stopping and removing one running instance",
+            times.iter().map(|d| ms(*d)).collect(),
+            0,
+            0,
+        );
+    }
+    bar.finish_and_clear();
+}

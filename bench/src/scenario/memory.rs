@@ -1,0 +1,134 @@
+//! Memory per idle instance: N instances of `hello sleep M` (M unique per instance, so each
+//! instance's processes are found by their arguments), then
+//!
+//! - PSS of every process the backend leaves running for an instance (the workload, and for
+//!   `twinbox run -d` its monitor), from /proc/PID/smaps_rollup;
+//! - the growth of the kernel's Slab + PageTables + KernelStack from before the first launch
+//!   to after the last, divided by N (namespaces, mounts, cgroups, page tables, task structs).
+//!
+//! One backend after the other; each starts from nothing running and must leave nothing behind.
+
+use std::time::Duration;
+
+use super::{leftovers, marker_base, Fleet, Run, Scenario};
+use crate::backend::{wait_for_marker, Backend, Workload};
+use crate::host::{kernel_kib, pss_kib, scan};
+use crate::results::Better;
+
+struct Reading {
+    pss: Vec<f64>,
+    procs: Vec<f64>,
+    kernel: f64,
+}
+
+fn idle(r: &Run<'_>, b: &dyn Backend, n: usize, base: u64, bar: &indicatif::ProgressBar) -> Result<Reading, String> {
+    let markers: Vec<String> = (0..n as u64).map(|i| (base + i).to_string()).collect();
+    let mut fleet = Fleet::new(b);
+    std::thread::sleep(Duration::from_millis(300));
+    let k0 = kernel_kib();
+    for (i, m) in markers.iter().enumerate() {
+        if crate::signal::interrupted() {
+            return Err("interrupted".into());
+        }
+        let id = format!("{}-m{}-{i}", r.tag, b.name());
+        let inst = b.launch(&Workload::Sleep(base + i as u64), &id).map_err(|e| super::error_chain(&e))?;
+        fleet.instances.push(inst);
+        if !wait_for_marker(m, Duration::from_secs(5)) {
+            return Err(format!("instance {id} did not show its workload within 5 s"));
+        }
+        bar.inc(1);
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    let procs = scan();
+    let mut pss = vec![0.0; n];
+    let mut count = vec![0.0; n];
+    for p in &procs {
+        if let Some(i) = markers.iter().position(|m| p.args.iter().any(|a| a == m)) {
+            if let Some(kib) = pss_kib(p.pid) {
+                pss[i] += kib as f64;
+                count[i] += 1.0;
+            }
+        }
+    }
+    let k1 = kernel_kib();
+    let (_, errors) = fleet.teardown();
+    if !errors.is_empty() {
+        return Err(format!("teardown: {}", errors.join("; ")));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let left = leftovers(&markers);
+    if left > 0 {
+        return Err(format!("{left} processes still running after teardown"));
+    }
+    Ok(Reading { pss, procs: count, kernel: k1.saturating_sub(k0) as f64 / n as f64 })
+}
+
+pub fn run(r: &mut Run<'_>) {
+    let n = r.settings.instances.max(1);
+    let nb = r.backends.len();
+    let bar = r.progress((n * nb) as u64, "memory");
+    for k in 0..nb {
+        if crate::signal::interrupted() {
+            break;
+        }
+        let b = r.backends[k].as_ref();
+        bar.set_message(b.name());
+        let base = marker_base();
+        match idle(r, b, n, base, &bar) {
+            Ok(reading) => {
+                let mean_pss = reading.pss.iter().sum::<f64>() / n as f64;
+                let desc = format!("{n} idle instances of `hello sleep`");
+                let name = b.name();
+                r.record(
+                    name,
+                    Scenario::Memory,
+                    "pss_per_instance",
+                    "KiB",
+                    Better::Lower,
+                    &format!("PSS of the processes each instance leaves running; {desc}, one sample per instance"),
+                    reading.pss,
+                    0,
+                    0,
+                );
+                r.record(
+                    name,
+                    Scenario::Memory,
+                    "processes_per_instance",
+                    "processes",
+                    Better::Lower,
+                    &format!("processes each instance leaves running; {desc}"),
+                    reading.procs,
+                    0,
+                    0,
+                );
+                r.record(
+                    name,
+                    Scenario::Memory,
+                    "kernel_per_instance",
+                    "KiB",
+                    Better::Lower,
+                    &format!("growth of Slab + PageTables + KernelStack over {n} instances, divided by {n}"),
+                    vec![reading.kernel],
+                    0,
+                    0,
+                );
+                r.record(
+                    name,
+                    Scenario::Memory,
+                    "total_per_instance",
+                    "KiB",
+                    Better::Lower,
+                    &format!("mean PSS + kernel growth per instance; {desc}"),
+                    vec![mean_pss + reading.kernel],
+                    0,
+                    0,
+                );
+            }
+            Err(e) => {
+                let name = b.name();
+                r.note(format!("memory: {name}: {e}"));
+            }
+        }
+    }
+    bar.finish_and_clear();
+}

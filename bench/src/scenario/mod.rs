@@ -1,0 +1,236 @@
+//! Scenarios: what is measured, over every available backend, interleaved round by round (the
+//! order rotates each round, so no backend always runs right after the same other one).
+//!
+//! | scenario | metrics |
+//! |---|---|
+//! | [`start`] | `time_to_workload`, `end_to_end`, `launch_cpu` (ms) |
+//! | [`memory`] | `pss_per_instance`, `kernel_per_instance`, `total_per_instance` (KiB), `processes_per_instance` |
+//! | [`density`] | `launch_latency` (ms) and `host_memory` (MiB) vs N, `launch_rate` (instances/s), `teardown` (ms) |
+//! | [`cpu`] | `compute`, `syscalls` (ms of work), `compute_ratio`, `syscalls_ratio` (vs the bare process) |
+
+pub mod cpu;
+pub mod density;
+pub mod memory;
+pub mod start;
+
+use std::fs::File;
+use std::io::{IsTerminal, Read};
+use std::path::Path;
+use std::process::Stdio;
+use std::time::{Duration, Instant};
+
+use indicatif::{ProgressBar, ProgressStyle};
+
+use crate::backend::{Backend, BackendError, Instance, Workload};
+use crate::host::Context;
+use crate::results::{Better, Record, Settings};
+use crate::stats::Summary;
+
+/// A scenario's name as `--scenario` takes it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Scenario {
+    Start,
+    Memory,
+    Density,
+    Cpu,
+}
+
+impl Scenario {
+    pub const ALL: [Scenario; 4] = [Scenario::Start, Scenario::Memory, Scenario::Density, Scenario::Cpu];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Scenario::Start => "start",
+            Scenario::Memory => "memory",
+            Scenario::Density => "density",
+            Scenario::Cpu => "cpu",
+        }
+    }
+
+    pub fn parse(s: &str) -> Option<Scenario> {
+        Scenario::ALL.into_iter().find(|x| x.as_str() == s)
+    }
+}
+
+/// What every scenario gets: the prepared backends and where to put what it finds.
+pub struct Run<'a> {
+    pub backends: &'a [Box<dyn Backend>],
+    pub settings: &'a Settings,
+    pub context: &'a Context,
+    pub image: &'a crate::backend::PreparedImage,
+    pub records: Vec<Record>,
+    pub notes: Vec<String>,
+    /// Prefix of instance ids, unique to this run.
+    pub tag: String,
+}
+
+impl Run<'_> {
+    /// Add a record; its summary is computed from the samples.
+    #[allow(clippy::too_many_arguments)]
+    pub fn record(
+        &mut self,
+        backend: &str,
+        scenario: Scenario,
+        metric: &str,
+        unit: &str,
+        better: Better,
+        description: &str,
+        samples: Vec<f64>,
+        warmup_dropped: usize,
+        failures: usize,
+    ) {
+        self.records.push(Record {
+            backend: backend.to_owned(),
+            scenario: scenario.as_str().to_owned(),
+            metric: metric.to_owned(),
+            unit: unit.to_owned(),
+            better,
+            description: description.to_owned(),
+            summary: Summary::of(&samples),
+            samples,
+            warmup_dropped,
+            failures,
+            context: self.context.clone(),
+        });
+    }
+
+    pub fn note(&mut self, text: String) {
+        tracing::warn!("{text}");
+        self.notes.push(text);
+    }
+
+    /// A progress bar on stderr, hidden when stderr is not a terminal.
+    pub fn progress(&self, len: u64, what: &str) -> ProgressBar {
+        let bar = if std::io::stderr().is_terminal() { ProgressBar::new(len) } else { ProgressBar::hidden() };
+        bar.set_style(
+            ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg}")
+                .expect("a valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(what.to_owned());
+        bar
+    }
+}
+
+/// Timings of one foreground run, stamped by the harness.
+#[derive(Debug, Clone, Copy)]
+pub struct RunTiming {
+    /// Launch → first byte of the workload's stdout.
+    pub first_byte: Option<Duration>,
+    /// Launch → the launcher's exit (instance gone).
+    pub exit: Duration,
+    /// User + system CPU time of the launcher and everything it waited for.
+    pub cpu: Duration,
+}
+
+/// Run `workload` once in the foreground on `backend`: spawn, stamp the first byte on the
+/// workload's stdout and the exit.
+pub fn run_once(
+    backend: &dyn Backend,
+    workload: &Workload,
+    id: &str,
+    scratch: &Path,
+) -> Result<RunTiming, BackendError> {
+    let spawn_err = |source| BackendError::Spawn { what: backend.name().to_owned(), source };
+    let err_path = scratch.join("stderr.log");
+    let err_file = File::create(&err_path).map_err(|source| BackendError::Write { path: err_path.clone(), source })?;
+    let mut cmd = backend.run_command(workload, id)?;
+    cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(err_file);
+    let cpu0 = children_cpu();
+    let t0 = Instant::now();
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    let mut out = child.stdout.take().expect("stdout is piped");
+    let mut first = [0u8; 1];
+    let first_byte = match out.read(&mut first) {
+        Ok(1) => Some(t0.elapsed()),
+        _ => None,
+    };
+    let mut rest = Vec::new();
+    let _ = out.read_to_end(&mut rest);
+    let status = child.wait().map_err(spawn_err)?;
+    let exit = t0.elapsed();
+    let cpu = children_cpu().saturating_sub(cpu0);
+    if !status.success() {
+        backend.cleanup_run(id);
+        let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+        return Err(BackendError::Failed {
+            what: format!("{} {}", backend.name(), workload.args().join(" ")),
+            status: status.to_string(),
+            stderr: stderr.trim().to_owned(),
+        });
+    }
+    Ok(RunTiming { first_byte, exit, cpu })
+}
+
+/// CPU time of all waited-for children so far.
+fn children_cpu() -> Duration {
+    use nix::sys::resource::{getrusage, UsageWho};
+    let Ok(u) = getrusage(UsageWho::RUSAGE_CHILDREN) else { return Duration::ZERO };
+    let tv = |t: nix::sys::time::TimeVal| Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000);
+    tv(u.user_time()) + tv(u.system_time())
+}
+
+pub fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1000.0
+}
+
+/// Instances one backend started; torn down on drop, whatever happened in between.
+pub struct Fleet<'b> {
+    backend: &'b dyn Backend,
+    pub instances: Vec<Instance>,
+}
+
+impl<'b> Fleet<'b> {
+    pub fn new(backend: &'b dyn Backend) -> Self {
+        Fleet { backend, instances: Vec::new() }
+    }
+
+    /// Tear everything down, one instance after the other; the time each took and the
+    /// failures' messages.
+    pub fn teardown(&mut self) -> (Vec<Duration>, Vec<String>) {
+        let mut times = Vec::new();
+        let mut errors = Vec::new();
+        for mut inst in self.instances.drain(..) {
+            let t = Instant::now();
+            match self.backend.teardown(&mut inst) {
+                Ok(()) => times.push(t.elapsed()),
+                Err(e) => errors.push(format!("{} {}: {}", self.backend.name(), inst.id, error_chain(&e))),
+            }
+        }
+        (times, errors)
+    }
+}
+
+impl Drop for Fleet<'_> {
+    fn drop(&mut self) {
+        let (_, errors) = self.teardown();
+        for e in errors {
+            tracing::warn!("teardown: {e}");
+        }
+    }
+}
+
+/// An error with its sources, on one line.
+pub fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut s = e.to_string();
+    let mut cur = e.source();
+    while let Some(c) = cur {
+        s.push_str(": ");
+        s.push_str(&c.to_string());
+        cur = c.source();
+    }
+    s
+}
+
+/// Processes whose arguments include `marker` (instances left behind).
+pub fn leftovers(markers: &[String]) -> usize {
+    crate::host::scan().iter().filter(|p| p.args.iter().any(|a| markers.contains(a))).count()
+}
+
+/// A base for `hello sleep` markers no other process on the host has in its arguments.
+pub fn marker_base() -> u64 {
+    let nanos =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
+    // Over 30 years of sleep, with room for 10 000 instances per base.
+    1_000_000_000 + u64::from(nanos % 100_000) * 10_000 + u64::from(std::process::id() % 10) * 1_000_000_000
+}

@@ -1,0 +1,104 @@
+//! Report generation from synthetic results: every file is written, the SVGs are well-formed
+//! enough to inline, and the text names every backend, unavailable ones with their reason.
+
+mod common;
+
+use std::path::Path;
+
+fn balanced(svg: &str, tag: &str) -> bool {
+    svg.matches(&format!("<{tag}")).count() == svg.matches(&format!("</{tag}>")).count()
+}
+
+/// Start and end of an SVG document, and no unclosed container elements.
+fn svg_ok(path: &Path) {
+    let svg = std::fs::read_to_string(path).unwrap();
+    let body = svg.trim();
+    assert!(
+        body.starts_with("<svg") || body.starts_with("<?xml"),
+        "{}: {}",
+        path.display(),
+        &body[..40.min(body.len())]
+    );
+    assert!(body.ends_with("</svg>"), "{} does not end with </svg>", path.display());
+    assert!(balanced(&svg, "svg") && balanced(&svg, "text"), "{}: unbalanced tags", path.display());
+    assert!(svg.contains("<text"), "{}: a chart without any text", path.display());
+}
+
+#[test]
+fn writes_every_file_and_names_every_backend() {
+    let r = common::results(1, 1.0);
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    let w = twinbox_bench::report::write(&r, &out).unwrap();
+    for f in ["results.json", "report.md", "report.html"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    if let Some(why) = &w.charts_skipped {
+        // Only acceptable when the machine has no font at all; CI machines have DejaVu.
+        assert!(std::env::var("CI").is_err(), "charts skipped under CI: {why}");
+        eprintln!("SKIPPED chart checks: {why}");
+    } else {
+        for stem in [
+            "start-time-to-workload",
+            "start-end-to-end",
+            "memory",
+            "density-launch-latency",
+            "density-host-memory",
+            "cpu",
+        ] {
+            svg_ok(&out.join(format!("{stem}.svg")));
+            let png = std::fs::read(out.join(format!("{stem}.png"))).unwrap();
+            assert_eq!(&png[..8], b"\x89PNG\r\n\x1a\n", "{stem}.png is not a PNG");
+        }
+    }
+
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("## What this shows"));
+    assert!(md.find("What this shows").unwrap() < md.find("## Backends").unwrap(), "the report must open with it");
+    for b in &r.backends {
+        assert!(md.contains(&b.name), "report.md does not mention {}", b.name);
+        if let Some(reason) = &b.reason {
+            assert!(md.contains(reason.as_str()), "report.md does not give the reason for {}: {reason}", b.name);
+        }
+    }
+    assert!(md.contains("No microVM was measured"), "the report must say the VM side is missing");
+
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.starts_with("<!DOCTYPE html>") && html.trim_end().ends_with("</html>"));
+    for b in &r.backends {
+        assert!(html.contains(&b.name));
+    }
+    if w.charts_skipped.is_none() {
+        assert_eq!(html.matches("<svg").count(), 6, "every chart inlined once");
+        assert!(!html.contains("<img"), "self-contained: no external images");
+    }
+
+    let back = twinbox_bench::results::Results::load(&out.join("results.json")).unwrap();
+    assert_eq!(back.records.len(), r.records.len());
+    for (a, b) in back.records[0].samples.iter().zip(&r.records[0].samples) {
+        assert!((a - b).abs() < 1e-12, "raw samples kept: {a} vs {b}");
+    }
+}
+
+#[test]
+fn a_run_with_only_unavailable_backends_still_reports() {
+    let mut r = common::results(2, 1.0);
+    r.records.clear();
+    for b in &mut r.backends {
+        b.available = false;
+        b.reason.get_or_insert_with(|| "needs root".into());
+    }
+    let dir = tempfile::tempdir().unwrap();
+    twinbox_bench::report::write(&r, dir.path()).unwrap();
+    let md = std::fs::read_to_string(dir.path().join("report.md")).unwrap();
+    assert!(md.contains("needs root") && md.contains("firecracker not on PATH"));
+}
+
+#[test]
+fn results_with_another_schema_are_refused() {
+    let dir = tempfile::tempdir().unwrap();
+    let p = dir.path().join("results.json");
+    std::fs::write(&p, r#"{"schema": "something-else/9"}"#).unwrap();
+    let e = twinbox_bench::results::Results::load(&p).unwrap_err();
+    assert!(e.to_string().contains("something-else/9"), "{e}");
+}

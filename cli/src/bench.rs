@@ -1,0 +1,183 @@
+//! `twinbox bench` and `twinbox bench compare`: arguments in, the bench library does the rest.
+
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+
+use anyhow::{Context, Result};
+use clap::{Args, Subcommand};
+use twinbox_bench::{compare, report, Options, Scenario};
+
+use crate::UserError;
+
+/// Exit code of `compare` when a metric regressed significantly.
+pub const REGRESSED: i32 = 2;
+
+#[derive(Args, Debug)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BenchArgs {
+    #[command(subcommand)]
+    command: Option<BenchCommand>,
+    /// A short run (< 1 min): fewer rounds, 10 instances.
+    #[arg(long)]
+    quick: bool,
+    /// Scenarios, comma-separated: start, memory, density, cpu.
+    #[arg(long, value_delimiter = ',', default_value = "start,memory,density,cpu")]
+    scenario: Vec<String>,
+    /// Backends, comma-separated (default: all; the ones that cannot run here are listed with the reason).
+    #[arg(long, value_delimiter = ',')]
+    backends: Vec<String>,
+    /// Measured rounds of the start and CPU scenarios (CPU: at most 10).
+    #[arg(long)]
+    runs: Option<usize>,
+    /// Idle instances per backend in the memory scenario.
+    #[arg(long)]
+    instances: Option<usize>,
+    /// Instances per backend in the density scenario.
+    #[arg(long)]
+    max: Option<usize>,
+    /// The image to run (its entrypoint must be the default image's `hello`).
+    #[arg(long, default_value = twinbox_bench::DEFAULT_IMAGE)]
+    image: String,
+    /// Report directory (default: reports/<date>-<rev>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Print results.json to stdout.
+    #[arg(long)]
+    json: bool,
+}
+
+#[derive(Subcommand, Debug)]
+enum BenchCommand {
+    /// Compare two results.json: per metric the median's change and a Mann-Whitney U test;
+    /// exits 2 when a metric regressed significantly beyond the threshold.
+    Compare(CompareArgs),
+    /// Write the report (markdown, HTML, charts) again from a results.json, e.g. after the
+    /// report format changed.
+    Report(ReportArgs),
+}
+
+#[derive(Args, Debug)]
+struct ReportArgs {
+    results: PathBuf,
+    /// Report directory (default: the results file's directory).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args, Debug)]
+struct CompareArgs {
+    base: PathBuf,
+    new: PathBuf,
+    /// How much worse a median may get before it counts (e.g. 10%).
+    #[arg(long, default_value = "10%", value_parser = compare::parse_threshold)]
+    max_regression: f64,
+    /// Significance level of the test.
+    #[arg(long, default_value_t = 0.05)]
+    alpha: f64,
+    /// Print the comparison as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+pub fn bench(root: &Path, a: BenchArgs) -> Result<i32> {
+    match a.command {
+        Some(BenchCommand::Compare(c)) => return compare_cmd(c),
+        Some(BenchCommand::Report(r)) => return report_cmd(r),
+        None => {}
+    }
+    let twinbox = std::env::current_exe().context("cannot find the running twinbox binary")?;
+    let mut opts = Options::new(root, &twinbox);
+    opts.image = a.image;
+    opts.quick = a.quick;
+    opts.runs = a.runs;
+    opts.instances = a.instances;
+    opts.max = a.max;
+    opts.scenarios = a
+        .scenario
+        .iter()
+        .map(|s| {
+            Scenario::parse(s.trim())
+                .ok_or_else(|| UserError(format!("unknown scenario {s:?}; scenarios: start, memory, density, cpu")))
+        })
+        .collect::<Result<_, _>>()?;
+    if !a.backends.is_empty() {
+        opts.backends = a.backends.iter().map(|b| b.trim().to_owned()).collect();
+    }
+    twinbox_bench::signal::install().context("cannot install the Ctrl-C handler")?;
+    let results = twinbox_bench::run(&opts).map_err(|e| match e {
+        e @ (twinbox_bench::BenchError::NoImage { .. } | twinbox_bench::BenchError::UnknownBackend(_)) => {
+            anyhow::Error::new(UserError(e.to_string()))
+        }
+        e => anyhow::Error::new(e),
+    })?;
+    let dir = a.out.unwrap_or_else(|| report::default_dir(Path::new("reports"), &results));
+    let written =
+        report::write(&results, &dir).with_context(|| format!("cannot write the report in {}", dir.display()))?;
+    if a.json {
+        let mut out = std::io::stdout().lock();
+        serde_json::to_writer_pretty(&mut out, &results)?;
+        writeln!(out)?;
+    } else {
+        print_summary(&results);
+    }
+    if let Some(why) = &written.charts_skipped {
+        eprintln!("twinbox bench: {why}");
+    }
+    eprintln!("report: {}", written.dir.join("report.html").display());
+    Ok(if results.interrupted { 130 } else { 0 })
+}
+
+/// Medians per backend and metric, for the terminal.
+fn print_summary(r: &twinbox_bench::results::Results) {
+    println!(
+        "twinbox bench on {} ({}, kernel {}, rev {})",
+        r.context.host, r.context.virtualization.kind, r.context.kernel, r.context.rev
+    );
+    for b in r.backends.iter().filter(|b| !b.available) {
+        println!("  {:<18} not measured: {}", b.name, b.reason.as_deref().unwrap_or(""));
+    }
+    for rec in &r.records {
+        if let Some(s) = rec.summary {
+            println!(
+                "  {:<18} {:<8} {:<24} p50 {:>10} {:<11} p90 {:>10}  n {}",
+                rec.backend,
+                rec.scenario,
+                rec.metric,
+                report::num(s.p50),
+                rec.unit,
+                report::num(s.p90),
+                s.n
+            );
+        }
+    }
+    for n in &r.notes {
+        println!("  note: {n}");
+    }
+}
+
+fn compare_cmd(c: CompareArgs) -> Result<i32> {
+    use twinbox_bench::results::Results;
+    let load = |p: &Path| Results::load(p).map_err(|e| UserError(twinbox_bench::scenario::error_chain(&e)));
+    let base = load(&c.base)?;
+    let new = load(&c.new)?;
+    let cmp = compare::compare(&base, &new, c.max_regression, c.alpha).map_err(|e| UserError(e.to_string()))?;
+    if c.json {
+        println!("{}", serde_json::to_string_pretty(&cmp)?);
+    } else {
+        print!("{}", cmp.render(c.max_regression, c.alpha));
+    }
+    Ok(if cmp.regressed() { REGRESSED } else { 0 })
+}
+
+fn report_cmd(a: ReportArgs) -> Result<i32> {
+    let results = twinbox_bench::results::Results::load(&a.results)
+        .map_err(|e| UserError(twinbox_bench::scenario::error_chain(&e)))?;
+    let dir = a.out.unwrap_or_else(|| a.results.parent().map(Path::to_owned).unwrap_or_default());
+    let written =
+        report::write(&results, &dir).with_context(|| format!("cannot write the report in {}", dir.display()))?;
+    if let Some(why) = &written.charts_skipped {
+        eprintln!("twinbox bench: {why}");
+    }
+    eprintln!("report: {}", written.dir.join("report.html").display());
+    Ok(0)
+}

@@ -1,0 +1,147 @@
+//! `twinbox bench`: compare's exit codes on synthetic results, the missing-image hint, and one
+//! real `--quick` run (root, the default image built into a temporary store).
+
+mod common;
+
+use std::path::Path;
+
+use common::{hello_context, require_root, Env};
+use serde_json::{json, Value};
+
+/// A results.json with one metric whose samples are `center` ± 5%.
+fn results(center: f64, seed: u64) -> Value {
+    let mut x = seed | 1;
+    let samples: Vec<f64> = (0..30)
+        .map(|_| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            center * (0.95 + 0.1 * (x % 1000) as f64 / 1000.0)
+        })
+        .collect();
+    let context = json!({
+        "rev": "abc1234", "dirty": false, "date": "2025-01-01T00:00:00+00:00", "host": "h", "kernel": "k",
+        "cpus": 2, "cpu_model": "cpu", "mem_total_kib": 1, "cgroup_layout": "cgroup v2",
+        "virtualization": {"kind": "pvm", "detail": "test"}
+    });
+    json!({
+        "schema": "twinbox-bench/1",
+        "context": context,
+        "settings": {"image": "hello:latest", "scenarios": ["start"], "backends": [], "quick": true,
+                     "start_runs": 30, "cpu_runs": 3, "warmup": 2, "instances": 10, "max": 10, "cpu_target_ms": 150},
+        "interrupted": false,
+        "backends": [{"name": "crun", "isolation": "container", "available": true}],
+        "records": [{
+            "backend": "crun", "scenario": "start", "metric": "end_to_end", "unit": "ms", "better": "lower",
+            "description": "d", "samples": samples, "warmup_dropped": 2, "failures": 0, "summary": null,
+            "context": context
+        }],
+        "notes": []
+    })
+}
+
+fn write(env: &Env, name: &str, v: &Value) -> String {
+    let p = env.path(name);
+    std::fs::write(&p, serde_json::to_vec(v).unwrap()).unwrap();
+    p.display().to_string()
+}
+
+#[test]
+fn compare_exits_non_zero_on_a_significant_regression_only() {
+    let env = Env::new();
+    let base = write(&env, "base.json", &results(10.0, 1));
+    let same = write(&env, "same.json", &results(10.0, 7));
+    let slow = write(&env, "slow.json", &results(12.0, 9));
+    let a_a = env.run(&["bench", "compare", &base, &same]);
+    assert_eq!(a_a.status.code(), Some(0), "{}", String::from_utf8_lossy(&a_a.stdout));
+    let reg = env.run(&["bench", "compare", &base, &slow, "--max-regression", "10%"]);
+    assert_eq!(reg.status.code(), Some(2), "{}", String::from_utf8_lossy(&reg.stdout));
+    assert!(String::from_utf8_lossy(&reg.stdout).contains("REGRESSED"));
+    // A 20% slowdown under a 25% threshold passes.
+    let lenient = env.run(&["bench", "compare", &base, &slow, "--max-regression", "25%"]);
+    assert_eq!(lenient.status.code(), Some(0));
+    // Not a results file: a user error.
+    std::fs::write(env.path("junk.json"), "{}").unwrap();
+    let junk = env.run(&["bench", "compare", &base, &env.path("junk.json").display().to_string()]);
+    assert_eq!(junk.status.code(), Some(1), "{}", String::from_utf8_lossy(&junk.stderr));
+}
+
+#[test]
+fn a_missing_default_image_says_how_to_build_it() {
+    let env = Env::new();
+    let o = env.run(&["bench", "--quick", "--out", &env.path("r").display().to_string()]);
+    assert_eq!(o.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(err.contains("hello:latest") && err.contains("scripts/default-images.sh"), "{err}");
+    assert!(!env.path("r").exists(), "no report without an image");
+}
+
+fn hello_processes() -> usize {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return 0 };
+    rd.flatten()
+        .filter_map(|e| std::fs::read(e.path().join("cmdline")).ok())
+        .filter(|c| {
+            c.split(|b| *b == 0).next().is_some_and(|a| Path::new(&*String::from_utf8_lossy(a)).ends_with("hello"))
+        })
+        .count()
+}
+
+#[test]
+fn quick_start_run_end_to_end() {
+    if !require_root() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.path("hello");
+    if !hello_context(&ctx) {
+        return;
+    }
+    env.ok(&["build", "-q", "-t", "hello:latest", &ctx.display().to_string()]);
+    let before = hello_processes();
+    let out = env.path("report");
+    let o = env.run(&[
+        "bench",
+        "--quick",
+        "--scenario",
+        "start",
+        "--backends",
+        "process,twinbox-container,firecracker",
+        "--runs",
+        "5",
+        "--out",
+        &out.display().to_string(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "bench failed: {}", String::from_utf8_lossy(&o.stderr));
+    let printed: Value = serde_json::from_slice(&o.stdout).expect("--json prints results.json");
+    let written: Value = serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    assert_eq!(printed["records"], written["records"]);
+    for f in ["report.md", "report.html"] {
+        assert!(out.join(f).is_file(), "{f} missing");
+    }
+    assert_eq!(written["schema"], "twinbox-bench/1");
+    for b in ["process", "twinbox-container"] {
+        for m in ["time_to_workload", "end_to_end", "launch_cpu"] {
+            let rec = written["records"]
+                .as_array()
+                .unwrap()
+                .iter()
+                .find(|r| r["backend"] == b && r["metric"] == m)
+                .unwrap_or_else(|| panic!("no {b} {m} record"));
+            assert_eq!(rec["samples"].as_array().unwrap().len(), 5, "{b} {m}: 5 measured runs");
+            assert_eq!(rec["warmup_dropped"], 2);
+            for k in ["rev", "date", "host", "kernel", "cgroup_layout", "virtualization"] {
+                assert!(!rec["context"][k].is_null(), "{b} {m}: context.{k} missing");
+            }
+        }
+    }
+    let fc = written["backends"].as_array().unwrap().iter().find(|b| b["name"] == "firecracker").unwrap();
+    assert_eq!(fc["available"], false);
+    assert!(!fc["reason"].as_str().unwrap().is_empty());
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("firecracker") && md.contains(fc["reason"].as_str().unwrap()));
+    // Nothing left running, no container left behind.
+    assert!(hello_processes() <= before, "hello processes left behind");
+    let ps = env.ok(&["ps", "-a"]);
+    assert_eq!(ps.lines().count(), 1, "containers left: {ps}");
+}
