@@ -195,17 +195,28 @@ pub fn logout(a: LogoutArgs) -> Result<()> {
     Ok(())
 }
 
-/// Per-blob progress lines on stderr: one when a transfer starts (if it takes longer than a
-/// moment) and one when each blob is done.
+/// Per-blob progress on stderr: a progress bar per blob on a terminal (indicatif), otherwise
+/// a line when a transfer takes longer than a moment and one when each blob is done.
 struct Reporter {
     verb: &'static str,
     quiet: bool,
-    started: Mutex<Vec<(String, Instant, u64, bool)>>,
+    bars: Option<indicatif::MultiProgress>,
+    started: Mutex<Vec<Transfer>>,
+}
+
+struct Transfer {
+    short: String,
+    since: Instant,
+    size: u64,
+    announced: bool,
+    bar: Option<indicatif::ProgressBar>,
 }
 
 impl Reporter {
     fn new(verb: &'static str, quiet: bool) -> Self {
-        Self { verb, quiet, started: Mutex::new(Vec::new()) }
+        use std::io::IsTerminal;
+        let bars = (!quiet && std::io::stderr().is_terminal()).then(indicatif::MultiProgress::new);
+        Self { verb, quiet, bars, started: Mutex::new(Vec::new()) }
     }
 
     fn event(&self, e: Event<'_>) {
@@ -214,31 +225,68 @@ impl Reporter {
         }
         let mut started = self.started.lock().expect("progress lock");
         match e {
-            Event::Start { digest, size } => started.push((digest.short().to_owned(), Instant::now(), size, false)),
+            Event::Start { digest, size } => {
+                let bar = self.bars.as_ref().map(|m| {
+                    let b = m.add(indicatif::ProgressBar::new(size));
+                    b.set_style(
+                        indicatif::ProgressStyle::with_template(
+                            "{prefix}: {msg} [{bar:30}] {bytes}/{total_bytes} {bytes_per_sec}",
+                        )
+                        .expect("a valid template")
+                        .progress_chars("=> "),
+                    );
+                    b.set_prefix(digest.short().to_owned());
+                    b.set_message(self.verb);
+                    b
+                });
+                started.push(Transfer {
+                    short: digest.short().to_owned(),
+                    since: Instant::now(),
+                    size,
+                    announced: false,
+                    bar,
+                });
+            }
             Event::Progress { digest, done } => {
-                if let Some(s) = started.iter_mut().find(|s| s.0 == digest.short()) {
-                    if !s.3 && s.1.elapsed().as_millis() > 500 {
-                        s.3 = true;
-                        eprintln!("{}: {} {} ...", s.0, self.verb, human_bytes(s.2));
-                    }
-                    if s.3 && s.2 > 0 {
-                        tracing::debug!(blob = %s.0, done, total = s.2, "progress");
+                if let Some(t) = started.iter_mut().find(|t| t.short == digest.short()) {
+                    match &t.bar {
+                        Some(b) => b.set_position(done),
+                        None if !t.announced && t.since.elapsed().as_millis() > 500 => {
+                            t.announced = true;
+                            eprintln!("{}: {} {} ...", t.short, self.verb, human_bytes(t.size));
+                        }
+                        None => {}
                     }
                 }
             }
             Event::Resume { digest, offset } => {
-                eprintln!("{}: connection broke off at {}; resuming", digest.short(), human_bytes(offset));
+                let line = format!("{}: connection broke off at {}; resuming", digest.short(), human_bytes(offset));
+                match &self.bars {
+                    Some(m) => {
+                        let _ = m.println(line);
+                    }
+                    None => eprintln!("{line}"),
+                }
             }
             Event::Done { digest, how } => {
+                let t = started.iter().find(|t| t.short == digest.short());
                 let what = match how {
                     Outcome::Exists => "already exists".to_owned(),
                     Outcome::Mounted => "mounted from another repository".to_owned(),
                     Outcome::Transferred => {
-                        let size = started.iter().find(|s| s.0 == digest.short()).map_or(0, |s| s.2);
+                        let size = t.map_or(0, |t| t.size);
                         format!("{} {}", if self.verb == "Pulling" { "pulled" } else { "pushed" }, human_bytes(size))
                     }
                 };
-                eprintln!("{}: {what}", digest.short());
+                match t.and_then(|t| t.bar.as_ref()) {
+                    Some(b) => {
+                        b.set_style(
+                            indicatif::ProgressStyle::with_template("{prefix}: {msg}").expect("a valid template"),
+                        );
+                        b.finish_with_message(what);
+                    }
+                    None => eprintln!("{}: {what}", digest.short()),
+                }
             }
         }
     }
