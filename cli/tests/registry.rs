@@ -656,3 +656,82 @@ fn a_broken_off_download_is_resumed_with_range() {
     env.ok(&["unpack", &name, env.path("r").to_str().unwrap()]);
     assert_eq!(std::fs::read(env.path("r/big")).unwrap(), data);
 }
+
+#[test]
+fn bearer_token_flow_from_the_challenge() {
+    // A registry that answers 401 with a Bearer challenge, and its token server: the token
+    // is only issued with the right Basic credentials and the scope the challenge named, and
+    // every registry request must carry it.
+    let l = layer(&[("f", b"behind a token")]);
+    let (manifest, cd, config, ld, _) = canned_image(&l);
+    let token_requests = Arc::new(AtomicUsize::new(0));
+    let seen = token_requests.clone();
+    let token_port = fake_registry(Arc::new(move |_m, path, h| {
+        seen.fetch_add(1, Ordering::SeqCst);
+        let basic = format!("Basic {}", base64_of("alice:s3cret"));
+        let scope_ok = path.contains("service=test-registry")
+            && (path.contains("scope=repository%3Atok%2Fapp%3Apull") || path.contains("scope=repository:tok/app:pull"));
+        if h.get("authorization") == Some(&basic) && scope_ok {
+            Reply::ok("application/json", br#"{"token":"tok-123","expires_in":300}"#.to_vec())
+        } else {
+            Reply { status: "401 Unauthorized", headers: vec![], body: vec![], cut_after: None }
+        }
+    }));
+    let realm = format!("http://127.0.0.1:{token_port}/token");
+    let port = fake_registry(Arc::new(move |_m, path, h| {
+        if h.get("authorization").map(String::as_str) != Some("Bearer tok-123") {
+            let scope = if path == "/v2/" { String::new() } else { ",scope=\"repository:tok/app:pull\"".to_owned() };
+            return Reply {
+                status: "401 Unauthorized",
+                headers: vec![(
+                    "WWW-Authenticate".into(),
+                    format!("Bearer realm=\"{realm}\",service=\"test-registry\"{scope}"),
+                )],
+                body: vec![],
+                cut_after: None,
+            };
+        }
+        if path == "/v2/" {
+            Reply::ok("application/json", b"{}".to_vec())
+        } else if path.ends_with("/manifests/1") {
+            Reply::ok(OCI_MANIFEST, manifest.clone())
+        } else if path.ends_with(&cd.to_string()) {
+            Reply::ok("application/octet-stream", config.clone())
+        } else if path.ends_with(&ld.to_string()) {
+            Reply::ok("application/octet-stream", l.clone())
+        } else {
+            Reply::not_found()
+        }
+    }));
+    let env = Env::new();
+    let docker = env.path("docker");
+    let r = format!("127.0.0.1:{port}/tok/app:1");
+    // Without credentials the token server refuses: a clear user error.
+    let o = run_with(&env, &docker, &["pull", &r], None);
+    assert_eq!(o.status.code(), Some(1), "{}", stderr(&o));
+    // With them (written as `docker login` would), the pull goes through the token.
+    std::fs::create_dir_all(&docker).unwrap();
+    let auth = format!(r#"{{"auths":{{"127.0.0.1:{port}":{{"auth":"{}"}}}}}}"#, base64_of("alice:s3cret"));
+    std::fs::write(docker.join("config.json"), auth).unwrap();
+    let o = run_with(&env, &docker, &["pull", &r], None);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    assert!(token_requests.load(Ordering::SeqCst) >= 2, "the token server was asked");
+    assert!(env.store().resolve(&r).is_ok());
+}
+
+fn base64_of(s: &str) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let b = s.as_bytes();
+    let mut out = String::new();
+    for c in b.chunks(3) {
+        let n = (c[0] as u32) << 16 | (*c.get(1).unwrap_or(&0) as u32) << 8 | *c.get(2).unwrap_or(&0) as u32;
+        for i in 0..4 {
+            if i <= c.len() {
+                out.push(T[(n >> (18 - 6 * i)) as usize & 63] as char);
+            } else {
+                out.push('=');
+            }
+        }
+    }
+    out
+}
