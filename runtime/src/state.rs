@@ -171,7 +171,7 @@ impl State {
         self.status = derive_status(self.pid, self.init_start_time, &dir.join(EXEC_FIFO));
     }
 
-    /// Write `<dir>/state.json` atomically (temp file + fsync + rename).
+    /// Write `<dir>/state.json` atomically (temp file + rename).
     pub fn save(&self, dir: &Path) -> Result<(), StateError> {
         let bytes = serde_json::to_vec_pretty(self).unwrap_or_default();
         // 0600: the config snapshot holds the process environment.
@@ -179,7 +179,9 @@ impl State {
     }
 }
 
-/// Write a file atomically with `mode`: a temp file next to it, fsync, rename.
+/// Write a file atomically with `mode`: a temp file next to it, then a rename. No fsync: the
+/// state describes live processes, which a crash of the machine ends anyway (runc does the
+/// same), and a sync costs every container start a disk flush when --root is not on tmpfs.
 pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StateError> {
     use std::os::unix::fs::OpenOptionsExt;
     let err = |source| StateError::Write { path: path.to_path_buf(), source };
@@ -187,7 +189,7 @@ pub fn write_atomic(path: &Path, bytes: &[u8], mode: u32) -> Result<(), StateErr
     let tmp = path.with_file_name(format!(".{name}.tmp{}", std::process::id()));
     let mut f =
         std::fs::OpenOptions::new().write(true).create(true).truncate(true).mode(mode).open(&tmp).map_err(err)?;
-    let res = f.write_all(bytes).and_then(|()| f.sync_all()).and_then(|()| std::fs::rename(&tmp, path));
+    let res = f.write_all(bytes).and_then(|()| std::fs::rename(&tmp, path));
     if let Err(e) = res {
         let _ = std::fs::remove_file(&tmp);
         return Err(err(e));
