@@ -393,14 +393,24 @@ fn v1_device_rules_are_enforced() {
 }
 
 #[test]
-fn custom_path_keeps_its_shared_parent() {
-    if !have_root("custom_path_keeps_its_shared_parent") {
+fn empty_twinbox_parents_go_and_foreign_parents_stay() {
+    if !have_root("empty_twinbox_parents_go_and_foreign_parents_stay") {
         return;
     }
     let id = unique_id();
+    // Under /twinbox: the emptied intermediate parent is removed with the leaf.
     let parent = format!("/twinbox/{id}-parent");
     let m = CgroupManager::new(Some(&Path::new(&parent).join(&id)), &id).unwrap();
     assert_eq!(m.path(), Path::new(&parent).join(&id));
+    m.create(None).unwrap();
+    m.destroy().unwrap();
+    for dir in m.dirs() {
+        assert!(!dir.exists(), "{}", dir.display());
+        assert!(!dir.parent().unwrap().exists(), "empty twinbox parent left: {}", dir.parent().unwrap().display());
+    }
+    // Anywhere else: a parent twinbox did not name is never removed.
+    let foreign = format!("/{id}-foreign");
+    let m = CgroupManager::new(Some(&Path::new(&foreign).join(&id)), &id).unwrap();
     m.create(None).unwrap();
     m.destroy().unwrap();
     for dir in m.dirs() {

@@ -415,8 +415,31 @@ impl CgroupManager {
         match first_error {
             Some(e) => Err(e),
             None => {
+                self.remove_empty_parents(&dirs);
                 tracing::debug!(path = %self.path.display(), "cgroup destroyed");
                 Ok(())
+            }
+        }
+    }
+
+    /// Remove twinbox's own parent cgroups (`/twinbox/…`) once the last container under them
+    /// is gone, so nothing of twinbox stays in the hierarchies. Only parents below and
+    /// including `/twinbox` are touched, and only when empty (rmdir refuses otherwise); a
+    /// concurrent create re-walks its path if a parent disappears under it.
+    fn remove_empty_parents(&self, leaves: &[PathBuf]) {
+        let depth = self.path.components().count();
+        if depth < 3 || self.path.components().nth(1) != Some(std::path::Component::Normal(DEFAULT_PARENT.as_ref())) {
+            return;
+        }
+        for leaf in leaves {
+            let mut dir = leaf.parent();
+            // `path` is /twinbox/…/leaf: its parents up to /twinbox are depth - 2 levels.
+            for _ in 0..depth - 2 {
+                let Some(d) = dir else { break };
+                if std::fs::remove_dir(d).is_err() {
+                    break;
+                }
+                dir = d.parent();
             }
         }
     }
