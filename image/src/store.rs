@@ -887,7 +887,10 @@ pub fn host_platform() -> String {
     format!("linux/{arch}")
 }
 
-fn select_platform(index: &ImageIndex, platform: Option<&str>, reference: &Option<Reference>) -> Result<Descriptor> {
+/// The entry of `index` for `platform` (`os/arch` or `os/arch/variant`; the host's when
+/// `None`). On a miss: the platform asked for and the ones offered (comma-separated, or
+/// "none"), for the caller's error.
+pub fn find_platform(index: &ImageIndex, platform: Option<&str>) -> std::result::Result<Descriptor, (String, String)> {
     let want = platform.map(str::to_owned).unwrap_or_else(host_platform);
     let mut available = Vec::new();
     for m in index.manifests() {
@@ -900,16 +903,23 @@ fn select_platform(index: &ImageIndex, platform: Option<&str>, reference: &Optio
         if want == os_arch || want == full {
             return Ok(m.clone());
         }
-        available.push(full);
+        // Attestation manifests (buildkit) carry unknown/unknown: not a platform to offer.
+        if os_arch != "unknown/unknown" {
+            available.push(full);
+        }
     }
     // Single-entry indexes without a platform (as some tools write) mean "this one".
     if index.manifests().len() == 1 && index.manifests()[0].platform().is_none() {
         return Ok(index.manifests()[0].clone());
     }
-    Err(StoreError::NoPlatform {
+    Err((want, if available.is_empty() { "none".into() } else { available.join(", ") }))
+}
+
+fn select_platform(index: &ImageIndex, platform: Option<&str>, reference: &Option<Reference>) -> Result<Descriptor> {
+    find_platform(index, platform).map_err(|(platform, available)| StoreError::NoPlatform {
         image: reference.as_ref().map(|r| r.to_string()).unwrap_or_default(),
-        platform: want,
-        available: if available.is_empty() { "none".into() } else { available.join(", ") },
+        platform,
+        available,
     })
 }
 

@@ -15,7 +15,7 @@ use super::{
 };
 use crate::digest::Digest;
 use crate::reference::Reference;
-use crate::store::{host_platform, Store, StoreError};
+use crate::store::{Store, StoreError};
 
 /// How to pull.
 #[derive(Debug, Clone)]
@@ -138,29 +138,10 @@ fn verify_manifest(bytes: &[u8], pinned: Option<&Digest>, header: Option<&str>, 
 
 /// The index entry for `platform` (`os/arch` or `os/arch/variant`; the host's by default).
 pub fn select_platform(index: &ImageIndex, platform: Option<&str>, image: &str) -> Result<Descriptor> {
-    let want = platform.map(str::to_owned).unwrap_or_else(host_platform);
-    let mut available = Vec::new();
-    for m in index.manifests() {
-        let Some(p) = m.platform() else { continue };
-        let os_arch = format!("{}/{}", p.os(), p.architecture());
-        let full = match p.variant() {
-            Some(v) => format!("{os_arch}/{v}"),
-            None => os_arch.clone(),
-        };
-        if want == os_arch || want == full {
-            return Ok(m.clone());
-        }
-        if os_arch != "unknown/unknown" {
-            available.push(full);
-        }
-    }
-    if index.manifests().len() == 1 && index.manifests()[0].platform().is_none() {
-        return Ok(index.manifests()[0].clone());
-    }
-    Err(RegistryError::NoPlatform {
+    crate::store::find_platform(index, platform).map_err(|(platform, available)| RegistryError::NoPlatform {
         reference: image.to_owned(),
-        platform: want,
-        available: if available.is_empty() { "none".into() } else { available.join(", ") },
+        platform,
+        available,
     })
 }
 
