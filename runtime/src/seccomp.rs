@@ -65,8 +65,6 @@ pub enum SeccompError {
     ErrnoRange { action: String, errno: u32 },
     #[error("seccomp: syscall {syscalls}: argument index {index} out of range (0..=5)")]
     ArgIndex { syscalls: String, index: usize },
-    #[error("seccomp: syscall {syscall} has conflicting actions {first} and {second}")]
-    Conflict { syscall: String, first: String, second: String },
     #[error("seccomp: rule for {syscalls}")]
     Rule {
         syscalls: String,
@@ -256,12 +254,11 @@ fn add_rule(table: &mut BTreeMap<u32, SyscallRules>, rule: &LinuxSyscall) -> Res
             None => match &entry.unconditional {
                 None => entry.unconditional = Some(action),
                 Some(first) if first.ret == action.ret => {}
+                // Two unconditional rules with different actions (podman's default profile
+                // lists setns both as ALLOW and as ERRNO(1)): the first one wins, as runc with
+                // libseccomp behaves on the same profile.
                 Some(first) => {
-                    return Err(SeccompError::Conflict {
-                        syscall: name.clone(),
-                        first: describe(first),
-                        second: describe(&action),
-                    })
+                    tracing::debug!(syscall = %name, kept = %describe(first), ignored = %describe(&action), "seccomp: later conflicting rule ignored");
                 }
             },
             Some(alternatives) => {
@@ -674,12 +671,14 @@ mod tests {
                  "args": [{"index": 6, "value": 1, "op": "SCMP_CMP_EQ"}]}]}"#),
             "seccomp: syscall read: argument index 6 out of range (0..=5)"
         );
-        assert_eq!(
-            err(r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
+        // Conflicting unconditional rules: the first wins (as runc + libseccomp on podman's profile).
+        let first_wins = compile(&profile(
+            r#"{"defaultAction": "SCMP_ACT_ALLOW", "syscalls": [
                 {"names": ["mkdirat"], "action": "SCMP_ACT_ERRNO"},
-                {"names": ["mkdirat"], "action": "SCMP_ACT_KILL"}]}"#),
-            "seccomp: syscall mkdirat has conflicting actions SCMP_ACT_ERRNO(1) and SCMP_ACT_KILL"
-        );
+                {"names": ["mkdirat"], "action": "SCMP_ACT_KILL"}]}"#,
+        ))
+        .unwrap();
+        assert_eq!(call(&first_wins, "mkdirat", [0; 6]), ERRNO | 1);
         assert!(err(r#"{"defaultAction": "SCMP_ACT_ERRNO", "defaultErrnoRet": 70000}"#).contains("errnoRet 70000"));
         assert_eq!(
             syscall_number("foo_bar").unwrap_err().to_string(),
