@@ -211,16 +211,7 @@ impl Drop for Fleet<'_> {
 }
 
 /// An error with its sources, on one line.
-pub fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
-}
+pub use twinbox_runtime::container::error_chain;
 
 /// Processes whose arguments include `marker` (instances left behind).
 pub fn leftovers(markers: &[String]) -> usize {

@@ -376,7 +376,7 @@ impl Engine {
                 pid
             }
             Err(e) => {
-                let _ = write!(report, "{}", error_chain(&e));
+                let _ = write!(report, "{}", crate::container::error_chain(&e));
                 let _ = self.runtime.delete(&record.id, true);
                 let _ = self.remove_files(&record.id);
                 return 1;
@@ -567,33 +567,12 @@ fn exit_code(s: WaitStatus) -> Option<i32> {
     }
 }
 
+/// Wait until `pid` is gone or a zombie (the runtime's check, which also notices a reused pid).
 fn wait_gone(pid: Pid, timeout: std::time::Duration) -> bool {
-    let deadline = std::time::Instant::now() + timeout;
-    while std::time::Instant::now() < deadline {
-        if nix::sys::signal::kill(pid, None).is_err() || is_zombie(pid) {
-            return true;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(10));
+    match crate::state::ProcStat::read(pid.as_raw()) {
+        Some(st) => crate::container::wait_gone(pid.as_raw(), st.start_time, timeout),
+        None => true,
     }
-    false
-}
-
-fn is_zombie(pid: Pid) -> bool {
-    fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit_once(") ").map(|(_, rest)| rest.starts_with('Z')))
-        .unwrap_or(false)
-}
-
-fn error_chain(e: &dyn std::error::Error) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(c) = cur {
-        s.push_str(": ");
-        s.push_str(&c.to_string());
-        cur = c.source();
-    }
-    s
 }
 
 /// A random 64-hex container id.
