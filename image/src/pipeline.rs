@@ -9,6 +9,21 @@ use crate::unpack::{self, Compression};
 const CHUNK: usize = 1 << 20;
 const DEPTH: usize = 4;
 
+/// Read until `buf` is full or the stream ends; returns how much was read (a short count only
+/// at the end of the stream).
+pub(crate) fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
 /// A reader fed by a thread that reads and decompresses `compressed`. An error on that side
 /// (including the blob's own digest check at its end) comes out of `read` here.
 pub struct BackgroundReader {
@@ -31,19 +46,14 @@ pub fn decompress_in_background<R: Read + Send + 'static>(compressed: R, c: Comp
         };
         loop {
             let mut chunk = vec![0u8; CHUNK];
-            let mut filled = 0;
             // Fill whole chunks so the consumer does few channel round trips.
-            while filled < CHUNK {
-                match r.read(&mut chunk[filled..]) {
-                    Ok(0) => break,
-                    Ok(n) => filled += n,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-                    Err(e) => {
-                        let _ = tx.send(Err(e));
-                        return;
-                    }
+            let filled = match read_full(&mut r, &mut chunk) {
+                Ok(n) => n,
+                Err(e) => {
+                    let _ = tx.send(Err(e));
+                    return;
                 }
-            }
+            };
             chunk.truncate(filled);
             let end = filled == 0;
             // A closed receiver means the consumer stopped early (an unpack error): stop too.

@@ -644,29 +644,16 @@ pub fn archive_compression(path: &Path) -> Result<Option<Compression>, LayerErro
     let err = |source| LayerError::Archive { archive: path.to_owned(), source };
     let mut f = File::open(path).map_err(err)?;
     let mut magic = [0u8; 8];
-    let n = read_full(&mut f, &mut magic).map_err(err)?;
+    let n = crate::pipeline::read_full(&mut f, &mut magic).map_err(err)?;
     let compression = Compression::detect(&magic[..n]);
     let f = File::open(path).map_err(err)?;
     let Ok(mut stream) = unpack::decompress(f, compression) else { return Ok(None) };
     let mut block = [0u8; 512];
-    match read_full(&mut stream, &mut block) {
+    match crate::pipeline::read_full(&mut stream, &mut block) {
         Ok(512) => Ok(is_tar_header(&block).then_some(compression)),
         // Not decompressible or shorter than a header: an ordinary file.
         _ => Ok(None),
     }
-}
-
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 /// A tar header block: a valid checksum over a non-zero block.

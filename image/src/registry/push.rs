@@ -214,7 +214,7 @@ fn push_blob(
             let mut buf = vec![0u8; chunk as usize];
             let mut sent = 0u64;
             loop {
-                let n = read_full(&mut r, &mut buf).map_err(|source| StoreError::Io {
+                let n = crate::pipeline::read_full(&mut r, &mut buf).map_err(|source| StoreError::Io {
                     op: "read blob",
                     path: store.blob_path(digest),
                     source,
@@ -250,19 +250,6 @@ fn put_manifest(client: &Client, target: &str, media_type: &str, bytes: &[u8], d
         }
     }
     Ok(())
-}
-
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> io::Result<usize> {
-    let mut n = 0;
-    while n < buf.len() {
-        match r.read(&mut buf[n..]) {
-            Ok(0) => break,
-            Ok(k) => n += k,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(n)
 }
 
 /// A reader that reports how much of a blob has been sent.
