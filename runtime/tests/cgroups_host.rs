@@ -6,12 +6,14 @@
 //! where that is a failure. Every test ends by checking that no directory named after its id is
 //! left under `/sys/fs/cgroup/*/`.
 
+mod cgroups_util;
+
 use std::io::{Read, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use cgroups_util::{assert_no_leak, have_root, unique_id, Destroy};
 use nix::unistd::Pid;
 use oci_spec::runtime::{
     LinuxCpuBuilder, LinuxDeviceCgroupBuilder, LinuxMemoryBuilder, LinuxPidsBuilder, LinuxResources,
@@ -21,56 +23,6 @@ use std::os::unix::process::ExitStatusExt;
 use twinbox_runtime::cgroups::{detect, CgroupError, CgroupManager, Layout, DEFAULT_MOUNT_ROOT};
 
 const MIB: i64 = 1024 * 1024;
-
-fn have_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{test}: cgroup tests need root, and CI=true forbids skipping"
-    );
-    eprintln!("SKIPPED: {test}: needs root to create cgroups");
-    false
-}
-
-fn unique_id() -> String {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    format!("twinbox-test-{}-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
-}
-
-/// Fails if any directory named `id` or `id-…` is left under `/sys/fs/cgroup/*/` (depth ≤ 3).
-fn assert_no_leak(id: &str) {
-    fn walk(dir: &Path, depth: usize, id: &str, found: &mut Vec<PathBuf>) {
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
-        for e in entries.flatten() {
-            if !e.file_type().is_ok_and(|t| t.is_dir()) {
-                continue; // also skips the cpu -> cpu,cpuacct symlinks
-            }
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name == id || name.starts_with(&format!("{id}-")) {
-                found.push(e.path());
-            }
-            if depth < 3 {
-                walk(&e.path(), depth + 1, id, found);
-            }
-        }
-    }
-    let mut found = Vec::new();
-    walk(Path::new(DEFAULT_MOUNT_ROOT), 0, id, &mut found);
-    assert!(found.is_empty(), "cgroup directories left behind: {found:?}");
-}
-
-/// Destroys the cgroup however the test ends (destroy is idempotent).
-struct Destroy<'a>(&'a CgroupManager);
-
-impl Drop for Destroy<'_> {
-    fn drop(&mut self) {
-        if let Err(e) = self.0.destroy() {
-            eprintln!("cleanup: {e}");
-        }
-    }
-}
 
 /// A child process killed and reaped however the test ends.
 struct Kid(Child);
@@ -148,10 +100,10 @@ fn limits() -> LinuxResources {
 
 #[test]
 fn limits_membership_stats_freeze_and_destroy() {
-    if !have_root("limits_membership_stats_freeze_and_destroy") {
+    if !have_root("limits_membership_stats_freeze_and_destroy", "create cgroups") {
         return;
     }
-    let id = unique_id();
+    let id = unique_id("");
     let m = CgroupManager::new(None, &id).unwrap();
     assert_eq!(m.layout(), detect(Path::new(DEFAULT_MOUNT_ROOT)).unwrap());
     assert_eq!(m.path(), Path::new("/twinbox").join(&id));
@@ -248,10 +200,10 @@ fn limits_membership_stats_freeze_and_destroy() {
 
 #[test]
 fn oom_kill_is_counted() {
-    if !have_root("oom_kill_is_counted") {
+    if !have_root("oom_kill_is_counted", "create cgroups") {
         return;
     }
-    let id = unique_id();
+    let id = unique_id("");
     let m = CgroupManager::new(None, &id).unwrap();
     let _cleanup = Destroy(&m);
     // memory+swap = memory: no swapping out of the limit.
@@ -275,10 +227,10 @@ fn oom_kill_is_counted() {
 
 #[test]
 fn pids_limit_stops_forks() {
-    if !have_root("pids_limit_stops_forks") {
+    if !have_root("pids_limit_stops_forks", "create cgroups") {
         return;
     }
-    let id = unique_id();
+    let id = unique_id("");
     let m = CgroupManager::new(None, &id).unwrap();
     let _cleanup = Destroy(&m);
     let r =
@@ -311,10 +263,10 @@ fn read_state(pid: Pid) -> Option<char> {
 
 #[test]
 fn bad_cpuset_names_the_file_and_leaves_nothing() {
-    if !have_root("bad_cpuset_names_the_file_and_leaves_nothing") {
+    if !have_root("bad_cpuset_names_the_file_and_leaves_nothing", "create cgroups") {
         return;
     }
-    let id = unique_id();
+    let id = unique_id("");
     let m = CgroupManager::new(None, &id).unwrap();
     let r =
         LinuxResourcesBuilder::default().cpu(LinuxCpuBuilder::default().cpus("99").build().unwrap()).build().unwrap();
@@ -337,10 +289,10 @@ fn systemd_path_is_refused() {
 
 #[test]
 fn update_changes_limits() {
-    if !have_root("update_changes_limits") {
+    if !have_root("update_changes_limits", "create cgroups") {
         return;
     }
-    let id = unique_id();
+    let id = unique_id("");
     let m = CgroupManager::new(None, &id).unwrap();
     let _cleanup = Destroy(&m);
     m.create(Some(&limits())).unwrap();
@@ -363,10 +315,10 @@ fn update_changes_limits() {
 
 #[test]
 fn v1_device_rules_are_enforced() {
-    if !have_root("v1_device_rules_are_enforced") {
+    if !have_root("v1_device_rules_are_enforced", "create cgroups") {
         return;
     }
-    let id = unique_id();
+    let id = unique_id("");
     let m = CgroupManager::new(None, &id).unwrap();
     if m.controller_dir("devices").is_none() || m.layout() == Layout::Unified {
         eprintln!("SKIPPED: v1_device_rules_are_enforced: no v1 devices controller (device rules on v2 need eBPF)");
@@ -394,10 +346,10 @@ fn v1_device_rules_are_enforced() {
 
 #[test]
 fn empty_twinbox_parents_go_and_foreign_parents_stay() {
-    if !have_root("empty_twinbox_parents_go_and_foreign_parents_stay") {
+    if !have_root("empty_twinbox_parents_go_and_foreign_parents_stay", "create cgroups") {
         return;
     }
-    let id = unique_id();
+    let id = unique_id("");
     // Under /twinbox: the emptied intermediate parent is removed with the leaf.
     let parent = format!("/twinbox/{id}-parent");
     let m = CgroupManager::new(Some(&Path::new(&parent).join(&id)), &id).unwrap();
@@ -427,10 +379,10 @@ fn empty_twinbox_parents_go_and_foreign_parents_stay() {
 
 #[test]
 fn concurrent_creates_share_the_parent() {
-    if !have_root("concurrent_creates_share_the_parent") {
+    if !have_root("concurrent_creates_share_the_parent", "create cgroups") {
         return;
     }
-    let id = unique_id();
+    let id = unique_id("");
     let threads: Vec<_> = (0..4)
         .map(|t| {
             let id = id.clone();
@@ -456,10 +408,10 @@ fn concurrent_creates_share_the_parent() {
 
 #[test]
 fn destroy_kills_forking_processes_and_removes_child_cgroups() {
-    if !have_root("destroy_kills_forking_processes_and_removes_child_cgroups") {
+    if !have_root("destroy_kills_forking_processes_and_removes_child_cgroups", "create cgroups") {
         return;
     }
-    let id = unique_id();
+    let id = unique_id("");
     let m = CgroupManager::new(None, &id).unwrap();
     let _cleanup = Destroy(&m);
     let r =

@@ -16,58 +16,21 @@
 //!
 //! Needs root: without it each test prints `SKIPPED: …` and returns (a failure under `CI=true`).
 
+mod cgroups_util;
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
-use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
+use cgroups_util::{assert_no_leak, have_root, unique_id, Destroy};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxMemoryBuilder, LinuxResourcesBuilder};
 use std::os::unix::process::ExitStatusExt;
-use twinbox_runtime::cgroups::{detect, CgroupError, CgroupManager, Layout, DEFAULT_MOUNT_ROOT};
+use twinbox_runtime::cgroups::{detect, CgroupError, CgroupManager, Layout};
 
 const MIB: i64 = 1024 * 1024;
-
-fn have_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{test}: cgroup tests need root, and CI=true forbids skipping"
-    );
-    eprintln!("SKIPPED: {test}: needs root to mount cgroup2 and create cgroups");
-    false
-}
-
-fn unique_id() -> String {
-    static N: AtomicUsize = AtomicUsize::new(0);
-    format!("twinbox-test-{}-v2-{}", std::process::id(), N.fetch_add(1, Ordering::Relaxed))
-}
-
-/// Fails if any directory named `id` or `id-…` is left under `/sys/fs/cgroup/*/` (depth ≤ 3).
-fn assert_no_leak(id: &str) {
-    fn walk(dir: &Path, depth: usize, id: &str, found: &mut Vec<PathBuf>) {
-        let Ok(entries) = std::fs::read_dir(dir) else { return };
-        for e in entries.flatten() {
-            if !e.file_type().is_ok_and(|t| t.is_dir()) {
-                continue;
-            }
-            let name = e.file_name().to_string_lossy().into_owned();
-            if name == id || name.starts_with(&format!("{id}-")) {
-                found.push(e.path());
-            }
-            if depth < 3 {
-                walk(&e.path(), depth + 1, id, found);
-            }
-        }
-    }
-    let mut found = Vec::new();
-    walk(Path::new(DEFAULT_MOUNT_ROOT), 0, id, &mut found);
-    assert!(found.is_empty(), "cgroup directories left behind: {found:?}");
-}
 
 /// This thread's private mount namespace with `/` made rprivate, so nothing mounted here is
 /// seen by the host; the mounts listed are detached when the test ends, however it ends.
@@ -115,26 +78,16 @@ impl Drop for Kid {
     }
 }
 
-struct Destroy<'a>(&'a CgroupManager);
-
-impl Drop for Destroy<'_> {
-    fn drop(&mut self) {
-        if let Err(e) = self.0.destroy() {
-            eprintln!("cleanup: {e}");
-        }
-    }
-}
-
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).trim().to_string()
 }
 
 #[test]
 fn private_cgroup2_mount_is_unified_and_works() {
-    if !have_root("private_cgroup2_mount_is_unified_and_works") {
+    if !have_root("private_cgroup2_mount_is_unified_and_works", "mount cgroup2 and create cgroups") {
         return;
     }
-    let id = unique_id();
+    let id = unique_id("v2-");
     let mut mounts = PrivateMounts::new();
     let root = mounts.mount("", "cgroup2", None).expect("mount cgroup2");
     assert_eq!(detect(&root).unwrap(), Layout::Unified);
@@ -205,7 +158,7 @@ fn private_cgroup2_mount_is_unified_and_works() {
 
 #[test]
 fn layouts_are_detected_from_real_mounts() {
-    if !have_root("layouts_are_detected_from_real_mounts") {
+    if !have_root("layouts_are_detected_from_real_mounts", "mount cgroup2 and create cgroups") {
         return;
     }
     let mut mounts = PrivateMounts::new();
