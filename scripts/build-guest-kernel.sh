@@ -7,6 +7,8 @@
 # to stderr; stdout gets the paths, the last line is vmlinux.
 #   scripts/build-guest-kernel.sh [--force]
 set -euo pipefail
+# shellcheck source=scripts/lib/packages.sh
+. "$(dirname "$0")/lib/packages.sh"
 
 # Bump when a step below changes what gets built (the fragment and the source version are
 # already in the key).
@@ -31,16 +33,7 @@ case "${1:-}" in
 esac
 
 install_packages() {
-  local missing=() p
-  for p in "${BUILD_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-  done
-  [ ${#missing[@]} -eq 0 ] && return 0
-  [ "$(id -u)" -eq 0 ] || die "missing packages: ${missing[*]} (run as root, or: sudo apt-get install ${missing[*]})"
-  log "installing ${missing[*]}"
-  apt-get -o DPkg::Lock::Timeout=600 update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
-    --no-install-recommends "${missing[@]}" >&2
+  ensure_packages "${BUILD_PACKAGES[@]}" || die "cannot install the packages above"
 }
 
 # Every line of the fragment must hold in the final .config: Kconfig silently drops an

@@ -9,6 +9,8 @@
 # status is CMD's, or 125 if L1 failed to boot, lost /dev/kvm or timed out (default 300 s).
 # The L1 kernel and modules are cached in ${TWINBOX_CACHE:-~/.cache/twinbox}/nested/<package>_<version>/.
 set -euo pipefail
+# shellcheck source=scripts/lib/packages.sh
+. "$(dirname "$0")/lib/packages.sh"
 
 META_PKG=linux-image-cloud-amd64
 KVM_MODULES=(kvm-amd)   # their dependencies (kvm, irqbypass, ...) are found from .modinfo
@@ -45,16 +47,7 @@ done
 case "$timeout" in ''|*[!0-9]*) log "--timeout wants whole seconds, got '$timeout'"; exit 1 ;; esac
 
 install_packages() {
-  local missing=() p
-  for p in "${HOST_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-  done
-  [ ${#missing[@]} -eq 0 ] && return 0
-  [ "$(id -u)" -eq 0 ] || die "missing packages: ${missing[*]} (run as root, or: sudo apt-get install ${missing[*]})"
-  log "installing ${missing[*]}"
-  apt-get -o DPkg::Lock::Timeout=600 update -qq >&2
-  DEBIAN_FRONTEND=noninteractive apt-get -o DPkg::Lock::Timeout=600 install -y -qq \
-    --no-install-recommends "${missing[@]}" >&2
+  ensure_packages "${HOST_PACKAGES[@]}" || die "cannot install the packages above"
 }
 
 # The concrete image package behind the metapackage, e.g. linux-image-6.1.0-56-cloud-amd64.

@@ -4,6 +4,8 @@
 #   scripts/registry.sh stop DIR
 # Blobs go under DIR/data; the registry listens on 127.0.0.1 on a free port (plain HTTP).
 set -euo pipefail
+# shellcheck source=scripts/lib/packages.sh
+. "$(dirname "$0")/lib/packages.sh"
 
 usage() { echo "usage: $0 start [--htpasswd USER:PASS] DIR | stop DIR" >&2; exit 2; }
 
@@ -14,10 +16,7 @@ dir=${1:-}; [ -n "$dir" ] || usage
 
 case "$cmd" in
 start)
-  if [ ! -x /usr/bin/docker-registry ]; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends docker-registry >/dev/null
-  fi
+  ensure_packages docker-registry
   mkdir -p "$dir/data"
   dir=$(cd "$dir" && pwd)
   if [ -f "$dir/pid" ] && kill -0 "$(cat "$dir/pid")" 2>/dev/null; then
@@ -30,10 +29,7 @@ start)
     echo "storage: {filesystem: {rootdirectory: $dir/data}, delete: {enabled: true}}"
     echo "http: {addr: 127.0.0.1:$port}"
     if [ -n "$auth" ]; then
-      if ! command -v htpasswd >/dev/null; then
-        apt-get update -qq
-        DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends apache2-utils >/dev/null
-      fi
+      ensure_packages apache2-utils
       htpasswd -Bbn "${auth%%:*}" "${auth#*:}" > "$dir/htpasswd"
       echo "auth: {htpasswd: {realm: twinbox, path: $dir/htpasswd}}"
     fi

@@ -4,6 +4,8 @@
 #   sudo scripts/setup.sh [--run]
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/packages.sh
+. scripts/lib/packages.sh
 
 APT_PACKAGES=(
   build-essential pkg-config ca-certificates curl git
@@ -22,15 +24,7 @@ need_root() {
 }
 
 install_packages() {
-  local missing=()
-  for p in "${APT_PACKAGES[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-  done
-  if [ ${#missing[@]} -gt 0 ]; then
-    echo "setup.sh: installing ${missing[*]}"
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  fi
+  ensure_packages "${APT_PACKAGES[@]}"
 }
 
 install_rust() {

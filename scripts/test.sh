@@ -5,16 +5,11 @@
 # CI=true, where a missing capability fails the run.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+# shellcheck source=scripts/lib/packages.sh
+. scripts/lib/packages.sh
 
 if [ "$(id -u)" -eq 0 ]; then
-  missing=()
-  for p in skopeo umoci busybox-static e2fsprogs file docker-registry fonts-dejavu-core; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "ok installed" || missing+=("$p")
-  done
-  if [ ${#missing[@]} -gt 0 ]; then
-    apt-get update -qq
-    DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  fi
+  ensure_packages skopeo umoci busybox-static e2fsprogs file docker-registry fonts-dejavu-core
 fi
 
 cargo fmt --all -- --check
