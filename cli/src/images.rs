@@ -303,10 +303,11 @@ pub fn prune(root: &Path, a: PruneArgs) -> Result<()> {
     let store = open(root)?;
     let r = store.gc(!a.keep_build_cache)?;
     println!(
-        "Deleted {} blobs ({}), {} layer dirs, {} temp files, {} build cache records",
+        "Deleted {} blobs ({}), {} layer dirs, {} VM root disks, {} temp files, {} build cache records",
         r.blobs,
         human_size(r.bytes),
         r.layer_dirs,
+        r.disks,
         r.temp,
         r.cache_records
     );

@@ -180,11 +180,8 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             use twinbox_runtime::engine::EngineError as E;
             match e {
                 E::Store(_) => continue,
-                E::NoCommand(_)
-                | E::RelativeWorkdir(_)
+                E::Launch(_)
                 | E::BadCpus(_)
-                | E::UnknownUser(_)
-                | E::UnknownGroup(_)
                 | E::NoSuchContainer(_)
                 | E::NameInUse(_)
                 | E::Running(_)

@@ -3,11 +3,14 @@
 //!
 //! ```text
 //! Reference ─► Store (blobs by sha256, tags in index.json) ─► unpacked layer dirs (by diff-id)
-//!                                                           └► flattened rootfs (rootfs::flatten)
+//!                                                           ├► flattened rootfs (rootfs::flatten)
+//!                                                           └► ext4 root disk for microVMs (disk::root_disk)
 //! ```
 
 pub mod archive;
 pub mod build;
+pub mod disk;
+pub mod launch;
 pub mod digest;
 pub mod pipeline;
 pub mod reference;

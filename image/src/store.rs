@@ -210,6 +210,8 @@ pub struct PruneReport {
     pub temp: usize,
     /// Build cache records removed.
     pub cache_records: usize,
+    /// MicroVM root disks removed.
+    pub disks: usize,
     /// Bytes freed in blobs.
     pub bytes: u64,
 }
@@ -801,6 +803,7 @@ impl Store {
                 report.layer_dirs += 1;
             }
         }
+        report.disks = crate::disk::remove_unreferenced(self, &live_blobs)?;
         let tmp = self.tmp_dir();
         for e in fs::read_dir(&tmp).map_err(io_err("list", &tmp))?.flatten() {
             remove_tree(&e.path())?;

@@ -40,24 +40,15 @@ pub enum EngineError {
     /// The OCI runtime failed.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
-    /// Neither the image nor the run gives a command.
-    #[error("no command given and image {0} has no ENTRYPOINT or CMD; give a command after the image name")]
-    NoCommand(String),
-    /// `-w` must be absolute.
-    #[error("working directory {0:?} is not absolute")]
-    RelativeWorkdir(String),
+    /// The image and the run's flags give no process to start.
+    #[error(transparent)]
+    Launch(#[from] twinbox_image::launch::LaunchError),
     /// A seccomp profile file that is not OCI seccomp JSON.
     #[error("seccomp profile {0} is not valid OCI seccomp JSON")]
     SeccompProfile(PathBuf, #[source] serde_json::Error),
     /// `--cpus` must be positive.
     #[error("--cpus {0} is not a positive number")]
     BadCpus(f64),
-    /// A user name the image's /etc/passwd does not list.
-    #[error("unable to find user {0}: no matching entries in the image's /etc/passwd; give a numeric uid")]
-    UnknownUser(String),
-    /// A group name the image's /etc/group does not list.
-    #[error("unable to find group {0}: no matching entries in the image's /etc/group; give a numeric gid")]
-    UnknownGroup(String),
     /// No container with that id, id prefix or name.
     #[error("no such container: {0}; see `twinbox ps -a`")]
     NoSuchContainer(String),
@@ -500,7 +491,7 @@ impl Engine {
         if let Some(u) = user {
             let image = self.store.resolve(&r.image_digest)?;
             let layers = self.store.unpacked_layers(&image)?;
-            let (uid, gid, additional) = spec::resolve_user(u, &layers)?;
+            let (uid, gid, additional) = twinbox_image::launch::resolve_user(u, &layers)?;
             let mut user = process.user().clone();
             user.set_uid(uid);
             user.set_gid(gid);

@@ -10,13 +10,12 @@ use oci_spec::runtime::{
     LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
 };
 
+use twinbox_image::launch::{self, Launch, Overrides};
+
 use super::EngineError;
 
 /// Annotation carrying the overlay layer stack (see runtime/DESIGN.md).
 pub const OVERLAY_ANNOTATION: &str = "dev.twinbox.rootfs.overlay";
-
-/// The PATH a container gets when its image sets none (Docker's default).
-pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// Docker's default capability set.
 pub const DEFAULT_CAPS: [Capability; 14] = [
@@ -91,36 +90,15 @@ pub fn build_spec(
     overlay: &OverlayStack,
     opts: &RunOptions,
 ) -> Result<Spec, EngineError> {
-    let image = config.config().clone().unwrap_or_default();
-    let mut args: Vec<String> = match &opts.entrypoint {
-        Some(e) if e.is_empty() => Vec::new(),
-        Some(e) => vec![e.clone()],
-        None => image.entrypoint().clone().unwrap_or_default(),
+    let overrides = Overrides {
+        cmd: opts.cmd.clone(),
+        entrypoint: opts.entrypoint.clone(),
+        env: opts.env.clone(),
+        workdir: opts.workdir.clone(),
+        user: opts.user.clone(),
     };
-    if !opts.cmd.is_empty() {
-        args.extend(opts.cmd.iter().cloned());
-    } else if opts.entrypoint.is_none() {
-        args.extend(image.cmd().clone().unwrap_or_default());
-    }
-    if args.is_empty() {
-        return Err(EngineError::NoCommand(opts.image.clone()));
-    }
-
-    let env = merge_env(image.env().as_deref().unwrap_or_default(), &opts.env, &hostname(id, opts));
-    let cwd = opts
-        .workdir
-        .clone()
-        .or_else(|| image.working_dir().clone())
-        .filter(|w| !w.is_empty())
-        .unwrap_or_else(|| "/".into());
-    if !cwd.starts_with('/') {
-        return Err(EngineError::RelativeWorkdir(cwd));
-    }
-    let user_spec = opts.user.clone().or_else(|| image.user().clone()).filter(|u| !u.is_empty());
-    let (uid, gid, additional) = match &user_spec {
-        Some(u) => resolve_user(u, layers_base_first)?,
-        None => (0, 0, Vec::new()),
-    };
+    let Launch { args, env, cwd, uid, gid, additional_gids: additional } =
+        launch::resolve(&opts.image, config, layers_base_first, &overrides, &hostname(id, opts))?;
 
     let caps: std::collections::HashSet<Capability> = DEFAULT_CAPS.into_iter().collect();
     let capabilities = LinuxCapabilitiesBuilder::default()
@@ -310,106 +288,6 @@ fn hostname(id: &str, opts: &RunOptions) -> String {
     opts.hostname.clone().unwrap_or_else(|| id.chars().take(12).collect())
 }
 
-/// Image env, then `-e` overrides (a bare `K` takes twinbox's own `K`), a default PATH and
-/// HOSTNAME when missing. Later values replace earlier ones with the same key.
-fn merge_env(image: &[String], overrides: &[String], host: &str) -> Vec<String> {
-    let mut out: Vec<String> = Vec::new();
-    let mut set = |kv: String| {
-        let key = kv.split('=').next().unwrap_or_default().to_owned();
-        out.retain(|e| e.split('=').next() != Some(key.as_str()));
-        out.push(kv);
-    };
-    if !image.iter().any(|e| e.starts_with("PATH=")) {
-        set(DEFAULT_PATH.to_owned());
-    }
-    set(format!("HOSTNAME={host}"));
-    for e in image {
-        set(e.clone());
-    }
-    for e in overrides {
-        if e.contains('=') {
-            set(e.clone());
-        } else if let Ok(v) = std::env::var(e) {
-            set(format!("{e}={v}"));
-        }
-    }
-    out
-}
-
-/// Resolve `uid[:gid]` / `name[:group]` against the image's /etc/passwd and /etc/group (the
-/// top-most layer that has them). Returns uid, gid and supplementary groups.
-pub fn resolve_user(spec: &str, layers_base_first: &[PathBuf]) -> Result<(u32, u32, Vec<u32>), EngineError> {
-    let (user, group) = match spec.split_once(':') {
-        Some((u, g)) => (u, Some(g)),
-        None => (spec, None),
-    };
-    let passwd = find_in_layers(layers_base_first, "etc/passwd");
-    let groups = find_in_layers(layers_base_first, "etc/group");
-    let (uid, mut gid, name) = match user.parse::<u32>() {
-        Ok(uid) => {
-            let entry = passwd.as_deref().and_then(|p| passwd_lookup(p, |f| f[2].parse() == Ok(uid)));
-            (uid, entry.as_ref().map(|e| e.1).unwrap_or(0), entry.map(|e| e.2))
-        }
-        Err(_) => {
-            let Some((uid, gid, name)) = passwd.as_deref().and_then(|p| passwd_lookup(p, |f| f[0] == user)) else {
-                return Err(EngineError::UnknownUser(user.to_owned()));
-            };
-            (uid, gid, Some(name))
-        }
-    };
-    if let Some(g) = group {
-        gid = match g.parse::<u32>() {
-            Ok(n) => n,
-            Err(_) => groups
-                .as_deref()
-                .and_then(|t| group_entries(t).find(|(n, _, _)| n == g).map(|(_, id, _)| id))
-                .ok_or_else(|| EngineError::UnknownGroup(g.to_owned()))?,
-        };
-    }
-    let mut additional: Vec<u32> = match (&name, groups.as_deref()) {
-        (Some(n), Some(t)) => {
-            group_entries(t).filter(|(_, _, members)| members.iter().any(|m| m == n)).map(|(_, id, _)| id).collect()
-        }
-        _ => Vec::new(),
-    };
-    additional.retain(|g| *g != gid);
-    Ok((uid, gid, additional))
-}
-
-fn passwd_lookup(text: &str, pred: impl Fn(&[&str]) -> bool) -> Option<(u32, u32, String)> {
-    text.lines()
-        .map(|l| l.split(':').collect::<Vec<_>>())
-        .filter(|f| f.len() >= 4)
-        .find(|f| pred(f))
-        .and_then(|f| Some((f[2].parse().ok()?, f[3].parse().ok()?, f[0].to_owned())))
-}
-
-fn group_entries(text: &str) -> impl Iterator<Item = (String, u32, Vec<String>)> + '_ {
-    text.lines().filter_map(|l| {
-        let f: Vec<&str> = l.split(':').collect();
-        if f.len() < 3 {
-            return None;
-        }
-        let members =
-            f.get(3).map(|m| m.split(',').filter(|s| !s.is_empty()).map(str::to_owned).collect()).unwrap_or_default();
-        Some((f[0].to_owned(), f[2].parse().ok()?, members))
-    })
-}
-
-/// The content of `rel` in the top-most layer that has it as a regular file (a whiteout or any
-/// other kind of entry above hides it).
-fn find_in_layers(layers_base_first: &[PathBuf], rel: &str) -> Option<String> {
-    for layer in layers_base_first.iter().rev() {
-        let p: &Path = &layer.join(rel);
-        match std::fs::symlink_metadata(p) {
-            Ok(m) if m.is_file() => return std::fs::read_to_string(p).ok(),
-            Ok(_) => return None,
-            Err(_) => continue,
-        }
-    }
-    None
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -454,7 +332,10 @@ mod tests {
             ["/bin/sh", "-c", "x"]
         );
         let none = image(None, None, &[], None);
-        assert!(matches!(build_spec("id", &none, &[], &ov(), &o(&[], None)), Err(EngineError::NoCommand(_))));
+        assert!(matches!(
+            build_spec("id", &none, &[], &ov(), &o(&[], None)),
+            Err(EngineError::Launch(launch::LaunchError::NoCommand(_)))
+        ));
     }
 
     #[test]
@@ -480,24 +361,5 @@ mod tests {
         let ann = s.annotations().as_ref().unwrap();
         let stack: OverlayStack = serde_json::from_str(&ann[OVERLAY_ANNOTATION]).unwrap();
         assert_eq!(stack, ov());
-    }
-
-    #[test]
-    fn users_resolved_from_the_top_layer() {
-        let d = tempfile::tempdir().unwrap();
-        let (base, top) = (d.path().join("base"), d.path().join("top"));
-        std::fs::create_dir_all(base.join("etc")).unwrap();
-        std::fs::create_dir_all(top.join("etc")).unwrap();
-        std::fs::write(base.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\n").unwrap();
-        std::fs::write(top.join("etc/passwd"), "root:x:0:0::/root:/bin/sh\napp:x:1000:1000::/home/app:/bin/sh\n")
-            .unwrap();
-        std::fs::write(top.join("etc/group"), "root:x:0:\napp:x:1000:\nwheel:x:10:app\n").unwrap();
-        let layers = vec![base, top];
-        assert_eq!(resolve_user("app", &layers).unwrap(), (1000, 1000, vec![10]));
-        assert_eq!(resolve_user("1000:10", &layers).unwrap(), (1000, 10, vec![]));
-        assert_eq!(resolve_user("4242", &layers).unwrap(), (4242, 0, vec![]));
-        assert_eq!(resolve_user("app:wheel", &layers).unwrap().1, 10);
-        assert!(matches!(resolve_user("nobody", &layers), Err(EngineError::UnknownUser(_))));
-        assert!(matches!(resolve_user("app:nogroup", &layers), Err(EngineError::UnknownGroup(_))));
     }
 }
