@@ -4,6 +4,7 @@ use std::path::PathBuf;
 
 use anyhow::Result;
 use clap::Args;
+use twinbox_microvm::config::DiskConfig;
 use twinbox_microvm::VmConfig;
 
 #[derive(Args, Debug)]
@@ -14,9 +15,10 @@ pub struct VmArgs {
     /// Initramfs.
     #[arg(long)]
     initrd: Option<PathBuf>,
-    /// Root disk image (virtio-blk; not available yet).
-    #[arg(long)]
-    disk: Vec<PathBuf>,
+    /// Disk image as a virtio-blk device, read-write; `PATH,ro` for read-only. Repeatable: the
+    /// guest sees them as /dev/vda, /dev/vdb, ... in order (at most 8).
+    #[arg(long, value_name = "PATH[,ro]", value_parser = parse_disk)]
+    disk: Vec<DiskConfig>,
     /// Kernel command line (default: a quiet serial console, reboot=k, panic=1).
     #[arg(long)]
     cmdline: Option<String>,
@@ -29,6 +31,19 @@ pub struct VmArgs {
     /// Stop the VM after this many seconds.
     #[arg(long)]
     timeout: Option<f64>,
+}
+
+/// `PATH`, `PATH,ro` or `PATH,rw`.
+fn parse_disk(s: &str) -> Result<DiskConfig, String> {
+    let (path, read_only) = match s.rsplit_once(',') {
+        Some((path, "ro")) => (path, true),
+        Some((path, "rw")) => (path, false),
+        _ => (s, false),
+    };
+    if path.is_empty() {
+        return Err("a disk needs a path".into());
+    }
+    Ok(DiskConfig { path: PathBuf::from(path), read_only })
 }
 
 pub fn vm(a: VmArgs) -> Result<i32> {
@@ -49,4 +64,19 @@ pub fn vm(a: VmArgs) -> Result<i32> {
         tracing::info!(boot_time_us = t.as_micros() as u64, "guest boot timer");
     }
     Ok(exit.exit_code())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn disk_flags() {
+        assert_eq!(parse_disk("/a.img").unwrap(), DiskConfig { path: "/a.img".into(), read_only: false });
+        assert_eq!(parse_disk("/a.img,ro").unwrap(), DiskConfig { path: "/a.img".into(), read_only: true });
+        assert_eq!(parse_disk("/a,b.img,rw").unwrap(), DiskConfig { path: "/a,b.img".into(), read_only: false });
+        assert_eq!(parse_disk("/a,b.img").unwrap(), DiskConfig { path: "/a,b.img".into(), read_only: false });
+        assert!(parse_disk(",ro").is_err());
+        assert!(parse_disk("").is_err());
+    }
 }

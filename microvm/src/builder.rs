@@ -13,6 +13,8 @@ use crate::devices::legacy::{EventFdTrigger, COM1_GSI, COM1_PORT, I8042_PORT};
 use crate::devices::pseudo::boot_timer::{BootTimer, BOOT_TIMER_ADDR, BOOT_TIMER_LEN};
 use crate::devices::pseudo::exit_port::{ExitPort, EXIT_PORT, EXIT_PORT_LEN};
 use crate::devices::pseudo::process_start_estimate;
+use crate::devices::virtio::block::Block;
+use crate::devices::virtio::{mmio_slot, MmioTransport, VIRTIO_MMIO_SIZE};
 use crate::devices::Bus;
 use crate::stub::{STUB_LOAD_ADDR, STUB_STACK};
 use crate::vstate::memory::create_guest_memory;
@@ -59,6 +61,12 @@ impl VmBuilder {
     pub fn build(self) -> Result<Vm, VmError> {
         let config = self.config;
         config.validate()?;
+        // Disks first: a missing image is the likeliest mistake and the cheapest to report.
+        let disks = config
+            .disks
+            .iter()
+            .map(|d| Block::open(&d.path, d.read_only).map_err(|source| VmError::Disk { path: d.path.clone(), source }))
+            .collect::<Result<Vec<_>, _>>()?;
         let start = self.start.unwrap_or_else(process_start_estimate);
         let memory = create_guest_memory(u64::from(config.memory_mib))?;
         let kvm_vm = KvmVm::new(memory, self.irqchip)?;
@@ -80,6 +88,19 @@ impl VmBuilder {
         pio.insert(Arc::new(Mutex::new(ExitPort)), EXIT_PORT, EXIT_PORT_LEN)?;
         let mut mmio = Bus::new();
         mmio.insert(boot_timer.clone(), BOOT_TIMER_ADDR, BOOT_TIMER_LEN)?;
+        for (i, disk) in disks.into_iter().enumerate() {
+            let (base, gsi) = mmio_slot(i);
+            let evt = if self.irqchip {
+                let evt =
+                    EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::InterruptEventFd { gsi, source })?;
+                kvm_vm.register_irqfd(&evt, gsi)?;
+                Some(evt)
+            } else {
+                None
+            };
+            let transport = MmioTransport::new(disk, EventFdTrigger(evt), kvm_vm.memory().clone());
+            mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
+        }
 
         let supported = kvm_vm.supported_cpuid()?;
         let vcpus = (0..config.vcpus)
@@ -99,7 +120,7 @@ impl VmBuilder {
                     kvm_vm.memory(),
                     &config.kernel,
                     config.initrd.as_deref(),
-                    &config.cmdline,
+                    &config.kernel_cmdline(),
                 )?;
                 vcpus[0].setup_long_mode(kvm_vm.memory(), boot.entry, boot.boot_params)?;
             }
@@ -175,5 +196,24 @@ impl Vm {
     pub fn memory_bytes(&self) -> u64 {
         use vm_memory::{GuestMemoryBackend, GuestMemoryRegion};
         self.kvm_vm.memory().iter().map(|r| r.len()).sum()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::DiskConfig;
+
+    #[test]
+    fn missing_disk_is_named_before_kvm_is_touched() {
+        let config = VmConfig {
+            disks: vec![DiskConfig { path: "/nonexistent/twinbox/root.img".into(), read_only: true }],
+            ..VmConfig::default()
+        };
+        let err = VmBuilder::new(config).stub(vec![0xf4]).build().unwrap_err();
+        assert!(matches!(&err, VmError::Disk { path, .. } if path.ends_with("root.img")), "{err:?}");
+        assert_eq!(err.to_string(), "cannot attach disk /nonexistent/twinbox/root.img");
+        let source = std::error::Error::source(&err).unwrap();
+        assert_eq!(source.to_string(), "cannot open the disk image");
     }
 }

@@ -5,6 +5,8 @@ use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
 
+use crate::devices::virtio::{kernel_cmdline_entry, mmio_slot};
+
 /// x86's COMMAND_LINE_SIZE, including the terminating NUL.
 pub const MAX_CMDLINE_LEN: usize = 2048;
 /// More than this many vCPUs would need x2APIC ids the MP set-up does not write.
@@ -12,6 +14,26 @@ pub const MAX_VCPUS: u8 = 254;
 /// Default kernel command line: serial console, `reboot=k` so a guest reboot reaches the
 /// i8042 (which ends the VM), no PCI, panic reboots at once.
 pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux";
+/// At most this many disks (virtio-mmio slots 0xd000_0000.., GSIs 5..=12).
+pub const MAX_DISKS: usize = 8;
+
+/// A disk image the guest sees as a virtio block device (`/dev/vda`, `/dev/vdb`, ... in order).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DiskConfig {
+    /// The image file (or host block device).
+    pub path: PathBuf,
+    /// Open it read-only and tell the guest so (VIRTIO_BLK_F_RO); writes fail.
+    #[serde(default)]
+    pub read_only: bool,
+}
+
+impl DiskConfig {
+    /// A read-write disk.
+    pub fn new(path: impl Into<PathBuf>) -> Self {
+        DiskConfig { path: path.into(), read_only: false }
+    }
+}
 
 /// A microVM's configuration.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -27,8 +49,9 @@ pub struct VmConfig {
     pub initrd: Option<PathBuf>,
     /// The kernel command line.
     pub cmdline: String,
-    /// Block devices for virtio-mmio (not implemented yet: refused by validation).
-    pub disks: Vec<PathBuf>,
+    /// virtio-blk disks, at most [`MAX_DISKS`]; each adds a `virtio_mmio.device=` entry to the
+    /// command line the kernel gets (see [`VmConfig::kernel_cmdline`]).
+    pub disks: Vec<DiskConfig>,
     /// Stop the VM with an error when it runs longer than this many milliseconds.
     pub timeout_ms: Option<u64>,
 }
@@ -56,7 +79,8 @@ pub enum ConfigError {
     /// vcpus out of range.
     #[error("{0} vCPUs asked: a microVM has 1 to {MAX_VCPUS}")]
     Vcpus(u8),
-    /// The command line is too long for x86's boot protocol.
+    /// The command line (with the virtio-mmio entries for the disks) is too long for x86's boot
+    /// protocol.
     #[error("kernel command line is {0} bytes, the limit is {max}", max = MAX_CMDLINE_LEN - 1)]
     CmdlineTooLong(usize),
     /// The command line holds a NUL or a non-printable byte.
@@ -65,9 +89,9 @@ pub enum ConfigError {
     /// timeout_ms is 0.
     #[error("a timeout of 0 ms would stop the VM before it starts")]
     ZeroTimeout,
-    /// virtio-blk is not built yet.
-    #[error("disks are not supported yet (virtio-blk is still to come)")]
-    DisksNotSupported,
+    /// More disks than virtio-mmio slots.
+    #[error("{0} disks asked: a microVM has at most {MAX_DISKS}")]
+    TooManyDisks(usize),
 }
 
 impl VmConfig {
@@ -79,8 +103,12 @@ impl VmConfig {
         if self.vcpus == 0 || self.vcpus > MAX_VCPUS {
             return Err(ConfigError::Vcpus(self.vcpus));
         }
-        if self.cmdline.len() >= MAX_CMDLINE_LEN {
-            return Err(ConfigError::CmdlineTooLong(self.cmdline.len()));
+        if self.disks.len() > MAX_DISKS {
+            return Err(ConfigError::TooManyDisks(self.disks.len()));
+        }
+        let cmdline_len = self.kernel_cmdline().len();
+        if cmdline_len >= MAX_CMDLINE_LEN {
+            return Err(ConfigError::CmdlineTooLong(cmdline_len));
         }
         if self.cmdline.chars().any(|c| c.is_control()) {
             return Err(ConfigError::CmdlineControlChar);
@@ -88,10 +116,21 @@ impl VmConfig {
         if self.timeout_ms == Some(0) {
             return Err(ConfigError::ZeroTimeout);
         }
-        if !self.disks.is_empty() {
-            return Err(ConfigError::DisksNotSupported);
-        }
         Ok(())
+    }
+
+    /// The command line the kernel gets: `cmdline`, then ` virtio_mmio.device=4K@<base>:<gsi>`
+    /// for each disk, in order.
+    pub fn kernel_cmdline(&self) -> String {
+        let mut line = self.cmdline.clone();
+        for i in 0..self.disks.len() {
+            let (base, gsi) = mmio_slot(i);
+            if !line.is_empty() {
+                line.push(' ');
+            }
+            line.push_str(&kernel_cmdline_entry(base, gsi));
+        }
+        line
     }
 
     /// The timeout as a `Duration`.
@@ -119,7 +158,11 @@ mod tests {
             (VmConfig { cmdline: "x".repeat(2048), ..base.clone() }, ConfigError::CmdlineTooLong(2048)),
             (VmConfig { cmdline: "a\0b".into(), ..base.clone() }, ConfigError::CmdlineControlChar),
             (VmConfig { timeout_ms: Some(0), ..base.clone() }, ConfigError::ZeroTimeout),
-            (VmConfig { disks: vec!["d.img".into()], ..base.clone() }, ConfigError::DisksNotSupported),
+            (VmConfig { disks: vec![DiskConfig::new("d.img"); 9], ..base.clone() }, ConfigError::TooManyDisks(9)),
+            (
+                VmConfig { cmdline: "x".repeat(2000), disks: vec![DiskConfig::new("d.img"); 2], ..base.clone() },
+                ConfigError::CmdlineTooLong(2000 + 2 * 35),
+            ),
         ];
         for (config, want) in cases {
             assert_eq!(config.validate(), Err(want));
@@ -136,5 +179,33 @@ mod tests {
         let back: VmConfig = serde_json::from_str(&serde_json::to_string(&c).unwrap()).unwrap();
         assert_eq!(back, c);
         assert!(serde_json::from_str::<VmConfig>(r#"{"memroy_mib":1}"#).is_err());
+    }
+
+    #[test]
+    fn disks_are_valid_and_named_on_the_kernel_command_line() {
+        let config = VmConfig {
+            cmdline: "console=ttyS0".into(),
+            disks: vec![DiskConfig::new("/a.img"), DiskConfig { path: "/b.img".into(), read_only: true }],
+            ..VmConfig::default()
+        };
+        config.validate().unwrap();
+        assert_eq!(
+            config.kernel_cmdline(),
+            "console=ttyS0 virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        );
+        let none = VmConfig { cmdline: "quiet".into(), ..VmConfig::default() };
+        assert_eq!(none.kernel_cmdline(), "quiet");
+        let eight = VmConfig { disks: vec![DiskConfig::new("d"); MAX_DISKS], ..VmConfig::default() };
+        eight.validate().unwrap();
+        assert!(eight.kernel_cmdline().ends_with("virtio_mmio.device=4K@0xd0007000:12"));
+    }
+
+    #[test]
+    fn disk_serde_defaults_and_unknown_fields() {
+        let c: VmConfig =
+            serde_json::from_str(r#"{"disks":[{"path":"/r.img"},{"path":"/o.img","read_only":true}]}"#).unwrap();
+        assert_eq!(c.disks, vec![DiskConfig::new("/r.img"), DiskConfig { path: "/o.img".into(), read_only: true }]);
+        assert!(serde_json::from_str::<VmConfig>(r#"{"disks":[{"path":"/r.img","ro":true}]}"#).is_err());
+        assert!(serde_json::from_str::<VmConfig>(r#"{"disks":["/r.img"]}"#).is_err());
     }
 }

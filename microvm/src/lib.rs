@@ -7,7 +7,7 @@
 //!
 //! Devices: COM1 8250 console (0x3f8, GSI 4), i8042 reset (0x60..=0x64: reset ends the VM),
 //! Firecracker-compatible boot timer (MMIO 0xc000_0000, magic byte 123), exit-status port
-//! (I/O 0x501). Only `vstate` talks to KVM and holds `unsafe`.
+//! (I/O 0x501), virtio-blk disks (MMIO 0xd000_0000 + i * 4K, GSI 5 + i). Only `vstate` talks to KVM and holds `unsafe`.
 
 pub mod config;
 pub mod devices;
@@ -102,6 +102,24 @@ pub enum VmError {
     /// The serial interrupt eventfd could not be created.
     #[error("cannot create the serial interrupt eventfd")]
     EventFd(#[source] std::io::Error),
+    /// A disk could not be attached.
+    #[error("cannot attach disk {path}")]
+    Disk {
+        /// The image.
+        path: std::path::PathBuf,
+        /// Why.
+        #[source]
+        source: devices::virtio::block::BlockError,
+    },
+    /// A virtio device's interrupt eventfd could not be created.
+    #[error("cannot create the interrupt eventfd for GSI {gsi}")]
+    InterruptEventFd {
+        /// The interrupt line.
+        gsi: u32,
+        /// Why.
+        #[source]
+        source: std::io::Error,
+    },
     /// A vCPU failed or the guest stopped abnormally.
     #[error("the guest did not stop cleanly")]
     Vcpu(#[from] vstate::vcpu::VcpuError),
