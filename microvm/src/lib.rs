@@ -11,6 +11,7 @@
 
 pub mod config;
 pub mod devices;
+pub mod initramfs;
 pub mod loader;
 pub mod stub;
 pub mod vstate;
@@ -19,6 +20,8 @@ mod builder;
 
 pub use builder::{Vm, VmBuilder};
 pub use config::{ConfigError, VmConfig};
+/// The guest agent's protocol: ports, exit statuses, `GuestConfig`.
+pub use twinbox_agent as agent;
 
 use std::io::Write;
 use std::time::Duration;

@@ -1,0 +1,303 @@
+//! The system calls the agent makes, as safe functions returning `io::Result`. With the port
+//! I/O of `ports`, the only place with `unsafe`.
+
+use std::ffi::{CStr, CString};
+use std::fs::File;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::unix::fs::OpenOptionsExt;
+use std::ptr::NonNull;
+
+fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
+    if ret < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(ret)
+    }
+}
+
+fn cstring(s: &str) -> io::Result<CString> {
+    CString::new(s).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))
+}
+
+/// The text of an errno, without std's " (os error N)" suffix: "No such file or directory".
+pub fn errno_text(err: &io::Error) -> String {
+    let text = err.to_string();
+    match text.rfind(" (os error ") {
+        Some(i) if err.raw_os_error().is_some() => text[..i].to_string(),
+        _ => text,
+    }
+}
+
+/// mount(2). `source` and `fstype` may be absent (remounts, propagation changes).
+pub fn mount(
+    source: Option<&str>,
+    target: &str,
+    fstype: Option<&str>,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> io::Result<()> {
+    let source = source.map(cstring).transpose()?;
+    let target = cstring(target)?;
+    let fstype = fstype.map(cstring).transpose()?;
+    let data = data.map(cstring).transpose()?;
+    let ptr = |c: &Option<CString>| c.as_ref().map_or(std::ptr::null(), |c| c.as_ptr());
+    // SAFETY: every pointer is null or a NUL-terminated string that outlives the call; the kernel
+    // only reads them.
+    check(unsafe { libc::mount(ptr(&source), target.as_ptr(), ptr(&fstype), flags, ptr(&data).cast()) })?;
+    Ok(())
+}
+
+/// mknod(2) of a character device.
+pub fn mknod_char(path: &str, mode: u32, major: u32, minor: u32) -> io::Result<()> {
+    let path = cstring(path)?;
+    // SAFETY: `path` is a NUL-terminated string alive for the call.
+    check(unsafe { libc::mknod(path.as_ptr(), libc::S_IFCHR | mode, libc::makedev(major, minor)) })?;
+    Ok(())
+}
+
+/// Sets the process's umask, returning the old one.
+pub fn umask(mask: u32) -> u32 {
+    // SAFETY: umask(2) cannot fail and touches no memory.
+    unsafe { libc::umask(mask) }
+}
+
+/// sethostname(2).
+pub fn sethostname(name: &str) -> io::Result<()> {
+    // SAFETY: the kernel reads `name.len()` bytes from a live slice.
+    check(unsafe { libc::sethostname(name.as_ptr().cast(), name.len()) })?;
+    Ok(())
+}
+
+/// ioperm(2): grants (`on`) or drops this process's access to ports `from..from + num`.
+pub fn ioperm(from: u16, num: u16, on: bool) -> io::Result<()> {
+    // SAFETY: ioperm only changes this task's I/O permission bitmap.
+    check(unsafe { libc::ioperm(from.into(), num.into(), on.into()) })?;
+    Ok(())
+}
+
+/// A pipe, both ends close-on-exec: (read, write).
+pub fn pipe() -> io::Result<(File, OwnedFd)> {
+    let mut fds = [0 as RawFd; 2];
+    // SAFETY: pipe2 writes two descriptors into the two-element array.
+    check(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) })?;
+    // SAFETY: both descriptors were just created by pipe2 and nothing else owns them.
+    Ok(unsafe { (File::from_raw_fd(fds[0]), OwnedFd::from_raw_fd(fds[1])) })
+}
+
+/// unshare(2).
+pub fn unshare(flags: libc::c_int) -> io::Result<()> {
+    // SAFETY: unshare changes this process's namespaces and touches no memory of ours.
+    check(unsafe { libc::unshare(flags) })?;
+    Ok(())
+}
+
+/// fork(2): `Some(pid)` in the parent, `None` in the child.
+///
+/// The agent is single-threaded, so the child may keep running Rust code (allocations
+/// included) until it execs.
+pub fn fork() -> io::Result<Option<libc::pid_t>> {
+    // SAFETY: the agent has a single thread, so no lock is held by a thread the child would
+    // lack; the child only runs the agent's own set-up code and then execs or _exits.
+    let pid = check(unsafe { libc::fork() })?;
+    Ok((pid != 0).then_some(pid))
+}
+
+/// waitpid(-1): the next child to end and its wait status. Retries on EINTR.
+pub fn wait_any() -> io::Result<(libc::pid_t, i32)> {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes the status into a live local.
+        match check(unsafe { libc::waitpid(-1, &mut status, 0) }) {
+            Ok(pid) => return Ok((pid, status)),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// waitpid(pid): its wait status. Retries on EINTR.
+#[cfg(test)]
+pub fn wait_pid(pid: libc::pid_t) -> io::Result<i32> {
+    loop {
+        let mut status = 0;
+        // SAFETY: waitpid writes the status into a live local.
+        match check(unsafe { libc::waitpid(pid, &mut status, 0) }) {
+            Ok(_) => return Ok(status),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// poll(2) without a timeout. Retries on EINTR.
+pub fn poll(fds: &mut [libc::pollfd]) -> io::Result<()> {
+    loop {
+        // SAFETY: the kernel reads and writes `fds.len()` pollfd entries of a live slice.
+        match check(unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, -1) }) {
+            Ok(_) => return Ok(()),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+/// dup2(2); the new descriptor is not close-on-exec.
+pub fn dup2(old: &impl AsRawFd, new: RawFd) -> io::Result<()> {
+    // SAFETY: dup2 only changes the descriptor table; `new` is one of the standard descriptors
+    // the caller means to replace.
+    check(unsafe { libc::dup2(old.as_raw_fd(), new) })?;
+    Ok(())
+}
+
+/// setgroups(2).
+pub fn setgroups(gids: &[u32]) -> io::Result<()> {
+    // SAFETY: the kernel reads `gids.len()` gid_t (u32) values from a live slice.
+    check(unsafe { libc::setgroups(gids.len(), gids.as_ptr()) })?;
+    Ok(())
+}
+
+/// setgid(2). The agent has one thread, so the raw system call is enough.
+pub fn setgid(gid: u32) -> io::Result<()> {
+    // SAFETY: setgid touches no memory of ours.
+    check(unsafe { libc::setgid(gid) })?;
+    Ok(())
+}
+
+/// setuid(2).
+pub fn setuid(uid: u32) -> io::Result<()> {
+    // SAFETY: setuid touches no memory of ours.
+    check(unsafe { libc::setuid(uid) })?;
+    Ok(())
+}
+
+/// Whether the caller may execute `path` (access(2) with X_OK, real ids).
+pub fn may_execute(path: &CStr) -> bool {
+    // SAFETY: `path` is NUL-terminated and alive for the call.
+    unsafe { libc::access(path.as_ptr(), libc::X_OK) == 0 }
+}
+
+/// Unblocks every signal and puts every disposition back to the default, so the workload
+/// starts as from a fresh init (Rust's runtime ignores SIGPIPE, which execve would keep).
+pub fn reset_signals() -> io::Result<()> {
+    // SAFETY: an all-zero sigset_t is valid storage that sigemptyset initialises.
+    let mut set: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: `set` is live storage for the whole call.
+    check(unsafe { libc::sigemptyset(&mut set) })?;
+    // SAFETY: `set` is initialised; the old mask is not asked for.
+    check(unsafe { libc::sigprocmask(libc::SIG_SETMASK, &set, std::ptr::null_mut()) })?;
+    for sig in 1..=libc::SIGRTMAX() {
+        if sig == libc::SIGKILL || sig == libc::SIGSTOP {
+            continue;
+        }
+        // SAFETY: SIG_DFL installs no handler; signals glibc reserves for itself refuse the
+        // change with EINVAL, which is ignored.
+        unsafe { libc::signal(sig, libc::SIG_DFL) };
+    }
+    Ok(())
+}
+
+/// execve(2); returns only on failure.
+pub fn execve(path: &CStr, argv: &[CString], envp: &[CString]) -> io::Error {
+    let argv: Vec<*const libc::c_char> =
+        argv.iter().map(|a| a.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    let envp: Vec<*const libc::c_char> =
+        envp.iter().map(|e| e.as_ptr()).chain(std::iter::once(std::ptr::null())).collect();
+    // SAFETY: `path` and every string pointer are NUL-terminated and alive for the call; both
+    // arrays end with a null pointer.
+    unsafe { libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr()) };
+    io::Error::last_os_error()
+}
+
+/// _exit(2): ends the process at once, running no destructor or atexit handler (what a forked
+/// child that failed to exec must do).
+pub fn exit_now(code: i32) -> ! {
+    // SAFETY: _exit never returns and needs no invariant.
+    unsafe { libc::_exit(code) }
+}
+
+/// reboot(RB_AUTOBOOT): restarts the machine, which ends a twinbox VM. Returns on failure.
+pub fn reboot() -> io::Error {
+    // SAFETY: reboot with a valid command; it returns only on failure.
+    unsafe { libc::reboot(libc::RB_AUTOBOOT) };
+    io::Error::last_os_error()
+}
+
+/// Milliseconds since boot (CLOCK_BOOTTIME).
+pub fn ms_since_boot() -> f64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: clock_gettime writes into a live timespec; CLOCK_BOOTTIME always exists on Linux.
+    unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) };
+    ts.tv_sec as f64 * 1e3 + ts.tv_nsec as f64 / 1e6
+}
+
+const PAGE_SIZE: usize = 4096;
+
+/// One page of physical memory mapped through `/dev/mem`, where the boot timer lives.
+#[derive(Debug)]
+pub struct PhysPage {
+    page: NonNull<u8>,
+}
+
+impl PhysPage {
+    /// Maps the page at physical address `addr` (page-aligned), shared and uncached (O_SYNC).
+    pub fn map(addr: u64) -> io::Result<Self> {
+        let mem = std::fs::OpenOptions::new().read(true).write(true).custom_flags(libc::O_SYNC).open("/dev/mem")?;
+        let offset = libc::off_t::try_from(addr).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        // SAFETY: a new shared mapping of one page of /dev/mem at a place of the kernel's
+        // choosing; it aliases no Rust object. Closing `mem` afterwards keeps the mapping.
+        let ptr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                PAGE_SIZE,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_SHARED,
+                mem.as_raw_fd(),
+                offset,
+            )
+        };
+        if ptr == libc::MAP_FAILED {
+            return Err(io::Error::last_os_error());
+        }
+        NonNull::new(ptr.cast()).map(|page| PhysPage { page }).ok_or_else(|| io::Error::from_raw_os_error(libc::EFAULT))
+    }
+
+    /// A volatile byte write at the start of the page: an MMIO write the VMM sees.
+    pub fn write_byte(&self, value: u8) {
+        // SAFETY: `page` is a live, writable mapping of PAGE_SIZE bytes owned by `self`; a
+        // volatile write is what device memory needs.
+        unsafe { std::ptr::write_volatile(self.page.as_ptr(), value) }
+    }
+}
+
+impl Drop for PhysPage {
+    fn drop(&mut self) {
+        // SAFETY: `page` is the mapping `map` made, of PAGE_SIZE bytes, and nothing uses it
+        // after `self`.
+        unsafe { libc::munmap(self.page.as_ptr().cast(), PAGE_SIZE) };
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn errno_text_drops_the_os_error_suffix() {
+        assert_eq!(errno_text(&io::Error::from_raw_os_error(libc::ENOENT)), "No such file or directory");
+        assert_eq!(errno_text(&io::Error::other("plain")), "plain");
+    }
+
+    #[test]
+    fn pipes_close_on_exec_and_carry_bytes() {
+        use std::io::{Read, Write};
+        let (mut r, w) = pipe().unwrap();
+        // SAFETY: F_GETFD on a descriptor we own.
+        let flags = unsafe { libc::fcntl(r.as_raw_fd(), libc::F_GETFD) };
+        assert_eq!(flags & libc::FD_CLOEXEC, libc::FD_CLOEXEC);
+        File::from(w).write_all(b"abc").unwrap();
+        let mut got = String::new();
+        r.read_to_string(&mut got).unwrap();
+        assert_eq!(got, "abc");
+    }
+}

@@ -1,0 +1,194 @@
+//! `GuestConfig`: what the agent runs, written by the host into the initramfs as JSON.
+
+use serde::{Deserialize, Serialize};
+
+/// The longest hostname Linux accepts (`HOST_NAME_MAX`).
+pub const MAX_HOSTNAME_LEN: usize = 64;
+
+/// The workload and its root file system, as the agent reads them from
+/// [`CONFIG_PATH`](crate::CONFIG_PATH). Every field has a default; unknown fields are refused.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct GuestConfig {
+    /// argv. `args[0]` is searched in the `PATH` of `env` when it holds no '/', like `execvp`.
+    pub args: Vec<String>,
+    /// The environment, "K=V", final (the host merged the image's and the user's).
+    pub env: Vec<String>,
+    /// The working directory, absolute; created (owned by root, 0755) if missing, as runc does.
+    pub cwd: String,
+    /// User id the workload runs as.
+    pub uid: u32,
+    /// Group id the workload runs as.
+    pub gid: u32,
+    /// Supplementary groups.
+    pub additional_gids: Vec<u32>,
+    /// The guest's hostname; empty keeps the kernel's.
+    pub hostname: String,
+    /// The image's root disk.
+    pub root_device: String,
+    /// Its file system type.
+    pub root_fstype: String,
+    /// The workload's root is read-only (`docker run --read-only`); otherwise writes go to a
+    /// tmpfs upper layer and vanish with the VM.
+    pub read_only: bool,
+    /// The agent logs its steps, with times since boot, on the stderr port ("twinbox-agent: ").
+    pub verbose: bool,
+}
+
+impl Default for GuestConfig {
+    fn default() -> Self {
+        GuestConfig {
+            args: Vec::new(),
+            env: Vec::new(),
+            cwd: "/".to_string(),
+            uid: 0,
+            gid: 0,
+            additional_gids: Vec::new(),
+            hostname: String::new(),
+            root_device: "/dev/vda".to_string(),
+            root_fstype: "ext4".to_string(),
+            read_only: false,
+            verbose: false,
+        }
+    }
+}
+
+/// A configuration the agent cannot run.
+#[derive(Debug, thiserror::Error)]
+pub enum GuestConfigError {
+    /// Not JSON, or not this schema.
+    #[error("cannot parse the guest configuration")]
+    Json(#[source] serde_json::Error),
+    /// `args` is empty.
+    #[error("no command to run (args is empty)")]
+    NoArgs,
+    /// `cwd` is not absolute.
+    #[error("cwd {0:?} is not an absolute path")]
+    RelativeCwd(String),
+    /// `root_device` is not an absolute path.
+    #[error("root_device {0:?} is not an absolute path")]
+    RootDevice(String),
+    /// `root_fstype` is empty.
+    #[error("root_fstype is empty")]
+    NoFstype,
+    /// `hostname` is too long for Linux.
+    #[error("hostname is {0} bytes, the limit is {MAX_HOSTNAME_LEN}")]
+    HostnameTooLong(usize),
+    /// A string holds a NUL byte, which no system call can take.
+    #[error("{field} holds a NUL byte")]
+    Nul {
+        /// Which field.
+        field: &'static str,
+    },
+}
+
+impl GuestConfig {
+    /// The configuration as the agent reads it (pretty JSON).
+    pub fn to_json(&self) -> String {
+        // Strings, integers, booleans and lists of them always serialize.
+        serde_json::to_string_pretty(self).expect("a GuestConfig always serializes")
+    }
+
+    /// Parses and [validates](Self::validate) a configuration.
+    pub fn from_json(json: impl AsRef<[u8]>) -> Result<Self, GuestConfigError> {
+        let config: GuestConfig = serde_json::from_slice(json.as_ref()).map_err(GuestConfigError::Json)?;
+        config.validate()?;
+        Ok(config)
+    }
+
+    /// Checks what the agent would otherwise only find out in the guest.
+    pub fn validate(&self) -> Result<(), GuestConfigError> {
+        if self.args.is_empty() {
+            return Err(GuestConfigError::NoArgs);
+        }
+        if !self.cwd.starts_with('/') {
+            return Err(GuestConfigError::RelativeCwd(self.cwd.clone()));
+        }
+        if !self.root_device.starts_with('/') {
+            return Err(GuestConfigError::RootDevice(self.root_device.clone()));
+        }
+        if self.root_fstype.is_empty() {
+            return Err(GuestConfigError::NoFstype);
+        }
+        if self.hostname.len() > MAX_HOSTNAME_LEN {
+            return Err(GuestConfigError::HostnameTooLong(self.hostname.len()));
+        }
+        let fields: [(&'static str, &[String]); 6] = [
+            ("args", &self.args),
+            ("env", &self.env),
+            ("cwd", std::slice::from_ref(&self.cwd)),
+            ("hostname", std::slice::from_ref(&self.hostname)),
+            ("root_device", std::slice::from_ref(&self.root_device)),
+            ("root_fstype", std::slice::from_ref(&self.root_fstype)),
+        ];
+        for (field, values) in fields {
+            if values.iter().any(|v| v.contains('\0')) {
+                return Err(GuestConfigError::Nul { field });
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn sample() -> GuestConfig {
+        GuestConfig {
+            args: vec!["sh".into(), "-c".into(), "echo hi".into()],
+            env: vec!["PATH=/usr/bin:/bin".into(), "HOME=/root".into()],
+            cwd: "/work".into(),
+            uid: 1000,
+            gid: 100,
+            additional_gids: vec![10, 20],
+            hostname: "box".into(),
+            read_only: true,
+            verbose: true,
+            ..GuestConfig::default()
+        }
+    }
+
+    #[test]
+    fn round_trips_through_json() {
+        let config = sample();
+        assert_eq!(GuestConfig::from_json(config.to_json()).unwrap(), config);
+    }
+
+    #[test]
+    fn defaults_fill_missing_fields() {
+        let config = GuestConfig::from_json(r#"{"args": ["/hello"]}"#).unwrap();
+        assert_eq!(config.args, ["/hello"]);
+        assert_eq!(config.cwd, "/");
+        assert_eq!(config.root_device, "/dev/vda");
+        assert_eq!(config.root_fstype, "ext4");
+        assert!(!config.read_only && !config.verbose);
+        assert_eq!((config.uid, config.gid), (0, 0));
+    }
+
+    #[test]
+    fn refuses_unknown_fields_and_bad_json() {
+        let err = GuestConfig::from_json(r#"{"args": ["x"], "argz": []}"#).unwrap_err();
+        assert!(matches!(err, GuestConfigError::Json(_)), "{err:?}");
+        assert!(std::error::Error::source(&err).unwrap().to_string().contains("argz"));
+        assert!(matches!(GuestConfig::from_json(b"{"), Err(GuestConfigError::Json(_))));
+        assert!(matches!(GuestConfig::from_json(r#"{"uid": -1, "args": ["x"]}"#), Err(GuestConfigError::Json(_))));
+    }
+
+    #[test]
+    fn validation_catches_what_the_guest_could_not_run() {
+        let check = |edit: fn(&mut GuestConfig)| {
+            let mut c = sample();
+            edit(&mut c);
+            c.validate().unwrap_err().to_string()
+        };
+        assert_eq!(check(|c| c.args.clear()), "no command to run (args is empty)");
+        assert_eq!(check(|c| c.cwd = "work".into()), r#"cwd "work" is not an absolute path"#);
+        assert_eq!(check(|c| c.root_device = "vda".into()), r#"root_device "vda" is not an absolute path"#);
+        assert_eq!(check(|c| c.root_fstype.clear()), "root_fstype is empty");
+        assert_eq!(check(|c| c.hostname = "h".repeat(65)), "hostname is 65 bytes, the limit is 64");
+        assert_eq!(check(|c| c.env.push("A=\0".into())), "env holds a NUL byte");
+        assert_eq!(check(|c| c.args[2] = "\0".into()), "args holds a NUL byte");
+        assert!(sample().validate().is_ok());
+    }
+}

@@ -1,0 +1,48 @@
+//! The protocol between twinbox's VMM and its guest agent.
+//!
+//! The agent is pid 1 of the microVM's initramfs. It reads [`GuestConfig`] from
+//! [`CONFIG_PATH`], mounts the image's root disk under an overlay, starts the workload in its
+//! own pid and mount namespaces, and hands everything back through I/O ports:
+//!
+//! ```text
+//!  workload stdout ─pipe─► agent ─rep outsb (≤ 4096 B)─► STDOUT_PORT 0x510 ─► VMM
+//!  workload stderr ─pipe─► agent ─rep outsb (≤ 4096 B)─► STDERR_PORT 0x511 ─► VMM
+//!  just before execve:     workload ─byte 123─► MMIO BOOT_TIMER_ADDR (Firecracker's boot timer)
+//!  at the end:             agent ─out (LE i32)─► EXIT_PORT 0x501 ─► VMM ends the VM
+//! ```
+//!
+//! The exit status is the workload's exit code, 128 + N when signal N killed it,
+//! [`EXIT_SETUP_FAILED`] (125) when the agent could not start it, [`EXIT_NOT_EXECUTABLE`] (126)
+//! or [`EXIT_NOT_FOUND`] (127) when the program could not be run, as `twinbox run` reports for a
+//! container.
+
+pub mod config;
+pub mod path;
+pub mod status;
+
+pub use config::{GuestConfig, GuestConfigError};
+pub use path::{find_program, path_var, LookupError, Probe, DEFAULT_PATH};
+pub use status::{exit_code, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED};
+
+/// I/O port that receives the workload's standard output (`rep outsb`, up to
+/// [`MAX_CHUNK`] bytes per instruction).
+pub const STDOUT_PORT: u16 = 0x510;
+/// I/O port that receives the workload's standard error and the agent's own messages.
+pub const STDERR_PORT: u16 = 0x511;
+/// Most bytes the agent sends in one `rep outsb`: one page, what KVM hands over in one exit.
+pub const MAX_CHUNK: usize = 4096;
+/// I/O port of the final status: one 32-bit `out` of a little-endian `i32`. The VMM ends the
+/// VM on that write. QEMU's `isa-debug-exit` sits at the same port.
+pub const EXIT_PORT: u16 = 0x501;
+/// Ports decoded at [`EXIT_PORT`] (one 32-bit register).
+pub const EXIT_PORT_LEN: u16 = 4;
+/// Guest-physical address of the Firecracker-compatible boot timer.
+pub const BOOT_TIMER_ADDR: u64 = 0xc000_0000;
+/// The byte the workload's process writes there just before it execs the workload.
+pub const BOOT_TIMER_MAGIC: u8 = 123;
+/// Where the initramfs holds the agent's configuration.
+pub const CONFIG_PATH: &str = "/twinbox/config.json";
+/// A word on the kernel command line that makes the agent copy everything it sends to the
+/// ports to `/dev/console` as well, for debugging under a VMM that ignores the output ports
+/// (QEMU). twinbox's VMM never sets it.
+pub const CONSOLE_MIRROR_PARAM: &str = "twinbox.console";
