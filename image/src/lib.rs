@@ -9,9 +9,9 @@
 
 pub mod archive;
 pub mod build;
+pub mod digest;
 pub mod disk;
 pub mod launch;
-pub mod digest;
 pub mod pipeline;
 pub mod reference;
 pub mod registry;

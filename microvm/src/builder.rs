@@ -12,29 +12,60 @@ use crate::devices::legacy::serial::{SerialDevice, SharedBuffer, SERIAL_PORT_LEN
 use crate::devices::legacy::{EventFdTrigger, COM1_GSI, COM1_PORT, I8042_PORT};
 use crate::devices::pseudo::boot_timer::{BootTimer, BOOT_TIMER_ADDR, BOOT_TIMER_LEN};
 use crate::devices::pseudo::exit_port::{ExitPort, EXIT_PORT, EXIT_PORT_LEN};
+use crate::devices::pseudo::output_port::{OutputPort, OUTPUT_PORT, OUTPUT_PORT_LEN};
 use crate::devices::pseudo::process_start_estimate;
 use crate::devices::virtio::block::Block;
 use crate::devices::virtio::{mmio_slot, MmioTransport, VIRTIO_MMIO_SIZE};
 use crate::devices::Bus;
+use crate::loader::Initrd;
+use crate::mptable::setup_mptable;
 use crate::stub::{STUB_LOAD_ADDR, STUB_STACK};
 use crate::vstate::memory::create_guest_memory;
-use crate::vstate::vcpu::{Vcpu, VcpuStop};
+use crate::vstate::vcpu::{RunControl, Vcpu, VcpuError, VcpuStop, Watchdog};
 use crate::vstate::vm::KvmVm;
 use crate::{ExitReason, VmConfig, VmError, VmExit};
 
+/// Where the workload-output ports write: stdout and stderr.
+type OutputWriters = (Box<dyn Write + Send>, Box<dyn Write + Send>);
+
 /// Builds a [`Vm`] from a [`VmConfig`], with the options that are not configuration data.
-#[derive(Debug)]
 pub struct VmBuilder {
     config: VmConfig,
     start: Option<Instant>,
     stub: Option<Vec<u8>>,
     irqchip: bool,
+    initrd: Option<Vec<u8>>,
+    output: Option<OutputWriters>,
+}
+
+impl std::fmt::Debug for VmBuilder {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("VmBuilder")
+            .field("config", &self.config)
+            .field("stub", &self.stub.as_ref().map(Vec::len))
+            .field("irqchip", &self.irqchip)
+            .field("initrd", &self.initrd.as_ref().map(Vec::len))
+            .finish_non_exhaustive()
+    }
 }
 
 impl VmBuilder {
     /// A builder for `config`.
     pub fn new(config: VmConfig) -> Self {
-        VmBuilder { config, start: None, stub: None, irqchip: true }
+        VmBuilder { config, start: None, stub: None, irqchip: true, initrd: None, output: None }
+    }
+
+    /// An initramfs built in memory; it replaces `config.initrd`.
+    pub fn initrd_bytes(mut self, initrd: Vec<u8>) -> Self {
+        self.initrd = Some(initrd);
+        self
+    }
+
+    /// Where the guest agent's workload output goes (the output ports); default: this
+    /// process's stdout and stderr.
+    pub fn output(mut self, stdout: Box<dyn Write + Send>, stderr: Box<dyn Write + Send>) -> Self {
+        self.output = Some((stdout, stderr));
+        self
     }
 
     /// The instant the boot timer counts from (the VMM process start).
@@ -86,6 +117,9 @@ impl VmBuilder {
         pio.insert(Arc::new(Mutex::new(serial)), COM1_PORT, SERIAL_PORT_LEN)?;
         pio.insert(Arc::new(Mutex::new(I8042Device::new())), I8042_PORT, I8042_PORT_LEN)?;
         pio.insert(Arc::new(Mutex::new(ExitPort)), EXIT_PORT, EXIT_PORT_LEN)?;
+        let (stdout, stderr) =
+            self.output.unwrap_or_else(|| (Box::new(std::io::stdout()), Box::new(std::io::stderr())));
+        pio.insert(Arc::new(Mutex::new(OutputPort::new(stdout, stderr))), OUTPUT_PORT, OUTPUT_PORT_LEN)?;
         let mut mmio = Bus::new();
         mmio.insert(boot_timer.clone(), BOOT_TIMER_ADDR, BOOT_TIMER_LEN)?;
         for (i, disk) in disks.into_iter().enumerate() {
@@ -106,6 +140,11 @@ impl VmBuilder {
         let vcpus = (0..config.vcpus)
             .map(|id| Vcpu::new(&kvm_vm, &supported, id, config.vcpus))
             .collect::<Result<Vec<_>, _>>()?;
+        if self.irqchip {
+            for vcpu in &vcpus {
+                vcpu.set_lint()?;
+            }
+        }
 
         match &self.stub {
             Some(code) => {
@@ -116,12 +155,14 @@ impl VmBuilder {
                 vcpus[0].setup_flat_protected(STUB_LOAD_ADDR, STUB_STACK, 0)?;
             }
             None => {
-                let boot = crate::loader::load_linux(
-                    kvm_vm.memory(),
-                    &config.kernel,
-                    config.initrd.as_deref(),
-                    &config.kernel_cmdline(),
-                )?;
+                let initrd = match (&self.initrd, &config.initrd) {
+                    (Some(bytes), _) => Some(Initrd::Bytes(bytes)),
+                    (None, Some(path)) => Some(Initrd::File(path)),
+                    (None, None) => None,
+                };
+                let boot =
+                    crate::loader::load_linux(kvm_vm.memory(), &config.kernel, initrd, &config.kernel_cmdline())?;
+                setup_mptable(kvm_vm.memory(), config.vcpus)?;
                 vcpus[0].setup_long_mode(kvm_vm.memory(), boot.entry, boot.boot_params)?;
             }
         }
@@ -161,26 +202,63 @@ impl TryFrom<VmConfig> for Vm {
 }
 
 impl Vm {
-    /// Runs the guest on the calling thread until it stops, copying its console to `console`.
-    ///
-    /// The boot vCPU runs here; application processors stay in wait-for-SIPI (SMP start-up
-    /// threads come with the Linux boot).
+    /// Runs the guest until it stops, copying its console to `console`. The boot vCPU runs
+    /// on the calling thread, each application processor on a thread of its own (they wait
+    /// for the guest's INIT/SIPI in the in-kernel LAPIC); whichever vCPU ends the VM stops the
+    /// others.
     pub fn run(&mut self, console: &mut dyn Write) -> Result<VmExit, VmError> {
+        let control = Arc::new(RunControl::new(self.timeout));
+        let watchdog = Watchdog::start(control.clone())?;
         let buffer = self.console.clone();
         let mut console_err = None;
-        let mut forward = || {
-            if console_err.is_none() {
-                if let Err(e) = buffer.drain_to(console) {
-                    console_err = Some(e);
+        let (pio, mmio) = (&self.pio, &self.mmio);
+        let (bsp, aps) = self.vcpus.split_first_mut().expect("a VM has at least one vCPU");
+        let (bsp_result, ap_results) = std::thread::scope(|scope| {
+            let threads: Vec<_> = aps
+                .iter_mut()
+                .map(|vcpu| {
+                    let control = &*control;
+                    std::thread::Builder::new()
+                        .name(format!("vcpu{}", vcpu.id()))
+                        .spawn_scoped(scope, move || vcpu.run(pio, mmio, control, &mut || {}))
+                })
+                .collect();
+            let mut forward = || {
+                if console_err.is_none() {
+                    if let Err(e) = buffer.drain_to(console) {
+                        console_err = Some(e);
+                    }
                 }
-            }
-        };
-        let result = self.vcpus[0].run(&self.pio, &self.mmio, self.timeout, &mut forward);
-        forward();
+            };
+            let bsp_result = bsp.run(pio, mmio, &control, &mut forward);
+            control.stop();
+            let ap_results: Vec<Result<Option<VcpuStop>, VcpuError>> = threads
+                .into_iter()
+                .map(|t| match t {
+                    Ok(handle) => handle.join().unwrap_or(Ok(None)),
+                    Err(e) => Err(VcpuError::Watchdog(e)),
+                })
+                .collect();
+            forward();
+            (bsp_result, ap_results)
+        });
+        watchdog.stop();
         if let Some(e) = console_err {
             return Err(VmError::Console(e));
         }
-        let stop = result?;
+        // The boot vCPU's answer, unless another vCPU ended the VM (then the boot vCPU only
+        // saw the stop) or failed.
+        let mut stop = bsp_result?;
+        for r in ap_results {
+            match r {
+                Ok(Some(s)) if stop.is_none() => stop = Some(s),
+                Ok(_) => {}
+                Err(e) => return Err(e.into()),
+            }
+        }
+        let Some(stop) = stop else {
+            return Err(VmError::Vcpu(VcpuError::UnexpectedExit { id: 0, exit: "stop without a reason" }));
+        };
         let timer = self.boot_timer.lock().unwrap_or_else(|e| e.into_inner());
         let reason = match stop {
             VcpuStop::Reset => ExitReason::Reset,

@@ -7,12 +7,18 @@
 //!
 //! Devices: COM1 8250 console (0x3f8, GSI 4), i8042 reset (0x60..=0x64: reset ends the VM),
 //! Firecracker-compatible boot timer (MMIO 0xc000_0000, magic byte 123), exit-status port
-//! (I/O 0x501), virtio-blk disks (MMIO 0xd000_0000 + i * 4K, GSI 5 + i). Only `vstate` talks to KVM and holds `unsafe`.
+//! (I/O 0x501), workload-output ports (I/O 0x510 stdout, 0x511 stderr), virtio-blk disks
+//! (MMIO 0xd000_0000 + i * 4K, GSI 5 + i); an MP table describes the vCPUs and the I/O APIC.
+//! [`run_image`] runs an OCI image in such a VM through the guest agent. Only `vstate` talks
+//! to KVM and holds `unsafe`.
 
 pub mod config;
+pub mod console;
 pub mod devices;
 pub mod initramfs;
 pub mod loader;
+pub mod mptable;
+pub mod run_image;
 pub mod stub;
 pub mod vstate;
 
@@ -129,6 +135,25 @@ pub enum VmError {
     /// The console could not be written.
     #[error("cannot write the guest console")]
     Console(#[source] std::io::Error),
+    /// The MP table could not be written.
+    #[error("cannot describe the vCPUs to the guest")]
+    MpTable(#[from] mptable::MpTableError),
+}
+
+impl VmError {
+    /// Whether the user can fix it (bad configuration, kernel, disk, memory size, no access to
+    /// /dev/kvm) rather than the VMM or the guest failing.
+    pub fn is_user_error(&self) -> bool {
+        use vstate::vm::KvmVmError;
+        match self {
+            VmError::Config(_) | VmError::Loader(_) | VmError::Memory(_) | VmError::MpTable(_) => true,
+            VmError::Disk { .. } => true,
+            VmError::Kvm(k) => {
+                matches!(k, KvmVmError::NoKvm | KvmVmError::PermissionDenied | KvmVmError::TooManyVcpus { .. })
+            }
+            _ => false,
+        }
+    }
 }
 
 /// Builds the VM described by `config` and runs it to the end, copying the guest console to

@@ -37,6 +37,16 @@ pub enum LoaderError {
     /// The kernel path does not exist.
     #[error("kernel {0} does not exist")]
     KernelMissing(PathBuf),
+    /// The kernel is larger than guest memory.
+    #[error("kernel {path} ({size} bytes) does not fit {memory_mib} MiB of guest memory; give the VM more memory")]
+    KernelTooLarge {
+        /// The kernel.
+        path: PathBuf,
+        /// Its file size.
+        size: u64,
+        /// Guest memory.
+        memory_mib: u64,
+    },
     /// The kernel cannot be opened.
     #[error("cannot open kernel {path}")]
     KernelOpen {
@@ -77,7 +87,7 @@ pub enum LoaderError {
         source: std::io::Error,
     },
     /// The initramfs does not fit between the kernel and the top of low memory.
-    #[error("initrd of {size} bytes does not fit guest memory above the kernel")]
+    #[error("initrd of {size} bytes does not fit guest memory above the kernel; give the VM more memory")]
     InitrdTooLarge {
         /// Its size.
         size: u64,
@@ -104,17 +114,33 @@ pub struct BootEntry {
     pub kernel_end: u64,
 }
 
+/// Where an initramfs comes from.
+#[derive(Debug, Clone, Copy)]
+pub enum Initrd<'a> {
+    /// A file.
+    File(&'a Path),
+    /// Bytes built in memory (an image run's agent and config).
+    Bytes(&'a [u8]),
+}
+
 /// Loads `kernel` (ELF or bzImage), `initrd` and `cmdline` into `mem` and writes the zero page.
 pub fn load_linux(
     mem: &GuestMemoryMmap,
     kernel: &Path,
-    initrd: Option<&Path>,
+    initrd: Option<Initrd<'_>>,
     cmdline: &str,
 ) -> Result<BootEntry, LoaderError> {
     let mut file = File::open(kernel).map_err(|e| match e.kind() {
         std::io::ErrorKind::NotFound => LoaderError::KernelMissing(kernel.to_path_buf()),
         _ => LoaderError::KernelOpen { path: kernel.to_path_buf(), source: e },
     })?;
+    let memory: u64 = mem.iter().map(|r| r.len()).sum();
+    let size = file.metadata().map(|m| m.len()).unwrap_or(0);
+    // ELF segments load at their physical addresses above 1 MiB: a file larger than the
+    // memory cannot fit (linux-loader would only say it could not read the image).
+    if size.saturating_add(HIMEM_START) > memory {
+        return Err(LoaderError::KernelTooLarge { path: kernel.to_path_buf(), size, memory_mib: memory >> 20 });
+    }
     let load_err = |source| LoaderError::Load { path: kernel.to_path_buf(), source };
     let himem = Some(GuestAddress(HIMEM_START));
     let (result, entry): (KernelLoaderResult, u64) = match Elf::load(mem, None, &mut file, himem) {
@@ -150,8 +176,8 @@ pub fn load_linux(
     params.hdr.cmdline_size = cmdline_len as u32 + 1;
     params.hdr.kernel_alignment = KERNEL_MIN_ALIGNMENT_BYTES;
 
-    if let Some(path) = initrd {
-        let (addr, size) = load_initrd(mem, path, result.kernel_end)?;
+    if let Some(initrd) = initrd {
+        let (addr, size) = load_initrd(mem, initrd, result.kernel_end)?;
         params.hdr.ramdisk_image = addr as u32;
         params.hdr.ramdisk_size = size as u32;
     }
@@ -180,11 +206,18 @@ pub fn load_linux(
 }
 
 /// Puts the initramfs page-aligned at the top of RAM below the MMIO gap.
-fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64) -> Result<(u64, u64), LoaderError> {
-    let bytes = std::fs::read(path).map_err(|e| match e.kind() {
-        std::io::ErrorKind::NotFound => LoaderError::InitrdMissing(path.to_path_buf()),
-        _ => LoaderError::InitrdRead { path: path.to_path_buf(), source: e },
-    })?;
+fn load_initrd(mem: &GuestMemoryMmap, initrd: Initrd<'_>, kernel_end: u64) -> Result<(u64, u64), LoaderError> {
+    let read;
+    let bytes: &[u8] = match initrd {
+        Initrd::Bytes(b) => b,
+        Initrd::File(path) => {
+            read = std::fs::read(path).map_err(|e| match e.kind() {
+                std::io::ErrorKind::NotFound => LoaderError::InitrdMissing(path.to_path_buf()),
+                _ => LoaderError::InitrdRead { path: path.to_path_buf(), source: e },
+            })?;
+            &read
+        }
+    };
     let size = bytes.len() as u64;
     let top = (mem.last_addr().raw_value() + 1).min(MMIO_GAP_START);
     let addr = top
@@ -192,7 +225,7 @@ fn load_initrd(mem: &GuestMemoryMmap, path: &Path, kernel_end: u64) -> Result<(u
         .map(|a| a & !0xfff)
         .filter(|&a| a >= kernel_end)
         .ok_or(LoaderError::InitrdTooLarge { size })?;
-    mem.write_slice(&bytes, GuestAddress(addr)).map_err(LoaderError::InitrdWrite)?;
+    mem.write_slice(bytes, GuestAddress(addr)).map_err(LoaderError::InitrdWrite)?;
     Ok((addr, size))
 }
 
@@ -218,7 +251,7 @@ mod tests {
         let kernel = file(&pvh_elf(&code));
         let initrd = file(b"initramfs!");
         let m = mem(16);
-        let boot = load_linux(&m, kernel.path(), Some(initrd.path()), "console=ttyS0 quiet").unwrap();
+        let boot = load_linux(&m, kernel.path(), Some(Initrd::File(initrd.path())), "console=ttyS0 quiet").unwrap();
         assert_eq!(boot.entry, STUB_LOAD_ADDR);
         assert_eq!(boot.boot_params, ZERO_PAGE_START);
         let mut loaded = [0u8; 3];
@@ -261,20 +294,21 @@ mod tests {
     }
 
     #[test]
-    fn kernel_beyond_memory_is_a_load_error() {
+    fn kernel_beyond_memory_asks_for_more_memory() {
         let f = file(&pvh_elf(&[0xf4]));
         // 1 MiB of RAM: the kernel's 1 MiB load address is past the end.
         let err = load_linux(&mem(1), f.path(), None, "").unwrap_err();
-        assert!(matches!(err, LoaderError::Load { .. }), "{err:?}");
+        assert!(matches!(err, LoaderError::KernelTooLarge { memory_mib: 1, .. }), "{err:?}");
+        assert!(err.to_string().ends_with("does not fit 1 MiB of guest memory; give the VM more memory"), "{err}");
     }
 
     #[test]
     fn missing_and_oversized_initrd() {
         let k = file(&pvh_elf(&[0xf4]));
-        let err = load_linux(&mem(4), k.path(), Some(Path::new("/nonexistent/initrd")), "").unwrap_err();
+        let err = load_linux(&mem(4), k.path(), Some(Initrd::File(Path::new("/nonexistent/initrd"))), "").unwrap_err();
         assert!(matches!(err, LoaderError::InitrdMissing(_)));
         let big = file(&vec![0u8; 4 << 20]);
-        let err = load_linux(&mem(4), k.path(), Some(big.path()), "").unwrap_err();
+        let err = load_linux(&mem(4), k.path(), Some(Initrd::File(big.path())), "").unwrap_err();
         assert!(matches!(err, LoaderError::InitrdTooLarge { .. }), "{err:?}");
     }
 }

@@ -162,3 +162,48 @@ fn without_irqchip_hello_reset_and_hlt() {
     let (result, _) = run_without_irqchip(StubAsm::new().idle().finish());
     assert!(matches!(result.unwrap().reason, ExitReason::Halted { .. }));
 }
+
+#[test]
+fn application_processors_stop_with_the_vm() {
+    if !kvm_available("application_processors_stop_with_the_vm") {
+        return;
+    }
+    // Two more vCPUs on their own threads, parked in wait-for-SIPI; the boot vCPU's status
+    // ends the VM and the run returns (the AP threads were stopped and joined).
+    let config = VmConfig { memory_mib: 16, vcpus: 3, timeout_ms: Some(10_000), ..VmConfig::default() };
+    let code = StubAsm::new().serial_print(b"smp").exit_status(4).spin().finish();
+    let t = Instant::now();
+    let mut console = Vec::new();
+    let exit = VmBuilder::new(config).stub(code).build().and_then(|mut vm| vm.run(&mut console)).unwrap();
+    assert_eq!(exit.reason, ExitReason::Exited(4));
+    assert_eq!(console, b"smp");
+    assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+}
+
+#[test]
+fn a_signal_stops_the_guest_with_the_signal_named() {
+    if !kvm_available("a_signal_stops_the_guest_with_the_signal_named") {
+        return;
+    }
+    // In a child process: the handlers are process-wide.
+    if std::env::var_os("TWINBOX_STUB_SIGNAL_CHILD").is_some() {
+        twinbox_microvm::vstate::vcpu::stop_on_signals().unwrap();
+        let pid = std::process::id() as i32;
+        std::thread::spawn(move || {
+            std::thread::sleep(Duration::from_millis(200));
+            // SAFETY: kill(2) on our own pid with a handled signal.
+            unsafe { libc::kill(pid, libc::SIGTERM) };
+        });
+        let (result, _) = run(StubAsm::new().spin().finish(), Some(20_000));
+        match result {
+            Err(VmError::Vcpu(VcpuError::Interrupted(s))) if s == libc::SIGTERM => std::process::exit(0),
+            other => panic!("expected an interruption, got {other:?}"),
+        }
+    }
+    let out = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "a_signal_stops_the_guest_with_the_signal_named", "--nocapture"])
+        .env("TWINBOX_STUB_SIGNAL_CHILD", "1")
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+}

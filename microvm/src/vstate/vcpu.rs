@@ -1,7 +1,7 @@
 //! vCPUs: CPUID, MSRs, the register state for each entry mode, and the run loop.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc, OnceLock};
+use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
@@ -46,6 +46,23 @@ const MSR_LSTAR: u32 = 0xc000_0082;
 const MSR_CSTAR: u32 = 0xc000_0083;
 const MSR_SYSCALL_MASK: u32 = 0xc000_0084;
 const MSR_KERNEL_GS_BASE: u32 = 0xc000_0102;
+
+const APIC_LVT0: usize = 0x350;
+const APIC_LVT1: usize = 0x360;
+const APIC_MODE_NMI: u32 = 0x4;
+const APIC_MODE_EXTINT: u32 = 0x7;
+
+/// Sets the delivery mode (bits 8..=10) of the LVT register at `offset` in a LAPIC page.
+fn set_lvt_mode(regs: &mut [libc::c_char; 1024], offset: usize, mode: u32) {
+    let mut bytes = [0u8; 4];
+    for (b, r) in bytes.iter_mut().zip(&regs[offset..offset + 4]) {
+        *b = *r as u8;
+    }
+    let value = (u32::from_le_bytes(bytes) & !0x700) | (mode << 8);
+    for (r, b) in regs[offset..offset + 4].iter_mut().zip(value.to_le_bytes()) {
+        *r = b as libc::c_char;
+    }
+}
 
 /// How often a running vCPU is interrupted to check for the timeout and a dead halt.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
@@ -128,6 +145,36 @@ pub enum VcpuError {
     /// The watchdog thread could not be started or the kick signal not installed.
     #[error("cannot set up the vCPU watchdog")]
     Watchdog(#[source] std::io::Error),
+    /// The VMM got SIGINT, SIGTERM or SIGHUP (see [`stop_on_signals`]) and stopped the guest.
+    #[error("stopped by signal {0}")]
+    Interrupted(i32),
+}
+
+/// The signal that asked every running vCPU to stop, 0 for none.
+static STOP_SIGNAL: std::sync::atomic::AtomicI32 = std::sync::atomic::AtomicI32::new(0);
+
+extern "C" fn stop_handler(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
+    // Only an atomic store: async-signal-safe.
+    STOP_SIGNAL.store(sig, Ordering::SeqCst);
+}
+
+/// Makes SIGINT, SIGTERM and SIGHUP stop the running guest instead of killing the process, so
+/// the VMM's cleanup (image holds, temp files) runs: the vCPU loop notices within
+/// [`POLL_INTERVAL`] and returns [`VcpuError::Interrupted`].
+pub fn stop_on_signals() -> Result<(), std::io::Error> {
+    for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+        vmm_sys_util::signal::register_signal_handler(sig, stop_handler)
+            .map_err(|e| std::io::Error::from_raw_os_error(e.errno()))?;
+    }
+    Ok(())
+}
+
+/// The signal a [`stop_on_signals`] handler caught, if any.
+pub fn stop_requested() -> Option<i32> {
+    match STOP_SIGNAL.load(Ordering::SeqCst) {
+        0 => None,
+        s => Some(s),
+    }
 }
 
 fn internal_error_name(suberror: u32) -> &'static str {
@@ -265,6 +312,15 @@ impl Vcpu {
         Ok(())
     }
 
+    /// LINT0 delivers ExtINT (the PIC's output) and LINT1 NMI, as a PC's firmware leaves the
+    /// local APIC; needs the in-kernel irqchip.
+    pub fn set_lint(&self) -> Result<(), VcpuError> {
+        let mut lapic = self.fd.get_lapic().map_err(|e| self.ioctl("get LAPIC", e))?;
+        set_lvt_mode(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
+        set_lvt_mode(&mut lapic.regs, APIC_LVT1, APIC_MODE_NMI);
+        self.fd.set_lapic(&lapic).map_err(|e| self.ioctl("set LAPIC", e))
+    }
+
     fn set_fpu(&self) -> Result<(), VcpuError> {
         let fpu = kvm_fpu { fcw: 0x37f, mxcsr: 0x1f80, ..Default::default() };
         self.fd.set_fpu(&fpu).map_err(|e| self.ioctl("set FPU", e))
@@ -343,19 +399,21 @@ impl Vcpu {
         self.set_fpu()
     }
 
-    /// Runs the guest on the calling thread until it ends or `timeout` passes. Port and MMIO
-    /// exits go to `pio` and `mmio`; `after_exit` runs after each handled exit (the console
-    /// forwarder).
+    /// Runs this vCPU on the calling thread until the guest ends the VM (`Ok(Some(stop))`),
+    /// another vCPU did (`Ok(None)`, after [`RunControl::stop`]), or something fails. Port and
+    /// MMIO exits go to `pio` and `mmio`; `after_exit` runs after each handled exit (the
+    /// console forwarder). The thread registers with `control` so the watchdog can kick it.
     pub fn run(
         &mut self,
         pio: &Bus,
         mmio: &Bus,
-        timeout: Option<Duration>,
+        control: &RunControl,
         after_exit: &mut dyn FnMut(),
-    ) -> Result<VcpuStop, VcpuError> {
-        let watchdog = Watchdog::start(timeout)?;
-        let result = self.run_loop(pio, mmio, &watchdog.timed_out, timeout, after_exit);
-        watchdog.stop();
+    ) -> Result<Option<VcpuStop>, VcpuError> {
+        let _registered = control.register();
+        let result = self.run_loop(pio, mmio, control, after_exit);
+        // Whatever ended this vCPU ends the VM: the others stop at their next exit or kick.
+        control.stop();
         result
     }
 
@@ -363,14 +421,19 @@ impl Vcpu {
         &mut self,
         pio: &Bus,
         mmio: &Bus,
-        timed_out: &AtomicBool,
-        timeout: Option<Duration>,
+        control: &RunControl,
         after_exit: &mut dyn FnMut(),
-    ) -> Result<VcpuStop, VcpuError> {
+    ) -> Result<Option<VcpuStop>, VcpuError> {
         let id = self.id;
         loop {
-            if timed_out.load(Ordering::Relaxed) {
-                return Err(VcpuError::Timeout(timeout.unwrap_or_default()));
+            if control.timed_out.load(Ordering::SeqCst) {
+                return Err(VcpuError::Timeout(control.timeout.unwrap_or_default()));
+            }
+            if let Some(sig) = stop_requested() {
+                return Err(VcpuError::Interrupted(sig));
+            }
+            if control.stopping.load(Ordering::SeqCst) {
+                return Ok(None);
             }
             let event = match self.fd.run() {
                 Ok(VcpuExit::IoOut(port, data)) => pio.write(u64::from(port), data),
@@ -387,7 +450,7 @@ impl Vcpu {
                     // Only without an in-kernel LAPIC (with one, KVM parks the vCPU itself),
                     // so there is no interrupt source that could ever wake it.
                     let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
-                    return Ok(VcpuStop::Halted { rip });
+                    return Ok(Some(VcpuStop::Halted { rip }));
                 }
                 Ok(VcpuExit::Shutdown) => {
                     let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
@@ -395,8 +458,8 @@ impl Vcpu {
                 }
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
                     return match kind {
-                        KVM_SYSTEM_EVENT_RESET => Ok(VcpuStop::Reset),
-                        KVM_SYSTEM_EVENT_SHUTDOWN => Ok(VcpuStop::Shutdown),
+                        KVM_SYSTEM_EVENT_RESET => Ok(Some(VcpuStop::Reset)),
+                        KVM_SYSTEM_EVENT_SHUTDOWN => Ok(Some(VcpuStop::Shutdown)),
                         KVM_SYSTEM_EVENT_CRASH => Err(VcpuError::GuestCrash(id)),
                         _ => Err(VcpuError::UnexpectedExit { id, exit: "system event" }),
                     };
@@ -408,14 +471,14 @@ impl Vcpu {
                 }
                 Ok(VcpuExit::Intr) => {
                     if let Some(stop) = self.dead_halt()? {
-                        return Ok(stop);
+                        return Ok(Some(stop));
                     }
                     None
                 }
                 Ok(other) => return Err(VcpuError::UnexpectedExit { id, exit: exit_name(&other) }),
                 Err(e) if e.errno() == libc::EINTR || e.errno() == libc::EAGAIN => {
                     if let Some(stop) = self.dead_halt()? {
-                        return Ok(stop);
+                        return Ok(Some(stop));
                     }
                     None
                 }
@@ -423,8 +486,8 @@ impl Vcpu {
             };
             after_exit();
             match event {
-                Some(VmEvent::Reset) => return Ok(VcpuStop::Reset),
-                Some(VmEvent::Exit(status)) => return Ok(VcpuStop::Exited(status)),
+                Some(VmEvent::Reset) => return Ok(Some(VcpuStop::Reset)),
+                Some(VmEvent::Exit(status)) => return Ok(Some(VcpuStop::Exited(status))),
                 None => {}
             }
         }
@@ -438,7 +501,11 @@ impl Vcpu {
     }
 
     /// A vCPU halted with interrupts off will never run again: report it instead of waiting.
+    /// Only the boot vCPU counts: Linux parks offline application processors exactly so.
     fn dead_halt(&self) -> Result<Option<VcpuStop>, VcpuError> {
+        if self.id != 0 {
+            return Ok(None);
+        }
         let mp_state = self.fd.get_mp_state().map_err(|e| self.ioctl("get MP state", e))?;
         if mp_state.mp_state != KVM_MP_STATE_HALTED {
             return Ok(None);
@@ -481,46 +548,97 @@ fn kick_signal() -> Result<libc::c_int, std::io::Error> {
     r.map_err(std::io::Error::from_raw_os_error)
 }
 
-/// A thread that interrupts the vCPU thread every [`POLL_INTERVAL`] so the run loop can notice
-/// a timeout or a dead halt even while the guest never exits on its own.
-struct Watchdog {
-    timed_out: Arc<AtomicBool>,
+/// What the vCPU threads of one VM share: the stop flag, the timeout, and the threads the
+/// watchdog kicks out of KVM_RUN every [`POLL_INTERVAL`] so they notice either.
+#[derive(Debug)]
+pub struct RunControl {
+    stopping: AtomicBool,
+    timed_out: AtomicBool,
+    timeout: Option<Duration>,
+    threads: Mutex<Vec<libc::pthread_t>>,
+}
+
+/// A vCPU thread's registration; dropping it unregisters the thread, so it is never signalled
+/// after it has finished.
+pub struct Registration<'a> {
+    control: &'a RunControl,
+    thread: libc::pthread_t,
+}
+
+impl Drop for Registration<'_> {
+    fn drop(&mut self) {
+        let mut threads = self.control.threads.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(i) = threads.iter().position(|t| *t == self.thread) {
+            threads.swap_remove(i);
+        }
+    }
+}
+
+impl RunControl {
+    /// Control for a VM that stops with [`VcpuError::Timeout`] after `timeout`.
+    pub fn new(timeout: Option<Duration>) -> Self {
+        RunControl {
+            stopping: AtomicBool::new(false),
+            timed_out: AtomicBool::new(false),
+            timeout,
+            threads: Mutex::default(),
+        }
+    }
+
+    fn register(&self) -> Registration<'_> {
+        // SAFETY: pthread_self has no preconditions and cannot fail.
+        let thread = unsafe { libc::pthread_self() };
+        self.threads.lock().unwrap_or_else(|e| e.into_inner()).push(thread);
+        Registration { control: self, thread }
+    }
+
+    /// Asks every vCPU to return; each does at its next exit, which the kick forces.
+    pub fn stop(&self) {
+        self.stopping.store(true, Ordering::SeqCst);
+        self.kick_all();
+    }
+
+    fn kick_all(&self) {
+        let Ok(sig) = kick_signal() else { return };
+        let threads = self.threads.lock().unwrap_or_else(|e| e.into_inner());
+        for t in threads.iter() {
+            // SAFETY: every listed thread is alive: a thread removes itself (Registration's
+            // Drop, under this same lock) before it finishes, and the kick signal has a no-op
+            // handler installed (kick_signal succeeded).
+            unsafe { libc::pthread_kill(*t, sig) };
+        }
+    }
+}
+
+/// A thread that kicks every registered vCPU thread every [`POLL_INTERVAL`] and raises the
+/// timeout flag when the time is up.
+pub struct Watchdog {
     done: mpsc::Sender<()>,
     thread: std::thread::JoinHandle<()>,
 }
 
-/// The calling thread, as a target for the kick signal.
-#[derive(Clone, Copy)]
-struct ThreadHandle(libc::pthread_t);
-
 impl Watchdog {
-    fn start(timeout: Option<Duration>) -> Result<Self, VcpuError> {
-        let sig = kick_signal().map_err(VcpuError::Watchdog)?;
-        // SAFETY: pthread_self has no preconditions and cannot fail.
-        let target = ThreadHandle(unsafe { libc::pthread_self() });
-        let timed_out = Arc::new(AtomicBool::new(false));
+    /// Starts watching the vCPUs of `control`.
+    pub fn start(control: Arc<RunControl>) -> Result<Self, VcpuError> {
+        kick_signal().map_err(VcpuError::Watchdog)?;
         let (done, rx) = mpsc::channel::<()>();
-        let flag = timed_out.clone();
-        let deadline = timeout.map(|t| Instant::now() + t);
+        let deadline = control.timeout.map(|t| Instant::now() + t);
         let thread = std::thread::Builder::new()
             .name("vcpu-watchdog".into())
             .spawn(move || {
-                let target = target;
                 while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(POLL_INTERVAL) {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
-                        flag.store(true, Ordering::Relaxed);
+                        control.timed_out.store(true, Ordering::SeqCst);
                     }
-                    // SAFETY: the target thread is alive: it owns `done` and joins this
-                    // thread (in `stop`) before it can return, and `recv_timeout` only times
-                    // out while `done` is alive. The signal has a no-op handler installed.
-                    unsafe { libc::pthread_kill(target.0, sig) };
+                    control.kick_all();
                 }
             })
             .map_err(VcpuError::Watchdog)?;
-        Ok(Watchdog { timed_out, done, thread })
+        Ok(Watchdog { done, thread })
     }
 
-    fn stop(self) {
+    /// Stops the watchdog thread and waits for it.
+    pub fn stop(self) {
         drop(self.done);
         let _ = self.thread.join();
     }
@@ -529,6 +647,18 @@ impl Watchdog {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lvt_delivery_mode_changes_only_its_bits() {
+        let mut regs = [0 as libc::c_char; 1024];
+        regs[APIC_LVT0 + 2] = 1; // bit 16: masked
+        regs[APIC_LVT0 + 1] = 0x05u8 as libc::c_char; // an old mode, to be replaced
+        set_lvt_mode(&mut regs, APIC_LVT0, APIC_MODE_EXTINT);
+        set_lvt_mode(&mut regs, APIC_LVT1, APIC_MODE_NMI);
+        assert_eq!(regs[APIC_LVT0 + 1] as u8, 0x07);
+        assert_eq!(regs[APIC_LVT0 + 2], 1, "the mask bit is kept");
+        assert_eq!(regs[APIC_LVT1 + 1] as u8, 0x04);
+    }
 
     #[test]
     fn gdt_entries_match_the_classic_values() {

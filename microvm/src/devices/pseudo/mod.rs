@@ -1,7 +1,9 @@
-//! Devices with no hardware counterpart: the boot timer and the exit-status port.
+//! Devices with no hardware counterpart: the boot timer, the exit-status port and the
+//! workload-output ports.
 
 pub mod boot_timer;
 pub mod exit_port;
+pub mod output_port;
 
 use std::time::{Duration, Instant};
 

@@ -1,0 +1,268 @@
+//! Running an OCI image as a microVM: the same process a container of the image would start
+//! (`twinbox_image::launch`), in a guest that boots its own kernel.
+//!
+//! ```text
+//! image ─► launch::resolve (args, env, cwd, user)  ─► GuestConfig ─► initramfs (agent + config)
+//!       └► disk::root_disk (ext4, cached by digest) ─► virtio-blk /dev/vda (read-only)
+//! VM: kernel + initramfs + disk ─► agent mounts the disk under a tmpfs overlay, execs the
+//!     workload (boot-timer byte first), copies its output to the output ports, reports its
+//!     exit status on the exit port.
+//! ```
+//!
+//! The kernel console (COM1) is not the workload's output: it is kept (its last lines explain
+//! a panic or a hang) and shown only when `verbose`.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::{Duration, Instant};
+
+use twinbox_image::disk::{self, DiskError};
+use twinbox_image::launch::{self, LaunchError, Overrides};
+use twinbox_image::{Store, StoreError};
+
+use crate::agent::GuestConfig;
+use crate::config::{DiskConfig, VmConfig};
+use crate::console::ConsoleLog;
+use crate::vstate::vcpu::VcpuError;
+use crate::{ExitReason, VmBuilder, VmError};
+
+/// Kernel command line of an image run: serial console (kept for diagnostics), i8042 reset,
+/// no PCI or modules, a panic stops the guest at once, only the first UART probed.
+pub const IMAGE_CMDLINE: &str =
+    "console=ttyS0 reboot=k panic=-1 pci=off nomodule i8042.noaux 8250.nr_uarts=1 rdinit=/init";
+
+/// What `twinbox run --isolation microvm` may set. Plain data.
+#[derive(Debug, Clone, Default)]
+pub struct ImageRunOptions {
+    /// Image reference.
+    pub image: String,
+    /// Command, entrypoint, env, workdir and user overrides, as for a container.
+    pub overrides: Overrides,
+    /// Guest hostname (default: the first 12 characters of the run id).
+    pub hostname: Option<String>,
+    /// The workload's root is read-only (`--read-only`).
+    pub read_only: bool,
+    /// Guest RAM in MiB (default 128).
+    pub memory_mib: Option<u32>,
+    /// vCPUs (default 1).
+    pub vcpus: Option<u8>,
+    /// Guest kernel (default: [`default_kernel`]).
+    pub kernel: Option<PathBuf>,
+    /// Stop the VM after this long.
+    pub timeout: Option<Duration>,
+    /// Show the kernel console and the agent's steps on stderr.
+    pub verbose: bool,
+}
+
+/// How an image run ended.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ImageRunExit {
+    /// The workload's exit code (128 + N when killed by signal N; 125-127 as `docker run`).
+    pub code: i32,
+    /// VMM start → the agent's boot-timer write just before exec, when it came.
+    pub boot_time: Option<Duration>,
+    /// VMM start → the VM stopped.
+    pub total: Duration,
+}
+
+/// Errors of an image run.
+#[derive(Debug, thiserror::Error)]
+pub enum ImageRunError {
+    /// The image is not in the store, or the store failed.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+    /// The image and the flags give no process.
+    #[error(transparent)]
+    Launch(#[from] LaunchError),
+    /// The root disk could not be made.
+    #[error("cannot make the VM's root disk")]
+    Disk(#[from] DiskError),
+    /// No kernel was given and none is built.
+    #[error(
+        "no guest kernel at {0}; build one with scripts/build-guest-kernel.sh, or pass --kernel / set TWINBOX_KERNEL"
+    )]
+    NoKernel(PathBuf),
+    /// Building or running the VM failed.
+    #[error(transparent)]
+    Vm(#[from] VmError),
+    /// The guest kernel panicked.
+    #[error("the guest kernel panicked: {line}\nlast console lines:\n{tail}")]
+    Panic {
+        /// The panic line.
+        line: String,
+        /// The console's last lines.
+        tail: String,
+    },
+    /// The guest ran past `--timeout`.
+    #[error("the guest is still running after {0:?} (--timeout); stopped it\nlast console lines:\n{1}")]
+    Timeout(Duration, String),
+    /// The VMM was asked to stop (SIGINT, SIGTERM, SIGHUP) and stopped the guest.
+    #[error("stopped the VM on signal {0}")]
+    Interrupted(i32),
+    /// The guest stopped without the agent's exit status.
+    #[error("the guest stopped ({reason}) without reporting the workload's exit status\nlast console lines:\n{tail}")]
+    NoStatus {
+        /// How it stopped.
+        reason: ExitReason,
+        /// The console's last lines.
+        tail: String,
+    },
+}
+
+impl ImageRunError {
+    /// Whether the user can fix it (Docker's exit 1) rather than twinbox failing (125).
+    pub fn is_user_error(&self) -> bool {
+        match self {
+            ImageRunError::Store(s) => {
+                matches!(s, StoreError::NoSuchImage(_) | StoreError::Ambiguous(_) | StoreError::NoPlatform { .. })
+            }
+            ImageRunError::Launch(_) | ImageRunError::NoKernel(_) => true,
+            ImageRunError::Disk(DiskError::MkfsMissing) => true,
+            ImageRunError::Vm(v) => v.is_user_error(),
+            _ => false,
+        }
+    }
+}
+
+/// The kernel an image run boots by default: `$TWINBOX_KERNEL`, else the `vmlinux` that
+/// scripts/build-guest-kernel.sh last built (`${TWINBOX_CACHE:-~/.cache/twinbox}/kernel/latest`).
+pub fn default_kernel() -> PathBuf {
+    if let Some(k) = std::env::var_os("TWINBOX_KERNEL") {
+        return PathBuf::from(k);
+    }
+    let cache = std::env::var_os("TWINBOX_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
+        home.join(".cache/twinbox")
+    });
+    cache.join("kernel/latest/vmlinux")
+}
+
+/// Releases the image hold of a run, however it ends.
+struct Hold<'s> {
+    store: &'s Store,
+    id: String,
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        if let Err(e) = self.store.release(&self.id) {
+            tracing::warn!(error = %e, id = %self.id, "cannot release the image hold");
+        }
+    }
+}
+
+/// Runs `opts.image` as a microVM, the workload's stdout and stderr going to `stdout` and
+/// `stderr`. `start` is when the VMM process started (the boot timer counts from it).
+pub fn run_image(
+    store: &Store,
+    opts: &ImageRunOptions,
+    start: Instant,
+    stdout: Box<dyn Write + Send>,
+    stderr: Box<dyn Write + Send>,
+) -> Result<ImageRunExit, ImageRunError> {
+    let image = store.resolve(&opts.image)?;
+    let id = run_id();
+    store.hold(&id, &image.manifest_digest)?;
+    let _hold = Hold { store, id: id.clone() };
+
+    let hostname = opts.hostname.clone().unwrap_or_else(|| id.chars().take(12).collect());
+    // User names are looked up in the image's /etc/passwd, which needs its layers unpacked;
+    // a numeric user or none does not.
+    let by_name = opts
+        .overrides
+        .user
+        .clone()
+        .or_else(|| image.config.config().as_ref().and_then(|c| c.user().clone()))
+        .is_some_and(|u| u.split(':').any(|p| !p.is_empty() && p.parse::<u32>().is_err()));
+    let layers = if by_name { store.unpacked_layers(&image)? } else { Vec::new() };
+    let process = launch::resolve(&opts.image, &image.config, &layers, &opts.overrides, &hostname)?;
+
+    let kernel = opts.kernel.clone().unwrap_or_else(default_kernel);
+    if !kernel.exists() {
+        return Err(ImageRunError::NoKernel(kernel));
+    }
+    let disk = disk::root_disk(store, &image)?;
+
+    let guest = GuestConfig {
+        args: process.args,
+        env: process.env,
+        cwd: process.cwd,
+        uid: process.uid,
+        gid: process.gid,
+        additional_gids: process.additional_gids,
+        hostname,
+        read_only: opts.read_only,
+        verbose: opts.verbose,
+        ..GuestConfig::default()
+    };
+    let initrd = crate::initramfs::build(&guest);
+    let quiet = if opts.verbose { "loglevel=7" } else { "quiet loglevel=1" };
+    let config = VmConfig {
+        memory_mib: opts.memory_mib.unwrap_or(128),
+        vcpus: opts.vcpus.unwrap_or(1),
+        kernel,
+        initrd: None,
+        cmdline: format!("{IMAGE_CMDLINE} {quiet}"),
+        disks: vec![DiskConfig { path: disk.path.clone(), read_only: true }],
+        timeout_ms: opts.timeout.map(|t| t.as_millis().max(1) as u64),
+    };
+    tracing::debug!(id = %id, disk = %disk.path.display(), cached = !disk.created, "starting microVM");
+    let echo: Option<Box<dyn Write + Send>> = if opts.verbose { Some(Box::new(std::io::stderr())) } else { None };
+    let mut console = ConsoleLog::new(echo);
+    let result = VmBuilder::new(config)
+        .start_time(start)
+        .initrd_bytes(initrd)
+        .output(stdout, stderr)
+        .build()
+        .and_then(|mut vm| vm.run(&mut console));
+    let total = start.elapsed();
+    if let Some(line) = console.panic_line() {
+        return Err(ImageRunError::Panic { line: line.to_owned(), tail: console.tail() });
+    }
+    let exit = match result {
+        Ok(exit) => exit,
+        Err(VmError::Vcpu(VcpuError::Timeout(t))) => return Err(ImageRunError::Timeout(t, console.tail())),
+        Err(VmError::Vcpu(VcpuError::Interrupted(sig))) => return Err(ImageRunError::Interrupted(sig)),
+        Err(e) => return Err(e.into()),
+    };
+    match exit.reason {
+        ExitReason::Exited(code) => Ok(ImageRunExit { code, boot_time: exit.boot_time, total }),
+        reason => Err(ImageRunError::NoStatus { reason, tail: console.tail() }),
+    }
+}
+
+/// A 64-hex-digit id like a container's, for the image hold and the default hostname.
+fn run_id() -> String {
+    use std::hash::{BuildHasher, Hasher};
+    let mut out = String::new();
+    for i in 0..4u64 {
+        let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+        h.write_u64(i);
+        h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos());
+        h.write_u32(std::process::id());
+        out.push_str(&format!("{:016x}", h.finish()));
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn default_kernel_follows_the_environment() {
+        // Both variables are only read here and in the CLI; no other test sets them.
+        let k = default_kernel();
+        if std::env::var_os("TWINBOX_KERNEL").is_none() {
+            assert!(k.ends_with("kernel/latest/vmlinux"), "{}", k.display());
+        }
+    }
+
+    #[test]
+    fn run_ids_are_unique_hex() {
+        let (a, b) = (run_id(), run_id());
+        assert_eq!(a.len(), 64);
+        assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
+        assert_ne!(a, b);
+    }
+}
