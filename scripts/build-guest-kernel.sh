@@ -3,8 +3,9 @@
 # fragment scripts/guest-kernel/microvm.config merged allnoconfig-style (options the fragment
 # does not ask for stay off). Outputs vmlinux (ELF with the PVH entry note) and bzImage in
 # ${TWINBOX_CACHE:-~/.cache/twinbox}/kernel/<key>/, key = sha256(recipe version, package
-# version of linux-source-6.1, fragment); a cached kernel is reused at once. Progress goes
-# to stderr; stdout gets the paths, the last line is vmlinux.
+# version of linux-source-6.1, fragment); a cached kernel is reused at once, and
+# kernel/latest points at the key of this checkout. Progress goes to stderr; stdout gets the
+# paths, the last line is vmlinux.
 #   scripts/build-guest-kernel.sh [--force]
 set -euo pipefail
 # shellcheck source=scripts/lib/packages.sh
@@ -63,8 +64,13 @@ version=$(dpkg-query -W -f='${Version}' "$SOURCE_PKG")
 key=$({ printf '%s\n%s\n' "$RECIPE" "$version"; cat "$FRAGMENT"; } | sha256sum | cut -c1-16)
 out=$CACHE/$key
 
+# `latest` names the kernel of this checkout's recipe: what `twinbox run --isolation microvm`
+# boots when neither --kernel nor TWINBOX_KERNEL says otherwise.
+mark_latest() { ln -sfn "$key" "$CACHE/.latest-$key" && mv -T "$CACHE/.latest-$key" "$CACHE/latest"; }
+
 if [ "$force" -eq 0 ] && [ -f "$out/vmlinux" ]; then
   log "cached: $out ($SOURCE_PKG $version)"
+  mark_latest
   echo "$out/bzImage"
   echo "$out/vmlinux"
   exit 0
@@ -133,6 +139,7 @@ EOF
 [ "$force" -eq 1 ] && rm -rf "$out"
 mv -T "$stage" "$out" 2>/dev/null || [ -f "$out/vmlinux" ] || die "could not move the kernel to $out"
 rm -f "$CACHE/failed-$key.log"
+mark_latest
 
 log "done in $((SECONDS / 60))m$((SECONDS % 60))s: vmlinux $(stat -c %s "$out/vmlinux") bytes, bzImage $(stat -c %s "$out/bzImage") bytes"
 echo "$out/bzImage"

@@ -66,9 +66,16 @@ pub struct RunArgs {
     /// Network mode; only `none` (loopback only) exists so far.
     #[arg(long, default_value = "none")]
     network: String,
-    /// Isolation model.
+    /// Isolation model: a container on the host kernel, or a KVM microVM with its own kernel.
     #[arg(long, default_value = "container", value_parser = ["container", "microvm"])]
     isolation: String,
+    /// MicroVM only: the guest kernel (default: $TWINBOX_KERNEL, else the one
+    /// scripts/build-guest-kernel.sh built).
+    #[arg(long)]
+    kernel: Option<std::path::PathBuf>,
+    /// MicroVM only: stop the VM after this many seconds.
+    #[arg(long)]
+    timeout: Option<f64>,
     /// The image.
     image: String,
     /// Command and arguments (replace the image's CMD).
@@ -95,11 +102,12 @@ pub fn parse_memory(s: &str) -> Result<i64, String> {
     Ok(bytes)
 }
 
-pub fn run(root: &Path, a: RunArgs) -> Result<i32> {
+pub fn run(root: &Path, a: RunArgs, verbose: bool) -> Result<i32> {
     if a.isolation == "microvm" {
-        return Err(
-            UserError("--isolation microvm is not available yet (issue 4); use --isolation container".into()).into()
-        );
+        return run_microvm(root, a, verbose);
+    }
+    if a.kernel.is_some() || a.timeout.is_some() {
+        return Err(UserError("--kernel and --timeout are for --isolation microvm".into()).into());
     }
     if a.network != "none" {
         return Err(UserError(format!("--network {} is not supported yet; only --network none", a.network)).into());
@@ -155,6 +163,71 @@ pub fn run(root: &Path, a: RunArgs) -> Result<i32> {
     };
     if exit.oom_killed {
         eprintln!("twinbox: the container was killed by the OOM killer (memory limit reached)");
+    }
+    Ok(exit.code)
+}
+
+/// `run --isolation microvm`: the same image and flags, in a VM. `--memory` is the guest's RAM
+/// and `--cpus` its vCPU count; what only a container has is refused by name.
+fn run_microvm(root: &Path, a: RunArgs, verbose: bool) -> Result<i32> {
+    use twinbox_microvm::run_image::{run_image, ImageRunOptions};
+    let refuse = |flag: &str| -> Result<i32> {
+        Err(UserError(format!("{flag} is not supported with --isolation microvm")).into())
+    };
+    if a.detach {
+        return refuse("-d/--detach");
+    }
+    if a.pids_limit.is_some() {
+        return refuse("--pids-limit");
+    }
+    if !a.security_opt.is_empty() {
+        return refuse("--security-opt");
+    }
+    if a.network != "none" {
+        return Err(UserError(format!("--network {} is not supported yet; only --network none", a.network)).into());
+    }
+    let vcpus = match a.cpus {
+        None => None,
+        Some(c) if c >= 1.0 && c.fract() == 0.0 && c <= f64::from(u8::MAX) => Some(c as u8),
+        Some(c) => {
+            return Err(UserError(format!("--cpus {c}: a microVM has a whole number of vCPUs (1, 2, ...)")).into())
+        }
+    };
+    let memory_mib = a.memory.map(|m| u32::try_from(m >> 20).unwrap_or(u32::MAX));
+    let timeout = match a.timeout {
+        Some(t) if !(t > 0.0 && t.is_finite()) => {
+            return Err(UserError(format!("--timeout {t}: give a positive number of seconds")).into())
+        }
+        t => t.map(std::time::Duration::from_secs_f64),
+    };
+    let opts = ImageRunOptions {
+        image: a.image,
+        overrides: twinbox_image::launch::Overrides {
+            cmd: a.cmd,
+            entrypoint: a.entrypoint,
+            env: a.env,
+            workdir: a.workdir,
+            user: a.user,
+        },
+        hostname: a.hostname,
+        read_only: a.read_only,
+        memory_mib,
+        vcpus,
+        kernel: a.kernel,
+        timeout,
+        verbose,
+    };
+    let store = twinbox_image::Store::open(root)?;
+    twinbox_microvm::vstate::vcpu::stop_on_signals()?;
+    let started = *crate::STARTED.get_or_init(std::time::Instant::now);
+    let exit = match run_image(&store, &opts, started, Box::new(std::io::stdout()), Box::new(std::io::stderr())) {
+        Ok(exit) => exit,
+        // Like a container's init killed by the signal.
+        Err(twinbox_microvm::run_image::ImageRunError::Interrupted(sig)) => return Ok(128 + sig),
+        Err(e) => return Err(e.into()),
+    };
+    if let Some(t) = exit.boot_time {
+        tracing::info!(boot_time_ms = t.as_secs_f64() * 1e3, total_ms = exit.total.as_secs_f64() * 1e3, "microVM");
     }
     Ok(exit.code)
 }

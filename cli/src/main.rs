@@ -87,7 +87,11 @@ enum Command {
 #[error("{0}")]
 pub struct UserError(pub String);
 
+/// When this process started: what a microVM's boot timer counts from.
+pub static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
+
 fn main() -> ExitCode {
+    STARTED.get_or_init(std::time::Instant::now);
     let cli = match Cli::try_parse() {
         Ok(c) => c,
         Err(e) => {
@@ -124,7 +128,7 @@ fn main() -> ExitCode {
         Command::Push(a) => ok(registry::push(root, a)),
         Command::Login(a) => ok(registry::login(a)),
         Command::Logout(a) => ok(registry::logout(a)),
-        Command::Run(a) => containers::run(root, *a),
+        Command::Run(a) => containers::run(root, *a, cli.verbose > 0),
         Command::Ps(a) => containers::ps(root, a),
         Command::Logs(a) => containers::logs(root, a),
         Command::Stop(a) => containers::stop(root, a),
@@ -191,11 +195,7 @@ fn exit_code(e: &anyhow::Error) -> u8 {
             }
         }
         if let Some(e) = cause.downcast_ref::<twinbox_microvm::VmError>() {
-            use twinbox_microvm::VmError as V;
-            return match e {
-                V::Config(_) | V::Loader(_) | V::Memory(_) => 1,
-                _ => 125,
-            };
+            return if e.is_user_error() { 1 } else { 125 };
         }
         if let Some(r) = cause.downcast_ref::<twinbox_image::registry::RegistryError>() {
             return if r.is_user_error() { 1 } else { 125 };

@@ -5,7 +5,9 @@ use std::path::PathBuf;
 use anyhow::Result;
 use clap::Args;
 use twinbox_microvm::config::DiskConfig;
-use twinbox_microvm::VmConfig;
+use twinbox_microvm::console::ConsoleLog;
+use twinbox_microvm::vstate::vcpu::VcpuError;
+use twinbox_microvm::{VmBuilder, VmConfig, VmError};
 
 #[derive(Args, Debug)]
 pub struct VmArgs {
@@ -59,7 +61,18 @@ pub fn vm(a: VmArgs) -> Result<i32> {
     if let Some(c) = a.cmdline {
         config.cmdline = c;
     }
-    let exit = twinbox_microvm::run(config, &mut std::io::stdout().lock())?;
+    twinbox_microvm::vstate::vcpu::stop_on_signals()?;
+    let started = *crate::STARTED.get_or_init(std::time::Instant::now);
+    // The console goes to stdout as it comes; the log also watches for a kernel panic.
+    let mut console = ConsoleLog::new(Some(Box::new(std::io::stdout())));
+    let result = VmBuilder::new(config).start_time(started).build().and_then(|mut vm| vm.run(&mut console));
+    if let Some(line) = console.panic_line() {
+        anyhow::bail!("the guest kernel panicked: {line} (its console is above)");
+    }
+    let exit = match result {
+        Err(VmError::Vcpu(VcpuError::Interrupted(sig))) => return Ok(128 + sig),
+        r => r?,
+    };
     if let Some(t) = exit.boot_time {
         tracing::info!(boot_time_us = t.as_micros() as u64, "guest boot timer");
     }

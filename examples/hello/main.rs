@@ -4,7 +4,8 @@
 //! `hello` greets and says where it runs; `hello true` exits 0 at once; `hello exit N`
 //! exits N; `hello sleep SECS` idles; `hello spin N` does N rounds of integer work and
 //! prints a checksum; `hello syscalls N` makes N getppid() system calls (the syscall-heavy
-//! loop of `twinbox bench`) and prints their sum.
+//! loop of `twinbox bench`) and prints their sum; `hello crash` dies of SIGILL (exit 132), the
+//! signal a kernel delivers even to a pid-namespace init.
 
 use std::process::ExitCode;
 
@@ -26,8 +27,11 @@ fn main() -> ExitCode {
             println!("{}", syscalls(arg_num(&args, 1_000_000)));
             ExitCode::SUCCESS
         }
+        Some("crash") => crash(),
         Some(other) => {
-            eprintln!("hello: unknown mode {other:?}; use greet, true, exit N, sleep SECS, spin N or syscalls N");
+            eprintln!(
+                "hello: unknown mode {other:?}; use greet, true, exit N, sleep SECS, spin N, syscalls N or crash"
+            );
             ExitCode::from(2)
         }
     }
@@ -43,6 +47,16 @@ fn greet() -> ExitCode {
     println!("Hello from twinbox!");
     println!("pid {} on kernel {} as host {}", std::process::id(), kernel.trim(), host.trim());
     ExitCode::SUCCESS
+}
+
+/// Executes an invalid instruction. The kernel answers with a forced SIGILL, which kills even
+/// pid 1 of a pid namespace (signals *sent* to such an init are ignored unless it handles
+/// them), so the run reports 128 + 4.
+fn crash() -> ExitCode {
+    // SAFETY: `ud2` touches no memory and no register; it only raises #UD, which the kernel
+    // turns into SIGILL with the default action (terminate), so execution never continues.
+    unsafe { std::arch::asm!("ud2", options(nomem, nostack)) };
+    ExitCode::FAILURE
 }
 
 /// A xorshift loop the optimiser cannot fold away.

@@ -1,0 +1,349 @@
+//! `twinbox run --isolation microvm`: flag errors on any host, and the end-to-end comparison
+//! with the container run of the same image.
+//!
+//! A stock Linux guest needs hardware virtualization. Where /dev/kvm is PVM (this project's CI
+//! host) the end-to-end cases run inside the nested L1 of scripts/nested-kvm.sh (QEMU TCG with
+//! an emulated AMD SVM, KVM loaded inside): the twinbox binary under test, the guest kernel
+//! (TWINBOX_KERNEL, else the one scripts/build-guest-kernel.sh built) and a store whose root
+//! disks were made on the host (L1 has no mkfs.ext4) go in as a payload. The container side of
+//! each comparison runs on the host in the same test. Timings inside L1 show the mechanics,
+//! not representative speed.
+
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::{busybox_rootfs, hello_context, require, require_root, sh, workspace, Env};
+
+#[test]
+fn container_only_flags_are_refused_by_name_and_nothing_is_left() {
+    let env = Env::new();
+    for (args, needle) in [
+        (vec!["-d"], "-d/--detach is not supported with --isolation microvm"),
+        (vec!["--pids-limit", "5"], "--pids-limit is not supported"),
+        (vec!["--security-opt", "seccomp=unconfined"], "--security-opt is not supported"),
+        (vec!["--cpus", "1.5"], "whole number of vCPUs"),
+        (vec!["--timeout", "0"], "positive number of seconds"),
+        (vec!["--kernel", "/nonexistent/vmlinux"], "no such image"),
+    ] {
+        let mut all = vec!["run", "--isolation", "microvm"];
+        all.extend(&args);
+        all.push("missing-image");
+        let o = env.run(&all);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(125), "{args:?}: {err}");
+        assert!(err.contains(needle), "{args:?}: {err}");
+    }
+    let o = env.run(&["run", "--kernel", "/k", "x"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("--kernel and --timeout are for --isolation microvm"));
+}
+
+#[test]
+fn missing_kernel_is_named_and_the_image_hold_released() {
+    let env = Env::new();
+    let ctx = env.path("hello");
+    if !hello_context(&ctx) {
+        return;
+    }
+    env.ok(&["build", "-q", "-t", "hello:latest", ctx.to_str().unwrap()]);
+    let o = env.run(&["run", "--isolation", "microvm", "--kernel", "/nonexistent/vmlinux", "hello"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert!(err.contains("no guest kernel at /nonexistent/vmlinux") && err.contains("build-guest-kernel.sh"), "{err}");
+    assert!(env.store().holds().unwrap().is_empty(), "the run's hold on the image was released");
+    // rmi works: nothing holds the image.
+    env.ok(&["rmi", "hello"]);
+}
+
+/// One case run both ways.
+struct Case {
+    name: &'static str,
+    /// `twinbox run` arguments after `run` (no --isolation, no --rm).
+    args: Vec<&'static str>,
+    /// Compare stdout and the exit code with the container run (false: checked by hand below).
+    same_as_container: bool,
+    /// `args` are the whole `twinbox` command line, not a `run --isolation microvm`.
+    raw: bool,
+}
+
+fn case(name: &'static str, args: &[&'static str], same: bool) -> Case {
+    Case { name, args: args.to_vec(), same_as_container: same, raw: false }
+}
+
+/// What a case gave: exit code, stdout, stderr.
+#[derive(Debug, Default, Clone)]
+struct Outcome {
+    code: i32,
+    out: String,
+    err: String,
+}
+
+fn guest_kernel() -> PathBuf {
+    if let Some(k) = std::env::var_os("TWINBOX_KERNEL") {
+        return k.into();
+    }
+    let cache = std::env::var_os("TWINBOX_CACHE").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/twinbox")
+    });
+    cache.join("kernel/latest/vmlinux")
+}
+
+/// Whether this host's /dev/kvm can boot Linux itself (hardware VT-x/AMD-V, not PVM).
+fn hardware_kvm() -> bool {
+    let pvm = std::fs::read_to_string("/proc/modules").is_ok_and(|m| m.lines().any(|l| l.starts_with("kvm_pvm ")));
+    let vmx_or_svm = std::fs::read_to_string("/proc/cpuinfo")
+        .is_ok_and(|c| c.lines().any(|l| l.starts_with("flags") && (l.contains(" vmx") || l.contains(" svm"))));
+    Path::new("/dev/kvm").exists() && !pvm && vmx_or_svm
+}
+
+/// Copies the dynamically linked binary `bin` with its libraries into `dir` and writes a
+/// wrapper `dir/name` that runs it through its own loader (L1 has busybox and nothing else).
+fn pack_binary(bin: &Path, dir: &Path, name: &str) {
+    let lib = dir.join("lib");
+    std::fs::create_dir_all(&lib).unwrap();
+    let real = dir.join(format!("{name}.bin"));
+    sh(Command::new("objcopy").arg("--strip-debug").arg(bin).arg(&real));
+    let ldd = sh(Command::new("ldd").arg(bin));
+    let mut loader = None;
+    for line in ldd.lines() {
+        let path = match line.split("=>").nth(1) {
+            Some(rest) => rest.split_whitespace().next(),
+            None => line.split_whitespace().next().filter(|p| p.starts_with('/')),
+        };
+        let Some(path) = path.filter(|p| p.starts_with('/')) else { continue };
+        let file = Path::new(path).file_name().unwrap().to_owned();
+        std::fs::copy(path, lib.join(&file)).unwrap();
+        if file.to_string_lossy().starts_with("ld-linux") {
+            loader = Some(file.to_string_lossy().into_owned());
+        }
+    }
+    let loader = loader.expect("ldd names the dynamic loader");
+    let wrapper = format!(
+        "#!/bin/sh\nd=$(dirname \"$0\")\nexec \"$d/lib/{loader}\" --library-path \"$d/lib\" \"$d/{name}.bin\" \"$@\"\n"
+    );
+    std::fs::write(dir.join(name), wrapper).unwrap();
+    sh(Command::new("chmod").arg("755").arg(dir.join(name)));
+}
+
+fn shell_quote(w: &str) -> String {
+    format!("'{}'", w.replace('\'', "'\\''"))
+}
+
+/// Parses the L1 script's output: `@@CASE name@@`, stdout lines, `@@ERR@@`, stderr lines,
+/// `@@CODE n@@`.
+fn parse(output: &str) -> BTreeMap<String, Outcome> {
+    let mut cases = BTreeMap::new();
+    let mut current: Option<(String, Outcome, bool)> = None;
+    for line in output.split_inclusive('\n') {
+        let bare = line.trim_end_matches('\n');
+        if let Some(name) = bare.strip_prefix("@@CASE ").and_then(|r| r.strip_suffix("@@")) {
+            current = Some((name.to_owned(), Outcome::default(), false));
+        } else if bare == "@@ERR@@" {
+            if let Some(c) = current.as_mut() {
+                c.2 = true;
+            }
+        } else if let Some(code) = bare.strip_prefix("@@CODE ").and_then(|r| r.strip_suffix("@@")) {
+            if let Some((name, mut o, _)) = current.take() {
+                o.code = code.parse().unwrap_or(-1);
+                cases.insert(name, o);
+            }
+        } else if let Some((_, o, in_err)) = current.as_mut() {
+            if *in_err {
+                o.err.push_str(line);
+            } else {
+                o.out.push_str(line);
+            }
+        }
+    }
+    cases
+}
+
+#[test]
+fn microvm_run_matches_the_container_run() {
+    if !require_root() {
+        return;
+    }
+    let kernel = guest_kernel();
+    if !require(kernel.is_file(), &format!("no guest kernel at {} (scripts/test.sh builds it)", kernel.display())) {
+        return;
+    }
+    let nested = !hardware_kvm();
+    if nested && !require(common::have_tool("qemu-system-x86_64"), "qemu-system-x86_64 is needed for the nested L1") {
+        return;
+    }
+
+    let env = Env::new();
+    let hello = env.path("hello");
+    let bb = env.path("busybox");
+    let applets = ["sh", "echo", "cat", "id", "pwd", "kill", "sleep", "true", "grep"];
+    if !hello_context(&hello) || !busybox_rootfs(&bb, &applets) {
+        return;
+    }
+    std::fs::create_dir_all(bb.join("rootfs/etc")).unwrap();
+    std::fs::write(bb.join("rootfs/etc/passwd"), "root:x:0:0:root:/root:/bin/sh\nnobody:x:65534:65534::/:/bin/false\n")
+        .unwrap();
+    std::fs::write(bb.join("rootfs/etc/group"), "root:x:0:\nnogroup:x:65534:\n").unwrap();
+    std::fs::write(bb.join("Dockerfile"), "FROM scratch\nCOPY rootfs /\nCMD [\"sh\"]\n").unwrap();
+    env.ok(&["build", "-q", "-t", "hello:latest", hello.to_str().unwrap()]);
+    env.ok(&["build", "-q", "-t", "busybox:latest", bb.to_str().unwrap()]);
+
+    let cases = [
+        case("spin", &["hello", "spin", "1000"], true),
+        case("exit3", &["hello", "exit", "3"], true),
+        case("signal", &["hello", "crash"], true),
+        case("streams", &["busybox", "sh", "-c", "echo out; echo err >&2; exit 5"], true),
+        case(
+            "config",
+            &["-e", "A=1", "-w", "/work", "-u", "nobody", "busybox", "sh", "-c", "echo $A $(pwd) $(id -u)"],
+            true,
+        ),
+        case("write", &["busybox", "sh", "-c", "echo x > /f && cat /f"], true),
+        case("fresh", &["busybox", "cat", "/f"], true),
+        case("readonly", &["--read-only", "busybox", "sh", "-c", "echo x > /f"], false),
+        case("notfound", &["busybox", "nope"], false),
+        case("greet", &["--hostname", "demo", "hello"], false),
+        case("hang", &["--timeout", "3", "hello", "sleep", "1000"], false),
+        case("smp", &["--cpus", "2", "busybox", "grep", "-c", "^processor", "/proc/cpuinfo"], false),
+        case("small", &["--memory", "12m", "hello"], false),
+        // No initramfs and no root disk: the kernel cannot find a root and panics.
+        Case { raw: true, ..case("panic", &["vm", "--kernel", "vmlinux", "--timeout", "300"], false) },
+    ];
+
+    // The container side, on the host.
+    let mut container = BTreeMap::new();
+    for c in &cases {
+        if c.raw || c.args.contains(&"--timeout") || c.args.contains(&"--memory") {
+            continue;
+        }
+        let mut args = vec!["run", "--rm"];
+        args.extend(&c.args);
+        let o = env.run(&args);
+        container.insert(
+            c.name,
+            Outcome {
+                code: o.status.code().unwrap_or(-1),
+                out: String::from_utf8_lossy(&o.stdout).into_owned(),
+                err: String::from_utf8_lossy(&o.stderr).into_owned(),
+            },
+        );
+    }
+
+    // The microVM side: root disks made here, the runs where KVM can boot Linux.
+    let store = env.store();
+    for image in ["hello:latest", "busybox:latest"] {
+        twinbox_image::disk::root_disk(&store, &store.resolve(image).unwrap()).unwrap();
+    }
+    let mut script = String::from("#!/bin/sh\n");
+    for c in &cases {
+        let mut words: Vec<String> = Vec::new();
+        if !c.raw {
+            words.extend(["run", "--isolation", "microvm"].map(String::from));
+        }
+        words.extend(c.args.iter().map(|a| a.to_string()));
+        let cmd: Vec<String> = words.iter().map(|w| shell_quote(w)).collect();
+        script.push_str(&format!(
+            "echo '@@CASE {}@@'\ntwinbox {} 2>/tmp/err\ncode=$?\necho '@@ERR@@'\ncat /tmp/err\necho \"@@CODE $code@@\"\n",
+            c.name,
+            cmd.join(" ")
+        ));
+    }
+    script.push_str("echo '@@CASE holds@@'\nls \"$TWINBOX_ROOT/holds\"\necho '@@CODE 0@@'\n");
+
+    let started = std::time::Instant::now();
+    let output = if nested {
+        let payload = env.path("tb");
+        std::fs::create_dir_all(&payload).unwrap();
+        pack_binary(Path::new(env!("CARGO_BIN_EXE_twinbox")), &payload, "twinbox");
+        std::fs::copy(&kernel, payload.join("vmlinux")).unwrap();
+        sh(Command::new("cp").arg("-a").arg(env.root()).arg(payload.join("store")));
+        let l1_script = format!(
+            "export TWINBOX_ROOT=/payload/tb/store TWINBOX_KERNEL=/payload/tb/vmlinux\ncd /payload/tb\n{script}"
+        );
+        std::fs::write(payload.join("e2e.sh"), l1_script).unwrap();
+        let o = Command::new(workspace().join("scripts/nested-kvm.sh"))
+            .args(["--timeout", "900", "--payload"])
+            .arg(&payload)
+            .args(["--", "sh", "/payload/tb/e2e.sh"])
+            .output()
+            .unwrap();
+        let stderr = String::from_utf8_lossy(&o.stderr);
+        eprintln!("nested-kvm.sh: {}", stderr.trim());
+        assert_eq!(o.status.code(), Some(0), "the L1 run failed:\n{stderr}\n{}", String::from_utf8_lossy(&o.stdout));
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    } else {
+        // The raw `vm` case names ./vmlinux.
+        std::os::unix::fs::symlink(&kernel, env.path("vmlinux")).unwrap();
+        let o = Command::new("sh")
+            .current_dir(env.dir.path())
+            .arg("-c")
+            .arg(&script)
+            .env(
+                "PATH",
+                format!(
+                    "{}:/usr/sbin:/usr/bin:/sbin:/bin",
+                    Path::new(env!("CARGO_BIN_EXE_twinbox")).parent().unwrap().display()
+                ),
+            )
+            .env("TWINBOX_ROOT", env.root())
+            .env("TWINBOX_KERNEL", &kernel)
+            .output()
+            .unwrap();
+        String::from_utf8_lossy(&o.stdout).into_owned()
+    };
+    eprintln!(
+        "microVM cases ran in {:.1} s ({})",
+        started.elapsed().as_secs_f64(),
+        if nested { "nested TCG L1" } else { "hardware KVM" }
+    );
+    let vm = parse(&output);
+    let get = |name: &str| vm.get(name).unwrap_or_else(|| panic!("case {name} did not run; output:\n{output}")).clone();
+
+    for c in cases.iter().filter(|c| c.same_as_container) {
+        let (v, k) = (get(c.name), &container[c.name]);
+        assert_eq!((v.code, &v.out), (k.code, &k.out), "{}: microVM {v:?} vs container {k:?}", c.name);
+    }
+    assert_eq!(get("exit3").code, 3);
+    assert_eq!(get("signal").code, 128 + 4, "killed by SIGILL");
+    let streams = get("streams");
+    assert_eq!((streams.out.as_str(), streams.err.as_str()), ("out\n", "err\n"), "stdout and stderr stay apart");
+    assert_eq!(get("config").out, "1 /work 65534\n");
+    assert_eq!(get("write").out, "x\n");
+    assert_ne!(get("fresh").code, 0, "a file written by one run is gone in the next");
+
+    let ro = get("readonly");
+    assert_ne!(ro.code, 0);
+    assert!(ro.err.contains("Read-only file system"), "{ro:?}");
+    let nf = get("notfound");
+    assert_eq!(nf.code, 127, "{nf:?}");
+    assert_eq!(container["notfound"].code, 127);
+    assert!(nf.err.contains("nope"), "{nf:?}");
+
+    // Same workload, same image, different kernels: the whole point of the two models.
+    let greet = get("greet");
+    let host = &container["greet"];
+    assert_eq!(greet.code, 0, "{greet:?}");
+    assert_eq!(greet.out.lines().next(), Some("Hello from twinbox!"));
+    let vm_line = greet.out.lines().nth(1).unwrap_or_default().to_owned();
+    let host_line = host.out.lines().nth(1).unwrap_or_default().to_owned();
+    assert!(vm_line.starts_with("pid 1 on kernel 6.1.") && vm_line.ends_with(" as host demo"), "{vm_line}");
+    assert!(host_line.starts_with("pid 1 on kernel ") && host_line.ends_with(" as host demo"), "{host_line}");
+    assert_ne!(vm_line, host_line, "the VM runs its own kernel");
+
+    // Two vCPUs: the MP table lists both and the application processor came up.
+    assert_eq!(get("smp").out, "2\n", "{:?}", get("smp"));
+
+    let hang = get("hang");
+    assert_eq!(hang.code, 125, "{hang:?}");
+    assert!(hang.err.contains("still running after") && hang.err.contains("--timeout"), "{hang:?}");
+    let small = get("small");
+    assert_eq!(small.code, 125, "{small:?}");
+    assert!(small.err.contains("does not fit 12 MiB of guest memory; give the VM more memory"), "{small:?}");
+    let panic = get("panic");
+    assert_eq!(panic.code, 125, "{panic:?}");
+    assert!(panic.err.contains("the guest kernel panicked: Kernel panic - not syncing"), "{panic:?}");
+    assert!(panic.out.contains("Kernel panic"), "the console shows it: {panic:?}");
+
+    assert_eq!(get("holds").out, "", "every run released its image hold");
+}
