@@ -3,7 +3,8 @@
 # on hosts whose own /dev/kvm cannot boot stock Linux (PVM). The L1 is Debian's cloud kernel
 # under QEMU TCG emulating an AMD EPYC with SVM; kvm-amd inside it gives a real /dev/kvm.
 #   scripts/nested-kvm.sh [--payload DIR]... [--timeout SECS] [--memory SIZE] [--cpus N] [-v] -- CMD [ARG]...
-# Each payload DIR is copied to /payload/<basename of DIR> in L1 and put on PATH; CMD runs
+# L1's kernel command line carries twinbox.nested=tcg, so what runs there (twinbox bench) can
+# label its figures. Each payload DIR is copied to /payload/<basename of DIR> in L1 and put on PATH; CMD runs
 # there as root, in /payload, with stdin from /dev/null. Its stdout and stderr both come back
 # on stdout; L1's own boot messages are hidden (-v shows them on stderr). The exit
 # status is CMD's, or 125 if L1 failed to boot, lost /dev/kvm or timed out (default 300 s).
@@ -13,7 +14,9 @@ set -euo pipefail
 . "$(dirname "$0")/lib/packages.sh"
 
 META_PKG=linux-image-cloud-amd64
-KVM_MODULES=(kvm-amd)   # their dependencies (kvm, irqbypass, ...) are found from .modinfo
+# Loaded in L1 with their dependencies (kvm, irqbypass, ...), found from .modinfo: KVM, and
+# overlayfs for the container runtime measured beside the microVMs.
+KVM_MODULES=(kvm-amd overlay)
 HOST_PACKAGES=(qemu-system-x86 busybox-static cpio gzip binutils)
 START_MARK=@@TWINBOX-START@@
 EXIT_MARK=@@TWINBOX-EXIT    # followed by " <code>@@"
@@ -67,9 +70,16 @@ modinfo_depends() {
 
 # Fetch the cloud kernel and the KVM modules once: vmlinuz, modules/*.ko, modules/order
 # (dependencies first). Published with one rename so an interrupted fetch leaves nothing.
+have_l1() {
+  local m
+  [ -f "$CACHE/$1/vmlinuz" ] || return 1
+  for m in "${KVM_MODULES[@]}"; do [ -f "$CACHE/$1/modules/$m.ko" ] || return 1; done
+}
+
 fetch_l1() {
   local id=$1 dir=$CACHE/$1 work x moddir order=() m
-  [ -f "$dir/vmlinuz" ] && return 0
+  have_l1 "$id" && return 0
+  rm -rf "$dir"   # an older fetch without every module
   mkdir -p "$CACHE"
   work=$(mktemp -d "$CACHE/.fetch.XXXXXX")
   fetch_work=$work   # removed by cleanup, whatever happens
@@ -134,7 +144,7 @@ install_packages
 
 # apt-cache takes seconds; its answer is kept until the apt lists change.
 resolved=$CACHE/resolved
-if [ -s "$resolved" ] && [ "$resolved" -nt /var/lib/apt/lists ] && [ -f "$CACHE/$(cat "$resolved")/vmlinuz" ]; then
+if [ -s "$resolved" ] && [ "$resolved" -nt /var/lib/apt/lists ] && have_l1 "$(cat "$resolved")"; then
   id=$(cat "$resolved")
 elif id=$(resolve_kernel_package); then
   fetch_l1 "$id"
@@ -230,7 +240,7 @@ exec qemu-system-x86_64 -accel tcg,thread=multi \
   -M microvm,x-option-roms=off,isa-serial=on,rtc=on -cpu EPYC -smp "$cpus" -m "$memory" \
   -nodefaults -no-user-config -nographic -no-reboot -serial stdio \
   -kernel "$l1/vmlinuz" -initrd "$initrd" \
-  -append "console=ttyS0 $kernel_log panic=-1 mitigations=off tsc=reliable${tsc_khz:+ tsc_early_khz=$tsc_khz}"
+  -append "console=ttyS0 $kernel_log panic=-1 mitigations=off tsc=reliable${tsc_khz:+ tsc_early_khz=$tsc_khz} twinbox.nested=tcg"
 ) &
 qemu_pid=$!
 exec 4<"$tmp/console" 3>&-

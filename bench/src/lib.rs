@@ -193,5 +193,6 @@ pub fn run(opts: &Options) -> Result<Results, BenchError> {
         backends: statuses,
         records,
         notes,
+        nested: None,
     })
 }

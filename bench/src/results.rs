@@ -42,6 +42,11 @@ pub struct Results {
     pub backends: Vec<BackendStatus>,
     pub records: Vec<Record>,
     pub notes: Vec<String>,
+    /// A run made elsewhere and shown beside this one, never mixed with it: the microVM
+    /// backends measured in the nested L1 of scripts/nested-bench.sh on a host without
+    /// hardware KVM (`twinbox bench --nested FILE`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub nested: Option<Box<Results>>,
 }
 
 /// What the run was asked to do.

@@ -102,3 +102,26 @@ fn results_with_another_schema_are_refused() {
     let e = twinbox_bench::results::Results::load(&p).unwrap_err();
     assert!(e.to_string().contains("something-else/9"), "{e}");
 }
+
+#[test]
+fn a_nested_run_gets_its_own_labelled_section_and_report() {
+    use twinbox_bench::host::{VirtKind, Virtualization};
+    let mut nested = common::results(2, 1.0);
+    nested.context.virtualization =
+        Virtualization { kind: VirtKind::NestedTcg, detail: "nested L1 of scripts/nested-kvm.sh".into() };
+    nested.notes = vec!["from the L1".into()];
+    let mut r = common::results(1, 1.0);
+    r.nested = Some(Box::new(nested));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    twinbox_bench::report::write(&r, &out).unwrap();
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let heading = md.lines().find(|l| l.starts_with("## MicroVMs")).expect("a nested section");
+    assert!(heading.contains("nested TCG: shows the mechanics, not representative timings"), "{heading}");
+    assert!(md.contains("note: from the L1"), "{md}");
+    assert!(out.join("nested/report.html").is_file() && out.join("nested/results.json").is_file());
+    // The JSON keeps both runs apart and loads back.
+    let back = twinbox_bench::results::Results::load(&out.join("results.json")).unwrap();
+    assert_eq!(back.nested.unwrap().context.virtualization.kind, VirtKind::NestedTcg);
+    assert_eq!(back.context.virtualization.kind, VirtKind::Pvm);
+}

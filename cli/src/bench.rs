@@ -44,6 +44,10 @@ pub struct BenchArgs {
     /// Print results.json to stdout.
     #[arg(long)]
     json: bool,
+    /// A results.json made by scripts/nested-bench.sh (the microVMs in a nested L1), shown in
+    /// its own section of the report.
+    #[arg(long)]
+    nested: Option<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -103,13 +107,21 @@ pub fn bench(root: &Path, a: BenchArgs) -> Result<i32> {
     if !a.backends.is_empty() {
         opts.backends = a.backends.iter().map(|b| b.trim().to_owned()).collect();
     }
+    let nested = match &a.nested {
+        Some(p) => Some(Box::new(
+            twinbox_bench::results::Results::load(p)
+                .map_err(|e| UserError(twinbox_bench::scenario::error_chain(&e)))?,
+        )),
+        None => None,
+    };
     twinbox_bench::signal::install().context("cannot install the Ctrl-C handler")?;
-    let results = twinbox_bench::run(&opts).map_err(|e| match e {
+    let mut results = twinbox_bench::run(&opts).map_err(|e| match e {
         e @ (twinbox_bench::BenchError::NoImage { .. } | twinbox_bench::BenchError::UnknownBackend(_)) => {
             anyhow::Error::new(UserError(e.to_string()))
         }
         e => anyhow::Error::new(e),
     })?;
+    results.nested = nested;
     let dir = a.out.unwrap_or_else(|| report::default_dir(Path::new("reports"), &results));
     let written =
         report::write(&results, &dir).with_context(|| format!("cannot write the report in {}", dir.display()))?;

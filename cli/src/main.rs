@@ -18,7 +18,8 @@ struct Cli {
     /// Image store root (an OCI image layout).
     #[arg(long, global = true, env = "TWINBOX_ROOT", default_value = twinbox_image::store::DEFAULT_ROOT)]
     root: std::path::PathBuf,
-    /// More logging (-v info, -vv debug); RUST_LOG overrides.
+    /// More logging (-v info, -vv debug and, for microVM runs, the guest kernel console and
+    /// agent steps); RUST_LOG overrides.
     #[arg(short, long, global = true, action = clap::ArgAction::Count)]
     verbose: u8,
     #[command(subcommand)]
@@ -128,7 +129,7 @@ fn main() -> ExitCode {
         Command::Push(a) => ok(registry::push(root, a)),
         Command::Login(a) => ok(registry::login(a)),
         Command::Logout(a) => ok(registry::logout(a)),
-        Command::Run(a) => containers::run(root, *a, cli.verbose > 0),
+        Command::Run(a) => containers::run(root, *a, cli.verbose > 1),
         Command::Ps(a) => containers::ps(root, a),
         Command::Logs(a) => containers::logs(root, a),
         Command::Stop(a) => containers::stop(root, a),

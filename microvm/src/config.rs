@@ -9,11 +9,11 @@ use crate::devices::virtio::{kernel_cmdline_entry, mmio_slot};
 
 /// x86's COMMAND_LINE_SIZE, including the terminating NUL.
 pub const MAX_CMDLINE_LEN: usize = 2048;
-/// More than this many vCPUs would need x2APIC ids the MP set-up does not write.
-pub const MAX_VCPUS: u8 = 254;
+/// The MP table, in the first KiB of the EBDA, lists at most 37 processors; a round 32.
+pub const MAX_VCPUS: u8 = 32;
 /// Default kernel command line: serial console, `reboot=k` so a guest reboot reaches the
 /// i8042 (which ends the VM), no PCI, panic reboots at once.
-pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux";
+pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodule i8042.noaux i8042.nokbd i8042.nopnp";
 /// At most this many disks (virtio-mmio slots 0xd000_0000.., GSIs 5..=12).
 pub const MAX_DISKS: usize = 8;
 

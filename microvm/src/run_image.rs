@@ -29,7 +29,7 @@ use crate::{ExitReason, VmBuilder, VmError};
 /// Kernel command line of an image run: serial console (kept for diagnostics), i8042 reset,
 /// no PCI or modules, a panic stops the guest at once, only the first UART probed.
 pub const IMAGE_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=-1 pci=off nomodule i8042.noaux 8250.nr_uarts=1 rdinit=/init";
+    "console=ttyS0 reboot=k panic=-1 pci=off nomodule i8042.noaux i8042.nokbd i8042.nopnp 8250.nr_uarts=1 rdinit=/init";
 
 /// What `twinbox run --isolation microvm` may set. Plain data.
 #[derive(Debug, Clone, Default)]
@@ -50,7 +50,7 @@ pub struct ImageRunOptions {
     pub kernel: Option<PathBuf>,
     /// Stop the VM after this long.
     pub timeout: Option<Duration>,
-    /// Show the kernel console and the agent's steps on stderr.
+    /// Show the kernel console (at loglevel 7) and the agent's steps on stderr.
     pub verbose: bool,
 }
 
@@ -151,6 +151,64 @@ impl Drop for Hold<'_> {
     }
 }
 
+/// Guest RAM when the run does not say.
+pub const DEFAULT_MEMORY_MIB: u32 = 128;
+
+/// What any VMM needs to boot a run of an image: the kernel, the root disk, the guest agent's
+/// configuration (for the initramfs) and the kernel command line without the disk entries.
+#[derive(Debug, Clone)]
+pub struct PreparedRun {
+    /// The guest kernel.
+    pub kernel: PathBuf,
+    /// The image's root disk (read-only for the guest).
+    pub disk: disk::RootDisk,
+    /// The agent's configuration: the same process a container of the image would start.
+    pub guest: GuestConfig,
+    /// Kernel command line.
+    pub cmdline: String,
+}
+
+/// Resolves the process, the kernel and the root disk of a run of `image` (`id` names the run;
+/// its first 12 characters are the default hostname). Also what the benchmark harness gives
+/// QEMU and Firecracker, so every VMM boots the same guest.
+pub fn prepare(
+    store: &Store,
+    image: &twinbox_image::Image,
+    opts: &ImageRunOptions,
+    id: &str,
+) -> Result<PreparedRun, ImageRunError> {
+    let hostname = opts.hostname.clone().unwrap_or_else(|| id.chars().take(12).collect());
+    // User names are looked up in the image's /etc/passwd, which needs its layers unpacked;
+    // a numeric user or none does not.
+    let by_name = opts
+        .overrides
+        .user
+        .clone()
+        .or_else(|| image.config.config().as_ref().and_then(|c| c.user().clone()))
+        .is_some_and(|u| u.split(':').any(|p| !p.is_empty() && p.parse::<u32>().is_err()));
+    let layers = if by_name { store.unpacked_layers(image)? } else { Vec::new() };
+    let process = launch::resolve(&opts.image, &image.config, &layers, &opts.overrides, &hostname)?;
+    let kernel = opts.kernel.clone().unwrap_or_else(default_kernel);
+    if !kernel.exists() {
+        return Err(ImageRunError::NoKernel(kernel));
+    }
+    let disk = disk::root_disk(store, image)?;
+    let guest = GuestConfig {
+        args: process.args,
+        env: process.env,
+        cwd: process.cwd,
+        uid: process.uid,
+        gid: process.gid,
+        additional_gids: process.additional_gids,
+        hostname,
+        read_only: opts.read_only,
+        verbose: opts.verbose,
+        ..GuestConfig::default()
+    };
+    let quiet = if opts.verbose { "loglevel=7" } else { "quiet loglevel=1" };
+    Ok(PreparedRun { kernel, disk, guest, cmdline: format!("{IMAGE_CMDLINE} {quiet}") })
+}
+
 /// Runs `opts.image` as a microVM, the workload's stdout and stderr going to `stdout` and
 /// `stderr`. `start` is when the VMM process started (the boot timer counts from it).
 pub fn run_image(
@@ -165,44 +223,15 @@ pub fn run_image(
     store.hold(&id, &image.manifest_digest)?;
     let _hold = Hold { store, id: id.clone() };
 
-    let hostname = opts.hostname.clone().unwrap_or_else(|| id.chars().take(12).collect());
-    // User names are looked up in the image's /etc/passwd, which needs its layers unpacked;
-    // a numeric user or none does not.
-    let by_name = opts
-        .overrides
-        .user
-        .clone()
-        .or_else(|| image.config.config().as_ref().and_then(|c| c.user().clone()))
-        .is_some_and(|u| u.split(':').any(|p| !p.is_empty() && p.parse::<u32>().is_err()));
-    let layers = if by_name { store.unpacked_layers(&image)? } else { Vec::new() };
-    let process = launch::resolve(&opts.image, &image.config, &layers, &opts.overrides, &hostname)?;
-
-    let kernel = opts.kernel.clone().unwrap_or_else(default_kernel);
-    if !kernel.exists() {
-        return Err(ImageRunError::NoKernel(kernel));
-    }
-    let disk = disk::root_disk(store, &image)?;
-
-    let guest = GuestConfig {
-        args: process.args,
-        env: process.env,
-        cwd: process.cwd,
-        uid: process.uid,
-        gid: process.gid,
-        additional_gids: process.additional_gids,
-        hostname,
-        read_only: opts.read_only,
-        verbose: opts.verbose,
-        ..GuestConfig::default()
-    };
-    let initrd = crate::initramfs::build(&guest);
-    let quiet = if opts.verbose { "loglevel=7" } else { "quiet loglevel=1" };
+    let prepared = prepare(store, &image, opts, &id)?;
+    let initrd = crate::initramfs::build(&prepared.guest);
+    let disk = prepared.disk;
     let config = VmConfig {
-        memory_mib: opts.memory_mib.unwrap_or(128),
+        memory_mib: opts.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
         vcpus: opts.vcpus.unwrap_or(1),
-        kernel,
+        kernel: prepared.kernel,
         initrd: None,
-        cmdline: format!("{IMAGE_CMDLINE} {quiet}"),
+        cmdline: prepared.cmdline,
         disks: vec![DiskConfig { path: disk.path.clone(), read_only: true }],
         timeout_ms: opts.timeout.map(|t| t.as_millis().max(1) as u64),
     };
@@ -232,7 +261,7 @@ pub fn run_image(
 }
 
 /// A 64-hex-digit id like a container's, for the image hold and the default hostname.
-fn run_id() -> String {
+pub fn run_id() -> String {
     use std::hash::{BuildHasher, Hasher};
     let mut out = String::new();
     for i in 0..4u64 {

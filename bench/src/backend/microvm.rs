@@ -1,25 +1,56 @@
-//! The microVM backends. None can run yet on this project's hosts; each says why, and the
-//! report lists it with that reason.
+//! The microVM backends. Every one boots the same guest: the kernel of
+//! scripts/build-guest-kernel.sh, an initramfs with twinbox's guest agent and the run's
+//! configuration, and the image's ext4 root disk (all from `twinbox_microvm::run_image`).
+//!
+//! - `twinbox-microvm`: `twinbox run --isolation microvm IMAGE …`, the CLI being measured.
+//! - `qemu-microvm`: QEMU `-M microvm` with KVM, the same kernel, initramfs and disk; the agent's
+//!   exit status ends QEMU through `isa-debug-exit` at the same port (QEMU exits with
+//!   `status * 2 + 1`), and the workload's output reaches QEMU's serial console through the
+//!   agent's `twinbox.console` mirror (QEMU has nothing at twinbox's output ports).
+//! - `firecracker`: listed with the reason when it is not installed (Debian does not package it).
+//!
+//! Readiness of a background instance: for twinbox the VMM's boot-timer line (the guest wrote
+//! the boot-timer byte just before exec'ing the workload), for QEMU the agent's "exec'd" line.
 
-use std::process::Command;
+use std::io::{BufRead, BufReader, Read};
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
 
-use super::{Backend, BackendError, Instance, Isolation, PreparedImage, Unavailable, Workload};
+use twinbox_image::launch::Overrides;
+use twinbox_image::Store;
+use twinbox_microvm::run_image::{default_kernel, prepare, run_id, ImageRunOptions, DEFAULT_MEMORY_MIB};
+
+use super::{own_process_group, Backend, BackendError, Instance, Isolation, PreparedImage, Unavailable, Workload};
 use crate::host::{detect_virtualization, which, VirtKind};
+
+/// How long a background microVM may take to start its workload (nested TCG is slow).
+const BOOT_TIMEOUT: Duration = Duration::from_secs(120);
 
 /// Why KVM guests cannot be measured on this host, if they cannot.
 fn kvm_problem() -> Option<String> {
     let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-    match detect_virtualization(std::path::Path::new("/"), &cpuinfo).kind {
+    match detect_virtualization(Path::new("/"), &cpuinfo).kind {
         VirtKind::HardwareKvm | VirtKind::NestedTcg => None,
         VirtKind::Pvm => Some(
-            "no hardware KVM: /dev/kvm is PVM (kvm_pvm loaded); microVM figures need the nested L1 (issue 4)".into(),
+            "no hardware KVM: /dev/kvm is PVM (kvm_pvm loaded), which cannot boot a stock Linux guest; \
+             scripts/nested-bench.sh measures the microVMs in a nested L1"
+                .into(),
         ),
         VirtKind::None => Some("no /dev/kvm on this host".into()),
     }
 }
 
-fn reasons(mut r: Vec<String>) -> Result<(), Unavailable> {
-    r.extend(kvm_problem());
+fn kernel_problem(kernel: &Path) -> Option<String> {
+    (!kernel.is_file()).then(|| {
+        format!(
+            "no guest kernel at {} (scripts/build-guest-kernel.sh builds it; or set TWINBOX_KERNEL)",
+            kernel.display()
+        )
+    })
+}
+
+fn reasons(r: Vec<String>) -> Result<(), Unavailable> {
     if r.is_empty() {
         Ok(())
     } else {
@@ -27,65 +58,329 @@ fn reasons(mut r: Vec<String>) -> Result<(), Unavailable> {
     }
 }
 
-fn never() -> BackendError {
-    BackendError::Failed {
-        what: "a microVM backend".into(),
-        status: "unavailable".into(),
-        stderr: "not implemented yet".into(),
-    }
-}
-
-macro_rules! unavailable_backend {
-    ($ty:ident, $name:literal, $reasons:expr) => {
-        #[derive(Debug, Default)]
-        pub struct $ty;
-
-        impl Backend for $ty {
-            fn name(&self) -> &'static str {
-                $name
-            }
-            fn isolation(&self) -> Isolation {
-                Isolation::MicroVm
-            }
-            fn available(&self) -> Result<(), Unavailable> {
-                reasons($reasons)
-            }
-            fn prepare(&mut self, _image: &PreparedImage) -> Result<(), BackendError> {
-                Err(never())
-            }
-            fn run_command(&self, _w: &Workload, _id: &str) -> Result<Command, BackendError> {
-                Err(never())
-            }
-            fn launch(&self, _w: &Workload, _id: &str) -> Result<Instance, BackendError> {
-                Err(never())
-            }
-            fn teardown(&self, _i: &mut Instance) -> Result<(), BackendError> {
-                Ok(())
+/// Reads `child`'s stream line by line until one contains `needle`; then keeps draining it in
+/// the background so the child never blocks on a full pipe. False on end of stream.
+fn wait_for_line(stream: impl Read + Send + 'static, needle: &'static str) -> bool {
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut lines = BufReader::new(stream);
+        let mut line = String::new();
+        let mut found = false;
+        loop {
+            line.clear();
+            match lines.read_line(&mut line) {
+                Ok(0) | Err(_) => break,
+                Ok(_) if !found && line.contains(needle) => {
+                    found = true;
+                    let _ = tx.send(true);
+                }
+                Ok(_) => {}
             }
         }
-    };
+        let _ = tx.send(false);
+    });
+    rx.recv_timeout(BOOT_TIMEOUT).unwrap_or(false)
 }
 
-unavailable_backend!(
-    TwinboxMicrovm,
-    "twinbox-microvm",
-    vec!["twinbox microVM cannot boot Linux guests yet (no guest kernel, initramfs or agent; issue 4)".to_owned()]
-);
-
-unavailable_backend!(QemuMicrovm, "qemu-microvm", {
-    let mut r = Vec::new();
-    if which("qemu-system-x86_64").is_none() {
-        r.push("qemu-system-x86_64 not on PATH".to_owned());
+/// Stops a VMM child: SIGTERM (twinbox stops its guest and cleans up; QEMU quits), then
+/// SIGKILL if it lingers.
+fn stop_child(child: &mut Child) -> Result<(), BackendError> {
+    if child.try_wait().ok().flatten().is_some() {
+        return Ok(());
     }
-    r.push("no guest kernel and initramfs for the image yet (issue 4)".to_owned());
-    r
-});
-
-unavailable_backend!(Firecracker, "firecracker", {
-    let mut r = Vec::new();
-    if which("firecracker").is_none() {
-        r.push("firecracker not on PATH".to_owned());
+    let pid = nix::unistd::Pid::from_raw(child.id() as i32);
+    let _ = nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGTERM);
+    for _ in 0..500 {
+        if child.try_wait().ok().flatten().is_some() {
+            return Ok(());
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
-    r.push("no guest kernel and root disk for the image yet (issue 4)".to_owned());
-    r
-});
+    let _ = child.kill();
+    child.wait().map_err(|source| BackendError::Spawn { what: "wait for a VMM".into(), source })?;
+    Ok(())
+}
+
+fn launch_failed(what: &str, child: &mut Child) -> BackendError {
+    let _ = child.kill();
+    let status = child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
+    BackendError::Failed {
+        what: what.to_owned(),
+        status,
+        stderr: format!("the guest did not start its workload within {} s", BOOT_TIMEOUT.as_secs()),
+    }
+}
+
+/// `twinbox run --isolation microvm`.
+#[derive(Debug)]
+pub struct TwinboxMicrovm {
+    exe: PathBuf,
+    kernel: PathBuf,
+    image: Option<PreparedImage>,
+}
+
+impl TwinboxMicrovm {
+    /// `exe`: the `twinbox` binary to measure.
+    pub fn new(exe: &Path) -> Self {
+        TwinboxMicrovm { exe: exe.to_owned(), kernel: default_kernel(), image: None }
+    }
+
+    fn twinbox(&self, workload: &Workload, verbose: bool) -> Command {
+        let image = self.image.as_ref().expect("prepare() before use");
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("--root").arg(&image.store_root).env_remove("RUST_LOG");
+        if verbose {
+            cmd.arg("-v");
+        }
+        cmd.args(["run", "--isolation", "microvm", "--kernel"]).arg(&self.kernel);
+        cmd.arg("--memory").arg(format!("{DEFAULT_MEMORY_MIB}m"));
+        cmd.arg(&image.reference).args(workload.args());
+        own_process_group(&mut cmd);
+        cmd
+    }
+}
+
+impl Backend for TwinboxMicrovm {
+    fn name(&self) -> &'static str {
+        "twinbox-microvm"
+    }
+
+    fn isolation(&self) -> Isolation {
+        Isolation::MicroVm
+    }
+
+    fn available(&self) -> Result<(), Unavailable> {
+        let mut r = Vec::new();
+        if !self.exe.exists() {
+            r.push(format!("{} does not exist", self.exe.display()));
+        }
+        r.extend(kernel_problem(&self.kernel));
+        r.extend(kvm_problem());
+        reasons(r)
+    }
+
+    fn version(&self) -> Option<String> {
+        crate::host::tool_version(&self.exe)
+    }
+
+    fn note(&self) -> Option<String> {
+        Some(format!(
+            "`twinbox run --isolation microvm --memory {DEFAULT_MEMORY_MIB}m IMAGE …`: 1 vCPU, kernel {}, \
+             the agent's initramfs, the image's ext4 disk (made once, before measuring)",
+            self.kernel.display()
+        ))
+    }
+
+    fn prepare(&mut self, image: &PreparedImage) -> Result<(), BackendError> {
+        // The root disk is made once per image and cached; make it now so no measured run
+        // pays for mkfs.
+        ensure_disk(image)?;
+        self.image = Some(image.clone());
+        Ok(())
+    }
+
+    fn run_command(&self, workload: &Workload, _id: &str) -> Result<Command, BackendError> {
+        Ok(self.twinbox(workload, false))
+    }
+
+    fn launch(&self, workload: &Workload, id: &str) -> Result<Instance, BackendError> {
+        let mut cmd = self.twinbox(workload, true);
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::piped());
+        let mut child = cmd.spawn().map_err(|source| BackendError::Spawn { what: "twinbox run".into(), source })?;
+        let stderr = child.stderr.take().expect("stderr is piped");
+        // The VMM logs the boot timer (at -v) the moment the guest writes its byte.
+        if !wait_for_line(stderr, "Guest-boot-time") {
+            return Err(launch_failed("twinbox run --isolation microvm", &mut child));
+        }
+        Ok(Instance { id: id.to_owned(), child: Some(child) })
+    }
+
+    fn teardown(&self, instance: &mut Instance) -> Result<(), BackendError> {
+        match instance.child.as_mut() {
+            Some(child) => stop_child(child),
+            None => Ok(()),
+        }
+    }
+}
+
+fn ensure_disk(image: &PreparedImage) -> Result<twinbox_image::disk::RootDisk, BackendError> {
+    let fail = |e: &dyn std::error::Error| BackendError::Failed {
+        what: format!("root disk of {}", image.reference),
+        status: "error".into(),
+        stderr: crate::scenario::error_chain(e),
+    };
+    let store = Store::open(&image.store_root).map_err(|e| fail(&e))?;
+    let resolved = store.resolve(&image.reference).map_err(|e| fail(&e))?;
+    twinbox_image::disk::root_disk(&store, &resolved).map_err(|e| fail(&e))
+}
+
+/// QEMU `-M microvm` booting the same guest.
+#[derive(Debug)]
+pub struct QemuMicrovm {
+    kernel: PathBuf,
+    image: Option<PreparedImage>,
+}
+
+impl Default for QemuMicrovm {
+    fn default() -> Self {
+        QemuMicrovm { kernel: default_kernel(), image: None }
+    }
+}
+
+impl QemuMicrovm {
+    /// The initramfs for `workload` (written once per distinct workload) and the disk and
+    /// command line, from the same preparation as twinbox's own run.
+    fn guest(&self, workload: &Workload, verbose: bool) -> Result<(PathBuf, PathBuf, String), BackendError> {
+        let image = self.image.as_ref().expect("prepare() before use");
+        let fail = |e: &dyn std::error::Error| BackendError::Failed {
+            what: format!("prepare a guest of {}", image.reference),
+            status: "error".into(),
+            stderr: crate::scenario::error_chain(e),
+        };
+        let store = Store::open(&image.store_root).map_err(|e| fail(&e))?;
+        let resolved = store.resolve(&image.reference).map_err(|e| fail(&e))?;
+        let opts = ImageRunOptions {
+            image: image.reference.clone(),
+            overrides: Overrides { cmd: workload.args(), ..Overrides::default() },
+            kernel: Some(self.kernel.clone()),
+            ..ImageRunOptions::default()
+        };
+        let mut prepared = prepare(&store, &resolved, &opts, &run_id()).map_err(|e| fail(&e))?;
+        prepared.guest.verbose = verbose;
+        let name = format!("qemu-initrd-{}{}.cpio", workload.args().join("-"), if verbose { "-v" } else { "" });
+        let initrd = image.work.join(name);
+        if !initrd.exists() {
+            let bytes = twinbox_microvm::initramfs::build(&prepared.guest);
+            std::fs::write(&initrd, bytes).map_err(|source| BackendError::Write { path: initrd.clone(), source })?;
+        }
+        Ok((initrd, prepared.disk.path, format!("{} twinbox.console", prepared.cmdline)))
+    }
+
+    fn qemu(&self, workload: &Workload, verbose: bool, name: &str) -> Result<Command, BackendError> {
+        let (initrd, disk, cmdline) = self.guest(workload, verbose)?;
+        let mut cmd = Command::new("qemu-system-x86_64");
+        cmd.args(["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off", "-accel", "kvm", "-cpu", "host"])
+            .args(["-m", &format!("{DEFAULT_MEMORY_MIB}M"), "-smp", "1", "-name", name])
+            .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio"])
+            .arg("-kernel")
+            .arg(&self.kernel)
+            .arg("-initrd")
+            .arg(&initrd)
+            .arg("-drive")
+            .arg(format!("id=root,file={},format=raw,if=none,readonly=on", disk.display()))
+            .args(["-device", "virtio-blk-device,drive=root"])
+            .args(["-device", "isa-debug-exit,iobase=0x501,iosize=4"])
+            .args(["-append", &cmdline]);
+        own_process_group(&mut cmd);
+        Ok(cmd)
+    }
+}
+
+impl Backend for QemuMicrovm {
+    fn name(&self) -> &'static str {
+        "qemu-microvm"
+    }
+
+    fn isolation(&self) -> Isolation {
+        Isolation::MicroVm
+    }
+
+    fn available(&self) -> Result<(), Unavailable> {
+        let mut r = Vec::new();
+        if which("qemu-system-x86_64").is_none() {
+            r.push("qemu-system-x86_64 not on PATH (apt-get install qemu-system-x86)".to_owned());
+        }
+        r.extend(kernel_problem(&self.kernel));
+        r.extend(kvm_problem());
+        reasons(r)
+    }
+
+    fn version(&self) -> Option<String> {
+        let out = Command::new("qemu-system-x86_64").arg("--version").output().ok()?;
+        String::from_utf8_lossy(&out.stdout).lines().next().map(str::to_owned)
+    }
+
+    fn note(&self) -> Option<String> {
+        Some(format!(
+            "QEMU `-M microvm -accel kvm -cpu host -m {DEFAULT_MEMORY_MIB}M`, the same kernel, agent initramfs and \
+             ext4 disk; status through isa-debug-exit (QEMU exits 2×status+1), output through the serial console"
+        ))
+    }
+
+    fn prepare(&mut self, image: &PreparedImage) -> Result<(), BackendError> {
+        ensure_disk(image)?;
+        self.image = Some(image.clone());
+        Ok(())
+    }
+
+    fn run_command(&self, workload: &Workload, id: &str) -> Result<Command, BackendError> {
+        // `sh -c` maps isa-debug-exit's 2×status+1 back to the workload's status, so a clean
+        // run is a success like every other backend's.
+        let qemu = self.qemu(workload, false, id)?;
+        let mut words: Vec<String> = vec![qemu.get_program().to_string_lossy().into_owned()];
+        words.extend(qemu.get_args().map(|a| a.to_string_lossy().into_owned()));
+        let quoted: Vec<String> = words.iter().map(|w| format!("'{}'", w.replace('\'', "'\\''"))).collect();
+        let mut cmd = Command::new("sh");
+        cmd.arg("-c").arg(format!("{}; s=$?; [ $((s % 2)) -eq 1 ] && exit $((s / 2)); exit 125", quoted.join(" ")));
+        own_process_group(&mut cmd);
+        Ok(cmd)
+    }
+
+    fn launch(&self, workload: &Workload, id: &str) -> Result<Instance, BackendError> {
+        // The workload's number is QEMU's -name, so the memory scenario finds the process.
+        let marker = match workload {
+            Workload::Sleep(n) => n.to_string(),
+            _ => id.to_owned(),
+        };
+        let mut cmd = self.qemu(workload, true, &marker)?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
+        let mut child = cmd.spawn().map_err(|source| BackendError::Spawn { what: "qemu".into(), source })?;
+        let stdout = child.stdout.take().expect("stdout is piped");
+        if !wait_for_line(stdout, "exec'd") {
+            return Err(launch_failed("qemu-system-x86_64 -M microvm", &mut child));
+        }
+        Ok(Instance { id: id.to_owned(), child: Some(child) })
+    }
+
+    fn teardown(&self, instance: &mut Instance) -> Result<(), BackendError> {
+        match instance.child.as_mut() {
+            Some(child) => stop_child(child),
+            None => Ok(()),
+        }
+    }
+}
+
+/// Firecracker: measured when installed (not packaged by Debian).
+#[derive(Debug, Default)]
+pub struct Firecracker;
+
+impl Backend for Firecracker {
+    fn name(&self) -> &'static str {
+        "firecracker"
+    }
+    fn isolation(&self) -> Isolation {
+        Isolation::MicroVm
+    }
+    fn available(&self) -> Result<(), Unavailable> {
+        let mut r = Vec::new();
+        if which("firecracker").is_none() {
+            r.push("firecracker not on PATH (not packaged by Debian; install a release binary)".to_owned());
+        } else {
+            r.push("a firecracker backend is not written yet".to_owned());
+        }
+        r.extend(kvm_problem());
+        reasons(r)
+    }
+    fn prepare(&mut self, _image: &PreparedImage) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn run_command(&self, _w: &Workload, _id: &str) -> Result<Command, BackendError> {
+        Err(BackendError::Failed { what: "firecracker".into(), status: "unavailable".into(), stderr: String::new() })
+    }
+    fn launch(&self, _w: &Workload, _id: &str) -> Result<Instance, BackendError> {
+        Err(BackendError::Failed { what: "firecracker".into(), status: "unavailable".into(), stderr: String::new() })
+    }
+    fn teardown(&self, _i: &mut Instance) -> Result<(), BackendError> {
+        Ok(())
+    }
+}

@@ -8,7 +8,9 @@
 //! | `process` | the workload binary straight from the flattened image: no isolation, the floor |
 //! | `twinbox-container` | `twinbox run --rm hello:latest …`, the CLI being measured |
 //! | `runc`, `crun` | an OCI bundle (the flattened image + a default config.json) |
-//! | `twinbox-microvm`, `qemu-microvm`, `firecracker` | not yet: reported with the reason |
+//! | `twinbox-microvm` | `twinbox run --isolation microvm hello:latest …` |
+//! | `qemu-microvm` | QEMU `-M microvm` with the same kernel, agent initramfs and root disk |
+//! | `firecracker` | not yet: reported with the reason |
 
 mod microvm;
 mod oci;
@@ -169,15 +171,15 @@ pub trait Backend {
 }
 
 /// Make the backend named `name` (one of [`ALL`]); `twinbox` is the binary measured for
-/// `twinbox-container`.
+/// `twinbox-container` and `twinbox-microvm`.
 pub fn by_name(name: &str, twinbox: &Path) -> Option<Box<dyn Backend>> {
     Some(match name {
         "process" => Box::new(Process::default()),
         "twinbox-container" => Box::new(TwinboxContainer::new(twinbox)),
         "runc" => Box::new(Oci::new(OciRuntime::Runc)),
         "crun" => Box::new(Oci::new(OciRuntime::Crun)),
-        "twinbox-microvm" => Box::new(TwinboxMicrovm),
-        "qemu-microvm" => Box::new(QemuMicrovm),
+        "twinbox-microvm" => Box::new(TwinboxMicrovm::new(twinbox)),
+        "qemu-microvm" => Box::new(QemuMicrovm::default()),
         "firecracker" => Box::new(Firecracker),
         _ => return None,
     })

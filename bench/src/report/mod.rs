@@ -86,6 +86,11 @@ pub fn write(r: &Results, dir: &Path) -> Result<Written, ReportError> {
         files.push(dir.join(format!("{}.svg", c.stem)));
         files.push(dir.join(format!("{}.png", c.stem)));
     }
+    if let Some(nested) = &r.nested {
+        // Its own report (and charts) next to this one; this one gets a summary section.
+        let sub = write(nested, &dir.join("nested"))?;
+        files.extend(sub.files);
+    }
     let doc = document(r, &charts, skipped.as_deref());
     let md_path = dir.join("report.md");
     std::fs::write(&md_path, markdown(&doc)).map_err(werr(&md_path))?;
@@ -369,6 +374,9 @@ pub fn document(r: &Results, charts: &[charts::Chart], charts_skipped: Option<&s
     if let Some(why) = charts_skipped {
         d.push(Block::Para(format!("No charts: {why}.")));
     }
+    if let Some(n) = &r.nested {
+        d.extend(nested_section(n));
+    }
     if !r.notes.is_empty() {
         d.push(Block::Heading(2, "Notes from the run".into()));
         d.push(Block::List(r.notes.clone()));
@@ -380,6 +388,59 @@ pub fn document(r: &Results, charts: &[charts::Chart], charts_skipped: Option<&s
         if s.quick { " --quick" } else { "" },
         if s.scenarios.len() < 4 { format!(" --scenario {}", s.scenarios.join(",")) } else { String::new() }
     )));
+    d
+}
+
+/// The run of another virtualization kind (the nested L1), summarised in its own section and
+/// never in the same table as this host's figures.
+fn nested_section(n: &Results) -> Vec<Block> {
+    let c = &n.context;
+    let kind = &c.virtualization.kind;
+    let mut d = vec![Block::Heading(2, format!("MicroVMs — {kind}: shows the mechanics, not representative timings"))];
+    d.push(Block::Para(format!(
+        "Measured in another machine than the figures above, so never compared with them: {} ({}), kernel {},          {} × {}, revision `{}`, {}. Every backend below ran there, interleaved as above, so they compare with          each other. Full report with charts: `nested/report.html`.",
+        c.virtualization.detail,
+        kind,
+        c.kernel,
+        c.cpus,
+        c.cpu_model,
+        c.rev,
+        c.date
+    )));
+    let mut shows = Vec::new();
+    let start = list_medians(n, "start", "end_to_end", "ms", &[]);
+    if !start.is_empty() {
+        shows.push(format!("**Start to exit** of `hello true` (median): {start}."));
+    }
+    let mem = list_medians(n, "memory", "pss_per_instance", "KiB", &[]);
+    if !mem.is_empty() {
+        shows.push(format!("**Memory per idle instance** (PSS, median): {mem}."));
+    }
+    if !shows.is_empty() {
+        d.push(Block::List(shows));
+    }
+    d.push(Block::Table {
+        head: ["backend", "isolation", "measured", "reason / how it runs"].map(String::from).to_vec(),
+        rows: n
+            .backends
+            .iter()
+            .map(|b| {
+                vec![
+                    b.name.clone(),
+                    b.isolation.clone(),
+                    if b.available { "yes".into() } else { "**no**".into() },
+                    if b.available { b.note.clone().unwrap_or_default() } else { b.reason.clone().unwrap_or_default() },
+                ]
+            })
+            .collect(),
+    });
+    let recs: Vec<&Record> = n.records.iter().collect();
+    if !recs.is_empty() {
+        d.push(stats_table(&recs));
+    }
+    if !n.notes.is_empty() {
+        d.push(Block::List(n.notes.iter().map(|x| format!("note: {x}")).collect()));
+    }
     d
 }
 

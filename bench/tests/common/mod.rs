@@ -121,5 +121,6 @@ pub fn results(seed: u64, slow: f64) -> Results {
         ],
         records,
         notes: vec!["synthetic".into()],
+        nested: None,
     }
 }

@@ -102,6 +102,11 @@ impl<P: Ports> Ports for Tee<P> {
     fn write_u32(&mut self, port: u16, value: u32) {
         if let Some(console) = &mut self.console {
             let _ = writeln!(console, "twinbox-agent: wrote {value} to port {port:#x}");
+            // The exit status ends the VM at once: first let the UART send what the tty
+            // layer still holds, or the mirrored output is lost.
+            use std::os::fd::AsRawFd;
+            // SAFETY: tcdrain on an fd this struct owns; it only waits.
+            unsafe { libc::tcdrain(console.as_raw_fd()) };
         }
         self.inner.write_u32(port, value);
     }
