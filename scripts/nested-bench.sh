@@ -20,13 +20,14 @@ while [ $# -gt 0 ]; do
 done
 bench_args=("$@")
 [ ${#bench_args[@]} -gt 0 ] || bench_args=(--quick)
+bench_args=(--backends process,twinbox-container,twinbox-microvm,qemu-microvm "${bench_args[@]}")
 [ -x "$twinbox" ] || { echo "nested-bench: $twinbox is not built (cargo build --release)" >&2; exit 1; }
 
 kernel=$("$here/build-guest-kernel.sh" | tail -n1)
 work=$(mktemp -d "${TMPDIR:-/tmp}/twinbox-nested-bench.XXXXXX")
 trap 'rm -rf "$work"' EXIT
 p=$work/tb
-mkdir -p "$p/bin" "$p/lib" "$p/share"
+mkdir -p "$p/bin" "$p/lib" "$p/share/qemu"
 
 # Binaries keep their own names; their libraries go where the dynamic loader looks for them
 # in L1 (the L1 command copies lib/ into /lib/x86_64-linux-gnu and /lib64 first), so
@@ -39,7 +40,8 @@ pack() {
 pack "$twinbox"
 pack "$(command -v mkfs.ext4 || echo /usr/sbin/mkfs.ext4)"
 pack "$(command -v qemu-system-x86_64)"
-cp -L /usr/share/qemu/qboot.rom /usr/share/qemu/bios-microvm.bin "$p/share/"
+# QEMU looks for its firmware in ../share/qemu next to its binary.
+cp -L /usr/share/qemu/qboot.rom /usr/share/qemu/bios-microvm.bin "$p/share/qemu/"
 cp "$kernel" "$p/vmlinux"
 
 rev=$(git rev-parse --short HEAD 2>/dev/null || echo unknown)
@@ -51,18 +53,61 @@ now=$(date -u +%s)
 TWINBOX_ROOT=$p/store scripts/default-images.sh "$twinbox" >/dev/null
 
 printf 'export TWINBOX_REV=%s\ndate -u -s @%s >/dev/null 2>&1 || true\n' "$rev" "$now" >"$p/env.sh"
+# L1's root is its initramfs (rootfs), where pivot_root(2) is impossible and the container
+# runtime needs it: everything moves to a tmpfs, and the bench runs chrooted there.
 cat >"$p/run.sh" <<'EOF'
 set -e
 . /payload/tb/env.sh
-mkdir -p /lib/x86_64-linux-gnu /lib64 /usr/share/qemu /sys/fs/cgroup
+mkdir -p /lib/x86_64-linux-gnu /lib64
 cp /payload/tb/lib/* /lib/x86_64-linux-gnu/
 ln -sf /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 /lib64/ld-linux-x86-64.so.2
-cp /payload/tb/share/* /usr/share/qemu/
-mount -t cgroup2 none /sys/fs/cgroup 2>/dev/null || true
-export PATH=/payload/tb/bin:$PATH TWINBOX_ROOT=/payload/tb/store TWINBOX_KERNEL=/payload/tb/vmlinux
+mkdir /newroot
+mount -t tmpfs -o size=90% tmpfs /newroot
+cp -a /bin /sbin /usr /lib /lib64 /payload /newroot/
+mkdir -p /newroot/dev /newroot/proc /newroot/sys /newroot/tmp /newroot/run
+mount -o rbind /dev /newroot/dev
+mount -t proc proc /newroot/proc
+mount -t sysfs sysfs /newroot/sys
+mount -t cgroup2 none /newroot/sys/fs/cgroup
+exec chroot /newroot /bin/sh /payload/tb/bench.sh "$@"
+EOF
+cat >"$p/bench.sh" <<'EOF'
+. /payload/tb/env.sh
+export PATH=/payload/tb/bin:/bin:/sbin:/usr/bin:/usr/sbin TWINBOX_ROOT=/payload/tb/store TWINBOX_KERNEL=/payload/tb/vmlinux
 cd /tmp
-twinbox bench --backends process,twinbox-container,twinbox-microvm,qemu-microvm --json --out /tmp/report "$@" 2>/tmp/bench.err || {
-  code=$?; cat /tmp/bench.err >&2; exit $code; }
+# The bench runs in the background; a line every 30 s shows L1 is alive (progress bars are
+# hidden off a terminal); results.json follows the marker line.
+twinbox bench --out /tmp/report "$@" >/tmp/bench.out 2>&1 &
+bench=$!
+while kill -0 "$bench" 2>/dev/null; do
+  sleep 30
+  echo "nested-bench: measuring, $(cut -d' ' -f1 /proc/uptime) s since L1 boot"
+done
+if ! wait "$bench"; then
+  echo "nested-bench: twinbox bench failed:"; cat /tmp/bench.out; exit 1
+fi
+echo @@TWINBOX-JSON@@
+cat /tmp/report/results.json; echo
 EOF
 
-"$here/nested-kvm.sh" --timeout 1800 --payload "$p" -- sh /payload/tb/run.sh "${bench_args[@]}"
+# Everything before the marker is progress (to stderr, as it comes: awk would buffer it), the
+# rest is the JSON (to stdout). A stalled L1 boot (see nested-kvm.sh) is tried again, twice at
+# most.
+split_output() {
+  local line json=0
+  while IFS= read -r line || [ -n "$line" ]; do
+    if [ "$json" -eq 1 ]; then printf '%s\n' "$line"
+    elif [ "$line" = "@@TWINBOX-JSON@@" ]; then json=1
+    else printf '%s\n' "$line" >&2
+    fi
+  done
+}
+for attempt in 1 2 3; do
+  "$here/nested-kvm.sh" --timeout 3600 --payload "$p" -- sh /payload/tb/run.sh "${bench_args[@]}" 2>"$work/l1.err" |
+    split_output
+  code=${PIPESTATUS[0]}
+  cat "$work/l1.err" >&2
+  grep -q "L1 did not finish booting" "$work/l1.err" || exit "$code"
+  echo "nested-bench: attempt $attempt: L1 did not boot; trying again" >&2
+done
+exit "$code"

@@ -247,16 +247,24 @@ exec 4<"$tmp/console" 3>&-
 
 elapsed() { awk -v a="$1" -v b="$2" 'BEGIN { printf "%.1f", b - a }'; }
 deadline=$(( ${t0%.*} + timeout ))
-started="" code="" failure="" timed_out=0 line=""
+# L1 normally reaches CMD in 4-10 s. Under TCG on a loaded host it sometimes never does (a
+# stalled calibration); give up on the boot after BOOT_LIMIT seconds rather than at --timeout,
+# and say so (exit 125 with "L1 did not finish booting"), so a caller can try again.
+boot_deadline=$(( ${t0%.*} + ${TWINBOX_NESTED_BOOT_LIMIT:-180} ))
+started="" code="" failure="" timed_out=0 line="" boot_stalled=0
 boot_lines=()
 while :; do
   left=$(( deadline - ${EPOCHREALTIME%.*} ))
+  if [ -z "$started" ] && [ $(( boot_deadline - ${EPOCHREALTIME%.*} )) -lt "$left" ]; then
+    left=$(( boot_deadline - ${EPOCHREALTIME%.*} ))
+    if [ "$left" -le 0 ]; then boot_stalled=1; timed_out=1; break; fi
+  fi
   if [ "$left" -le 0 ]; then timed_out=1; break; fi
   if IFS= read -r -t "$left" -u 4 line; then
     nl=1
   else
     # Timeout (status > 128), or end of file with maybe a last unterminated line.
-    [ $? -gt 128 ] && { timed_out=1; break; }
+    [ $? -gt 128 ] && { timed_out=1; [ -n "$started" ] || boot_stalled=1; break; }
     [ -n "$line" ] || break
     nl=0
   fi
@@ -299,6 +307,8 @@ grep -v "TCG doesn't support requested feature" "$tmp/qemu.err" >"$tmp/qemu.msg"
 [ -s "$tmp/qemu.msg" ] && { log "QEMU said:"; sed 's/^/  | /' "$tmp/qemu.msg" >&2; }
 if [ -n "$failure" ]; then
   die "L1 failed: $failure"
+elif [ "$boot_stalled" -eq 1 ]; then
+  die "L1 did not finish booting within ${TWINBOX_NESTED_BOOT_LIMIT:-180} s (a stalled boot under TCG; try again)"
 elif [ "$timed_out" -eq 1 ]; then
   die "timed out after ${timeout} s ($([ -n "$started" ] && echo "CMD was running" || echo "L1 had not finished booting"))"
 elif [ -n "$started" ]; then

@@ -40,6 +40,8 @@ pub struct Options {
     pub runs: Option<usize>,
     pub instances: Option<usize>,
     pub max: Option<usize>,
+    /// Density: stop a backend once its instances hold this much host memory (MiB).
+    pub memory_budget_mib: Option<u64>,
 }
 
 impl Options {
@@ -54,6 +56,7 @@ impl Options {
             runs: None,
             instances: None,
             max: None,
+            memory_budget_mib: None,
         }
     }
 
@@ -70,6 +73,7 @@ impl Options {
             warmup: if q { 2 } else { 5 },
             instances: self.instances.unwrap_or(if q { 10 } else { 20 }).max(1),
             max: self.max.unwrap_or(if q { 10 } else { 50 }).max(1),
+            memory_budget_mib: self.memory_budget_mib,
             cpu_target_ms: if q { 150 } else { 500 },
         }
     }

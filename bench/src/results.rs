@@ -65,6 +65,10 @@ pub struct Settings {
     pub instances: usize,
     /// Instances per backend in the density scenario.
     pub max: usize,
+    /// The density scenario also stops a backend once its instances hold this much host
+    /// memory (MiB).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub memory_budget_mib: Option<u64>,
     /// Target duration of the bare process's compute and syscall loops, ms.
     pub cpu_target_ms: u64,
 }

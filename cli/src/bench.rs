@@ -35,6 +35,9 @@ pub struct BenchArgs {
     /// Instances per backend in the density scenario.
     #[arg(long)]
     max: Option<usize>,
+    /// Density: stop a backend early once its instances hold this much host memory (e.g. 2g).
+    #[arg(long, value_parser = crate::containers::parse_memory)]
+    memory_budget: Option<i64>,
     /// The image to run (its entrypoint must be the default image's `hello`).
     #[arg(long, default_value = twinbox_bench::DEFAULT_IMAGE)]
     image: String,
@@ -96,6 +99,7 @@ pub fn bench(root: &Path, a: BenchArgs) -> Result<i32> {
     opts.runs = a.runs;
     opts.instances = a.instances;
     opts.max = a.max;
+    opts.memory_budget_mib = a.memory_budget.map(|b| (b >> 20) as u64);
     opts.scenarios = a
         .scenario
         .iter()

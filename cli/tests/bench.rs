@@ -145,3 +145,48 @@ fn quick_start_run_end_to_end() {
     let ps = env.ok(&["ps", "-a"]);
     assert_eq!(ps.lines().count(), 1, "containers left: {ps}");
 }
+
+#[test]
+fn density_stops_at_the_memory_budget() {
+    if !require_root() {
+        return;
+    }
+    let env = Env::new();
+    let ctx = env.path("hello");
+    if !hello_context(&ctx) {
+        return;
+    }
+    env.ok(&["build", "-q", "-t", "hello:latest", &ctx.display().to_string()]);
+    let before = hello_processes();
+    let out = env.path("report");
+    let o = env.run(&[
+        "bench",
+        "--scenario",
+        "density",
+        "--backends",
+        "process",
+        "--max",
+        "200",
+        "--memory-budget",
+        "6m",
+        "--out",
+        &out.display().to_string(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "bench failed: {}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let memory = r["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["backend"] == "process" && x["metric"] == "host_memory")
+        .expect("a host_memory record");
+    let samples: Vec<f64> = memory["samples"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert!(samples.len() < 200, "the budget stopped it before --max: {} instances", samples.len());
+    assert!(*samples.last().unwrap() >= 6.0, "it stopped because the budget was reached: {samples:?}");
+    assert!(samples[..samples.len() - 1].iter().all(|&m| m < 6.0), "not before: {samples:?}");
+    let notes = r["notes"].to_string();
+    assert!(notes.contains("of the 6 MiB budget"), "{notes}");
+    assert_eq!(r["settings"]["memory_budget_mib"], 6);
+    assert!(hello_processes() <= before, "hello processes left behind");
+}

@@ -34,7 +34,12 @@ pub(crate) fn delete(rt: &Runtime, id: &str, force: bool) -> Result<(), RuntimeE
             tracing::warn!(id, error = %error_chain(&e), "poststop hook failed");
         }
     }
-    std::fs::remove_dir_all(&dir).map_err(|source| RuntimeError::Io { what: "removing", path: dir.clone(), source })?;
+    match std::fs::remove_dir_all(&dir) {
+        // A concurrent delete (a detached container's monitor and `rm -f` racing) got there
+        // first: the container is gone either way.
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
+        r => r.map_err(|source| RuntimeError::Io { what: "removing", path: dir.clone(), source })?,
+    }
     tracing::debug!(id, "deleted");
     Ok(())
 }

@@ -59,12 +59,14 @@ fn reasons(r: Vec<String>) -> Result<(), Unavailable> {
 }
 
 /// Reads `child`'s stream line by line until one contains `needle`; then keeps draining it in
-/// the background so the child never blocks on a full pipe. False on end of stream.
-fn wait_for_line(stream: impl Read + Send + 'static, needle: &'static str) -> bool {
+/// the background so the child never blocks on a full pipe. On end of stream or timeout, the
+/// last lines it printed, for the error.
+fn wait_for_line(stream: impl Read + Send + 'static, needle: &'static str) -> Result<(), String> {
     let (tx, rx) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         let mut lines = BufReader::new(stream);
         let mut line = String::new();
+        let mut last: std::collections::VecDeque<String> = std::collections::VecDeque::new();
         let mut found = false;
         loop {
             line.clear();
@@ -72,14 +74,25 @@ fn wait_for_line(stream: impl Read + Send + 'static, needle: &'static str) -> bo
                 Ok(0) | Err(_) => break,
                 Ok(_) if !found && line.contains(needle) => {
                     found = true;
-                    let _ = tx.send(true);
+                    let _ = tx.send(Ok(()));
+                }
+                Ok(_) if !found => {
+                    last.push_back(line.trim_end().to_owned());
+                    if last.len() > 8 {
+                        last.pop_front();
+                    }
                 }
                 Ok(_) => {}
             }
         }
-        let _ = tx.send(false);
+        if !found {
+            let _ = tx.send(Err(Vec::from(last).join(" | ")));
+        }
     });
-    rx.recv_timeout(BOOT_TIMEOUT).unwrap_or(false)
+    match rx.recv_timeout(BOOT_TIMEOUT) {
+        Ok(r) => r,
+        Err(_) => Err(format!("nothing within {} s", BOOT_TIMEOUT.as_secs())),
+    }
 }
 
 /// Stops a VMM child: SIGTERM (twinbox stops its guest and cleans up; QEMU quits), then
@@ -101,13 +114,13 @@ fn stop_child(child: &mut Child) -> Result<(), BackendError> {
     Ok(())
 }
 
-fn launch_failed(what: &str, child: &mut Child) -> BackendError {
+fn launch_failed(what: &str, child: &mut Child, output: String) -> BackendError {
     let _ = child.kill();
     let status = child.wait().map(|s| s.to_string()).unwrap_or_else(|e| e.to_string());
     BackendError::Failed {
         what: what.to_owned(),
         status,
-        stderr: format!("the guest did not start its workload within {} s", BOOT_TIMEOUT.as_secs()),
+        stderr: format!("the guest did not start its workload; last output: {output}"),
     }
 }
 
@@ -189,8 +202,8 @@ impl Backend for TwinboxMicrovm {
         let mut child = cmd.spawn().map_err(|source| BackendError::Spawn { what: "twinbox run".into(), source })?;
         let stderr = child.stderr.take().expect("stderr is piped");
         // The VMM logs the boot timer (at -v) the moment the guest writes its byte.
-        if !wait_for_line(stderr, "Guest-boot-time") {
-            return Err(launch_failed("twinbox run --isolation microvm", &mut child));
+        if let Err(output) = wait_for_line(stderr, "Guest-boot-time") {
+            return Err(launch_failed("twinbox run --isolation microvm", &mut child, output));
         }
         Ok(Instance { id: id.to_owned(), child: Some(child) })
     }
@@ -259,7 +272,7 @@ impl QemuMicrovm {
     fn qemu(&self, workload: &Workload, verbose: bool, name: &str) -> Result<Command, BackendError> {
         let (initrd, disk, cmdline) = self.guest(workload, verbose)?;
         let mut cmd = Command::new("qemu-system-x86_64");
-        cmd.args(["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off", "-accel", "kvm", "-cpu", "host"])
+        cmd.args(["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off", "-accel", "kvm", "-cpu", "host"])
             .args(["-m", &format!("{DEFAULT_MEMORY_MIB}M"), "-smp", "1", "-name", name])
             .args(["-nodefaults", "-no-user-config", "-nographic", "-no-reboot", "-serial", "stdio"])
             .arg("-kernel")
@@ -333,11 +346,21 @@ impl Backend for QemuMicrovm {
             _ => id.to_owned(),
         };
         let mut cmd = self.qemu(workload, true, &marker)?;
-        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(Stdio::null());
-        let mut child = cmd.spawn().map_err(|source| BackendError::Spawn { what: "qemu".into(), source })?;
+        let spawn_err = |source| BackendError::Spawn { what: "qemu".into(), source };
+        // QEMU's own complaints go to an unnamed file, kept for the error.
+        let mut errors = tempfile::tempfile().map_err(spawn_err)?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::piped()).stderr(errors.try_clone().map_err(spawn_err)?);
+        let mut child = cmd.spawn().map_err(spawn_err)?;
         let stdout = child.stdout.take().expect("stdout is piped");
-        if !wait_for_line(stdout, "exec'd") {
-            return Err(launch_failed("qemu-system-x86_64 -M microvm", &mut child));
+        if let Err(output) = wait_for_line(stdout, "exec'd") {
+            use std::io::Seek;
+            let mut said = String::new();
+            let _ = errors.rewind().and_then(|()| errors.read_to_string(&mut said));
+            return Err(launch_failed(
+                "qemu-system-x86_64 -M microvm",
+                &mut child,
+                format!("{output} {}", said.trim()),
+            ));
         }
         Ok(Instance { id: id.to_owned(), child: Some(child) })
     }

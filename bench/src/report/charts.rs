@@ -263,7 +263,9 @@ fn bars<DB: DrawingBackend>(
         .map_err(e2s)?;
     chart
         .configure_series_labels()
-        .position(SeriesLabelPosition::UpperRight)
+        // Upper left: the first bar is the bare process, the smallest; on the right the legend
+        // would hide the tallest bar's value.
+        .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .label_font(("sans-serif", 14))

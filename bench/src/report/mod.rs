@@ -398,14 +398,10 @@ fn nested_section(n: &Results) -> Vec<Block> {
     let kind = &c.virtualization.kind;
     let mut d = vec![Block::Heading(2, format!("MicroVMs — {kind}: shows the mechanics, not representative timings"))];
     d.push(Block::Para(format!(
-        "Measured in another machine than the figures above, so never compared with them: {} ({}), kernel {},          {} × {}, revision `{}`, {}. Every backend below ran there, interleaved as above, so they compare with          each other. Full report with charts: `nested/report.html`.",
-        c.virtualization.detail,
-        kind,
-        c.kernel,
-        c.cpus,
-        c.cpu_model,
-        c.rev,
-        c.date
+        "Measured on another machine than the figures above, so never compared with them: {} ({}), kernel {}, \
+         {} × {}, revision `{}`, {}. Every backend below ran there, interleaved as above, so they compare with \
+         each other. Full report with charts: `nested/report.html`.",
+        c.virtualization.detail, kind, c.kernel, c.cpus, c.cpu_model, c.rev, c.date
     )));
     let mut shows = Vec::new();
     let start = list_medians(n, "start", "end_to_end", "ms", &[]);

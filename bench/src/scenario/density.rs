@@ -1,4 +1,5 @@
-//! Density: start instances of `hello sleep` one after another up to N, recording after each
+//! Density: start instances of `hello sleep` one after another up to N (or until they hold the
+//! memory budget, when one is given), recording after each
 //! the launch latency (launch → the launcher returns with the instance started; for the bare
 //! process, the exec done) and the host memory the instances hold: PSS of every process they
 //! left running plus the kernel's Slab + PageTables + KernelStack growth since before the
@@ -45,7 +46,16 @@ pub fn run(r: &mut Run<'_>) {
                         .filter(|p| p.args.iter().any(|a| markers[..=i].contains(a)))
                         .filter_map(|p| pss_kib(p.pid))
                         .sum();
-                    memory.push((pss as f64 + kernel_kib() as f64 - k0) / 1024.0);
+                    let held = (pss as f64 + kernel_kib() as f64 - k0) / 1024.0;
+                    memory.push(held);
+                    if let Some(budget) = r.settings.memory_budget_mib.filter(|&b| held >= b as f64) {
+                        r.note(format!(
+                            "density: {name}: stopped at {} instances, holding {held:.1} MiB of the {budget} MiB budget",
+                            i + 1
+                        ));
+                        bar.inc((max - i) as u64);
+                        break;
+                    }
                 }
                 Err(e) => {
                     failure = Some(format!("density: {name}: launch {} failed: {}", i + 1, super::error_chain(&e)));
