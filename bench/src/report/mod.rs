@@ -215,7 +215,19 @@ fn what_this_shows(r: &Results) -> Vec<String> {
         .map(|b| format!("{} ({})", b.name, b.reason.as_deref().unwrap_or("no reason given")))
         .collect();
     let vm_measured = r.backends.iter().any(|b| b.isolation == "microvm" && b.available);
-    if !vm_measured {
+    let nested_vms = r.nested.as_deref().filter(|n| n.backends.iter().any(|b| b.isolation == "microvm" && b.available));
+    if let (false, Some(n)) = (vm_measured, nested_vms) {
+        let vm = |metric: &str, scenario: &str, unit: &str| list_medians(n, scenario, metric, unit, &[]);
+        out.push(format!(
+            "**Containers against VMs** — only in the {} run of the last section, where every backend ran on the \
+             same emulated machine (so the ratios mean something, the absolute times do not): start to exit {}; \
+             memory per idle instance {}. The VMs boot their own kernel and hold guest RAM, which is the other \
+             half of the trade-off; what they buy, a much smaller shared attack surface, is not measured.",
+            n.context.virtualization.kind,
+            vm("end_to_end", "start", "ms"),
+            vm("pss_per_instance", "memory", "KiB"),
+        ));
+    } else if !vm_measured {
         out.push(
             "**Where these figures do not reach.** No microVM was measured in this run, so the other half of the \
              trade-off — a VM boots its own kernel and pays for it in start-up time and RAM per guest, in exchange \
