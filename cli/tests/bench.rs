@@ -86,17 +86,23 @@ fn hello_processes() -> usize {
         .count()
 }
 
-#[test]
-fn quick_start_run_end_to_end() {
+/// As root, a temporary store with the default image built in it; None (skip) otherwise.
+fn hello_store() -> Option<Env> {
     if !require_root() {
-        return;
+        return None;
     }
     let env = Env::new();
     let ctx = env.path("hello");
     if !hello_context(&ctx) {
-        return;
+        return None;
     }
     env.ok(&["build", "-q", "-t", "hello:latest", &ctx.display().to_string()]);
+    Some(env)
+}
+
+#[test]
+fn quick_start_run_end_to_end() {
+    let Some(env) = hello_store() else { return };
     let before = hello_processes();
     let out = env.path("report");
     let o = env.run(&[
@@ -148,15 +154,7 @@ fn quick_start_run_end_to_end() {
 
 #[test]
 fn density_stops_at_the_memory_budget() {
-    if !require_root() {
-        return;
-    }
-    let env = Env::new();
-    let ctx = env.path("hello");
-    if !hello_context(&ctx) {
-        return;
-    }
-    env.ok(&["build", "-q", "-t", "hello:latest", &ctx.display().to_string()]);
+    let Some(env) = hello_store() else { return };
     let before = hello_processes();
     let out = env.path("report");
     let o = env.run(&[
