@@ -14,6 +14,7 @@ APT_PACKAGES=(
   runc crun                           # container peers measured by the harness
   fonts-dejavu-core                   # the font the report charts are drawn with
   docker-registry                     # a local registry for `twinbox push`/`pull`
+  qemu-system-x86                     # the microVM peer (QEMU -M microvm)
 )
 
 need_root() {
@@ -39,6 +40,12 @@ install_packages
 install_rust
 cargo build --release -q -p twinbox
 scripts/default-images.sh target/release/twinbox
+# The microVM guest kernel (about 10 minutes once, then cached). Only where /dev/kvm can boot
+# Linux: with PVM (kvm_pvm) the microVMs are measured in the nested L1 of
+# scripts/nested-bench.sh instead, which builds it too.
+if [ -e /dev/kvm ] && [ ! -d /sys/module/kvm_pvm ]; then
+  scripts/build-guest-kernel.sh >/dev/null
+fi
 
 if [ "${1:-}" = "--run" ]; then
   # The main job: measure every isolation model available here on the default image, with

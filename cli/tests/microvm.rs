@@ -12,7 +12,7 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
 use common::{busybox_rootfs, hello_context, require, require_root, sh, workspace, Env};
@@ -80,22 +80,12 @@ struct Outcome {
     err: String,
 }
 
-fn guest_kernel() -> PathBuf {
-    if let Some(k) = std::env::var_os("TWINBOX_KERNEL") {
-        return k.into();
-    }
-    let cache = std::env::var_os("TWINBOX_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(".cache/twinbox")
-    });
-    cache.join("kernel/latest/vmlinux")
-}
-
-/// Whether this host's /dev/kvm can boot Linux itself (hardware VT-x/AMD-V, not PVM).
-fn hardware_kvm() -> bool {
-    let pvm = std::fs::read_to_string("/proc/modules").is_ok_and(|m| m.lines().any(|l| l.starts_with("kvm_pvm ")));
-    let vmx_or_svm = std::fs::read_to_string("/proc/cpuinfo")
-        .is_ok_and(|c| c.lines().any(|l| l.starts_with("flags") && (l.contains(" vmx") || l.contains(" svm"))));
-    Path::new("/dev/kvm").exists() && !pvm && vmx_or_svm
+/// Whether this host's /dev/kvm can boot Linux itself (hardware KVM, or already inside the
+/// nested L1), rather than PVM or none.
+fn kvm_boots_linux() -> bool {
+    use twinbox_bench::host::{detect_virtualization, VirtKind};
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    matches!(detect_virtualization(Path::new("/"), &cpuinfo).kind, VirtKind::HardwareKvm | VirtKind::NestedTcg)
 }
 
 /// Copies the dynamically linked binary `bin` with its libraries into `dir` and writes a
@@ -165,11 +155,11 @@ fn microvm_run_matches_the_container_run() {
     if !require_root() {
         return;
     }
-    let kernel = guest_kernel();
+    let kernel = twinbox_microvm::run_image::default_kernel();
     if !require(kernel.is_file(), &format!("no guest kernel at {} (scripts/test.sh builds it)", kernel.display())) {
         return;
     }
-    let nested = !hardware_kvm();
+    let nested = !kvm_boots_linux();
     if nested && !require(common::have_tool("qemu-system-x86_64"), "qemu-system-x86_64 is needed for the nested L1") {
         return;
     }

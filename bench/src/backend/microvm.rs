@@ -216,15 +216,27 @@ impl Backend for TwinboxMicrovm {
     }
 }
 
-fn ensure_disk(image: &PreparedImage) -> Result<twinbox_image::disk::RootDisk, BackendError> {
-    let fail = |e: &dyn std::error::Error| BackendError::Failed {
-        what: format!("root disk of {}", image.reference),
+/// A failure of `what` (preparing a guest of the image), with its whole cause chain.
+fn failed(what: String) -> impl Fn(&dyn std::error::Error) -> BackendError {
+    move |e| BackendError::Failed {
+        what: what.clone(),
         status: "error".into(),
         stderr: crate::scenario::error_chain(e),
-    };
+    }
+}
+
+/// The image's store and manifest, for the steps that prepare a guest of it.
+fn open_image(image: &PreparedImage, what: &str) -> Result<(Store, twinbox_image::Image), BackendError> {
+    let fail = failed(format!("{what} of {}", image.reference));
     let store = Store::open(&image.store_root).map_err(|e| fail(&e))?;
     let resolved = store.resolve(&image.reference).map_err(|e| fail(&e))?;
-    twinbox_image::disk::root_disk(&store, &resolved).map_err(|e| fail(&e))
+    Ok((store, resolved))
+}
+
+fn ensure_disk(image: &PreparedImage) -> Result<twinbox_image::disk::RootDisk, BackendError> {
+    let (store, resolved) = open_image(image, "root disk")?;
+    twinbox_image::disk::root_disk(&store, &resolved)
+        .map_err(|e| failed(format!("root disk of {}", image.reference))(&e))
 }
 
 /// QEMU `-M microvm` booting the same guest.
@@ -245,13 +257,8 @@ impl QemuMicrovm {
     /// command line, from the same preparation as twinbox's own run.
     fn guest(&self, workload: &Workload, verbose: bool) -> Result<(PathBuf, PathBuf, String), BackendError> {
         let image = self.image.as_ref().expect("prepare() before use");
-        let fail = |e: &dyn std::error::Error| BackendError::Failed {
-            what: format!("prepare a guest of {}", image.reference),
-            status: "error".into(),
-            stderr: crate::scenario::error_chain(e),
-        };
-        let store = Store::open(&image.store_root).map_err(|e| fail(&e))?;
-        let resolved = store.resolve(&image.reference).map_err(|e| fail(&e))?;
+        let (store, resolved) = open_image(image, "a guest")?;
+        let fail = failed(format!("a guest of {}", image.reference));
         let opts = ImageRunOptions {
             image: image.reference.clone(),
             overrides: Overrides { cmd: workload.args(), ..Overrides::default() },
@@ -373,6 +380,10 @@ impl Backend for QemuMicrovm {
     }
 }
 
+fn firecracker_unavailable() -> BackendError {
+    BackendError::Failed { what: "firecracker".into(), status: "unavailable".into(), stderr: String::new() }
+}
+
 /// Firecracker: measured when installed (not packaged by Debian).
 #[derive(Debug, Default)]
 pub struct Firecracker;
@@ -398,10 +409,10 @@ impl Backend for Firecracker {
         Ok(())
     }
     fn run_command(&self, _w: &Workload, _id: &str) -> Result<Command, BackendError> {
-        Err(BackendError::Failed { what: "firecracker".into(), status: "unavailable".into(), stderr: String::new() })
+        Err(firecracker_unavailable())
     }
     fn launch(&self, _w: &Workload, _id: &str) -> Result<Instance, BackendError> {
-        Err(BackendError::Failed { what: "firecracker".into(), status: "unavailable".into(), stderr: String::new() })
+        Err(firecracker_unavailable())
     }
     fn teardown(&self, _i: &mut Instance) -> Result<(), BackendError> {
         Ok(())

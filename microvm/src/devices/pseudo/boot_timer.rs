@@ -7,11 +7,11 @@ use std::time::{Duration, Instant};
 use crate::devices::{BusDevice, VmEvent};
 
 /// Guest-physical address of the boot timer (the first page of the MMIO gap).
-pub const BOOT_TIMER_ADDR: u64 = 0xc000_0000;
+pub const BOOT_TIMER_ADDR: u64 = twinbox_agent::BOOT_TIMER_ADDR;
 /// Length of its MMIO range.
 pub const BOOT_TIMER_LEN: u64 = 0x1000;
 /// The magic byte that marks "guest booted".
-pub const MAGIC_BOOT_COMPLETE: u8 = 123;
+pub const MAGIC_BOOT_COMPLETE: u8 = twinbox_agent::BOOT_TIMER_MAGIC;
 
 /// Records the first boot-complete signal.
 #[derive(Debug)]

@@ -7,9 +7,9 @@
 use crate::devices::{BusDevice, VmEvent};
 
 /// The I/O port.
-pub const EXIT_PORT: u64 = 0x501;
+pub const EXIT_PORT: u64 = twinbox_agent::EXIT_PORT as u64;
 /// Ports decoded (one 32-bit register).
-pub const EXIT_PORT_LEN: u64 = 4;
+pub const EXIT_PORT_LEN: u64 = twinbox_agent::EXIT_PORT_LEN as u64;
 
 /// Turns a guest write into [`VmEvent::Exit`].
 #[derive(Debug, Default)]

@@ -12,9 +12,11 @@ use std::io::Write;
 use crate::devices::{BusDevice, VmEvent};
 
 /// First port: stdout at +0, stderr at +1.
-pub const OUTPUT_PORT: u64 = 0x510;
+pub const OUTPUT_PORT: u64 = twinbox_agent::STDOUT_PORT as u64;
 /// Ports decoded.
 pub const OUTPUT_PORT_LEN: u64 = 2;
+// The device decodes stderr as the port after stdout.
+const _: () = assert!(twinbox_agent::STDERR_PORT == twinbox_agent::STDOUT_PORT + 1);
 
 /// Routes guest writes to two host writers.
 pub struct OutputPort {
