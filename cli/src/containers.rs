@@ -76,6 +76,10 @@ pub struct RunArgs {
     /// MicroVM only: stop the VM after this many seconds.
     #[arg(long)]
     timeout: Option<f64>,
+    /// MicroVM only: `split` (the IOAPIC in twinbox, LAPICs in KVM, no PIT: the default) or
+    /// `kernel` (PIC, IOAPIC and PIT in KVM, as Firecracker).
+    #[arg(long, value_name = "split|kernel")]
+    irqchip: Option<twinbox_microvm::IrqChip>,
     /// The image.
     image: String,
     /// Command and arguments (replace the image's CMD).
@@ -106,8 +110,8 @@ pub fn run(root: &Path, a: RunArgs, verbose: bool) -> Result<i32> {
     if a.isolation == "microvm" {
         return run_microvm(root, a, verbose);
     }
-    if a.kernel.is_some() || a.timeout.is_some() {
-        return Err(UserError("--kernel and --timeout are for --isolation microvm".into()).into());
+    if a.kernel.is_some() || a.timeout.is_some() || a.irqchip.is_some() {
+        return Err(UserError("--kernel, --timeout and --irqchip are for --isolation microvm".into()).into());
     }
     if a.network != "none" {
         return Err(UserError(format!("--network {} is not supported yet; only --network none", a.network)).into());
@@ -215,6 +219,7 @@ fn run_microvm(root: &Path, a: RunArgs, verbose: bool) -> Result<i32> {
         vcpus,
         kernel: a.kernel,
         timeout,
+        irqchip: a.irqchip.unwrap_or_default(),
         verbose,
     };
     let store = twinbox_image::Store::open(root)?;

@@ -33,6 +33,10 @@ pub struct VmArgs {
     /// Stop the VM after this many seconds.
     #[arg(long)]
     timeout: Option<f64>,
+    /// `split`: the IOAPIC in twinbox, the LAPICs in KVM, no PIT; `kernel`: PIC, IOAPIC and PIT
+    /// in KVM.
+    #[arg(long, value_name = "split|kernel", default_value = "split")]
+    irqchip: twinbox_microvm::IrqChip,
 }
 
 /// `PATH`, `PATH,ro` or `PATH,rw`.
@@ -56,6 +60,7 @@ pub fn vm(a: VmArgs) -> Result<i32> {
         initrd: a.initrd,
         disks: a.disk,
         timeout_ms: a.timeout.map(|s| (s * 1000.0) as u64),
+        irqchip: a.irqchip,
         ..VmConfig::default()
     };
     if let Some(c) = a.cmdline {

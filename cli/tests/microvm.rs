@@ -36,8 +36,13 @@ fn container_only_flags_are_refused_by_name_and_nothing_is_left() {
         assert_eq!(o.status.code(), Some(125), "{args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
     }
-    let o = env.run(&["run", "--kernel", "/k", "x"]);
-    assert!(String::from_utf8_lossy(&o.stderr).contains("--kernel and --timeout are for --isolation microvm"));
+    for flags in [["--kernel", "/k"], ["--irqchip", "kernel"]] {
+        let o = env.run(&[&["run"][..], &flags, &["x"]].concat());
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert!(err.contains("--kernel, --timeout and --irqchip are for --isolation microvm"), "{flags:?}: {err}");
+    }
+    let o = env.run(&["run", "--isolation", "microvm", "--irqchip", "pic", "x"]);
+    assert!(String::from_utf8_lossy(&o.stderr).contains("use split or kernel"));
 }
 
 #[test]
@@ -197,6 +202,15 @@ fn microvm_run_matches_the_container_run() {
         case("hang", &["--timeout", "3", "hello", "sleep", "1000"], false),
         case("smp", &["--cpus", "2", "busybox", "grep", "-c", "^processor", "/proc/cpuinfo"], false),
         case("small", &["--memory", "12m", "hello"], false),
+        // The default split irqchip: the disk's interrupts come through twinbox's IOAPIC, and
+        // there is no PIT (no IRQ 0).
+        case("interrupts", &["busybox", "cat", "/proc/interrupts"], false),
+        // Firecracker's model: PIC, IOAPIC and PIT in KVM; two vCPUs.
+        case(
+            "kernel-irqchip",
+            &["--irqchip", "kernel", "--cpus", "2", "busybox", "sh", "-c", "echo out; echo err >&2; exit 5"],
+            false,
+        ),
         // No initramfs and no root disk: the kernel cannot find a root and panics.
         Case { raw: true, ..case("panic", &["vm", "--kernel", "vmlinux", "--timeout", "300"], false) },
     ];
@@ -204,7 +218,7 @@ fn microvm_run_matches_the_container_run() {
     // The container side, on the host.
     let mut container = BTreeMap::new();
     for c in &cases {
-        if c.raw || c.args.contains(&"--timeout") || c.args.contains(&"--memory") {
+        if c.raw || ["--timeout", "--memory", "--irqchip"].iter().any(|f| c.args.contains(f)) {
             continue;
         }
         let mut args = vec!["run", "--rm"];
@@ -333,6 +347,17 @@ fn microvm_run_matches_the_container_run() {
 
     // Two vCPUs: the MP table lists both and the application processor came up.
     assert_eq!(get("smp").out, "2\n", "{:?}", get("smp"));
+
+    let irqs = get("interrupts");
+    assert_eq!(irqs.code, 0, "{irqs:?}");
+    assert!(irqs.out.lines().any(|l| l.contains("IO-APIC") && l.contains("virtio0")), "{}", irqs.out);
+    assert!(!irqs.out.lines().any(|l| l.trim_start().starts_with("0:")), "no PIT interrupt:\n{}", irqs.out);
+    let kernel_chip = get("kernel-irqchip");
+    assert_eq!(
+        (kernel_chip.code, kernel_chip.out.as_str(), kernel_chip.err.as_str()),
+        (5, "out\n", "err\n"),
+        "{kernel_chip:?}"
+    );
 
     let hang = get("hang");
     assert_eq!(hang.code, 125, "{hang:?}");

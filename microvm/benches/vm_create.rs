@@ -1,4 +1,4 @@
-//! The VMM's creation steps, each on its own: guest memory, the KVM VM with its in-kernel
+//! The VMM's creation steps, each on its own: guest memory, the KVM VM with a split or in-kernel
 //! irqchip and PIT (create and destroy: on PVM the destroy dominates), one vCPU with CPUID and
 //! MSRs, the MP table, an image run's initramfs, and loading the guest kernel when one is built.
 //! The whole floor (process start → boot timer → exit) is `benches/floor.rs`.
@@ -15,6 +15,7 @@ use twinbox_microvm::run_image::default_kernel;
 use twinbox_microvm::vstate::memory::create_guest_memory;
 use twinbox_microvm::vstate::vcpu::Vcpu;
 use twinbox_microvm::vstate::vm::KvmVm;
+use twinbox_microvm::IrqChip;
 
 fn steps(c: &mut Criterion) {
     let mut g = c.benchmark_group("vm_create");
@@ -35,7 +36,11 @@ fn steps(c: &mut Criterion) {
         eprintln!("vm_create: no guest kernel at {}: kernel loading not measured", kernel.display());
     }
     if std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm").is_ok() {
-        for (name, irqchip) in [("KVM VM with irqchip + PIT, create and destroy", true), ("KVM VM bare", false)] {
+        for (name, irqchip) in [
+            ("KVM VM with in-kernel irqchip + PIT, create and destroy", Some(IrqChip::Kernel)),
+            ("KVM VM with split irqchip, create and destroy", Some(IrqChip::Split)),
+            ("KVM VM bare", None),
+        ] {
             g.bench_function(name, |b| {
                 b.iter(|| {
                     let vm = KvmVm::new(create_guest_memory(16).unwrap(), irqchip).unwrap();
@@ -48,7 +53,7 @@ fn steps(c: &mut Criterion) {
         g.bench_function("vCPU with CPUID and MSRs", |b| {
             b.iter_batched(
                 || {
-                    let vm = KvmVm::new(create_guest_memory(16).unwrap(), false).unwrap();
+                    let vm = KvmVm::new(create_guest_memory(16).unwrap(), None).unwrap();
                     let cpuid = vm.supported_cpuid().unwrap();
                     (vm, cpuid)
                 },

@@ -8,6 +8,7 @@ use vm_memory::{Bytes, GuestAddress};
 use vmm_sys_util::eventfd::EventFd;
 
 use crate::devices::legacy::i8042::{I8042Device, I8042_PORT_LEN};
+use crate::devices::legacy::ioapic::{IoApic, IOAPIC_MMIO_LEN};
 use crate::devices::legacy::serial::{SerialDevice, SharedBuffer, SERIAL_PORT_LEN};
 use crate::devices::legacy::{EventFdTrigger, COM1_GSI, COM1_PORT, I8042_PORT};
 use crate::devices::pseudo::boot_timer::{BootTimer, BOOT_TIMER_ADDR, BOOT_TIMER_LEN};
@@ -18,12 +19,12 @@ use crate::devices::virtio::block::Block;
 use crate::devices::virtio::{mmio_slot, MmioTransport, VIRTIO_MMIO_SIZE};
 use crate::devices::Bus;
 use crate::loader::Initrd;
-use crate::mptable::setup_mptable;
+use crate::mptable::{ioapic_id, setup_mptable, IO_APIC_DEFAULT_BASE};
 use crate::stub::{STUB_LOAD_ADDR, STUB_STACK};
 use crate::vstate::memory::create_guest_memory;
 use crate::vstate::vcpu::{RunControl, Vcpu, VcpuError, VcpuStop, Watchdog};
 use crate::vstate::vm::KvmVm;
-use crate::{ExitReason, VmConfig, VmError, VmExit};
+use crate::{ExitReason, IrqChip, VmConfig, VmError, VmExit};
 
 /// Where the workload-output ports write: stdout and stderr.
 type OutputWriters = (Box<dyn Write + Send>, Box<dyn Write + Send>);
@@ -80,9 +81,9 @@ impl VmBuilder {
         self
     }
 
-    /// With `false`, no in-kernel irqchip and PIT: no interrupts, any `hlt` is final. Only for
-    /// stub guests (a Linux kernel needs both); it makes VM set-up and teardown cheaper.
-    pub fn in_kernel_irqchip(mut self, irqchip: bool) -> Self {
+    /// With `false`, no interrupt controllers at all (neither `config.irqchip` kind): no
+    /// interrupts, any `hlt` is final. Only for stub guests (a Linux kernel needs them).
+    pub fn interrupts(mut self, irqchip: bool) -> Self {
         self.irqchip = irqchip;
         self
     }
@@ -100,7 +101,7 @@ impl VmBuilder {
             .collect::<Result<Vec<_>, _>>()?;
         let start = self.start.unwrap_or_else(process_start_estimate);
         let memory = create_guest_memory(u64::from(config.memory_mib))?;
-        let kvm_vm = KvmVm::new(memory, self.irqchip)?;
+        let kvm_vm = KvmVm::new(memory, self.irqchip.then_some(config.irqchip))?;
         kvm_vm.check_vcpu_count(usize::from(config.vcpus))?;
 
         let console = SharedBuffer::new();
@@ -122,6 +123,10 @@ impl VmBuilder {
         pio.insert(Arc::new(Mutex::new(OutputPort::new(stdout, stderr))), OUTPUT_PORT, OUTPUT_PORT_LEN)?;
         let mut mmio = Bus::new();
         mmio.insert(boot_timer.clone(), BOOT_TIMER_ADDR, BOOT_TIMER_LEN)?;
+        if kvm_vm.irqchip() == Some(IrqChip::Split) {
+            let ioapic = IoApic::new(ioapic_id(config.vcpus), kvm_vm.msi_routes());
+            mmio.insert(Arc::new(Mutex::new(ioapic)), u64::from(IO_APIC_DEFAULT_BASE), IOAPIC_MMIO_LEN)?;
+        }
         for (i, disk) in disks.into_iter().enumerate() {
             let (base, gsi) = mmio_slot(i);
             let evt = if self.irqchip {

@@ -25,7 +25,7 @@ pub mod vstate;
 mod builder;
 
 pub use builder::{Vm, VmBuilder};
-pub use config::{ConfigError, VmConfig};
+pub use config::{ConfigError, IrqChip, VmConfig};
 /// The guest agent's protocol: ports, exit statuses, `GuestConfig`.
 pub use twinbox_agent as agent;
 

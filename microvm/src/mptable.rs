@@ -55,9 +55,15 @@ pub const fn max_cpus() -> u8 {
     ((MPTABLE_MAX - fixed) / 20) as u8
 }
 
+/// The I/O APIC's id in a table for `cpus` processors: the first after the CPUs' local APIC
+/// ids.
+pub const fn ioapic_id(cpus: u8) -> u8 {
+    cpus
+}
+
 /// Bytes of the table for `cpus` processors.
 fn table(cpus: u8) -> Vec<u8> {
-    let ioapic_id = cpus; // the first id after the CPUs' local APIC ids
+    let ioapic_id = ioapic_id(cpus);
     let mut entries = Vec::new();
     let mut count: u16 = 0;
     for id in 0..cpus {

@@ -21,7 +21,7 @@ use twinbox_image::launch::{self, LaunchError, Overrides};
 use twinbox_image::{Store, StoreError};
 
 use crate::agent::GuestConfig;
-use crate::config::{DiskConfig, VmConfig};
+use crate::config::{DiskConfig, IrqChip, VmConfig};
 use crate::console::ConsoleLog;
 use crate::vstate::vcpu::VcpuError;
 use crate::{ExitReason, VmBuilder, VmError};
@@ -50,6 +50,8 @@ pub struct ImageRunOptions {
     pub kernel: Option<PathBuf>,
     /// Stop the VM after this long.
     pub timeout: Option<Duration>,
+    /// Where the IOAPIC (and PIC, PIT) are emulated (default: split).
+    pub irqchip: IrqChip,
     /// Show the kernel console (at loglevel 7) and the agent's steps on stderr.
     pub verbose: bool,
 }
@@ -234,6 +236,7 @@ pub fn run_image(
         cmdline: prepared.cmdline,
         disks: vec![DiskConfig { path: disk.path.clone(), read_only: true }],
         timeout_ms: opts.timeout.map(|t| t.as_millis().max(1) as u64),
+        irqchip: opts.irqchip,
     };
     tracing::debug!(id = %id, disk = %disk.path.display(), cached = !disk.created, "starting microVM");
     let echo: Option<Box<dyn Write + Send>> = if opts.verbose { Some(Box::new(std::io::stderr())) } else { None };

@@ -143,8 +143,7 @@ fn error_chain(err: &dyn std::error::Error) -> String {
 fn run_without_irqchip(code: Vec<u8>) -> (Result<VmExit, VmError>, String) {
     let config = VmConfig { memory_mib: 16, timeout_ms: Some(10_000), ..VmConfig::default() };
     let mut console = Vec::new();
-    let result =
-        VmBuilder::new(config).in_kernel_irqchip(false).stub(code).build().and_then(|mut vm| vm.run(&mut console));
+    let result = VmBuilder::new(config).interrupts(false).stub(code).build().and_then(|mut vm| vm.run(&mut console));
     (result, String::from_utf8_lossy(&console).into_owned())
 }
 

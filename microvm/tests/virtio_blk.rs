@@ -151,8 +151,7 @@ fn image(sectors: usize) -> tempfile::NamedTempFile {
 
 fn run(disks: Vec<DiskConfig>, irqchip: bool) -> Result<ExitReason, VmError> {
     let config = VmConfig { memory_mib: 16, timeout_ms: Some(10_000), disks, ..VmConfig::default() };
-    let mut vm =
-        VmBuilder::new(config).start_time(Instant::now()).in_kernel_irqchip(irqchip).stub(driver_stub()).build()?;
+    let mut vm = VmBuilder::new(config).start_time(Instant::now()).interrupts(irqchip).stub(driver_stub()).build()?;
     Ok(vm.run(&mut Vec::new())?.reason)
 }
 

@@ -5,8 +5,8 @@ use std::sync::{mpsc, Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use kvm_bindings::{
-    kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs, KVM_MP_STATE_HALTED, KVM_SYSTEM_EVENT_CRASH,
-    KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
+    kvm_cpuid_entry2, kvm_fpu, kvm_msr_entry, kvm_regs, kvm_segment, kvm_sregs, CpuId, Msrs, KVM_MP_STATE_HALTED,
+    KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use vm_memory::{Bytes, GuestAddress, GuestMemoryMmap};
@@ -73,6 +73,9 @@ pub enum VcpuError {
     /// KVM_CREATE_VCPU or a VM-level check failed.
     #[error("cannot create vCPU")]
     Create(#[source] KvmVmError),
+    /// KVM's CPUID list is already at its size limit.
+    #[error("cannot add CPUID leaf 6: the CPUID list is full")]
+    CpuidFull,
     /// A register-state ioctl failed.
     #[error("cannot {what} on vCPU {id}")]
     Ioctl {
@@ -268,6 +271,34 @@ pub fn filter_cpuid(cpuid: &mut CpuId, id: u8, count: u8) {
     }
 }
 
+/// CPUID leaf 1 ECX: the LAPIC timer has TSC-deadline mode.
+const CPUID_1_ECX_TSC_DEADLINE: u32 = 1 << 24;
+/// CPUID leaf 6 EAX: the APIC timer always runs (also in deep C-states).
+const CPUID_6_EAX_ARAT: u32 = 1 << 2;
+
+/// Tells the guest its local APIC timer has TSC-deadline mode and always runs (KVM's LAPIC
+/// does both; KVM_GET_SUPPORTED_CPUID leaves the TSC-deadline bit to the VMM). With both,
+/// Linux needs no PIT: it neither calibrates against one nor keeps one as broadcast timer.
+pub fn advertise_lapic_timer(cpuid: &mut CpuId) -> Result<(), VcpuError> {
+    let mut has_leaf6 = false;
+    for entry in cpuid.as_mut_slice() {
+        match entry.function {
+            1 => entry.ecx |= CPUID_1_ECX_TSC_DEADLINE,
+            6 => {
+                entry.eax |= CPUID_6_EAX_ARAT;
+                has_leaf6 = true;
+            }
+            _ => {}
+        }
+    }
+    let max_basic = cpuid.as_slice().iter().find(|e| e.function == 0).map_or(0, |e| e.eax);
+    if !has_leaf6 && max_basic >= 6 {
+        let leaf6 = kvm_cpuid_entry2 { function: 6, eax: CPUID_6_EAX_ARAT, ..Default::default() };
+        cpuid.push(leaf6).map_err(|_| VcpuError::CpuidFull)?;
+    }
+    Ok(())
+}
+
 impl Vcpu {
     /// Creates vCPU `id` of `count` with CPUID and the basic MSRs set.
     pub fn new(vm: &KvmVm, supported: &CpuId, id: u8, count: u8) -> Result<Self, VcpuError> {
@@ -275,6 +306,9 @@ impl Vcpu {
         let vcpu = Vcpu { fd, id };
         let mut cpuid = supported.clone();
         filter_cpuid(&mut cpuid, id, count);
+        if vm.tsc_deadline() {
+            advertise_lapic_timer(&mut cpuid)?;
+        }
         vcpu.fd.set_cpuid2(&cpuid).map_err(|e| vcpu.ioctl("set CPUID", e))?;
         vcpu.set_msrs()?;
         Ok(vcpu)
@@ -313,7 +347,7 @@ impl Vcpu {
     }
 
     /// LINT0 delivers ExtINT (the PIC's output) and LINT1 NMI, as a PC's firmware leaves the
-    /// local APIC; needs the in-kernel irqchip.
+    /// local APIC; needs KVM's LAPIC (either irqchip kind).
     pub fn set_lint(&self) -> Result<(), VcpuError> {
         let mut lapic = self.fd.get_lapic().map_err(|e| self.ioctl("get LAPIC", e))?;
         set_lvt_mode(&mut lapic.regs, APIC_LVT0, APIC_MODE_EXTINT);
@@ -469,6 +503,9 @@ impl Vcpu {
                     let suberror = self.internal_suberror();
                     return Err(VcpuError::InternalError { id, suberror });
                 }
+                // A level-triggered IOAPIC pin was acknowledged; every line here is a pulse, so
+                // there is nothing pending to deliver again (see devices::legacy::ioapic).
+                Ok(VcpuExit::IoapicEoi(_)) => None,
                 Ok(VcpuExit::Intr) => {
                     if let Some(stop) = self.dead_halt()? {
                         return Ok(Some(stop));
@@ -664,6 +701,27 @@ mod tests {
     fn gdt_entries_match_the_classic_values() {
         assert_eq!(gdt_entry(&segment(0x8, 0xb, true)), 0x00af_9b00_0000_ffff);
         assert_eq!(gdt_entry(&segment(0x10, 0x3, false)), 0x00cf_9300_0000_ffff);
+    }
+
+    #[test]
+    fn lapic_timer_bits_are_advertised_and_leaf_6_added_when_missing() {
+        let mut cpuid = CpuId::new(2).unwrap();
+        cpuid.as_mut_slice()[0].eax = 0xd; // max basic leaf
+        cpuid.as_mut_slice()[1].function = 1;
+        advertise_lapic_timer(&mut cpuid).unwrap();
+        let leaf = |c: &CpuId, f: u32| *c.as_slice().iter().find(|e| e.function == f).unwrap();
+        assert_eq!(leaf(&cpuid, 1).ecx & CPUID_1_ECX_TSC_DEADLINE, CPUID_1_ECX_TSC_DEADLINE);
+        assert_eq!(leaf(&cpuid, 6).eax, CPUID_6_EAX_ARAT);
+        // Present already: the bit is or-ed in, nothing added.
+        cpuid.as_mut_slice()[2].eax = 0x1;
+        advertise_lapic_timer(&mut cpuid).unwrap();
+        assert_eq!(cpuid.as_slice().len(), 3);
+        assert_eq!(leaf(&cpuid, 6).eax, 0x1 | CPUID_6_EAX_ARAT);
+        // A CPU whose basic leaves stop below 6 gets no leaf 6.
+        let mut old = CpuId::new(1).unwrap();
+        old.as_mut_slice()[0].eax = 4;
+        advertise_lapic_timer(&mut old).unwrap();
+        assert_eq!(old.as_slice().len(), 1);
     }
 
     #[test]
