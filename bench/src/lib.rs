@@ -16,6 +16,7 @@ pub mod report;
 pub mod results;
 pub mod scenario;
 pub mod signal;
+pub mod spread;
 pub mod stats;
 
 use std::path::{Path, PathBuf};

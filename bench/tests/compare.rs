@@ -1,10 +1,12 @@
 //! `compare` on synthetic results: an injected 20% slowdown is a regression, two runs of the
 //! same distribution (A/A) are not, and different virtualization kinds are never compared.
+//! `spread` over several runs: the largest distance of a run's median from the middle one.
 
 mod common;
 
 use twinbox_bench::compare::{compare, Verdict};
 use twinbox_bench::host::VirtKind;
+use twinbox_bench::spread::{render, spread};
 
 #[test]
 fn a_twenty_percent_slowdown_is_caught() {
@@ -53,4 +55,36 @@ fn different_virtualization_is_refused() {
     new.context.virtualization.kind = VirtKind::HardwareKvm;
     let e = compare(&base, &new, 0.10, 0.05).unwrap_err();
     assert!(e.to_string().contains("PVM") && e.to_string().contains("hardware KVM"), "{e}");
+}
+
+#[test]
+fn spread_is_the_largest_distance_of_a_median_from_the_middle_one() {
+    // twinbox-container's start figures at 1.0, 1.1 and 0.95 of the base: the middle run is
+    // the first, the farthest is 10 % above it.
+    let runs = [common::results(1, 1.0), common::results(1, 1.1), common::results(1, 0.95)];
+    let rows = spread(&runs).unwrap();
+    let row = |b: &str, m: &str| rows.iter().find(|r| r.backend == b && r.metric == m).unwrap();
+    let e2e = row("twinbox-container", "end_to_end");
+    assert_eq!(e2e.medians.len(), 3);
+    assert_eq!(e2e.middle, e2e.medians[0]);
+    assert!((e2e.spread - 0.10).abs() < 1e-9, "{e2e:?}");
+    // The same samples in every run: no spread.
+    assert_eq!(row("runc", "end_to_end").spread, 0.0);
+    let table = render(&rows, Some(0.05));
+    let over: Vec<&str> = table.lines().filter(|l| l.ends_with("OVER")).collect();
+    assert_eq!(over.len(), 2, "time_to_workload and end_to_end of twinbox-container:\n{table}");
+    assert!(over.iter().all(|l| l.starts_with("twinbox-container") && l.contains("10.0%")), "{table}");
+}
+
+#[test]
+fn spread_skips_metrics_a_run_lacks_and_never_mixes_virtualization_kinds() {
+    let full = common::results(1, 1.0);
+    let mut partial = common::results(2, 1.0);
+    partial.records.retain(|r| r.scenario != "cpu");
+    let rows = spread(&[full.clone(), partial]).unwrap();
+    assert!(!rows.is_empty() && rows.iter().all(|r| r.scenario != "cpu"));
+    let mut nested = common::results(3, 1.0);
+    nested.context.virtualization.kind = VirtKind::NestedTcg;
+    assert!(spread(&[full, nested]).is_err());
+    assert!(spread(&[]).unwrap().is_empty());
 }

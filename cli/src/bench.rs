@@ -61,6 +61,25 @@ enum BenchCommand {
     /// Write the report (markdown, HTML, charts) again from a results.json, e.g. after the
     /// report format changed.
     Report(ReportArgs),
+    /// How far apart several runs put each metric's median: the largest distance of a run's
+    /// median from the middle one; exits 2 when one is beyond --max-spread.
+    Spread(SpreadArgs),
+}
+
+#[derive(Args, Debug)]
+struct SpreadArgs {
+    /// Two or more results.json of the same build.
+    #[arg(required = true, num_args = 2..)]
+    results: Vec<PathBuf>,
+    /// Fail (exit 2) when a metric's spread exceeds this (e.g. 10%).
+    #[arg(long, value_parser = compare::parse_threshold)]
+    max_spread: Option<f64>,
+    /// Only these backends (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    backends: Vec<String>,
+    /// Print the rows as JSON.
+    #[arg(long)]
+    json: bool,
 }
 
 #[derive(Args, Debug)]
@@ -90,6 +109,7 @@ pub fn bench(root: &Path, a: BenchArgs) -> Result<i32> {
     match a.command {
         Some(BenchCommand::Compare(c)) => return compare_cmd(c),
         Some(BenchCommand::Report(r)) => return report_cmd(r),
+        Some(BenchCommand::Spread(s)) => return spread_cmd(s),
         None => {}
     }
     let twinbox = std::env::current_exe().context("cannot find the running twinbox binary")?;
@@ -183,6 +203,26 @@ fn compare_cmd(c: CompareArgs) -> Result<i32> {
         print!("{}", cmp.render(c.max_regression, c.alpha));
     }
     Ok(if cmp.regressed() { REGRESSED } else { 0 })
+}
+
+fn spread_cmd(a: SpreadArgs) -> Result<i32> {
+    use twinbox_bench::results::Results;
+    let runs = a
+        .results
+        .iter()
+        .map(|p| Results::load(p).map_err(|e| UserError(twinbox_bench::scenario::error_chain(&e))))
+        .collect::<Result<Vec<_>, _>>()?;
+    let mut rows = twinbox_bench::spread::spread(&runs).map_err(|e| UserError(e.to_string()))?;
+    if !a.backends.is_empty() {
+        rows.retain(|r| a.backends.contains(&r.backend));
+    }
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&rows)?);
+    } else {
+        print!("{}", twinbox_bench::spread::render(&rows, a.max_spread));
+    }
+    let over = a.max_spread.is_some_and(|limit| rows.iter().any(|r| r.spread > limit));
+    Ok(if over { REGRESSED } else { 0 })
 }
 
 fn report_cmd(a: ReportArgs) -> Result<i32> {
