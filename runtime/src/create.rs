@@ -4,7 +4,7 @@
 //! on `exec.fifo`). Everything made along the way is undone by [`CreateGuard`] on failure.
 
 use std::ffi::CString;
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::fcntl::OFlag;
@@ -209,6 +209,18 @@ pub(crate) fn create(rt: &Runtime, id: &str, bundle: &Path, opts: CreateOptions)
         SyncChannel::pair().map_err(|source| RuntimeError::Sys { what: "socketpair", source })?;
     let stdio_raw = opts.stdio.as_ref().map(|[a, b, c]| [a.as_raw_fd(), b.as_raw_fd(), c.as_raw_fd()]);
     let session_keyring = if opts.no_new_keyring { None } else { CString::new(format!("_ses.{id}")).ok() };
+    // The init joins its cgroups itself, cheaply (see `Cgroup::v1_task_files` and
+    // `clone_process_into`), unless it starts in a new user namespace.
+    let self_join = !ns.is_new(LinuxNamespaceType::User);
+    let cgroup_tasks = if self_join { cgroup.v1_task_files() } else { Vec::new() };
+    let unified = match cgroup.unified_dir() {
+        Some(dir) if self_join => Some(std::fs::File::open(&dir).map_err(|source| RuntimeError::Io {
+            what: "opening the cgroup",
+            path: dir.clone(),
+            source,
+        })?),
+        _ => None,
+    };
     let args = InitArgs {
         spec: &spec,
         bundle: &bundle,
@@ -224,12 +236,15 @@ pub(crate) fn create(rt: &Runtime, id: &str, bundle: &Path, opts: CreateOptions)
         no_pivot: opts.no_pivot,
         parent_hooks: !prestart.is_empty() || !create_runtime.is_empty(),
         session_keyring,
+        cgroup_tasks: &cgroup_tasks,
     };
 
-    let pid = {
+    let (pid, in_unified) = {
         let _pidns = ns.pid_path.as_deref().map(PidNsForChildren::enter).transpose()?;
-        namespaces::clone_process(ns.clone_flags, || init::run(&args))?
+        namespaces::clone_process_into(ns.clone_flags, unified.as_ref().map(|f| f.as_fd()), || init::run(&args))?
     };
+    drop(unified);
+    tracing::debug!(self_join, in_unified, "cgroups: the init joins its v1 hierarchies itself");
     guard.child = Some(pid);
     drop(child_sync);
     drop(opts.stdio);
@@ -243,7 +258,11 @@ pub(crate) fn create(rt: &Runtime, id: &str, bundle: &Path, opts: CreateOptions)
             linux.gid_mappings().as_deref().unwrap_or(&[]),
         )?;
     }
-    cgroup.add_task(pid)?;
+    if !self_join {
+        cgroup.add_task(pid)?;
+    } else if !in_unified {
+        cgroup.add_task_unified(pid)?;
+    }
     state.pid = pid.as_raw();
     let sys = |what| move |source| RuntimeError::Sys { what, source };
     parent_sync.send(&Msg::Go(state.oci_json())).map_err(sys("sending go to the init"))?;

@@ -136,6 +136,12 @@ pub enum InitError {
     SyncProtocol,
     #[error("setting up stdio")]
     Stdio(#[source] Errno),
+    #[error("moving the init into its cgroup ({path})")]
+    CgroupJoin {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
     #[error(transparent)]
     Namespace(#[from] NamespaceError),
     #[error("becoming root in the new user namespace")]
@@ -218,6 +224,10 @@ pub struct InitArgs<'a> {
     pub parent_hooks: bool,
     /// Join a new session keyring of this name (runc's `_ses.<id>`), unless `--no-new-keyring`.
     pub session_keyring: Option<CString>,
+    /// cgroup v1 `tasks` files the init moves itself into (writing `0`) once the runtime says
+    /// go, before anything else; empty when the runtime moves it (a new user namespace, whose
+    /// root may not write the host's cgroup files).
+    pub cgroup_tasks: &'a [PathBuf],
 }
 
 /// The init's body; returns the exit code if anything fails (success never returns).
@@ -247,6 +257,9 @@ fn init(a: &InitArgs<'_>, ready: &mut bool) -> Result<Infallible, InitError> {
         None => return Err(InitError::SyncClosed),
         Some(_) => return Err(InitError::SyncProtocol),
     };
+    for path in a.cgroup_tasks {
+        std::fs::write(path, "0").map_err(|source| InitError::CgroupJoin { path: path.clone(), source })?;
+    }
     let spec = a.spec;
     let linux = spec.linux().clone().unwrap_or_default();
     let process = spec.process().clone().unwrap_or_default();

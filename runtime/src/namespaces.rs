@@ -8,7 +8,7 @@
 //! parent's own is restored right after.
 
 use std::fs::File;
-use std::os::fd::{AsFd, OwnedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::errno::Errno;
@@ -162,20 +162,79 @@ impl Namespaces {
 /// The child must only do what a forked child of a possibly multi-threaded process may do; the
 /// runtime's callers are single-threaded when they create containers.
 pub fn clone_process(flags: CloneFlags, child: impl FnOnce() -> i32) -> Result<Pid, NamespaceError> {
-    let raw_flags = flags.bits() as libc::c_ulong | libc::SIGCHLD as libc::c_ulong;
-    // SAFETY: a clone without CLONE_VM and with a NULL stack is fork(): the child gets a private
-    // copy of the address space, including this stack frame, and returns 0 from the syscall.
-    // No pointers are passed for tids or TLS. The child never returns from this function: it
-    // exits via `exit_now`.
-    let ret = unsafe {
-        libc::syscall(
-            libc::SYS_clone,
-            raw_flags,
-            std::ptr::null_mut::<libc::c_void>(),
-            std::ptr::null_mut::<libc::c_int>(),
-            std::ptr::null_mut::<libc::c_int>(),
-            0 as libc::c_ulong,
-        )
+    clone_process_into(flags, None, child).map(|(pid, _)| pid)
+}
+
+/// `clone3(2)`'s argument block (the kernel's `struct clone_args`, version 2 with `cgroup`).
+#[repr(C)]
+#[derive(Default)]
+struct CloneArgs {
+    flags: u64,
+    pidfd: u64,
+    child_tid: u64,
+    parent_tid: u64,
+    exit_signal: u64,
+    stack: u64,
+    stack_size: u64,
+    tls: u64,
+    set_tid: u64,
+    set_tid_size: u64,
+    cgroup: u64,
+}
+
+/// clone3's flag: start the child in the cgroup v2 directory `CloneArgs::cgroup` names.
+const CLONE_INTO_CGROUP: u64 = 0x2_0000_0000;
+
+/// [`clone_process`], the child born in the cgroup v2 directory `cgroup` when one is given
+/// (`clone3` with `CLONE_INTO_CGROUP`, Linux ≥ 5.7): no migration afterwards, so none of the
+/// global lock a write to `cgroup.procs` takes. The flag says whether the child is in
+/// `cgroup`; `false` where clone3 is missing or refused (old kernel, a seccomp profile), after
+/// falling back to a plain clone, so the caller moves the child itself.
+pub fn clone_process_into(
+    flags: CloneFlags,
+    cgroup: Option<BorrowedFd<'_>>,
+    child: impl FnOnce() -> i32,
+) -> Result<(Pid, bool), NamespaceError> {
+    let ret = match cgroup {
+        Some(fd) => {
+            let args = CloneArgs {
+                flags: flags.bits() as u64 | CLONE_INTO_CGROUP,
+                exit_signal: libc::SIGCHLD as u64,
+                cgroup: fd.as_raw_fd() as u64,
+                ..CloneArgs::default()
+            };
+            // SAFETY: as for the clone below: no CLONE_VM and a zero stack make clone3 a fork;
+            // `args` is a live, correctly sized clone_args the kernel only reads, and its
+            // pointer fields are zero. The child never returns from this function.
+            let ret =
+                unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
+            match Errno::last() {
+                Errno::ENOSYS | Errno::E2BIG | Errno::EINVAL | Errno::EPERM if ret == -1 => None,
+                _ => Some((ret, true)),
+            }
+        }
+        None => None,
+    };
+    let (ret, joined) = match ret {
+        Some(r) => r,
+        None => {
+            let raw_flags = flags.bits() as libc::c_ulong | libc::SIGCHLD as libc::c_ulong;
+            // SAFETY: a clone without CLONE_VM and with a NULL stack is fork(): the child gets
+            // a private copy of the address space, including this stack frame, and returns 0
+            // from the syscall. No pointers are passed for tids or TLS. The child never returns
+            // from this function: it exits via `exit_now`.
+            let ret = unsafe {
+                libc::syscall(
+                    libc::SYS_clone,
+                    raw_flags,
+                    std::ptr::null_mut::<libc::c_void>(),
+                    std::ptr::null_mut::<libc::c_int>(),
+                    std::ptr::null_mut::<libc::c_int>(),
+                    0 as libc::c_ulong,
+                )
+            };
+            (ret, false)
+        }
     };
     match ret {
         -1 => Err(NamespaceError::Clone(Errno::last())),
@@ -183,7 +242,7 @@ pub fn clone_process(flags: CloneFlags, child: impl FnOnce() -> i32) -> Result<P
             let code = child();
             crate::syscall::exit_now(code)
         }
-        pid => Ok(Pid::from_raw(pid as i32)),
+        pid => Ok((Pid::from_raw(pid as i32), joined)),
     }
 }
 
