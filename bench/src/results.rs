@@ -6,13 +6,14 @@
 //!   "schema": "twinbox-bench/1",
 //!   "context":  Context,              // rev, dirty, date, host, kernel, cpus, cpu_model, mem_total_kib,
 //!                                     // cgroup_layout, virtualization { kind, detail }
-//!   "settings": Settings,             // what was asked: scenarios, backends, runs, warm-up, instances, max, image
+//!   "settings": Settings,             // what was asked: scenarios, backends, runs, warm-up, instances, max,
+//!                                     // density_passes (absent: 1), image
 //!   "interrupted": bool,              // Ctrl-C: what is here is what was measured until then
 //!   "backends": [ { "name", "isolation", "available", "reason"?, "version"?, "note"? } ],
 //!   "records":  [ {
 //!       "backend", "scenario", "metric", "unit", "better": "lower" | "higher",
 //!       "description",                // what one sample is, in words
-//!       "samples": [f64],             // raw, in the order taken (density: sample i is instance i+1)
+//!       "samples": [f64],             // raw, in the order taken (density: sample i is instance i+1, the mean over passes)
 //!       "warmup_dropped", "failures",
 //!       "summary": { n, min, max, mean, p50, p90, p99 } | null,   // p50/p90/p99 from an HDR histogram
 //!       "context": Context            // a copy, so a record stands on its own
@@ -65,12 +66,20 @@ pub struct Settings {
     pub instances: usize,
     /// Instances per backend in the density scenario.
     pub max: usize,
+    /// Passes of the density scenario over every backend (order reversed on odd passes); the
+    /// curves are the means over passes. Absent in results of older runs: 1.
+    #[serde(default = "one")]
+    pub density_passes: usize,
     /// The density scenario also stops a backend once its instances hold this much host
     /// memory (MiB).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub memory_budget_mib: Option<u64>,
     /// Target duration of the bare process's compute and syscall loops, ms.
     pub cpu_target_ms: u64,
+}
+
+fn one() -> usize {
+    1
 }
 
 /// Whether a backend was measured, and if not why.

@@ -27,6 +27,14 @@ pub struct Spread {
 /// The spreads of every metric that has samples in all runs; runs taken under different
 /// virtualization kinds are refused, as in `compare`.
 pub fn spread(runs: &[Results]) -> Result<Vec<Spread>, CompareError> {
+    spread_relative(runs, None)
+}
+
+/// [`spread`], with each run's median divided by the median `reference` (a backend, e.g. the
+/// bare `process`) got for the same metric in the same run: what is left when the whole host
+/// got faster or slower between runs. Metrics the reference lacks, and the reference itself,
+/// are left out.
+pub fn spread_relative(runs: &[Results], reference: Option<&str>) -> Result<Vec<Spread>, CompareError> {
     let Some(first) = runs.first() else { return Ok(Vec::new()) };
     let kind = first.context.virtualization.kind;
     if let Some(other) = runs.iter().find(|r| r.context.virtualization.kind != kind) {
@@ -36,13 +44,21 @@ pub fn spread(runs: &[Results]) -> Result<Vec<Spread>, CompareError> {
         });
     }
     let mut out = Vec::new();
+    let med = |r: &Results, backend: &str, scenario: &str, metric: &str| {
+        r.record(backend, scenario, metric).filter(|x| !x.samples.is_empty()).map(|x| median(&x.samples))
+    };
     for rec in &first.records {
+        if reference == Some(rec.backend.as_str()) {
+            continue;
+        }
         let medians: Option<Vec<f64>> = runs
             .iter()
             .map(|r| {
-                r.record(&rec.backend, &rec.scenario, &rec.metric)
-                    .filter(|x| !x.samples.is_empty())
-                    .map(|x| median(&x.samples))
+                let m = med(r, &rec.backend, &rec.scenario, &rec.metric)?;
+                match reference {
+                    None => Some(m),
+                    Some(b) => med(r, b, &rec.scenario, &rec.metric).filter(|v| *v != 0.0).map(|v| m / v),
+                }
             })
             .collect();
         let Some(medians) = medians else { continue };
@@ -56,7 +72,10 @@ pub fn spread(runs: &[Results]) -> Result<Vec<Spread>, CompareError> {
             backend: rec.backend.clone(),
             scenario: rec.scenario.clone(),
             metric: rec.metric.clone(),
-            unit: rec.unit.clone(),
+            unit: match reference {
+                None => rec.unit.clone(),
+                Some(b) => format!("x {b}"),
+            },
             medians,
             middle,
             spread,

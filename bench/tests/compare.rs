@@ -6,7 +6,7 @@ mod common;
 
 use twinbox_bench::compare::{compare, Verdict};
 use twinbox_bench::host::VirtKind;
-use twinbox_bench::spread::{render, spread};
+use twinbox_bench::spread::{render, spread, spread_relative};
 
 #[test]
 fn a_twenty_percent_slowdown_is_caught() {
@@ -87,4 +87,14 @@ fn spread_skips_metrics_a_run_lacks_and_never_mixes_virtualization_kinds() {
     nested.context.virtualization.kind = VirtKind::NestedTcg;
     assert!(spread(&[full, nested]).is_err());
     assert!(spread(&[]).unwrap().is_empty());
+}
+
+#[test]
+fn relative_spread_divides_by_the_reference_of_the_same_run() {
+    let runs = [common::results(1, 1.0), common::results(1, 1.1)];
+    let rows = spread_relative(&runs, Some("runc")).unwrap();
+    assert!(rows.iter().all(|r| r.backend != "runc" && r.unit == "x runc"), "{rows:?}");
+    let e2e = rows.iter().find(|r| r.backend == "twinbox-container" && r.metric == "end_to_end").unwrap();
+    // twinbox-container's end_to_end is 24 ms against runc's 40 in the synthetic results.
+    assert!((e2e.medians[0] - 0.6).abs() < 0.05 && (e2e.medians[1] / e2e.medians[0] - 1.1).abs() < 1e-9, "{e2e:?}");
 }

@@ -77,6 +77,10 @@ struct SpreadArgs {
     /// Only these backends (comma-separated).
     #[arg(long, value_delimiter = ',')]
     backends: Vec<String>,
+    /// Divide each run's medians by this backend's (e.g. `process`, the floor) in the same
+    /// run, taking out a host that got faster or slower between runs.
+    #[arg(long)]
+    relative_to: Option<String>,
     /// Print the rows as JSON.
     #[arg(long)]
     json: bool,
@@ -212,7 +216,8 @@ fn spread_cmd(a: SpreadArgs) -> Result<i32> {
         .iter()
         .map(|p| Results::load(p).map_err(|e| UserError(twinbox_bench::scenario::error_chain(&e))))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut rows = twinbox_bench::spread::spread(&runs).map_err(|e| UserError(e.to_string()))?;
+    let mut rows = twinbox_bench::spread::spread_relative(&runs, a.relative_to.as_deref())
+        .map_err(|e| UserError(e.to_string()))?;
     if !a.backends.is_empty() {
         rows.retain(|r| a.backends.contains(&r.backend));
     }

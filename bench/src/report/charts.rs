@@ -515,7 +515,11 @@ pub fn draw_all(r: &Results, dir: &Path) -> Result<Vec<Chart>, ChartError> {
             continue;
         }
         let stem = format!("density-{}", metric.replace('_', "-"));
-        let sub = format!("{what}; up to {} instances per backend, started one after another, once\n{at}", s.max);
+        let passes = match s.density_passes {
+            1 => "once".to_owned(),
+            n => format!("the mean of {n} passes"),
+        };
+        let sub = format!("{what}; up to {} instances per backend, started one after another, {passes}\n{at}", s.max);
         emit!(dir, stem, |root| lines(&root, title, &sub, unit, &recs));
         out.push(Chart { stem, title: title.into(), caption: sub });
     }

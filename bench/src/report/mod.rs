@@ -165,9 +165,9 @@ fn what_this_shows(r: &Results) -> Vec<String> {
     let rate = list_medians(r, "density", "launch_rate", "/s", &[]);
     if !rate.is_empty() {
         out.push(format!(
-            "**Density.** Launching up to {} instances one after another: {rate}. The curves show whether launch \
-             latency and host memory grow linearly with N.",
-            r.settings.max
+            "**Density.** Launching up to {} instances one after another ({} pass(es) per backend, averaged): \
+             {rate}. The curves show whether launch latency and host memory grow linearly with N.",
+            r.settings.max, r.settings.density_passes
         ));
     }
     let cpu = list_medians(r, "cpu", "compute_ratio", "×", &[floor]);

@@ -13,70 +13,41 @@ use crate::backend::Workload;
 use crate::host::{kernel_kib, pss_kib, scan};
 use crate::results::Better;
 
+/// One backend's pass: launch up to `max` instances, then tear them all down.
+struct Pass {
+    latency: Vec<f64>,
+    memory: Vec<f64>,
+    teardown: Vec<f64>,
+}
+
 pub fn run(r: &mut Run<'_>) {
     let max = r.settings.max.max(1);
     let nb = r.backends.len();
-    let bar = r.progress((max * nb) as u64, "density");
-    for k in 0..nb {
-        if crate::signal::interrupted() {
-            break;
-        }
-        let b = r.backends[k].as_ref();
-        let name = b.name();
-        bar.set_message(name);
-        let base = marker_base();
-        let markers: Vec<String> = (0..max as u64).map(|i| (base + i).to_string()).collect();
-        let mut fleet = Fleet::new(b);
-        std::thread::sleep(Duration::from_millis(300));
-        let k0 = kernel_kib() as f64;
-        let mut latency = Vec::new();
-        let mut memory = Vec::new();
-        let mut failure = None;
-        for i in 0..max {
+    let passes = r.settings.density_passes.max(1);
+    let bar = r.progress((max * nb * passes) as u64, "density");
+    let mut results: Vec<Vec<Pass>> = (0..nb).map(|_| Vec::new()).collect();
+    // Every backend once per pass, the order reversed on odd passes: a backend's curve is the
+    // mean over passes taken at different moments, so a slow minute of a shared host weighs
+    // on every backend alike instead of on whichever ran then.
+    'passes: for pass in 0..passes {
+        for j in 0..nb {
             if crate::signal::interrupted() {
-                break;
+                break 'passes;
             }
-            let t = Instant::now();
-            match b.launch(&Workload::Sleep(base + i as u64), &format!("{}-d{name}-{i}", r.tag)) {
-                Ok(inst) => {
-                    latency.push(ms(t.elapsed()));
-                    fleet.instances.push(inst);
-                    let pss: u64 = scan()
-                        .iter()
-                        .filter(|p| p.args.iter().any(|a| markers[..=i].contains(a)))
-                        .filter_map(|p| pss_kib(p.pid))
-                        .sum();
-                    let held = (pss as f64 + kernel_kib() as f64 - k0) / 1024.0;
-                    memory.push(held);
-                    if let Some(budget) = r.settings.memory_budget_mib.filter(|&b| held >= b as f64) {
-                        r.note(format!(
-                            "density: {name}: stopped at {} instances, holding {held:.1} MiB of the {budget} MiB budget",
-                            i + 1
-                        ));
-                        bar.inc((max - i) as u64);
-                        break;
-                    }
-                }
-                Err(e) => {
-                    failure = Some(format!("density: {name}: launch {} failed: {}", i + 1, super::error_chain(&e)));
-                    break;
-                }
-            }
-            bar.inc(1);
+            let k = if pass % 2 == 0 { j } else { nb - 1 - j };
+            let p = one_pass(r, k, max, &bar);
+            results[k].push(p);
         }
-        let (times, errors) = fleet.teardown();
-        drop(fleet);
-        if let Some(f) = failure {
-            r.note(f);
+    }
+    bar.finish_and_clear();
+    for (k, passes) in results.into_iter().enumerate() {
+        if passes.is_empty() {
+            continue;
         }
-        for e in errors {
-            r.note(format!("density: teardown: {e}"));
-        }
-        std::thread::sleep(Duration::from_millis(200));
-        let left = leftovers(&markers);
-        if left > 0 {
-            r.note(format!("density: {name}: {left} processes still running after teardown"));
-        }
+        let name = r.backends[k].name();
+        let latency = mean_by_index(passes.iter().map(|p| &p.latency));
+        let memory = mean_by_index(passes.iter().map(|p| &p.memory));
+        let times: Vec<f64> = passes.iter().flat_map(|p| p.teardown.iter().copied()).collect();
         let count = latency.len();
         let total_s: f64 = latency.iter().sum::<f64>() / 1000.0;
         let rate = if total_s > 0.0 { vec![count as f64 / total_s] } else { Vec::new() };
@@ -86,7 +57,7 @@ pub fn run(r: &mut Run<'_>) {
             "launch_latency",
             "ms",
             Better::Lower,
-            "launch of instance i (sample i−1) with i−1 already running: until the launcher returns",
+            "launch of instance i (sample i−1) with i−1 already running: until the launcher returns; the mean over the passes",
             latency,
             0,
             0,
@@ -97,7 +68,7 @@ pub fn run(r: &mut Run<'_>) {
             "host_memory",
             "MiB",
             Better::Lower,
-            "after launching instance i (sample i−1): PSS of all instances' processes + kernel Slab/PageTables/KernelStack growth",
+            "after launching instance i (sample i−1): PSS of all instances' processes + kernel Slab/PageTables/KernelStack growth; the mean over the passes",
             memory,
             0,
             0,
@@ -108,7 +79,7 @@ pub fn run(r: &mut Run<'_>) {
             "launch_rate",
             "instances/s",
             Better::Higher,
-            &format!("{count} instances / the sum of their launch latencies"),
+            &format!("{count} instances / the sum of their (mean) launch latencies"),
             rate,
             0,
             0,
@@ -120,10 +91,76 @@ pub fn run(r: &mut Run<'_>) {
             "ms",
             Better::Lower,
             "stopping and removing one running instance",
-            times.iter().map(|d| ms(*d)).collect(),
+            times,
             0,
             0,
         );
     }
-    bar.finish_and_clear();
+}
+
+/// The mean, index by index, over series cut to the shortest one (a pass that stopped early).
+fn mean_by_index<'a>(series: impl Iterator<Item = &'a Vec<f64>>) -> Vec<f64> {
+    let series: Vec<&Vec<f64>> = series.collect();
+    let n = series.iter().map(|s| s.len()).min().unwrap_or(0);
+    (0..n).map(|i| series.iter().map(|s| s[i]).sum::<f64>() / series.len() as f64).collect()
+}
+
+fn one_pass(r: &mut Run<'_>, k: usize, max: usize, bar: &indicatif::ProgressBar) -> Pass {
+    let b = r.backends[k].as_ref();
+    let name = b.name();
+    bar.set_message(name);
+    let base = marker_base();
+    let markers: Vec<String> = (0..max as u64).map(|i| (base + i).to_string()).collect();
+    let mut fleet = Fleet::new(b);
+    std::thread::sleep(Duration::from_millis(300));
+    let k0 = kernel_kib() as f64;
+    let mut latency = Vec::new();
+    let mut memory = Vec::new();
+    let mut failure = None;
+    for i in 0..max {
+        if crate::signal::interrupted() {
+            break;
+        }
+        let t = Instant::now();
+        match b.launch(&Workload::Sleep(base + i as u64), &format!("{}-d{name}-{base}-{i}", r.tag)) {
+            Ok(inst) => {
+                latency.push(ms(t.elapsed()));
+                fleet.instances.push(inst);
+                let pss: u64 = scan()
+                    .iter()
+                    .filter(|p| p.args.iter().any(|a| markers[..=i].contains(a)))
+                    .filter_map(|p| pss_kib(p.pid))
+                    .sum();
+                let held = (pss as f64 + kernel_kib() as f64 - k0) / 1024.0;
+                memory.push(held);
+                if let Some(budget) = r.settings.memory_budget_mib.filter(|&b| held >= b as f64) {
+                    r.note(format!(
+                        "density: {name}: stopped at {} instances, holding {held:.1} MiB of the {budget} MiB budget",
+                        i + 1
+                    ));
+                    bar.inc((max - i) as u64);
+                    break;
+                }
+            }
+            Err(e) => {
+                failure = Some(format!("density: {name}: launch {} failed: {}", i + 1, super::error_chain(&e)));
+                break;
+            }
+        }
+        bar.inc(1);
+    }
+    let (times, errors) = fleet.teardown();
+    drop(fleet);
+    if let Some(f) = failure {
+        r.note(f);
+    }
+    for e in errors {
+        r.note(format!("density: teardown: {e}"));
+    }
+    std::thread::sleep(Duration::from_millis(200));
+    let left = leftovers(&markers);
+    if left > 0 {
+        r.note(format!("density: {name}: {left} processes still running after teardown"));
+    }
+    Pass { latency, memory, teardown: times.iter().map(|d| ms(*d)).collect() }
 }

@@ -108,6 +108,7 @@ pub fn results(seed: u64, slow: f64) -> Results {
             warmup: 2,
             instances: 10,
             max: 10,
+            density_passes: 1,
             memory_budget_mib: None,
             cpu_target_ms: 150,
         },
