@@ -14,9 +14,10 @@ use clap::{Parser, Subcommand, ValueEnum};
 use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
-use oci_spec::runtime::Process;
+use oci_spec::runtime::{LinuxResources, Process};
 
 use crate::container::{error_chain, CreateOptions, ExecOptions, Runtime, RuntimeError, DEFAULT_ROOT};
+use crate::control::Event;
 use crate::kill::parse_signal;
 use crate::state::Status;
 
@@ -137,6 +138,79 @@ enum Command {
     },
     /// Print the features this runtime supports, as JSON.
     Features,
+    /// Freeze every process of a running container.
+    Pause { id: String },
+    /// Thaw a paused container.
+    Resume { id: String },
+    /// Change a container's cgroup limits.
+    Update(UpdateArgs),
+    /// Print the container's cgroup counters as JSON events: once with --stats, else every
+    /// --interval (with an "oom" event after each OOM kill) until the container stops.
+    Events {
+        /// Print one stats event and exit.
+        #[arg(long)]
+        stats: bool,
+        /// Time between stats events (e.g. 5s, 500ms, 1m).
+        #[arg(long, default_value = "5s", value_parser = parse_interval)]
+        interval: std::time::Duration,
+        id: String,
+    },
+}
+
+#[derive(Debug, clap::Args)]
+struct UpdateArgs {
+    /// A JSON file with the resources (the spec's linux.resources), `-` for stdin; the flags
+    /// below override it.
+    #[arg(short = 'r', long)]
+    resources: Option<PathBuf>,
+    /// Memory limit in bytes.
+    #[arg(long)]
+    memory: Option<i64>,
+    /// Memory + swap limit in bytes (-1: unlimited).
+    #[arg(long = "memory-swap")]
+    memory_swap: Option<i64>,
+    /// Memory soft limit in bytes.
+    #[arg(long = "memory-reservation")]
+    memory_reservation: Option<i64>,
+    /// CPU shares (relative weight).
+    #[arg(long = "cpu-shares")]
+    cpu_shares: Option<u64>,
+    /// CPU CFS quota in µs per period (-1: none).
+    #[arg(long = "cpu-quota")]
+    cpu_quota: Option<i64>,
+    /// CPU CFS period in µs.
+    #[arg(long = "cpu-period")]
+    cpu_period: Option<u64>,
+    /// CPUs the container may run on (e.g. 0-1).
+    #[arg(long = "cpuset-cpus")]
+    cpuset_cpus: Option<String>,
+    /// Memory nodes the container may use.
+    #[arg(long = "cpuset-mems")]
+    cpuset_mems: Option<String>,
+    /// Maximum number of tasks (-1: unlimited).
+    #[arg(long = "pids-limit")]
+    pids_limit: Option<i64>,
+    id: String,
+}
+
+/// `5s`, `500ms`, `1m`, `2h`, or a plain number of seconds.
+fn parse_interval(s: &str) -> Result<std::time::Duration, String> {
+    let (num, unit) = match s.find(|c: char| !(c.is_ascii_digit() || c == '.')) {
+        Some(i) => s.split_at(i),
+        None => (s, "s"),
+    };
+    let n: f64 = num.parse().map_err(|_| format!("invalid interval {s:?} (e.g. 5s, 500ms)"))?;
+    let secs = match unit {
+        "ms" => n / 1000.0,
+        "s" => n,
+        "m" => n * 60.0,
+        "h" => n * 3600.0,
+        _ => return Err(format!("invalid interval {s:?} (e.g. 5s, 500ms)")),
+    };
+    if !(secs > 0.0 && secs.is_finite()) {
+        return Err(format!("interval {s:?} must be positive"));
+    }
+    Ok(std::time::Duration::from_secs_f64(secs))
 }
 
 #[derive(Debug, clap::Args)]
@@ -329,6 +403,110 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
             }
         }
         Command::Features => out(format!("{}\n", serde_json::to_string_pretty(&features()).unwrap_or_default())),
+        Command::Pause { id } => {
+            rt.pause(id)?;
+            Ok(0)
+        }
+        Command::Resume { id } => {
+            rt.resume(id)?;
+            Ok(0)
+        }
+        Command::Update(u) => {
+            rt.update(&u.id, &update_resources(u)?)?;
+            Ok(0)
+        }
+        Command::Events { stats, interval, id } => events(&rt, id, *stats, *interval),
+    }
+}
+
+/// The resources of `update`: the file (if any), then the flags over it.
+fn update_resources(u: &UpdateArgs) -> Result<LinuxResources, CliError> {
+    use oci_spec::runtime::LinuxPids;
+    let mut r: LinuxResources = match &u.resources {
+        None => LinuxResources::default(),
+        Some(path) => {
+            let bytes = if path.as_os_str() == "-" {
+                let mut b = Vec::new();
+                std::io::Read::read_to_end(&mut std::io::stdin(), &mut b)
+                    .map_err(|source| CliError::ProcessFile { path: path.clone(), source })?;
+                b
+            } else {
+                std::fs::read(path).map_err(|source| CliError::ProcessFile { path: path.clone(), source })?
+            };
+            serde_json::from_slice(&bytes).map_err(|source| CliError::ProcessJson { path: path.clone(), source })?
+        }
+    };
+    if u.memory.is_some() || u.memory_swap.is_some() || u.memory_reservation.is_some() {
+        let mut m = r.memory().unwrap_or_default();
+        if let Some(v) = u.memory {
+            m.set_limit(Some(v));
+        }
+        if let Some(v) = u.memory_swap {
+            m.set_swap(Some(v));
+        }
+        if let Some(v) = u.memory_reservation {
+            m.set_reservation(Some(v));
+        }
+        r.set_memory(Some(m));
+    }
+    if u.cpu_shares.is_some()
+        || u.cpu_quota.is_some()
+        || u.cpu_period.is_some()
+        || u.cpuset_cpus.is_some()
+        || u.cpuset_mems.is_some()
+    {
+        let mut c = r.cpu().clone().unwrap_or_default();
+        if let Some(v) = u.cpu_shares {
+            c.set_shares(Some(v));
+        }
+        if let Some(v) = u.cpu_quota {
+            c.set_quota(Some(v));
+        }
+        if let Some(v) = u.cpu_period {
+            c.set_period(Some(v));
+        }
+        if let Some(v) = &u.cpuset_cpus {
+            c.set_cpus(Some(v.clone()));
+        }
+        if let Some(v) = &u.cpuset_mems {
+            c.set_mems(Some(v.clone()));
+        }
+        r.set_cpu(Some(c));
+    }
+    if let Some(v) = u.pids_limit {
+        let mut p = LinuxPids::default();
+        p.set_limit(v);
+        r.set_pids(Some(p));
+    }
+    Ok(r)
+}
+
+/// `events`: one stats line with `stats`, else a line every `interval` (and an "oom" line
+/// after each OOM kill) until the container stops.
+fn events(rt: &Runtime, id: &str, once: bool, interval: std::time::Duration) -> Result<i32, CliError> {
+    let print = |e: &Event| -> Result<(), CliError> {
+        let line = format!("{}\n", serde_json::to_string(e).unwrap_or_default());
+        let mut o = std::io::stdout().lock();
+        o.write_all(line.as_bytes()).and_then(|()| o.flush()).map_err(CliError::Output)
+    };
+    let (event, mut ooms) = rt.stats(id)?;
+    print(&event)?;
+    if once {
+        return Ok(0);
+    }
+    loop {
+        std::thread::sleep(interval);
+        let (event, now) = match rt.stats(id) {
+            Ok(x) => x,
+            // Stopped or deleted meanwhile: the stream ends, as runc's does.
+            Err(RuntimeError::NotRunning { .. } | RuntimeError::NotFound { .. }) => return Ok(0),
+            Err(e) => return Err(e.into()),
+        };
+        for _ in ooms..now {
+            print(&Event { kind: "oom", id: id.to_string(), data: None })?;
+        }
+        ooms = now;
+        print(&event)?;
     }
 }
 

@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
-use oci_spec::runtime::Process;
+use oci_spec::runtime::{LinuxResources, Process};
 
 use crate::cgroups::CgroupError;
 use crate::hooks::HookError;
@@ -86,6 +86,14 @@ pub enum RuntimeError {
     CannotStart { status: Status },
     #[error("container not running")]
     NotRunning { id: String },
+    #[error("container not paused")]
+    NotPaused { id: String },
+    #[error("locking container {id}")]
+    Lock {
+        id: String,
+        #[source]
+        source: Errno,
+    },
     #[error("cannot delete container {id} that is not stopped: {status}")]
     NotStopped { id: String, status: Status },
     #[error("cannot exec in a {status} container")]
@@ -240,6 +248,44 @@ impl Runtime {
         Ok(out)
     }
 
+    /// Freeze every process of a running container.
+    pub fn pause(&self, id: &str) -> Result<(), RuntimeError> {
+        crate::control::pause(self, id)
+    }
+
+    /// Thaw a paused container.
+    pub fn resume(&self, id: &str) -> Result<(), RuntimeError> {
+        crate::control::resume(self, id)
+    }
+
+    /// Apply new cgroup limits to a container that is not stopped (and record them).
+    pub fn update(&self, id: &str, resources: &LinuxResources) -> Result<(), RuntimeError> {
+        crate::control::update(self, id, resources)
+    }
+
+    /// The container's counters as runc's stats event, and its OOM-kill count.
+    pub fn stats(&self, id: &str) -> Result<(crate::control::Event, u64), RuntimeError> {
+        crate::control::stats(self, id)
+    }
+
+    /// Holds an exclusive lock on the container (flock on its state directory) until dropped:
+    /// commands that change a container take it, so they never interleave. Taken before the
+    /// state is loaded: a command that waited behind a `delete` then finds the container gone.
+    pub fn lock(&self, id: &str) -> Result<ContainerLock, RuntimeError> {
+        validate_id(id)?;
+        let dir = self.state_dir(id);
+        let file = match std::fs::File::open(&dir) {
+            Ok(f) => f,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                return Err(RuntimeError::NotFound { id: id.to_string() })
+            }
+            Err(source) => return Err(RuntimeError::Io { what: "opening", path: dir, source }),
+        };
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, source)| RuntimeError::Lock { id: id.to_string(), source })?;
+        Ok(ContainerLock { _lock: lock })
+    }
+
     /// The pids of every process in the container's cgroup.
     pub fn ps(&self, id: &str) -> Result<Vec<Pid>, RuntimeError> {
         let st = self.load(id)?;
@@ -261,6 +307,12 @@ impl Runtime {
         }
         Ok(State::load(&dir)?)
     }
+}
+
+/// A container's lock, released on drop (see [`Runtime::lock`]).
+#[derive(Debug)]
+pub struct ContainerLock {
+    _lock: nix::fcntl::Flock<std::fs::File>,
 }
 
 /// Container ids are single path components: non-empty, no '/', not "." or "..".

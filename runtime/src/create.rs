@@ -200,6 +200,7 @@ pub(crate) fn create(rt: &Runtime, id: &str, bundle: &Path, opts: CreateOptions)
         init_start_time: 0,
         cgroup: cgroup.clone(),
         config: spec.clone(),
+        paused: false,
     };
 
     let hooks = spec.hooks().clone().unwrap_or_default();

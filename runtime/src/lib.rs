@@ -6,6 +6,7 @@ pub mod caps;
 pub mod cgroups;
 pub mod cli;
 pub mod container;
+pub mod control;
 pub mod create;
 pub mod delete;
 pub mod engine;

@@ -10,6 +10,7 @@ use crate::container::{Runtime, RuntimeError};
 use crate::state::{derive_status, Status, EXEC_FIFO};
 
 pub(crate) fn start(rt: &Runtime, id: &str) -> Result<(), RuntimeError> {
+    let _lock = rt.lock(id)?;
     let mut st = rt.load(id)?;
     if !st.status.can_start() {
         return Err(RuntimeError::CannotStart { status: st.status });

@@ -95,6 +95,9 @@ pub struct State {
     pub cgroup: CgroupManager,
     /// The spec the container was created from (hooks, namespaces, process defaults for exec).
     pub config: Spec,
+    /// `pause` froze the container's cgroup (and `resume` has not thawed it).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub paused: bool,
 }
 
 /// The OCI state document printed by `state` and given to hooks on stdin.
@@ -168,7 +171,10 @@ impl State {
 
     /// Re-derive `status` from the init process and the exec fifo.
     pub fn refresh(&mut self, dir: &Path) {
-        self.status = derive_status(self.pid, self.init_start_time, &dir.join(EXEC_FIFO));
+        self.status = match derive_status(self.pid, self.init_start_time, &dir.join(EXEC_FIFO)) {
+            Status::Running if self.paused => Status::Paused,
+            s => s,
+        };
     }
 
     /// Write `<dir>/state.json` atomically (temp file + rename).

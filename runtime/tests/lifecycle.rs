@@ -682,3 +682,130 @@ fn run_with_terminal_proxies_the_pty() {
     assert_eq!(stdout(&out), "/dev/pts/0\r\n");
     env.assert_no_leaks();
 }
+
+/// The counter the `counting` workload writes into the bundle's rootfs.
+fn count(env: &Env) -> u64 {
+    std::fs::read_to_string(env.bundle.join("rootfs/count")).ok().and_then(|s| s.trim().parse().ok()).unwrap_or(0)
+}
+
+fn counting(env: &mut Env) {
+    env.args(&["sh", "-c", "i=0; while true; do i=$((i+1)); echo $i > /count; sleep 0.02; done"]);
+    assert_eq!(env.create().0, 0);
+    assert!(env.runc(&["start", &env.id]).status.success());
+    let t = std::time::Instant::now();
+    while count(env) < 3 {
+        assert!(t.elapsed() < Duration::from_secs(5), "the workload never counted");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// The v1 freezer's or v2 cgroup.freeze's view of the container: frozen or not.
+fn frozen(id: &str) -> bool {
+    let dirs = common::cgroup_dirs(id);
+    if let Some(d) = dirs.iter().find(|d| d.starts_with("/sys/fs/cgroup/freezer")) {
+        return std::fs::read_to_string(d.join("freezer.state")).unwrap().trim() == "FROZEN";
+    }
+    let d = dirs.iter().find(|d| d.join("cgroup.freeze").exists()).expect("a freezer");
+    std::fs::read_to_string(d.join("cgroup.freeze")).unwrap().trim() == "1"
+}
+
+#[test]
+fn pause_resume_update_and_events() {
+    let mut env = env_or_skip!("pause");
+    counting(&mut env);
+
+    let out = env.runc(&["pause", &env.id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(env.status().as_deref(), Some("paused"));
+    assert!(frozen(&env.id));
+    std::thread::sleep(Duration::from_millis(100));
+    let held = count(&env);
+    std::thread::sleep(Duration::from_millis(300));
+    assert_eq!(count(&env), held, "a paused container does not run");
+    let again = env.runc(&["pause", &env.id]);
+    assert_eq!(again.status.code(), Some(1));
+    assert!(stderr(&again).contains("container not running"), "{}", stderr(&again));
+    let exec = env.runc(&["exec", &env.id, "true"]);
+    assert_eq!(exec.status.code(), Some(1), "no exec into a paused container");
+
+    // Stats of the frozen container: runc's event document.
+    let ev = env.runc(&["events", "--stats", &env.id]);
+    assert!(ev.status.success(), "{}", stderr(&ev));
+    let v: serde_json::Value = serde_json::from_str(stdout(&ev).trim()).unwrap();
+    assert_eq!((v["type"].as_str(), v["id"].as_str()), (Some("stats"), Some(env.id.as_str())));
+    assert!(v["data"]["pids"]["current"].as_u64().unwrap() >= 1, "{v}");
+    assert!(v["data"]["memory"]["usage"]["usage"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["data"]["cpu"]["usage"]["total"].as_u64().unwrap() > 0, "{v}");
+
+    // New limits reach the cgroup files, from flags and from a resources file on stdin.
+    let out = env.runc(&["update", "--pids-limit", "7", "--memory", "67108864", &env.id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let dirs = common::cgroup_dirs(&env.id);
+    let read =
+        |file: &str| dirs.iter().find_map(|d| std::fs::read_to_string(d.join(file)).ok()).map(|s| s.trim().to_owned());
+    assert_eq!(read("pids.max").as_deref(), Some("7"));
+    let mem = read("memory.limit_in_bytes").or_else(|| read("memory.max"));
+    assert_eq!(mem.as_deref(), Some("67108864"));
+    let mut child = env
+        .cmd(&["update", "-r", "-", &env.id])
+        .stdin(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    use std::io::Write;
+    child.stdin.take().unwrap().write_all(br#"{"pids": {"limit": 9}}"#).unwrap();
+    let out = child.wait_with_output().unwrap();
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(read("pids.max").as_deref(), Some("9"));
+    let bad = env.runc(&["update", "--pids-limit", "5", "nonexistent-container"]);
+    assert_eq!(bad.status.code(), Some(1));
+
+    let out = env.runc(&["resume", &env.id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    assert_eq!(env.status().as_deref(), Some("running"));
+    assert!(!frozen(&env.id));
+    let t = std::time::Instant::now();
+    while count(&env) <= held {
+        assert!(t.elapsed() < Duration::from_secs(5), "the workload did not go on after resume");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let again = env.runc(&["resume", &env.id]);
+    assert!(stderr(&again).contains("container not paused"), "{}", stderr(&again));
+
+    assert!(env.runc(&["delete", "--force", &env.id]).status.success());
+    let gone = env.runc(&["events", "--stats", &env.id]);
+    assert_eq!(gone.status.code(), Some(1));
+    env.assert_no_leaks();
+}
+
+#[test]
+fn commands_on_one_container_wait_for_its_lock() {
+    let mut env = env_or_skip!("locking");
+    counting(&mut env);
+    // While something holds the container's lock (flock on its state directory), `pause`
+    // waits for it instead of interleaving its load-freeze-save with the holder's.
+    let dir = std::fs::File::open(env.state_dir()).unwrap();
+    let held = nix::fcntl::Flock::lock(dir, nix::fcntl::FlockArg::LockExclusive).unwrap();
+    let mut pause = env.cmd(&["pause", &env.id]).stdin(std::process::Stdio::null()).spawn().unwrap();
+    std::thread::sleep(Duration::from_millis(400));
+    assert!(pause.try_wait().unwrap().is_none(), "pause did not wait for the lock");
+    assert_eq!(env.status().as_deref(), Some("running"));
+    drop(held);
+    assert!(pause.wait().unwrap().success());
+    assert_eq!(env.status().as_deref(), Some("paused"));
+    assert!(frozen(&env.id));
+    // Two deletes at once: one removes the container, the other finds it gone.
+    let (a, b) = std::thread::scope(|s| {
+        let one = s.spawn(|| env.runc(&["delete", "--force", &env.id]));
+        let two = s.spawn(|| env.runc(&["delete", "--force", &env.id]));
+        (one.join().unwrap(), two.join().unwrap())
+    });
+    let ok = [&a, &b].iter().filter(|o| o.status.success()).count();
+    assert!(ok >= 1, "{} / {}", stderr(&a), stderr(&b));
+    for o in [&a, &b] {
+        if !o.status.success() {
+            assert!(stderr(o).contains("does not exist"), "{}", stderr(o));
+        }
+    }
+    env.assert_no_leaks();
+}
