@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" -eq 0 ]; then
   ensure_packages skopeo umoci busybox-static e2fsprogs file docker-registry fonts-dejavu-core \
-    qemu-system-x86 cpio binutils
+    qemu-system-x86 cpio binutils podman
   # The microVM guest kernel: built once (about 10 minutes on 2 cores), then cached by its
   # inputs under ~/.cache/twinbox/kernel. The end-to-end microVM test boots it.
   TWINBOX_KERNEL=$(scripts/build-guest-kernel.sh | tail -n1)
