@@ -11,6 +11,9 @@ cd "$(dirname "$0")/.."
 if [ "$(id -u)" -eq 0 ]; then
   ensure_packages skopeo umoci busybox-static e2fsprogs file docker-registry fonts-dejavu-core \
     qemu-system-x86 cpio binutils podman
+  # containerd (its runc shim drives twinbox-runc in a test); not over a containerd.io that
+  # Docker's packages provide, which apt would replace.
+  command -v containerd-shim-runc-v2 >/dev/null || ensure_packages containerd
   # The microVM guest kernel: built once (about 10 minutes on 2 cores), then cached by its
   # inputs under ~/.cache/twinbox/kernel. The end-to-end microVM test boots it.
   TWINBOX_KERNEL=$(scripts/build-guest-kernel.sh | tail -n1)
