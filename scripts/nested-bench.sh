@@ -58,6 +58,8 @@ printf 'export TWINBOX_REV=%s\ndate -u -s @%s >/dev/null 2>&1 || true\n' "$rev" 
 cat >"$p/run.sh" <<'EOF'
 set -e
 . /payload/tb/env.sh
+# A name for the results' context (L1's initramfs leaves it "(none)").
+hostname twinbox-l1 2>/dev/null || true
 mkdir -p /lib/x86_64-linux-gnu /lib64
 cp /payload/tb/lib/* /lib/x86_64-linux-gnu/
 ln -sf /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 /lib64/ld-linux-x86-64.so.2

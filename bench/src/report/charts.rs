@@ -295,6 +295,8 @@ fn lines<DB: DrawingBackend>(
     chart
         .configure_mesh()
         .x_desc("instances running (N)")
+        // One label per N up to 11, so a short run does not repeat rounded labels (1 1 2 2).
+        .x_labels(n.min(11))
         .x_label_formatter(&|x| format!("{x:.0}"))
         .light_line_style(RGBColor(245, 245, 245))
         .y_desc(unit)
