@@ -245,7 +245,7 @@ pub(crate) fn create(rt: &Runtime, id: &str, bundle: &Path, opts: CreateOptions)
         namespaces::clone_process_into(ns.clone_flags, unified.as_ref().map(|f| f.as_fd()), || init::run(&args))?
     };
     drop(unified);
-    tracing::debug!(self_join, in_unified, "cgroups: the init joins its v1 hierarchies itself");
+    tracing::debug!(self_join, in_unified, "init cloned; joins its v1 cgroups itself when self_join");
     guard.child = Some(pid);
     drop(child_sync);
     drop(opts.stdio);

@@ -92,23 +92,17 @@ fn have(tool: &str, flag: &str) -> bool {
 #[test]
 fn containerd_runs_tasks_with_twinbox_runc() {
     let Some(env) = Env::new("containerd") else { return };
-    if !(have("containerd", "--version") && have("ctr", "--version") && have("containerd-shim-runc-v2", "-v")) {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("containerd, ctr and containerd-shim-runc-v2 are needed (CI=true, so not skipping)");
-        }
-        eprintln!("SKIPPED: containerd_runs_tasks_with_twinbox_runc: containerd not installed");
+    let present = have("containerd", "--version") && have("ctr", "--version") && have("containerd-shim-runc-v2", "-v");
+    if !common::require_tool(
+        "containerd_runs_tasks_with_twinbox_runc",
+        present,
+        "containerd (with ctr and its runc shim)",
+    ) {
         return;
     }
     // The test's busybox rootfs as an OCI archive for `ctr images import`.
     let layout = env.tmp.path().join("layout");
-    let store = twinbox_image::Store::open(&layout).unwrap();
-    std::fs::write(env.bundle.join("Dockerfile"), "FROM scratch\nCOPY rootfs /\nCMD [\"sh\"]\n").unwrap();
-    let opts = twinbox_image::build::BuildOptions {
-        context: env.bundle.clone(),
-        tags: vec!["ctdtest:1".parse().unwrap()],
-        ..Default::default()
-    };
-    twinbox_image::build::build(&store, &opts, &mut |_| {}).unwrap();
+    let store = common::rootfs_image(&env, &layout, "ctdtest:1");
     let archive = env.tmp.path().join("image.tar");
     twinbox_image::archive::save_to_path(&store, &["ctdtest:1".to_owned()], &archive).unwrap();
 

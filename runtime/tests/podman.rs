@@ -53,11 +53,7 @@ fn have_podman() -> bool {
 #[test]
 fn podman_runs_containers_with_twinbox_runc() {
     let Some(env) = Env::new("podman") else { return };
-    if !have_podman() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("podman is needed (CI=true, so not skipping): apt-get install podman");
-        }
-        eprintln!("SKIPPED: podman_runs_containers_with_twinbox_runc: podman not installed");
+    if !common::require_tool("podman_runs_containers_with_twinbox_runc", have_podman(), "podman") {
         return;
     }
     // The test's busybox rootfs as an image in an OCI layout, which podman pulls. podman makes
@@ -69,15 +65,7 @@ fn podman_runs_containers_with_twinbox_runc() {
         .tempdir()
         .unwrap();
     let layout = layout_dir.path().join("layout");
-    let store = twinbox_image::Store::open(&layout).unwrap();
-    std::fs::write(env.bundle.join("Dockerfile"), "FROM scratch\nCOPY rootfs /\nCMD [\"sh\"]\n").unwrap();
-    let opts = twinbox_image::build::BuildOptions {
-        context: env.bundle.clone(),
-        tags: vec!["podtest:1".parse().unwrap()],
-        ..Default::default()
-    };
-    twinbox_image::build::build(&store, &opts, &mut |_| {}).unwrap();
-    drop(store);
+    drop(common::rootfs_image(&env, &layout, "podtest:1"));
 
     let podman = Podman { dir: env.tmp.path() };
     let pulled = podman.ok(&["pull", "--quiet", &format!("oci:{}:podtest:1", layout.display())]);

@@ -30,6 +30,33 @@ pub fn require_root(test: &str) -> bool {
     false
 }
 
+/// True when `present`; otherwise skips with `what` as the reason, except under CI=true,
+/// where a missing tool is a failure.
+pub fn require_tool(test: &str, present: bool, what: &str) -> bool {
+    if present {
+        return true;
+    }
+    if std::env::var("CI").as_deref() == Ok("true") {
+        panic!("{test}: {what} is needed (CI=true, so not skipping)");
+    }
+    eprintln!("SKIPPED: {test}: {what} is not installed");
+    false
+}
+
+/// The env's busybox rootfs as image `tag` in a new OCI layout at `layout` (what podman and
+/// containerd are given).
+pub fn rootfs_image(env: &Env, layout: &Path, tag: &str) -> twinbox_image::Store {
+    let store = twinbox_image::Store::open(layout).unwrap();
+    std::fs::write(env.bundle.join("Dockerfile"), "FROM scratch\nCOPY rootfs /\nCMD [\"sh\"]\n").unwrap();
+    let opts = twinbox_image::build::BuildOptions {
+        context: env.bundle.clone(),
+        tags: vec![tag.parse().unwrap()],
+        ..Default::default()
+    };
+    twinbox_image::build::build(&store, &opts, &mut |_| {}).unwrap();
+    store
+}
+
 /// The static busybox to put in the rootfs; panics (a setup problem) if it is not static.
 fn busybox() -> PathBuf {
     let p = PathBuf::from("/bin/busybox");
