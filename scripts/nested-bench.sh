@@ -79,11 +79,11 @@ export PATH=/payload/tb/bin:/bin:/sbin:/usr/bin:/usr/sbin TWINBOX_ROOT=/payload/
 cd /tmp
 # The bench runs in the background; a line every 30 s shows L1 is alive (progress bars are
 # hidden off a terminal); results.json follows the marker line.
-twinbox bench --out /tmp/report "$@" >/tmp/bench.out 2>&1 &
+twinbox -v bench --out /tmp/report "$@" >/tmp/bench.out 2>&1 &
 bench=$!
 while kill -0 "$bench" 2>/dev/null; do
   sleep 30
-  echo "nested-bench: measuring, $(cut -d' ' -f1 /proc/uptime) s since L1 boot"
+  echo "nested-bench: measuring, $(cut -d' ' -f1 /proc/uptime) s since L1 boot; last: $(grep INFO /tmp/bench.out | tail -n1 | cut -c1-200)"
 done
 if ! wait "$bench"; then
   echo "nested-bench: twinbox bench failed:"; cat /tmp/bench.out; exit 1

@@ -87,6 +87,7 @@ pub fn run(r: &mut Run<'_>) {
                 if crate::signal::interrupted() {
                     break 'rounds;
                 }
+                tracing::info!(backend = b.name(), round, workload = l.metric(), n, "cpu: running");
                 let id = |w: &str| format!("{}-c{round}{w}{i}{li}", r.tag);
                 let zero = run_once(b, &l.workload(0), &id("z"), &scratch);
                 let full = run_once(b, &l.workload(n), &id("n"), &scratch);
