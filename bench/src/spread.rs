@@ -25,16 +25,11 @@ pub struct Spread {
 }
 
 /// The spreads of every metric that has samples in all runs; runs taken under different
-/// virtualization kinds are refused, as in `compare`.
-pub fn spread(runs: &[Results]) -> Result<Vec<Spread>, CompareError> {
-    spread_relative(runs, None)
-}
-
-/// [`spread`], with each run's median divided by the median `reference` (a backend, e.g. the
-/// bare `process`) got for the same metric in the same run: what is left when the whole host
-/// got faster or slower between runs. Metrics the reference lacks, and the reference itself,
-/// are left out.
-pub fn spread_relative(runs: &[Results], reference: Option<&str>) -> Result<Vec<Spread>, CompareError> {
+/// virtualization kinds are refused, as in `compare`. With a `reference` backend (e.g. the bare
+/// `process`), each run's median is divided by the reference's median for the same metric in
+/// the same run: what is left when the whole host got faster or slower between runs. Metrics
+/// the reference lacks, and the reference itself, are then left out.
+pub fn spread(runs: &[Results], reference: Option<&str>) -> Result<Vec<Spread>, CompareError> {
     let Some(first) = runs.first() else { return Ok(Vec::new()) };
     let kind = first.context.virtualization.kind;
     if let Some(other) = runs.iter().find(|r| r.context.virtualization.kind != kind) {

@@ -6,7 +6,7 @@ mod common;
 
 use twinbox_bench::compare::{compare, Verdict};
 use twinbox_bench::host::VirtKind;
-use twinbox_bench::spread::{render, spread, spread_relative};
+use twinbox_bench::spread::{render, spread};
 
 #[test]
 fn a_twenty_percent_slowdown_is_caught() {
@@ -62,7 +62,7 @@ fn spread_is_the_largest_distance_of_a_median_from_the_middle_one() {
     // twinbox-container's start figures at 1.0, 1.1 and 0.95 of the base: the middle run is
     // the first, the farthest is 10 % above it.
     let runs = [common::results(1, 1.0), common::results(1, 1.1), common::results(1, 0.95)];
-    let rows = spread(&runs).unwrap();
+    let rows = spread(&runs, None).unwrap();
     let row = |b: &str, m: &str| rows.iter().find(|r| r.backend == b && r.metric == m).unwrap();
     let e2e = row("twinbox-container", "end_to_end");
     assert_eq!(e2e.medians.len(), 3);
@@ -81,18 +81,18 @@ fn spread_skips_metrics_a_run_lacks_and_never_mixes_virtualization_kinds() {
     let full = common::results(1, 1.0);
     let mut partial = common::results(2, 1.0);
     partial.records.retain(|r| r.scenario != "cpu");
-    let rows = spread(&[full.clone(), partial]).unwrap();
+    let rows = spread(&[full.clone(), partial], None).unwrap();
     assert!(!rows.is_empty() && rows.iter().all(|r| r.scenario != "cpu"));
     let mut nested = common::results(3, 1.0);
     nested.context.virtualization.kind = VirtKind::NestedTcg;
-    assert!(spread(&[full, nested]).is_err());
-    assert!(spread(&[]).unwrap().is_empty());
+    assert!(spread(&[full, nested], None).is_err());
+    assert!(spread(&[], None).unwrap().is_empty());
 }
 
 #[test]
 fn relative_spread_divides_by_the_reference_of_the_same_run() {
     let runs = [common::results(1, 1.0), common::results(1, 1.1)];
-    let rows = spread_relative(&runs, Some("runc")).unwrap();
+    let rows = spread(&runs, Some("runc")).unwrap();
     assert!(rows.iter().all(|r| r.backend != "runc" && r.unit == "x runc"), "{rows:?}");
     let e2e = rows.iter().find(|r| r.backend == "twinbox-container" && r.metric == "end_to_end").unwrap();
     // twinbox-container's end_to_end is 24 ms against runc's 40 in the synthetic results.

@@ -216,8 +216,8 @@ fn spread_cmd(a: SpreadArgs) -> Result<i32> {
         .iter()
         .map(|p| Results::load(p).map_err(|e| UserError(twinbox_bench::scenario::error_chain(&e))))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut rows = twinbox_bench::spread::spread_relative(&runs, a.relative_to.as_deref())
-        .map_err(|e| UserError(e.to_string()))?;
+    let mut rows =
+        twinbox_bench::spread::spread(&runs, a.relative_to.as_deref()).map_err(|e| UserError(e.to_string()))?;
     if !a.backends.is_empty() {
         rows.retain(|r| a.backends.contains(&r.backend));
     }

@@ -87,6 +87,20 @@ pub struct RunArgs {
     cmd: Vec<String>,
 }
 
+impl RunArgs {
+    /// The command, entrypoint, env, workdir and user flags, moved out (both isolation models
+    /// hand them to `twinbox_image::launch` as they are).
+    fn take_overrides(&mut self) -> twinbox_image::launch::Overrides {
+        twinbox_image::launch::Overrides {
+            cmd: std::mem::take(&mut self.cmd),
+            entrypoint: self.entrypoint.take(),
+            env: std::mem::take(&mut self.env),
+            workdir: self.workdir.take(),
+            user: self.user.take(),
+        }
+    }
+}
+
 /// Docker's memory sizes: a number with an optional b/k/m/g suffix (binary units).
 pub fn parse_memory(s: &str) -> Result<i64, String> {
     let t = s.trim().to_ascii_lowercase();
@@ -106,7 +120,7 @@ pub fn parse_memory(s: &str) -> Result<i64, String> {
     Ok(bytes)
 }
 
-pub fn run(root: &Path, a: RunArgs, verbose: bool) -> Result<i32> {
+pub fn run(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
     if a.isolation == "microvm" {
         return run_microvm(root, a, verbose);
     }
@@ -134,12 +148,8 @@ pub fn run(root: &Path, a: RunArgs, verbose: bool) -> Result<i32> {
     let eng = engine(root)?;
     let opts = RunOptions {
         seccomp,
+        overrides: a.take_overrides(),
         image: a.image,
-        cmd: a.cmd,
-        entrypoint: a.entrypoint,
-        env: a.env,
-        workdir: a.workdir,
-        user: a.user,
         hostname: a.hostname,
         name: a.name,
         memory: a.memory,
@@ -173,7 +183,7 @@ pub fn run(root: &Path, a: RunArgs, verbose: bool) -> Result<i32> {
 
 /// `run --isolation microvm`: the same image and flags, in a VM. `--memory` is the guest's RAM
 /// and `--cpus` its vCPU count; what only a container has is refused by name.
-fn run_microvm(root: &Path, a: RunArgs, verbose: bool) -> Result<i32> {
+fn run_microvm(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
     use twinbox_microvm::run_image::{run_image, ImageRunOptions};
     let refuse = |flag: &str| -> Result<i32> {
         Err(UserError(format!("{flag} is not supported with --isolation microvm")).into())
@@ -205,14 +215,8 @@ fn run_microvm(root: &Path, a: RunArgs, verbose: bool) -> Result<i32> {
         t => t.map(std::time::Duration::from_secs_f64),
     };
     let opts = ImageRunOptions {
+        overrides: a.take_overrides(),
         image: a.image,
-        overrides: twinbox_image::launch::Overrides {
-            cmd: a.cmd,
-            entrypoint: a.entrypoint,
-            env: a.env,
-            workdir: a.workdir,
-            user: a.user,
-        },
         hostname: a.hostname,
         read_only: a.read_only,
         memory_mib,

@@ -31,7 +31,7 @@ fn bundle(c: &mut Criterion) {
     };
     let opts = RunOptions {
         image: "hello:latest".into(),
-        cmd: vec!["true".into()],
+        overrides: twinbox_image::launch::Overrides { cmd: vec!["true".into()], ..Default::default() },
         memory: Some(64 << 20),
         pids_limit: Some(100),
         cpus: Some(1.0),

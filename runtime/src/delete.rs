@@ -12,12 +12,7 @@ use crate::state::Status;
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) fn delete(rt: &Runtime, id: &str, force: bool) -> Result<(), RuntimeError> {
-    // A directory without a state file is a create in progress or a crashed one: not ours to
-    // lock or remove (see `load`).
-    let _lock = match rt.lock(id) {
-        Err(RuntimeError::NotFound { .. }) => return Err(RuntimeError::NotFound { id: id.to_string() }),
-        r => r?,
-    };
+    let _lock = rt.lock(id)?;
     let mut st = rt.load(id)?;
     let dir = rt.state_dir(id);
     match st.status {

@@ -7,7 +7,7 @@ pub mod charts;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
-use crate::results::{Record, Results};
+use crate::results::{BackendStatus, Record, Results};
 use crate::stats::median;
 
 /// One piece of the report.
@@ -330,22 +330,7 @@ pub fn document(r: &Results, charts: &[charts::Chart], charts_skipped: Option<&s
     ));
 
     d.push(Block::Heading(2, "Backends".into()));
-    d.push(Block::Table {
-        head: ["backend", "isolation", "measured", "reason / how it runs", "version"].map(String::from).to_vec(),
-        rows: r
-            .backends
-            .iter()
-            .map(|b| {
-                vec![
-                    b.name.clone(),
-                    b.isolation.clone(),
-                    if b.available { "yes".into() } else { "**no**".into() },
-                    if b.available { b.note.clone().unwrap_or_default() } else { b.reason.clone().unwrap_or_default() },
-                    b.version.clone().unwrap_or_default(),
-                ]
-            })
-            .collect(),
-    });
+    d.push(backends_table(&r.backends, true));
 
     let figs = |stems: &[&str]| -> Vec<Block> {
         charts
@@ -427,21 +412,7 @@ fn nested_section(n: &Results) -> Vec<Block> {
     if !shows.is_empty() {
         d.push(Block::List(shows));
     }
-    d.push(Block::Table {
-        head: ["backend", "isolation", "measured", "reason / how it runs"].map(String::from).to_vec(),
-        rows: n
-            .backends
-            .iter()
-            .map(|b| {
-                vec![
-                    b.name.clone(),
-                    b.isolation.clone(),
-                    if b.available { "yes".into() } else { "**no**".into() },
-                    if b.available { b.note.clone().unwrap_or_default() } else { b.reason.clone().unwrap_or_default() },
-                ]
-            })
-            .collect(),
-    });
+    d.push(backends_table(&n.backends, false));
     let recs: Vec<&Record> = n.records.iter().collect();
     if !recs.is_empty() {
         d.push(stats_table(&recs));
@@ -571,6 +542,30 @@ pub fn html(doc: &[Block], dir: &Path, title: &str) -> String {
     }
     o.push_str("</body></html>\n");
     o
+}
+
+/// The backends, measured or not and why; `version` adds their version column.
+fn backends_table(backends: &[BackendStatus], version: bool) -> Block {
+    let mut head = vec!["backend", "isolation", "measured", "reason / how it runs"];
+    if version {
+        head.push("version");
+    }
+    let rows = backends
+        .iter()
+        .map(|b| {
+            let mut row = vec![
+                b.name.clone(),
+                b.isolation.clone(),
+                if b.available { "yes".into() } else { "**no**".into() },
+                if b.available { b.note.clone().unwrap_or_default() } else { b.reason.clone().unwrap_or_default() },
+            ];
+            if version {
+                row.push(b.version.clone().unwrap_or_default());
+            }
+            row
+        })
+        .collect();
+    Block::Table { head: head.into_iter().map(String::from).collect(), rows }
 }
 
 #[cfg(test)]

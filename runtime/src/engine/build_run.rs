@@ -125,8 +125,11 @@ impl<'e> BuildRunner<'e> {
         config.set_config(Some(c.build().expect("a config has no required fields")));
         let opts = RunOptions {
             image: "the build's image".into(),
-            cmd: req.argv.to_vec(),
-            entrypoint: Some(String::new()),
+            overrides: twinbox_image::launch::Overrides {
+                cmd: req.argv.to_vec(),
+                entrypoint: Some(String::new()),
+                ..Default::default()
+            },
             hostname: Some(hex.chars().take(12).collect()),
             ..Default::default()
         };

@@ -40,16 +40,10 @@ pub const DEFAULT_CAPS: [Capability; 14] = [
 pub struct RunOptions {
     /// Image reference.
     pub image: String,
-    /// Command (replaces the image's CMD).
-    pub cmd: Vec<String>,
-    /// Replaces the image's ENTRYPOINT (and drops its CMD unless `cmd` is given).
-    pub entrypoint: Option<String>,
-    /// Extra environment, `K=V` (or `K`, taken from twinbox's environment).
-    pub env: Vec<String>,
-    /// Working directory.
-    pub workdir: Option<String>,
-    /// `uid[:gid]` or `name[:group]`.
-    pub user: Option<String>,
+    /// Command, entrypoint, env, workdir and user over the image's (flattened: a stored
+    /// record's JSON has them as top-level fields).
+    #[serde(flatten)]
+    pub overrides: Overrides,
     /// Hostname (default: the first 12 characters of the id).
     pub hostname: Option<String>,
     /// Container name.
@@ -90,15 +84,8 @@ pub fn build_spec(
     overlay: &OverlayStack,
     opts: &RunOptions,
 ) -> Result<Spec, EngineError> {
-    let overrides = Overrides {
-        cmd: opts.cmd.clone(),
-        entrypoint: opts.entrypoint.clone(),
-        env: opts.env.clone(),
-        workdir: opts.workdir.clone(),
-        user: opts.user.clone(),
-    };
     let Launch { args, env, cwd, uid, gid, additional_gids: additional } =
-        launch::resolve(&opts.image, config, layers_base_first, &overrides, &hostname(id, opts))?;
+        launch::resolve(&opts.image, config, layers_base_first, &opts.overrides, &hostname(id, opts))?;
 
     let caps: std::collections::HashSet<Capability> = DEFAULT_CAPS.into_iter().collect();
     let capabilities = LinuxCapabilitiesBuilder::default()
@@ -320,8 +307,11 @@ mod tests {
         let img = image(Some(&["/hello"]), Some(&["greet"]), &[], None);
         let o = |cmd: &[&str], ep: Option<&str>| RunOptions {
             image: "x".into(),
-            cmd: cmd.iter().map(|s| s.to_string()).collect(),
-            entrypoint: ep.map(str::to_owned),
+            overrides: Overrides {
+                cmd: cmd.iter().map(|s| s.to_string()).collect(),
+                entrypoint: ep.map(str::to_owned),
+                ..Default::default()
+            },
             ..Default::default()
         };
         assert_eq!(args(&build_spec("id", &img, &[], &ov(), &o(&[], None)).unwrap()), ["/hello", "greet"]);
@@ -343,7 +333,7 @@ mod tests {
         let img = image(None, Some(&["sh"]), &["A=1", "PATH=/bin"], None);
         let opts = RunOptions {
             image: "x".into(),
-            env: vec!["A=2".into(), "B=3".into()],
+            overrides: Overrides { env: vec!["A=2".into(), "B=3".into()], ..Default::default() },
             memory: Some(32 << 20),
             cpus: Some(1.5),
             pids_limit: Some(20),
