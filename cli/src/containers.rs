@@ -399,7 +399,7 @@ pub fn logs(root: &Path, a: LogsArgs) -> Result<i32> {
             std::io::copy(&mut f, &mut std::io::stdout().lock())?;
         }
         Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            eprintln!("twinbox: {} has no log: only detached containers (run -d) keep one", a.container);
+            eprintln!("twinbox: {} has no log: the output of a foreground --rm run is not kept", a.container);
         }
         Err(e) => return Err(e).with_context(|| format!("reading {}", p.display())),
     }

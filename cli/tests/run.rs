@@ -107,9 +107,16 @@ fn new_cgroups(img: &Images) -> Vec<String> {
 }
 
 fn run(img: &Images, args: &[&str]) -> (i32, String, String) {
+    let mut all = vec!["run"];
+    all.extend_from_slice(args);
+    twinbox(img, &all)
+}
+
+/// Any twinbox command on the test's store: exit code, stdout, stderr.
+fn twinbox(img: &Images, args: &[&str]) -> (i32, String, String) {
     let mut cmd = img.env.cmd();
     cmd.env("TWINBOX_RUNTIME_ROOT", img.env.path("runtime"));
-    let o = cmd.arg("run").args(args).output().unwrap();
+    let o = cmd.args(args).output().unwrap();
     (
         o.status.code().unwrap_or(-1),
         String::from_utf8_lossy(&o.stdout).into_owned(),
@@ -265,16 +272,7 @@ fn detached_containers_ps_logs_stop_rm() {
     assert_eq!(code, 0, "{err}");
     let id = out.trim().to_owned();
     assert_eq!(id.len(), 64);
-    let tb = |args: &[&str]| {
-        let mut c = img.env.cmd();
-        c.env("TWINBOX_RUNTIME_ROOT", img.env.path("runtime"));
-        let o = c.args(args).output().unwrap();
-        (
-            o.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
-    };
+    let tb = |args: &[&str]| twinbox(img, args);
     let (_, ps, _) = tb(&["ps"]);
     assert!(ps.contains("sleeper") && ps.contains("Up"), "{ps}");
     // exec joins the container: same hostname, sees its pid 1, gets the extra env.
@@ -304,6 +302,37 @@ fn detached_containers_ps_logs_stop_rm() {
     no_leaks(img);
     let pg = Command::new("pgrep").args(["-f", &id]).output().unwrap();
     assert!(pg.stdout.is_empty(), "no process mentions the container");
+}
+
+#[test]
+fn foreground_output_is_kept_for_logs_unless_rm() {
+    let Some(img) = images() else { return };
+    let img = &img;
+    let (code, out, err) = run(img, &["--name", "fg", "busybox", "sh", "-c", "echo to-out; echo to-err >&2; exit 4"]);
+    assert_eq!(code, 4, "{err}");
+    // The run's own streams stay apart; the log has both.
+    assert_eq!(out, "to-out\n");
+    assert!(err.contains("to-err") && !err.contains("to-out"), "{err}");
+    let log = twinbox(img, &["logs", "fg"]).1;
+    let mut lines: Vec<&str> = log.lines().collect();
+    lines.sort();
+    assert_eq!(lines, ["to-err", "to-out"], "{log:?}");
+    // A second start (detached, under a monitor) appends to the same log, as Docker's does.
+    assert_eq!(twinbox(img, &["start", "fg"]).0, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while twinbox(img, &["logs", "fg"]).1.lines().count() < 4 {
+        assert!(std::time::Instant::now() < deadline, "the restarted container's output is not in the log");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    while twinbox(img, &["rm", "fg"]).0 != 0 {
+        assert!(std::time::Instant::now() < deadline, "the restarted container did not exit");
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    // --rm keeps nothing, and its output still reaches the caller.
+    let (code, out, _) = run(img, &["--rm", "--name", "gone", "busybox", "echo", "direct"]);
+    assert_eq!((code, out.as_str()), (0, "direct\n"));
+    assert!(twinbox(img, &["logs", "gone"]).2.contains("no such container"));
+    no_leaks(img);
 }
 
 #[test]

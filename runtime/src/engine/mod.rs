@@ -3,8 +3,8 @@
 //!
 //! A container is a directory `<store>/containers/<id>/` holding `record.json` (what the user
 //! asked for and what happened), the OCI bundle (`bundle/config.json`, an empty
-//! `bundle/rootfs` mount point), the copy-on-write `upper/` and `work/` dirs, and `log` for
-//! detached containers. The image's unpacked layers are the overlay lowers; the overlay is
+//! `bundle/rootfs` mount point), the copy-on-write `upper/` and `work/` dirs, and `log` (the
+//! output of every container not run with `--rm`). The image's unpacked layers are the overlay lowers; the overlay is
 //! mounted by the runtime inside the container's own mount namespace, so nothing is mounted on
 //! the host and nothing can be left mounted.
 //!
@@ -17,7 +17,7 @@ pub mod spec;
 
 use std::fs;
 use std::io::{self, Read, Write};
-use std::os::fd::OwnedFd;
+use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::sys::signal::{SigSet, Signal};
@@ -264,8 +264,18 @@ impl Engine {
         let old = forwarded
             .thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_BLOCK)
             .map_err(|e| EngineError::Sys("sigprocmask", e))?;
+        let mut copiers = Vec::new();
         let result = (|| {
-            let state = self.runtime.create(&record.id, &bundle, CreateOptions::default())?;
+            // Without --rm the output is kept for `twinbox logs`, as Docker keeps it: the
+            // container writes into pipes and we copy each to our own stream and the log.
+            let stdio = if record.options.rm {
+                None
+            } else {
+                let (stdio, threads) = self.tee_to_log(&record.id)?;
+                copiers = threads;
+                Some(stdio)
+            };
+            let state = self.runtime.create(&record.id, &bundle, CreateOptions { stdio, ..Default::default() })?;
             let pid = Pid::from_raw(state.pid);
             record.phase = Phase::Running { pid: pid.as_raw() };
             self.save(&record)?;
@@ -276,6 +286,11 @@ impl Engine {
             Ok(wait_forwarding(pid, &forwarded))
         })();
         let _ = old.thread_set_mask();
+        // The pipes reach end of file once the container's processes are gone (or were never
+        // started: create dropped its copies of the write ends).
+        for t in copiers {
+            let _ = t.join();
+        }
         let code = match result {
             Ok(code) => code,
             Err(e) => {
@@ -285,6 +300,45 @@ impl Engine {
             }
         };
         self.finish(record, code)
+    }
+
+    /// Stdio for a foreground container whose output is also kept in its log: our stdin, and
+    /// a pipe each for stdout and stderr, with a thread per pipe copying to our stream and the
+    /// log.
+    fn tee_to_log(&self, id: &str) -> Result<([OwnedFd; 3], Vec<std::thread::JoinHandle<()>>), EngineError> {
+        let log_path = self.container_dir(id).join("log");
+        let log =
+            fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io_err("open", &log_path))?;
+        let log = std::sync::Arc::new(std::sync::Mutex::new(log));
+        let stdin = io::stdin().as_fd().try_clone_to_owned().map_err(io_err("dup", "stdin"))?;
+        let (out_rd, out_wr) = io::pipe().map_err(io_err("create pipe for", &log_path))?;
+        let (err_rd, err_wr) = io::pipe().map_err(io_err("create pipe for", &log_path))?;
+        let spawn = |mut rd: io::PipeReader, to_stderr: bool| {
+            let log = log.clone();
+            std::thread::spawn(move || {
+                let mut buf = [0u8; 16 * 1024];
+                loop {
+                    let n = match rd.read(&mut buf) {
+                        Ok(0) => break,
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(_) => break,
+                    };
+                    // Our stream may be closed (`| head`); the log still gets everything.
+                    let _ = if to_stderr {
+                        io::stderr().lock().write_all(&buf[..n])
+                    } else {
+                        let mut out = io::stdout().lock();
+                        out.write_all(&buf[..n]).and_then(|()| out.flush())
+                    };
+                    if let Ok(mut f) = log.lock() {
+                        let _ = f.write_all(&buf[..n]);
+                    }
+                }
+            })
+        };
+        let threads = vec![spawn(out_rd, false), spawn(err_rd, true)];
+        Ok(([stdin, OwnedFd::from(out_wr), OwnedFd::from(err_wr)], threads))
     }
 
     /// After the init exited with `code`: note OOM, delete the runtime container, and either
@@ -502,7 +556,7 @@ impl Engine {
         Ok(wait_exit(pid))
     }
 
-    /// Path of a detached container's log.
+    /// Path of a container's log (absent for a foreground `--rm` run, whose output is not kept).
     pub fn log_path(&self, key: &str) -> Result<PathBuf, EngineError> {
         Ok(self.container_dir(&self.find(key)?.id).join("log"))
     }
