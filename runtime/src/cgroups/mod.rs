@@ -419,9 +419,21 @@ impl CgroupManager {
         if dirs.is_empty() {
             return Ok(());
         }
+        // The usual case, a container whose processes have all exited: its cgroups are empty
+        // and one rmdir each removes them (the kernel refuses a cgroup that still has tasks
+        // or children). Only what is left goes through the kill and the recursive removal.
+        let left: Vec<&PathBuf> = dirs
+            .iter()
+            .filter(|d| std::fs::remove_dir(d).is_err_and(|e| e.kind() != std::io::ErrorKind::NotFound))
+            .collect();
+        if left.is_empty() {
+            self.remove_empty_parents(&dirs);
+            tracing::debug!(path = %self.path.display(), "cgroup destroyed");
+            return Ok(());
+        }
         self.kill_all()?;
         let mut first_error = None;
-        for dir in &dirs {
+        for dir in left {
             if let Err(e) = fs::remove_tree(dir) {
                 tracing::warn!(path = %dir.display(), error = %e, "cannot remove cgroup");
                 first_error.get_or_insert(e);
