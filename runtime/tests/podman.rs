@@ -46,6 +46,32 @@ impl Drop for Podman<'_> {
     }
 }
 
+/// podman (cgroupfs manager) keeps its own parent cgroup, `libpod_parent` with `conmon` in
+/// it, in every hierarchy. The ones this test made are removed again when they are empty.
+struct PodmanParents(Vec<std::path::PathBuf>);
+
+impl PodmanParents {
+    fn note() -> Self {
+        let new = std::fs::read_dir("/sys/fs/cgroup")
+            .into_iter()
+            .flatten()
+            .flatten()
+            .map(|h| h.path().join("libpod_parent"))
+            .filter(|p| !p.exists())
+            .collect();
+        PodmanParents(new)
+    }
+}
+
+impl Drop for PodmanParents {
+    fn drop(&mut self) {
+        for p in &self.0 {
+            let _ = std::fs::remove_dir(p.join("conmon"));
+            let _ = std::fs::remove_dir(p);
+        }
+    }
+}
+
 fn have_podman() -> bool {
     Command::new("podman").arg("--version").output().is_ok_and(|o| o.status.success())
 }
@@ -67,6 +93,7 @@ fn podman_runs_containers_with_twinbox_runc() {
     let layout = layout_dir.path().join("layout");
     drop(common::rootfs_image(&env, &layout, "podtest:1"));
 
+    let _parents = PodmanParents::note();
     let podman = Podman { dir: env.tmp.path() };
     let pulled = podman.ok(&["pull", "--quiet", &format!("oci:{}:podtest:1", layout.display())]);
     let image = pulled.lines().last().unwrap().trim().to_owned();
