@@ -3,7 +3,7 @@
 //! `twinbox run --rm hello true` end to end. Backends are interleaved round by round (order
 //! rotated each round), warm-up rounds dropped, medians reported; then memory per idle
 //! container (N detached `sleep`s: PSS of every process left + kernel Slab/PageTables/
-//! KernelStack growth, per container).
+//! KernelStack growth, per container, each reading once the kernel has finished freeing).
 //!
 //! `cargo bench -p twinbox-runtime --bench start` as root. `TWINBOX_BENCH_ROUNDS` (default 60),
 //! `TWINBOX_BENCH_IDLE` (default 50). crun refuses this host's cgroup v1/v2 hybrid, so it runs
@@ -101,13 +101,36 @@ fn ms(d: Duration) -> f64 {
     d.as_secs_f64() * 1000.0
 }
 
-/// Slab + PageTables + KernelStack, in KiB.
+/// Slab + PageTables + KernelStack + Percpu, in KiB.
 fn kernel_kib() -> u64 {
     let text = std::fs::read_to_string("/proc/meminfo").unwrap();
     text.lines()
-        .filter(|l| l.starts_with("Slab:") || l.starts_with("PageTables:") || l.starts_with("KernelStack:"))
+        .filter(|l| ["Slab:", "PageTables:", "KernelStack:", "Percpu:"].iter().any(|k| l.starts_with(k)))
         .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
         .sum()
+}
+
+/// [`kernel_kib`] once it stops moving (the kernel frees exited containers' namespaces and
+/// tasks some time after they exit: two readings 200 ms apart within 256 KiB, at most 5 s),
+/// after asking every slab cache to give back its empty slabs, so that `Slab` counts live
+/// objects' pages (without that, one set of 50 containers read 150 or 320 KiB each).
+fn settled_kernel_kib() -> u64 {
+    let start = Instant::now();
+    let mut last = kernel_kib();
+    loop {
+        std::thread::sleep(Duration::from_millis(200));
+        let now = kernel_kib();
+        if now.abs_diff(last) < 256 || start.elapsed() >= Duration::from_secs(5) {
+            break;
+        }
+        last = now;
+    }
+    for e in std::fs::read_dir("/sys/kernel/slab").into_iter().flatten().flatten() {
+        if e.file_type().is_ok_and(|t| t.is_dir()) {
+            let _ = std::fs::write(e.path().join("shrink"), "1");
+        }
+    }
+    kernel_kib()
 }
 
 /// Sum of PSS (KiB) of every process whose command line contains `marker`, and how many.
@@ -155,15 +178,13 @@ fn idle_memory(name: &str, argv0: &[String], hide_unified: bool, dir: &Path, n: 
         }
         cmd.status().is_ok_and(|s| s.success())
     };
-    std::thread::sleep(Duration::from_millis(500));
-    let k0 = kernel_kib();
+    let k0 = settled_kernel_kib();
     let mut ok = true;
     for i in 0..n {
         ok &= run(&["run", "-d", "-b", b.to_str().unwrap(), &format!("idle-{i}")]);
     }
-    std::thread::sleep(Duration::from_millis(500));
+    let k1 = settled_kernel_kib();
     let (pss, procs) = pss_kib(&marker);
-    let k1 = kernel_kib();
     for i in 0..n {
         run(&["kill", &format!("idle-{i}"), "KILL"]);
     }
@@ -296,8 +317,8 @@ fn main() {
 
     let n: usize = std::env::var("TWINBOX_BENCH_IDLE").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
     println!(
-        "memory per idle container ({n} detached `sleep`s; PSS of what is left running + kernel Slab/PageTables/KernelStack \
-         growth; one unmeasured warm-up round, then 3 rounds in rotated order, medians):"
+        "memory per idle container ({n} detached `sleep`s; PSS of what is left running + kernel Slab/PageTables/KernelStack/\
+         Percpu growth; one unmeasured warm-up round, then 5 rounds in rotated order, medians):"
     );
     let peers: Vec<&Backend> = backends.iter().filter(|b| matches!(b.name, "twinbox-runc" | "runc" | "crun")).collect();
     // Slab caches grow on first use and keep partly empty pages afterwards: warm every backend
@@ -306,7 +327,7 @@ fn main() {
         idle_memory(b.name, std::slice::from_ref(&b.argv[0]), b.hide_unified, dir.path(), n);
     }
     let mut per: Vec<Vec<(f64, f64, usize)>> = vec![Vec::new(); peers.len()];
-    for round in 0..3 {
+    for round in 0..5 {
         for k in 0..peers.len() {
             let i = (k + round) % peers.len();
             let b = peers[i];

@@ -486,7 +486,7 @@ pub fn draw_all(r: &Results, dir: &Path) -> Result<Vec<Chart>, ChartError> {
                 RGBColor(31, 119, 180),
                 pss.iter().map(|x| median(&x.samples)).collect(),
             ),
-            ("kernel: Slab + PageTables + KernelStack growth".to_owned(), RGBColor(255, 127, 14), kernel),
+            ("kernel: Slab + PageTables + KernelStack + Percpu growth".to_owned(), RGBColor(255, 127, 14), kernel),
         ];
         let title = "Memory per idle instance";
         let sub = format!(

@@ -2,15 +2,17 @@
 //! memory budget, when one is given), recording after each
 //! the launch latency (launch → the launcher returns with the instance started; for the bare
 //! process, the exec done) and the host memory the instances hold: PSS of every process they
-//! left running plus the kernel's Slab + PageTables + KernelStack growth since before the
-//! first (MemAvailable moves with everything else on a shared machine; this does not); then the launch rate (instances / sum of launch latencies) and the teardown time
-//! per instance. Each backend starts from nothing running.
+//! left running plus the kernel's Slab + PageTables + KernelStack + Percpu growth since before the
+//! first (MemAvailable moves with everything else on a shared machine; this does not), each
+//! kernel reading taken after the slab caches gave back their empty slabs; then the launch
+//! rate (instances / sum of launch latencies) and the teardown time per instance. Each
+//! backend starts from nothing running.
 
 use std::time::{Duration, Instant};
 
 use super::{leftovers, marker_base, ms, Fleet, Run, Scenario};
 use crate::backend::Workload;
-use crate::host::{kernel_kib, pss_kib, scan};
+use crate::host::{pss_kib, scan, settled_kernel_kib, shrunk_kernel_kib};
 use crate::results::Better;
 
 /// One backend's pass: launch up to `max` instances, then tear them all down.
@@ -68,7 +70,7 @@ pub fn run(r: &mut Run<'_>) {
             "host_memory",
             "MiB",
             Better::Lower,
-            "after launching instance i (sample i−1): PSS of all instances' processes + kernel Slab/PageTables/KernelStack growth; the mean over the passes",
+            "after launching instance i (sample i−1): PSS of all instances' processes + kernel Slab/PageTables/KernelStack/Percpu growth; the mean over the passes",
             memory,
             0,
             0,
@@ -112,8 +114,7 @@ fn one_pass(r: &mut Run<'_>, k: usize, max: usize, bar: &indicatif::ProgressBar)
     let base = marker_base();
     let markers: Vec<String> = (0..max as u64).map(|i| (base + i).to_string()).collect();
     let mut fleet = Fleet::new(b);
-    std::thread::sleep(Duration::from_millis(300));
-    let k0 = kernel_kib() as f64;
+    let k0 = settled_kernel_kib(Duration::from_secs(5)) as f64;
     let mut latency = Vec::new();
     let mut memory = Vec::new();
     let mut failure = None;
@@ -131,7 +132,7 @@ fn one_pass(r: &mut Run<'_>, k: usize, max: usize, bar: &indicatif::ProgressBar)
                     .filter(|p| p.args.iter().any(|a| markers[..=i].contains(a)))
                     .filter_map(|p| pss_kib(p.pid))
                     .sum();
-                let held = (pss as f64 + kernel_kib() as f64 - k0) / 1024.0;
+                let held = (pss as f64 + shrunk_kernel_kib() as f64 - k0) / 1024.0;
                 memory.push(held);
                 if let Some(budget) = r.settings.memory_budget_mib.filter(|&b| held >= b as f64) {
                     r.note(format!(

@@ -3,8 +3,10 @@
 //!
 //! - PSS of every process the backend leaves running for an instance (the workload, and for
 //!   `twinbox run -d` its monitor), from /proc/PID/smaps_rollup;
-//! - the growth of the kernel's Slab + PageTables + KernelStack from before the first launch
-//!   to after the last, divided by N (namespaces, mounts, cgroups, page tables, task structs).
+//! - the growth of the kernel's Slab + PageTables + KernelStack + Percpu from before the first launch
+//!   to after the last, divided by N (namespaces, mounts, cgroups, page tables, task structs);
+//!   both readings wait for the kernel's memory to stop moving (deferred frees of earlier
+//!   instances and launchers).
 //!
 //! One backend after the other; each starts from nothing running and must leave nothing behind.
 
@@ -12,8 +14,11 @@ use std::time::Duration;
 
 use super::{leftovers, marker_base, Fleet, Run, Scenario};
 use crate::backend::{wait_for_marker, Backend, Workload};
-use crate::host::{kernel_kib, pss_kib, scan};
+use crate::host::{pss_kib, scan, settled_kernel_kib};
 use crate::results::Better;
+
+/// How long a kernel memory reading may wait for the kernel to finish freeing.
+const SETTLE: Duration = Duration::from_secs(5);
 
 struct Reading {
     pss: Vec<f64>,
@@ -24,8 +29,7 @@ struct Reading {
 fn idle(r: &Run<'_>, b: &dyn Backend, n: usize, base: u64, bar: &indicatif::ProgressBar) -> Result<Reading, String> {
     let markers: Vec<String> = (0..n as u64).map(|i| (base + i).to_string()).collect();
     let mut fleet = Fleet::new(b);
-    std::thread::sleep(Duration::from_millis(300));
-    let k0 = kernel_kib();
+    let k0 = settled_kernel_kib(SETTLE);
     for (i, m) in markers.iter().enumerate() {
         if crate::signal::interrupted() {
             return Err("interrupted".into());
@@ -38,7 +42,9 @@ fn idle(r: &Run<'_>, b: &dyn Backend, n: usize, base: u64, bar: &indicatif::Prog
         }
         bar.inc(1);
     }
-    std::thread::sleep(Duration::from_millis(500));
+    // Instances are idle once their workload runs; the kernel has finished with their
+    // launchers' short-lived processes once its memory stops moving.
+    let k1 = settled_kernel_kib(SETTLE);
     let procs = scan();
     let mut pss = vec![0.0; n];
     let mut count = vec![0.0; n];
@@ -50,7 +56,6 @@ fn idle(r: &Run<'_>, b: &dyn Backend, n: usize, base: u64, bar: &indicatif::Prog
             }
         }
     }
-    let k1 = kernel_kib();
     let (_, errors) = fleet.teardown();
     if !errors.is_empty() {
         return Err(format!("teardown: {}", errors.join("; ")));
@@ -107,7 +112,7 @@ pub fn run(r: &mut Run<'_>) {
                     "kernel_per_instance",
                     "KiB",
                     Better::Lower,
-                    &format!("growth of Slab + PageTables + KernelStack over {n} instances, divided by {n}"),
+                    &format!("growth of Slab (empty slabs given back) + PageTables + KernelStack + Percpu over {n} instances, once settled, divided by {n}"),
                     vec![reading.kernel],
                     0,
                     0,
