@@ -16,7 +16,7 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxResources, Process};
 
-use crate::container::{error_chain, CreateOptions, ExecOptions, Runtime, RuntimeError, DEFAULT_ROOT};
+use crate::container::{default_root, error_chain, CreateOptions, ExecOptions, Runtime, RuntimeError};
 use crate::control::Event;
 use crate::kill::parse_signal;
 use crate::state::Status;
@@ -37,9 +37,10 @@ enum Format {
 #[derive(Debug, Parser)]
 #[command(name = "twinbox-runc", version, about)]
 struct Cli {
-    /// Root directory for container state.
-    #[arg(long, global = true, default_value = DEFAULT_ROOT)]
-    root: PathBuf,
+    /// Root directory for container state [default: /run/twinbox/runtime for root,
+    /// $XDG_RUNTIME_DIR/twinbox-runc for other users].
+    #[arg(long, global = true)]
+    root: Option<PathBuf>,
     /// Log file (default: stderr).
     #[arg(long, global = true)]
     log: Option<PathBuf>,
@@ -52,8 +53,9 @@ struct Cli {
     /// Use systemd cgroups (not supported).
     #[arg(long = "systemd-cgroup", global = true)]
     systemd_cgroup: bool,
-    /// Rootless mode (accepted for compatibility; rootless set-up follows the spec's user
-    /// namespace).
+    /// Rootless mode: true, false or auto (rootless when not the host's root). A rootless
+    /// container that asks for no limits runs without a cgroup where the hierarchies are not
+    /// writable. With `spec`: write a rootless config.
     #[arg(long, global = true, num_args = 0..=1, default_missing_value = "true")]
     rootless: Option<String>,
     #[command(subcommand)]
@@ -138,6 +140,14 @@ enum Command {
     },
     /// Print the features this runtime supports, as JSON.
     Features,
+    /// Write a new config.json (busybox-style `sh`, runc's defaults) into the bundle; with
+    /// --rootless, one for the calling user (a user namespace mapping them to root, no
+    /// network namespace, /sys bound from the host).
+    Spec {
+        /// Bundle directory to write config.json into.
+        #[arg(short = 'b', long, default_value = ".")]
+        bundle: PathBuf,
+    },
     /// Freeze every process of a running container.
     Pause { id: String },
     /// Thaw a paused container.
@@ -282,6 +292,16 @@ enum CliError {
     Wait(#[source] nix::errno::Errno),
     #[error("writing output")]
     Output(#[source] std::io::Error),
+    #[error("invalid --rootless {0:?}: use true, false or auto")]
+    Rootless(String),
+    #[error("{0} exists; remove it first")]
+    SpecExists(PathBuf),
+    #[error("writing {path}")]
+    SpecWrite {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
 }
 
 impl CliError {
@@ -291,6 +311,22 @@ impl CliError {
             _ => 1,
         }
     }
+}
+
+/// `spec`: a default config.json in `bundle`, rootless for the calling user when asked.
+fn write_spec(bundle: &Path, rootless: bool) -> Result<(), CliError> {
+    let path = bundle.join("config.json");
+    if path.exists() {
+        return Err(CliError::SpecExists(path));
+    }
+    let mut spec = if rootless {
+        oci_spec::runtime::Spec::rootless(nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw())
+    } else {
+        oci_spec::runtime::Spec::default()
+    };
+    spec.set_hostname(Some("twinbox".into()));
+    let json = serde_json::to_vec_pretty(&spec).expect("a spec always serializes");
+    std::fs::write(&path, json).map_err(|source| CliError::SpecWrite { path, source })
 }
 
 /// Run the CLI with `args` (including argv[0]); returns the exit code.
@@ -319,7 +355,13 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
     if cli.systemd_cgroup {
         return Err(CliError::Systemd);
     }
-    let rt = Runtime::new(&cli.root);
+    let root = cli.root.clone().unwrap_or_else(default_root);
+    let rt = match cli.rootless.as_deref() {
+        None | Some("auto") => Runtime::new(root),
+        Some("true") => Runtime::new(root).with_rootless(true),
+        Some("false") => Runtime::new(root).with_rootless(false),
+        Some(other) => return Err(CliError::Rootless(other.to_owned())),
+    };
     let out = |s: String| -> Result<i32, CliError> {
         let mut o = std::io::stdout().lock();
         o.write_all(s.as_bytes()).map_err(CliError::Output)?;
@@ -401,6 +443,10 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
                     out(table(&rows))
                 }
             }
+        }
+        Command::Spec { bundle } => {
+            write_spec(bundle, rt.is_rootless() && cli.rootless.is_some())?;
+            Ok(0)
         }
         Command::Features => out(format!("{}\n", serde_json::to_string_pretty(&features()).unwrap_or_default())),
         Command::Pause { id } => {
@@ -960,7 +1006,7 @@ mod tests {
             "c1",
         ])
         .unwrap();
-        assert_eq!(c.root, PathBuf::from("/tmp/r"));
+        assert_eq!(c.root, Some(PathBuf::from("/tmp/r")));
         assert_eq!(c.log_format, LogFormat::Json);
         match c.command {
             Command::Create(a) => {

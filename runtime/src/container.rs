@@ -17,8 +17,33 @@ use crate::process::ProcessError;
 use crate::rootfs::RootfsError;
 use crate::state::{State, StateError, Status, STATE_FILE};
 
-/// Where state lives unless told otherwise.
+/// Where state lives unless told otherwise (root; see [`default_root`]).
 pub const DEFAULT_ROOT: &str = "/run/twinbox/runtime";
+
+/// The state root when none is given: [`DEFAULT_ROOT`] for root, and for other users
+/// `$XDG_RUNTIME_DIR/twinbox-runc` (as runc uses `$XDG_RUNTIME_DIR/runc`).
+pub fn default_root() -> PathBuf {
+    if !nix::unistd::geteuid().is_root() {
+        if let Some(dir) = std::env::var_os("XDG_RUNTIME_DIR").filter(|d| !d.is_empty()) {
+            return PathBuf::from(dir).join("twinbox-runc");
+        }
+    }
+    PathBuf::from(DEFAULT_ROOT)
+}
+
+/// Rootless unless this is the host's real root: another user, or "root" only inside a user
+/// namespace (rootless podman calls runtimes so).
+pub fn rootless_by_default() -> bool {
+    !nix::unistd::geteuid().is_root() || in_user_namespace()
+}
+
+/// Is this process in a user namespace other than the initial one? The initial namespace
+/// maps every id to itself; any other map is narrower.
+fn in_user_namespace() -> bool {
+    std::fs::read_to_string("/proc/self/uid_map")
+        .map(|m| m.split_whitespace().collect::<Vec<_>>() != ["0", "0", "4294967295"])
+        .unwrap_or(false)
+}
 
 /// Errors of the lifecycle verbs. Texts that runc users (and containerd) match on are runc's.
 #[derive(Debug, thiserror::Error)]
@@ -177,6 +202,7 @@ pub struct ExecOptions {
 #[derive(Debug, Clone)]
 pub struct Runtime {
     root: PathBuf,
+    rootless: bool,
 }
 
 impl Default for Runtime {
@@ -186,8 +212,22 @@ impl Default for Runtime {
 }
 
 impl Runtime {
+    /// A runtime keeping state under `root`; rootless when [`rootless_by_default`] says so.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Runtime { root: root.into() }
+        Runtime { root: root.into(), rootless: rootless_by_default() }
+    }
+
+    /// Force rootless mode on or off (runc's `--rootless true|false`). A rootless runtime runs
+    /// a container that asks for no limits without a cgroup when the hierarchies are not
+    /// writable for it.
+    pub fn with_rootless(mut self, rootless: bool) -> Self {
+        self.rootless = rootless;
+        self
+    }
+
+    /// Is this runtime in rootless mode?
+    pub fn is_rootless(&self) -> bool {
+        self.rootless
     }
 
     /// The state root.

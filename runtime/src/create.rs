@@ -14,7 +14,7 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxDeviceCgroup, LinuxNamespaceType, LinuxResources, Spec};
 
-use crate::cgroups::CgroupManager;
+use crate::cgroups::{CgroupError, CgroupManager};
 use crate::container::{connect_console, validate_id, write_pid_file, CreateOptions, Runtime, RuntimeError};
 use crate::init::{self, InitArgs, Msg, SyncChannel};
 use crate::namespaces::{self, Namespaces, PidNsForChildren};
@@ -117,6 +117,13 @@ fn resources_with_devices(linux: &oci_spec::runtime::Linux) -> Option<LinuxResou
     res
 }
 
+/// Does the spec ask for a limit, anything beyond device rules, that needs a cgroup?
+fn asks_for_limits(r: &LinuxResources) -> bool {
+    let mut without_devices = r.clone();
+    without_devices.set_devices(None);
+    without_devices != LinuxResources::default()
+}
+
 pub(crate) fn create(rt: &Runtime, id: &str, bundle: &Path, opts: CreateOptions) -> Result<State, RuntimeError> {
     validate_id(id)?;
     let bundle =
@@ -132,6 +139,19 @@ pub(crate) fn create(rt: &Runtime, id: &str, bundle: &Path, opts: CreateOptions)
     }
     let linux = spec.linux().clone().unwrap_or_default();
     let ns = Namespaces::from_spec(linux.namespaces().as_deref().unwrap_or(&[]))?;
+    if !nix::unistd::geteuid().is_root() && !ns.is_new(LinuxNamespaceType::User) {
+        return Err(RuntimeError::InvalidSpec {
+            reason: "a container started by a user other than root needs a user namespace \
+                     (linux.namespaces: user, with uidMappings and gidMappings); \
+                     `twinbox-runc spec --rootless` writes such a config",
+        });
+    }
+    if ns.is_new(LinuxNamespaceType::User) {
+        namespaces::check_id_maps(
+            linux.uid_mappings().as_deref().unwrap_or(&[]),
+            linux.gid_mappings().as_deref().unwrap_or(&[]),
+        )?;
+    }
     if !ns.contains(LinuxNamespaceType::Mount) {
         return Err(RuntimeError::InvalidSpec { reason: "a mount namespace is required" });
     }
@@ -174,8 +194,22 @@ pub(crate) fn create(rt: &Runtime, id: &str, bundle: &Path, opts: CreateOptions)
         nix::fcntl::open(&dir, OFlag::O_PATH | OFlag::O_DIRECTORY | OFlag::O_CLOEXEC, Mode::empty())
             .map_err(|source| RuntimeError::Sys { what: "opening the state directory", source })?;
 
-    let cgroup = CgroupManager::new(linux.cgroups_path().as_deref(), id)?;
-    cgroup.create(resources_with_devices(&linux).as_ref())?;
+    let mut cgroup = CgroupManager::new(linux.cgroups_path().as_deref(), id)?;
+    if let Err(e) = cgroup.create(resources_with_devices(&linux).as_ref()) {
+        let uid = nix::unistd::geteuid();
+        if !rt.is_rootless() || !e.is_permission_denied() {
+            return Err(e.into());
+        }
+        // Rootless, on hierarchies this user may not write: like runc, run without a cgroup
+        // when nothing needs one (device rules cannot apply anyway: the user namespace keeps
+        // the container from making device nodes), and say why not when limits were asked for.
+        if linux.resources().as_ref().is_some_and(asks_for_limits) {
+            let path = e.path().map(Path::to_path_buf).unwrap_or_default();
+            return Err(CgroupError::RootlessLimits { path, uid: uid.as_raw() }.into());
+        }
+        tracing::info!(error = %e, "rootless: the container gets no cgroup");
+        cgroup = cgroup.without_hierarchies();
+    }
     guard.cgroup = Some(cgroup.clone());
 
     let console = match (&opts.console_socket, terminal) {

@@ -45,6 +45,13 @@ pub enum NamespaceError {
     },
     #[error("clone")]
     Clone(#[source] Errno),
+    /// A user that is not root (in the initial user namespace) asked for more than its own id.
+    #[error(
+        "as uid {uid}, a container's {what} map can only map {own} (one line, size 1, such as \
+         {{\"containerID\": 0, \"hostID\": {own}, \"size\": 1}}); run as root for wider maps \
+         (`twinbox-runc spec --rootless` writes a config that fits)"
+    )]
+    UnprivilegedMap { what: &'static str, uid: u32, own: u32 },
     #[error("writing {path}")]
     IdMap {
         path: PathBuf,
@@ -341,6 +348,29 @@ pub fn unshare(t: LinuxNamespaceType) -> Result<(), NamespaceError> {
 /// Format id mappings as /proc/PID/uid_map wants them.
 pub fn format_id_map(maps: &[LinuxIdMapping]) -> String {
     maps.iter().map(|m| format!("{} {} {}\n", m.container_id(), m.host_id(), m.size())).collect()
+}
+
+/// What the kernel lets a user without `CAP_SETUID` in the initial user namespace write: a
+/// single line mapping its own uid (and gid). Root, also root inside a user namespace (as
+/// rootless podman runs runtimes), may write any map.
+pub fn check_id_maps(uid_maps: &[LinuxIdMapping], gid_maps: &[LinuxIdMapping]) -> Result<(), NamespaceError> {
+    let uid = nix::unistd::geteuid().as_raw();
+    if uid == 0 {
+        return Ok(());
+    }
+    let gid = nix::unistd::getegid().as_raw();
+    let fits = |maps: &[LinuxIdMapping], own: u32| match maps {
+        [] => true,
+        [m] => m.host_id() == own && m.size() == 1,
+        _ => false,
+    };
+    if !fits(uid_maps, uid) {
+        return Err(NamespaceError::UnprivilegedMap { what: "uid", uid, own: uid });
+    }
+    if !fits(gid_maps, gid) {
+        return Err(NamespaceError::UnprivilegedMap { what: "gid", uid, own: gid });
+    }
+    Ok(())
 }
 
 /// Write the uid and gid maps of `pid`'s new user namespace (from its parent). An

@@ -81,6 +81,27 @@ impl fmt::Display for Layout {
     }
 }
 
+impl CgroupError {
+    /// Did the kernel refuse a cgroup directory for lack of permission (not root, or a
+    /// read-only cgroupfs)?
+    pub fn is_permission_denied(&self) -> bool {
+        match self {
+            CgroupError::Mkdir { source, .. } => {
+                matches!(source.raw_os_error(), Some(libc::EACCES | libc::EPERM | libc::EROFS))
+            }
+            _ => false,
+        }
+    }
+
+    /// The directory the error is about, when it names one.
+    pub fn path(&self) -> Option<&Path> {
+        match self {
+            CgroupError::Mkdir { path, .. } => Some(path),
+            _ => None,
+        }
+    }
+}
+
 /// Errors of cgroup set-up, control and removal.
 #[derive(Debug, thiserror::Error)]
 pub enum CgroupError {
@@ -144,6 +165,12 @@ pub enum CgroupError {
     AlreadyExists { path: PathBuf },
     #[error("cgroup {path} does not exist (not created yet, or destroyed); create the container first")]
     NotCreated { path: PathBuf },
+    /// Not root, no write access to the hierarchies, and the spec asks for limits.
+    #[error(
+        "a rootless container cannot get the limits in linux.resources: {path} is not writable for uid {uid}; \
+         run as root, or give this user a delegated cgroup v2 subtree and point linux.cgroupsPath into it"
+    )]
+    RootlessLimits { path: PathBuf, uid: u32 },
     #[error("cannot create cgroup directory {path}")]
     Mkdir {
         path: PathBuf,
@@ -256,6 +283,15 @@ impl CgroupManager {
 
     fn from_hierarchies(h: mountinfo::Hierarchies, mount_root: &Path, path: PathBuf) -> Self {
         Self { layout: h.layout, mount_root: mount_root.to_path_buf(), path, v1: h.v1, unified: h.unified }
+    }
+
+    /// The same container with no hierarchy at all: creating, joining and destroying it do
+    /// nothing. For a rootless container that asks for no limits on a host whose hierarchies
+    /// its user may not write, as runc does.
+    pub fn without_hierarchies(mut self) -> Self {
+        self.v1.clear();
+        self.unified = None;
+        self
     }
 
     /// The host's layout.
