@@ -4,7 +4,9 @@
 //! `hello` greets and says where it runs; `hello true` exits 0 at once; `hello exit N`
 //! exits N; `hello sleep SECS` idles; `hello spin N` does N rounds of integer work and
 //! prints a checksum; `hello syscalls N` makes N getppid() system calls (the syscall-heavy
-//! loop of `twinbox bench`) and prints their sum; `hello crash` dies of SIGILL (exit 132), the
+//! loop of `twinbox bench`) and prints their sum; either loop followed by `timed` also prints
+//! `loop_ns=T`, the loop's own time on the monotonic clock of the kernel it runs on (how
+//! `twinbox bench` times the work without the start and exit around it); `hello crash` dies of SIGILL (exit 132), the
 //! signal a kernel delivers even to a pid-namespace init.
 
 use std::process::ExitCode;
@@ -19,14 +21,8 @@ fn main() -> ExitCode {
             std::thread::sleep(std::time::Duration::from_secs(arg_num(&args, u64::MAX / 4)));
             ExitCode::SUCCESS
         }
-        Some("spin") => {
-            println!("{}", spin(arg_num(&args, 1_000_000)));
-            ExitCode::SUCCESS
-        }
-        Some("syscalls") => {
-            println!("{}", syscalls(arg_num(&args, 1_000_000)));
-            ExitCode::SUCCESS
-        }
+        Some("spin") => timed(&args, spin),
+        Some("syscalls") => timed(&args, syscalls),
         Some("crash") => crash(),
         Some(other) => {
             eprintln!(
@@ -35,6 +31,25 @@ fn main() -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Runs `work` with the round count in `args[1]`, prints its result, and with `timed` in
+/// `args[2]` the loop's time in nanoseconds.
+fn timed(args: &[String], work: fn(u64) -> u64) -> ExitCode {
+    let rounds = arg_num(args, 1_000_000);
+    let start = std::time::Instant::now();
+    let result = std::hint::black_box(work(std::hint::black_box(rounds)));
+    let ns = start.elapsed().as_nanos();
+    println!("{result}");
+    match args.get(2).map(String::as_str) {
+        None => {}
+        Some("timed") => println!("loop_ns={ns}"),
+        Some(other) => {
+            eprintln!("hello: unknown option {other:?}; use `timed`");
+            return ExitCode::from(2);
+        }
+    }
+    ExitCode::SUCCESS
 }
 
 fn arg_num(args: &[String], default: u64) -> u64 {

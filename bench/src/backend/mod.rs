@@ -69,9 +69,9 @@ pub enum Workload {
     Marker,
     /// `hello sleep SECS`: idle. The number doubles as the instance's marker in /proc.
     Sleep(u64),
-    /// `hello spin N`: N rounds of integer work.
+    /// `hello spin N timed`: N rounds of integer work, then `loop_ns=T`, the loop's own time.
     Spin(u64),
-    /// `hello syscalls N`: N getppid() calls.
+    /// `hello syscalls N timed`: N getppid() calls, then `loop_ns=T`.
     Syscalls(u64),
 }
 
@@ -81,8 +81,8 @@ impl Workload {
             Workload::True => vec!["true".into()],
             Workload::Marker => vec!["spin".into(), "0".into()],
             Workload::Sleep(n) => vec!["sleep".into(), n.to_string()],
-            Workload::Spin(n) => vec!["spin".into(), n.to_string()],
-            Workload::Syscalls(n) => vec!["syscalls".into(), n.to_string()],
+            Workload::Spin(n) => vec!["spin".into(), n.to_string(), "timed".into()],
+            Workload::Syscalls(n) => vec!["syscalls".into(), n.to_string(), "timed".into()],
         }
     }
 }

@@ -113,7 +113,7 @@ impl Run<'_> {
 }
 
 /// Timings of one foreground run, stamped by the harness.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct RunTiming {
     /// Launch → first byte of the workload's stdout.
     pub first_byte: Option<Duration>,
@@ -121,6 +121,8 @@ pub struct RunTiming {
     pub exit: Duration,
     /// User + system CPU time of the launcher and everything it waited for.
     pub cpu: Duration,
+    /// Everything the run wrote to stdout (for a VM: its console, kernel lines included).
+    pub stdout: String,
 }
 
 /// Run `workload` once in the foreground on `backend`: spawn, stamp the first byte on the
@@ -147,6 +149,8 @@ pub fn run_once(
     };
     let mut rest = Vec::new();
     let _ = out.read_to_end(&mut rest);
+    let stdout =
+        String::from_utf8_lossy(&[&first[..usize::from(first_byte.is_some())], &rest[..]].concat()).into_owned();
     let status = child.wait().map_err(spawn_err)?;
     let exit = t0.elapsed();
     let cpu = children_cpu().saturating_sub(cpu0);
@@ -159,7 +163,7 @@ pub fn run_once(
             stderr: stderr.trim().to_owned(),
         });
     }
-    Ok(RunTiming { first_byte, exit, cpu })
+    Ok(RunTiming { first_byte, exit, cpu, stdout })
 }
 
 /// CPU time of all waited-for children so far.
