@@ -179,16 +179,11 @@ pub fn kernel_kib() -> u64 {
     ["Slab", "PageTables", "KernelStack", "Percpu"].iter().filter_map(|k| m.get(*k)).sum()
 }
 
-/// [`kernel_kib`] once it has stopped moving, and without the slab allocator's empty pages.
-///
-/// The kernel frees the namespaces, cgroups and tasks of instances that already exited some
-/// time after they exit (network namespaces in a work queue, most objects after an RCU grace
-/// period), and a reading taken while that goes on charges the freeing to whatever is measured
-/// next: waits until two readings 200 ms apart differ by less than 256 KiB, at most
-/// `max_wait`. Then every slab cache is asked to give back its empty slabs
-/// (`/sys/kernel/slab/*/shrink`), so that `Slab` counts pages holding live objects rather
-/// than whatever the per-CPU partial lists happen to keep: without it, the same 50 idle
-/// containers read as 150 KiB or 320 KiB of kernel memory each from one round to the next.
+/// [`kernel_kib`] once it has stopped moving. The kernel frees the namespaces, cgroups and
+/// tasks of instances that already exited some time after they exit (network namespaces in a
+/// work queue, most objects after an RCU grace period), and a reading taken while that goes
+/// on charges the freeing to whatever is measured next: waits until two readings 200 ms apart
+/// differ by less than 256 KiB, at most `max_wait`.
 pub fn settled_kernel_kib(max_wait: std::time::Duration) -> u64 {
     let start = std::time::Instant::now();
     let mut last = kernel_kib();
@@ -200,10 +195,14 @@ pub fn settled_kernel_kib(max_wait: std::time::Duration) -> u64 {
         }
         last = now;
     }
-    shrunk_kernel_kib()
+    kernel_kib()
 }
 
-/// [`kernel_kib`] right after every slab cache gave back its empty slabs (about 12 ms).
+/// [`kernel_kib`] right after every slab cache gave back its empty slabs
+/// (`/sys/kernel/slab/*/shrink`, about 12 ms; root only), so that `Slab` counts pages holding
+/// live objects rather than whatever the per-CPU partial lists happen to keep: without it,
+/// the same 50 idle containers read as 150 KiB or 320 KiB of kernel memory each from one
+/// round to the next.
 pub fn shrunk_kernel_kib() -> u64 {
     shrink_slabs();
     kernel_kib()

@@ -328,6 +328,33 @@ fn foreground_output_is_kept_for_logs_unless_rm() {
         assert!(std::time::Instant::now() < deadline, "the restarted container did not exit");
         std::thread::sleep(std::time::Duration::from_millis(50));
     }
+    // A reader that stops early (`| head -1`) ends the run: the container gets EPIPE as it
+    // would writing to the closed pipe itself.
+    let mut cmd = img.env.cmd();
+    cmd.env("TWINBOX_RUNTIME_ROOT", img.env.path("runtime"));
+    let mut child = cmd
+        .args(["run", "--name", "endless", "busybox", "sh", "-c", "while echo y; do :; done; exit 9"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut first = [0u8; 2];
+    std::io::Read::read_exact(child.stdout.as_mut().unwrap(), &mut first).unwrap();
+    assert_eq!(&first, b"y\n");
+    drop(child.stdout.take());
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = child.kill();
+            panic!("the run went on after its reader closed the pipe");
+        }
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(matches!(status.code(), Some(9 | 141)), "{status:?}");
+    assert_eq!(twinbox(img, &["rm", "endless"]).0, 0);
     // --rm keeps nothing, and its output still reaches the caller.
     let (code, out, _) = run(img, &["--rm", "--name", "gone", "busybox", "echo", "direct"]);
     assert_eq!((code, out.as_str()), (0, "direct\n"));

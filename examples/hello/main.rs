@@ -36,18 +36,21 @@ fn main() -> ExitCode {
 /// Runs `work` with the round count in `args[1]`, prints its result, and with `timed` in
 /// `args[2]` the loop's time in nanoseconds.
 fn timed(args: &[String], work: fn(u64) -> u64) -> ExitCode {
+    let timed = match args.get(2).map(String::as_str) {
+        None => false,
+        Some("timed") => true,
+        Some(other) => {
+            eprintln!("hello: unknown option {other:?}; use `timed`");
+            return ExitCode::from(2);
+        }
+    };
     let rounds = arg_num(args, 1_000_000);
     let start = std::time::Instant::now();
     let result = std::hint::black_box(work(std::hint::black_box(rounds)));
     let ns = start.elapsed().as_nanos();
     println!("{result}");
-    match args.get(2).map(String::as_str) {
-        None => {}
-        Some("timed") => println!("loop_ns={ns}"),
-        Some(other) => {
-            eprintln!("hello: unknown option {other:?}; use `timed`");
-            return ExitCode::from(2);
-        }
+    if timed {
+        println!("loop_ns={ns}");
     }
     ExitCode::SUCCESS
 }

@@ -316,9 +316,6 @@ impl CliError {
 /// `spec`: a default config.json in `bundle`, rootless for the calling user when asked.
 fn write_spec(bundle: &Path, rootless: bool) -> Result<(), CliError> {
     let path = bundle.join("config.json");
-    if path.exists() {
-        return Err(CliError::SpecExists(path));
-    }
     let mut spec = if rootless {
         oci_spec::runtime::Spec::rootless(nix::unistd::geteuid().as_raw(), nix::unistd::getegid().as_raw())
     } else {
@@ -326,7 +323,13 @@ fn write_spec(bundle: &Path, rootless: bool) -> Result<(), CliError> {
     };
     spec.set_hostname(Some("twinbox".into()));
     let json = serde_json::to_vec_pretty(&spec).expect("a spec always serializes");
-    std::fs::write(&path, json).map_err(|source| CliError::SpecWrite { path, source })
+    // Never through an existing file or a dangling symlink.
+    let mut f = match std::fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+        Ok(f) => f,
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => return Err(CliError::SpecExists(path)),
+        Err(source) => return Err(CliError::SpecWrite { path, source }),
+    };
+    f.write_all(&json).map_err(|source| CliError::SpecWrite { path, source })
 }
 
 /// Run the CLI with `args` (including argv[0]); returns the exit code.

@@ -139,7 +139,7 @@ pub(crate) fn create(rt: &Runtime, id: &str, bundle: &Path, opts: CreateOptions)
     }
     let linux = spec.linux().clone().unwrap_or_default();
     let ns = Namespaces::from_spec(linux.namespaces().as_deref().unwrap_or(&[]))?;
-    if !nix::unistd::geteuid().is_root() && !ns.is_new(LinuxNamespaceType::User) {
+    if !nix::unistd::geteuid().is_root() && !ns.contains(LinuxNamespaceType::User) {
         return Err(RuntimeError::InvalidSpec {
             reason: "a container started by a user other than root needs a user namespace \
                      (linux.namespaces: user, with uidMappings and gidMappings); \

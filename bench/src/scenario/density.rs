@@ -3,8 +3,9 @@
 //! the launch latency (launch → the launcher returns with the instance started; for the bare
 //! process, the exec done) and the host memory the instances hold: PSS of every process they
 //! left running plus the kernel's Slab + PageTables + KernelStack + Percpu growth since before the
-//! first (MemAvailable moves with everything else on a shared machine; this does not), each
-//! kernel reading taken after the slab caches gave back their empty slabs; then the launch
+//! first (MemAvailable moves with everything else on a shared machine; this does not; the
+//! first reading waits for the kernel to finish freeing earlier instances, later ones do not
+//! wait, so that nothing but the launches sits between launches); then the launch
 //! rate (instances / sum of launch latencies) and the teardown time per instance. Each
 //! backend starts from nothing running.
 
@@ -12,7 +13,7 @@ use std::time::{Duration, Instant};
 
 use super::{leftovers, marker_base, ms, Fleet, Run, Scenario};
 use crate::backend::Workload;
-use crate::host::{pss_kib, scan, settled_kernel_kib, shrunk_kernel_kib};
+use crate::host::{kernel_kib, pss_kib, scan, settled_kernel_kib};
 use crate::results::Better;
 
 /// One backend's pass: launch up to `max` instances, then tear them all down.
@@ -132,7 +133,7 @@ fn one_pass(r: &mut Run<'_>, k: usize, max: usize, bar: &indicatif::ProgressBar)
                     .filter(|p| p.args.iter().any(|a| markers[..=i].contains(a)))
                     .filter_map(|p| pss_kib(p.pid))
                     .sum();
-                let held = (pss as f64 + shrunk_kernel_kib() as f64 - k0) / 1024.0;
+                let held = (pss as f64 + kernel_kib() as f64 - k0) / 1024.0;
                 memory.push(held);
                 if let Some(budget) = r.settings.memory_budget_mib.filter(|&b| held >= b as f64) {
                     r.note(format!(

@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use super::{leftovers, marker_base, Fleet, Run, Scenario};
 use crate::backend::{wait_for_marker, Backend, Workload};
-use crate::host::{pss_kib, scan, settled_kernel_kib};
+use crate::host::{pss_kib, scan, settled_kernel_kib, shrunk_kernel_kib};
 use crate::results::Better;
 
 /// How long a kernel memory reading may wait for the kernel to finish freeing.
@@ -29,7 +29,8 @@ struct Reading {
 fn idle(r: &Run<'_>, b: &dyn Backend, n: usize, base: u64, bar: &indicatif::ProgressBar) -> Result<Reading, String> {
     let markers: Vec<String> = (0..n as u64).map(|i| (base + i).to_string()).collect();
     let mut fleet = Fleet::new(b);
-    let k0 = settled_kernel_kib(SETTLE);
+    settled_kernel_kib(SETTLE);
+    let k0 = shrunk_kernel_kib();
     for (i, m) in markers.iter().enumerate() {
         if crate::signal::interrupted() {
             return Err("interrupted".into());
@@ -44,7 +45,8 @@ fn idle(r: &Run<'_>, b: &dyn Backend, n: usize, base: u64, bar: &indicatif::Prog
     }
     // Instances are idle once their workload runs; the kernel has finished with their
     // launchers' short-lived processes once its memory stops moving.
-    let k1 = settled_kernel_kib(SETTLE);
+    settled_kernel_kib(SETTLE);
+    let k1 = shrunk_kernel_kib();
     let procs = scan();
     let mut pss = vec![0.0; n];
     let mut count = vec![0.0; n];

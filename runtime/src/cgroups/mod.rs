@@ -167,8 +167,9 @@ pub enum CgroupError {
     NotCreated { path: PathBuf },
     /// Not root, no write access to the hierarchies, and the spec asks for limits.
     #[error(
-        "a rootless container cannot get the limits in linux.resources: {path} is not writable for uid {uid}; \
-         run as root, or give this user a delegated cgroup v2 subtree and point linux.cgroupsPath into it"
+        "a rootless container cannot get the limits in linux.resources: {path} is not writable for this \
+         runtime (uid {uid}, without privileges on the host); run as the host's root, or give this user a \
+         delegated cgroup v2 subtree and point linux.cgroupsPath into it"
     )]
     RootlessLimits { path: PathBuf, uid: u32 },
     #[error("cannot create cgroup directory {path}")]

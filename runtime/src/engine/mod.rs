@@ -264,81 +264,63 @@ impl Engine {
         let old = forwarded
             .thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_BLOCK)
             .map_err(|e| EngineError::Sys("sigprocmask", e))?;
-        let mut copiers = Vec::new();
+        // Without --rm the output is kept for `twinbox logs`, as Docker keeps it: the container
+        // writes into pipes, and a thread per pipe copies to our own stream and the log. The
+        // threads start only once the container exists: `create` clones the init, which must
+        // not inherit another thread's locks.
+        let mut tee = None;
         let result = (|| {
-            // Without --rm the output is kept for `twinbox logs`, as Docker keeps it: the
-            // container writes into pipes and we copy each to our own stream and the log.
             let stdio = if record.options.rm {
                 None
             } else {
-                let (stdio, threads) = self.tee_to_log(&record.id)?;
-                copiers = threads;
+                let (stdio, readers) = self.log_pipes(&record.id)?;
+                tee = Some(readers);
                 Some(stdio)
             };
             let state = self.runtime.create(&record.id, &bundle, CreateOptions { stdio, ..Default::default() })?;
+            let copiers = tee.take().map(|(out, err, log)| tee_threads(out, err, log)).unwrap_or_default();
             let pid = Pid::from_raw(state.pid);
             record.phase = Phase::Running { pid: pid.as_raw() };
-            self.save(&record)?;
-            if let Err(e) = self.runtime.start(&record.id) {
-                let _ = self.runtime.delete(&record.id, true);
-                return Err(e.into());
-            }
-            Ok(wait_forwarding(pid, &forwarded))
+            let started = self.save(&record).and_then(|()| self.runtime.start(&record.id).map_err(EngineError::from));
+            Ok((started.map(|()| wait_forwarding(pid, &forwarded)), copiers))
         })();
         let _ = old.thread_set_mask();
-        // The pipes reach end of file once the container's processes are gone (or were never
-        // started: create dropped its copies of the write ends).
-        for t in copiers {
-            let _ = t.join();
-        }
-        let code = match result {
-            Ok(code) => code,
+        let (code, copiers) = match result {
+            Ok((Ok(code), copiers)) => (code, copiers),
+            Ok((Err(e), copiers)) => {
+                // The init exists: remove it first, or the copiers wait for its pipes forever.
+                let _ = self.runtime.delete(&record.id, true);
+                join_all(copiers);
+                let _ = self.remove_files(&record.id);
+                return Err(e);
+            }
             Err(e) => {
                 let _ = self.runtime.delete(&record.id, true);
                 let _ = self.remove_files(&record.id);
                 return Err(e);
             }
         };
-        self.finish(record, code)
+        // Removing the container also ends whatever still held the pipes (its pid namespace
+        // dies with its init), so the copiers reach end of file.
+        let finished = self.finish(record, code);
+        join_all(copiers);
+        finished
     }
 
-    /// Stdio for a foreground container whose output is also kept in its log: our stdin, and
-    /// a pipe each for stdout and stderr, with a thread per pipe copying to our stream and the
-    /// log.
-    fn tee_to_log(&self, id: &str) -> Result<([OwnedFd; 3], Vec<std::thread::JoinHandle<()>>), EngineError> {
+    /// Stdio for a foreground container whose output is also kept in its log: our stdin (or
+    /// /dev/null when we have none), and a pipe each for stdout and stderr. Returns the read
+    /// ends and the open log for [`tee_threads`].
+    fn log_pipes(&self, id: &str) -> Result<([OwnedFd; 3], TeeReaders), EngineError> {
         let log_path = self.container_dir(id).join("log");
         let log =
             fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io_err("open", &log_path))?;
-        let log = std::sync::Arc::new(std::sync::Mutex::new(log));
-        let stdin = io::stdin().as_fd().try_clone_to_owned().map_err(io_err("dup", "stdin"))?;
+        let stdin = match io::stdin().as_fd().try_clone_to_owned() {
+            Ok(fd) => fd,
+            Err(_) => OwnedFd::from(fs::File::open("/dev/null").map_err(io_err("open", "/dev/null"))?),
+        };
         let (out_rd, out_wr) = io::pipe().map_err(io_err("create pipe for", &log_path))?;
         let (err_rd, err_wr) = io::pipe().map_err(io_err("create pipe for", &log_path))?;
-        let spawn = |mut rd: io::PipeReader, to_stderr: bool| {
-            let log = log.clone();
-            std::thread::spawn(move || {
-                let mut buf = [0u8; 16 * 1024];
-                loop {
-                    let n = match rd.read(&mut buf) {
-                        Ok(0) => break,
-                        Ok(n) => n,
-                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                        Err(_) => break,
-                    };
-                    // Our stream may be closed (`| head`); the log still gets everything.
-                    let _ = if to_stderr {
-                        io::stderr().lock().write_all(&buf[..n])
-                    } else {
-                        let mut out = io::stdout().lock();
-                        out.write_all(&buf[..n]).and_then(|()| out.flush())
-                    };
-                    if let Ok(mut f) = log.lock() {
-                        let _ = f.write_all(&buf[..n]);
-                    }
-                }
-            })
-        };
-        let threads = vec![spawn(out_rd, false), spawn(err_rd, true)];
-        Ok(([stdin, OwnedFd::from(out_wr), OwnedFd::from(err_wr)], threads))
+        Ok(([stdin, OwnedFd::from(out_wr), OwnedFd::from(err_wr)], (out_rd, err_rd, log)))
     }
 
     /// After the init exited with `code`: note OOM, delete the runtime container, and either
@@ -568,6 +550,49 @@ pub const FORWARDED: [Signal; 6] =
 
 /// Wait for `pid` (our child) while passing blocked `FORWARDED` signals on to it; returns its
 /// exit code (128+N for signal N).
+/// The read ends of a foreground container's stdout and stderr pipes, and its log.
+type TeeReaders = (io::PipeReader, io::PipeReader, fs::File);
+
+/// One thread per pipe copying to our stdout or stderr and to the log. When our stream is
+/// closed (`twinbox run … | head`), that thread stops reading, so the container gets EPIPE
+/// as it would writing to the closed stream itself.
+fn tee_threads(out: io::PipeReader, err: io::PipeReader, log: fs::File) -> Vec<std::thread::JoinHandle<()>> {
+    let log = std::sync::Arc::new(std::sync::Mutex::new(log));
+    let spawn = |mut rd: io::PipeReader, to_stderr: bool| {
+        let log = log.clone();
+        std::thread::spawn(move || {
+            let mut buf = [0u8; 16 * 1024];
+            loop {
+                let n = match rd.read(&mut buf) {
+                    Ok(0) => break,
+                    Ok(n) => n,
+                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                    Err(_) => break,
+                };
+                if let Ok(mut f) = log.lock() {
+                    let _ = f.write_all(&buf[..n]);
+                }
+                let written = if to_stderr {
+                    io::stderr().lock().write_all(&buf[..n])
+                } else {
+                    let mut o = io::stdout().lock();
+                    o.write_all(&buf[..n]).and_then(|()| o.flush())
+                };
+                if written.is_err_and(|e| e.kind() == io::ErrorKind::BrokenPipe) {
+                    break;
+                }
+            }
+        })
+    };
+    vec![spawn(out, false), spawn(err, true)]
+}
+
+fn join_all(threads: Vec<std::thread::JoinHandle<()>>) {
+    for t in threads {
+        let _ = t.join();
+    }
+}
+
 fn wait_forwarding(pid: Pid, set: &SigSet) -> i32 {
     loop {
         match waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
