@@ -146,6 +146,85 @@ impl Results {
     }
 }
 
+impl Results {
+    /// One run from parts of it made separately on one machine at one revision, each with
+    /// its own scenarios (a long nested run split by scenario, as scripts/nested-bench.sh can
+    /// stall on a long one). The per-scenario settings come from the part that ran that
+    /// scenario; records never overlap.
+    pub fn merge(parts: Vec<Results>) -> Result<Results, MergeError> {
+        let mut parts = parts.into_iter();
+        let mut out = parts.next().ok_or(MergeError::Empty)?;
+        for p in parts {
+            let (a, b) = (&out.context, &p.context);
+            for (what, x, y) in [
+                ("revision", a.rev.clone(), b.rev.clone()),
+                ("host", a.host.clone(), b.host.clone()),
+                ("kernel", a.kernel.clone(), b.kernel.clone()),
+                ("virtualization", a.virtualization.kind.to_string(), b.virtualization.kind.to_string()),
+                ("image", out.settings.image.clone(), p.settings.image.clone()),
+            ] {
+                if x != y {
+                    return Err(MergeError::Differ { what, a: x, b: y });
+                }
+            }
+            if a.dirty != b.dirty || out.settings.warmup != p.settings.warmup {
+                return Err(MergeError::Differ {
+                    what: "checkout state or warm-up rounds",
+                    a: format!("dirty {}, warm-up {}", a.dirty, out.settings.warmup),
+                    b: format!("dirty {}, warm-up {}", b.dirty, p.settings.warmup),
+                });
+            }
+            if let Some(s) = p.settings.scenarios.iter().find(|s| out.settings.scenarios.contains(s)) {
+                return Err(MergeError::Overlap(s.clone()));
+            }
+            let has = |s: &str| p.settings.scenarios.iter().any(|x| x == s);
+            let (to, from) = (&mut out.settings, &p.settings);
+            if has("start") {
+                to.start_runs = from.start_runs;
+            }
+            if has("cpu") {
+                to.cpu_runs = from.cpu_runs;
+                to.cpu_target_ms = from.cpu_target_ms;
+            }
+            if has("memory") {
+                to.instances = from.instances;
+            }
+            if has("density") {
+                to.max = from.max;
+                to.density_passes = from.density_passes;
+                to.memory_budget_mib = from.memory_budget_mib;
+            }
+            to.scenarios.extend(from.scenarios.iter().cloned());
+            to.quick &= from.quick;
+            for b in p.backends {
+                if !out.backends.iter().any(|x| x.name == b.name) {
+                    out.backends.push(b);
+                }
+            }
+            out.interrupted |= p.interrupted;
+            out.records.extend(p.records);
+            out.notes.extend(p.notes);
+        }
+        // Scenarios in the order a full run takes them.
+        let order = |s: &String| crate::scenario::Scenario::parse(s).map_or(usize::MAX, |x| x as usize);
+        out.settings.scenarios.sort_by_key(order);
+        Ok(out)
+    }
+}
+
+/// Why parts of a run cannot be put together.
+#[derive(Debug, thiserror::Error)]
+pub enum MergeError {
+    #[error("no results to merge")]
+    Empty,
+    #[error(
+        "the parts differ in {what} ({a} vs {b}); only parts of one run on one machine at one revision go together"
+    )]
+    Differ { what: &'static str, a: String, b: String },
+    #[error("two parts both ran the {0} scenario; give each scenario once")]
+    Overlap(String),
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ResultsError {
     #[error("cannot read {path}")]

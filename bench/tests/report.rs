@@ -125,3 +125,38 @@ fn a_nested_run_gets_its_own_labelled_section_and_report() {
     assert_eq!(back.nested.unwrap().context.virtualization.kind, VirtKind::NestedTcg);
     assert_eq!(back.context.virtualization.kind, VirtKind::Pvm);
 }
+
+/// `results` cut down to `scenarios`, as a part of a run split by scenario.
+fn part(seed: u64, scenarios: &[&str]) -> twinbox_bench::results::Results {
+    let mut r = common::results(seed, 1.0);
+    r.records.retain(|x| scenarios.contains(&x.scenario.as_str()));
+    r.settings.scenarios = scenarios.iter().map(|s| s.to_string()).collect();
+    r
+}
+
+#[test]
+fn parts_of_a_run_made_scenario_by_scenario_merge_into_one() {
+    use twinbox_bench::results::{MergeError, Results};
+    let mut cpu = part(2, &["cpu"]);
+    cpu.settings.cpu_runs = 3;
+    cpu.notes = vec!["cpu part".into()];
+    let mut start = part(1, &["start"]);
+    start.settings.start_runs = 10;
+    let n = cpu.records.len() + start.records.len();
+    let m = Results::merge(vec![cpu.clone(), start.clone()]).unwrap();
+    assert_eq!(m.settings.scenarios, ["start", "cpu"], "in the order a full run takes them");
+    assert_eq!((m.settings.start_runs, m.settings.cpu_runs), (10, 3), "each from the part that ran it");
+    assert_eq!(m.records.len(), n);
+    assert_eq!(m.notes.first().map(String::as_str), Some("cpu part"), "notes of every part, in order");
+
+    // The same scenario twice, another revision or another kind of machine: refused.
+    assert!(matches!(Results::merge(vec![start.clone(), start.clone()]), Err(MergeError::Overlap(s)) if s == "start"));
+    let mut other = cpu.clone();
+    other.context.rev = "0000000".into();
+    let e = Results::merge(vec![start.clone(), other]).unwrap_err();
+    assert!(e.to_string().contains("revision"), "{e}");
+    let mut elsewhere = cpu;
+    elsewhere.context.virtualization.kind = twinbox_bench::host::VirtKind::NestedTcg;
+    assert!(Results::merge(vec![start, elsewhere]).unwrap_err().to_string().contains("virtualization"));
+    assert!(matches!(Results::merge(vec![]), Err(MergeError::Empty)));
+}

@@ -48,9 +48,10 @@ pub struct BenchArgs {
     #[arg(long)]
     json: bool,
     /// A results.json made by scripts/nested-bench.sh (the microVMs in a nested L1), shown in
-    /// its own section of the report.
+    /// its own section of the report. Repeat it for parts of one nested run made scenario by
+    /// scenario (same revision and machine); they are shown as one run.
     #[arg(long)]
-    nested: Option<PathBuf>,
+    nested: Vec<PathBuf>,
 }
 
 #[derive(Subcommand, Debug)]
@@ -135,12 +136,17 @@ pub fn bench(root: &Path, a: BenchArgs) -> Result<i32> {
     if !a.backends.is_empty() {
         opts.backends = a.backends.iter().map(|b| b.trim().to_owned()).collect();
     }
-    let nested = match &a.nested {
-        Some(p) => Some(Box::new(
-            twinbox_bench::results::Results::load(p)
-                .map_err(|e| UserError(twinbox_bench::scenario::error_chain(&e)))?,
-        )),
-        None => None,
+    let nested = if a.nested.is_empty() {
+        None
+    } else {
+        let parts = a
+            .nested
+            .iter()
+            .map(|p| twinbox_bench::results::Results::load(p))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| UserError(twinbox_bench::scenario::error_chain(&e)))?;
+        let merged = twinbox_bench::results::Results::merge(parts).map_err(|e| UserError(format!("--nested: {e}")))?;
+        Some(Box::new(merged))
     };
     twinbox_bench::signal::install().context("cannot install the Ctrl-C handler")?;
     let mut results = twinbox_bench::run(&opts).map_err(|e| match e {
