@@ -65,11 +65,17 @@ impl Backend for TwinboxContainer {
         Ok(())
     }
 
-    fn run_command(&self, workload: &Workload, _id: &str) -> Result<Command, BackendError> {
+    fn run_command(&self, workload: &Workload, id: &str) -> Result<Command, BackendError> {
         let image = self.image.as_ref().expect("prepare() before use");
         let mut cmd = self.twinbox();
-        cmd.args(["run", "--rm", &image.reference]).args(workload.args());
+        cmd.args(["run", "--rm", "--name", id, &image.reference]).args(workload.args());
         Ok(cmd)
+    }
+
+    fn cleanup_run(&self, id: &str) {
+        let mut cmd = self.twinbox();
+        cmd.args(["rm", "-f", id]).stdin(Stdio::null());
+        let _ = run_quiet(cmd, "twinbox rm -f");
     }
 
     fn launch(&self, workload: &Workload, id: &str) -> Result<Instance, BackendError> {

@@ -15,6 +15,7 @@ pub mod start;
 
 use std::fs::File;
 use std::io::{IsTerminal, Read};
+use std::os::fd::AsFd;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::{Duration, Instant};
@@ -125,13 +126,29 @@ pub struct RunTiming {
     pub stdout: String,
 }
 
+/// How long a foreground run may take before it counts as hung (a guest that never exits, a
+/// launcher waiting on something that never comes): it is then killed, its leftovers removed,
+/// and the run reported as failed, so that one stuck instance cannot stall a whole bench.
+pub const RUN_TIMEOUT: Duration = Duration::from_secs(300);
+
 /// Run `workload` once in the foreground on `backend`: spawn, stamp the first byte on the
-/// workload's stdout and the exit.
+/// workload's stdout and the exit. A run still going after [`RUN_TIMEOUT`] is killed (with
+/// its process group, when it has its own) and fails.
 pub fn run_once(
     backend: &dyn Backend,
     workload: &Workload,
     id: &str,
     scratch: &Path,
+) -> Result<RunTiming, BackendError> {
+    run_once_within(backend, workload, id, scratch, RUN_TIMEOUT)
+}
+
+fn run_once_within(
+    backend: &dyn Backend,
+    workload: &Workload,
+    id: &str,
+    scratch: &Path,
+    timeout: Duration,
 ) -> Result<RunTiming, BackendError> {
     let spawn_err = |source| BackendError::Spawn { what: backend.name().to_owned(), source };
     let err_path = scratch.join("stderr.log");
@@ -141,19 +158,55 @@ pub fn run_once(
     let cpu0 = children_cpu();
     let t0 = Instant::now();
     let mut child = cmd.spawn().map_err(spawn_err)?;
+    let deadline = t0 + timeout;
     let mut out = child.stdout.take().expect("stdout is piped");
-    let mut first = [0u8; 1];
-    let first_byte = match out.read(&mut first) {
-        Ok(1) => Some(t0.elapsed()),
-        _ => None,
-    };
-    let mut rest = Vec::new();
-    let _ = out.read_to_end(&mut rest);
-    let stdout =
-        String::from_utf8_lossy(&[&first[..usize::from(first_byte.is_some())], &rest[..]].concat()).into_owned();
+    // Read until end of file or the deadline. poll() returns as soon as the first byte is
+    // there, so its stamp carries no polling delay.
+    let mut stdout_bytes = Vec::new();
+    let mut first_byte = None;
+    let mut hung = false;
+    let mut chunk = [0u8; 8192];
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        let ms = u16::try_from(left.as_millis()).unwrap_or(u16::MAX);
+        let mut fds = [nix::poll::PollFd::new(out.as_fd(), nix::poll::PollFlags::POLLIN)];
+        match nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(ms)) {
+            Ok(0) if left.is_zero() => {
+                hung = true;
+                break;
+            }
+            Ok(0) | Err(nix::errno::Errno::EINTR) => continue,
+            Ok(_) => {}
+            Err(_) => break,
+        }
+        match out.read(&mut chunk) {
+            Ok(0) => break,
+            Ok(n) => {
+                first_byte.get_or_insert_with(|| t0.elapsed());
+                stdout_bytes.extend_from_slice(&chunk[..n]);
+            }
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(_) => break,
+        }
+    }
+    drop(out);
+    if hung {
+        kill_run(child.id());
+    }
+    // Output ended; the launcher may still be tearing down (or hang there).
+    let watchdog = Watchdog::start(child.id(), deadline.saturating_duration_since(Instant::now()));
     let status = child.wait().map_err(spawn_err)?;
     let exit = t0.elapsed();
     let cpu = children_cpu().saturating_sub(cpu0);
+    let stdout = String::from_utf8_lossy(&stdout_bytes).into_owned();
+    if watchdog.stop() || hung {
+        backend.cleanup_run(id);
+        return Err(BackendError::Failed {
+            what: format!("{} {}", backend.name(), workload.args().join(" ")),
+            status: format!("killed after {timeout:.0?} without exiting"),
+            stderr: std::fs::read_to_string(&err_path).unwrap_or_default().trim().to_owned(),
+        });
+    }
     if !status.success() {
         backend.cleanup_run(id);
         let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
@@ -164,6 +217,45 @@ pub fn run_once(
         });
     }
     Ok(RunTiming { first_byte, exit, cpu, stdout })
+}
+
+/// Kills a foreground run that outlives its deadline, from a thread of its own, while the
+/// caller blocks in its wait (so the exit stamp carries no polling delay).
+struct Watchdog {
+    done: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<bool>,
+}
+
+impl Watchdog {
+    fn start(pid: u32, after: Duration) -> Watchdog {
+        let (done, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            if rx.recv_timeout(after) != Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                return false;
+            }
+            // Still not reaped (the caller has not said done), so the pid is still the run's.
+            kill_run(pid);
+            true
+        });
+        Watchdog { done, thread }
+    }
+
+    /// The run ended (reaped): stop watching. True if the watchdog had killed it.
+    fn stop(self) -> bool {
+        let _ = self.done.send(());
+        self.thread.join().unwrap_or(false)
+    }
+}
+
+/// SIGKILL to a foreground run not yet reaped: to its whole process group when it leads one
+/// (the backends that start helpers: a shell around QEMU, twinbox), else to the process.
+fn kill_run(pid: u32) {
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    let _ = if nix::unistd::getpgid(Some(pid)).is_ok_and(|g| g == pid) {
+        nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL)
+    } else {
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)
+    };
 }
 
 /// CPU time of all waited-for children so far.
@@ -228,4 +320,66 @@ pub fn marker_base() -> u64 {
         std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.subsec_nanos()).unwrap_or(0);
     // Over 30 years of sleep, with room for 10 000 instances per base.
     1_000_000_000 + u64::from(nanos % 100_000) * 10_000 + u64::from(std::process::id() % 10) * 1_000_000_000
+}
+
+#[cfg(test)]
+mod tests {
+    use std::process::Command;
+    use std::time::Duration;
+
+    use super::run_once_within;
+    use crate::backend::{
+        own_process_group, Backend, BackendError, Instance, Isolation, PreparedImage, Unavailable, Workload,
+    };
+
+    /// A backend whose every run hangs: a shell in its own process group that prints a line and
+    /// waits on a child that never ends.
+    struct Hangs(std::path::PathBuf);
+
+    impl Backend for Hangs {
+        fn name(&self) -> &'static str {
+            "hangs"
+        }
+        fn isolation(&self) -> Isolation {
+            Isolation::Process
+        }
+        fn available(&self) -> Result<(), Unavailable> {
+            Ok(())
+        }
+        fn prepare(&mut self, _: &PreparedImage) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn run_command(&self, _: &Workload, id: &str) -> Result<Command, BackendError> {
+            let mut cmd = Command::new("sh");
+            // The inner shell, a child of the outer one, also carries the id: killing only
+            // the outer one would leave it behind.
+            cmd.args(["-c", "echo started; sh -c 'sleep 1000; : \"$0\"' \"$0\"", id]);
+            own_process_group(&mut cmd);
+            Ok(cmd)
+        }
+        fn cleanup_run(&self, id: &str) {
+            std::fs::write(self.0.join("cleaned"), id).unwrap();
+        }
+        fn launch(&self, _: &Workload, _: &str) -> Result<Instance, BackendError> {
+            unreachable!("not used here")
+        }
+        fn teardown(&self, _: &mut Instance) -> Result<(), BackendError> {
+            Ok(())
+        }
+    }
+
+    #[test]
+    fn a_hung_run_is_killed_cleaned_up_and_reported() {
+        let dir = tempfile::tempdir().unwrap();
+        let b = Hangs(dir.path().to_path_buf());
+        let id = format!("hung-run-{}", std::process::id());
+        let t = std::time::Instant::now();
+        let e = run_once_within(&b, &Workload::True, &id, dir.path(), Duration::from_millis(500)).unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(30));
+        assert!(e.to_string().contains("without exiting"), "{e}");
+        assert_eq!(std::fs::read_to_string(dir.path().join("cleaned")).unwrap(), id);
+        // The whole group went: no `sleep 1000 <id>` is left.
+        std::thread::sleep(Duration::from_millis(100));
+        assert!(!crate::host::scan().iter().any(|p| p.args.iter().any(|a| a == &id)), "the hung process is gone");
+    }
 }
