@@ -543,7 +543,7 @@ pub fn draw_all(r: &Results, dir: &Path) -> Result<Vec<Chart>, ChartError> {
         }
         let title = "CPU cost: the same loop inside each backend vs the bare process";
         let sub = format!(
-            "median ratio, whisker 10th–90th percentile; {} rounds, loops calibrated to {} ms bare\n{at}",
+            "median ratio of the loops' own times, whisker 10th–90th percentile; {} rounds, loops calibrated to {} ms bare\n{at}",
             s.cpu_runs, s.cpu_target_ms
         );
         let stem = "cpu";
