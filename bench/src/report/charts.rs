@@ -219,7 +219,9 @@ fn bars<DB: DrawingBackend>(
     let body = header(root, title, sub)?;
     let k = names.len();
     let totals: Vec<f64> = (0..k).map(|i| parts.iter().map(|p| p.2[i].max(0.0)).sum()).collect();
-    let ymax = totals.iter().copied().fold(0.0_f64, f64::max).max(1e-3) * 1.15;
+    // Headroom above the tallest bar for its value and the legend, which would otherwise
+    // cover the tallest bar's top wherever it stands.
+    let ymax = totals.iter().copied().fold(0.0_f64, f64::max).max(1e-3) * 1.4;
     let mut chart = ChartBuilder::on(&body)
         .margin(16)
         .x_label_area_size(36)
@@ -256,15 +258,13 @@ fn bars<DB: DrawingBackend>(
         .draw_series((0..k).map(|i| {
             Text::new(
                 format!("{} {unit}", super::num(totals[i])),
-                (i as f64 - 0.2, totals[i] + ymax * 0.05),
+                (i as f64 - 0.2, totals[i] + ymax * 0.04),
                 ("sans-serif", 14).into_font(),
             )
         }))
         .map_err(e2s)?;
     chart
         .configure_series_labels()
-        // Upper left: the first bar is the bare process, the smallest; on the right the legend
-        // would hide the tallest bar's value.
         .position(SeriesLabelPosition::UpperLeft)
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
