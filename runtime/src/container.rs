@@ -202,7 +202,9 @@ pub struct ExecOptions {
 #[derive(Debug, Clone)]
 pub struct Runtime {
     root: PathBuf,
-    rootless: bool,
+    /// `None`: decided when needed by [`rootless_by_default`] (which reads a /proc file, so not
+    /// on every start).
+    rootless: Option<bool>,
 }
 
 impl Default for Runtime {
@@ -214,20 +216,20 @@ impl Default for Runtime {
 impl Runtime {
     /// A runtime keeping state under `root`; rootless when [`rootless_by_default`] says so.
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Runtime { root: root.into(), rootless: rootless_by_default() }
+        Runtime { root: root.into(), rootless: None }
     }
 
     /// Force rootless mode on or off (runc's `--rootless true|false`). A rootless runtime runs
     /// a container that asks for no limits without a cgroup when the hierarchies are not
     /// writable for it.
     pub fn with_rootless(mut self, rootless: bool) -> Self {
-        self.rootless = rootless;
+        self.rootless = Some(rootless);
         self
     }
 
     /// Is this runtime in rootless mode?
     pub fn is_rootless(&self) -> bool {
-        self.rootless
+        self.rootless.unwrap_or_else(rootless_by_default)
     }
 
     /// The state root.
