@@ -194,13 +194,62 @@ pub(crate) fn run_quiet(mut cmd: Command, what: &str) -> Result<(), BackendError
     let mut log = tempfile::tempfile().map_err(spawn_err)?;
     let err = log.try_clone().map_err(spawn_err)?;
     cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(err);
-    let status = cmd.status().map_err(spawn_err)?;
-    if status.success() {
+    let mut child = cmd.spawn().map_err(spawn_err)?;
+    // A launcher that never returns (a stuck teardown, a guest that never comes up) must not
+    // stall the bench.
+    let watchdog = Watchdog::start(child.id(), crate::scenario::RUN_TIMEOUT);
+    let status = child.wait().map_err(spawn_err)?;
+    let killed = watchdog.stop();
+    if status.success() && !killed {
         return Ok(());
     }
     let mut stderr = String::new();
     let _ = log.rewind().and_then(|()| log.read_to_string(&mut stderr));
-    Err(BackendError::Failed { what: what.to_owned(), status: status.to_string(), stderr: stderr.trim().to_owned() })
+    let status = if killed {
+        format!("killed after {} s without exiting", crate::scenario::RUN_TIMEOUT.as_secs())
+    } else {
+        status.to_string()
+    };
+    Err(BackendError::Failed { what: what.to_owned(), status, stderr: stderr.trim().to_owned() })
+}
+
+/// Kills a run that outlives its deadline, from a thread of its own, while the caller blocks
+/// in its wait (so the exit stamp carries no polling delay).
+pub(crate) struct Watchdog {
+    done: std::sync::mpsc::Sender<()>,
+    thread: std::thread::JoinHandle<bool>,
+}
+
+impl Watchdog {
+    pub(crate) fn start(pid: u32, after: Duration) -> Watchdog {
+        let (done, rx) = std::sync::mpsc::channel::<()>();
+        let thread = std::thread::spawn(move || {
+            if rx.recv_timeout(after) != Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
+                return false;
+            }
+            // Still not reaped (the caller has not said done), so the pid is still the run's.
+            kill_run(pid);
+            true
+        });
+        Watchdog { done, thread }
+    }
+
+    /// The run ended (reaped): stop watching. True if the watchdog had killed it.
+    pub(crate) fn stop(self) -> bool {
+        let _ = self.done.send(());
+        self.thread.join().unwrap_or(false)
+    }
+}
+
+/// SIGKILL to a foreground run not yet reaped: to its whole process group when it leads one
+/// (the backends that start helpers: a shell around QEMU, twinbox), else to the process.
+pub(crate) fn kill_run(pid: u32) {
+    let pid = nix::unistd::Pid::from_raw(pid as i32);
+    let _ = if nix::unistd::getpgid(Some(pid)).is_ok_and(|g| g == pid) {
+        nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL)
+    } else {
+        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)
+    };
 }
 
 /// Children go into their own process group, so a Ctrl-C at the terminal reaches only the

@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::backend::{Backend, BackendError, Instance, Workload};
+use crate::backend::{kill_run, Backend, BackendError, Instance, Watchdog, Workload};
 use crate::host::Context;
 use crate::results::{Better, Record, Settings};
 use crate::stats::Summary;
@@ -217,45 +217,6 @@ fn run_once_within(
         });
     }
     Ok(RunTiming { first_byte, exit, cpu, stdout })
-}
-
-/// Kills a foreground run that outlives its deadline, from a thread of its own, while the
-/// caller blocks in its wait (so the exit stamp carries no polling delay).
-struct Watchdog {
-    done: std::sync::mpsc::Sender<()>,
-    thread: std::thread::JoinHandle<bool>,
-}
-
-impl Watchdog {
-    fn start(pid: u32, after: Duration) -> Watchdog {
-        let (done, rx) = std::sync::mpsc::channel::<()>();
-        let thread = std::thread::spawn(move || {
-            if rx.recv_timeout(after) != Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
-                return false;
-            }
-            // Still not reaped (the caller has not said done), so the pid is still the run's.
-            kill_run(pid);
-            true
-        });
-        Watchdog { done, thread }
-    }
-
-    /// The run ended (reaped): stop watching. True if the watchdog had killed it.
-    fn stop(self) -> bool {
-        let _ = self.done.send(());
-        self.thread.join().unwrap_or(false)
-    }
-}
-
-/// SIGKILL to a foreground run not yet reaped: to its whole process group when it leads one
-/// (the backends that start helpers: a shell around QEMU, twinbox), else to the process.
-fn kill_run(pid: u32) {
-    let pid = nix::unistd::Pid::from_raw(pid as i32);
-    let _ = if nix::unistd::getpgid(Some(pid)).is_ok_and(|g| g == pid) {
-        nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL)
-    } else {
-        nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)
-    };
 }
 
 /// CPU time of all waited-for children so far.
