@@ -452,38 +452,31 @@ impl CgroupManager {
     /// the container's directory, and any child cgroups, in every hierarchy (`EBUSY` retried).
     /// Shared parents stay. Calling it again, or for a cgroup never created, is fine.
     pub fn destroy(&self) -> Result<(), CgroupError> {
-        let dirs: Vec<PathBuf> = self.dirs().into_iter().filter(|d| d.exists()).collect();
-        if dirs.is_empty() {
-            return Ok(());
-        }
+        let dirs = self.dirs();
         // The usual case, a container whose processes have all exited: its cgroups are empty
         // and one rmdir each removes them (the kernel refuses a cgroup that still has tasks
-        // or children). Only what is left goes through the kill and the recursive removal.
+        // or children; one already gone is fine). Only what is left goes through the kill and
+        // the recursive removal.
         let left: Vec<&PathBuf> = dirs
             .iter()
             .filter(|d| std::fs::remove_dir(d).is_err_and(|e| e.kind() != std::io::ErrorKind::NotFound))
             .collect();
-        if left.is_empty() {
-            self.remove_empty_parents(&dirs);
-            tracing::debug!(path = %self.path.display(), "cgroup destroyed");
-            return Ok(());
-        }
-        self.kill_all()?;
-        let mut first_error = None;
-        for dir in left {
-            if let Err(e) = fs::remove_tree(dir) {
-                tracing::warn!(path = %dir.display(), error = %e, "cannot remove cgroup");
-                first_error.get_or_insert(e);
+        if !left.is_empty() {
+            self.kill_all()?;
+            let mut first_error = None;
+            for dir in left {
+                if let Err(e) = fs::remove_tree(dir) {
+                    tracing::warn!(path = %dir.display(), error = %e, "cannot remove cgroup");
+                    first_error.get_or_insert(e);
+                }
+            }
+            if let Some(e) = first_error {
+                return Err(e);
             }
         }
-        match first_error {
-            Some(e) => Err(e),
-            None => {
-                self.remove_empty_parents(&dirs);
-                tracing::debug!(path = %self.path.display(), "cgroup destroyed");
-                Ok(())
-            }
-        }
+        self.remove_empty_parents(&dirs);
+        tracing::debug!(path = %self.path.display(), "cgroup destroyed");
+        Ok(())
     }
 
     /// Remove twinbox's own parent cgroups (`/twinbox/…`) once the last container under them
