@@ -190,30 +190,23 @@ fn run_once_within(
         }
     }
     drop(out);
+    // Output ended; the launcher may still be tearing down (or hang there). One that hung
+    // before its output ended is killed now.
+    let watchdog = (!hung).then(|| Watchdog::start(child.id(), deadline.saturating_duration_since(Instant::now())));
     if hung {
         kill_run(child.id());
     }
-    // Output ended; the launcher may still be tearing down (or hang there).
-    let watchdog = Watchdog::start(child.id(), deadline.saturating_duration_since(Instant::now()));
     let status = child.wait().map_err(spawn_err)?;
     let exit = t0.elapsed();
     let cpu = children_cpu().saturating_sub(cpu0);
     let stdout = String::from_utf8_lossy(&stdout_bytes).into_owned();
-    if watchdog.stop() || hung {
+    let killed = hung || watchdog.is_some_and(Watchdog::stop);
+    if killed || !status.success() {
         backend.cleanup_run(id);
         return Err(BackendError::Failed {
             what: format!("{} {}", backend.name(), workload.args().join(" ")),
-            status: format!("killed after {timeout:.0?} without exiting"),
+            status: if killed { format!("killed after {timeout:.0?} without exiting") } else { status.to_string() },
             stderr: std::fs::read_to_string(&err_path).unwrap_or_default().trim().to_owned(),
-        });
-    }
-    if !status.success() {
-        backend.cleanup_run(id);
-        let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
-        return Err(BackendError::Failed {
-            what: format!("{} {}", backend.name(), workload.args().join(" ")),
-            status: status.to_string(),
-            stderr: stderr.trim().to_owned(),
         });
     }
     Ok(RunTiming { first_byte, exit, cpu, stdout })
