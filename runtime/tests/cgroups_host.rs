@@ -106,7 +106,7 @@ fn limits_membership_stats_freeze_and_destroy() {
     let id = unique_id("");
     let m = CgroupManager::new(None, &id).unwrap();
     assert_eq!(m.layout(), detect(Path::new(DEFAULT_MOUNT_ROOT)).unwrap());
-    assert_eq!(m.path(), Path::new("/twinbox").join(&id));
+    assert_eq!(m.path(), Path::new("/").join(&id));
     let _cleanup = Destroy(&m);
     m.create(Some(&limits())).unwrap();
     for dir in m.dirs() {
@@ -374,6 +374,27 @@ fn empty_twinbox_parents_go_and_foreign_parents_stay() {
     // A relative path goes under /twinbox/.
     let rel = CgroupManager::new(Some(Path::new(&format!("{id}-rel"))), &id).unwrap();
     assert_eq!(rel.path(), Path::new(&format!("/twinbox/{id}-rel")));
+    // No path: /<id> directly under each hierarchy's root, as runc and crun, and the roots stay.
+    let m = CgroupManager::new(None, &id).unwrap();
+    assert_eq!(m.path(), Path::new("/").join(&id));
+    m.create(None).unwrap();
+    let dirs = m.dirs();
+    assert!(!dirs.is_empty());
+    for dir in &dirs {
+        assert!(dir.is_dir(), "{}", dir.display());
+        let root = dir.parent().unwrap();
+        let mount_root = Path::new(DEFAULT_MOUNT_ROOT);
+        assert!(
+            root == mount_root || root.parent() == Some(mount_root),
+            "{} is not at a hierarchy root",
+            dir.display()
+        );
+    }
+    m.destroy().unwrap();
+    for dir in &dirs {
+        assert!(!dir.exists(), "{}", dir.display());
+        assert!(dir.parent().unwrap().is_dir());
+    }
     assert_no_leak(&id);
 }
 

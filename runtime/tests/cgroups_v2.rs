@@ -92,7 +92,8 @@ fn private_cgroup2_mount_is_unified_and_works() {
     let root = mounts.mount("", "cgroup2", None).expect("mount cgroup2");
     assert_eq!(detect(&root).unwrap(), Layout::Unified);
 
-    let m = CgroupManager::with_mount_root(&root, None, &id).unwrap();
+    // twinbox run's path: a parent (controllers enabled in its subtree_control) and the leaf.
+    let m = CgroupManager::with_mount_root(&root, Some(&Path::new("/twinbox").join(&id)), &id).unwrap();
     assert_eq!(m.layout(), Layout::Unified);
     let leaf = root.join("twinbox").join(&id);
     assert_eq!(m.dirs(), std::slice::from_ref(&leaf));
@@ -173,8 +174,8 @@ fn layouts_are_detected_from_real_mounts() {
             mounts.mount("unified", "cgroup2", None).expect("mount cgroup2");
             assert_eq!(detect(&root).unwrap(), Layout::Hybrid);
             let m = CgroupManager::with_mount_root(&root, None, "x").unwrap();
-            assert_eq!(m.controller_dir("pids"), Some(root.join("pids/twinbox/x")));
-            assert_eq!(m.unified_dir(), Some(root.join("unified/twinbox/x")));
+            assert_eq!(m.controller_dir("pids"), Some(root.join("pids/x")));
+            assert_eq!(m.unified_dir(), Some(root.join("unified/x")));
         }
         Err(e) => eprintln!("SKIPPED (part): the pids controller is not available to cgroup v1 here ({e})"),
     }

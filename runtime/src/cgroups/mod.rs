@@ -16,16 +16,18 @@
 //! relative path `a/b` goes under `/twinbox/` (`/twinbox/a/b`): runc puts it below its own
 //! cgroup, but on v2 a runtime's own cgroup usually holds processes and so cannot have
 //! controllers enabled for children, and a path that depends on who calls `create` would not
-//! be found again by `delete`. No path → `/twinbox/<id>`. The systemd `slice:prefix:name`
-//! form is refused (no systemd driver).
+//! be found again by `delete`. No path → `/<id>` at every hierarchy's root, where runc and
+//! crun put such a container too (no shared parent to make and remove on every run). The
+//! systemd `slice:prefix:name` form is refused (no systemd driver).
 //!
-//! **Parents.** Intermediate directories (`/twinbox`) are shared by all containers: made when
-//! missing (v1 cpuset: given their parent's `cpuset.cpus`/`cpuset.mems`; v2: our controllers
-//! enabled in their `cgroup.subtree_control`) and never removed by `destroy`, like runc:
-//! removing an empty `/twinbox` would race with a concurrent `create` between its `mkdir
-//! /twinbox` (`EEXIST`) and `mkdir /twinbox/<id>`. A failed `create` does remove the parents
-//! *it* made when they are still empty, and `create` re-walks the path if a parent vanishes
-//! under it, so the two cannot break each other. The container's own leaf must not exist yet.
+//! **Parents.** Intermediate directories (`/twinbox` for `twinbox run`'s `/twinbox/<id>`) are
+//! shared by containers: made when missing (v1 cpuset: given their parent's
+//! `cpuset.cpus`/`cpuset.mems`; v2: our controllers enabled in their `cgroup.subtree_control`).
+//! `destroy` removes the ones under `/twinbox` once empty, so nothing of twinbox stays in the
+//! hierarchies; parents elsewhere belong to whoever chose the path and stay, as with runc. A
+//! failed `create` removes the parents *it* made when they are still empty, and `create`
+//! re-walks the path if a parent vanishes under it, so a removal racing a concurrent `create`
+//! cannot break it. The container's own leaf must not exist yet.
 //!
 //! **Limits** (`linux.resources`): memory (limit, swap = memory+swap total, reservation,
 //! swappiness and disableOOMKiller on v1), cpu (shares, quota/period, cpus/mems), pids, v1 device
@@ -53,8 +55,8 @@ use serde::{Deserialize, Serialize};
 
 /// Where hosts mount their cgroup hierarchies.
 pub const DEFAULT_MOUNT_ROOT: &str = "/sys/fs/cgroup";
-/// The parent of containers' cgroups when the spec names none (`/twinbox/<id>`), and of
-/// relative `cgroupsPath`s.
+/// The parent of relative `cgroupsPath`s (`a/b` → `/twinbox/a/b`) and of `twinbox run`'s
+/// containers (`/twinbox/<id>`).
 pub const DEFAULT_PARENT: &str = "twinbox";
 /// How long `destroy` waits for killed processes to leave the cgroup.
 pub const KILL_TIMEOUT: Duration = Duration::from_secs(10);
@@ -609,7 +611,7 @@ fn resolve_path(cgroups_path: Option<&Path>, id: &str) -> Result<PathBuf, Cgroup
         return Err(CgroupError::InvalidId { id: id.to_string() });
     }
     let Some(p) = cgroups_path else {
-        return Ok(Path::new("/").join(DEFAULT_PARENT).join(id));
+        return Ok(Path::new("/").join(id));
     };
     if !p.is_absolute() && p.to_string_lossy().split(':').count() == 3 {
         return Err(CgroupError::SystemdPath { path: p.to_string_lossy().into_owned() });

@@ -37,7 +37,7 @@ impl Fake {
             text += &format!("99 30 0:99 / {}/unified rw,relatime - cgroup2 cgroup2 rw\n", root.display());
         }
         let fake = Fake { _tmp: tmp, root };
-        let m = fake.manager(&text, None, "c1");
+        let m = fake.manager(&text, Some(Path::new("/twinbox/c1")), "c1");
         (fake, m)
     }
 
@@ -49,7 +49,7 @@ impl Fake {
         std::fs::write(root.join("cgroup.subtree_control"), "").unwrap();
         let text = format!("24 18 0:21 / {} rw,nosuid - cgroup2 cgroup2 rw,nsdelegate\n", root.display());
         let fake = Fake { _tmp: tmp, root };
-        let m = fake.manager(&text, None, "c1");
+        let m = fake.manager(&text, Some(Path::new("/twinbox/c1")), "c1");
         (fake, m)
     }
 
@@ -130,7 +130,7 @@ fn full_resources() -> LinuxResources {
 #[test]
 fn paths() {
     let p = |s: Option<&str>, id: &str| resolve_path(s.map(Path::new), id);
-    assert_eq!(p(None, "abc").unwrap(), Path::new("/twinbox/abc"));
+    assert_eq!(p(None, "abc").unwrap(), Path::new("/abc"));
     assert_eq!(p(Some("/a/b/c"), "x").unwrap(), Path::new("/a/b/c"));
     assert_eq!(p(Some("/a//./b/"), "x").unwrap(), Path::new("/a/b"));
     assert_eq!(p(Some("a/b"), "x").unwrap(), Path::new("/twinbox/a/b"));

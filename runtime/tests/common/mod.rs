@@ -264,14 +264,16 @@ pub fn default_spec(id: &str) -> Value {
     })
 }
 
-/// Directories named `id` under any cgroup hierarchy's twinbox/ directory.
+/// Directories named `id` at any cgroup hierarchy's root (a spec without cgroupsPath) or
+/// under its twinbox/ directory.
 pub fn cgroup_dirs(id: &str) -> Vec<PathBuf> {
     let mut out = Vec::new();
     let base = Path::new("/sys/fs/cgroup");
-    let mut candidates = vec![base.join("twinbox").join(id)];
+    let mut candidates = vec![base.join("twinbox").join(id), base.join(id)];
     if let Ok(rd) = std::fs::read_dir(base) {
         for e in rd.flatten() {
             candidates.push(e.path().join("twinbox").join(id));
+            candidates.push(e.path().join(id));
         }
     }
     for c in candidates {
