@@ -420,7 +420,8 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
             }
             match format {
                 Format::Json => {
-                    let v: Vec<_> = all.iter().map(|s| s.oci()).collect();
+                    let v: Vec<_> =
+                        all.iter().map(|s| crate::state::OciState { owner: s.owner_name(), ..s.oci() }).collect();
                     out(format!("{}\n", serde_json::to_string(&v).unwrap_or_default()))
                 }
                 Format::Table => {
@@ -440,7 +441,7 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
                             o.status.to_string(),
                             o.bundle.display().to_string(),
                             o.created,
-                            o.owner,
+                            s.owner_name(),
                         ]);
                     }
                     out(table(&rows))

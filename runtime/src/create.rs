@@ -216,11 +216,6 @@ pub(crate) fn create(rt: &Runtime, id: &str, bundle: &Path, opts: CreateOptions)
         (Some(p), true) => Some(connect_console(p)?),
         _ => None,
     };
-    let owner = nix::unistd::User::from_uid(nix::unistd::geteuid())
-        .ok()
-        .flatten()
-        .map(|u| u.name)
-        .unwrap_or_else(|| nix::unistd::geteuid().to_string());
     let mut state = State {
         oci_version: OCI_VERSION.to_string(),
         id: id.to_string(),
@@ -230,7 +225,7 @@ pub(crate) fn create(rt: &Runtime, id: &str, bundle: &Path, opts: CreateOptions)
         annotations: spec.annotations().clone().unwrap_or_default(),
         rootfs: rootfs.clone(),
         created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Nanos, true),
-        owner,
+        owner_uid: nix::unistd::geteuid().as_raw(),
         init_start_time: 0,
         cgroup: cgroup.clone(),
         config: spec.clone(),

@@ -87,9 +87,10 @@ pub struct State {
     pub rootfs: PathBuf,
     /// RFC 3339 creation time.
     pub created: String,
-    /// The user that created the container (runc prints it in `list`).
+    /// The uid that created the container; `list` prints its name (as runc, which leaves the
+    /// state document's `owner` empty and looks the name up only when listing).
     #[serde(default)]
-    pub owner: String,
+    pub owner_uid: u32,
     /// Field 22 of /proc/PID/stat at create time.
     pub init_start_time: u64,
     pub cgroup: CgroupManager,
@@ -150,9 +151,16 @@ impl State {
             bundle: self.bundle.clone(),
             rootfs: self.rootfs.clone(),
             created: self.created.clone(),
-            owner: self.owner.clone(),
+            owner: String::new(),
             annotations: self.annotations.clone(),
         }
+    }
+
+    /// The name of [`owner_uid`](Self::owner_uid) from the host's user database, else the
+    /// number.
+    pub fn owner_name(&self) -> String {
+        let uid = nix::unistd::Uid::from_raw(self.owner_uid);
+        nix::unistd::User::from_uid(uid).ok().flatten().map(|u| u.name).unwrap_or_else(|| uid.to_string())
     }
 
     /// The OCI state as JSON bytes (for hooks and the `state` command).

@@ -414,9 +414,13 @@ fn exec_ps_and_list() {
     let text = stdout(&out);
     assert!(text.starts_with("ID"), "{text}");
     assert!(text.contains(&env.id) && text.contains("running"), "{text}");
+    // As runc: the state document leaves `owner` empty; `list` names the user who created it.
+    assert!(text.lines().nth(1).is_some_and(|l| l.trim_end().ends_with(" root")), "{text}");
+    assert_eq!(env.state().unwrap()["owner"], "");
     let out = env.runc(&["list", "--format", "json"]);
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(v[0]["id"], env.id.as_str());
+    assert_eq!(v[0]["owner"], "root");
 
     assert!(env.runc(&["delete", "--force", &env.id]).status.success());
     let out = env.runc(&["exec", &env.id, "true"]);
