@@ -612,9 +612,23 @@ fn wait_forwarding(pid: Pid, set: &SigSet, console: Option<&ConsoleProxy>) -> Re
     }
 }
 
-/// Does the bundle's config ask for a terminal?
+/// Does the bundle's config ask for a terminal? Only `process.terminal` is read (`create`
+/// parses and checks the whole config next); an unreadable config says no, and `create`
+/// reports what is wrong with it.
 fn wants_terminal(bundle: &Path) -> bool {
-    crate::create::load_spec(bundle).ok().and_then(|s| s.process().as_ref().and_then(|p| p.terminal())).unwrap_or(false)
+    #[derive(serde::Deserialize)]
+    struct Config {
+        process: Option<ProcessTerminal>,
+    }
+    #[derive(serde::Deserialize)]
+    struct ProcessTerminal {
+        terminal: Option<bool>,
+    }
+    std::fs::read(bundle.join("config.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Config>(&b).ok())
+        .and_then(|c| c.process?.terminal)
+        .unwrap_or(false)
 }
 
 /// Block the forwarded signals; returns the previous mask.
@@ -638,7 +652,7 @@ fn run(rt: &Runtime, c: &CreateArgs, detach: bool) -> Result<i32, CliError> {
         if let Some(oc) = &own_console {
             opts.console_socket = Some(oc.path.clone());
         }
-        let st = rt.create(&c.id, &c.bundle, opts)?;
+        let mut st = rt.create(&c.id, &c.bundle, opts)?;
         let proxy = match own_console.as_ref().map(OwnConsole::receive) {
             Some(Ok(master)) => Some(ConsoleProxy::start(master)),
             Some(Err(e)) => {
@@ -647,18 +661,19 @@ fn run(rt: &Runtime, c: &CreateArgs, detach: bool) -> Result<i32, CliError> {
             }
             None => None,
         };
-        if let Err(e) = rt.start(&c.id) {
+        let pid = Pid::from_raw(st.pid);
+        if let Err(e) = rt.start_created(&mut st) {
             let _ = rt.delete(&c.id, true);
             return Err(e.into());
         }
         if detach {
             return Ok(0);
         }
-        let code = wait_forwarding(Pid::from_raw(st.pid), &set, proxy.as_ref());
+        let code = wait_forwarding(pid, &set, proxy.as_ref());
         if let Some(p) = proxy {
             p.finish();
         }
-        if let Err(e) = rt.delete(&c.id, true) {
+        if let Err(e) = rt.delete_created(st, true) {
             tracing::warn!(error = %error_chain(&e), "deleting the container after run");
         }
         code

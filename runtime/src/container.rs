@@ -253,6 +253,17 @@ impl Runtime {
         crate::start::start(self, id)
     }
 
+    /// [`start`](Self::start) a container this process just created, with the state
+    /// [`create`](Self::create) returned (no second read of the state file).
+    pub fn start_created(&self, state: &mut State) -> Result<(), RuntimeError> {
+        crate::start::start_created(self, state)
+    }
+
+    /// [`delete`](Self::delete) a container this process created, with the state it holds.
+    pub fn delete_created(&self, state: State, force: bool) -> Result<(), RuntimeError> {
+        crate::delete::delete_created(self, state, force)
+    }
+
     /// The container's state, with its status derived now.
     pub fn state(&self, id: &str) -> Result<State, RuntimeError> {
         self.load(id)

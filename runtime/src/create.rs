@@ -2,6 +2,11 @@
 //! clone the init into its namespaces, put it into the cgroup, write its id maps, run the
 //! prestart/createRuntime hooks when it asks, and return once it reports it is ready (blocked
 //! on `exec.fifo`). Everything made along the way is undone by [`CreateGuard`] on failure.
+//!
+//! The cgroup is made in two steps around the clone: the cgroup v2 directory before it (the
+//! init is cloned straight into it), the v1 hierarchies after it, while the init already
+//! mounts what comes before the spec's first cgroup mount. The init joins the v1 cgroups itself
+//! when the go-ahead comes, before that mount (see `init::init`).
 
 use std::ffi::CString;
 use std::os::fd::{AsFd, AsRawFd, OwnedFd};
@@ -14,17 +19,19 @@ use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxDeviceCgroup, LinuxNamespaceType, LinuxResources, Spec};
 
-use crate::cgroups::{CgroupError, CgroupManager};
+use crate::cgroups::{CgroupCreation, CgroupError, CgroupManager};
 use crate::container::{connect_console, validate_id, write_pid_file, CreateOptions, Runtime, RuntimeError};
 use crate::init::{self, InitArgs, Msg, SyncChannel};
 use crate::namespaces::{self, Namespaces, PidNsForChildren};
 use crate::rootfs::{Overlay, OVERLAY_ANNOTATION};
 use crate::state::{ProcStat, State, Status, EXEC_FIFO, OCI_VERSION};
 
-/// Undoes a partial create unless disarmed: kills and reaps the init, destroys the cgroup,
-/// removes the state directory.
+/// Undoes a partial create unless disarmed: kills and reaps the init, removes the cgroup
+/// directories of an unfinished two-step create or destroys the finished cgroup, removes the
+/// state directory.
 struct CreateGuard {
     dir: PathBuf,
+    creation: Option<CgroupCreation>,
     cgroup: Option<CgroupManager>,
     child: Option<Pid>,
     armed: bool,
@@ -32,7 +39,7 @@ struct CreateGuard {
 
 impl CreateGuard {
     fn new(dir: PathBuf) -> Self {
-        CreateGuard { dir, cgroup: None, child: None, armed: true }
+        CreateGuard { dir, creation: None, cgroup: None, child: None, armed: true }
     }
 
     fn disarm(mut self) {
@@ -49,6 +56,8 @@ impl Drop for CreateGuard {
             let _ = kill(pid, Signal::SIGKILL);
             let _ = waitpid(pid, None);
         }
+        // Only now that the init has left them can its cgroup directories go.
+        drop(self.creation.take());
         if let Some(cg) = &self.cgroup {
             if let Err(e) = cg.destroy() {
                 tracing::warn!(error = %e, "removing the cgroup of a failed create");
@@ -195,9 +204,17 @@ pub(crate) fn create(rt: &Runtime, id: &str, bundle: &Path, opts: CreateOptions)
             .map_err(|source| RuntimeError::Sys { what: "opening the state directory", source })?;
 
     let mut cgroup = CgroupManager::new(linux.cgroups_path().as_deref(), id)?;
-    if let Err(e) = cgroup.create(resources_with_devices(&linux).as_ref()) {
+    let resources = resources_with_devices(&linux);
+    // As root, only what the clone needs is made now (the cgroup v2 directory); the v1
+    // hierarchies are made while the init already sets up its mounts (it waits for them at
+    // its first cgroup mount). Rootless, all of it is made first: where the hierarchies are
+    // not writable, the container may have to run without a cgroup.
+    let rootless = rt.is_rootless();
+    if !rootless {
+        guard.creation = Some(cgroup.create_begin(resources.as_ref())?);
+    } else if let Err(e) = cgroup.create(resources.as_ref()) {
         let uid = nix::unistd::geteuid();
-        if !rt.is_rootless() || !e.is_permission_denied() {
+        if !e.is_permission_denied() {
             return Err(e.into());
         }
         // Rootless, on hierarchies this user may not write: like runc, run without a cgroup
@@ -210,7 +227,9 @@ pub(crate) fn create(rt: &Runtime, id: &str, bundle: &Path, opts: CreateOptions)
         tracing::info!(error = %e, "rootless: the container gets no cgroup");
         cgroup = cgroup.without_hierarchies();
     }
-    guard.cgroup = Some(cgroup.clone());
+    if rootless {
+        guard.cgroup = Some(cgroup.clone());
+    }
 
     let console = match (&opts.console_socket, terminal) {
         (Some(p), true) => Some(connect_console(p)?),
@@ -288,6 +307,11 @@ pub(crate) fn create(rt: &Runtime, id: &str, bundle: &Path, opts: CreateOptions)
             linux.gid_mappings().as_deref().unwrap_or(&[]),
         )?;
     }
+    if let Some(creation) = guard.creation.as_mut() {
+        cgroup.create_finish(creation, resources.as_ref())?;
+        guard.creation = None;
+        guard.cgroup = Some(cgroup.clone());
+    }
     if !self_join {
         cgroup.add_task(pid)?;
     } else if !in_unified {
@@ -295,7 +319,14 @@ pub(crate) fn create(rt: &Runtime, id: &str, bundle: &Path, opts: CreateOptions)
     }
     state.pid = pid.as_raw();
     let sys = |what| move |source| RuntimeError::Sys { what, source };
-    parent_sync.send(&Msg::Go(state.oci_json())).map_err(sys("sending go to the init"))?;
+    if let Err(e) = parent_sync.send(&Msg::Go(state.oci_json())) {
+        // The init fails before it needs the go-ahead when a mount before the cgroups fails:
+        // its report is waiting here.
+        if let Ok(Some(Msg::Error { code, message })) = parent_sync.recv() {
+            return Err(RuntimeError::Init { message, code });
+        }
+        return Err(sys("sending go to the init")(e));
+    }
 
     loop {
         match parent_sync.recv().map_err(sys("waiting for the init"))? {

@@ -7,13 +7,25 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 
 use crate::container::{error_chain, wait_gone, Runtime, RuntimeError};
-use crate::state::Status;
+use crate::state::{State, Status};
 
 const KILL_TIMEOUT: Duration = Duration::from_secs(10);
 
 pub(crate) fn delete(rt: &Runtime, id: &str, force: bool) -> Result<(), RuntimeError> {
     let _lock = rt.lock(id)?;
-    let mut st = rt.load(id)?;
+    delete_locked(rt, id, rt.load(id)?, force)
+}
+
+/// `delete` of a container this process created, with the state it holds (`run`): its status
+/// is derived again, the rest of the state cannot have changed.
+pub(crate) fn delete_created(rt: &Runtime, mut st: State, force: bool) -> Result<(), RuntimeError> {
+    let id = st.id.clone();
+    let _lock = rt.lock(&id)?;
+    st.refresh(&rt.state_dir(&id));
+    delete_locked(rt, &id, st, force)
+}
+
+fn delete_locked(rt: &Runtime, id: &str, mut st: State, force: bool) -> Result<(), RuntimeError> {
     let dir = rt.state_dir(id);
     match st.status {
         Status::Stopped => {}

@@ -111,12 +111,16 @@ impl SyncChannel {
         }
     }
 
-    /// The next message; `None` when the other end is closed (or sent garbage).
+    /// The next message; `None` when the other end is closed (or sent garbage). Messages the
+    /// other end sent before it closed are still delivered, also when it closed with one of
+    /// ours unread (the kernel then reports `ECONNRESET` once before handing them over).
     pub fn recv(&self) -> Result<Option<Msg>, Errno> {
         let mut buf = vec![0u8; 1 << 16];
+        let mut reset = false;
         loop {
             match recv(self.0.as_raw_fd(), &mut buf, MsgFlags::empty()) {
                 Err(Errno::EINTR) => continue,
+                Err(Errno::ECONNRESET) if !reset => reset = true,
                 Err(e) => return Err(e),
                 Ok(0) => return Ok(None),
                 Ok(n) => return Ok(Msg::decode(&buf[..n])),
@@ -247,18 +251,26 @@ pub fn run(args: &InitArgs<'_>) -> i32 {
     code
 }
 
+/// Waits for the parent's go-ahead, which carries the container's state document.
+fn recv_go(a: &InitArgs<'_>) -> Result<Vec<u8>, InitError> {
+    match a.sync.recv().map_err(InitError::Sync)? {
+        Some(Msg::Go(s)) => Ok(s),
+        None => Err(InitError::SyncClosed),
+        Some(_) => Err(InitError::SyncProtocol),
+    }
+}
+
 fn init(a: &InitArgs<'_>, ready: &mut bool) -> Result<Infallible, InitError> {
     syscall::reset_signals();
     if let Some(fds) = a.stdio {
         setup_stdio(fds, a.preserve_fds)?;
     }
-    let state_json = match a.sync.recv().map_err(InitError::Sync)? {
-        Some(Msg::Go(s)) => s,
-        None => return Err(InitError::SyncClosed),
-        Some(_) => return Err(InitError::SyncProtocol),
-    };
-    for path in a.cgroup_tasks {
-        std::fs::write(path, "0").map_err(|source| InitError::CgroupJoin { path: path.clone(), source })?;
+    // "Go" says the parent has made the cgroups (and written the id maps). In a new user
+    // namespace nothing can happen before the maps; otherwise the set-up up to the first cgroup
+    // mount runs while the parent is still making the v1 cgroups, and waits only there.
+    let mut go = None;
+    if a.ns.is_new(LinuxNamespaceType::User) {
+        go = Some(recv_go(a)?);
     }
     let spec = a.spec;
     let linux = spec.linux().clone().unwrap_or_default();
@@ -274,11 +286,6 @@ fn init(a: &InitArgs<'_>, ready: &mut bool) -> Result<Infallible, InitError> {
         if let Err(e) = syscall::join_session_keyring(name) {
             tracing::debug!(error = %e, "joining a new session keyring");
         }
-    }
-    // Our cgroup directories are only visible as such before unsharing the cgroup namespace.
-    let cgroup_binds = rootfs::cgroup_binds();
-    if a.ns.new_cgroup {
-        namespaces::unshare(LinuxNamespaceType::Cgroup)?;
     }
     if let Some(h) = spec.hostname().as_deref().filter(|h| !h.is_empty()) {
         LinuxSyscall.sethostname(h).map_err(|e| InitError::Hostname(h.to_string(), e))?;
@@ -307,9 +314,23 @@ fn init(a: &InitArgs<'_>, ready: &mut bool) -> Result<Infallible, InitError> {
         masked_paths: &masked,
         readonly_paths: &readonly,
         user_ns: a.ns.is_new(LinuxNamespaceType::User),
-        cgroup_binds: &cgroup_binds,
     };
-    rootfs::prepare(&LinuxSyscall, &cfg)?;
+    let mut state_json = Vec::new();
+    rootfs::prepare(&LinuxSyscall, &cfg, || -> Result<_, InitError> {
+        state_json = match go.take() {
+            Some(s) => s,
+            None => recv_go(a)?,
+        };
+        for path in a.cgroup_tasks {
+            std::fs::write(path, "0").map_err(|source| InitError::CgroupJoin { path: path.clone(), source })?;
+        }
+        // Our cgroup directories are only visible as such before unsharing the cgroup namespace.
+        let binds = rootfs::cgroup_binds();
+        if a.ns.new_cgroup {
+            namespaces::unshare(LinuxNamespaceType::Cgroup)?;
+        }
+        Ok(binds)
+    })?;
 
     if a.parent_hooks {
         a.sync.send(&Msg::HooksRequest).map_err(InitError::Sync)?;

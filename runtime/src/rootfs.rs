@@ -166,7 +166,6 @@ pub struct RootfsConfig<'a> {
     pub readonly_paths: &'a [String],
     /// In a new user namespace: devices are bind-mounted from the host instead of mknod.
     pub user_ns: bool,
-    pub cgroup_binds: &'a [CgroupBind],
 }
 
 /// Parsed mount options.
@@ -377,12 +376,20 @@ fn make_target(sys: &dyn Syscall, root: &Path, dest: &Path, kind: TargetKind) ->
 }
 
 /// Everything up to (not including) pivot_root. `sys` must be in the container's mount
-/// namespace.
-pub fn prepare(sys: &dyn Syscall, cfg: &RootfsConfig<'_>) -> Result<(), RootfsError> {
+/// namespace. `join_cgroups` puts the init into its cgroups and says where they are on the
+/// host; it is called once, at the first cgroup mount or else after the spec's mounts, so that
+/// the mounts before it overlap with the runtime still making the cgroups.
+pub fn prepare<E: From<RootfsError>>(
+    sys: &dyn Syscall,
+    cfg: &RootfsConfig<'_>,
+    join_cgroups: impl FnOnce() -> Result<Vec<CgroupBind>, E>,
+) -> Result<(), E> {
+    let mut join = Some(join_cgroups);
+    let mut binds = None;
     // 1. Nothing we mount may propagate back to the host.
     let prop = match cfg.propagation {
         None | Some("") => MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        Some(p @ ("shared" | "rshared")) => return Err(RootfsError::RootPropagation { value: p.to_string() }),
+        Some(p @ ("shared" | "rshared")) => return Err(RootfsError::RootPropagation { value: p.to_string() }.into()),
         Some(p) => propagation_flags(p).ok_or_else(|| RootfsError::RootPropagation { value: p.to_string() })?,
     };
     sys.mount(None, Path::new("/"), None, prop, None)
@@ -414,19 +421,27 @@ pub fn prepare(sys: &dyn Syscall, cfg: &RootfsConfig<'_>) -> Result<(), RootfsEr
             return Err(RootfsError::Option {
                 option: "uidMappings/gidMappings (idmapped mounts)".into(),
                 dest: dest.clone(),
-            });
+            }
+            .into());
         }
         let bind = typ == "bind" || opts.is_bind();
         if dest == Path::new("/dev") && bind {
             dev_is_bind = true;
         }
         if matches!(typ, "cgroup" | "cgroup2") && !bind {
-            mount_cgroup(sys, cfg, dest, &opts)?;
+            if let Some(j) = join.take() {
+                binds = Some(j()?);
+            }
+            mount_cgroup(sys, cfg, binds.as_deref().unwrap_or(&[]), dest, &opts)?;
         } else if bind {
             mount_bind(sys, cfg, m, &opts)?;
         } else {
             mount_fs(sys, cfg, m, typ, &opts)?;
         }
+    }
+
+    if let Some(j) = join.take() {
+        j()?;
     }
 
     // 4. Devices and the usual /dev symlinks, unless /dev is the host's.
@@ -509,6 +524,7 @@ fn apply_propagation(sys: &dyn Syscall, target: &Path, dest: &Path, opts: &Mount
 fn mount_cgroup(
     sys: &dyn Syscall,
     cfg: &RootfsConfig<'_>,
+    binds: &[CgroupBind],
     dest: &Path,
     opts: &MountOptions,
 ) -> Result<(), RootfsError> {
@@ -523,7 +539,7 @@ fn mount_cgroup(
         let flags = if opts.flags.contains(MsFlags::MS_RDONLY) { ro_flags } else { ro_flags - MsFlags::MS_RDONLY };
         remount_bind(sys, at, shown, flags)
     };
-    if let [only] = cfg.cgroup_binds {
+    if let [only] = binds {
         if only.name.is_empty() {
             // Pure cgroup v2: the container's directory is the mount.
             bind_one(&only.host, &target, dest)?;
@@ -533,7 +549,7 @@ fn mount_cgroup(
     let tmpfs_flags = opts.flags - MsFlags::MS_RDONLY - MsFlags::MS_BIND - MsFlags::MS_REC;
     sys.mount(Some(Path::new("tmpfs")), &target, Some("tmpfs"), tmpfs_flags, Some("mode=755"))
         .map_err(|source| RootfsError::Mount { source_name: "tmpfs".into(), dest: dest.to_path_buf(), source })?;
-    for b in cfg.cgroup_binds {
+    for b in binds {
         let at = target.join(&b.name);
         let shown = dest.join(&b.name);
         sys.mkdir(&at, Mode::from_bits_truncate(0o755))
@@ -807,8 +823,11 @@ mod tests {
             masked_paths: &[],
             readonly_paths: &[],
             user_ns: false,
-            cgroup_binds: &[],
         }
+    }
+
+    fn no_cgroups() -> Result<Vec<CgroupBind>, RootfsError> {
+        Ok(Vec::new())
     }
 
     fn strs(v: &[&str]) -> Vec<String> {
@@ -867,10 +886,20 @@ mod tests {
             CgroupBind { host: "/sys/fs/cgroup/memory/twinbox/c1".into(), name: "memory".into() },
             CgroupBind { host: "/sys/fs/cgroup/unified/twinbox/c1".into(), name: "unified".into() },
         ];
-        let mut c = cfg(&root, &mounts);
-        c.cgroup_binds = &binds;
+        let c = cfg(&root, &mounts);
         let sys = RecordingSyscall::new();
-        prepare(&sys, &c).unwrap();
+        let mut joined = 0;
+        prepare(&sys, &c, || -> Result<_, RootfsError> {
+            joined += 1;
+            // Joined at the cgroup mount, after the mounts before it.
+            assert_eq!(
+                sys.mounts().len(),
+                2 + mounts.iter().take_while(|m| m.typ().as_deref() != Some("cgroup")).count()
+            );
+            Ok(binds.clone())
+        })
+        .unwrap();
+        assert_eq!(joined, 1);
         pivot(&sys, &root, false).unwrap();
 
         let targets: Vec<(Option<String>, PathBuf)> = sys
@@ -965,7 +994,7 @@ mod tests {
         let mut c = cfg(&root, &mounts);
         c.overlay = Some(&ov);
         let sys = RecordingSyscall::new();
-        prepare(&sys, &c).unwrap();
+        prepare(&sys, &c, no_cgroups).unwrap();
         let calls = sys.calls();
         assert_eq!(
             calls[1],
@@ -1001,7 +1030,7 @@ mod tests {
         let mounts: Vec<Mount> =
             serde_json::from_str(r#"[{"destination":"/../../etc/x","type":"tmpfs","source":"tmpfs"}]"#).unwrap();
         let sys = RecordingSyscall::new();
-        let err = prepare(&sys, &cfg(&root, &mounts)).unwrap_err();
+        let err = prepare(&sys, &cfg(&root, &mounts), no_cgroups).unwrap_err();
         assert!(matches!(err, RootfsError::Escape { .. }), "{err}");
         assert_eq!(sys.mounts().len(), 2); // only "/" propagation and the root bind
     }

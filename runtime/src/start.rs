@@ -7,11 +7,23 @@ use nix::sys::stat::Mode;
 use std::os::fd::AsFd;
 
 use crate::container::{Runtime, RuntimeError};
-use crate::state::{derive_status, Status, EXEC_FIFO};
+use crate::state::{derive_status, State, Status, EXEC_FIFO};
 
 pub(crate) fn start(rt: &Runtime, id: &str) -> Result<(), RuntimeError> {
     let _lock = rt.lock(id)?;
-    let mut st = rt.load(id)?;
+    start_locked(rt, id, &mut rt.load(id)?)
+}
+
+/// `start` of a container this process has just created, with the state `create` returned
+/// instead of reading it back from disk (`run`).
+pub(crate) fn start_created(rt: &Runtime, st: &mut State) -> Result<(), RuntimeError> {
+    let id = st.id.clone();
+    let _lock = rt.lock(&id)?;
+    // Status `created` as `create` left it; an init that died since is found by the wait below.
+    start_locked(rt, &id, st)
+}
+
+fn start_locked(rt: &Runtime, id: &str, st: &mut State) -> Result<(), RuntimeError> {
     if !st.status.can_start() {
         return Err(RuntimeError::CannotStart { status: st.status });
     }

@@ -187,7 +187,7 @@ impl State {
 
     /// Write `<dir>/state.json` atomically (temp file + rename).
     pub fn save(&self, dir: &Path) -> Result<(), StateError> {
-        let bytes = serde_json::to_vec_pretty(self).unwrap_or_default();
+        let bytes = serde_json::to_vec(self).unwrap_or_default();
         // 0600: the config snapshot holds the process environment.
         write_atomic(&dir.join(STATE_FILE), &bytes, 0o600)
     }

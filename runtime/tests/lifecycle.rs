@@ -225,6 +225,26 @@ fn bad_oci_version_is_refused() {
 }
 
 #[test]
+fn mount_failing_before_the_cgroups_are_made_is_reported() {
+    // The init mounts what comes before the first cgroup mount while the runtime is still
+    // making the cgroups: a failure there must still come back as the init's own error.
+    for at_start in [true, false] {
+        let mut env = env_or_skip!("early_mount");
+        let bad = json!({"destination": "/mnt", "type": "nosuchfs", "source": "none"});
+        let mounts = env.spec["mounts"].as_array_mut().unwrap();
+        if at_start {
+            mounts.insert(0, bad);
+        } else {
+            mounts.push(bad);
+        }
+        let (code, err) = env.create();
+        assert_eq!(code, 1, "{err}");
+        assert!(err.contains("container init failed: mounting none on /mnt"), "{err}");
+        env.assert_no_leaks();
+    }
+}
+
+#[test]
 fn escaping_mount_target_is_refused() {
     let mut env = env_or_skip!("escape");
     let outside = env.tmp.path().join("outside");

@@ -181,7 +181,7 @@ pub(super) fn remove_tree(dir: &Path) -> Result<(), CgroupError> {
 /// Directories a `create` made, removed again (deepest first) unless `create` succeeds.
 /// Shared parents that someone else started using in the meantime stay (their `rmdir` fails
 /// with `EBUSY`/`ENOTEMPTY`, which is ignored).
-#[derive(Default)]
+#[derive(Default, Debug)]
 pub(super) struct CreatedDirs {
     dirs: Vec<PathBuf>,
 }

@@ -253,6 +253,13 @@ pub fn detect(mount_root: &Path) -> Result<Layout, CgroupError> {
     Ok(mountinfo::discover(mount_root)?.layout)
 }
 
+/// The directories a [`CgroupManager::create_begin`] made: removed on drop unless
+/// [`CgroupManager::create_finish`] succeeded.
+#[derive(Debug)]
+pub struct CgroupCreation {
+    created: fs::CreatedDirs,
+}
+
 /// One container's cgroup in every hierarchy of the host. Plain data, stored in the container's
 /// state and reloaded by other processes (`kill`, `delete`); nothing is made until
 /// [`create`](Self::create) and nothing is removed on drop (see [`destroy`](Self::destroy)).
@@ -330,32 +337,31 @@ impl CgroupManager {
         out
     }
 
-    /// Makes the container's cgroup in every hierarchy and applies `resources`; on any error,
-    /// removes what it made.
+    /// Makes the container's cgroup in every hierarchy and applies `resources`. Intermediate
+    /// directories are made as needed; the leaf must not exist yet. On error, whatever this
+    /// call made is removed again.
     pub fn create(&self, resources: Option<&LinuxResources>) -> Result<(), CgroupError> {
+        let mut creation = self.create_begin(resources)?;
+        self.create_finish(&mut creation, resources)
+    }
+
+    /// [`create`](Self::create) in two steps, for an init cloned straight into its cgroup v2
+    /// directory (`CLONE_INTO_CGROUP`) that starts its own set-up while the v1 hierarchies are
+    /// still being made: this step checks `resources` and makes what the clone needs (pure v2:
+    /// the whole cgroup with its limits; hybrid: the cgroup2 directory; v1: nothing).
+    /// [`create_finish`](Self::create_finish) makes the rest. Dropped unfinished, the returned
+    /// [`CgroupCreation`] removes what was made, so the init must be gone from it by then.
+    pub fn create_begin(&self, resources: Option<&LinuxResources>) -> Result<CgroupCreation, CgroupError> {
         if let Some(r) = resources {
             self.check(r)?;
         }
         let components = self.components();
-        let mut created = fs::CreatedDirs::default();
+        let mut creation = CgroupCreation { created: fs::CreatedDirs::default() };
         match self.layout {
-            Layout::Legacy | Layout::Hybrid => {
-                let cpuset = self.v1.get("cpuset").map(PathBuf::as_path);
-                for mount in self.v1_mounts() {
-                    let is_cpuset = cpuset == Some(mount);
-                    fs::make_chain(
-                        mount,
-                        &components,
-                        &mut created,
-                        |_| Ok(()),
-                        |child, parent| if is_cpuset { v1::inherit_cpuset(child, parent) } else { Ok(()) },
-                    )?;
-                }
+            Layout::Legacy => {}
+            Layout::Hybrid => {
                 if let Some(mount) = &self.unified {
-                    fs::make_chain(mount, &components, &mut created, |_| Ok(()), |_, _| Ok(()))?;
-                }
-                if let Some(r) = resources {
-                    v1::apply(self, r, true)?;
+                    fs::make_chain(mount, &components, &mut creation.created, |_| Ok(()), |_, _| Ok(()))?;
                 }
             }
             Layout::Unified => {
@@ -363,13 +369,42 @@ impl CgroupManager {
                     Some(r) => v2::needed(r)?,
                     None => BTreeSet::new(),
                 };
-                let (leaf, available) = v2::make_leaf(self.unified_mount()?, &components, &extra, &mut created)?;
+                let (leaf, available) =
+                    v2::make_leaf(self.unified_mount()?, &components, &extra, &mut creation.created)?;
                 if let Some(r) = resources {
                     v2::apply(&leaf, &available, r)?;
                 }
             }
         }
-        created.keep();
+        Ok(creation)
+    }
+
+    /// The second step of [`create_begin`](Self::create_begin): the v1 hierarchies'
+    /// directories and limits. On success everything made stays; on error `creation` still
+    /// holds it all, to be removed when dropped.
+    pub fn create_finish(
+        &self,
+        creation: &mut CgroupCreation,
+        resources: Option<&LinuxResources>,
+    ) -> Result<(), CgroupError> {
+        if self.layout != Layout::Unified {
+            let components = self.components();
+            let cpuset = self.v1.get("cpuset").map(PathBuf::as_path);
+            for mount in self.v1_mounts() {
+                let is_cpuset = cpuset == Some(mount);
+                fs::make_chain(
+                    mount,
+                    &components,
+                    &mut creation.created,
+                    |_| Ok(()),
+                    |child, parent| if is_cpuset { v1::inherit_cpuset(child, parent) } else { Ok(()) },
+                )?;
+            }
+            if let Some(r) = resources {
+                v1::apply(self, r, true)?;
+            }
+        }
+        std::mem::take(&mut creation.created).keep();
         tracing::debug!(path = %self.path.display(), layout = %self.layout, "cgroup created");
         Ok(())
     }
