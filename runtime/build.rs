@@ -7,7 +7,9 @@
 //! stays position-independent; only the final link fixes the executable's own address, as
 //! runc's statically linked Go binary does. Shared libraries, heap and stack are still placed
 //! at random; the executable's own code is not (the price of the faster start). A
-//! `crt-static` build is left as rustc makes it (static-pie).
+//! `crt-static` build through RUSTFLAGS is left as rustc makes it (static-pie);
+//! scripts/build-static-runc.sh gives crt-static to rustc for this binary alone, which this
+//! script cannot see, so it also asks for `relocation-model=static`, which `-no-pie` agrees with.
 
 fn main() {
     let static_pie = std::env::var("CARGO_CFG_TARGET_FEATURE").is_ok_and(|f| f.split(',').any(|f| f == "crt-static"));

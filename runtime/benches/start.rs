@@ -6,9 +6,10 @@
 //! KernelStack growth, per container, each reading once the kernel has finished freeing).
 //!
 //! `cargo bench -p twinbox-runtime --bench start` as root. `TWINBOX_BENCH_ROUNDS` (default 60),
-//! `TWINBOX_BENCH_IDLE` (default 50). crun refuses this host's cgroup v1/v2 hybrid, so it runs
-//! with a private mount namespace in which a tmpfs hides /sys/fs/cgroup/unified (set up in the
-//! forked child before exec, so crun pays no extra exec).
+//! `TWINBOX_BENCH_IDLE` (default 50; 0 skips the memory part). The statically linked build of
+//! scripts/build-static-runc.sh is measured too when it is there. crun refuses this host's
+//! cgroup v1/v2 hybrid, so it runs with a private mount namespace in which a tmpfs hides
+//! /sys/fs/cgroup/unified (set up in the forked child before exec, so crun pays no extra exec).
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
@@ -221,6 +222,25 @@ fn main() {
         ],
         hide_unified: false,
     }];
+    // The same runtime linked statically (scripts/build-static-runc.sh), when built.
+    let static_runc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/runc-static/twinbox-runc");
+    if static_runc.exists() {
+        backends.push(Backend {
+            name: "twinbox-runc (static)",
+            argv: vec![
+                static_runc.display().to_string(),
+                "--root".into(),
+                format!("{st}/twinbox-static"),
+                "run".into(),
+                "-b".into(),
+                bs.clone(),
+                "{id}".into(),
+            ],
+            hide_unified: false,
+        });
+    } else {
+        println!("twinbox-runc (static): not built (scripts/build-static-runc.sh)");
+    }
     if have("runc") {
         backends.push(Backend {
             name: "runc",
@@ -316,6 +336,9 @@ fn main() {
     }
 
     let n: usize = std::env::var("TWINBOX_BENCH_IDLE").ok().and_then(|s| s.parse().ok()).unwrap_or(50);
+    if n == 0 {
+        return;
+    }
     println!(
         "memory per idle container ({n} detached `sleep`s; PSS of what is left running + kernel Slab/PageTables/KernelStack/\
          Percpu growth; one unmeasured warm-up round, then 5 rounds in rotated order, medians):"
