@@ -39,6 +39,8 @@ need_root
 install_packages
 install_rust
 cargo build --release -q -p twinbox
+# The drop-in runtime, linked statically as runc ships (target/runc-static/twinbox-runc).
+scripts/build-static-runc.sh >/dev/null
 scripts/default-images.sh target/release/twinbox
 # The microVM guest kernel (about 10 minutes once, then cached). Only where /dev/kvm can boot
 # Linux: with PVM (kvm_pvm) the microVMs are measured in the nested L1 of
