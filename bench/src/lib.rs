@@ -71,14 +71,14 @@ impl Options {
             quick: q,
             // Start rounds are cheap (≈ 0.1 s for all container backends): enough of them that
             // a run's median does not hinge on a few slow samples.
-            start_runs: self.runs.unwrap_or(if q { 30 } else { 50 }).max(1),
-            cpu_runs: self.runs.map(|r| r.clamp(1, 10)).unwrap_or(if q { 3 } else { 10 }),
+            start_runs: self.runs.unwrap_or(if q { 60 } else { 100 }).max(1),
+            cpu_runs: self.runs.map(|r| r.clamp(1, 10)).unwrap_or(if q { 5 } else { 10 }),
             warmup: if q { 2 } else { 5 },
             instances: self.instances.unwrap_or(if q { 10 } else { 20 }).max(1),
             max: self.max.unwrap_or(if q { 10 } else { 50 }).max(1),
             // A memory budget asks how many instances fit: one pass, so the curve ends where
             // that pass hit the budget.
-            density_passes: if self.memory_budget_mib.is_some() { 1 } else { 2 },
+            density_passes: if self.memory_budget_mib.is_some() { 1 } else { 4 },
             memory_budget_mib: self.memory_budget_mib,
             cpu_target_ms: if q { 150 } else { 500 },
         }

@@ -165,7 +165,7 @@ fn what_this_shows(r: &Results) -> Vec<String> {
     let rate = list_medians(r, "density", "launch_rate", "/s", &[]);
     if !rate.is_empty() {
         out.push(format!(
-            "**Density.** Launching up to {} instances one after another ({} pass(es) per backend, averaged): \
+            "**Density.** Launching up to {} instances one after another ({} pass(es) per backend, the median of each point): \
              {rate}. The curves show whether launch latency and host memory grow linearly with N.",
             r.settings.max, r.settings.density_passes
         ));

@@ -30,7 +30,7 @@ pub fn run(r: &mut Run<'_>) {
     let bar = r.progress((max * nb * passes) as u64, "density");
     let mut results: Vec<Vec<Pass>> = (0..nb).map(|_| Vec::new()).collect();
     // Every backend once per pass, the order reversed on odd passes: a backend's curve is the
-    // mean over passes taken at different moments, so a slow minute of a shared host weighs
+    // median over passes taken at different moments, so a slow minute of a shared host weighs
     // on every backend alike instead of on whichever ran then.
     'passes: for pass in 0..passes {
         for j in 0..nb {
@@ -48,8 +48,8 @@ pub fn run(r: &mut Run<'_>) {
             continue;
         }
         let name = r.backends[k].name();
-        let latency = mean_by_index(passes.iter().map(|p| &p.latency));
-        let memory = mean_by_index(passes.iter().map(|p| &p.memory));
+        let latency = median_by_index(passes.iter().map(|p| &p.latency));
+        let memory = median_by_index(passes.iter().map(|p| &p.memory));
         let times: Vec<f64> = passes.iter().flat_map(|p| p.teardown.iter().copied()).collect();
         let count = latency.len();
         let total_s: f64 = latency.iter().sum::<f64>() / 1000.0;
@@ -60,7 +60,7 @@ pub fn run(r: &mut Run<'_>) {
             "launch_latency",
             "ms",
             Better::Lower,
-            "launch of instance i (sample i−1) with i−1 already running: until the launcher returns; the mean over the passes",
+            "launch of instance i (sample i−1) with i−1 already running: until the launcher returns; the median over the passes",
             latency,
             0,
             0,
@@ -71,7 +71,7 @@ pub fn run(r: &mut Run<'_>) {
             "host_memory",
             "MiB",
             Better::Lower,
-            "after launching instance i (sample i−1): PSS of all instances' processes + kernel Slab/PageTables/KernelStack/Percpu growth; the mean over the passes",
+            "after launching instance i (sample i−1): PSS of all instances' processes + kernel Slab/PageTables/KernelStack/Percpu growth; the median over the passes",
             memory,
             0,
             0,
@@ -82,7 +82,7 @@ pub fn run(r: &mut Run<'_>) {
             "launch_rate",
             "instances/s",
             Better::Higher,
-            &format!("{count} instances / the sum of their (mean) launch latencies"),
+            &format!("{count} instances / the sum of their (median) launch latencies"),
             rate,
             0,
             0,
@@ -101,11 +101,13 @@ pub fn run(r: &mut Run<'_>) {
     }
 }
 
-/// The mean, index by index, over series cut to the shortest one (a pass that stopped early).
-fn mean_by_index<'a>(series: impl Iterator<Item = &'a Vec<f64>>) -> Vec<f64> {
+/// The median, index by index, over series cut to the shortest one (a pass that stopped
+/// early): one pass slowed by the rest of the host does not move the curve (with two passes,
+/// this is their mean).
+fn median_by_index<'a>(series: impl Iterator<Item = &'a Vec<f64>>) -> Vec<f64> {
     let series: Vec<&Vec<f64>> = series.collect();
     let n = series.iter().map(|s| s.len()).min().unwrap_or(0);
-    (0..n).map(|i| series.iter().map(|s| s[i]).sum::<f64>() / series.len() as f64).collect()
+    (0..n).map(|i| crate::stats::median(&series.iter().map(|s| s[i]).collect::<Vec<f64>>())).collect()
 }
 
 fn one_pass(r: &mut Run<'_>, k: usize, max: usize, bar: &indicatif::ProgressBar) -> Pass {
@@ -165,4 +167,21 @@ fn one_pass(r: &mut Run<'_>, k: usize, max: usize, bar: &indicatif::ProgressBar)
         r.note(format!("density: {name}: {left} processes still running after teardown"));
     }
     Pass { latency, memory, teardown: times.iter().map(|d| ms(*d)).collect() }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::median_by_index;
+
+    #[test]
+    fn one_slow_pass_does_not_move_the_curve() {
+        let a = vec![1.0, 2.0, 3.0];
+        let slow = vec![10.0, 20.0, 30.0];
+        let b = vec![1.2, 2.2];
+        // Three passes: the slow one is outvoted; the curve is cut to the shortest pass.
+        assert_eq!(median_by_index([&a, &slow, &b].into_iter()), vec![1.2, 2.2]);
+        // Two passes: their mean.
+        assert_eq!(median_by_index([&a, &b].into_iter()), vec![1.1, 2.1]);
+        assert!(median_by_index(std::iter::empty()).is_empty());
+    }
 }
