@@ -519,6 +519,7 @@ pub fn draw_all(r: &Results, dir: &Path) -> Result<Vec<Chart>, ChartError> {
         let stem = format!("density-{}", metric.replace('_', "-"));
         let passes = match s.density_passes {
             1 => "once".to_owned(),
+            2 => "the mean of 2 passes".to_owned(),
             n => format!("the median of {n} passes"),
         };
         let sub = format!("{what}; up to {} instances per backend, started one after another, {passes}\n{at}", s.max);

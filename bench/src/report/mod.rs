@@ -165,9 +165,13 @@ fn what_this_shows(r: &Results) -> Vec<String> {
     let rate = list_medians(r, "density", "launch_rate", "/s", &[]);
     if !rate.is_empty() {
         out.push(format!(
-            "**Density.** Launching up to {} instances one after another ({} pass(es) per backend, the median of each point): \
+            "**Density.** Launching up to {} instances one after another ({}): \
              {rate}. The curves show whether launch latency and host memory grow linearly with N.",
-            r.settings.max, r.settings.density_passes
+            r.settings.max,
+            match r.settings.density_passes {
+                1 => "one pass per backend".to_owned(),
+                n => format!("{n} passes per backend, the median of each point"),
+            }
         ));
     }
     let cpu = list_medians(r, "cpu", "compute_ratio", "×", &[floor]);
