@@ -198,8 +198,8 @@ fn run_container(rt: &Runtime, id: &str, bundle: &Path) -> Result<i32, BuildRunE
     set.add(Signal::SIGCHLD);
     let old = set.thread_swap_mask(SigmaskHow::SIG_BLOCK).map_err(|e| BuildRunError::Sys("sigprocmask", e))?;
     let result = (|| {
-        let state = rt.create(id, bundle, CreateOptions { stdio: Some(stdio), ..Default::default() })?;
-        rt.start(id)?;
+        let mut state = rt.create(id, bundle, CreateOptions { stdio: Some(stdio), ..Default::default() })?;
+        rt.start_created(&mut state)?;
         wait_step(rt, id, Pid::from_raw(state.pid), &set)
     })();
     let _ = old.thread_set_mask();

@@ -277,11 +277,12 @@ impl Engine {
                 tee = Some(readers);
                 Some(stdio)
             };
-            let state = self.runtime.create(&record.id, &bundle, CreateOptions { stdio, ..Default::default() })?;
+            let mut state = self.runtime.create(&record.id, &bundle, CreateOptions { stdio, ..Default::default() })?;
             let copiers = tee.take().map(|(out, err, log)| tee_threads(out, err, log)).unwrap_or_default();
             let pid = Pid::from_raw(state.pid);
             record.phase = Phase::Running { pid: pid.as_raw() };
-            let started = self.save(&record).and_then(|()| self.runtime.start(&record.id).map_err(EngineError::from));
+            let started =
+                self.save(&record).and_then(|()| self.runtime.start_created(&mut state).map_err(EngineError::from));
             Ok((started.map(|()| wait_forwarding(pid, &forwarded)), copiers))
         })();
         let _ = old.thread_set_mask();
