@@ -199,25 +199,28 @@ pub(crate) fn run_quiet(mut cmd: Command, what: &str) -> Result<(), BackendError
     // stall the bench.
     let watchdog = Watchdog::start(child.id(), crate::scenario::RUN_TIMEOUT);
     let status = child.wait().map_err(spawn_err)?;
-    let killed = watchdog.stop();
-    if status.success() && !killed {
+    let stall = watchdog.stop();
+    if status.success() && stall.is_none() {
         return Ok(());
     }
     let mut stderr = String::new();
     let _ = log.rewind().and_then(|()| log.read_to_string(&mut stderr));
-    let status = if killed {
-        format!("killed after {} s without exiting", crate::scenario::RUN_TIMEOUT.as_secs())
-    } else {
-        status.to_string()
+    let status = match &stall {
+        Some(_) => format!("killed after {} s without exiting", crate::scenario::RUN_TIMEOUT.as_secs()),
+        None => status.to_string(),
     };
-    Err(BackendError::Failed { what: what.to_owned(), status, stderr: stderr.trim().to_owned() })
+    let mut stderr = stderr.trim().to_owned();
+    if let Some(report) = stall {
+        stderr.push_str(&format!("\nwhere it stood:\n{report}"));
+    }
+    Err(BackendError::Failed { what: what.to_owned(), status, stderr })
 }
 
 /// Kills a run that outlives its deadline, from a thread of its own, while the caller blocks
 /// in its wait (so the exit stamp carries no polling delay).
 pub(crate) struct Watchdog {
     done: std::sync::mpsc::Sender<()>,
-    thread: std::thread::JoinHandle<bool>,
+    thread: std::thread::JoinHandle<Option<String>>,
 }
 
 impl Watchdog {
@@ -225,31 +228,78 @@ impl Watchdog {
         let (done, rx) = std::sync::mpsc::channel::<()>();
         let thread = std::thread::spawn(move || {
             if rx.recv_timeout(after) != Err(std::sync::mpsc::RecvTimeoutError::Timeout) {
-                return false;
+                return None;
             }
             // Still not reaped (the caller has not said done), so the pid is still the run's.
-            kill_run(pid);
-            true
+            Some(kill_run(pid))
         });
         Watchdog { done, thread }
     }
 
-    /// The run ended (reaped): stop watching. True if the watchdog had killed it.
-    pub(crate) fn stop(self) -> bool {
+    /// The run ended (reaped): stop watching. When the watchdog had killed it: where the run
+    /// stood (see [`stall_report`]).
+    pub(crate) fn stop(self) -> Option<String> {
         let _ = self.done.send(());
-        self.thread.join().unwrap_or(false)
+        self.thread.join().unwrap_or(None)
     }
 }
 
 /// SIGKILL to a foreground run not yet reaped: to its whole process group when it leads one
 /// (the backends that start helpers: a shell around QEMU, twinbox), else to the process.
-pub(crate) fn kill_run(pid: u32) {
+/// Returns where the run's threads stood just before (see [`stall_report`]).
+pub(crate) fn kill_run(pid: u32) -> String {
+    let report = stall_report(pid);
     let pid = nix::unistd::Pid::from_raw(pid as i32);
     let _ = if nix::unistd::getpgid(Some(pid)).is_ok_and(|g| g == pid) {
         nix::sys::signal::killpg(pid, nix::sys::signal::Signal::SIGKILL)
     } else {
         nix::sys::signal::kill(pid, nix::sys::signal::Signal::SIGKILL)
     };
+    report
+}
+
+/// Where a stuck run stands: for every thread of `pid` and of the processes in its process
+/// group, its name, state, the kernel function it waits in (`wchan`) and the top of its kernel
+/// stack (`/proc/…/stack`, root only). A run that never exits is otherwise a mystery (a VMM
+/// stuck in `KVM_RUN`, a launcher blocked on a pipe); this goes into the failure's message.
+pub(crate) fn stall_report(pid: u32) -> String {
+    const STACK_LINES: usize = 6;
+    const MAX_THREADS: usize = 16;
+    let group = |p: u32| {
+        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
+        // Field 5 (pgrp), after the parenthesised command name.
+        stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(2)?.parse::<u32>().ok())
+    };
+    let mut pids: Vec<u32> =
+        crate::host::scan().into_iter().map(|p| p.pid).filter(|&p| p == pid || group(p) == Some(pid)).collect();
+    pids.sort_unstable();
+    let mut out = Vec::new();
+    for p in pids {
+        let Ok(tasks) = std::fs::read_dir(format!("/proc/{p}/task")) else { continue };
+        let mut tids: Vec<u32> = tasks.flatten().filter_map(|e| e.file_name().to_str()?.parse().ok()).collect();
+        tids.sort_unstable();
+        for tid in tids {
+            if out.len() >= MAX_THREADS {
+                out.push("…".to_owned());
+                return out.join("\n");
+            }
+            let dir = format!("/proc/{p}/task/{tid}");
+            let read = |f: &str| std::fs::read_to_string(format!("{dir}/{f}")).unwrap_or_default();
+            let stat = read("stat");
+            let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()).unwrap_or("?").to_owned();
+            let mut line = format!("{p}/{tid} {} state {state} wchan {}", read("comm").trim(), read("wchan").trim());
+            let stack: Vec<String> = read("stack")
+                .lines()
+                .take(STACK_LINES)
+                .map(|l| l.split_whitespace().last().unwrap_or("").to_owned())
+                .collect();
+            if !stack.is_empty() {
+                line.push_str(&format!(" stack {}", stack.join(" < ")));
+            }
+            out.push(line);
+        }
+    }
+    out.join("\n")
 }
 
 /// Children go into their own process group, so a Ctrl-C at the terminal reaches only the

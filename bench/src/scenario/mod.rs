@@ -193,20 +193,27 @@ fn run_once_within(
     // Output ended; the launcher may still be tearing down (or hang there). One that hung
     // before its output ended is killed now.
     let watchdog = (!hung).then(|| Watchdog::start(child.id(), deadline.saturating_duration_since(Instant::now())));
-    if hung {
-        kill_run(child.id());
-    }
+    let mut stall = hung.then(|| kill_run(child.id()));
     let status = child.wait().map_err(spawn_err)?;
     let exit = t0.elapsed();
     let cpu = children_cpu().saturating_sub(cpu0);
     let stdout = String::from_utf8_lossy(&stdout_bytes).into_owned();
-    let killed = hung || watchdog.is_some_and(Watchdog::stop);
-    if killed || !status.success() {
+    if let Some(w) = watchdog {
+        stall = stall.or(w.stop());
+    }
+    if stall.is_some() || !status.success() {
         backend.cleanup_run(id);
+        let mut stderr = std::fs::read_to_string(&err_path).unwrap_or_default().trim().to_owned();
+        if let Some(report) = &stall {
+            stderr.push_str(&format!("\nwhere it stood:\n{report}"));
+        }
         return Err(BackendError::Failed {
             what: format!("{} {}", backend.name(), workload.args().join(" ")),
-            status: if killed { format!("killed after {timeout:.0?} without exiting") } else { status.to_string() },
-            stderr: std::fs::read_to_string(&err_path).unwrap_or_default().trim().to_owned(),
+            status: match stall {
+                Some(_) => format!("killed after {timeout:.0?} without exiting"),
+                None => status.to_string(),
+            },
+            stderr,
         });
     }
     Ok(RunTiming { first_byte, exit, cpu, stdout })
@@ -330,7 +337,12 @@ mod tests {
         let t = std::time::Instant::now();
         let e = run_once_within(&b, &Workload::True, &id, dir.path(), Duration::from_millis(500)).unwrap_err();
         assert!(t.elapsed() < Duration::from_secs(30));
-        assert!(e.to_string().contains("without exiting"), "{e}");
+        let msg = e.to_string();
+        assert!(msg.contains("without exiting"), "{msg}");
+        // Where the run stood when it was killed: the group's processes, the inner sleep too.
+        let stood = msg.split_once("where it stood:\n").map(|(_, r)| r).unwrap_or_else(|| panic!("{msg}"));
+        assert!(stood.lines().any(|l| l.contains(" sleep state S wchan ")), "{msg}");
+        assert!(stood.lines().filter(|l| l.contains(" sh state ")).count() >= 2, "{msg}");
         assert_eq!(std::fs::read_to_string(dir.path().join("cleaned")).unwrap(), id);
         // The whole group went: no `sleep 1000 <id>` is left.
         std::thread::sleep(Duration::from_millis(100));
