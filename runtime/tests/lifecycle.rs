@@ -245,6 +245,20 @@ fn mount_failing_before_the_cgroups_are_made_is_reported() {
 }
 
 #[test]
+fn cgroup_limit_failing_after_the_clone_kills_the_init_and_leaves_nothing() {
+    // The v1 limits are written after the init was cloned into its cgroup v2 directory (on a
+    // v1 or hybrid host): a limit the kernel refuses must take the init down with the
+    // directories.
+    let mut env = env_or_skip!("late_cgroup_error");
+    env.args(&["sleep", "1000"]);
+    env.spec["linux"]["resources"]["cpu"] = json!({"cpus": "999"});
+    let (code, err) = env.create();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("cpuset.cpus"), "{err}");
+    env.assert_no_leaks();
+}
+
+#[test]
 fn escaping_mount_target_is_refused() {
     let mut env = env_or_skip!("escape");
     let outside = env.tmp.path().join("outside");

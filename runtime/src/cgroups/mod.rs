@@ -279,7 +279,7 @@ pub struct CgroupManager {
 impl CgroupManager {
     /// The container's cgroup under [`DEFAULT_MOUNT_ROOT`]. `cgroups_path` is the spec's
     /// `linux.cgroupsPath` (absolute: relative to the hierarchy roots; relative: under
-    /// `/twinbox/`; `None` → `/twinbox/<id>`); the systemd `slice:prefix:name` form is an error.
+    /// `/twinbox/`; `None` → `/<id>`); the systemd `slice:prefix:name` form is an error.
     pub fn new(cgroups_path: Option<&Path>, id: &str) -> Result<Self, CgroupError> {
         Self::with_mount_root(Path::new(DEFAULT_MOUNT_ROOT), cgroups_path, id)
     }
@@ -309,7 +309,7 @@ impl CgroupManager {
         self.layout
     }
 
-    /// The container's cgroup relative to each hierarchy's root (`/twinbox/<id>`).
+    /// The container's cgroup relative to each hierarchy's root (such as `/<id>` or `/twinbox/<id>`).
     pub fn path(&self) -> &Path {
         &self.path
     }
