@@ -213,9 +213,10 @@ fn rmdir_once(dir: &Path) -> Result<(), CgroupError> {
     rmdir(dir)
 }
 
-/// How many times a path is re-walked when a parent vanished under us (a concurrent failed
-/// `create` removing a shared parent it had just made).
-const MKDIR_ATTEMPTS: u32 = 5;
+/// How many times a path is re-walked when a parent vanished under us: a concurrent failed
+/// `create` removing a shared parent it had just made, or a `destroy` removing an emptied
+/// `/twinbox` between our `mkdir` of it and the writes into it.
+const MKDIR_ATTEMPTS: u32 = 20;
 
 /// Makes `mount/components…`, calling `before_child(parent)` before each level is created and
 /// `after_child(child, parent)` after. Intermediate directories may exist already; the last one
@@ -233,7 +234,13 @@ pub(super) fn make_chain(
         let mut dir = mount.to_path_buf();
         for (i, comp) in components.iter().enumerate() {
             let is_leaf = i + 1 == components.len();
-            before_child(&dir)?;
+            // A shared parent removed under us (the last container under it went) takes the
+            // writes into it along: walk the path again.
+            let vanished = |d: &Path| i > 0 && attempt < MKDIR_ATTEMPTS && !d.exists();
+            match before_child(&dir) {
+                Err(_) if vanished(&dir) => continue 'walk,
+                r => r?,
+            }
             let child = dir.join(comp);
             match std::fs::create_dir(&child) {
                 Ok(()) => created.dirs.push(child.clone()),
@@ -244,7 +251,11 @@ pub(super) fn make_chain(
                 Err(e) if e.kind() == ErrorKind::NotFound && i > 0 && attempt < MKDIR_ATTEMPTS => continue 'walk,
                 Err(source) => return Err(CgroupError::Mkdir { path: child, source }),
             }
-            after_child(&child, &dir)?;
+            match after_child(&child, &dir) {
+                // The new directory itself went (it was still an empty parent), or its parent.
+                Err(_) if !is_leaf && attempt < MKDIR_ATTEMPTS && !child.exists() => continue 'walk,
+                r => r?,
+            }
             dir = child;
         }
         return Ok(dir);

@@ -530,3 +530,39 @@ fn manager_round_trips_through_json() {
     assert_eq!(back, m);
     assert!(json.contains("\"layout\":\"hybrid\""), "{json}");
 }
+
+#[test]
+fn a_parent_removed_between_its_mkdir_and_the_writes_into_it_is_made_again() {
+    // What a concurrent `destroy` does to an emptied /twinbox: it goes right after our mkdir,
+    // before the cpuset values are copied into it.
+    let tmp = tempfile::tempdir().unwrap();
+    let mount = tmp.path();
+    std::fs::write(mount.join("cpuset.cpus"), "0-1").unwrap();
+    let mut created = fs::CreatedDirs::default();
+    let mut removed = false;
+    let comps: Vec<&std::ffi::OsStr> = vec!["twinbox".as_ref(), "c1".as_ref()];
+    let leaf = fs::make_chain(
+        mount,
+        &comps,
+        &mut created,
+        |_| Ok(()),
+        |child, parent| {
+            if !removed && child.ends_with("twinbox") {
+                removed = true;
+                std::fs::remove_dir(child).unwrap();
+            }
+            let v = std::fs::read_to_string(parent.join("cpuset.cpus"))
+                .map_err(|source| CgroupError::Read { path: parent.join("cpuset.cpus"), source })?;
+            std::fs::write(child.join("cpuset.cpus"), v).map_err(|source| CgroupError::Write {
+                path: child.join("cpuset.cpus"),
+                value: String::new(),
+                source,
+            })
+        },
+    )
+    .unwrap();
+    assert!(removed);
+    assert_eq!(leaf, mount.join("twinbox/c1"));
+    assert_eq!(std::fs::read_to_string(mount.join("twinbox/c1/cpuset.cpus")).unwrap(), "0-1");
+    created.keep();
+}
