@@ -206,74 +206,30 @@ fn main() {
     let dir = tempfile::tempdir().unwrap();
     let b = bundle(dir.path(), &["/bin/true"]);
     let bs = b.to_str().unwrap().to_owned();
-    let ours = env!("CARGO_BIN_EXE_twinbox-runc").to_owned();
     let state = dir.path().join("state");
     let st = state.to_str().unwrap().to_owned();
-    let mut backends = vec![Backend {
-        name: "twinbox-runc",
-        argv: vec![
-            ours.clone(),
-            "--root".into(),
-            format!("{st}/twinbox"),
-            "run".into(),
-            "-b".into(),
-            bs.clone(),
-            "{id}".into(),
-        ],
-        hide_unified: false,
-    }];
+    // An OCI runtime's `run` of the bundle, with its own state root.
+    let oci = |name: &'static str, bin: &str, hide_unified: bool| Backend {
+        name,
+        argv: [bin, "--root", &format!("{st}/{}", name.replace(' ', "_")), "run", "-b", &bs, "{id}"]
+            .map(String::from)
+            .to_vec(),
+        hide_unified,
+    };
+    let mut backends = vec![oci("twinbox-runc", env!("CARGO_BIN_EXE_twinbox-runc"), false)];
     // The same runtime linked statically (scripts/build-static-runc.sh), when built.
     let static_runc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/runc-static/twinbox-runc");
     if static_runc.exists() {
-        backends.push(Backend {
-            name: "twinbox-runc (static)",
-            argv: vec![
-                static_runc.display().to_string(),
-                "--root".into(),
-                format!("{st}/twinbox-static"),
-                "run".into(),
-                "-b".into(),
-                bs.clone(),
-                "{id}".into(),
-            ],
-            hide_unified: false,
-        });
+        backends.push(oci("twinbox-runc (static)", &static_runc.display().to_string(), false));
     } else {
         println!("twinbox-runc (static): not built (scripts/build-static-runc.sh)");
     }
-    if have("runc") {
-        backends.push(Backend {
-            name: "runc",
-            argv: vec![
-                "runc".into(),
-                "--root".into(),
-                format!("{st}/runc"),
-                "run".into(),
-                "-b".into(),
-                bs.clone(),
-                "{id}".into(),
-            ],
-            hide_unified: false,
-        });
-    } else {
-        println!("runc: not installed (apt-get install runc)");
-    }
-    if have("crun") {
-        backends.push(Backend {
-            name: "crun",
-            argv: vec![
-                "crun".into(),
-                "--root".into(),
-                format!("{st}/crun"),
-                "run".into(),
-                "-b".into(),
-                bs.clone(),
-                "{id}".into(),
-            ],
-            hide_unified: hybrid(),
-        });
-    } else {
-        println!("crun: not installed (apt-get install crun)");
+    for (peer, hide_unified) in [("runc", false), ("crun", hybrid())] {
+        if have(peer) {
+            backends.push(oci(peer, peer, hide_unified));
+        } else {
+            println!("{peer}: not installed (apt-get install {peer})");
+        }
     }
     backends.push(Backend {
         name: "unshare (floor)",
