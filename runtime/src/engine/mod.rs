@@ -387,12 +387,12 @@ impl Engine {
             };
             let stdio = [OwnedFd::from(null), dup(&log)?, dup(&log)?];
             let bundle = self.container_dir(&record.id).join("bundle");
-            let state =
+            let mut state =
                 self.runtime.create(&record.id, &bundle, CreateOptions { stdio: Some(stdio), ..Default::default() })?;
             let pid = Pid::from_raw(state.pid);
             record.phase = Phase::Running { pid: pid.as_raw() };
             self.save(&record)?;
-            if let Err(e) = self.runtime.start(&record.id) {
+            if let Err(e) = self.runtime.start_created(&mut state) {
                 let _ = self.runtime.delete(&record.id, true);
                 return Err(e.into());
             }
