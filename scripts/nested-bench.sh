@@ -93,7 +93,7 @@ cat /tmp/report/results.json; echo
 EOF
 
 # Everything before the marker is progress (to stderr, as it comes: awk would buffer it), the
-# rest is the JSON (to stdout). A stalled L1 boot (see nested-kvm.sh) is tried again, twice at
+# rest is the JSON (to stdout). A stalled L1 boot or run (see nested-kvm.sh) is tried again, twice at
 # most.
 split_output() {
   local line json=0
@@ -105,11 +105,12 @@ split_output() {
   done
 }
 for attempt in 1 2 3; do
-  "$here/nested-kvm.sh" --timeout 3600 --payload "$p" -- sh /payload/tb/run.sh "${bench_args[@]}" 2>"$work/l1.err" |
-    split_output
+  # L1 prints a line every 30 s while the bench runs: 300 s of nothing is a stalled L1.
+  "$here/nested-kvm.sh" --timeout 3600 --silence 300 --payload "$p" -- sh /payload/tb/run.sh "${bench_args[@]}" \
+    2>"$work/l1.err" | split_output
   code=${PIPESTATUS[0]}
   cat "$work/l1.err" >&2
-  grep -q "L1 did not finish booting" "$work/l1.err" || exit "$code"
-  echo "nested-bench: attempt $attempt: L1 did not boot; trying again" >&2
+  grep -q -e "L1 did not finish booting" -e "L1 stalled" "$work/l1.err" || exit "$code"
+  echo "nested-bench: attempt $attempt: L1 did not boot or stalled; trying again" >&2
 done
 exit "$code"

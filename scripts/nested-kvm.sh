@@ -2,12 +2,13 @@
 # Run CMD inside a nested L1 Linux that has a working /dev/kvm, for end-to-end microVM tests
 # on hosts whose own /dev/kvm cannot boot stock Linux (PVM). The L1 is Debian's cloud kernel
 # under QEMU TCG emulating an AMD EPYC with SVM; kvm-amd inside it gives a real /dev/kvm.
-#   scripts/nested-kvm.sh [--payload DIR]... [--timeout SECS] [--memory SIZE] [--cpus N] [-v] -- CMD [ARG]...
+#   scripts/nested-kvm.sh [--payload DIR]... [--timeout SECS] [--silence SECS] [--memory SIZE] [--cpus N] [-v] -- CMD [ARG]...
 # L1's kernel command line carries twinbox.nested=tcg, so what runs there (twinbox bench) can
 # label its figures. Each payload DIR is copied to /payload/<basename of DIR> in L1 and put on PATH; CMD runs
 # there as root, in /payload, with stdin from /dev/null. Its stdout and stderr both come back
 # on stdout; L1's own boot messages are hidden (-v shows them on stderr). The exit
-# status is CMD's, or 125 if L1 failed to boot, lost /dev/kvm or timed out (default 300 s).
+# status is CMD's, or 125 if L1 failed to boot, lost /dev/kvm or timed out (default 300 s), or
+# stalled (--silence: CMD printed nothing for that long; the vCPUs' registers are then logged).
 # The L1 kernel and modules are cached in ${TWINBOX_CACHE:-~/.cache/twinbox}/nested/<package>_<version>/.
 set -euo pipefail
 # shellcheck source=scripts/lib/packages.sh
@@ -17,7 +18,7 @@ META_PKG=linux-image-cloud-amd64
 # Loaded in L1 with their dependencies (kvm, irqbypass, ...), found from .modinfo: KVM, and
 # overlayfs for the container runtime measured beside the microVMs.
 KVM_MODULES=(kvm-amd overlay)
-HOST_PACKAGES=(qemu-system-x86 busybox-static cpio gzip binutils)
+HOST_PACKAGES=(qemu-system-x86 busybox-static cpio gzip binutils socat)
 START_MARK=@@TWINBOX-START@@
 EXIT_MARK=@@TWINBOX-EXIT    # followed by " <code>@@"
 FAIL_MARK=@@TWINBOX-FAIL    # followed by " <reason>@@"
@@ -30,6 +31,7 @@ usage() { sed -n '5,11s/^# \{0,1\}//p' "$0" >&2; exit "${1:-1}"; }
 
 payloads=()
 timeout=300
+silence=0
 memory=3G
 cpus=2
 verbose=0
@@ -37,6 +39,7 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --payload) [ $# -ge 2 ] || usage; payloads+=("$2"); shift 2 ;;
     --timeout) [ $# -ge 2 ] || usage; timeout=$2; shift 2 ;;
+    --silence) [ $# -ge 2 ] || usage; silence=$2; shift 2 ;;
     --memory) [ $# -ge 2 ] || usage; memory=$2; shift 2 ;;
     --cpus) [ $# -ge 2 ] || usage; cpus=$2; shift 2 ;;
     -v|--verbose) verbose=1; shift ;;
@@ -48,6 +51,7 @@ while [ $# -gt 0 ]; do
 done
 [ $# -gt 0 ] || { log "no command given"; usage; }
 case "$timeout" in ''|*[!0-9]*) log "--timeout wants whole seconds, got '$timeout'"; exit 1 ;; esac
+case "$silence" in ''|*[!0-9]*) log "--silence wants whole seconds, got '$silence'"; exit 1 ;; esac
 
 install_packages() {
   ensure_packages "${HOST_PACKAGES[@]}" || die "cannot install the packages above"
@@ -239,8 +243,9 @@ exec 3>&- </dev/null >"$tmp/console" 2>"$tmp/qemu.err"
 exec qemu-system-x86_64 -accel tcg,thread=multi \
   -M microvm,x-option-roms=off,isa-serial=on,rtc=on -cpu EPYC -smp "$cpus" -m "$memory" \
   -nodefaults -no-user-config -nographic -no-reboot -serial stdio \
+  -monitor "unix:$tmp/hmp.sock,server=on,wait=off" \
   -kernel "$l1/vmlinuz" -initrd "$initrd" \
-  -append "console=ttyS0 $kernel_log panic=-1 mitigations=off tsc=reliable${tsc_khz:+ tsc_early_khz=$tsc_khz} twinbox.nested=tcg"
+  -append "console=ttyS0 $kernel_log panic=-1 mitigations=off nokaslr tsc=reliable${tsc_khz:+ tsc_early_khz=$tsc_khz} twinbox.nested=tcg"
 ) &
 qemu_pid=$!
 exec 4<"$tmp/console" 3>&-
@@ -251,7 +256,7 @@ deadline=$(( ${t0%.*} + timeout ))
 # stalled calibration); give up on the boot after BOOT_LIMIT seconds rather than at --timeout,
 # and say so (exit 125 with "L1 did not finish booting"), so a caller can try again.
 boot_deadline=$(( ${t0%.*} + ${TWINBOX_NESTED_BOOT_LIMIT:-180} ))
-started="" code="" failure="" timed_out=0 line="" boot_stalled=0
+started="" code="" failure="" timed_out=0 line="" boot_stalled=0 silent=0
 boot_lines=()
 while :; do
   left=$(( deadline - ${EPOCHREALTIME%.*} ))
@@ -260,11 +265,16 @@ while :; do
     if [ "$left" -le 0 ]; then boot_stalled=1; timed_out=1; break; fi
   fi
   if [ "$left" -le 0 ]; then timed_out=1; break; fi
-  if IFS= read -r -t "$left" -u 4 line; then
+  wait_for=$left
+  if [ -n "$started" ] && [ "$silence" -gt 0 ] && [ "$silence" -lt "$left" ]; then wait_for=$silence; fi
+  if IFS= read -r -t "$wait_for" -u 4 line; then
     nl=1
   else
     # Timeout (status > 128), or end of file with maybe a last unterminated line.
-    [ $? -gt 128 ] && { timed_out=1; [ -n "$started" ] || boot_stalled=1; break; }
+    if [ $? -gt 128 ]; then
+      if [ "$wait_for" -lt "$left" ]; then silent=1; else timed_out=1; [ -n "$started" ] || boot_stalled=1; fi
+      break
+    fi
     [ -n "$line" ] || break
     nl=0
   fi
@@ -289,6 +299,17 @@ while :; do
 done
 exec 4<&-
 
+# A stalled L1: where its vCPUs stand, from QEMU's monitor, before it is stopped. RIPs are L1
+# kernel addresses (the System.map of the L1 kernel package, named by its cache directory,
+# resolves them); HLT=1 is an idle vCPU.
+if [ "$silent" -eq 1 ] || [ "$timed_out" -eq 1 ]; then
+  if command -v socat >/dev/null && [ -S "$tmp/hmp.sock" ]; then
+    log "L1's vCPUs (QEMU monitor, info registers -a):"
+    printf 'info registers -a\n' | timeout 10 socat -t 5 - "UNIX-CONNECT:$tmp/hmp.sock" 2>/dev/null |
+      grep -E '^CPU#|^RIP=|^CR0=' | sed 's/^/  | /' >&2 || true
+  fi
+fi
+
 # After the exit marker L1 powers itself off; give it a moment, then stop it anyway.
 for _ in 1 2 3 4 5 6 7 8 9 10; do kill -0 "$qemu_pid" 2>/dev/null || break; sleep 0.2; done
 cleanup_qemu_status=0
@@ -307,6 +328,8 @@ grep -v "TCG doesn't support requested feature" "$tmp/qemu.err" >"$tmp/qemu.msg"
 [ -s "$tmp/qemu.msg" ] && { log "QEMU said:"; sed 's/^/  | /' "$tmp/qemu.msg" >&2; }
 if [ -n "$failure" ]; then
   die "L1 failed: $failure"
+elif [ "$silent" -eq 1 ]; then
+  die "L1 stalled: CMD printed nothing for ${silence} s (a stall under TCG; the vCPU registers are above)"
 elif [ "$boot_stalled" -eq 1 ]; then
   die "L1 did not finish booting within ${TWINBOX_NESTED_BOOT_LIMIT:-180} s (a stalled boot under TCG; try again)"
 elif [ "$timed_out" -eq 1 ]; then
