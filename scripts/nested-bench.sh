@@ -81,8 +81,14 @@ cd /tmp
 # hidden off a terminal); results.json follows the marker line.
 twinbox -v bench --out /tmp/report "$@" >/tmp/bench.out 2>&1 &
 bench=$!
+seen=0
 while kill -0 "$bench" 2>/dev/null; do
   sleep 30
+  # Warnings as they come (a hung run's kernel stacks among them), so they reach the host even
+  # when the run never finishes.
+  n=$(wc -l </tmp/bench.out)
+  sed -n "$((seen + 1)),${n}p" /tmp/bench.out | grep -A24 ' WARN ' | sed 's/^/nested-bench: | /'
+  seen=$n
   echo "nested-bench: measuring, $(cut -d' ' -f1 /proc/uptime) s since L1 boot; last: $(grep INFO /tmp/bench.out | tail -n1 | cut -c1-200)"
 done
 if ! wait "$bench"; then

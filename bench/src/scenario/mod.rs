@@ -205,6 +205,12 @@ fn run_once_within(
         backend.cleanup_run(id);
         let mut stderr = std::fs::read_to_string(&err_path).unwrap_or_default().trim().to_owned();
         if let Some(report) = &stall {
+            // Logged now as well: a run that hangs may be followed by more, and the scenario's
+            // note comes only at its end (in a nested L1, the log is what reaches the host).
+            tracing::warn!(
+                backend = backend.name(),
+                "run killed after {timeout:.0?} without exiting; where it stood:\n{report}"
+            );
             stderr.push_str(&format!("\nwhere it stood:\n{report}"));
         }
         return Err(BackendError::Failed {
