@@ -205,15 +205,30 @@ pub(crate) fn run_quiet(mut cmd: Command, what: &str) -> Result<(), BackendError
     }
     let mut stderr = String::new();
     let _ = log.rewind().and_then(|()| log.read_to_string(&mut stderr));
-    let status = match &stall {
-        Some(_) => format!("killed after {} s without exiting", crate::scenario::RUN_TIMEOUT.as_secs()),
+    Err(run_failed(what.to_owned(), status, stall, crate::scenario::RUN_TIMEOUT, &stderr))
+}
+
+/// The error of a run that failed, or that a [`Watchdog`] or [`kill_run`] killed after
+/// `timeout` (`stall`: where it stood then). A kill is also logged as a warning at once: more
+/// hung runs may follow before the scenario writes its notes, and in a nested L1 the log is
+/// what reaches the host.
+pub(crate) fn run_failed(
+    what: String,
+    status: std::process::ExitStatus,
+    stall: Option<String>,
+    timeout: Duration,
+    stderr: &str,
+) -> BackendError {
+    let mut stderr = stderr.trim().to_owned();
+    let status = match stall {
+        Some(report) => {
+            tracing::warn!("{what}: killed after {timeout:.0?} without exiting; where it stood:\n{report}");
+            stderr.push_str(&format!("\nwhere it stood:\n{report}"));
+            format!("killed after {timeout:.0?} without exiting")
+        }
         None => status.to_string(),
     };
-    let mut stderr = stderr.trim().to_owned();
-    if let Some(report) = stall {
-        stderr.push_str(&format!("\nwhere it stood:\n{report}"));
-    }
-    Err(BackendError::Failed { what: what.to_owned(), status, stderr })
+    BackendError::Failed { what, status, stderr }
 }
 
 /// Kills a run that outlives its deadline, from a thread of its own, while the caller blocks

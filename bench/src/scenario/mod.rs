@@ -22,7 +22,7 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::backend::{kill_run, Backend, BackendError, Instance, Watchdog, Workload};
+use crate::backend::{kill_run, run_failed, Backend, BackendError, Instance, Watchdog, Workload};
 use crate::host::Context;
 use crate::results::{Better, Record, Settings};
 use crate::stats::Summary;
@@ -203,24 +203,9 @@ fn run_once_within(
     }
     if stall.is_some() || !status.success() {
         backend.cleanup_run(id);
-        let mut stderr = std::fs::read_to_string(&err_path).unwrap_or_default().trim().to_owned();
-        if let Some(report) = &stall {
-            // Logged now as well: a run that hangs may be followed by more, and the scenario's
-            // note comes only at its end (in a nested L1, the log is what reaches the host).
-            tracing::warn!(
-                backend = backend.name(),
-                "run killed after {timeout:.0?} without exiting; where it stood:\n{report}"
-            );
-            stderr.push_str(&format!("\nwhere it stood:\n{report}"));
-        }
-        return Err(BackendError::Failed {
-            what: format!("{} {}", backend.name(), workload.args().join(" ")),
-            status: match stall {
-                Some(_) => format!("killed after {timeout:.0?} without exiting"),
-                None => status.to_string(),
-            },
-            stderr,
-        });
+        let stderr = std::fs::read_to_string(&err_path).unwrap_or_default();
+        let what = format!("{} {}", backend.name(), workload.args().join(" "));
+        return Err(run_failed(what, status, stall, timeout, &stderr));
     }
     Ok(RunTiming { first_byte, exit, cpu, stdout })
 }
