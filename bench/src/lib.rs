@@ -72,7 +72,7 @@ impl Options {
             // Start rounds are cheap (≈ 0.1 s for all container backends): enough of them that
             // a run's median does not hinge on a few slow samples.
             start_runs: self.runs.unwrap_or(if q { 60 } else { 100 }).max(1),
-            cpu_runs: self.runs.map(|r| r.clamp(1, 10)).unwrap_or(if q { 5 } else { 10 }),
+            cpu_runs: self.runs.map(|r| r.clamp(1, 30)).unwrap_or(if q { 15 } else { 20 }),
             warmup: if q { 2 } else { 5 },
             instances: self.instances.unwrap_or(if q { 10 } else { 20 }).max(1),
             max: self.max.unwrap_or(if q { 10 } else { 50 }).max(1),
@@ -80,7 +80,7 @@ impl Options {
             // that pass hit the budget.
             density_passes: if self.memory_budget_mib.is_some() { 1 } else { 4 },
             memory_budget_mib: self.memory_budget_mib,
-            cpu_target_ms: if q { 150 } else { 500 },
+            cpu_target_ms: if q { 50 } else { 200 },
         }
     }
 }

@@ -26,7 +26,7 @@ pub struct BenchArgs {
     /// Backends, comma-separated (default: all; the ones that cannot run here are listed with the reason).
     #[arg(long, value_delimiter = ',')]
     backends: Vec<String>,
-    /// Measured rounds of the start and CPU scenarios (CPU: at most 10).
+    /// Measured rounds of the start and CPU scenarios (CPU: at most 30).
     #[arg(long)]
     runs: Option<usize>,
     /// Idle instances per backend in the memory scenario.

@@ -90,12 +90,15 @@ pub fn run(r: &mut Run<'_>) {
     // work[loop][backend][round]
     let mut work = vec![vec![vec![None::<f64>; runs]; nb]; loops.len()];
     let mut errors: Vec<Option<String>> = vec![None; nb];
+    // Per round, each loop runs in every backend one after the other, so a backend's sample and
+    // the bare process's it is divided by are taken within a second of each other: this host
+    // changes its speed for syscalls by up to 20 % for seconds at a time, for every backend alike.
     'rounds: for round in 0..warmup + runs {
-        for k in 0..nb {
-            let i = (k + round) % nb;
-            let b = r.backends[i].as_ref();
-            bar.set_message(b.name());
-            for (li, &(l, n)) in loops.iter().enumerate() {
+        for (li, &(l, n)) in loops.iter().enumerate() {
+            for k in 0..nb {
+                let i = (k + round) % nb;
+                let b = r.backends[i].as_ref();
+                bar.set_message(b.name());
                 if crate::signal::interrupted() {
                     break 'rounds;
                 }
