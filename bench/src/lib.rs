@@ -78,7 +78,7 @@ impl Options {
             max: self.max.unwrap_or(if q { 10 } else { 50 }).max(1),
             // A memory budget asks how many instances fit: one pass, so the curve ends where
             // that pass hit the budget.
-            density_passes: if self.memory_budget_mib.is_some() { 1 } else { 4 },
+            density_passes: if self.memory_budget_mib.is_some() { 1 } else { 6 },
             memory_budget_mib: self.memory_budget_mib,
             cpu_target_ms: if q { 50 } else { 200 },
         }
