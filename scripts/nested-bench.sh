@@ -20,7 +20,7 @@ while [ $# -gt 0 ]; do
 done
 bench_args=("$@")
 [ ${#bench_args[@]} -gt 0 ] || bench_args=(--quick)
-bench_args=(--backends process,twinbox-container,twinbox-microvm,qemu-microvm "${bench_args[@]}")
+bench_args=(--backends "process,twinbox-container,twinbox-microvm,qemu-microvm" "${bench_args[@]}")
 [ -x "$twinbox" ] || { echo "nested-bench: $twinbox is not built (cargo build --release)" >&2; exit 1; }
 
 kernel=$("$here/build-guest-kernel.sh" | tail -n1)
@@ -112,9 +112,12 @@ split_output() {
 }
 for attempt in 1 2 3; do
   # L1 prints a line every 30 s while the bench runs: 300 s of nothing is a stalled L1.
+  # Not under set -e: a failed L1 must reach the log and the retry below.
+  set +e
   "$here/nested-kvm.sh" --timeout 3600 --silence 300 --payload "$p" -- sh /payload/tb/run.sh "${bench_args[@]}" \
     2>"$work/l1.err" | split_output
   code=${PIPESTATUS[0]}
+  set -e
   cat "$work/l1.err" >&2
   grep -q -e "L1 did not finish booting" -e "L1 stalled" "$work/l1.err" || exit "$code"
   echo "nested-bench: attempt $attempt: L1 did not boot or stalled; trying again" >&2

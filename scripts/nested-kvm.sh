@@ -162,6 +162,23 @@ else
 fi
 l1=$CACHE/$id
 
+# A small std-only program L1 starts before CMD to hold one KVM VM (see scripts/lib/kvm-hold.rs
+# for the TCG stall it prevents), built with rustc once per source and compiler.
+kvm_hold() {
+  local src dir key
+  src=$(dirname "$0")/lib/kvm-hold.rs
+  command -v rustc >/dev/null || { log "no rustc: L1 holds no KVM VM, and microVM runs there may stall (see $src)"; return 1; }
+  key=$( (cat "$src"; rustc -V) | sha256sum | cut -c1-16)
+  dir=$CACHE/kvm-hold/$key
+  if [ ! -x "$dir/kvm-hold" ]; then
+    mkdir -p "$dir"
+    rustc --edition 2021 -O -C target-feature=+crt-static -C strip=symbols "$src" -o "$tmp/kvm-hold" >&2 ||
+      { log "cannot build $src: L1 holds no KVM VM"; return 1; }
+    mv "$tmp/kvm-hold" "$dir/kvm-hold"
+  fi
+  echo "$dir/kvm-hold"
+}
+
 # --- the initramfs: busybox, the modules, /init, the payloads and the command ---
 root=$tmp/root
 mkdir -p "$root"/{bin,sbin,usr/bin,usr/sbin,proc,sys,dev,tmp,run,root,payload,lib/twinbox-nested}
@@ -171,6 +188,7 @@ mkdir -p "$root$(dirname "$busybox")"
 cp "$busybox" "$root$busybox"
 /bin/busybox --install -s "$root/bin"
 cp "$l1"/modules/*.ko "$l1/modules/order" "$root/lib/twinbox-nested/"
+if hold=$(kvm_hold); then cp "$hold" "$root/lib/twinbox-nested/kvm-hold"; fi
 
 path=/payload
 for p in "${payloads[@]}"; do
@@ -200,6 +218,15 @@ for m in \$(cat /lib/twinbox-nested/order); do
   insmod /lib/twinbox-nested/\$m.ko || fail "insmod \$m failed (does the CPU model have SVM?)"
 done
 [ -c /dev/kvm ] || fail "no /dev/kvm after loading the KVM modules"
+if [ -x /lib/twinbox-nested/kvm-hold ]; then
+  /lib/twinbox-nested/kvm-hold </dev/null &
+  i=0
+  while [ ! -e /run/kvm-hold ]; do
+    i=\$((i + 1)); [ "\$i" -le 100 ] || fail "kvm-hold did not make its VM within 10 s"
+    kill -0 \$! 2>/dev/null || fail "kvm-hold failed"
+    sleep 0.1
+  done
+fi
 echo $START_MARK
 # This shell's own stderr goes quiet so it adds no "Killed" when CMD dies of a signal;
 # /cmd takes the console back from fd 3.
