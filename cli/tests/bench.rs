@@ -162,7 +162,7 @@ fn density_stops_at_the_memory_budget() {
         "--scenario",
         "density",
         "--backends",
-        "process",
+        "process,twinbox-container",
         "--max",
         "200",
         "--memory-budget",
@@ -183,8 +183,21 @@ fn density_stops_at_the_memory_budget() {
     assert!(samples.len() < 200, "the budget stopped it before --max: {} instances", samples.len());
     assert!(*samples.last().unwrap() >= 6.0, "it stopped because the budget was reached: {samples:?}");
     assert!(samples[..samples.len() - 1].iter().all(|&m| m < 6.0), "not before: {samples:?}");
+    // The CPU a launch cost: for a launcher that exits (twinbox run -d), one sample per
+    // instance; none for the bare process, whose cost stays with the instance it is.
+    let record = |b: &str, m: &str| {
+        r["records"].as_array().unwrap().iter().find(|x| x["backend"] == b && x["metric"] == m).cloned()
+    };
+    let launched = record("twinbox-container", "launch_latency").expect("twinbox-container launch_latency");
+    let cpu = record("twinbox-container", "launch_cpu").expect("twinbox-container launch_cpu");
+    let cpu: Vec<f64> = cpu["samples"].as_array().unwrap().iter().map(|v| v.as_f64().unwrap()).collect();
+    assert_eq!(cpu.len(), launched["samples"].as_array().unwrap().len(), "one launch_cpu per launch");
+    assert!(cpu.iter().all(|&c| c > 0.0), "every launch costs CPU: {cpu:?}");
+    assert!(record("process", "launch_cpu").is_none(), "no launch_cpu for the bare process");
     let notes = r["notes"].to_string();
     assert!(notes.contains("of the 6 MiB budget"), "{notes}");
     assert_eq!(r["settings"]["memory_budget_mib"], 6);
     assert!(hello_processes() <= before, "hello processes left behind");
+    let ps = env.ok(&["ps", "-a"]);
+    assert_eq!(ps.lines().count(), 1, "containers left: {ps}");
 }

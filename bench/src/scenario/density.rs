@@ -1,7 +1,9 @@
 //! Density: start instances of `hello sleep` one after another up to N (or until they hold the
 //! memory budget, when one is given), recording after each
 //! the launch latency (launch → the launcher returns with the instance started; for the bare
-//! process, the exec done) and the host memory the instances hold: PSS of every process they
+//! process, the exec done), the CPU time that launch cost (what the launcher and the processes
+//! it waited for used, for backends whose launcher exits: unlike the latency, it does not move
+//! with how fast this host wakes an idle CPU) and the host memory the instances hold: PSS of every process they
 //! left running plus the kernel's Slab + PageTables + KernelStack + Percpu growth since before the
 //! first (MemAvailable moves with everything else on a shared machine; this does not; the
 //! first reading waits for the kernel to finish freeing earlier instances, later ones do not
@@ -11,7 +13,7 @@
 
 use std::time::{Duration, Instant};
 
-use super::{leftovers, marker_base, ms, Fleet, Run, Scenario};
+use super::{children_cpu, leftovers, marker_base, ms, Fleet, Run, Scenario};
 use crate::backend::Workload;
 use crate::host::{kernel_kib, pss_kib, scan, settled_kernel_kib};
 use crate::results::Better;
@@ -19,6 +21,10 @@ use crate::results::Better;
 /// One backend's pass: launch up to `max` instances, then tear them all down.
 struct Pass {
     latency: Vec<f64>,
+    /// CPU time of each launch (the launcher and what it waited for), ms; empty for backends
+    /// whose instance is this process's own child (the bare process, the VMMs): their launch
+    /// cost is only reaped when the instance ends.
+    cpu: Vec<f64>,
     memory: Vec<f64>,
     teardown: Vec<f64>,
 }
@@ -49,6 +55,7 @@ pub fn run(r: &mut Run<'_>) {
         }
         let name = r.backends[k].name();
         let latency = median_by_index(passes.iter().map(|p| &p.latency));
+        let cpu = median_by_index(passes.iter().map(|p| &p.cpu));
         let memory = median_by_index(passes.iter().map(|p| &p.memory));
         let times: Vec<f64> = passes.iter().flat_map(|p| p.teardown.iter().copied()).collect();
         let count = latency.len();
@@ -65,6 +72,19 @@ pub fn run(r: &mut Run<'_>) {
             0,
             0,
         );
+        if !cpu.is_empty() {
+            r.record(
+                name,
+                Scenario::Density,
+                "launch_cpu",
+                "ms",
+                Better::Lower,
+                "user + system CPU time of launch i (sample i−1): the launcher and the processes it waited for, not the instance left running; the median over the passes",
+                cpu,
+                0,
+                0,
+            );
+        }
         r.record(
             name,
             Scenario::Density,
@@ -119,16 +139,21 @@ fn one_pass(r: &mut Run<'_>, k: usize, max: usize, bar: &indicatif::ProgressBar)
     let mut fleet = Fleet::new(b);
     let k0 = settled_kernel_kib(Duration::from_secs(5)) as f64;
     let mut latency = Vec::new();
+    let mut cpu = Vec::new();
     let mut memory = Vec::new();
     let mut failure = None;
     for i in 0..max {
         if crate::signal::interrupted() {
             break;
         }
+        let cpu0 = children_cpu();
         let t = Instant::now();
         match b.launch(&Workload::Sleep(base + i as u64), &format!("{}-d{name}-{base}-{i}", r.tag)) {
             Ok(inst) => {
                 latency.push(ms(t.elapsed()));
+                if inst.child.is_none() {
+                    cpu.push(ms(children_cpu().saturating_sub(cpu0)));
+                }
                 fleet.instances.push(inst);
                 let pss: u64 = scan()
                     .iter()
@@ -166,7 +191,7 @@ fn one_pass(r: &mut Run<'_>, k: usize, max: usize, bar: &indicatif::ProgressBar)
     if left > 0 {
         r.note(format!("density: {name}: {left} processes still running after teardown"));
     }
-    Pass { latency, memory, teardown: times.iter().map(|d| ms(*d)).collect() }
+    Pass { latency, cpu, memory, teardown: times.iter().map(|d| ms(*d)).collect() }
 }
 
 #[cfg(test)]

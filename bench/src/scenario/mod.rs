@@ -5,7 +5,7 @@
 //! |---|---|
 //! | [`start`] | `time_to_workload`, `end_to_end`, `launch_cpu` (ms) |
 //! | [`memory`] | `pss_per_instance`, `kernel_per_instance`, `total_per_instance` (KiB), `processes_per_instance` |
-//! | [`density`] | `launch_latency` (ms) and `host_memory` (MiB) vs N, `launch_rate` (instances/s), `teardown` (ms) |
+//! | [`density`] | `launch_latency`, `launch_cpu` (ms) and `host_memory` (MiB) vs N, `launch_rate` (instances/s), `teardown` (ms) |
 //! | [`cpu`] | `compute`, `syscalls` (ms of work), `compute_ratio`, `syscalls_ratio` (vs the bare process) |
 
 pub mod cpu;
@@ -211,7 +211,7 @@ fn run_once_within(
 }
 
 /// CPU time of all waited-for children so far.
-fn children_cpu() -> Duration {
+pub(super) fn children_cpu() -> Duration {
     use nix::sys::resource::{getrusage, UsageWho};
     let Ok(u) = getrusage(UsageWho::RUSAGE_CHILDREN) else { return Duration::ZERO };
     let tv = |t: nix::sys::time::TimeVal| Duration::new(t.tv_sec() as u64, t.tv_usec() as u32 * 1000);
