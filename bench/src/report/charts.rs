@@ -284,8 +284,13 @@ fn lines<DB: DrawingBackend>(
 ) -> DrawResult {
     let body = header(root, title, sub)?;
     let n = records.iter().map(|r| r.samples.len()).max().unwrap_or(1).max(2);
-    let ymax = records.iter().flat_map(|r| r.samples.iter().copied()).fold(0.0_f64, f64::max).max(1e-3) * 1.1;
     let ymin = records.iter().flat_map(|r| r.samples.iter().copied()).fold(0.0_f64, f64::min);
+    let top = records.iter().flat_map(|r| r.samples.iter().copied()).fold(0.0_f64, f64::max).max(1e-3);
+    // Headroom for the legend (a row of ~20 px per backend in the upper left): every point
+    // stays below it, so none is hidden (a slow first launch at N = 1 was).
+    let plot_px = (f64::from(body.dim_in_pixel().1) - 44.0 - 32.0).max(100.0);
+    let legend = ((records.len() as f64 * 20.0 + 24.0) / plot_px).min(0.6);
+    let ymax = ymin + (top - ymin) / (1.0 - legend);
     let mut chart = ChartBuilder::on(&body)
         .margin(16)
         .x_label_area_size(44)
