@@ -94,6 +94,54 @@ pub enum CompareError {
         "the two runs were taken under different virtualization ({base} vs {new}); such figures are never compared"
     )]
     Virtualization { base: String, new: String },
+    #[error("no {what} {name:?} in these results; they have: {known}")]
+    NotInResults { what: &'static str, name: String, known: String },
+}
+
+/// Which records `compare` and `spread` look at: only these backends, and only these metrics,
+/// each named alone (`launch_cpu`) or with its scenario (`density/launch_cpu`). An empty list
+/// keeps everything. A CI job on a noisy host can gate on the figures that repeat there (CPU
+/// time, memory, in-run ratios) and leave the wall-clock ones to the report.
+#[derive(Debug, Clone, Default)]
+pub struct Selection {
+    pub backends: Vec<String>,
+    pub metrics: Vec<String>,
+}
+
+impl Selection {
+    fn metric_matches(wanted: &str, scenario: &str, metric: &str) -> bool {
+        wanted == metric || wanted.split_once('/').is_some_and(|(s, m)| s == scenario && m == metric)
+    }
+
+    pub fn keeps(&self, backend: &str, scenario: &str, metric: &str) -> bool {
+        (self.backends.is_empty() || self.backends.iter().any(|b| b == backend))
+            && (self.metrics.is_empty() || self.metrics.iter().any(|m| Self::metric_matches(m, scenario, metric)))
+    }
+
+    /// Keeps the selected records of each run, after checking that every backend and metric
+    /// asked for is in at least one of them (a misspelt name would otherwise select nothing
+    /// and pass).
+    pub fn apply(&self, runs: &mut [Results]) -> Result<(), CompareError> {
+        let all = || runs.iter().flat_map(|r| r.records.iter());
+        let list = |names: Vec<String>| {
+            let mut names = names;
+            names.sort();
+            names.dedup();
+            names.join(", ")
+        };
+        if let Some(b) = self.backends.iter().find(|b| !all().any(|r| &r.backend == *b)) {
+            let known = list(all().map(|r| r.backend.clone()).collect());
+            return Err(CompareError::NotInResults { what: "backend", name: b.clone(), known });
+        }
+        if let Some(m) = self.metrics.iter().find(|m| !all().any(|r| Self::metric_matches(m, &r.scenario, &r.metric))) {
+            let known = list(all().map(|r| format!("{}/{}", r.scenario, r.metric)).collect());
+            return Err(CompareError::NotInResults { what: "metric", name: m.clone(), known });
+        }
+        for r in runs.iter_mut() {
+            r.records.retain(|x| self.keeps(&x.backend, &x.scenario, &x.metric));
+        }
+        Ok(())
+    }
 }
 
 /// Compare every metric both runs have. `threshold`: the fraction (0.10 for 10%) a median may

@@ -78,6 +78,9 @@ struct SpreadArgs {
     /// Only these backends (comma-separated).
     #[arg(long, value_delimiter = ',')]
     backends: Vec<String>,
+    /// Only these metrics (comma-separated), each alone or as SCENARIO/METRIC (e.g. launch_cpu,memory/total_per_instance).
+    #[arg(long, value_delimiter = ',')]
+    metrics: Vec<String>,
     /// Divide each run's medians by this backend's (e.g. `process`, the floor) in the same
     /// run, taking out a host that got faster or slower between runs.
     #[arg(long)]
@@ -105,6 +108,12 @@ struct CompareArgs {
     /// Significance level of the test.
     #[arg(long, default_value_t = 0.05)]
     alpha: f64,
+    /// Only these backends (comma-separated).
+    #[arg(long, value_delimiter = ',')]
+    backends: Vec<String>,
+    /// Only these metrics (comma-separated), each alone or as SCENARIO/METRIC (e.g. launch_cpu,memory/total_per_instance).
+    #[arg(long, value_delimiter = ',')]
+    metrics: Vec<String>,
     /// Print the comparison as JSON.
     #[arg(long)]
     json: bool,
@@ -204,8 +213,11 @@ fn print_summary(r: &twinbox_bench::results::Results) {
 fn compare_cmd(c: CompareArgs) -> Result<i32> {
     use twinbox_bench::results::Results;
     let load = |p: &Path| Results::load(p).map_err(|e| UserError(twinbox_bench::scenario::error_chain(&e)));
-    let base = load(&c.base)?;
-    let new = load(&c.new)?;
+    let mut runs = [load(&c.base)?, load(&c.new)?];
+    compare::Selection { backends: c.backends, metrics: c.metrics }
+        .apply(&mut runs)
+        .map_err(|e| UserError(e.to_string()))?;
+    let [base, new] = runs;
     let cmp = compare::compare(&base, &new, c.max_regression, c.alpha).map_err(|e| UserError(e.to_string()))?;
     if c.json {
         println!("{}", serde_json::to_string_pretty(&cmp)?);
@@ -217,16 +229,18 @@ fn compare_cmd(c: CompareArgs) -> Result<i32> {
 
 fn spread_cmd(a: SpreadArgs) -> Result<i32> {
     use twinbox_bench::results::Results;
-    let runs = a
+    let mut runs = a
         .results
         .iter()
         .map(|p| Results::load(p).map_err(|e| UserError(twinbox_bench::scenario::error_chain(&e))))
         .collect::<Result<Vec<_>, _>>()?;
-    let mut rows =
-        twinbox_bench::spread::spread(&runs, a.relative_to.as_deref()).map_err(|e| UserError(e.to_string()))?;
-    if !a.backends.is_empty() {
-        rows.retain(|r| a.backends.contains(&r.backend));
+    // The reference backend stays in: the other medians are divided by its.
+    let mut backends = a.backends;
+    if let Some(reference) = a.relative_to.as_ref().filter(|_| !backends.is_empty()) {
+        backends.push(reference.clone());
     }
+    compare::Selection { backends, metrics: a.metrics }.apply(&mut runs).map_err(|e| UserError(e.to_string()))?;
+    let rows = twinbox_bench::spread::spread(&runs, a.relative_to.as_deref()).map_err(|e| UserError(e.to_string()))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {

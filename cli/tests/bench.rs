@@ -66,6 +66,48 @@ fn compare_exits_non_zero_on_a_significant_regression_only() {
     assert_eq!(junk.status.code(), Some(1), "{}", String::from_utf8_lossy(&junk.stderr));
 }
 
+/// `results(center, seed)` with a second metric, start/launch_cpu, centred on `cpu`.
+fn with_launch_cpu(mut v: Value, cpu: f64, seed: u64) -> Value {
+    let mut extra = results(cpu, seed)["records"][0].clone();
+    extra["metric"] = json!("launch_cpu");
+    v["records"].as_array_mut().unwrap().push(extra);
+    v
+}
+
+#[test]
+fn compare_and_spread_look_only_at_the_selected_metrics() {
+    let env = Env::new();
+    // end_to_end 20 % slower, launch_cpu the same.
+    let base = write(&env, "base.json", &with_launch_cpu(results(10.0, 1), 5.0, 3));
+    let slow = write(&env, "slow.json", &with_launch_cpu(results(12.0, 9), 5.0, 11));
+    let code = |args: &[&str]| {
+        let o = env.run(&[&["bench", "compare", &base, &slow][..], args].concat());
+        (
+            o.status.code(),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    assert_eq!(code(&[]).0, Some(2), "unfiltered, the end_to_end regression counts");
+    let (c, out, _) = code(&["--metrics", "launch_cpu"]);
+    assert_eq!(c, Some(0), "{out}");
+    assert!(out.contains("launch_cpu") && !out.contains("end_to_end"), "{out}");
+    assert_eq!(code(&["--metrics", "start/end_to_end", "--backends", "crun"]).0, Some(2));
+    assert_eq!(code(&["--metrics", "memory/end_to_end"]).0, Some(1), "scenario and metric must both match");
+    // A name that selects nothing is an error that lists what there is, not a silent pass.
+    let (c, _, err) = code(&["--metrics", "lunch_cpu"]);
+    assert_eq!(c, Some(1));
+    assert!(err.contains("\"lunch_cpu\"") && err.contains("start/launch_cpu"), "{err}");
+    let (c, _, err) = code(&["--backends", "runc"]);
+    assert_eq!(c, Some(1));
+    assert!(err.contains("\"runc\"") && err.contains("crun"), "{err}");
+    // spread: only the selected metric's row.
+    let o = env.run(&["bench", "spread", &base, &slow, "--metrics", "launch_cpu"]);
+    assert_eq!(o.status.code(), Some(0));
+    let rows = String::from_utf8_lossy(&o.stdout);
+    assert!(rows.contains("launch_cpu") && !rows.contains("end_to_end"), "{rows}");
+}
+
 #[test]
 fn a_missing_default_image_says_how_to_build_it() {
     let env = Env::new();
