@@ -1,5 +1,5 @@
 //! Started by scripts/nested-kvm.sh in its L1 before the command: makes one KVM VM (no vCPU, no
-//! memory) and holds it until L1 powers off, then touches `/run/kvm-hold` to say it is ready.
+//! memory), touches `/run/kvm-hold` to say so, and holds the VM until L1 powers off.
 //!
 //! Why: every KVM VM takes a reference on the kernel's `preempt_notifier_key`, a static key
 //! with a jump label inside `__schedule()`. When the count goes 0 → 1 or 1 → 0 (the first VM

@@ -1,15 +1,18 @@
 //! Density: start instances of `hello sleep` one after another up to N (or until they hold the
-//! memory budget, when one is given), recording after each
-//! the launch latency (launch → the launcher returns with the instance started; for the bare
-//! process, the exec done), the CPU time that launch cost (what the launcher and the processes
-//! it waited for used, for backends whose launcher exits: unlike the latency, it does not move
-//! with how fast this host wakes an idle CPU) and the host memory the instances hold: PSS of every process they
-//! left running plus the kernel's Slab + PageTables + KernelStack + Percpu growth since before the
-//! first (MemAvailable moves with everything else on a shared machine; this does not; the
-//! first reading waits for the kernel to finish freeing earlier instances, later ones do not
-//! wait, so that nothing but the launches sits between launches); then the launch
-//! rate (instances / sum of launch latencies) and the teardown time per instance. Each
-//! backend starts from nothing running.
+//! memory budget, when one is given), recording after each:
+//! - the launch latency (launch → the launcher returns with the instance started; for the bare
+//!   process, the exec done);
+//! - the CPU time that launch cost (what the launcher and the processes it waited for used, for
+//!   backends whose launcher exits: unlike the latency, it does not move with how fast this host
+//!   wakes an idle CPU);
+//! - the host memory the instances hold: PSS of every process they left running plus the
+//!   kernel's Slab + PageTables + KernelStack + Percpu growth since before the first
+//!   (MemAvailable moves with everything else on a shared machine; this does not; the first
+//!   reading waits for the kernel to finish freeing earlier instances, later ones do not wait,
+//!   so that nothing but the launches sits between launches);
+//!
+//! then the launch rate (instances / sum of launch latencies) and the teardown time per
+//! instance. Each backend starts from nothing running.
 
 use std::time::{Duration, Instant};
 
