@@ -54,6 +54,7 @@ fn writes_every_file_and_names_every_backend() {
 
     let md = std::fs::read_to_string(out.join("report.md")).unwrap();
     assert!(md.contains("## What this shows"));
+    assert!(md.contains("**Steadiness.**") && md.contains("twinbox-container"), "{md}");
     assert!(md.find("What this shows").unwrap() < md.find("## Backends").unwrap(), "the report must open with it");
     for b in &r.backends {
         assert!(md.contains(&b.name), "report.md does not mention {}", b.name);

@@ -121,6 +121,17 @@ fn list_medians(r: &Results, scenario: &str, metric: &str, unit: &str, skip: &[&
         .join(", ")
 }
 
+/// |median of the second half − median of the first| / the smaller, for samples kept in the
+/// order they were taken (start rounds); None with fewer than 8.
+fn half_drift(samples: &[f64]) -> Option<f64> {
+    if samples.len() < 8 {
+        return None;
+    }
+    let (a, b) = samples.split_at(samples.len() / 2);
+    let (a, b) = (median(a), median(b));
+    (a.min(b) > 0.0).then(|| (a - b).abs() / a.min(b))
+}
+
 /// The opening section: what the figures support, and where they do not.
 fn what_this_shows(r: &Results) -> Vec<String> {
     let mut out = Vec::new();
@@ -242,6 +253,20 @@ fn what_this_shows(r: &Results) -> Vec<String> {
     }
     if !missing.is_empty() {
         out.push(format!("**Not measured:** {}.", missing.join("; ")));
+    }
+    let drifts: Vec<String> = r
+        .records
+        .iter()
+        .filter(|x| x.scenario == "start" && x.metric == "time_to_workload")
+        .filter_map(|x| Some(format!("{} {:.0} %", x.backend, half_drift(&x.samples)? * 100.0)))
+        .collect();
+    if !drifts.is_empty() {
+        out.push(format!(
+            "**Steadiness.** How far each backend's median start moved between the first and the second half of \
+             this run's rounds: {}. The host's own noise is at least that large, so a smaller difference between \
+             two runs says little; `twinbox bench compare` tests one for significance.",
+            drifts.join(", ")
+        ));
     }
     out.push(format!(
         "**Scope.** One host ({}; {}), {} CPUs, a machine shared with other work: the figures are this host's, \
@@ -579,6 +604,16 @@ mod tests {
     #[test]
     fn inline_marks_and_escaping() {
         assert_eq!(inline("a `b<c>` **d** e"), "a <code>b&lt;c&gt;</code> <strong>d</strong> e");
+    }
+
+    #[test]
+    fn drift_between_the_halves_of_a_run() {
+        let steady = [10.0, 11.0, 9.0, 10.0, 10.0, 9.0, 11.0, 10.0];
+        assert_eq!(half_drift(&steady), Some(0.0));
+        // The host got 20 % slower half way through.
+        let slower = [10.0, 10.0, 10.0, 10.0, 12.0, 12.0, 12.0, 12.0];
+        assert!((half_drift(&slower).unwrap() - 0.2).abs() < 1e-9);
+        assert_eq!(half_drift(&slower[..6]), None, "too few samples to say");
     }
 
     #[test]
