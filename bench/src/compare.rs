@@ -123,8 +123,7 @@ impl Selection {
     /// and pass).
     pub fn apply(&self, runs: &mut [Results]) -> Result<(), CompareError> {
         let all = || runs.iter().flat_map(|r| r.records.iter());
-        let list = |names: Vec<String>| {
-            let mut names = names;
+        let list = |mut names: Vec<String>| {
             names.sort();
             names.dedup();
             names.join(", ")

@@ -280,11 +280,8 @@ pub(crate) fn kill_run(pid: u32) -> String {
 pub(crate) fn stall_report(pid: u32) -> String {
     const STACK_LINES: usize = 6;
     const MAX_THREADS: usize = 16;
-    let group = |p: u32| {
-        let stat = std::fs::read_to_string(format!("/proc/{p}/stat")).unwrap_or_default();
-        // Field 5 (pgrp), after the parenthesised command name.
-        stat.rsplit_once(')').and_then(|(_, rest)| rest.split_whitespace().nth(2)?.parse::<u32>().ok())
-    };
+    // Field 5 of stat, the process group.
+    let group = |p: u32| stat_fields(&format!("/proc/{p}/stat")).get(2)?.parse::<u32>().ok();
     let mut pids: Vec<u32> =
         crate::host::scan().into_iter().map(|p| p.pid).filter(|&p| p == pid || group(p) == Some(pid)).collect();
     pids.sort_unstable();
@@ -300,8 +297,8 @@ pub(crate) fn stall_report(pid: u32) -> String {
             }
             let dir = format!("/proc/{p}/task/{tid}");
             let read = |f: &str| std::fs::read_to_string(format!("{dir}/{f}")).unwrap_or_default();
-            let stat = read("stat");
-            let state = stat.rsplit_once(')').and_then(|(_, r)| r.split_whitespace().next()).unwrap_or("?").to_owned();
+            let stat = stat_fields(&format!("{dir}/stat"));
+            let state = stat.first().map_or("?", String::as_str);
             let mut line = format!("{p}/{tid} {} state {state} wchan {}", read("comm").trim(), read("wchan").trim());
             let stack: Vec<String> = read("stack")
                 .lines()
@@ -315,6 +312,13 @@ pub(crate) fn stall_report(pid: u32) -> String {
         }
     }
     out.join("\n")
+}
+
+/// The fields of a `/proc/…/stat` file after the parenthesised command name (which may hold
+/// spaces and parentheses itself): state, ppid, pgrp, …; empty when the file is gone.
+fn stat_fields(path: &str) -> Vec<String> {
+    let stat = std::fs::read_to_string(path).unwrap_or_default();
+    stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().map(str::to_owned).collect()).unwrap_or_default()
 }
 
 /// Children go into their own process group, so a Ctrl-C at the terminal reaches only the
