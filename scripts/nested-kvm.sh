@@ -171,10 +171,9 @@ kvm_hold() {
   key=$( (cat "$src"; rustc -V) | sha256sum | cut -c1-16)
   dir=$CACHE/kvm-hold/$key
   if [ ! -x "$dir/kvm-hold" ]; then
-    mkdir -p "$dir"
     rustc --edition 2021 -O -C target-feature=+crt-static -C strip=symbols "$src" -o "$tmp/kvm-hold" >&2 ||
       { log "cannot build $src: L1 holds no KVM VM"; return 1; }
-    mv "$tmp/kvm-hold" "$dir/kvm-hold"
+    mkdir -p "$dir" && mv "$tmp/kvm-hold" "$dir/kvm-hold"
   fi
   echo "$dir/kvm-hold"
 }
@@ -327,8 +326,9 @@ done
 exec 4<&-
 
 # A stalled L1: where its vCPUs stand, from QEMU's monitor, before it is stopped. RIPs are L1
-# kernel addresses (the System.map of the L1 kernel package, named by its cache directory,
-# resolves them); HLT=1 is an idle vCPU.
+# kernel addresses (L1 boots with nokaslr; Debian ships only a placeholder System.map, so take
+# the symbols from the cached vmlinuz, e.g. with vmlinux-to-elf's kallsyms-finder on its
+# decompressed payload); HLT=1 is an idle vCPU.
 if [ "$silent" -eq 1 ] || [ "$timed_out" -eq 1 ]; then
   if command -v socat >/dev/null && [ -S "$tmp/hmp.sock" ]; then
     log "L1's vCPUs (QEMU monitor, info registers -a):"
