@@ -58,6 +58,130 @@ pub struct Context {
     /// As `twinbox_runtime::cgroups::Layout` prints it ("cgroup v1/v2 hybrid"), or "unknown".
     pub cgroup_layout: String,
     pub virtualization: Virtualization,
+    /// The filesystem of the image store's containers/ directory, where twinbox makes each
+    /// container's overlay upper and work directories and its bundle; absent in results from
+    /// before it was recorded.
+    #[serde(default)]
+    pub store_fs: Option<StoreFs>,
+}
+
+/// The filesystem a directory is on, as far as it bears on launch times.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq, Eq)]
+pub struct StoreFs {
+    /// The directory looked at.
+    pub path: String,
+    /// Type as /proc/self/mountinfo gives it: "ext4", "xfs", "tmpfs", …
+    pub fs_type: String,
+    /// The mount's source, e.g. "/dev/vda".
+    pub source: String,
+    /// ext4 only: whether it has a journal (a /proc/fs/jbd2 entry for its device); null for
+    /// other types and when that cannot be told.
+    pub journal: Option<bool>,
+}
+
+impl StoreFs {
+    /// ext4 without a journal: there the kernel will not reuse an inode freed in the last one
+    /// to six minutes (fs/ext4/ialloc.c, `recently_deleted`), and every allocation scans past
+    /// those, so creating files gets slower the more were deleted just before.
+    pub fn journal_less_ext4(&self) -> bool {
+        self.fs_type == "ext4" && self.journal == Some(false)
+    }
+}
+
+impl std::fmt::Display for StoreFs {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{} on {}", self.fs_type, self.source)?;
+        match self.journal {
+            Some(true) => f.write_str(", journaled")?,
+            Some(false) => f.write_str(", no journal")?,
+            None => {}
+        }
+        write!(f, " ({})", self.path)
+    }
+}
+
+/// The filesystem `dir` is on, from /proc/self/mountinfo; None when `dir` does not exist or
+/// the mount table cannot be read.
+pub fn store_fs(dir: &Path) -> Option<StoreFs> {
+    let canonical = dir.canonicalize().ok()?;
+    let mountinfo = std::fs::read_to_string("/proc/self/mountinfo").ok()?;
+    let jbd2: Option<Vec<String>> = std::fs::read_dir("/proc/fs/jbd2")
+        .ok()
+        .map(|d| d.filter_map(|e| e.ok()).map(|e| e.file_name().to_string_lossy().into_owned()).collect());
+    let block_name = |dev: &str| {
+        std::fs::read_link(format!("/sys/dev/block/{dev}"))
+            .ok()
+            .and_then(|p| p.file_name().map(|n| n.to_string_lossy().into_owned()))
+    };
+    store_fs_from(&canonical, &mountinfo, jbd2.as_deref(), block_name)
+}
+
+/// [`store_fs`] on given inputs. `jbd2`: the entries of /proc/fs/jbd2 ("vda-8": a journal on
+/// device vda), None when that directory cannot be read. `block_name` maps "MAJ:MIN" to the
+/// kernel's name of the block device ("vda", "dm-0", "loop0").
+pub fn store_fs_from(
+    dir: &Path,
+    mountinfo: &str,
+    jbd2: Option<&[String]>,
+    block_name: impl Fn(&str) -> Option<String>,
+) -> Option<StoreFs> {
+    // The deepest mount point containing `dir`; among mounts on the same point, the last one
+    // listed is on top.
+    let mut best: Option<(usize, &str, String, &str)> = None;
+    for line in mountinfo.lines() {
+        let Some((left, right)) = line.split_once(" - ") else { continue };
+        let l: Vec<&str> = left.split(' ').collect();
+        let r: Vec<&str> = right.split(' ').collect();
+        let (Some(dev), Some(point), Some(fs_type)) = (l.get(2), l.get(4), r.first()) else { continue };
+        let point = unescape_mountinfo(point);
+        if !dir.starts_with(&point) {
+            continue;
+        }
+        let depth = Path::new(&point).components().count();
+        if best.as_ref().is_none_or(|b| depth >= b.0) {
+            best = Some((depth, fs_type, r.get(1).copied().unwrap_or("none").to_owned(), dev));
+        }
+    }
+    let (_, fs_type, source, dev) = best?;
+    let journal = if fs_type == "ext4" {
+        match (jbd2, block_name(dev)) {
+            (Some(entries), Some(name)) => Some(entries.iter().any(|e| {
+                e.strip_prefix(name.as_str())
+                    .and_then(|rest| rest.strip_prefix('-'))
+                    .is_some_and(|ino| !ino.is_empty() && ino.bytes().all(|b| b.is_ascii_digit()))
+            })),
+            _ => None,
+        }
+    } else {
+        None
+    };
+    Some(StoreFs {
+        path: dir.display().to_string(),
+        fs_type: fs_type.to_owned(),
+        source: unescape_mountinfo(&source),
+        journal,
+    })
+}
+
+/// Mount points and sources in mountinfo escape space, tab, newline and backslash as `\ooo`.
+fn unescape_mountinfo(s: &str) -> String {
+    let b = s.as_bytes();
+    let mut out = Vec::with_capacity(b.len());
+    let mut i = 0;
+    while i < b.len() {
+        let octal = b.get(i + 1..i + 4).filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
+        match octal {
+            Some(d) => {
+                out.push(d.iter().fold(0u8, |acc, c| acc.wrapping_mul(8).wrapping_add(c - b'0')));
+                i += 4;
+            }
+            None => {
+                out.push(b[i]);
+                i += 1;
+            }
+        }
+    }
+    String::from_utf8_lossy(&out).into_owned()
 }
 
 impl Context {
@@ -83,6 +207,7 @@ impl Context {
                 .map(|l| l.to_string())
                 .unwrap_or_else(|_| "unknown".into()),
             virtualization: detect_virtualization(Path::new("/"), &cpuinfo),
+            store_fs: None,
         }
     }
 }
@@ -297,6 +422,47 @@ mod tests {
         let v = detect_virtualization(d.path(), flags);
         assert_eq!(v.kind, VirtKind::NestedTcg);
         assert!(v.detail.contains("not representative"), "{}", v.detail);
+    }
+
+    #[test]
+    fn store_filesystem_and_its_journal_from_mountinfo() {
+        let mi = "22 1 254:0 / / rw,relatime shared:1 - ext4 /dev/vda rw,discard\n\
+                  30 22 0:25 / /dev/shm rw,nosuid,nodev shared:4 - tmpfs tmpfs rw\n\
+                  40 22 7:0 / /mnt/with\\040space rw,relatime - ext4 /dev/loop0 rw\n\
+                  41 22 8:17 / /var/lib/twinbox rw - xfs /dev/sdb1 rw\n\
+                  42 41 0:31 / /var/lib/twinbox rw - tmpfs tmpfs rw\n";
+        let names = |dev: &str| match dev {
+            "254:0" => Some("vda".to_owned()),
+            "7:0" => Some("loop0".to_owned()),
+            _ => None,
+        };
+        let at = |dir: &str, jbd2: Option<&[String]>| store_fs_from(Path::new(dir), mi, jbd2, names).unwrap();
+
+        // The root ext4 with no journal of its own: "vda1-8" is another device's.
+        let other = ["loop0-8".to_owned(), "vda1-8".to_owned()];
+        let root = at("/var/lib/twinboxes/x", Some(&other));
+        assert_eq!((root.fs_type.as_str(), root.source.as_str(), root.journal), ("ext4", "/dev/vda", Some(false)));
+        assert!(root.journal_less_ext4());
+        assert_eq!(root.to_string(), "ext4 on /dev/vda, no journal (/var/lib/twinboxes/x)");
+        let journaled = ["vda-8".to_owned()];
+        assert_eq!(at("/var/lib/twinboxes/x", Some(&journaled)).journal, Some(true));
+        assert!(!at("/var/lib/twinboxes/x", Some(&journaled)).journal_less_ext4());
+        // Unknown when /proc/fs/jbd2 cannot be read: no claim either way.
+        assert_eq!(at("/", None).journal, None);
+
+        // An escaped mount point, and the deepest mount wins.
+        let spaced = at("/mnt/with space/store", Some(&other));
+        assert_eq!((spaced.source.as_str(), spaced.journal), ("/dev/loop0", Some(true)));
+        // Two mounts on one point: the later one is on top. No journal question off ext4.
+        let stacked = at("/var/lib/twinbox/containers", Some(&other));
+        assert_eq!((stacked.fs_type.as_str(), stacked.journal), ("tmpfs", None));
+        assert!(!stacked.journal_less_ext4());
+        assert_eq!(stacked.to_string(), "tmpfs on tmpfs (/var/lib/twinbox/containers)");
+
+        // On this machine: a real directory has a filesystem; a missing one has none.
+        let d = tempfile::tempdir().unwrap();
+        assert!(store_fs(d.path()).is_some_and(|f| !f.fs_type.is_empty()));
+        assert_eq!(store_fs(&d.path().join("missing")), None);
     }
 
     #[test]

@@ -121,7 +121,11 @@ pub fn run(opts: &Options) -> Result<Results, BenchError> {
         all.push(backend::by_name(name, &opts.twinbox).ok_or_else(|| BenchError::UnknownBackend(name.clone()))?);
     }
     let settings = opts.settings();
-    let context = host::Context::detect(opts.twinbox.parent());
+    // Where twinbox-container makes and removes each container's files (overlay upper and work
+    // directories, bundle); the store's root before it has any.
+    let containers = opts.store_root.join("containers");
+    let store_fs = host::store_fs(if containers.is_dir() { &containers } else { &opts.store_root });
+    let context = host::Context { store_fs, ..host::Context::detect(opts.twinbox.parent()) };
     tracing::info!(rev = %context.rev, host = %context.host, virt = %context.virtualization.kind, "bench starting");
 
     let scratch = tempfile::Builder::new().prefix("twinbox-bench-").tempdir().map_err(BenchError::Scratch)?;

@@ -5,7 +5,10 @@
 //! {
 //!   "schema": "twinbox-bench/1",
 //!   "context":  Context,              // rev, dirty, date, host, kernel, cpus, cpu_model, mem_total_kib,
-//!                                     // cgroup_layout, virtualization { kind, detail }
+//!                                     // cgroup_layout, virtualization { kind, detail },
+//!                                     // store_fs { path, fs_type, source, journal: bool | null } | null:
+//!                                     //   the filesystem of the store's containers/ directory
+//!                                     //   (absent in results from before it was recorded)
 //!   "settings": Settings,             // what was asked: scenarios, backends, runs, warm-up, instances, max,
 //!                                     // density_passes (absent: 1), image
 //!   "interrupted": bool,              // Ctrl-C: what is here is what was measured until then

@@ -82,6 +82,35 @@ fn writes_every_file_and_names_every_backend() {
 }
 
 #[test]
+fn the_store_filesystem_is_stated_and_a_journal_less_ext4_explained() {
+    let md_for = |fs: Option<twinbox_bench::host::StoreFs>| {
+        let mut r = common::results(3, 1.0);
+        r.context.store_fs = fs;
+        let dir = tempfile::tempdir().unwrap();
+        twinbox_bench::report::write(&r, dir.path()).unwrap();
+        std::fs::read_to_string(dir.path().join("report.md")).unwrap()
+    };
+    let ext4 = |journal| twinbox_bench::host::StoreFs {
+        path: "/var/lib/twinbox/containers".into(),
+        fs_type: "ext4".into(),
+        source: "/dev/vda".into(),
+        journal: Some(journal),
+    };
+    let caveat = "**This host's filesystem.**";
+
+    let md = md_for(Some(ext4(false)));
+    assert!(md.contains("| container files | ext4 on /dev/vda, no journal (/var/lib/twinbox/containers) |"), "{md}");
+    let at = md.find(caveat).expect("a journal-less store is explained");
+    assert!(at < md.find("## Backends").unwrap(), "in the opening section");
+    assert!(md.contains("scripts/journaled-state.sh"), "and says what to do about it");
+
+    let md = md_for(Some(ext4(true)));
+    assert!(md.contains("ext4 on /dev/vda, journaled") && !md.contains(caveat), "{md}");
+    let md = md_for(None);
+    assert!(md.contains("| container files | not recorded |") && !md.contains(caveat), "{md}");
+}
+
+#[test]
 fn a_run_with_only_unavailable_backends_still_reports() {
     let mut r = common::results(2, 1.0);
     r.records.clear();

@@ -183,6 +183,9 @@ fn quick_start_run_end_to_end() {
             }
         }
     }
+    // The image store's filesystem is recorded: it changes launch times (journal-less ext4).
+    let fs = &written["context"]["store_fs"];
+    assert!(fs["fs_type"].as_str().is_some_and(|t| !t.is_empty()), "context.store_fs: {fs}");
     let fc = written["backends"].as_array().unwrap().iter().find(|b| b["name"] == "firecracker").unwrap();
     assert_eq!(fc["available"], false);
     assert!(!fc["reason"].as_str().unwrap().is_empty());
@@ -242,4 +245,55 @@ fn density_stops_at_the_memory_budget() {
     assert!(hello_processes() <= before, "hello processes left behind");
     let ps = env.ok(&["ps", "-a"]);
     assert_eq!(ps.lines().count(), 1, "containers left: {ps}");
+}
+
+/// scripts/journaled-state.sh: the bench inside it records the containers' files on a
+/// journaled ext4 (so its report has no journal-less caveat), and nothing is left after it.
+#[test]
+fn journaled_state_moves_container_files_to_a_journaled_ext4() {
+    let Some(env) = hello_store() else { return };
+    if !common::require_tool("mkfs.ext4")
+        || !common::require(Path::new("/dev/loop-control").exists(), "no loop devices")
+    {
+        return;
+    }
+    let leftovers = || -> Vec<String> {
+        let tmp = std::fs::read_dir("/var/tmp").map(|d| {
+            d.filter_map(|e| e.ok())
+                .map(|e| e.file_name().to_string_lossy().into_owned())
+                .filter(|n| n.starts_with("twinbox-journaled."))
+                .collect::<Vec<_>>()
+        });
+        let loops = std::process::Command::new("losetup").arg("-a").output().map(|o| {
+            String::from_utf8_lossy(&o.stdout)
+                .lines()
+                .filter(|l| l.contains("twinbox-journaled."))
+                .map(String::from)
+                .collect()
+        });
+        [tmp.unwrap_or_default(), loops.unwrap_or_default()].concat()
+    };
+    let before = leftovers();
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../scripts/journaled-state.sh");
+    let out = env.path("report");
+    let o = std::process::Command::new(&script)
+        .args(["--size", "256M", "--"])
+        .arg(env!("CARGO_BIN_EXE_twinbox"))
+        .args(["bench", "--quick", "--scenario", "start", "--backends", "twinbox-container", "--runs", "3", "--out"])
+        .arg(&out)
+        .env("TWINBOX_ROOT", env.root())
+        .env_remove("RUST_LOG")
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let written: Value = serde_json::from_slice(&std::fs::read(out.join("results.json")).unwrap()).unwrap();
+    let fs = &written["context"]["store_fs"];
+    assert_eq!((&fs["fs_type"], &fs["journal"]), (&json!("ext4"), &json!(true)), "{fs}");
+    assert!(fs["path"].as_str().unwrap().ends_with("/store/containers"), "{fs}");
+    assert!(fs["source"].as_str().unwrap().starts_with("/dev/loop"), "{fs}");
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(!md.contains("This host's filesystem"), "a journaled ext4 needs no caveat");
+    assert_eq!(leftovers(), before, "temporary image or loop device left behind");
+    // Outside the namespace the store's containers/ is where it was, and empty.
+    assert_eq!(std::fs::read_dir(env.root().join("containers")).unwrap().count(), 0);
 }

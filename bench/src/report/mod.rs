@@ -268,6 +268,20 @@ fn what_this_shows(r: &Results) -> Vec<String> {
             drifts.join(", ")
         ));
     }
+    let churns = r.records.iter().any(|x| x.backend == "twinbox-container" && x.scenario != "cpu");
+    if let Some(fs) = r.context.store_fs.as_ref().filter(|f| f.journal_less_ext4() && churns) {
+        out.push(format!(
+            "**This host's filesystem.** twinbox makes each container's overlay upper and work directories and \
+             its bundle on ext4 without a journal here ({fs}). There the kernel does not \
+             reuse an inode freed in the last one to six minutes, and every new file or directory is allocated \
+             by scanning past those (fs/ext4/ialloc.c, `recently_deleted`). So launches that create files get \
+             slower the more containers were removed just before, later in a run and from one run to the next. \
+             A twinbox container creates about 20 inodes there, runc and crun 3–5 in their state directories, \
+             so twinbox-container's launch times are the ones that climb over back-to-back runs. Leave a few \
+             minutes between runs you compare, or measure with the state on a journaled filesystem \
+             (`scripts/journaled-state.sh`)."
+        ));
+    }
     out.push(format!(
         "**Scope.** One host ({}; {}), {} CPUs, a machine shared with other work: the figures are this host's, \
          medians over the runs stated, and are only compared with runs under the same kind of virtualization. \
@@ -341,6 +355,10 @@ pub fn document(r: &Results, charts: &[charts::Chart], charts_skipped: Option<&s
             vec!["memory".into(), format!("{} MiB", c.mem_total_kib / 1024)],
             vec!["cgroups".into(), c.cgroup_layout.clone()],
             vec!["virtualization".into(), format!("{} — {}", c.virtualization.kind, c.virtualization.detail)],
+            vec![
+                "container files".into(),
+                c.store_fs.as_ref().map_or_else(|| "not recorded".into(), |f| f.to_string()),
+            ],
             vec!["scenarios".into(), s.scenarios.join(", ")],
             vec![
                 "rounds".into(),

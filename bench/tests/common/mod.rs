@@ -17,6 +17,7 @@ pub fn context() -> Context {
         mem_total_kib: 4 << 20,
         cgroup_layout: "cgroup v1/v2 hybrid".into(),
         virtualization: Virtualization { kind: VirtKind::Pvm, detail: "/dev/kvm is PVM (kvm_pvm loaded)".into() },
+        store_fs: None,
     }
 }
 
