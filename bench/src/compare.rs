@@ -98,6 +98,58 @@ pub enum CompareError {
     NotInResults { what: &'static str, name: String, known: String },
 }
 
+/// A run's times as multiples of a reference backend's (the bare `process`) in the same run:
+/// each sample of a metric in ms divided by the reference's median for the same scenario and
+/// metric. What is left when the whole host got faster or slower between two runs, as this
+/// host does for minutes at a time. Only times are divided: memory and the in-run CPU ratios do
+/// not scale with the host's speed and stay as they are. Returns the converted run and the
+/// `backend/scenario/metric` of the times left out because the reference has no such figure
+/// (or a zero one); the reference's own times go.
+pub fn relative_to(run: &Results, reference: &str) -> Result<(Results, Vec<String>), CompareError> {
+    if !run.records.iter().any(|r| r.backend == reference) {
+        let mut known: Vec<String> = run.records.iter().map(|r| r.backend.clone()).collect();
+        known.sort();
+        known.dedup();
+        return Err(CompareError::NotInResults {
+            what: "reference backend",
+            name: reference.into(),
+            known: known.join(", "),
+        });
+    }
+    let mut out = run.clone();
+    let mut left_out = Vec::new();
+    out.records = Vec::new();
+    for rec in &run.records {
+        if rec.unit != TIME_UNIT {
+            out.records.push(rec.clone());
+            continue;
+        }
+        if rec.backend == reference {
+            continue;
+        }
+        let by = run
+            .record(reference, &rec.scenario, &rec.metric)
+            .filter(|x| !x.samples.is_empty())
+            .map(|x| median(&x.samples))
+            .filter(|m| *m > 0.0 && m.is_finite());
+        let Some(by) = by else {
+            if !rec.samples.is_empty() {
+                left_out.push(format!("{}/{}/{}", rec.backend, rec.scenario, rec.metric));
+            }
+            continue;
+        };
+        let mut r = rec.clone();
+        r.samples = rec.samples.iter().map(|v| v / by).collect();
+        r.summary = crate::stats::Summary::of(&r.samples);
+        r.unit = format!("x {reference}");
+        out.records.push(r);
+    }
+    Ok((out, left_out))
+}
+
+/// The unit of the metrics [`relative_to`] divides.
+const TIME_UNIT: &str = "ms";
+
 /// Which records `compare` and `spread` look at: only these backends, and only these metrics,
 /// each named alone (`launch_cpu`) or with its scenario (`density/launch_cpu`). An empty list
 /// keeps everything. A CI job on a noisy host can gate on the figures that repeat there (CPU

@@ -5,7 +5,7 @@
 
 use serde::Serialize;
 
-use crate::compare::CompareError;
+use crate::compare::{relative_to, CompareError};
 use crate::results::Results;
 use crate::stats::median;
 
@@ -26,9 +26,8 @@ pub struct Spread {
 
 /// The spreads of every metric that has samples in all runs; runs taken under different
 /// virtualization kinds are refused, as in `compare`. With a `reference` backend (e.g. the bare
-/// `process`), each run's median is divided by the reference's median for the same metric in
-/// the same run: what is left when the whole host got faster or slower between runs. Metrics
-/// the reference lacks, and the reference itself, are then left out.
+/// `process`), each run's times are first divided by the reference's in the same run
+/// ([`relative_to`]): what is left when the whole host got faster or slower between runs.
 pub fn spread(runs: &[Results], reference: Option<&str>) -> Result<Vec<Spread>, CompareError> {
     let Some(first) = runs.first() else { return Ok(Vec::new()) };
     let kind = first.context.virtualization.kind;
@@ -38,22 +37,22 @@ pub fn spread(runs: &[Results], reference: Option<&str>) -> Result<Vec<Spread>, 
             new: other.context.virtualization.kind.to_string(),
         });
     }
-    let mut out = Vec::new();
-    let med = |r: &Results, backend: &str, scenario: &str, metric: &str| {
-        r.record(backend, scenario, metric).filter(|x| !x.samples.is_empty()).map(|x| median(&x.samples))
-    };
-    for rec in &first.records {
-        if reference == Some(rec.backend.as_str()) {
-            continue;
+    let converted: Vec<Results>;
+    let runs = match reference {
+        None => runs,
+        Some(b) => {
+            converted = runs.iter().map(|r| relative_to(r, b).map(|(r, _)| r)).collect::<Result<_, _>>()?;
+            &converted[..]
         }
+    };
+    let mut out = Vec::new();
+    for rec in &runs[0].records {
         let medians: Option<Vec<f64>> = runs
             .iter()
             .map(|r| {
-                let m = med(r, &rec.backend, &rec.scenario, &rec.metric)?;
-                match reference {
-                    None => Some(m),
-                    Some(b) => med(r, b, &rec.scenario, &rec.metric).filter(|v| *v != 0.0).map(|v| m / v),
-                }
+                r.record(&rec.backend, &rec.scenario, &rec.metric)
+                    .filter(|x| !x.samples.is_empty())
+                    .map(|x| median(&x.samples))
             })
             .collect();
         let Some(medians) = medians else { continue };
@@ -67,10 +66,7 @@ pub fn spread(runs: &[Results], reference: Option<&str>) -> Result<Vec<Spread>, 
             backend: rec.backend.clone(),
             scenario: rec.scenario.clone(),
             metric: rec.metric.clone(),
-            unit: match reference {
-                None => rec.unit.clone(),
-                Some(b) => format!("x {b}"),
-            },
+            unit: rec.unit.clone(),
             medians,
             middle,
             spread,

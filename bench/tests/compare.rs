@@ -4,7 +4,7 @@
 
 mod common;
 
-use twinbox_bench::compare::{compare, Verdict};
+use twinbox_bench::compare::{compare, relative_to, Verdict};
 use twinbox_bench::host::VirtKind;
 use twinbox_bench::spread::{render, spread};
 
@@ -90,11 +90,64 @@ fn spread_skips_metrics_a_run_lacks_and_never_mixes_virtualization_kinds() {
 }
 
 #[test]
-fn relative_spread_divides_by_the_reference_of_the_same_run() {
+fn relative_spread_divides_times_by_the_reference_of_the_same_run() {
     let runs = [common::results(1, 1.0), common::results(1, 1.1)];
     let rows = spread(&runs, Some("runc")).unwrap();
-    assert!(rows.iter().all(|r| r.backend != "runc" && r.unit == "x runc"), "{rows:?}");
+    let times: Vec<_> = rows.iter().filter(|r| r.scenario == "start").collect();
+    assert!(!times.is_empty() && times.iter().all(|r| r.backend != "runc" && r.unit == "x runc"), "{times:?}");
     let e2e = rows.iter().find(|r| r.backend == "twinbox-container" && r.metric == "end_to_end").unwrap();
     // twinbox-container's end_to_end is 24 ms against runc's 40 in the synthetic results.
     assert!((e2e.medians[0] - 0.6).abs() < 0.05 && (e2e.medians[1] / e2e.medians[0] - 1.1).abs() < 1e-9, "{e2e:?}");
+    // Memory does not scale with the host's speed: it stays absolute, the reference's too.
+    let mem = rows.iter().find(|r| r.backend == "runc" && r.metric == "total_per_instance").unwrap();
+    assert_eq!(mem.unit, "KiB");
+}
+
+/// Every time figure of every backend, the bare process included, scaled by `k`: the whole
+/// host got slower.
+fn slower_host(mut r: twinbox_bench::results::Results, k: f64) -> twinbox_bench::results::Results {
+    for rec in r.records.iter_mut().filter(|x| x.unit == "ms") {
+        rec.samples.iter_mut().for_each(|v| *v *= k);
+        rec.summary = twinbox_bench::stats::Summary::of(&rec.samples);
+    }
+    r
+}
+
+#[test]
+fn a_host_that_got_slower_is_no_change_relative_to_the_process_but_a_real_slowdown_is() {
+    let base = common::results(1, 1.0);
+    let host_slower = slower_host(common::results(2, 1.0), 1.3);
+    assert!(compare(&base, &host_slower, 0.10, 0.05).unwrap().regressed(), "absolute: everything 30% slower");
+    let rel = |r: &twinbox_bench::results::Results| relative_to(r, "process").unwrap().0;
+    let c = compare(&rel(&base), &rel(&host_slower), 0.10, 0.05).unwrap();
+    assert!(!c.regressed(), "{}", c.render(0.1, 0.05));
+
+    // twinbox-container 20% slower on top of the slower host: still caught, and only it.
+    let both = slower_host(common::results(2, 1.2), 1.3);
+    let c = compare(&rel(&base), &rel(&both), 0.10, 0.05).unwrap();
+    let regressed: Vec<_> = c.changes.iter().filter(|x| x.verdict == Verdict::Regressed).collect();
+    assert_eq!(regressed.len(), 2, "{}", c.render(0.1, 0.05));
+    assert!(regressed
+        .iter()
+        .all(|x| x.backend == "twinbox-container" && x.scenario == "start" && x.unit == "x process"));
+}
+
+#[test]
+fn relative_to_names_what_it_cannot_divide_and_refuses_an_unknown_reference() {
+    let mut r = common::results(1, 1.0);
+    r.records.push(common::record(
+        "runc",
+        "density",
+        "launch_cpu",
+        "ms",
+        twinbox_bench::results::Better::Lower,
+        vec![5.0; 6],
+    ));
+    let (out, left_out) = relative_to(&r, "process").unwrap();
+    assert_eq!(left_out, ["runc/density/launch_cpu"]);
+    assert!(out.record("runc", "density", "launch_cpu").is_none());
+    assert!(out.record("process", "start", "end_to_end").is_none(), "the reference's own times go");
+    assert!(out.record("process", "memory", "total_per_instance").is_some(), "its memory stays");
+    let e = relative_to(&r, "procss").unwrap_err().to_string();
+    assert!(e.contains("procss") && e.contains("process, runc, twinbox-container"), "{e}");
 }

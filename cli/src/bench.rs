@@ -114,6 +114,11 @@ struct CompareArgs {
     /// Only these metrics (comma-separated), each alone or as SCENARIO/METRIC (e.g. launch_cpu,memory/total_per_instance).
     #[arg(long, value_delimiter = ',')]
     metrics: Vec<String>,
+    /// Compare each run's figures as multiples of this backend's (e.g. `process`, the floor)
+    /// in the same run, so a host that got faster or slower between the runs is not taken for
+    /// a change; metrics the reference lacks are left out, and named.
+    #[arg(long)]
+    relative_to: Option<String>,
     /// Print the comparison as JSON.
     #[arg(long)]
     json: bool,
@@ -214,10 +219,19 @@ fn compare_cmd(c: CompareArgs) -> Result<i32> {
     use twinbox_bench::results::Results;
     let load = |p: &Path| Results::load(p).map_err(|e| UserError(twinbox_bench::scenario::error_chain(&e)));
     let mut runs = [load(&c.base)?, load(&c.new)?];
-    compare::Selection { backends: c.backends, metrics: c.metrics }
-        .apply(&mut runs)
-        .map_err(|e| UserError(e.to_string()))?;
-    let [base, new] = runs;
+    select(&mut runs, c.backends, c.metrics, c.relative_to.as_deref())?;
+    let [mut base, mut new] = runs;
+    if let Some(reference) = &c.relative_to {
+        let (b, mut left_out) = compare::relative_to(&base, reference).map_err(|e| UserError(e.to_string()))?;
+        let (n, more) = compare::relative_to(&new, reference).map_err(|e| UserError(e.to_string()))?;
+        left_out.extend(more);
+        left_out.sort();
+        left_out.dedup();
+        if !left_out.is_empty() {
+            eprintln!("not compared ({reference} has no such figure): {}", left_out.join(", "));
+        }
+        (base, new) = (b, n);
+    }
     let cmp = compare::compare(&base, &new, c.max_regression, c.alpha).map_err(|e| UserError(e.to_string()))?;
     if c.json {
         println!("{}", serde_json::to_string_pretty(&cmp)?);
@@ -227,6 +241,21 @@ fn compare_cmd(c: CompareArgs) -> Result<i32> {
     Ok(if cmp.regressed() { REGRESSED } else { 0 })
 }
 
+/// `--backends`/`--metrics` of compare and spread. A `--relative-to` backend stays in even when
+/// not listed: the others are divided by its figures.
+fn select(
+    runs: &mut [twinbox_bench::results::Results],
+    mut backends: Vec<String>,
+    metrics: Vec<String>,
+    reference: Option<&str>,
+) -> Result<()> {
+    if let Some(reference) = reference.filter(|_| !backends.is_empty()) {
+        backends.push(reference.to_owned());
+    }
+    compare::Selection { backends, metrics }.apply(runs).map_err(|e| UserError(e.to_string()))?;
+    Ok(())
+}
+
 fn spread_cmd(a: SpreadArgs) -> Result<i32> {
     use twinbox_bench::results::Results;
     let mut runs = a
@@ -234,12 +263,7 @@ fn spread_cmd(a: SpreadArgs) -> Result<i32> {
         .iter()
         .map(|p| Results::load(p).map_err(|e| UserError(twinbox_bench::scenario::error_chain(&e))))
         .collect::<Result<Vec<_>, _>>()?;
-    // The reference backend stays in: the other medians are divided by its.
-    let mut backends = a.backends;
-    if let Some(reference) = a.relative_to.as_ref().filter(|_| !backends.is_empty()) {
-        backends.push(reference.clone());
-    }
-    compare::Selection { backends, metrics: a.metrics }.apply(&mut runs).map_err(|e| UserError(e.to_string()))?;
+    select(&mut runs, a.backends, a.metrics, a.relative_to.as_deref())?;
     let rows = twinbox_bench::spread::spread(&runs, a.relative_to.as_deref()).map_err(|e| UserError(e.to_string()))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);

@@ -108,6 +108,35 @@ fn compare_and_spread_look_only_at_the_selected_metrics() {
     assert!(rows.contains("launch_cpu") && !rows.contains("end_to_end"), "{rows}");
 }
 
+/// `results(center, seed)` with the bare process's end_to_end beside crun's, at `process`.
+fn with_process(mut v: Value, process: f64, seed: u64) -> Value {
+    let mut extra = results(process, seed)["records"][0].clone();
+    extra["backend"] = json!("process");
+    v["records"].as_array_mut().unwrap().push(extra);
+    v
+}
+
+#[test]
+fn compare_relative_to_the_process_takes_out_a_host_that_got_slower() {
+    let env = Env::new();
+    // Everything 20 % slower in the second run, the bare process too: the host, not crun.
+    let base = write(&env, "base.json", &with_launch_cpu(with_process(results(10.0, 1), 0.5, 2), 5.0, 3));
+    let slow = write(&env, "slow.json", &with_launch_cpu(with_process(results(12.0, 9), 0.6, 4), 5.0, 11));
+    let o = env.run(&["bench", "compare", &base, &slow]);
+    assert_eq!(o.status.code(), Some(2), "absolute: a regression");
+    for extra in [&[][..], &["--backends", "crun"][..]] {
+        let o = env.run(&[&["bench", "compare", &base, &slow, "--relative-to", "process"][..], extra].concat());
+        let (out, err) = (String::from_utf8_lossy(&o.stdout), String::from_utf8_lossy(&o.stderr));
+        assert_eq!(o.status.code(), Some(0), "{out}{err}");
+        assert!(out.contains("x process") && out.contains("end_to_end"), "{out}");
+        // crun's launch_cpu has no process figure to divide by: named, not silently dropped.
+        assert!(err.contains("crun/start/launch_cpu"), "{err}");
+    }
+    let o = env.run(&["bench", "compare", &base, &slow, "--relative-to", "runc"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("\"runc\""));
+}
+
 #[test]
 fn a_missing_default_image_says_how_to_build_it() {
     let env = Env::new();
