@@ -75,19 +75,42 @@ struct SpreadArgs {
     /// Fail (exit 2) when a metric's spread exceeds this (e.g. 10%).
     #[arg(long, value_parser = compare::parse_threshold)]
     max_spread: Option<f64>,
+    #[command(flatten)]
+    select: Select,
+    /// Print the rows as JSON.
+    #[arg(long)]
+    json: bool,
+}
+
+/// What `compare` and `spread` look at.
+#[derive(Args, Debug)]
+struct Select {
     /// Only these backends (comma-separated).
     #[arg(long, value_delimiter = ',')]
     backends: Vec<String>,
     /// Only these metrics (comma-separated), each alone or as SCENARIO/METRIC (e.g. launch_cpu,memory/total_per_instance).
     #[arg(long, value_delimiter = ',')]
     metrics: Vec<String>,
-    /// Divide each run's medians by this backend's (e.g. `process`, the floor) in the same
-    /// run, taking out a host that got faster or slower between runs.
+    /// Take each run's times as multiples of this backend's (e.g. `process`, the floor) in the
+    /// same run, so a host that got faster or slower between runs is not taken for a change;
+    /// times the reference lacks are left out, and named. Memory and ratios stay as they are.
     #[arg(long)]
     relative_to: Option<String>,
-    /// Print the rows as JSON.
-    #[arg(long)]
-    json: bool,
+}
+
+impl Select {
+    /// Keep the selected records of each run. The `--relative-to` backend stays in even when
+    /// not listed: the others are divided by its figures.
+    fn apply(&self, runs: &mut [twinbox_bench::results::Results]) -> Result<()> {
+        let mut backends = self.backends.clone();
+        if let Some(reference) = self.relative_to.as_ref().filter(|_| !backends.is_empty()) {
+            backends.push(reference.clone());
+        }
+        compare::Selection { backends, metrics: self.metrics.clone() }
+            .apply(runs)
+            .map_err(|e| UserError(e.to_string()))?;
+        Ok(())
+    }
 }
 
 #[derive(Args, Debug)]
@@ -108,17 +131,8 @@ struct CompareArgs {
     /// Significance level of the test.
     #[arg(long, default_value_t = 0.05)]
     alpha: f64,
-    /// Only these backends (comma-separated).
-    #[arg(long, value_delimiter = ',')]
-    backends: Vec<String>,
-    /// Only these metrics (comma-separated), each alone or as SCENARIO/METRIC (e.g. launch_cpu,memory/total_per_instance).
-    #[arg(long, value_delimiter = ',')]
-    metrics: Vec<String>,
-    /// Compare each run's figures as multiples of this backend's (e.g. `process`, the floor)
-    /// in the same run, so a host that got faster or slower between the runs is not taken for
-    /// a change; metrics the reference lacks are left out, and named.
-    #[arg(long)]
-    relative_to: Option<String>,
+    #[command(flatten)]
+    select: Select,
     /// Print the comparison as JSON.
     #[arg(long)]
     json: bool,
@@ -219,9 +233,9 @@ fn compare_cmd(c: CompareArgs) -> Result<i32> {
     use twinbox_bench::results::Results;
     let load = |p: &Path| Results::load(p).map_err(|e| UserError(twinbox_bench::scenario::error_chain(&e)));
     let mut runs = [load(&c.base)?, load(&c.new)?];
-    select(&mut runs, c.backends, c.metrics, c.relative_to.as_deref())?;
+    c.select.apply(&mut runs)?;
     let [mut base, mut new] = runs;
-    if let Some(reference) = &c.relative_to {
+    if let Some(reference) = &c.select.relative_to {
         let (b, mut left_out) = compare::relative_to(&base, reference).map_err(|e| UserError(e.to_string()))?;
         let (n, more) = compare::relative_to(&new, reference).map_err(|e| UserError(e.to_string()))?;
         left_out.extend(more);
@@ -241,21 +255,6 @@ fn compare_cmd(c: CompareArgs) -> Result<i32> {
     Ok(if cmp.regressed() { REGRESSED } else { 0 })
 }
 
-/// `--backends`/`--metrics` of compare and spread. A `--relative-to` backend stays in even when
-/// not listed: the others are divided by its figures.
-fn select(
-    runs: &mut [twinbox_bench::results::Results],
-    mut backends: Vec<String>,
-    metrics: Vec<String>,
-    reference: Option<&str>,
-) -> Result<()> {
-    if let Some(reference) = reference.filter(|_| !backends.is_empty()) {
-        backends.push(reference.to_owned());
-    }
-    compare::Selection { backends, metrics }.apply(runs).map_err(|e| UserError(e.to_string()))?;
-    Ok(())
-}
-
 fn spread_cmd(a: SpreadArgs) -> Result<i32> {
     use twinbox_bench::results::Results;
     let mut runs = a
@@ -263,8 +262,9 @@ fn spread_cmd(a: SpreadArgs) -> Result<i32> {
         .iter()
         .map(|p| Results::load(p).map_err(|e| UserError(twinbox_bench::scenario::error_chain(&e))))
         .collect::<Result<Vec<_>, _>>()?;
-    select(&mut runs, a.backends, a.metrics, a.relative_to.as_deref())?;
-    let rows = twinbox_bench::spread::spread(&runs, a.relative_to.as_deref()).map_err(|e| UserError(e.to_string()))?;
+    a.select.apply(&mut runs)?;
+    let rows =
+        twinbox_bench::spread::spread(&runs, a.select.relative_to.as_deref()).map_err(|e| UserError(e.to_string()))?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {

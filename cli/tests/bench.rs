@@ -66,12 +66,18 @@ fn compare_exits_non_zero_on_a_significant_regression_only() {
     assert_eq!(junk.status.code(), Some(1), "{}", String::from_utf8_lossy(&junk.stderr));
 }
 
-/// `results(center, seed)` with a second metric, start/launch_cpu, centred on `cpu`.
-fn with_launch_cpu(mut v: Value, cpu: f64, seed: u64) -> Value {
-    let mut extra = results(cpu, seed)["records"][0].clone();
-    extra["metric"] = json!("launch_cpu");
+/// `results(..)` with one more start record, `backend`'s `metric` centred on `center`.
+fn with(mut v: Value, backend: &str, metric: &str, center: f64, seed: u64) -> Value {
+    let mut extra = results(center, seed)["records"][0].clone();
+    extra["backend"] = json!(backend);
+    extra["metric"] = json!(metric);
     v["records"].as_array_mut().unwrap().push(extra);
     v
+}
+
+/// `results(center, seed)` with a second metric, start/launch_cpu, centred on `cpu`.
+fn with_launch_cpu(v: Value, cpu: f64, seed: u64) -> Value {
+    with(v, "crun", "launch_cpu", cpu, seed)
 }
 
 #[test]
@@ -108,20 +114,14 @@ fn compare_and_spread_look_only_at_the_selected_metrics() {
     assert!(rows.contains("launch_cpu") && !rows.contains("end_to_end"), "{rows}");
 }
 
-/// `results(center, seed)` with the bare process's end_to_end beside crun's, at `process`.
-fn with_process(mut v: Value, process: f64, seed: u64) -> Value {
-    let mut extra = results(process, seed)["records"][0].clone();
-    extra["backend"] = json!("process");
-    v["records"].as_array_mut().unwrap().push(extra);
-    v
-}
-
 #[test]
 fn compare_relative_to_the_process_takes_out_a_host_that_got_slower() {
     let env = Env::new();
     // Everything 20 % slower in the second run, the bare process too: the host, not crun.
-    let base = write(&env, "base.json", &with_launch_cpu(with_process(results(10.0, 1), 0.5, 2), 5.0, 3));
-    let slow = write(&env, "slow.json", &with_launch_cpu(with_process(results(12.0, 9), 0.6, 4), 5.0, 11));
+    let base =
+        write(&env, "base.json", &with_launch_cpu(with(results(10.0, 1), "process", "end_to_end", 0.5, 2), 5.0, 3));
+    let slow =
+        write(&env, "slow.json", &with_launch_cpu(with(results(12.0, 9), "process", "end_to_end", 0.6, 4), 5.0, 11));
     let o = env.run(&["bench", "compare", &base, &slow]);
     assert_eq!(o.status.code(), Some(2), "absolute: a regression");
     for extra in [&[][..], &["--backends", "crun"][..]] {
