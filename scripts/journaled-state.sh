@@ -64,7 +64,7 @@ unshare --mount --propagation private -- bash -euo pipefail -c '
     mkdir -p "$mnt"
     mount -o loop "$JS_WORK/state.img" "$mnt"
     dev=$(basename "$(findmnt -no SOURCE "$mnt")")
-    ls /proc/fs/jbd2 | grep -q "^$dev-" || { echo "journaled-state.sh: $dev has no journal" >&2; exit 1; }
+    ls /proc/fs/jbd2 | grep -q "^$dev-" || { echo "journaled-state.sh: the new filesystem on $dev got no journal (too small? try --size 2G)" >&2; exit 1; }
     i=0
     for target in "$JS_STORE/containers" "$JS_STORE/tmp" "$JS_RUNTIME" /run/runc /run/crun; do
         mkdir -p "$mnt/$i"
