@@ -127,24 +127,17 @@ pub fn store_fs_from(
 ) -> Option<StoreFs> {
     // The deepest mount point containing `dir`; among mounts on the same point, the last one
     // listed is on top.
-    let mut best: Option<(usize, &str, String, &str)> = None;
-    for line in mountinfo.lines() {
-        let Some((left, right)) = line.split_once(" - ") else { continue };
-        let l: Vec<&str> = left.split(' ').collect();
-        let r: Vec<&str> = right.split(' ').collect();
-        let (Some(dev), Some(point), Some(fs_type)) = (l.get(2), l.get(4), r.first()) else { continue };
-        let point = unescape_mountinfo(point);
-        if !dir.starts_with(&point) {
-            continue;
-        }
-        let depth = Path::new(&point).components().count();
-        if best.as_ref().is_none_or(|b| depth >= b.0) {
-            best = Some((depth, fs_type, r.get(1).copied().unwrap_or("none").to_owned(), dev));
+    let mounts = twinbox_runtime::mountinfo::parse(mountinfo);
+    let mut best: Option<(usize, &twinbox_runtime::mountinfo::MountEntry)> = None;
+    for m in mounts.iter().filter(|m| dir.starts_with(&m.mount_point)) {
+        let depth = m.mount_point.components().count();
+        if best.is_none_or(|b| depth >= b.0) {
+            best = Some((depth, m));
         }
     }
-    let (_, fs_type, source, dev) = best?;
-    let journal = if fs_type == "ext4" {
-        match (jbd2, block_name(dev)) {
+    let (_, m) = best?;
+    let journal = if m.fstype == "ext4" {
+        match (jbd2, block_name(&m.device)) {
             (Some(entries), Some(name)) => Some(entries.iter().any(|e| {
                 e.strip_prefix(name.as_str())
                     .and_then(|rest| rest.strip_prefix('-'))
@@ -155,33 +148,7 @@ pub fn store_fs_from(
     } else {
         None
     };
-    Some(StoreFs {
-        path: dir.display().to_string(),
-        fs_type: fs_type.to_owned(),
-        source: unescape_mountinfo(&source),
-        journal,
-    })
-}
-
-/// Mount points and sources in mountinfo escape space, tab, newline and backslash as `\ooo`.
-fn unescape_mountinfo(s: &str) -> String {
-    let b = s.as_bytes();
-    let mut out = Vec::with_capacity(b.len());
-    let mut i = 0;
-    while i < b.len() {
-        let octal = b.get(i + 1..i + 4).filter(|d| b[i] == b'\\' && d.iter().all(|c| (b'0'..=b'7').contains(c)));
-        match octal {
-            Some(d) => {
-                out.push(d.iter().fold(0u8, |acc, c| acc.wrapping_mul(8).wrapping_add(c - b'0')));
-                i += 4;
-            }
-            None => {
-                out.push(b[i]);
-                i += 1;
-            }
-        }
-    }
-    String::from_utf8_lossy(&out).into_owned()
+    Some(StoreFs { path: dir.display().to_string(), fs_type: m.fstype.clone(), source: m.source.clone(), journal })
 }
 
 impl Context {

@@ -14,6 +14,7 @@ pub mod exec;
 pub mod hooks;
 pub mod init;
 pub mod kill;
+pub mod mountinfo;
 pub mod namespaces;
 pub mod network;
 pub mod process;

@@ -7,19 +7,14 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 
 use super::{CgroupError, Layout};
+#[cfg(test)]
+use crate::mountinfo::parse;
+use crate::mountinfo::MountEntry;
 
 /// The v1 controllers whose hierarchies a container joins (`name=systemd` only for
 /// membership, as runc does).
 pub(super) const V1_HIERARCHIES: &[&str] =
     &["blkio", "cpu", "cpuacct", "cpuset", "devices", "freezer", "memory", "pids", "name=systemd"];
-
-/// One line of mountinfo, the fields we use.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub(super) struct MountEntry {
-    pub mount_point: PathBuf,
-    pub fstype: String,
-    pub super_options: Vec<String>,
-}
 
 /// The cgroup hierarchies found under a mount root.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -42,7 +37,7 @@ pub(super) fn discover(mount_root: &Path) -> Result<Hierarchies, CgroupError> {
     }
     let text =
         std::fs::read_to_string(path).map_err(|source| CgroupError::MountInfo { path: path.to_path_buf(), source })?;
-    from_mounts(&parse(&text), &root)
+    from_mounts(&crate::mountinfo::parse(&text), &root)
 }
 
 /// Classifies the cgroup mounts at `root` (canonical) or directly below it.
@@ -78,41 +73,6 @@ pub(super) fn from_mounts(mounts: &[MountEntry], root: &Path) -> Result<Hierarch
     }
     let layout = if unified_child.is_some() { Layout::Hybrid } else { Layout::Legacy };
     Ok(Hierarchies { layout, v1, unified: unified_child })
-}
-
-/// Parses mountinfo text (proc(5)): `id parent maj:min root mount-point options [optional…] -
-/// fstype source super-options`. Malformed lines are skipped.
-pub(super) fn parse(text: &str) -> Vec<MountEntry> {
-    text.lines().filter_map(parse_line).collect()
-}
-
-fn parse_line(line: &str) -> Option<MountEntry> {
-    let fields: Vec<&str> = line.split(' ').collect();
-    let sep = fields.iter().skip(6).position(|f| *f == "-")? + 6;
-    let mount_point = unescape(fields.get(4)?);
-    let fstype = (*fields.get(sep + 1)?).to_string();
-    let super_options = fields.get(sep + 3).map(|o| o.split(',').map(str::to_string).collect()).unwrap_or_default();
-    Some(MountEntry { mount_point: PathBuf::from(mount_point), fstype, super_options })
-}
-
-/// Undoes the kernel's octal escapes (`\040` space, `\011` tab, `\012` newline, `\134` backslash).
-fn unescape(s: &str) -> String {
-    let bytes = s.as_bytes();
-    let mut out = Vec::with_capacity(bytes.len());
-    let mut i = 0;
-    while i < bytes.len() {
-        if bytes[i] == b'\\' && i + 3 < bytes.len() && bytes[i + 1..i + 4].iter().all(|b| (b'0'..=b'7').contains(b)) {
-            let v = (bytes[i + 1] - b'0') as u32 * 64 + (bytes[i + 2] - b'0') as u32 * 8 + (bytes[i + 3] - b'0') as u32;
-            if let Ok(b) = u8::try_from(v) {
-                out.push(b);
-                i += 4;
-                continue;
-            }
-        }
-        out.push(bytes[i]);
-        i += 1;
-    }
-    String::from_utf8_lossy(&out).into_owned()
 }
 
 #[cfg(test)]
@@ -176,14 +136,5 @@ mod tests {
     fn last_mount_on_a_mount_point_wins() {
         let text = format!("{UNIFIED}99 24 0:50 / /sys/fs/cgroup rw - tmpfs tmpfs rw\n");
         assert!(from_mounts(&parse(&text), Path::new("/sys/fs/cgroup")).is_err());
-    }
-
-    #[test]
-    fn escapes_and_optional_fields() {
-        let m = parse("1 2 0:3 / /tmp/a\\040b rw shared:1 master:2 - cgroup2 cgroup2 rw\nbroken line\n");
-        assert_eq!(m.len(), 1);
-        assert_eq!(m[0].mount_point, Path::new("/tmp/a b"));
-        assert_eq!(m[0].fstype, "cgroup2");
-        assert_eq!(unescape("a\\134b\\"), "a\\b\\");
     }
 }

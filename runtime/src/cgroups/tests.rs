@@ -54,7 +54,7 @@ impl Fake {
     }
 
     fn manager(&self, mountinfo_text: &str, cgroups_path: Option<&Path>, id: &str) -> CgroupManager {
-        let h = mountinfo::from_mounts(&mountinfo::parse(mountinfo_text), &self.root).unwrap();
+        let h = mountinfo::from_mounts(&crate::mountinfo::parse(mountinfo_text), &self.root).unwrap();
         CgroupManager::from_hierarchies(h, &self.root, resolve_path(cgroups_path, id).unwrap())
     }
 
