@@ -32,7 +32,7 @@ fn base() -> Option<Env> {
     }
     let env = Env::new();
     let ctx = env.path("base");
-    if !busybox_rootfs(&ctx, &["sh", "echo", "mkdir", "rm", "cat", "ls", "touch", "chmod"]) {
+    if !busybox_rootfs(&ctx, &["sh", "echo", "mkdir", "rm", "cat", "ls", "touch", "chmod", "mknod"]) {
         return None;
     }
     std::fs::write(ctx.join("Dockerfile"), "FROM scratch\nCOPY rootfs/ /\n").unwrap();
@@ -187,6 +187,20 @@ fn a_failing_run_fails_the_build_and_leaves_nothing() {
     assert!(b.stderr.contains("to-stdout") && b.stderr.contains("to-stderr"), "{}", b.stderr);
     assert!(b.stderr.contains("returned a non-zero code: 3"), "{}", b.stderr);
     assert!(!b.stdout.contains("to-stdout"), "stdout is only the image digest: {}", b.stdout);
+    no_leaks(&env);
+}
+
+/// A `RUN` step gets the same device policy as `twinbox run`: the host's /dev/kvm cannot be
+/// opened from a Dockerfile either.
+#[test]
+fn a_run_step_cannot_open_host_devices() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(env) = base() else { return };
+    let ctx =
+        dockerfile(&env, "dev", "FROM base\nRUN mknod /k c 10 232 && (exec 3</k) && echo kvm-was-$((1 + 1)); rm /k\n");
+    let b = build(&env, &[ctx.to_str().unwrap()]).ok();
+    assert!(b.stderr.contains("Operation not permitted"), "{}", b.stderr);
+    assert!(!b.stderr.contains("kvm-was-2"), "{}", b.stderr);
     no_leaks(&env);
 }
 

@@ -45,7 +45,7 @@ fn images() -> Option<Images> {
     let ctx = env.path("busybox");
     let applets = [
         "sh", "echo", "cat", "id", "hostname", "sleep", "mkdir", "touch", "ls", "head", "tail", "ip", "unshare",
-        "grep", "wc", "true", "pwd",
+        "grep", "wc", "true", "pwd", "mknod",
     ];
     if !busybox_rootfs(&ctx, &applets) {
         return None;
@@ -261,6 +261,24 @@ fn read_only_caps_masks_and_seccomp() {
     let (code, _, err) = run(img, &["--rm", "--security-opt", &opt, "busybox", "mkdir", "/tmp/d"]);
     assert_eq!(code, 1);
     assert!(err.contains("Permission denied"), "{err}");
+    no_leaks(img);
+}
+
+/// Docker's device policy: a container may make any device node (CAP_MKNOD) but open only the
+/// standard devices; the host's /dev/kvm and a block device stay closed to it, whatever the
+/// cgroup layout (v1 devices controller, or the v2 program).
+#[test]
+fn host_devices_cannot_be_opened() {
+    let Some(img) = images() else { return };
+    let img = &img;
+    let script = "for n in 'k c 10 232' 'd b 7 0' 'z c 1 5'; do set -- $n; mknod /dev/$1 $2 $3 $4 || exit 3; done
+        (exec 3</dev/k) && echo kvm-opened
+        (exec 3</dev/d) && echo disk-opened
+        head -c 4 /dev/z | wc -c; echo x > /dev/null && echo null-ok";
+    let (code, out, err) = run(img, &["--rm", "busybox", "sh", "-c", script]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.split_whitespace().collect::<Vec<_>>(), ["4", "null-ok"], "stderr: {err}");
+    assert_eq!(err.matches("Operation not permitted").count(), 2, "{err}");
     no_leaks(img);
 }
 

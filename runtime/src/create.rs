@@ -126,6 +126,19 @@ fn resources_with_devices(linux: &oci_spec::runtime::Linux) -> Option<LinuxResou
     res
 }
 
+/// A rootless container's resources: the spec's without device rules, as runc does. They
+/// could not be applied (v1 device rules and v2 device programs need privileges on the host),
+/// and are not needed: a user namespace keeps the container from making device nodes, and a
+/// device bound in from the host is opened with the host's permissions for this user.
+fn resources_for_rootless(linux: &oci_spec::runtime::Linux) -> Option<LinuxResources> {
+    let mut res = linux.resources().clone();
+    if let Some(r) = res.as_mut().filter(|r| r.devices().as_ref().is_some_and(|d| !d.is_empty())) {
+        tracing::debug!("rootless: device rules are left to the user namespace and the host's permissions");
+        r.set_devices(None);
+    }
+    res
+}
+
 /// Does the spec ask for a limit, anything beyond device rules, that needs a cgroup?
 fn asks_for_limits(r: &LinuxResources) -> bool {
     let mut without_devices = r.clone();
@@ -204,12 +217,12 @@ pub(crate) fn create(rt: &Runtime, id: &str, bundle: &Path, opts: CreateOptions)
             .map_err(|source| RuntimeError::Sys { what: "opening the state directory", source })?;
 
     let mut cgroup = CgroupManager::new(linux.cgroups_path().as_deref(), id)?;
-    let resources = resources_with_devices(&linux);
+    let rootless = rt.is_rootless();
+    let resources = if rootless { resources_for_rootless(&linux) } else { resources_with_devices(&linux) };
     // As root, only what the clone needs is made now (the cgroup v2 directory); the v1
     // hierarchies are made while the init already sets up its mounts (it waits for them at
     // its first cgroup mount). Rootless, all of it is made first: where the hierarchies are
     // not writable, the container may have to run without a cgroup.
-    let rootless = rt.is_rootless();
     if !rootless {
         guard.creation = Some(cgroup.create_begin(resources.as_ref())?);
     } else if let Err(e) = cgroup.create(resources.as_ref()) {

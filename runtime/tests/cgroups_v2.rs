@@ -26,7 +26,7 @@ use cgroups_util::{assert_no_leak, have_root, unique_id, Destroy};
 use nix::mount::{mount, umount2, MntFlags, MsFlags};
 use nix::sched::{unshare, CloneFlags};
 use nix::unistd::Pid;
-use oci_spec::runtime::{LinuxMemoryBuilder, LinuxResourcesBuilder};
+use oci_spec::runtime::{LinuxDeviceCgroupBuilder, LinuxDeviceType, LinuxMemoryBuilder, LinuxResourcesBuilder};
 use std::os::unix::process::ExitStatusExt;
 use twinbox_runtime::cgroups::{detect, CgroupError, CgroupManager, Layout};
 
@@ -153,6 +153,91 @@ fn private_cgroup2_mount_is_unified_and_works() {
         assert!(!root.join("twinbox").join(&id2).exists());
         eprintln!("v2 memory limit refused as expected here (cgroup.controllers: {offered:?}): {msg}");
     }
+    drop(mounts);
+    assert_no_leak(&id);
+}
+
+/// Device rules on cgroup v2 are an eBPF program attached to the container's cgroup; device
+/// programs attach to any cgroup2 directory whatever controllers it has, so this runs on the
+/// hybrid host too. With runc's default rules (deny all, then the standard devices and mknod of
+/// anything), a process in the cgroup makes nodes freely but opens only the standard devices:
+/// /dev/kvm's numbers and a block device fail with EPERM, /dev/zero's open.
+#[test]
+fn v2_device_rules_are_enforced_by_a_bpf_program() {
+    if !have_root("v2_device_rules_are_enforced_by_a_bpf_program", "mount cgroup2 and attach BPF programs") {
+        return;
+    }
+    let id = unique_id("v2dev-");
+    let mut mounts = PrivateMounts::new();
+    let root = mounts.mount("", "cgroup2", None).expect("mount cgroup2");
+    let nodes = tempfile::tempdir().unwrap();
+    let script = "read _; cd \"$1\" || exit 9
+        mknod kvm c 10 232 && echo mknod-char-ok
+        mknod disk b 7 0 && echo mknod-block-ok
+        mknod zero c 1 5 && echo mknod-zero-ok
+        for n in kvm disk zero /dev/null; do
+            if err=$(dd if=$n of=/dev/null bs=1 count=1 2>&1); then echo \"open-$n-ok\"
+            else case $err in *'Operation not permitted'*) echo \"open-$n-eperm\";; *) echo \"open-$n: $err\";; esac; fi
+        done";
+    let run_in = |m: &CgroupManager| {
+        let mut child = Command::new("sh")
+            .args(["-c", script, "sh"])
+            .arg(nodes.path())
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+        m.add_task(Pid::from_raw(child.id() as i32)).unwrap();
+        use std::io::Write;
+        child.stdin.take().unwrap().write_all(b"go\n").unwrap();
+        let out = child.wait_with_output().unwrap();
+        for n in ["kvm", "disk", "zero"] {
+            let _ = std::fs::remove_file(nodes.path().join(n));
+        }
+        (String::from_utf8_lossy(&out.stdout).into_owned(), String::from_utf8_lossy(&out.stderr).into_owned())
+    };
+
+    // Without rules the cgroup allows every device: the script can tell the two apart.
+    let open = CgroupManager::with_mount_root(&root, None, &format!("{id}-open")).unwrap();
+    let cleanup_open = Destroy(&open);
+    open.create(None).unwrap();
+    let (out, err) = run_in(&open);
+    assert!(out.contains("open-disk-") && !out.contains("open-disk-eperm"), "{out}{err}");
+    open.destroy().unwrap();
+    drop(cleanup_open);
+
+    let m = CgroupManager::with_mount_root(&root, Some(&Path::new("/twinbox").join(&id)), &id).unwrap();
+    let cleanup = Destroy(&m);
+    let deny_all = LinuxDeviceCgroupBuilder::default().allow(false).access("rwm").build().unwrap();
+    m.create(Some(&LinuxResourcesBuilder::default().devices(vec![deny_all]).build().unwrap())).unwrap();
+    let (out, err) = run_in(&m);
+    assert_eq!(
+        out,
+        "mknod-char-ok\nmknod-block-ok\nmknod-zero-ok\nopen-kvm-eperm\nopen-disk-eperm\nopen-zero-ok\nopen-/dev/null-ok\n",
+        "stderr: {err}"
+    );
+
+    // A device the spec allows (as `--device /dev/kvm` would) opens too.
+    let id2 = format!("{id}-kvm");
+    let m2 = CgroupManager::with_mount_root(&root, None, &id2).unwrap();
+    let _cleanup2 = Destroy(&m2);
+    let deny_all =
+        LinuxDeviceCgroupBuilder::default().allow(false).typ(LinuxDeviceType::A).access("rwm").build().unwrap();
+    let kvm = LinuxDeviceCgroupBuilder::default()
+        .allow(true)
+        .typ(LinuxDeviceType::C)
+        .major(10)
+        .minor(232)
+        .access("rw")
+        .build()
+        .unwrap();
+    m2.create(Some(&LinuxResourcesBuilder::default().devices(vec![deny_all, kvm]).build().unwrap())).unwrap();
+    let (out, err) = run_in(&m2);
+    assert!(out.contains("open-disk-eperm\n") && !out.contains("open-kvm-eperm"), "{out}{err}");
+    m2.destroy().unwrap();
+    m.destroy().unwrap();
+    drop(cleanup);
     drop(mounts);
     assert_no_leak(&id);
 }

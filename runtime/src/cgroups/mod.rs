@@ -30,12 +30,15 @@
 //! cannot break it. The container's own leaf must not exist yet.
 //!
 //! **Limits** (`linux.resources`): memory (limit, swap = memory+swap total, reservation,
-//! swappiness and disableOOMKiller on v1), cpu (shares, quota/period, cpus/mems), pids, v1 device
-//! rules (the spec's in order, then the default devices, as runc), and on v2 the `unified` map.
-//! A limit whose controller is missing is an error naming it. Block I/O, hugepages, network,
-//! RDMA, realtime/idle/burst CPU and kernel memory are ignored with a debug log; v2 device
-//! rules (eBPF) are not implemented yet and ignored with a debug log.
+//! swappiness and disableOOMKiller on v1), cpu (shares, quota/period, cpus/mems), pids, device
+//! rules (the spec's in order, then the default devices, as runc: written to the v1 devices
+//! controller, or on v2 compiled to a cgroup device eBPF program, see `devices` and `bpf`), and
+//! on v2 the `unified` map. A limit whose controller is missing is an error naming it. Block
+//! I/O, hugepages, network, RDMA, realtime/idle/burst CPU and kernel memory are ignored with a
+//! debug log.
 
+mod bpf;
+mod devices;
 mod fs;
 mod mountinfo;
 mod v1;
@@ -167,6 +170,19 @@ pub enum CgroupError {
     AlreadyExists { path: PathBuf },
     #[error("cgroup {path} does not exist (not created yet, or destroyed); create the container first")]
     NotCreated { path: PathBuf },
+    /// cgroup v2 device rules are a BPF program; loading or attaching it failed.
+    #[error(
+        "cannot enforce linux.resources.devices in cgroup {path}: could not {op}{}; cgroup v2 device rules \
+         need root (CAP_SYS_ADMIN) and a kernel built with CONFIG_CGROUP_BPF",
+        if verifier.is_empty() { String::new() } else { format!(" (verifier: {verifier})") }
+    )]
+    DeviceProgram {
+        path: PathBuf,
+        op: &'static str,
+        #[source]
+        source: Errno,
+        verifier: String,
+    },
     /// Not root, no write access to the hierarchies, and the spec asks for limits.
     #[error(
         "a rootless container cannot get the limits in linux.resources: {path} is not writable for this \
@@ -372,7 +388,7 @@ impl CgroupManager {
                 let (leaf, available) =
                     v2::make_leaf(self.unified_mount()?, &components, &extra, &mut creation.created)?;
                 if let Some(r) = resources {
-                    v2::apply(&leaf, &available, r)?;
+                    v2::apply(&leaf, &available, r, true)?;
                 }
             }
         }
@@ -446,7 +462,7 @@ impl CgroupManager {
             Layout::Unified => {
                 let leaf = self.leaf(self.unified_mount()?);
                 let available = v2::leaf_controllers(&leaf)?;
-                v2::apply(&leaf, &available, resources)
+                v2::apply(&leaf, &available, resources, false)
             }
         }
     }
@@ -672,6 +688,7 @@ fn resolve_path(cgroups_path: Option<&Path>, id: &str) -> Result<PathBuf, Cgroup
 
 /// Value checks common to v1 and v2, so a bad spec fails before anything is made.
 fn validate(r: &LinuxResources) -> Result<(), CgroupError> {
+    devices::rules(r.devices().as_deref().unwrap_or(&[]))?;
     if let Some(m) = r.memory() {
         let fields = [("memory.limit", m.limit()), ("memory.swap", m.swap()), ("memory.reservation", m.reservation())];
         for (field, value) in fields {

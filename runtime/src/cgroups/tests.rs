@@ -181,7 +181,7 @@ fn device_rules() {
         if let Some(a) = access {
             b = b.access(a);
         }
-        v1::device_rule(&b.build().unwrap())
+        devices::Rule::from_spec(&b.build().unwrap()).map(|r| r.map(|r| r.to_string()))
     };
     assert_eq!(rule(false, None, None, None, Some("rwm")).unwrap().as_deref(), Some("a *:* rwm"));
     assert_eq!(rule(true, Some(LinuxDeviceType::C), Some(1), Some(3), None).unwrap().as_deref(), Some("c 1:3 rwm"));
@@ -256,7 +256,7 @@ fn v1_create_writes_each_limit_to_its_hierarchy() {
         w("devices/twinbox/c1/devices.deny", "a *:* rwm"),
         w("devices/twinbox/c1/devices.allow", "c 4:64 rw"),
     ];
-    expected.extend(v1::DEFAULT_DEVICE_RULES.iter().map(|r| w("devices/twinbox/c1/devices.allow", r)));
+    expected.extend(devices::DEFAULT_RULES.iter().map(|r| w("devices/twinbox/c1/devices.allow", &r.to_string())));
     assert_eq!(fake.writes(), expected);
     for h in ["cpu", "cpuacct", "cpuset", "devices", "freezer", "memory", "pids", "systemd", "unified"] {
         assert!(fake.root.join(h).join("twinbox/c1").is_dir(), "{h}");

@@ -5,30 +5,12 @@
 use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
-use oci_spec::runtime::{LinuxCpu, LinuxDeviceCgroup, LinuxDeviceType, LinuxMemory, LinuxResources};
+use oci_spec::runtime::{LinuxCpu, LinuxDeviceCgroup, LinuxMemory, LinuxResources};
 
-use super::{fs, pids_max, CgroupError, CgroupManager, CgroupStats};
+use super::{devices, fs, pids_max, CgroupError, CgroupManager, CgroupStats};
 
 /// How long `freeze(true)` waits for `freezer.state` to read `FROZEN`.
 const FREEZE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// Rules appended after the spec's own device rules (runc does the same): the devices every
-/// container gets (OCI runtime-spec "Default Devices", `/dev/pts/*`, `/dev/net/tun`) and
-/// `mknod` of anything (opening what was made is still checked).
-pub(super) const DEFAULT_DEVICE_RULES: &[&str] = &[
-    "c *:* m",
-    "b *:* m",
-    "c 1:3 rwm",
-    "c 1:5 rwm",
-    "c 1:7 rwm",
-    "c 1:8 rwm",
-    "c 1:9 rwm",
-    "c 5:0 rwm",
-    "c 5:1 rwm",
-    "c 5:2 rwm",
-    "c 136:* rwm",
-    "c 10:200 rwm",
-];
 
 /// The controllers `r` writes to.
 pub(super) fn needed(r: &LinuxResources) -> Vec<&'static str> {
@@ -198,52 +180,13 @@ fn cpu(m: &CgroupManager, cpu: &LinuxCpu) -> Result<(), CgroupError> {
     Ok(())
 }
 
-/// The spec's rules in order, then [`DEFAULT_DEVICE_RULES`], each written to `devices.allow` or
-/// `devices.deny`.
+/// The spec's rules in order, then the default devices ([`devices::rules`]), each written to
+/// `devices.allow` or `devices.deny`.
 fn devices(dir: &Path, rules: &[LinuxDeviceCgroup]) -> Result<(), CgroupError> {
-    let mut lines = Vec::new();
-    for rule in rules {
-        if let Some(line) = device_rule(rule)? {
-            lines.push((rule.allow(), line));
-        }
-    }
-    lines.extend(DEFAULT_DEVICE_RULES.iter().map(|l| (true, l.to_string())));
-    for (allow, line) in lines {
-        fs::write(&dir.join(if allow { "devices.allow" } else { "devices.deny" }), &line)?;
+    for rule in devices::rules(rules)? {
+        fs::write(&dir.join(if rule.allow { "devices.allow" } else { "devices.deny" }), &rule.to_string())?;
     }
     Ok(())
-}
-
-/// `type major:minor access` as the v1 devices controller reads it; `None` for rules it cannot
-/// express (FIFOs are not device-controlled).
-pub(super) fn device_rule(rule: &LinuxDeviceCgroup) -> Result<Option<String>, CgroupError> {
-    let typ = match rule.typ().unwrap_or_default() {
-        LinuxDeviceType::A => "a",
-        LinuxDeviceType::B => "b",
-        LinuxDeviceType::C | LinuxDeviceType::U => "c",
-        LinuxDeviceType::P => {
-            tracing::debug!("device rule for FIFOs has no devices-cgroup equivalent; skipped");
-            return Ok(None);
-        }
-    };
-    let access = rule.access().as_deref().filter(|a| !a.is_empty()).unwrap_or("rwm");
-    if !access.chars().all(|c| matches!(c, 'r' | 'w' | 'm')) {
-        return Err(CgroupError::InvalidValue {
-            field: "devices[].access",
-            value: access.to_string(),
-            expected: "letters from \"rwm\"",
-        });
-    }
-    let number = |n: Option<i64>| match n {
-        None | Some(-1) => Ok("*".to_string()),
-        Some(n) if n >= 0 => Ok(n.to_string()),
-        Some(n) => Err(CgroupError::InvalidValue {
-            field: "devices[].major/minor",
-            value: n.to_string(),
-            expected: "a device number, or -1/absent for any",
-        }),
-    };
-    Ok(Some(format!("{typ} {}:{} {access}", number(rule.major())?, number(rule.minor())?)))
 }
 
 pub(super) fn stats(m: &CgroupManager) -> Result<CgroupStats, CgroupError> {

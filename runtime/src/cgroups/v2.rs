@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 
 use oci_spec::runtime::{LinuxCpu, LinuxMemory, LinuxResources};
 
-use super::{fs, max_or, pids_max, v1::non_empty, CgroupError, CgroupStats};
+use super::{bpf, devices, fs, max_or, pids_max, v1::non_empty, CgroupError, CgroupStats};
 
 /// The controllers twinbox enables on the way down to a container's cgroup (when the hierarchy
 /// has them), so limits can be set now or by a later `update`, and stats read.
@@ -109,8 +109,15 @@ fn enable(dir: &Path, wanted: &mut BTreeSet<String>) -> Result<(), CgroupError> 
     Ok(())
 }
 
-/// Writes the limits in `r` to `leaf`, whose enabled controllers are `available`.
-pub(super) fn apply(leaf: &Path, available: &BTreeSet<String>, r: &LinuxResources) -> Result<(), CgroupError> {
+/// Writes the limits in `r` to `leaf`, whose enabled controllers are `available`. Device rules
+/// are applied only when `creating`, as on v1: attached as a program that allows what the v1
+/// controller would (see [`devices`]).
+pub(super) fn apply(
+    leaf: &Path,
+    available: &BTreeSet<String>,
+    r: &LinuxResources,
+    creating: bool,
+) -> Result<(), CgroupError> {
     let need = |c: &str| {
         if available.contains(c) {
             Ok(())
@@ -129,8 +136,15 @@ pub(super) fn apply(leaf: &Path, available: &BTreeSet<String>, r: &LinuxResource
         need("pids")?;
         fs::write(&leaf.join("pids.max"), &pids_max(p.limit()))?;
     }
-    if r.devices().as_ref().is_some_and(|d| !d.is_empty()) {
-        tracing::debug!("device cgroup rules are not enforced on cgroup v2 (that needs an eBPF program); not applied");
+    match r.devices().as_deref() {
+        Some(rules) if !rules.is_empty() && creating => {
+            let policy = devices::Policy::from_rules(&devices::rules(rules)?);
+            bpf::attach_device_program(leaf, &policy.program())?;
+        }
+        Some(rules) if !rules.is_empty() => {
+            tracing::debug!("device cgroup rules are applied at create only; update leaves them unchanged")
+        }
+        _ => {}
     }
     if let Some(unified) = r.unified() {
         // Sorted, so the writes happen in a stable order.

@@ -6,8 +6,9 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::image::ImageConfiguration;
 use oci_spec::runtime::{
-    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxMemoryBuilder, LinuxNamespaceBuilder,
-    LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
+    Capability, LinuxBuilder, LinuxCapabilitiesBuilder, LinuxCpuBuilder, LinuxDeviceCgroupBuilder, LinuxDeviceType,
+    LinuxMemoryBuilder, LinuxNamespaceBuilder, LinuxNamespaceType, LinuxPidsBuilder, LinuxResourcesBuilder,
+    ProcessBuilder, RootBuilder, Spec, UserBuilder,
 };
 
 use twinbox_image::launch::{self, Launch, Overrides};
@@ -121,7 +122,15 @@ pub fn build_spec(
         .build()
         .expect("process fields set");
 
-    let mut resources = LinuxResourcesBuilder::default();
+    // Docker's and runc's default: no device may be used but the standard ones, which the
+    // runtime allows after this rule (with mknod of any device, whose opening this still stops).
+    let deny_all_devices = LinuxDeviceCgroupBuilder::default()
+        .allow(false)
+        .typ(LinuxDeviceType::A)
+        .access("rwm")
+        .build()
+        .expect("rule set");
+    let mut resources = LinuxResourcesBuilder::default().devices(vec![deny_all_devices]);
     if let Some(m) = opts.memory {
         // Like Docker: swap limit = memory limit, so the container cannot swap its way out.
         resources = resources.memory(LinuxMemoryBuilder::default().limit(m).swap(m).build().expect("memory set"));
@@ -347,6 +356,11 @@ mod tests {
         assert_eq!(r.memory().unwrap().limit(), Some(32 << 20));
         assert_eq!(r.cpu().as_ref().unwrap().quota(), Some(150_000));
         assert_eq!(r.pids().unwrap().limit(), 20);
+        // Every device denied first; the runtime appends the standard ones.
+        let rules = r.devices().clone().unwrap();
+        assert_eq!(rules.len(), 1);
+        assert!(!rules[0].allow() && rules[0].typ() == Some(LinuxDeviceType::A), "{rules:?}");
+        assert_eq!(rules[0].access().as_deref(), Some("rwm"));
         assert_eq!(s.root().as_ref().unwrap().readonly(), Some(true));
         let ann = s.annotations().as_ref().unwrap();
         let stack: OverlayStack = serde_json::from_str(&ann[OVERLAY_ANNOTATION]).unwrap();
