@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use twinbox_runtime::engine::{Engine, Phase, RunOptions};
+use twinbox_engine::{Engine, Phase, RunOptions};
 
 use crate::UserError;
 
@@ -169,7 +169,7 @@ pub fn run(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
         Ok(exit) => exit,
         // The command is missing (127) or not executable (126): the workload's failure, as
         // Docker reports it, not twinbox's.
-        Err(twinbox_runtime::engine::EngineError::Runtime(e)) if matches!(e.exit_code(), 126 | 127) => {
+        Err(twinbox_engine::EngineError::Runtime(e)) if matches!(e.exit_code(), 126 | 127) => {
             eprintln!("twinbox: {}", twinbox_runtime::container::error_chain(&e));
             return Ok(e.exit_code());
         }
@@ -184,7 +184,7 @@ pub fn run(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
 /// `run --isolation microvm`: the same image and flags, in a VM. `--memory` is the guest's RAM
 /// and `--cpus` its vCPU count; what only a container has is refused by name.
 fn run_microvm(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
-    use twinbox_microvm::run_image::{run_image, ImageRunOptions};
+    use twinbox_engine::microvm::{run_image, ImageRunOptions};
     let refuse = |flag: &str| -> Result<i32> {
         Err(UserError(format!("{flag} is not supported with --isolation microvm")).into())
     };
@@ -232,7 +232,7 @@ fn run_microvm(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
     let exit = match run_image(&store, &opts, started, Box::new(std::io::stdout()), Box::new(std::io::stderr())) {
         Ok(exit) => exit,
         // Like a container's init killed by the signal.
-        Err(twinbox_microvm::run_image::ImageRunError::Interrupted(sig)) => return Ok(128 + sig),
+        Err(twinbox_engine::microvm::ImageRunError::Interrupted(sig)) => return Ok(128 + sig),
         Err(e) => return Err(e.into()),
     };
     if let Some(t) = exit.boot_time {

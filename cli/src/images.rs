@@ -76,8 +76,8 @@ pub fn build(root: &Path, a: BuildArgs) -> Result<()> {
         let runtime_root = std::env::var_os("TWINBOX_RUNTIME_ROOT")
             .map(PathBuf::from)
             .unwrap_or_else(|| crate::containers::RUNTIME_ROOT.into());
-        let engine = twinbox_runtime::engine::Engine::new(store.clone(), runtime_root)?;
-        let mut runner = twinbox_runtime::engine::build_run::BuildRunner::new(&engine);
+        let engine = twinbox_engine::Engine::new(store.clone(), runtime_root)?;
+        let mut runner = twinbox_engine::build_run::BuildRunner::new(&engine);
         build::build_with(&store, &opts, &mut progress, Some(&mut runner))?
     } else {
         build::build(&store, &opts, &mut progress)?

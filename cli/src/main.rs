@@ -107,7 +107,7 @@ fn main() -> ExitCode {
         // runc's own flags, logging and exit codes.
         let mut argv = vec![std::ffi::OsString::from("twinbox runtime")];
         argv.extend(args);
-        return ExitCode::from(twinbox_runtime::cli::main(argv).clamp(0, 255) as u8);
+        return ExitCode::from(twinbox_runc::main(argv).clamp(0, 255) as u8);
     }
     init_logging(cli.verbose);
     let root = &cli.root;
@@ -188,8 +188,8 @@ fn exit_code(e: &anyhow::Error) -> u8 {
                 _ => 125,
             };
         }
-        if let Some(e) = cause.downcast_ref::<twinbox_runtime::engine::EngineError>() {
-            use twinbox_runtime::engine::EngineError as E;
+        if let Some(e) = cause.downcast_ref::<twinbox_engine::EngineError>() {
+            use twinbox_engine::EngineError as E;
             match e {
                 E::Store(_) => continue,
                 E::Launch(_)

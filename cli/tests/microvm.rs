@@ -160,7 +160,7 @@ fn microvm_run_matches_the_container_run() {
     if !require_root() {
         return;
     }
-    let kernel = twinbox_microvm::run_image::default_kernel();
+    let kernel = twinbox_engine::microvm::default_kernel();
     if !require(kernel.is_file(), &format!("no guest kernel at {} (scripts/test.sh builds it)", kernel.display())) {
         return;
     }

@@ -9,9 +9,9 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, BatchSize, Criterion};
 use twinbox_microvm::agent::GuestConfig;
+use twinbox_microvm::loader::default_kernel;
 use twinbox_microvm::loader::load_linux;
 use twinbox_microvm::mptable::setup_mptable;
-use twinbox_microvm::run_image::default_kernel;
 use twinbox_microvm::vstate::memory::create_guest_memory;
 use twinbox_microvm::vstate::vcpu::Vcpu;
 use twinbox_microvm::vstate::vm::KvmVm;

@@ -9,7 +9,8 @@
 //! Firecracker-compatible boot timer (MMIO 0xc000_0000, magic byte 123), exit-status port
 //! (I/O 0x501), workload-output ports (I/O 0x510 stdout, 0x511 stderr), virtio-blk disks
 //! (MMIO 0xd000_0000 + i * 4K, GSI 5 + i); an MP table describes the vCPUs and the I/O APIC.
-//! [`run_image`] runs an OCI image in such a VM through the guest agent. Only `vstate` talks
+//! The guest agent (`microvm/agent`) runs a workload in such a VM; turning an OCI image into
+//! its configuration and disk is the engine's (`twinbox_engine::microvm`). Only `vstate` talks
 //! to KVM and holds `unsafe`.
 
 pub mod config;
@@ -18,7 +19,6 @@ pub mod devices;
 pub mod initramfs;
 pub mod loader;
 pub mod mptable;
-pub mod run_image;
 pub mod stub;
 pub mod vstate;
 

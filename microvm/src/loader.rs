@@ -2,6 +2,7 @@
 //! command line, an initramfs, and the zero page (boot_params with the e820 map) for the
 //! Linux 64-bit boot protocol.
 
+use std::ffi::OsString;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 
@@ -13,6 +14,22 @@ use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMma
 
 use crate::config::MAX_CMDLINE_LEN;
 use crate::vstate::memory::MMIO_GAP_START;
+
+/// The guest kernel booted when none is named: `$TWINBOX_KERNEL`, else the `vmlinux` that
+/// scripts/build-guest-kernel.sh last built (`${TWINBOX_CACHE:-~/.cache/twinbox}/kernel/latest`).
+pub fn default_kernel() -> PathBuf {
+    kernel_from(std::env::var_os("TWINBOX_KERNEL"), std::env::var_os("TWINBOX_CACHE"), std::env::var_os("HOME"))
+}
+
+fn kernel_from(kernel: Option<OsString>, cache: Option<OsString>, home: Option<OsString>) -> PathBuf {
+    if let Some(k) = kernel {
+        return PathBuf::from(k);
+    }
+    let cache = cache
+        .map(PathBuf::from)
+        .unwrap_or_else(|| home.map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root")).join(".cache/twinbox"));
+    cache.join("kernel/latest/vmlinux")
+}
 
 /// Where kernels load (1 MiB).
 pub const HIMEM_START: u64 = 0x10_0000;
@@ -234,6 +251,15 @@ mod tests {
     use super::*;
     use crate::stub::{pvh_elf, STUB_LOAD_ADDR};
     use std::io::Write;
+
+    #[test]
+    fn the_default_kernel_is_named_by_the_environment_or_the_build_cache() {
+        let os = |s: &str| Some(OsString::from(s));
+        assert_eq!(kernel_from(os("/k/vmlinux"), os("/c"), os("/h")), Path::new("/k/vmlinux"));
+        assert_eq!(kernel_from(None, os("/c"), os("/h")), Path::new("/c/kernel/latest/vmlinux"));
+        assert_eq!(kernel_from(None, None, os("/h")), Path::new("/h/.cache/twinbox/kernel/latest/vmlinux"));
+        assert_eq!(kernel_from(None, None, None), Path::new("/root/.cache/twinbox/kernel/latest/vmlinux"));
+    }
 
     fn mem(mib: usize) -> GuestMemoryMmap {
         GuestMemoryMmap::from_ranges(&[(GuestAddress(0), mib << 20)]).unwrap()

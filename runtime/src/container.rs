@@ -403,7 +403,7 @@ pub(crate) fn connect_console(path: &Path) -> Result<OwnedFd, RuntimeError> {
 }
 
 /// Wait until `pid` (started at `start_time`) is gone or a zombie; false on timeout.
-pub(crate) fn wait_gone(pid: i32, start_time: u64, timeout: std::time::Duration) -> bool {
+pub fn wait_gone(pid: i32, start_time: u64, timeout: std::time::Duration) -> bool {
     use crate::state::ProcStat;
     let deadline = std::time::Instant::now() + timeout;
     loop {

@@ -1,15 +1,14 @@
 //! twinbox's container runtime: an OCI runtime in the runc mould (no daemon; `create` leaves
-//! the container's init blocked on `exec.fifo` until `start`) and its runc-compatible CLI.
+//! the container's init blocked on `exec.fifo` until `start`); its runc-compatible command
+//! line is the `twinbox-runc` crate (runtime/runc).
 //! See DESIGN.md for the module contracts; [`Runtime`] is the entry point.
 
 pub mod caps;
 pub mod cgroups;
-pub mod cli;
 pub mod container;
 pub mod control;
 pub mod create;
 pub mod delete;
-pub mod engine;
 pub mod exec;
 pub mod hooks;
 pub mod init;

@@ -1,6 +1,6 @@
 //! The microVM backends. Every one boots the same guest: the kernel of
 //! scripts/build-guest-kernel.sh, an initramfs with twinbox's guest agent and the run's
-//! configuration, and the image's ext4 root disk (all from `twinbox_microvm::run_image`).
+//! configuration, and the image's ext4 root disk (all from `twinbox_engine::microvm`).
 //!
 //! - `twinbox-microvm`: `twinbox run --isolation microvm IMAGE …`, the CLI being measured.
 //! - `qemu-microvm`: QEMU `-M microvm` with KVM, the same kernel, initramfs and disk; the agent's
@@ -17,9 +17,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use twinbox_engine::microvm::{default_kernel, prepare, run_id, ImageRunOptions, DEFAULT_MEMORY_MIB};
 use twinbox_image::launch::Overrides;
 use twinbox_image::Store;
-use twinbox_microvm::run_image::{default_kernel, prepare, run_id, ImageRunOptions, DEFAULT_MEMORY_MIB};
 
 use super::{own_process_group, Backend, BackendError, Instance, Isolation, PreparedImage, Unavailable, Workload};
 use crate::host::{detect_virtualization, which, VirtKind};

@@ -3,7 +3,7 @@
 //!
 //! crun refuses this project's cgroup v1/v2 hybrid hosts, so on those it runs in a private
 //! mount namespace with a tmpfs over /sys/fs/cgroup/unified, set up in the forked child before
-//! exec (crun pays an unshare, not another program start) — as runtime/benches/start.rs does.
+//! exec (crun pays an unshare, not another program start) — as runtime/runc/benches/start.rs does.
 
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};

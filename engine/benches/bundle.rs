@@ -2,14 +2,14 @@
 //! the image config and the run's flags → an OCI runtime spec (Docker's defaults: 14
 //! capabilities, the default seccomp profile, rlimits, namespaces, cgroup limits) → config.json.
 //!
-//! `cargo bench -p twinbox-runtime --bench bundle`
+//! `cargo bench -p twinbox-engine --bench bundle`
 
 use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use oci_spec::image::{ConfigBuilder, ImageConfigurationBuilder};
-use twinbox_runtime::engine::spec::{build_spec, OverlayStack};
-use twinbox_runtime::engine::RunOptions;
+use twinbox_engine::container::spec::{build_spec, OverlayStack};
+use twinbox_engine::RunOptions;
 
 fn bundle(c: &mut Criterion) {
     let config = ImageConfigurationBuilder::default()

@@ -38,10 +38,10 @@ use oci_spec::image::{ConfigBuilder, ImageConfiguration};
 use twinbox_image::build::{RunRequest, RunStep, RunStepError};
 use twinbox_image::store::remove_tree;
 
-use super::spec::{self, OverlayStack, RunOptions};
-use super::{Engine, EngineError, FORWARDED};
-use crate::container::{CreateOptions, Runtime};
-use crate::RuntimeError;
+use crate::container::spec::{self, OverlayStack, RunOptions};
+use crate::container::{Engine, EngineError, FORWARDED};
+use twinbox_runtime::container::{CreateOptions, Runtime};
+use twinbox_runtime::RuntimeError;
 
 /// Why a `RUN` step could not be run.
 #[derive(Debug, thiserror::Error)]
@@ -92,7 +92,7 @@ impl<'e> BuildRunner<'e> {
     /// (128+N when killed by signal N); the upper directory is the caller's when the code is
     /// 0 and already removed otherwise. On error, everything the step made is removed.
     pub fn run_step(&self, req: &RunRequest<'_>) -> Result<(PathBuf, i32), BuildRunError> {
-        let hex: String = super::new_id().chars().take(32).collect();
+        let hex: String = crate::container::new_id().chars().take(32).collect();
         let id = format!("build-{hex}");
         let tmp = self.engine.store.tmp_dir();
         let mut scratch = Scratch {

@@ -3,7 +3,7 @@
 //! A PIE of this size carries about 16 000 relative relocations that the dynamic loader
 //! applies at every start, writing (and so copying) some 80 pages of relocated data. The
 //! runtime is started once per container operation, and that work was about a tenth of a
-//! container start (measured in `cargo bench -p twinbox-runtime --bench start`). The code
+//! container start (measured in `cargo bench -p twinbox-runc --bench start`). The code
 //! stays position-independent; only the final link fixes the executable's own address, as
 //! runc's statically linked Go binary does. Shared libraries, heap and stack are still placed
 //! at random; the executable's own code is not (the price of the faster start). A

@@ -16,10 +16,10 @@ use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
 use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxResources, Process};
 
-use crate::container::{default_root, error_chain, CreateOptions, ExecOptions, Runtime, RuntimeError};
-use crate::control::Event;
-use crate::kill::parse_signal;
-use crate::state::Status;
+use twinbox_runtime::container::{default_root, error_chain, CreateOptions, ExecOptions, Runtime, RuntimeError};
+use twinbox_runtime::control::Event;
+use twinbox_runtime::kill::parse_signal;
+use twinbox_runtime::state::Status;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LogFormat {
@@ -420,8 +420,10 @@ fn dispatch(cli: &Cli) -> Result<i32, CliError> {
             }
             match format {
                 Format::Json => {
-                    let v: Vec<_> =
-                        all.iter().map(|s| crate::state::OciState { owner: s.owner_name(), ..s.oci() }).collect();
+                    let v: Vec<_> = all
+                        .iter()
+                        .map(|s| twinbox_runtime::state::OciState { owner: s.owner_name(), ..s.oci() })
+                        .collect();
                     out(format!("{}\n", serde_json::to_string(&v).unwrap_or_default()))
                 }
                 Format::Table => {
@@ -920,7 +922,7 @@ fn features() -> serde_json::Value {
             "selinux": { "enabled": false }
         },
         "annotations": {
-            crate::rootfs::OVERLAY_ANNOTATION: "overlay rootfs: {\"lower\":[…],\"upper\":…,\"work\":…}"
+            twinbox_runtime::rootfs::OVERLAY_ANNOTATION: "overlay rootfs: {\"lower\":[…],\"upper\":…,\"work\":…}"
         }
     })
 }

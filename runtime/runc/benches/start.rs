@@ -5,7 +5,7 @@
 //! container (N detached `sleep`s: PSS of every process left + kernel Slab/PageTables/
 //! KernelStack growth, per container, each reading once the kernel has finished freeing).
 //!
-//! `cargo bench -p twinbox-runtime --bench start` as root. `TWINBOX_BENCH_ROUNDS` (default 60),
+//! `cargo bench -p twinbox-runc --bench start` as root. `TWINBOX_BENCH_ROUNDS` (default 60),
 //! `TWINBOX_BENCH_IDLE` (default 50; 0 skips the memory part). The statically linked build of
 //! scripts/build-static-runc.sh is measured too when it is there. crun refuses this host's
 //! cgroup v1/v2 hybrid, so it runs with a private mount namespace in which a tmpfs hides
@@ -218,7 +218,7 @@ fn main() {
     };
     let mut backends = vec![oci("twinbox-runc", env!("CARGO_BIN_EXE_twinbox-runc"), false)];
     // The same runtime linked statically (scripts/build-static-runc.sh), when built.
-    let static_runc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/runc-static/twinbox-runc");
+    let static_runc = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/runc-static/twinbox-runc");
     if static_runc.exists() {
         backends.push(oci("twinbox-runc (static)", &static_runc.display().to_string(), false));
     } else {
@@ -238,7 +238,7 @@ fn main() {
             .to_vec(),
         hide_unified: false,
     });
-    let twinbox = Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/release/twinbox");
+    let twinbox = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../target/release/twinbox");
     if twinbox.exists() {
         backends.push(Backend {
             name: "twinbox run --rm hello true",

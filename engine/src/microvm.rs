@@ -20,11 +20,12 @@ use twinbox_image::disk::{self, DiskError};
 use twinbox_image::launch::{self, LaunchError, Overrides};
 use twinbox_image::{Store, StoreError};
 
-use crate::agent::GuestConfig;
-use crate::config::{DiskConfig, IrqChip, VmConfig};
-use crate::console::ConsoleLog;
-use crate::vstate::vcpu::VcpuError;
-use crate::{ExitReason, VmBuilder, VmError};
+use twinbox_microvm::agent::GuestConfig;
+use twinbox_microvm::config::{DiskConfig, IrqChip, VmConfig};
+use twinbox_microvm::console::ConsoleLog;
+pub use twinbox_microvm::loader::default_kernel;
+use twinbox_microvm::vstate::vcpu::VcpuError;
+use twinbox_microvm::{ExitReason, VmBuilder, VmError};
 
 /// Kernel command line of an image run: serial console (kept for diagnostics), i8042 reset,
 /// no PCI or modules, a panic stops the guest at once, only the first UART probed.
@@ -126,19 +127,6 @@ impl ImageRunError {
     }
 }
 
-/// The kernel an image run boots by default: `$TWINBOX_KERNEL`, else the `vmlinux` that
-/// scripts/build-guest-kernel.sh last built (`${TWINBOX_CACHE:-~/.cache/twinbox}/kernel/latest`).
-pub fn default_kernel() -> PathBuf {
-    if let Some(k) = std::env::var_os("TWINBOX_KERNEL") {
-        return PathBuf::from(k);
-    }
-    let cache = std::env::var_os("TWINBOX_CACHE").map(PathBuf::from).unwrap_or_else(|| {
-        let home = std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"));
-        home.join(".cache/twinbox")
-    });
-    cache.join("kernel/latest/vmlinux")
-}
-
 /// Releases the image hold of a run, however it ends.
 struct Hold<'s> {
     store: &'s Store,
@@ -226,7 +214,7 @@ pub fn run_image(
     let _hold = Hold { store, id: id.clone() };
 
     let prepared = prepare(store, &image, opts, &id)?;
-    let initrd = crate::initramfs::build(&prepared.guest);
+    let initrd = twinbox_microvm::initramfs::build(&prepared.guest);
     let disk = prepared.disk;
     let config = VmConfig {
         memory_mib: opts.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
@@ -280,15 +268,6 @@ pub fn run_id() -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn default_kernel_follows_the_environment() {
-        // Both variables are only read here and in the CLI; no other test sets them.
-        let k = default_kernel();
-        if std::env::var_os("TWINBOX_KERNEL").is_none() {
-            assert!(k.ends_with("kernel/latest/vmlinux"), "{}", k.display());
-        }
-    }
 
     #[test]
     fn run_ids_are_unique_hex() {

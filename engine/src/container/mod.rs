@@ -12,7 +12,6 @@
 //! monitor process per container (the container init's parent), which records the exit code
 //! and OOM kill, and removes the container when `--rm` was given.
 
-pub mod build_run;
 pub mod spec;
 
 use std::fs;
@@ -26,10 +25,10 @@ use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use twinbox_image::{store::remove_tree, Store, StoreError};
 
-use crate::cgroups::CgroupManager;
-use crate::container::{CreateOptions, Runtime};
-use crate::RuntimeError;
 pub use spec::RunOptions;
+use twinbox_runtime::cgroups::CgroupManager;
+use twinbox_runtime::container::{CreateOptions, Runtime};
+use twinbox_runtime::RuntimeError;
 
 /// Errors from the container engine.
 #[derive(Debug, thiserror::Error)]
@@ -128,8 +127,8 @@ pub struct Record {
 
 /// The container engine.
 pub struct Engine {
-    store: Store,
-    runtime: Runtime,
+    pub(crate) store: Store,
+    pub(crate) runtime: Runtime,
     dir: PathBuf,
 }
 
@@ -404,7 +403,7 @@ impl Engine {
                 pid
             }
             Err(e) => {
-                let _ = write!(report, "{}", crate::container::error_chain(&e));
+                let _ = write!(report, "{}", twinbox_runtime::container::error_chain(&e));
                 let _ = self.runtime.delete(&record.id, true);
                 let _ = self.remove_files(&record.id);
                 return 1;
@@ -536,7 +535,7 @@ impl Engine {
             user.set_additional_gids(Some(additional));
             process.set_user(user);
         }
-        let pid = self.runtime.exec(&r.id, &process, crate::container::ExecOptions::default())?;
+        let pid = self.runtime.exec(&r.id, &process, twinbox_runtime::container::ExecOptions::default())?;
         Ok(wait_exit(pid))
     }
 
@@ -650,14 +649,14 @@ fn exit_code(s: WaitStatus) -> Option<i32> {
 
 /// Wait until `pid` is gone or a zombie (the runtime's check, which also notices a reused pid).
 fn wait_gone(pid: Pid, timeout: std::time::Duration) -> bool {
-    match crate::state::ProcStat::read(pid.as_raw()) {
-        Some(st) => crate::container::wait_gone(pid.as_raw(), st.start_time, timeout),
+    match twinbox_runtime::state::ProcStat::read(pid.as_raw()) {
+        Some(st) => twinbox_runtime::container::wait_gone(pid.as_raw(), st.start_time, timeout),
         None => true,
     }
 }
 
 /// A random 64-hex container id.
-fn new_id() -> String {
+pub(crate) fn new_id() -> String {
     let mut b = [0u8; 32];
     if fs::File::open("/dev/urandom").and_then(|mut f| f.read_exact(&mut b)).is_err() {
         let t = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();

@@ -1,0 +1,16 @@
+//! twinbox's engine: everything between an image in the store and a running instance of either
+//! isolation model. `runtime` (the OCI runtime, what runc is) and `microvm` (the VMM, what
+//! Firecracker is) know nothing of images; this crate turns an image and `twinbox run`'s
+//! options into a bundle for the one or a guest configuration and disk for the other.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`container`] | containers over the OCI runtime: run options ([`RunOptions`]) and the spec built from them ([`container::spec`]), records and names under `<store>/containers/`, foreground runs, the detached monitor, `ps`/`logs`/`stop`/`kill`/`rm`/`start`/`exec` |
+//! | [`microvm`] | an image run as a microVM: the guest agent's configuration, the image's ext4 root disk, boot and output |
+//! | [`build_run`] | the Dockerfile `RUN` step: a throwaway container of the runtime whose upper directory becomes a layer |
+
+pub mod build_run;
+pub mod container;
+pub mod microvm;
+
+pub use container::{Engine, EngineError, Phase, Record, RunOptions};
