@@ -321,7 +321,32 @@ pub fn used_kib() -> u64 {
 #[derive(Debug, Clone)]
 pub struct Proc {
     pub pid: u32,
+    /// Its parent (0 when unknown).
+    pub ppid: u32,
     pub args: Vec<String>,
+}
+
+/// The processes each instance leaves running, as `(instance, pid)`: those whose arguments hold
+/// the instance's marker, and the parent of those when it is theirs alone (not pid 1, not the
+/// harness, holding no marker and parent to no other instance's processes): the process a
+/// launcher leaves to watch its workload, such as twinbox's container monitor, whose own
+/// arguments do not name the workload.
+pub fn instance_processes(procs: &[Proc], markers: &[String]) -> Vec<(usize, u32)> {
+    let instance = |p: &Proc| markers.iter().position(|m| p.args.iter().any(|a| a == m));
+    let mut out: Vec<(usize, u32)> = procs.iter().filter_map(|p| Some((instance(p)?, p.pid))).collect();
+    let marked: std::collections::BTreeSet<u32> = out.iter().map(|(_, pid)| *pid).collect();
+    let mut parents: std::collections::BTreeMap<u32, std::collections::BTreeSet<usize>> = Default::default();
+    for p in procs {
+        if let Some(i) = instance(p) {
+            parents.entry(p.ppid).or_default().insert(i);
+        }
+    }
+    for (ppid, instances) in parents {
+        if ppid > 1 && ppid != std::process::id() && !marked.contains(&ppid) && instances.len() == 1 {
+            out.extend(instances.into_iter().map(|i| (i, ppid)));
+        }
+    }
+    out
 }
 
 /// Every process with its command line.
@@ -331,12 +356,16 @@ pub fn scan() -> Vec<Proc> {
         .filter_map(|e| {
             let pid: u32 = e.file_name().to_str()?.parse().ok()?;
             let raw = std::fs::read(e.path().join("cmdline")).ok()?;
+            let ppid = crate::backend::stat_fields(&e.path().join("stat").to_string_lossy())
+                .get(1)
+                .and_then(|f| f.parse().ok())
+                .unwrap_or(0);
             let args = raw
                 .split(|b| *b == 0)
                 .filter(|a| !a.is_empty())
                 .map(|a| String::from_utf8_lossy(a).into_owned())
                 .collect();
-            Some(Proc { pid, args })
+            Some(Proc { pid, ppid, args })
         })
         .collect()
 }
@@ -366,6 +395,27 @@ pub fn tool_version(tool: &Path) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn an_instance_owns_its_workload_and_a_parent_of_its_own() {
+        let p =
+            |pid: u32, ppid: u32, args: &[&str]| Proc { pid, ppid, args: args.iter().map(|a| a.to_string()).collect() };
+        let me = std::process::id();
+        let procs = [
+            p(10, 9, &["hello", "sleep", "101"]),  // a workload under its monitor (9)
+            p(9, 1, &["twinbox-monitor", "10"]),   // …which names no marker
+            p(20, me, &["hello", "sleep", "102"]), // a child of the harness: not the instance's
+            p(30, 5, &["hello", "sleep", "103"]),  // two instances under one shared parent (5)
+            p(31, 5, &["hello", "sleep", "104"]),
+            p(40, 1, &["hello", "sleep", "105"]), // reparented to init
+            p(5, 1, &["shared-reaper"]),
+            p(50, 9, &["unrelated"]),
+        ];
+        let markers: Vec<String> = (101..=105).map(|m| m.to_string()).collect();
+        let mut found = instance_processes(&procs, &markers);
+        found.sort_unstable();
+        assert_eq!(found, [(0, 9), (0, 10), (1, 20), (2, 30), (3, 31), (4, 40)]);
+    }
 
     #[test]
     fn virtualization_kinds_from_a_fake_root() {

@@ -19,7 +19,26 @@ fn engine(root: &Path) -> Result<Engine> {
     })?;
     let runtime_root =
         std::env::var_os("TWINBOX_RUNTIME_ROOT").map(std::path::PathBuf::from).unwrap_or_else(|| RUNTIME_ROOT.into());
-    Ok(Engine::new(store, runtime_root)?)
+    let mut engine = Engine::new(store, runtime_root)?;
+    // A detached container's monitor runs `twinbox --root ROOT container-exited ID CODE`
+    // when the container ends.
+    let exe = std::env::current_exe().context("finding the twinbox binary")?;
+    engine.set_on_exit(vec![exe.into(), "--root".into(), root.into(), "container-exited".into()]);
+    Ok(engine)
+}
+
+#[derive(Args, Debug)]
+pub struct ExitedArgs {
+    /// Container id.
+    id: String,
+    /// Its exit code (128+N when killed by signal N).
+    #[arg(allow_negative_numbers = true)]
+    code: i32,
+}
+
+pub fn exited(root: &Path, a: ExitedArgs) -> Result<i32> {
+    engine(root)?.exited(&a.id, a.code)?;
+    Ok(0)
 }
 
 #[derive(Args, Debug)]

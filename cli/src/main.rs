@@ -74,6 +74,10 @@ enum Command {
     Vm(vm::VmArgs),
     /// Measure the image as a container and as a microVM beside runc, crun, QEMU and Firecracker; write a report.
     Bench(Box<bench::BenchArgs>),
+    /// Run by a detached container's monitor once the container's init has exited: records
+    /// its exit code and removes what it leaves.
+    #[command(hide = true)]
+    ContainerExited(containers::ExitedArgs),
     /// The OCI runtime with runc's command line (create, start, state, kill, delete, run, exec, ps, list).
     #[command(disable_help_flag = true)]
     Runtime {
@@ -137,6 +141,7 @@ fn main() -> ExitCode {
         Command::Rm(a) => containers::rm(root, a),
         Command::Start(a) => containers::start(root, a),
         Command::Exec(a) => containers::exec(root, a),
+        Command::ContainerExited(a) => containers::exited(root, a),
         Command::Vm(a) => vm::vm(a),
         Command::Bench(a) => bench::bench(root, *a),
         Command::Runtime { .. } => unreachable!("handled above"),

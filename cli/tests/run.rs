@@ -293,6 +293,23 @@ fn detached_containers_ps_logs_stop_rm() {
     let tb = |args: &[&str]| twinbox(img, args);
     let (_, ps, _) = tb(&["ps"]);
     assert!(ps.contains("sleeper") && ps.contains("Up"), "{ps}");
+    // Its init's parent is the small monitor installed in the store, not a twinbox process.
+    let (_, json, _) = tb(&["ps", "--json"]);
+    let pid = serde_json::from_str::<serde_json::Value>(&json).unwrap()[0]["phase"]["pid"].as_i64().unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+    let ppid = stat.rsplit_once(')').unwrap().1.split_whitespace().nth(1).unwrap().to_owned();
+    let monitor = std::fs::read_link(format!("/proc/{ppid}/exe")).unwrap();
+    assert!(monitor.starts_with(img.env.root().join("bin")), "{}", monitor.display());
+    assert!(std::fs::metadata(&monitor).unwrap().len() < 64 * 1024, "{}", monitor.display());
+    // A container that ends by itself: its code is recorded.
+    let (code, _, err) = run(img, &["-d", "--name", "three", "busybox", "sh", "-c", "exit 3"]);
+    assert_eq!(code, 0, "{err}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !tb(&["ps", "-a"]).1.contains("Exited (3)") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(tb(&["ps", "-a"]).1.contains("Exited (3)"), "{}", tb(&["ps", "-a"]).1);
+    assert_eq!(tb(&["rm", "three"]).0, 0);
     // exec joins the container: same hostname, sees its pid 1, gets the extra env.
     let (code, out, err) =
         tb(&["exec", "-e", "X=42", "sleeper", "sh", "-c", "echo $X $(hostname) $(cat /proc/1/comm)"]);

@@ -32,7 +32,7 @@ use std::os::unix::fs::{DirBuilderExt, FileTypeExt, MetadataExt, PermissionsExt}
 use std::path::{Component, Path, PathBuf};
 
 use nix::sys::signal::{SigSet, SigmaskHow, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
 use oci_spec::image::{ConfigBuilder, ImageConfiguration};
 use twinbox_image::build::{RunRequest, RunStep, RunStepError};
@@ -218,9 +218,7 @@ fn wait_step(rt: &Runtime, id: &str, pid: Pid, set: &SigSet) -> Result<i32, Buil
     let mut interrupted = None;
     loop {
         let code = match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(_, c)) => Some(c),
-            Ok(WaitStatus::Signaled(_, s, _)) => Some(128 + s as i32),
-            Ok(_) => None,
+            Ok(status) => twinbox_runtime::exit_code(status),
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(BuildRunError::Sys("waiting for the step's container", e)),
         };

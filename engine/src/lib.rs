@@ -5,7 +5,7 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | [`container`] | containers over the OCI runtime: run options ([`RunOptions`]) and the spec built from them ([`container::spec`]), records and names under `<store>/containers/`, foreground runs, the detached monitor, `ps`/`logs`/`stop`/`kill`/`rm`/`start`/`exec` |
+//! | [`container`] | containers over the OCI runtime: run options ([`RunOptions`]) and the spec built from them ([`container::spec`]), records and names under `<store>/containers/`, foreground runs, detached runs watched by [`container::monitor`] (the freestanding `engine/monitor` program, a few KiB, installed in `<store>/bin/`), `ps`/`logs`/`stop`/`kill`/`rm`/`start`/`exec` |
 //! | [`microvm`] | an image run as a microVM: the guest agent's configuration, the image's ext4 root disk, boot and output |
 //! | [`build_run`] | the Dockerfile `RUN` step: a throwaway container of the runtime whose upper directory becomes a layer |
 

@@ -316,7 +316,7 @@ pub(crate) fn stall_report(pid: u32) -> String {
 
 /// The fields of a `/proc/…/stat` file after the parenthesised command name (which may hold
 /// spaces and parentheses itself): state, ppid, pgrp, …; empty when the file is gone.
-fn stat_fields(path: &str) -> Vec<String> {
+pub(crate) fn stat_fields(path: &str) -> Vec<String> {
     let stat = std::fs::read_to_string(path).unwrap_or_default();
     stat.rsplit_once(')').map(|(_, rest)| rest.split_whitespace().map(str::to_owned).collect()).unwrap_or_default()
 }

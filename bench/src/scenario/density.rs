@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use super::{children_cpu, leftovers, marker_base, ms, Fleet, Run, Scenario};
 use crate::backend::Workload;
-use crate::host::{kernel_kib, pss_kib, scan, settled_kernel_kib};
+use crate::host::{instance_processes, kernel_kib, pss_kib, scan, settled_kernel_kib};
 use crate::results::Better;
 
 /// One backend's pass: launch up to `max` instances, then tear them all down.
@@ -158,11 +158,8 @@ fn one_pass(r: &mut Run<'_>, k: usize, max: usize, bar: &indicatif::ProgressBar)
                     cpu.push(ms(children_cpu().saturating_sub(cpu0)));
                 }
                 fleet.instances.push(inst);
-                let pss: u64 = scan()
-                    .iter()
-                    .filter(|p| p.args.iter().any(|a| markers[..=i].contains(a)))
-                    .filter_map(|p| pss_kib(p.pid))
-                    .sum();
+                let pss: u64 =
+                    instance_processes(&scan(), &markers[..=i]).into_iter().filter_map(|(_, pid)| pss_kib(pid)).sum();
                 let held = (pss as f64 + kernel_kib() as f64 - k0) / 1024.0;
                 memory.push(held);
                 if let Some(budget) = r.settings.memory_budget_mib.filter(|&b| held >= b as f64) {

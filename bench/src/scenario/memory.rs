@@ -2,7 +2,8 @@
 //! instance's processes are found by their arguments), then
 //!
 //! - PSS of every process the backend leaves running for an instance (the workload, and for
-//!   `twinbox run -d` its monitor), from /proc/PID/smaps_rollup;
+//!   `twinbox run -d` its monitor, found as the workload's parent: see
+//!   [`instance_processes`]), from /proc/PID/smaps_rollup;
 //! - the growth of the kernel's Slab + PageTables + KernelStack + Percpu from before the first launch
 //!   to after the last, divided by N (namespaces, mounts, cgroups, page tables, task structs);
 //!   both readings wait for the kernel's memory to stop moving (deferred frees of earlier
@@ -14,7 +15,7 @@ use std::time::Duration;
 
 use super::{leftovers, marker_base, Fleet, Run, Scenario};
 use crate::backend::{wait_for_marker, Backend, Workload};
-use crate::host::{pss_kib, scan, settled_kernel_kib, shrunk_kernel_kib};
+use crate::host::{instance_processes, pss_kib, scan, settled_kernel_kib, shrunk_kernel_kib};
 use crate::results::Better;
 
 /// How long a kernel memory reading may wait for the kernel to finish freeing.
@@ -47,15 +48,13 @@ fn idle(r: &Run<'_>, b: &dyn Backend, n: usize, base: u64, bar: &indicatif::Prog
     // launchers' short-lived processes once its memory stops moving.
     settled_kernel_kib(SETTLE);
     let k1 = shrunk_kernel_kib();
-    let procs = scan();
+    let found = instance_processes(&scan(), &markers);
     let mut pss = vec![0.0; n];
     let mut count = vec![0.0; n];
-    for p in &procs {
-        if let Some(i) = markers.iter().position(|m| p.args.iter().any(|a| a == m)) {
-            if let Some(kib) = pss_kib(p.pid) {
-                pss[i] += kib as f64;
-                count[i] += 1.0;
-            }
+    for &(i, pid) in &found {
+        if let Some(kib) = pss_kib(pid) {
+            pss[i] += kib as f64;
+            count[i] += 1.0;
         }
     }
     let (_, errors) = fleet.teardown();
@@ -63,7 +62,13 @@ fn idle(r: &Run<'_>, b: &dyn Backend, n: usize, base: u64, bar: &indicatif::Prog
         return Err(format!("teardown: {}", errors.join("; ")));
     }
     std::thread::sleep(Duration::from_millis(200));
-    let left = leftovers(&markers);
+    // The workloads, and the processes that watched them (a monitor ends soon after).
+    let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    let deadline = std::time::Instant::now() + Duration::from_secs(5);
+    while found.iter().any(|&(_, pid)| alive(pid)) && std::time::Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let left = leftovers(&markers) + found.iter().filter(|&&(_, pid)| alive(pid)).count();
     if left > 0 {
         return Err(format!("{left} processes still running after teardown"));
     }

@@ -9,9 +9,11 @@
 //! the host and nothing can be left mounted.
 //!
 //! A foreground run waits for its container itself. A detached run (`-d`) leaves one small
-//! monitor process per container (the container init's parent), which records the exit code
-//! and OOM kill, and removes the container when `--rm` was given.
+//! monitor process per container (the container init's parent, the few-KiB `twinbox-monitor`
+//! program, see [`monitor`]); once the init exits, it runs the command that records the exit
+//! code and OOM kill and removes the container when `--rm` was given ([`Engine::exited`]).
 
+pub mod monitor;
 pub mod spec;
 
 use std::fs;
@@ -77,6 +79,9 @@ pub enum EngineError {
     /// The detached monitor reported a failure to start the container.
     #[error("starting the container failed: {0}")]
     Monitor(String),
+    /// The engine was not told what records a detached container's exit.
+    #[error("detached containers need the command that records their exit; see Engine::set_on_exit")]
+    NoExitCommand,
 }
 
 fn io_err(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> EngineError {
@@ -130,6 +135,7 @@ pub struct Engine {
     pub(crate) store: Store,
     pub(crate) runtime: Runtime,
     dir: PathBuf,
+    on_exit: Option<Vec<std::ffi::OsString>>,
 }
 
 /// How a foreground container ended.
@@ -147,7 +153,14 @@ impl Engine {
     pub fn new(store: Store, runtime_root: impl Into<PathBuf>) -> Result<Self, EngineError> {
         let dir = store.root().join("containers");
         fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
-        Ok(Self { store, runtime: Runtime::new(runtime_root), dir })
+        Ok(Self { store, runtime: Runtime::new(runtime_root), dir, on_exit: None })
+    }
+
+    /// The command a detached container's monitor runs, with the container's id and exit code
+    /// appended, once its init has exited: one that calls [`exited`](Self::exited) (the CLI's
+    /// hidden `container-exited`). Needed by [`run_detached`](Self::run_detached).
+    pub fn set_on_exit(&mut self, command: Vec<std::ffi::OsString>) {
+        self.on_exit = Some(command);
     }
 
     /// The image store.
@@ -349,6 +362,8 @@ impl Engine {
     /// Start a prepared (or exited) container in the background under a monitor process;
     /// returns once it runs (or failed to).
     pub fn run_detached(&self, mut record: Record) -> Result<Record, EngineError> {
+        let on_exit = self.on_exit.as_deref().filter(|c| !c.is_empty()).ok_or(EngineError::NoExitCommand)?;
+        let monitor = monitor::install(&self.store.root().join("bin"))?;
         let cdir = self.container_dir(&record.id);
         let log_path = cdir.join("log");
         let (mut rd, wr) = std::io::pipe().map_err(io_err("create pipe for", &cdir))?;
@@ -357,7 +372,7 @@ impl Engine {
         match unsafe { nix::unistd::fork() }.map_err(|e| EngineError::Sys("fork", e))? {
             nix::unistd::ForkResult::Child => {
                 drop(rd);
-                let code = self.monitor(record, &log_path, wr);
+                let code = self.start_monitored(record, &log_path, wr, &monitor, on_exit);
                 std::process::exit(code);
             }
             nix::unistd::ForkResult::Parent { .. } => {}
@@ -374,8 +389,17 @@ impl Engine {
         }
     }
 
-    /// The monitor: its own session, stdio to the log, the container init as its child.
-    fn monitor(&self, mut record: Record, log_path: &Path, mut report: io::PipeWriter) -> i32 {
+    /// In the forked child: its own session, the container created (stdio to the log) and
+    /// started as its child, the outcome reported to `run_detached`, then `exec` of the
+    /// monitor, which keeps the init as its child.
+    fn start_monitored(
+        &self,
+        mut record: Record,
+        log_path: &Path,
+        mut report: io::PipeWriter,
+        monitor: &Path,
+        on_exit: &[std::ffi::OsString],
+    ) -> i32 {
         let _ = nix::unistd::setsid();
         let setup = (|| -> Result<Pid, EngineError> {
             let log =
@@ -416,12 +440,25 @@ impl Engine {
             let _ = nix::unistd::dup2_stdout(&null);
             let _ = nix::unistd::dup2_stderr(&null);
         }
-        release_unused_memory();
+        let _ = SigSet::all().thread_unblock();
+        let mut command = std::process::Command::new(monitor);
+        command.arg(pid.as_raw().to_string()).args(on_exit).arg(&record.id);
+        let _exec_failed = std::os::unix::process::CommandExt::exec(&mut command);
+        // Installed just before the fork, so hardly ever (a store on a noexec mount): watch
+        // the container from here instead.
         let code = wait_exit(pid);
         match self.finish(record, code) {
             Ok(_) => 0,
             Err(_) => 1,
         }
+    }
+
+    /// Record how a detached container's init ended (`code` as a shell reports it) and
+    /// remove what it leaves (runtime state, cgroup; all of it with `--rm`): what its monitor
+    /// has run once the init is gone.
+    pub fn exited(&self, id: &str, code: i32) -> Result<Exit, EngineError> {
+        let record = self.stored(id).ok_or_else(|| EngineError::NoSuchContainer(id.to_owned()))?;
+        self.finish(record, code)
     }
 
     /// Signal a running container's init.
@@ -599,7 +636,7 @@ fn wait_forwarding(pid: Pid, set: &SigSet) -> i32 {
         match waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) => {}
             Ok(s) => {
-                if let Some(code) = exit_code(s) {
+                if let Some(code) = twinbox_runtime::exit_code(s) {
                     return code;
                 }
             }
@@ -616,34 +653,17 @@ fn wait_forwarding(pid: Pid, set: &SigSet) -> i32 {
     }
 }
 
-/// The monitor lives as long as its container but needs little of what the CLI allocated
-/// before the fork: hand the allocator's free memory back to the kernel, so that an idle
-/// detached container costs less (about 160 KiB less private memory per monitor here).
-fn release_unused_memory() {
-    // SAFETY: malloc_trim only returns free allocator memory to the kernel; no live allocation
-    // moves or changes.
-    unsafe { libc::malloc_trim(0) };
-}
-
 fn wait_exit(pid: Pid) -> i32 {
     loop {
         match waitpid(pid, None) {
             Ok(s) => {
-                if let Some(code) = exit_code(s) {
+                if let Some(code) = twinbox_runtime::exit_code(s) {
                     return code;
                 }
             }
             Err(nix::errno::Errno::EINTR) => continue,
             Err(_) => return -1,
         }
-    }
-}
-
-fn exit_code(s: WaitStatus) -> Option<i32> {
-    match s {
-        WaitStatus::Exited(_, c) => Some(c),
-        WaitStatus::Signaled(_, sig, _) => Some(128 + sig as i32),
-        _ => None,
     }
 }
 

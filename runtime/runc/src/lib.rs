@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 
 use clap::{Parser, Subcommand, ValueEnum};
 use nix::sys::signal::{kill, SigSet, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxResources, Process};
 
@@ -598,9 +598,11 @@ fn wait_forwarding(pid: Pid, set: &SigSet, console: Option<&ConsoleProxy>) -> Re
     loop {
         // Reap first: the child may have ended before we started waiting for signals.
         match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::Exited(_, code)) => return Ok(code),
-            Ok(WaitStatus::Signaled(_, sig, _)) => return Ok(128 + sig as i32),
-            Ok(_) => {}
+            Ok(status) => {
+                if let Some(code) = twinbox_runtime::exit_code(status) {
+                    return Ok(code);
+                }
+            }
             Err(nix::errno::Errno::EINTR) => continue,
             Err(e) => return Err(CliError::Wait(e)),
         }

@@ -1,0 +1,28 @@
+//! Builds the detached container monitor (`engine/monitor`, package `twinbox-monitor`) as a
+//! freestanding static executable and leaves it at `$OUT_DIR/twinbox-monitor` for
+//! `container::monitor`'s `include_bytes!`: a nested `cargo build` (scripts/lib/nested_build.rs;
+//! the monitor is a workspace of its own, with `panic = "abort"`), no C runtime or libc
+//! (`-nostartfiles -nostdlib`: it starts at its own `_start`), position-dependent.
+
+#[path = "../scripts/lib/nested_build.rs"]
+mod nested_build;
+
+use std::env;
+use std::path::PathBuf;
+
+fn main() {
+    let manifest_dir = PathBuf::from(env::var_os("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR"));
+    let out_dir = PathBuf::from(env::var_os("OUT_DIR").expect("cargo sets OUT_DIR"));
+    println!("cargo:rerun-if-changed=monitor");
+    println!("cargo:rerun-if-changed=../scripts/lib/nested_build.rs");
+    let monitor = nested_build::Nested {
+        manifest: &manifest_dir.join("monitor/Cargo.toml"),
+        package: "twinbox-monitor",
+        target: "x86_64-unknown-linux-gnu",
+        rustflags: "-C\x1frelocation-model=static\x1f-C\x1ftarget-feature=+crt-static\x1f\
+                    -C\x1flink-arg=-nostartfiles\x1f-C\x1flink-arg=-nostdlib",
+        what: "the container monitor",
+    };
+    let bytes = monitor.build(&out_dir.join("monitor-target"));
+    nested_build::write_if_changed(&out_dir.join("twinbox-monitor"), &bytes);
+}
