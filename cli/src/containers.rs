@@ -246,7 +246,7 @@ fn run_microvm(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
         verbose,
     };
     let store = twinbox_image::Store::open(root)?;
-    twinbox_microvm::vstate::vcpu::stop_on_signals()?;
+    twinbox_microvm::vstate::watchdog::stop_on_signals()?;
     let started = *crate::STARTED.get_or_init(std::time::Instant::now);
     let exit = match run_image(&store, &opts, started, Box::new(std::io::stdout()), Box::new(std::io::stderr())) {
         Ok(exit) => exit,

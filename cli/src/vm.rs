@@ -66,7 +66,7 @@ pub fn vm(a: VmArgs) -> Result<i32> {
     if let Some(c) = a.cmdline {
         config.cmdline = c;
     }
-    twinbox_microvm::vstate::vcpu::stop_on_signals()?;
+    twinbox_microvm::vstate::watchdog::stop_on_signals()?;
     let started = *crate::STARTED.get_or_init(std::time::Instant::now);
     // The console goes to stdout as it comes; the log also watches for a kernel panic.
     let mut console = ConsoleLog::new(Some(Box::new(std::io::stdout())));

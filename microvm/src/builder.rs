@@ -22,8 +22,9 @@ use crate::loader::Initrd;
 use crate::mptable::{ioapic_id, setup_mptable, IO_APIC_DEFAULT_BASE};
 use crate::stub::{STUB_LOAD_ADDR, STUB_STACK};
 use crate::vstate::memory::create_guest_memory;
-use crate::vstate::vcpu::{RunControl, Vcpu, VcpuError, VcpuStop, Watchdog};
+use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::KvmVm;
+use crate::vstate::watchdog::{RunControl, Watchdog};
 use crate::{ExitReason, IrqChip, VmConfig, VmError, VmExit};
 
 /// Where the workload-output ports write: stdout and stderr.
@@ -237,7 +238,7 @@ impl Vm {
             };
             let bsp_result = bsp.run(pio, mmio, &control, &mut forward);
             control.stop();
-            let ap_results: Vec<Result<Option<VcpuStop>, VcpuError>> = threads
+            let ap_results: Vec<Result<Option<ExitReason>, VcpuError>> = threads
                 .into_iter()
                 .map(|t| match t {
                     Ok(handle) => handle.join().unwrap_or(Ok(None)),
@@ -253,24 +254,18 @@ impl Vm {
         }
         // The boot vCPU's answer, unless another vCPU ended the VM (then the boot vCPU only
         // saw the stop) or failed.
-        let mut stop = bsp_result?;
+        let mut reason = bsp_result?;
         for r in ap_results {
             match r {
-                Ok(Some(s)) if stop.is_none() => stop = Some(s),
+                Ok(Some(s)) if reason.is_none() => reason = Some(s),
                 Ok(_) => {}
                 Err(e) => return Err(e.into()),
             }
         }
-        let Some(stop) = stop else {
+        let Some(reason) = reason else {
             return Err(VmError::Vcpu(VcpuError::UnexpectedExit { id: 0, exit: "stop without a reason" }));
         };
         let timer = self.boot_timer.lock().unwrap_or_else(|e| e.into_inner());
-        let reason = match stop {
-            VcpuStop::Reset => ExitReason::Reset,
-            VcpuStop::Shutdown => ExitReason::Shutdown,
-            VcpuStop::Exited(s) => ExitReason::Exited(s),
-            VcpuStop::Halted { rip } => ExitReason::Halted { rip },
-        };
         tracing::debug!(%reason, "VM stopped");
         Ok(VmExit { reason, boot_time: timer.boot_time(), boot_signals: timer.signals() })
     }

@@ -5,14 +5,21 @@
 //!                                                          └─ run(console) ─► VmExit
 //! ```
 //!
+//! Modules: `config` (the serde configuration), `builder` (configuration to a running `Vm`),
+//! `vstate` (KVM: the VM, guest memory, the vCPU run loop and its watchdog), `arch::x86_64`
+//! (a vCPU's CPUID, MSRs, LAPIC and boot registers; the boot GDT and page tables), `devices`,
+//! `loader` (kernel, initrd, boot parameters), `mptable`, `initramfs`, `console`, `stub`.
+//!
 //! Devices: COM1 8250 console (0x3f8, GSI 4), i8042 reset (0x60..=0x64: reset ends the VM),
 //! Firecracker-compatible boot timer (MMIO 0xc000_0000, magic byte 123), exit-status port
 //! (I/O 0x501), workload-output ports (I/O 0x510 stdout, 0x511 stderr), virtio-blk disks
 //! (MMIO 0xd000_0000 + i * 4K, GSI 5 + i); an MP table describes the vCPUs and the I/O APIC.
 //! The guest agent (`microvm/agent`) runs a workload in such a VM; turning an OCI image into
-//! its configuration and disk is the engine's (`twinbox_engine::microvm`). Only `vstate` talks
-//! to KVM and holds `unsafe`.
+//! its configuration and disk is the engine's (`twinbox_engine::microvm`). Only `vstate` owns
+//! KVM file descriptors and holds `unsafe`; `arch` sets a vCPU up through kvm-ioctls' safe
+//! calls.
 
+pub mod arch;
 pub mod config;
 pub mod console;
 pub mod devices;
@@ -32,16 +39,19 @@ pub use twinbox_agent as agent;
 use std::io::Write;
 use std::time::Duration;
 
-/// How a VM ended, when the guest ended it.
+/// How a VM ended, when the guest ended it: what a vCPU's run loop returns
+/// ([`vstate::vcpu::Vcpu::run`]) and a [`VmExit`] reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ExitReason {
-    /// The guest reset the machine (i8042 0xFE, `reboot=k`): a clean end for a microVM.
+    /// The guest reset the machine (i8042 0xFE, `reboot=k`, or KVM_SYSTEM_EVENT_RESET): a clean
+    /// end for a microVM.
     Reset,
-    /// The guest powered off (KVM system event shutdown).
+    /// The guest powered off (KVM_SYSTEM_EVENT_SHUTDOWN, e.g. ACPI power-off).
     Shutdown,
     /// The guest agent reported its workload's exit status on the exit port.
     Exited(i32),
-    /// The boot vCPU halted with interrupts disabled: nothing can wake it again.
+    /// The boot vCPU halted with interrupts disabled (a `hlt` exit without an in-kernel LAPIC,
+    /// or found halted when kicked): nothing can wake it again.
     Halted {
         /// Instruction pointer after the `hlt`.
         rip: u64,

@@ -186,7 +186,7 @@ fn a_signal_stops_the_guest_with_the_signal_named() {
     }
     // In a child process: the handlers are process-wide.
     if std::env::var_os("TWINBOX_STUB_SIGNAL_CHILD").is_some() {
-        twinbox_microvm::vstate::vcpu::stop_on_signals().unwrap();
+        twinbox_microvm::vstate::watchdog::stop_on_signals().unwrap();
         let pid = std::process::id() as i32;
         std::thread::spawn(move || {
             std::thread::sleep(Duration::from_millis(200));
