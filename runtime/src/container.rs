@@ -393,13 +393,8 @@ pub(crate) fn write_pid_file(path: &Path, pid: Pid) -> Result<(), RuntimeError> 
 
 /// Connect to a console socket (a unix stream socket listening at `path`).
 pub(crate) fn connect_console(path: &Path) -> Result<OwnedFd, RuntimeError> {
-    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
-    use std::os::fd::AsRawFd;
-    let err = |source| RuntimeError::ConsoleSocket { path: path.to_path_buf(), source };
-    let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_CLOEXEC, None).map_err(err)?;
-    let addr = UnixAddr::new(path).map_err(err)?;
-    connect(fd.as_raw_fd(), &addr).map_err(err)?;
-    Ok(fd)
+    crate::terminal::connect_socket(path)
+        .map_err(|source| RuntimeError::ConsoleSocket { path: path.to_path_buf(), source })
 }
 
 /// Wait until `pid` (started at `start_time`) is gone or a zombie; false on timeout.

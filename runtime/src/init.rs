@@ -12,7 +12,6 @@
 
 use std::convert::Infallible;
 use std::ffi::CString;
-use std::io::IoSlice;
 use std::os::fd::{AsFd, AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::DirBuilderExt;
@@ -21,9 +20,7 @@ use std::path::{Path, PathBuf};
 use nix::errno::Errno;
 use nix::fcntl::OFlag;
 use nix::mount::MsFlags;
-use nix::sys::socket::{
-    recv, send, sendmsg, socketpair, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr,
-};
+use nix::sys::socket::{recv, send, socketpair, AddressFamily, MsgFlags, SockFlag, SockType};
 use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Uid};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
@@ -34,6 +31,7 @@ use crate::network::{self, NetworkError};
 use crate::process::{Prepared, ProcessError};
 use crate::rootfs::{self, Overlay, RootfsConfig, RootfsError};
 use crate::syscall::{self, LinuxSyscall, Syscall};
+use crate::terminal;
 
 /// The PATH used to find the program when the process environment has none.
 pub const DEFAULT_PATH: &str = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -435,42 +433,26 @@ pub fn setup_console(
     process: &oci_spec::runtime::Process,
     bind_dev_console: bool,
 ) -> Result<(), InitError> {
-    use nix::pty::{grantpt, posix_openpt, ptsname_r, unlockpt};
-    let master = posix_openpt(OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC).map_err(InitError::Console)?;
-    grantpt(&master).map_err(InitError::Console)?;
-    unlockpt(&master).map_err(InitError::Console)?;
-    let name = ptsname_r(&master).map_err(InitError::Console)?;
-    let slave = nix::fcntl::open(Path::new(&name), OFlag::O_RDWR | OFlag::O_NOCTTY | OFlag::O_CLOEXEC, Mode::empty())
-        .map_err(InitError::Console)?;
+    let pty = terminal::open_pty().map_err(InitError::Console)?;
+    let slave = terminal::open_slave(&pty.slave_path).map_err(InitError::Console)?;
     if let Some(size) = process.console_size() {
-        let ws =
-            libc::winsize { ws_row: size.height() as u16, ws_col: size.width() as u16, ws_xpixel: 0, ws_ypixel: 0 };
-        // SAFETY: TIOCSWINSZ reads a winsize struct from the valid pointer given.
-        let r = unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSWINSZ, &ws) };
-        Errno::result(r).map_err(InitError::Console)?;
+        terminal::set_size(pty.master.as_raw_fd(), size.height() as u16, size.width() as u16)
+            .map_err(InitError::Console)?;
     }
-    send_fd(sock, master.as_raw_fd(), name.as_bytes()).map_err(InitError::Console)?;
-    drop(master);
+    terminal::send_fd(sock, pty.master.as_raw_fd(), pty.slave_path.as_os_str().as_bytes())
+        .map_err(InitError::Console)?;
+    drop(pty.master);
     // /dev/console is the terminal, as in runc.
     let console = Path::new("/dev/console");
     if bind_dev_console && LinuxSyscall.create_file(console, Mode::from_bits_truncate(0o600)).is_ok() {
-        let _ = LinuxSyscall.mount(Some(Path::new(&name)), console, None, MsFlags::MS_BIND, None);
+        let _ = LinuxSyscall.mount(Some(&pty.slave_path), console, None, MsFlags::MS_BIND, None);
     }
     nix::unistd::setsid().map_err(InitError::Console)?;
-    // SAFETY: TIOCSCTTY with argument 0 on a terminal descriptor we own.
-    let r = unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSCTTY, 0) };
-    Errno::result(r).map_err(InitError::Console)?;
+    terminal::make_controlling(slave.as_raw_fd()).map_err(InitError::Console)?;
     for i in 0..3 {
         syscall::dup2_raw(slave.as_raw_fd(), i).map_err(InitError::Console)?;
     }
     Ok(())
-}
-
-/// Send `fd` over the unix socket `sock` with SCM_RIGHTS, `payload` as the message.
-pub fn send_fd(sock: RawFd, fd: RawFd, payload: &[u8]) -> Result<(), Errno> {
-    let iov = [IoSlice::new(payload)];
-    let fds = [fd];
-    sendmsg::<UnixAddr>(sock, &iov, &[ControlMessage::ScmRights(&fds)], MsgFlags::empty(), None).map(drop)
 }
 
 /// Block until `start` opens the fifo for reading, then write the byte it waits for.

@@ -23,6 +23,7 @@ pub mod seccomp;
 pub mod start;
 pub mod state;
 pub mod syscall;
+pub mod terminal;
 pub mod user;
 
 pub use container::{CreateOptions, ExecOptions, Runtime, RuntimeError};

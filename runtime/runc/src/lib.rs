@@ -20,6 +20,7 @@ use twinbox_runtime::container::{default_root, error_chain, CreateOptions, ExecO
 use twinbox_runtime::control::Event;
 use twinbox_runtime::kill::parse_signal;
 use twinbox_runtime::state::Status;
+use twinbox_runtime::terminal::{ConsoleProxy, ConsoleSocket};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
 enum LogFormat {
@@ -645,7 +646,7 @@ fn block_signals(set: &SigSet) -> Result<SigSet, CliError> {
 
 fn run(rt: &Runtime, c: &CreateArgs, detach: bool) -> Result<i32, CliError> {
     let own_console = if !detach && c.console_socket.is_none() && wants_terminal(&c.bundle) {
-        Some(OwnConsole::listen().map_err(CliError::Console)?)
+        Some(ConsoleSocket::listen().map_err(CliError::Console)?)
     } else {
         None
     };
@@ -657,7 +658,7 @@ fn run(rt: &Runtime, c: &CreateArgs, detach: bool) -> Result<i32, CliError> {
             opts.console_socket = Some(oc.path.clone());
         }
         let mut st = rt.create(&c.id, &c.bundle, opts)?;
-        let proxy = match own_console.as_ref().map(OwnConsole::receive) {
+        let proxy = match own_console.as_ref().map(ConsoleSocket::receive) {
             Some(Ok(master)) => Some(ConsoleProxy::start(master)),
             Some(Err(e)) => {
                 let _ = rt.delete(&c.id, true);
@@ -695,7 +696,7 @@ fn exec(rt: &Runtime, e: &ExecArgs) -> Result<i32, CliError> {
         return Err(CliError::TtyNeedsSocket);
     }
     let own_console = if terminal && e.console_socket.is_none() {
-        Some(OwnConsole::listen().map_err(CliError::Console)?)
+        Some(ConsoleSocket::listen().map_err(CliError::Console)?)
     } else {
         None
     };
@@ -774,111 +775,6 @@ fn exec_process(rt: &Runtime, e: &ExecArgs) -> Result<Process, CliError> {
         return Err(RuntimeError::CannotExec { status: st.status }.into());
     }
     Ok(p)
-}
-
-/// A console socket the CLI listens on itself when a foreground `run`/`exec` needs a terminal
-/// and the user gave no `--console-socket` (runc does the same): it receives the pty master and
-/// proxies it to this process's stdio.
-struct OwnConsole {
-    path: PathBuf,
-    listener: std::os::unix::net::UnixListener,
-}
-
-impl OwnConsole {
-    fn listen() -> std::io::Result<OwnConsole> {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map(|d| d.subsec_nanos())
-            .unwrap_or_default();
-        let path = std::env::temp_dir().join(format!("twinbox-console-{}-{nanos}.sock", std::process::id()));
-        let listener = std::os::unix::net::UnixListener::bind(&path)?;
-        Ok(OwnConsole { path, listener })
-    }
-
-    /// The pty master the container's init (or exec'd process) sent.
-    fn receive(&self) -> std::io::Result<std::os::fd::OwnedFd> {
-        use nix::sys::socket::{recvmsg, ControlMessageOwned, MsgFlags, UnixAddr};
-        use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-        let (conn, _) = self.listener.accept()?;
-        let mut buf = [0u8; 4096];
-        let mut iov = [std::io::IoSliceMut::new(&mut buf)];
-        let mut space = nix::cmsg_space!([std::os::fd::RawFd; 1]);
-        let msg = recvmsg::<UnixAddr>(conn.as_raw_fd(), &mut iov, Some(&mut space), MsgFlags::MSG_CMSG_CLOEXEC)
-            .map_err(std::io::Error::from)?;
-        for c in msg.cmsgs().map_err(std::io::Error::from)? {
-            if let ControlMessageOwned::ScmRights(fds) = c {
-                if let Some(&fd) = fds.first() {
-                    // SAFETY: SCM_RIGHTS just installed this descriptor in our table; nothing
-                    // else owns it.
-                    return Ok(unsafe { OwnedFd::from_raw_fd(fd) });
-                }
-            }
-        }
-        Err(std::io::Error::other("no descriptor received on the console socket"))
-    }
-}
-
-impl Drop for OwnConsole {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_file(&self.path);
-    }
-}
-
-/// Copies between this process's stdio and a pty master; stdin in raw mode while it runs.
-struct ConsoleProxy {
-    master: Arc<std::fs::File>,
-    saved: Option<nix::sys::termios::Termios>,
-    output: std::thread::JoinHandle<()>,
-}
-
-impl ConsoleProxy {
-    fn start(master: std::os::fd::OwnedFd) -> ConsoleProxy {
-        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
-        let master = Arc::new(std::fs::File::from(master));
-        let stdin = std::io::stdin();
-        let saved = tcgetattr(&stdin).ok();
-        if let Some(t) = &saved {
-            let mut raw = t.clone();
-            cfmakeraw(&mut raw);
-            let _ = tcsetattr(&stdin, SetArg::TCSANOW, &raw);
-        }
-        let m = Arc::clone(&master);
-        let output = std::thread::spawn(move || {
-            let mut out = std::io::stdout();
-            // Ends with EIO once every slave descriptor is closed.
-            let _ = std::io::copy(&mut &*m, &mut out);
-            let _ = out.flush();
-        });
-        let m = Arc::clone(&master);
-        // Not joined: it is blocked reading our stdin when the process ends.
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut std::io::stdin(), &mut &*m);
-        });
-        let proxy = ConsoleProxy { master, saved, output };
-        proxy.resize();
-        proxy
-    }
-
-    /// Give the pty our terminal's size.
-    fn resize(&self) {
-        use std::os::fd::AsRawFd;
-        // SAFETY: winsize is plain old data; all zeroes is a valid value.
-        let mut ws: libc::winsize = unsafe { std::mem::zeroed() };
-        // SAFETY: TIOCGWINSZ writes a winsize into the valid pointer given; TIOCSWINSZ reads one.
-        unsafe {
-            if libc::ioctl(libc::STDIN_FILENO, libc::TIOCGWINSZ, &mut ws) == 0 {
-                libc::ioctl(self.master.as_raw_fd(), libc::TIOCSWINSZ, &ws);
-            }
-        }
-    }
-
-    /// Drain the output and restore the terminal.
-    fn finish(self) {
-        let _ = self.output.join();
-        if let Some(t) = &self.saved {
-            let _ = nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, t);
-        }
-    }
 }
 
 /// Columns separated by at least three spaces (runc uses a tabwriter).
