@@ -20,6 +20,7 @@
 
 pub mod auth;
 pub mod client;
+mod pool;
 pub mod pull;
 pub mod push;
 

@@ -3,8 +3,6 @@
 
 use std::collections::{BTreeSet, VecDeque};
 use std::io::{self, Read, Write};
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::Mutex;
 use std::time::Duration;
 
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
@@ -153,27 +151,7 @@ fn fetch_all(
     opts: &PullOptions,
     progress: Progress,
 ) -> Result<()> {
-    let queue = Mutex::new(wanted);
-    let failed = AtomicBool::new(false);
-    let first_error: Mutex<Option<RegistryError>> = Mutex::new(None);
-    let workers = opts.parallel.max(1).min(queue.lock().expect("queue lock").len());
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| {
-                while !failed.load(Ordering::Relaxed) {
-                    let Some(desc) = queue.lock().expect("queue lock").pop_front() else { break };
-                    if let Err(e) = fetch_blob(store, client, &desc, opts.retries, progress) {
-                        failed.store(true, Ordering::Relaxed);
-                        first_error.lock().expect("error lock").get_or_insert(e);
-                    }
-                }
-            });
-        }
-    });
-    match first_error.into_inner().expect("error lock") {
-        Some(e) => Err(e),
-        None => Ok(()),
-    }
+    super::pool::run(wanted, opts.parallel, |desc| fetch_blob(store, client, &desc, opts.retries, progress))
 }
 
 enum CopyError {

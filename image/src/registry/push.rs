@@ -4,8 +4,7 @@
 
 use std::collections::{BTreeMap, BTreeSet, VecDeque};
 use std::io::{self, Read};
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::Mutex;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest};
 
@@ -85,37 +84,17 @@ pub fn push(store: &Store, reference: &Reference, opts: &PushOptions, progress: 
     let client = Client::new(reference.registry(), &reference.repository(), "pull,push", &opts.client);
     let sources = mount_sources(store, reference);
     let counts = [AtomicUsize::new(0), AtomicUsize::new(0), AtomicUsize::new(0)];
-    let queue = Mutex::new(blobs);
-    let failed = AtomicBool::new(false);
-    let first_error: Mutex<Option<RegistryError>> = Mutex::new(None);
-    let workers = opts.parallel.max(1).min(queue.lock().expect("queue lock").len());
-    std::thread::scope(|s| {
-        for _ in 0..workers {
-            s.spawn(|| {
-                while !failed.load(Ordering::Relaxed) {
-                    let Some((d, size)) = queue.lock().expect("queue lock").pop_front() else { break };
-                    let from = sources.get(&d).map(Vec::as_slice).unwrap_or_default();
-                    match push_blob(store, &client, &d, size, from, opts, progress) {
-                        Ok(how) => {
-                            let i = match how {
-                                Outcome::Transferred => 0,
-                                Outcome::Mounted => 1,
-                                Outcome::Exists => 2,
-                            };
-                            counts[i].fetch_add(1, Ordering::Relaxed);
-                        }
-                        Err(e) => {
-                            failed.store(true, Ordering::Relaxed);
-                            first_error.lock().expect("error lock").get_or_insert(e);
-                        }
-                    }
-                }
-            });
-        }
-    });
-    if let Some(e) = first_error.into_inner().expect("error lock") {
-        return Err(e);
-    }
+    super::pool::run(blobs, opts.parallel, |(d, size)| {
+        let from = sources.get(&d).map(Vec::as_slice).unwrap_or_default();
+        let how = push_blob(store, &client, &d, size, from, opts, progress)?;
+        let i = match how {
+            Outcome::Transferred => 0,
+            Outcome::Mounted => 1,
+            Outcome::Exists => 2,
+        };
+        counts[i].fetch_add(1, Ordering::Relaxed);
+        Ok::<(), RegistryError>(())
+    })?;
     for (d, bytes, mt) in &children {
         put_manifest(&client, &d.to_string(), mt, bytes, d)?;
     }
