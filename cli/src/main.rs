@@ -1,4 +1,10 @@
 //! `twinbox`: a thin adapter over the libraries — parse arguments, call, print errors.
+//!
+//! `images` (build, images, inspect, tag, rmi, save, load, prune, unpack) and `registry` (pull,
+//! push, login, logout) call `twinbox_image`; `containers` (run in either model, ps, logs,
+//! stop, kill, rm, start, exec, the monitor's hidden `container-exited`) calls `twinbox_engine`,
+//! and `runtime` hands its arguments to `twinbox_runc`; `vm` drives `twinbox_microvm` alone;
+//! `bench` calls `twinbox_bench`. Errors print once here, with the exit code their type gives.
 
 mod bench;
 mod containers;

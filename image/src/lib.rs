@@ -6,6 +6,17 @@
 //!                                                           ├► flattened rootfs (rootfs::flatten)
 //!                                                           └► ext4 root disk for microVMs (disk::root_disk)
 //! ```
+//!
+//! | module | what |
+//! |---|---|
+//! | `reference`, `digest` | `name[:tag][@sha256:…]` parsed as Docker does; digests and hashing readers/writers |
+//! | `store` | the OCI layout (blobs verified on write, tags in `index.json`), unpacked layers, holds, locks, prune |
+//! | `unpack`, `pipeline` | layer tarballs into directories, treated as hostile; decompression on its own thread |
+//! | `rootfs`, `disk` | an image as one directory, or as an ext4 disk (`mkfs.ext4 -d`, cached by digest) |
+//! | `launch` | the process an image starts (entrypoint, cmd, env, workdir, user) with a run's overrides |
+//! | `archive` | `save`/`load`: OCI archives and `docker save` output |
+//! | `build` | the Dockerfile builder (its `RUN` step is a [`build::RunStep`] the engine provides) |
+//! | `registry` | the OCI distribution client: pull, push (one worker pool), login, credentials |
 
 pub mod archive;
 pub mod build;
