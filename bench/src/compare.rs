@@ -4,6 +4,7 @@
 //! fewer than [`MIN_SAMPLES`] samples on either side are shown but not judged.
 
 use serde::Serialize;
+use twinbox_exit::ExitCode;
 
 use crate::results::{Better, Results};
 use crate::stats::{mann_whitney, median};
@@ -96,6 +97,14 @@ pub enum CompareError {
     Virtualization { base: String, new: String },
     #[error("no {what} {name:?} in these results; they have: {known}")]
     NotInResults { what: &'static str, name: String, known: String },
+}
+
+impl ExitCode for CompareError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            CompareError::Virtualization { .. } | CompareError::NotInResults { .. } => twinbox_exit::USER_ERROR,
+        }
+    }
 }
 
 /// A run's times as multiples of a reference backend's (the bare `process`) in the same run:

@@ -24,6 +24,7 @@ use std::path::{Path, PathBuf};
 use backend::{Backend, PreparedImage};
 use results::{BackendStatus, Results, Settings};
 pub use scenario::Scenario;
+use twinbox_exit::ExitCode;
 
 /// The image every backend runs unless told otherwise.
 pub const DEFAULT_IMAGE: &str = "hello:latest";
@@ -103,6 +104,18 @@ pub enum BenchError {
     NoEntrypoint(String),
     #[error("cannot make a scratch directory")]
     Scratch(#[source] std::io::Error),
+}
+
+impl ExitCode for BenchError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            BenchError::NoImage { .. } | BenchError::UnknownBackend(_) | BenchError::NoEntrypoint(_) => {
+                twinbox_exit::USER_ERROR
+            }
+            BenchError::Store(e) | BenchError::Flatten { source: e, .. } => e.exit_code(),
+            BenchError::Scratch(_) => twinbox_exit::INTERNAL,
+        }
+    }
 }
 
 /// Measure. Backends that cannot run are listed with their reason; scenarios stop early
@@ -209,4 +222,16 @@ pub fn run(opts: &Options) -> Result<Results, BenchError> {
         notes,
         nested: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(BenchError::UnknownBackend("x".into()).exit_code(), 1);
+        assert_eq!(BenchError::Store(twinbox_image::StoreError::NoSuchImage("x:1".into())).exit_code(), 1);
+        assert_eq!(BenchError::Scratch(std::io::Error::other("disk full")).exit_code(), 125);
+    }
 }

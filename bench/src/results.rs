@@ -30,6 +30,7 @@
 use std::path::Path;
 
 use serde::{Deserialize, Serialize};
+use twinbox_exit::ExitCode;
 
 use crate::host::Context;
 use crate::stats::Summary;
@@ -228,6 +229,14 @@ pub enum MergeError {
     Overlap(String),
 }
 
+impl ExitCode for MergeError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            MergeError::Empty | MergeError::Differ { .. } | MergeError::Overlap(_) => twinbox_exit::USER_ERROR,
+        }
+    }
+}
+
 #[derive(Debug, thiserror::Error)]
 pub enum ResultsError {
     #[error("cannot read {path}")]
@@ -244,4 +253,15 @@ pub enum ResultsError {
     },
     #[error("{path} has schema {found:?}, expected {SCHEMA:?}")]
     Schema { path: std::path::PathBuf, found: String },
+}
+
+impl ExitCode for ResultsError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            // A results file the user named.
+            ResultsError::Read { .. } | ResultsError::Json { .. } | ResultsError::Schema { .. } => {
+                twinbox_exit::USER_ERROR
+            }
+        }
+    }
 }

@@ -106,9 +106,7 @@ impl Select {
         if let Some(reference) = self.relative_to.as_ref().filter(|_| !backends.is_empty()) {
             backends.push(reference.clone());
         }
-        compare::Selection { backends, metrics: self.metrics.clone() }
-            .apply(runs)
-            .map_err(|e| UserError(e.to_string()))?;
+        compare::Selection { backends, metrics: self.metrics.clone() }.apply(runs)?;
         Ok(())
     }
 }
@@ -167,22 +165,12 @@ pub fn bench(root: &Path, a: BenchArgs) -> Result<i32> {
     let nested = if a.nested.is_empty() {
         None
     } else {
-        let parts = a
-            .nested
-            .iter()
-            .map(|p| twinbox_bench::results::Results::load(p))
-            .collect::<Result<Vec<_>, _>>()
-            .map_err(|e| UserError(twinbox_bench::scenario::error_chain(&e)))?;
-        let merged = twinbox_bench::results::Results::merge(parts).map_err(|e| UserError(format!("--nested: {e}")))?;
+        let parts = a.nested.iter().map(|p| twinbox_bench::results::Results::load(p)).collect::<Result<Vec<_>, _>>()?;
+        let merged = twinbox_bench::results::Results::merge(parts).context("--nested")?;
         Some(Box::new(merged))
     };
     twinbox_bench::signal::install().context("cannot install the Ctrl-C handler")?;
-    let mut results = twinbox_bench::run(&opts).map_err(|e| match e {
-        e @ (twinbox_bench::BenchError::NoImage { .. } | twinbox_bench::BenchError::UnknownBackend(_)) => {
-            anyhow::Error::new(UserError(e.to_string()))
-        }
-        e => anyhow::Error::new(e),
-    })?;
+    let mut results = twinbox_bench::run(&opts)?;
     results.nested = nested;
     let dir = a.out.unwrap_or_else(|| report::default_dir(Path::new("reports"), &results));
     let written =
@@ -231,13 +219,12 @@ fn print_summary(r: &twinbox_bench::results::Results) {
 
 fn compare_cmd(c: CompareArgs) -> Result<i32> {
     use twinbox_bench::results::Results;
-    let load = |p: &Path| Results::load(p).map_err(|e| UserError(twinbox_bench::scenario::error_chain(&e)));
-    let mut runs = [load(&c.base)?, load(&c.new)?];
+    let mut runs = [Results::load(&c.base)?, Results::load(&c.new)?];
     c.select.apply(&mut runs)?;
     let [mut base, mut new] = runs;
     if let Some(reference) = &c.select.relative_to {
-        let (b, mut left_out) = compare::relative_to(&base, reference).map_err(|e| UserError(e.to_string()))?;
-        let (n, more) = compare::relative_to(&new, reference).map_err(|e| UserError(e.to_string()))?;
+        let (b, mut left_out) = compare::relative_to(&base, reference)?;
+        let (n, more) = compare::relative_to(&new, reference)?;
         left_out.extend(more);
         left_out.sort();
         left_out.dedup();
@@ -246,7 +233,7 @@ fn compare_cmd(c: CompareArgs) -> Result<i32> {
         }
         (base, new) = (b, n);
     }
-    let cmp = compare::compare(&base, &new, c.max_regression, c.alpha).map_err(|e| UserError(e.to_string()))?;
+    let cmp = compare::compare(&base, &new, c.max_regression, c.alpha)?;
     if c.json {
         println!("{}", serde_json::to_string_pretty(&cmp)?);
     } else {
@@ -257,14 +244,9 @@ fn compare_cmd(c: CompareArgs) -> Result<i32> {
 
 fn spread_cmd(a: SpreadArgs) -> Result<i32> {
     use twinbox_bench::results::Results;
-    let mut runs = a
-        .results
-        .iter()
-        .map(|p| Results::load(p).map_err(|e| UserError(twinbox_bench::scenario::error_chain(&e))))
-        .collect::<Result<Vec<_>, _>>()?;
+    let mut runs = a.results.iter().map(|p| Results::load(p)).collect::<Result<Vec<_>, _>>()?;
     a.select.apply(&mut runs)?;
-    let rows =
-        twinbox_bench::spread::spread(&runs, a.select.relative_to.as_deref()).map_err(|e| UserError(e.to_string()))?;
+    let rows = twinbox_bench::spread::spread(&runs, a.select.relative_to.as_deref())?;
     if a.json {
         println!("{}", serde_json::to_string_pretty(&rows)?);
     } else {
@@ -275,8 +257,7 @@ fn spread_cmd(a: SpreadArgs) -> Result<i32> {
 }
 
 fn report_cmd(a: ReportArgs) -> Result<i32> {
-    let results = twinbox_bench::results::Results::load(&a.results)
-        .map_err(|e| UserError(twinbox_bench::scenario::error_chain(&e)))?;
+    let results = twinbox_bench::results::Results::load(&a.results)?;
     let dir = a.out.unwrap_or_else(|| a.results.parent().map(Path::to_owned).unwrap_or_default());
     let written =
         report::write(&results, &dir).with_context(|| format!("cannot write the report in {}", dir.display()))?;

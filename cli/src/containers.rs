@@ -184,16 +184,9 @@ pub fn run(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
         println!("{}", r.id);
         return Ok(0);
     }
-    let exit = match eng.run_foreground(record) {
-        Ok(exit) => exit,
-        // The command is missing (127) or not executable (126): the workload's failure, as
-        // Docker reports it, not twinbox's.
-        Err(twinbox_engine::EngineError::Runtime(e)) if matches!(e.exit_code(), 126 | 127) => {
-            eprintln!("twinbox: {}", twinbox_runtime::container::error_chain(&e));
-            return Ok(e.exit_code());
-        }
-        Err(e) => return Err(e.into()),
-    };
+    // A command that is missing (127) or not executable (126) is an error whose code main
+    // reports as the workload's, as Docker does.
+    let exit = eng.run_foreground(record)?;
     if exit.oom_killed {
         eprintln!("twinbox: the container was killed by the OOM killer (memory limit reached)");
     }
@@ -362,15 +355,16 @@ pub fn parse_signal(s: &str) -> Result<nix::sys::signal::Signal> {
     nix::sys::signal::Signal::from_str(&name).map_err(|_| UserError(format!("unknown signal {s}")).into())
 }
 
+/// `f` for each container, going on after a failure; the exit code is the highest of the
+/// failures' (125 if twinbox itself failed on one, 1 if each was the user's mistake), else 0.
 fn each(keys: &[String], mut f: impl FnMut(&str) -> Result<()>) -> Result<i32> {
-    let mut failed = false;
+    let mut code = 0;
     for k in keys {
         if let Err(e) = f(k) {
-            eprintln!("twinbox: {e:#}");
-            failed = true;
+            code = code.max(crate::report(&e));
         }
     }
-    Ok(if failed { 1 } else { 0 })
+    Ok(code)
 }
 
 pub fn stop(root: &Path, a: StopArgs) -> Result<i32> {

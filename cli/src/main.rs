@@ -98,6 +98,12 @@ enum Command {
 #[error("{0}")]
 pub struct UserError(pub String);
 
+impl twinbox_exit::ExitCode for UserError {
+    fn exit_code(&self) -> i32 {
+        twinbox_exit::USER_ERROR
+    }
+}
+
 /// When this process started: what a microVM's boot timer counts from.
 pub static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
@@ -121,8 +127,6 @@ fn main() -> ExitCode {
     }
     init_logging(cli.verbose);
     let root = &cli.root;
-    // Like `docker run`: any failure of twinbox itself around a run is 125, so the workload's
-    // own codes (1, 2, …, 126, 127, 128+N) stay unambiguous.
     let is_run = matches!(cli.command, Command::Run(_));
     let ok = |r: Result<()>| r.map(|()| 0);
     let result = match cli.command {
@@ -155,8 +159,8 @@ fn main() -> ExitCode {
     match result {
         Ok(code) => ExitCode::from(code.clamp(0, 255) as u8),
         Err(e) => {
-            eprintln!("twinbox: {e:#}");
-            ExitCode::from(if is_run { 125 } else { exit_code(&e) })
+            let code = report(&e);
+            ExitCode::from(if is_run { around_run(code) } else { code }.clamp(0, 255) as u8)
         }
     }
 }
@@ -179,57 +183,97 @@ fn init_logging(verbose: u8) {
         .init();
 }
 
-/// Docker's convention: 1 for what the user can fix, 125 for failures of twinbox itself.
-fn exit_code(e: &anyhow::Error) -> u8 {
-    use twinbox_image::archive::ArchiveError;
-    use twinbox_image::StoreError;
-    for cause in e.chain() {
-        if cause.is::<UserError>()
-            || cause.is::<twinbox_image::reference::ReferenceError>()
-            || cause.is::<twinbox_image::build::BuildError>()
-        {
-            return 1;
-        }
-        if let Some(s) = cause.downcast_ref::<StoreError>() {
-            return match s {
-                StoreError::NoSuchImage(_)
-                | StoreError::Ambiguous(_)
-                | StoreError::InUse { .. }
-                | StoreError::NoPlatform { .. } => 1,
-                _ => 125,
-            };
-        }
-        if let Some(e) = cause.downcast_ref::<twinbox_engine::EngineError>() {
-            use twinbox_engine::EngineError as E;
-            match e {
-                E::Store(_) => continue,
-                E::Launch(_)
-                | E::BadCpus(_)
-                | E::NoSuchContainer(_)
-                | E::NameInUse(_)
-                | E::Running(_)
-                | E::NotRunning(_)
-                | E::SeccompProfile(..) => return 1,
-                _ => return 125,
-            }
-        }
-        if let Some(e) = cause.downcast_ref::<twinbox_microvm::VmError>() {
-            return if e.is_user_error() { 1 } else { 125 };
-        }
-        if let Some(r) = cause.downcast_ref::<twinbox_image::registry::RegistryError>() {
-            return if r.is_user_error() { 1 } else { 125 };
-        }
-        if let Some(a) = cause.downcast_ref::<ArchiveError>() {
-            match a {
-                ArchiveError::NotAnArchive
-                | ArchiveError::Missing(_)
-                | ArchiveError::Name { .. }
-                | ArchiveError::Json(..)
-                | ArchiveError::TooLarge(_) => return 1,
-                ArchiveError::Store(_) => continue,
-                ArchiveError::Io { .. } => return 1,
-            }
-        }
+/// Prints `e` with its whole chain of causes, once, and returns the exit code of the outermost
+/// twinbox error in it (the [`twinbox_exit`] policy); a chain without one, such as an I/O error
+/// of the command line's own, is twinbox's failure: 125.
+pub(crate) fn report(e: &anyhow::Error) -> i32 {
+    eprintln!("twinbox: {e:#}");
+    exit_code(e)
+}
+
+/// `twinbox run`'s code for an error of code `code`. Like `docker run`: any failure around a run
+/// is 125, so that the workload's own codes (1, 2, …, 128+N) stay unambiguous; only a program
+/// that cannot be executed (126) or found (127) is reported as the workload's.
+fn around_run(code: i32) -> i32 {
+    match code {
+        twinbox_exit::NOT_EXECUTABLE | twinbox_exit::NOT_FOUND => code,
+        _ => twinbox_exit::INTERNAL,
     }
-    125
+}
+
+fn exit_code(e: &anyhow::Error) -> i32 {
+    e.chain().find_map(twinbox_exit_code).unwrap_or(twinbox_exit::INTERNAL)
+}
+
+/// The exit code of `cause` if it is one of the twinbox errors a command can surface.
+fn twinbox_exit_code(cause: &(dyn std::error::Error + 'static)) -> Option<i32> {
+    use twinbox_exit::ExitCode as _;
+    macro_rules! code_of_first {
+        ($($error:ty),+ $(,)?) => {
+            $(if let Some(e) = cause.downcast_ref::<$error>() {
+                return Some(e.exit_code());
+            })+
+        };
+    }
+    code_of_first!(
+        UserError,
+        twinbox_image::StoreError,
+        twinbox_image::archive::ArchiveError,
+        twinbox_image::build::BuildError,
+        twinbox_image::disk::DiskError,
+        twinbox_image::digest::DigestError,
+        twinbox_image::launch::LaunchError,
+        twinbox_image::reference::ReferenceError,
+        twinbox_image::registry::RegistryError,
+        twinbox_image::unpack::UnpackError,
+        twinbox_engine::EngineError,
+        twinbox_engine::build_run::BuildRunError,
+        twinbox_engine::microvm::ImageRunError,
+        twinbox_runtime::RuntimeError,
+        twinbox_runtime::cgroups::CgroupError,
+        twinbox_microvm::VmError,
+        twinbox_microvm::ConfigError,
+        twinbox_microvm::loader::LoaderError,
+        twinbox_bench::BenchError,
+        twinbox_bench::compare::CompareError,
+        twinbox_bench::results::MergeError,
+        twinbox_bench::results::ResultsError,
+        twinbox_bench::report::ReportError,
+    );
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use anyhow::Context as _;
+    use twinbox_image::StoreError;
+
+    use super::*;
+
+    #[test]
+    fn the_outermost_twinbox_error_gives_the_code() {
+        let missing: Result<()> = Err(StoreError::NoSuchImage("x:1".into()).into());
+        let e = missing.context("resolving x:1").context("inspecting x:1").unwrap_err();
+        assert_eq!(exit_code(&e), 1);
+        let io: Result<()> = Err(std::io::Error::from(std::io::ErrorKind::PermissionDenied).into());
+        let e = io.context("writing the list").context("images").unwrap_err();
+        assert_eq!(exit_code(&e), 125, "no twinbox error in the chain");
+        // The store's own I/O error decides, not the io::Error it wraps.
+        let source = std::io::Error::from(std::io::ErrorKind::NotFound);
+        let e = anyhow::Error::new(StoreError::Io { op: "read", path: "/s/index.json".into(), source }).context("x");
+        assert_eq!(exit_code(&e), 125);
+        // Behind an engine error that forwards its cause's source, the store's code still counts.
+        let e = anyhow::Error::new(twinbox_engine::EngineError::Store(StoreError::NoSuchImage("x:1".into())));
+        assert_eq!(exit_code(&e.context("exec")), 1);
+        assert_eq!(exit_code(&anyhow::Error::new(UserError("bad flag".into()))), 1);
+    }
+
+    #[test]
+    fn a_run_reports_only_the_workloads_codes() {
+        assert_eq!(around_run(1), 125);
+        assert_eq!(around_run(125), 125);
+        assert_eq!(around_run(126), 126);
+        assert_eq!(around_run(127), 127);
+        assert_eq!(around_run(130), 125);
+    }
 }

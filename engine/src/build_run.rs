@@ -35,6 +35,7 @@ use nix::sys::signal::{SigSet, SigmaskHow, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
 use oci_spec::image::{ConfigBuilder, ImageConfiguration};
+use twinbox_exit::ExitCode;
 use twinbox_image::build::{RunRequest, RunStep, RunStepError};
 use twinbox_image::store::remove_tree;
 
@@ -69,6 +70,17 @@ pub enum BuildRunError {
     /// The build was asked to stop while the step ran.
     #[error("interrupted by {0}; the step's container was killed")]
     Interrupted(Signal),
+}
+
+impl ExitCode for BuildRunError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            BuildRunError::Engine(e) => e.exit_code(),
+            BuildRunError::Runtime(e) => e.exit_code(),
+            BuildRunError::Io { .. } | BuildRunError::Sys(..) => twinbox_exit::INTERNAL,
+            BuildRunError::Interrupted(signal) => twinbox_exit::signalled(*signal as i32),
+        }
+    }
 }
 
 fn io_err(op: &'static str, path: &Path) -> impl FnOnce(io::Error) -> BuildRunError {
@@ -153,7 +165,7 @@ impl RunStep for BuildRunner<'_> {
         match self.run_step(request) {
             Ok((upper, 0)) => Ok(upper),
             Ok((_, code)) => Err(RunStepError::Exit { code }),
-            Err(e) => Err(RunStepError::Runtime(Box::new(e))),
+            Err(e) => Err(RunStepError::runtime(e)),
         }
     }
 }
@@ -419,5 +431,20 @@ mod tests {
             |dest: &str| oci_spec::runtime::MountBuilder::default().destination(PathBuf::from(dest)).build().unwrap();
         let stubs = mount_stubs(&lowers, &[mount("/proc"), mount("/dev"), mount("/dev/pts"), mount("/lib/m")]).unwrap();
         assert_eq!(stubs.into_iter().collect::<Vec<_>>(), [PathBuf::from("dev"), PathBuf::from("dev/pts")]);
+    }
+
+    #[test]
+    fn exit_codes() {
+        use twinbox_image::launch::LaunchError;
+        assert_eq!(EngineError::Store(twinbox_image::StoreError::NoSuchImage("x:1".into())).exit_code(), 1);
+        let unknown_user = BuildRunError::Engine(EngineError::Launch(LaunchError::UnknownUser("x".into())));
+        assert_eq!(unknown_user.exit_code(), 1);
+        // The builder's RunStepError keeps the code of the error it boxes.
+        assert_eq!(RunStepError::runtime(unknown_user).exit_code(), 1);
+        let missing = BuildRunError::Runtime(RuntimeError::Init { message: "m".into(), code: 127 });
+        assert_eq!(missing.exit_code(), 127);
+        assert_eq!(RunStepError::runtime(missing).exit_code(), 1, "a missing RUN program is the Dockerfile's");
+        assert_eq!(BuildRunError::Sys("fork", nix::Error::EAGAIN).exit_code(), 125);
+        assert_eq!(BuildRunError::Interrupted(Signal::SIGINT).exit_code(), 130);
     }
 }

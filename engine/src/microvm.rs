@@ -16,6 +16,7 @@ use std::io::Write;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
+use twinbox_exit::ExitCode;
 use twinbox_image::disk::{self, DiskError};
 use twinbox_image::launch::{self, LaunchError, Overrides};
 use twinbox_image::{Store, StoreError};
@@ -112,17 +113,18 @@ pub enum ImageRunError {
     },
 }
 
-impl ImageRunError {
-    /// Whether the user can fix it (Docker's exit 1) rather than twinbox failing (125).
-    pub fn is_user_error(&self) -> bool {
+impl ExitCode for ImageRunError {
+    fn exit_code(&self) -> i32 {
         match self {
-            ImageRunError::Store(s) => {
-                matches!(s, StoreError::NoSuchImage(_) | StoreError::Ambiguous(_) | StoreError::NoPlatform { .. })
+            ImageRunError::Store(e) => e.exit_code(),
+            ImageRunError::Launch(e) => e.exit_code(),
+            ImageRunError::Disk(e) => e.exit_code(),
+            ImageRunError::Vm(e) => e.exit_code(),
+            ImageRunError::NoKernel(_) => twinbox_exit::USER_ERROR,
+            ImageRunError::Interrupted(signal) => twinbox_exit::signalled(*signal),
+            ImageRunError::Panic { .. } | ImageRunError::Timeout(..) | ImageRunError::NoStatus { .. } => {
+                twinbox_exit::INTERNAL
             }
-            ImageRunError::Launch(_) | ImageRunError::NoKernel(_) => true,
-            ImageRunError::Disk(DiskError::MkfsMissing) => true,
-            ImageRunError::Vm(v) => v.is_user_error(),
-            _ => false,
         }
     }
 }
@@ -275,5 +277,15 @@ mod tests {
         assert_eq!(a.len(), 64);
         assert!(a.chars().all(|c| c.is_ascii_hexdigit()));
         assert_ne!(a, b);
+    }
+
+    #[test]
+    fn exit_codes() {
+        use twinbox_microvm::vstate::vm::KvmVmError;
+        assert_eq!(ImageRunError::Store(StoreError::NoSuchImage("x:1".into())).exit_code(), 1);
+        assert_eq!(ImageRunError::Disk(DiskError::MkfsMissing).exit_code(), 1);
+        assert_eq!(ImageRunError::Vm(VmError::Kvm(KvmVmError::PermissionDenied)).exit_code(), 1);
+        assert_eq!(ImageRunError::Timeout(Duration::from_secs(1), String::new()).exit_code(), 125);
+        assert_eq!(ImageRunError::Interrupted(2).exit_code(), 130);
     }
 }

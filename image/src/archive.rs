@@ -13,6 +13,7 @@ use std::path::Path;
 
 use oci_spec::image::{Descriptor, ImageIndex, ImageManifest, MediaType};
 use serde::Deserialize;
+use twinbox_exit::ExitCode;
 
 use crate::digest::{Digest, HashingReader};
 use crate::reference::{Reference, ReferenceError};
@@ -60,6 +61,21 @@ pub enum ArchiveError {
     /// A JSON document is larger than we are willing to hold in memory.
     #[error("{0} in archive is larger than 64 MiB")]
     TooLarge(String),
+}
+
+impl ExitCode for ArchiveError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            // The archive is the user's file: unreadable, truncated or not an archive at all.
+            ArchiveError::Io { .. }
+            | ArchiveError::NotAnArchive
+            | ArchiveError::Json(..)
+            | ArchiveError::Missing(_)
+            | ArchiveError::TooLarge(_) => twinbox_exit::USER_ERROR,
+            ArchiveError::Name { source, .. } => source.exit_code(),
+            ArchiveError::Store(e) => e.exit_code(),
+        }
+    }
 }
 
 fn io_err(op: &'static str) -> impl FnOnce(io::Error) -> ArchiveError {
@@ -339,4 +355,19 @@ fn normalize(p: &Path) -> String {
         }
     }
     out.join("/")
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(ArchiveError::NotAnArchive.exit_code(), 1);
+        assert_eq!(ArchiveError::Store(StoreError::NoSuchImage("x:1".into())).exit_code(), 1);
+        let missing = StoreError::MissingBlob(crate::Digest::of(b"x"));
+        assert_eq!(ArchiveError::Store(missing).exit_code(), 125);
+        let name = ArchiveError::Name { name: "Bad".into(), source: ReferenceError::Name("Bad".into()) };
+        assert_eq!(name.exit_code(), 1);
+    }
 }

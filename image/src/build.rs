@@ -44,6 +44,7 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::image::{Config, Descriptor, History, HistoryBuilder, ImageConfiguration};
 use serde::{Deserialize, Serialize};
+use twinbox_exit::ExitCode;
 
 use crate::digest::{Digest, HashingWriter};
 use crate::reference::Reference;
@@ -132,7 +133,33 @@ pub enum RunStepError {
     },
     /// The step could not be run (the runtime's own error).
     #[error("running the step in a container")]
-    Runtime(#[source] Box<dyn std::error::Error + Send + Sync + 'static>),
+    Runtime {
+        /// The exit code the error calls for (its [`ExitCode::exit_code`]), kept apart because
+        /// the error itself is the runner's type, unknown here.
+        code: i32,
+        /// Why.
+        #[source]
+        source: Box<dyn std::error::Error + Send + Sync + 'static>,
+    },
+}
+
+impl RunStepError {
+    /// The runner's own error, with the exit code it calls for.
+    pub fn runtime<E: ExitCode + Send + Sync + 'static>(error: E) -> Self {
+        RunStepError::Runtime { code: error.exit_code(), source: Box::new(error) }
+    }
+}
+
+impl ExitCode for RunStepError {
+    fn exit_code(&self) -> i32 {
+        use twinbox_exit::{NOT_EXECUTABLE, NOT_FOUND, USER_ERROR};
+        match self {
+            // The Dockerfile's command failed, or names a program the image cannot run.
+            RunStepError::Exit { .. } => USER_ERROR,
+            RunStepError::Runtime { code: NOT_EXECUTABLE | NOT_FOUND, .. } => USER_ERROR,
+            RunStepError::Runtime { code, .. } => *code,
+        }
+    }
 }
 
 /// Why a build failed. Errors about an instruction name its Dockerfile line.
@@ -370,6 +397,40 @@ pub enum BuildError {
     /// Storing the config, manifest or tags failed.
     #[error("storing the image")]
     Store(#[source] Box<StoreError>),
+}
+
+impl ExitCode for BuildError {
+    fn exit_code(&self) -> i32 {
+        use twinbox_exit::{INTERNAL, USER_ERROR};
+        match self {
+            BuildError::Parse { source, .. } => source.exit_code(),
+            BuildError::OpenContext(e) | BuildError::Context { source: e, .. } => e.exit_code(),
+            BuildError::Run { source, .. } => source.exit_code(),
+            BuildError::UnpackLowers { source, .. } | BuildError::BaseImage { source, .. } => source.exit_code(),
+            BuildError::Store(e) => e.exit_code(),
+            BuildError::Upper { source, .. } => source.exit_code(),
+            BuildError::Expand { source, .. } => source.exit_code(),
+            BuildError::Layer { source, .. } => source.exit_code(),
+            // What the Dockerfile, the context or the flags ask for.
+            BuildError::ReadDockerfile { .. }
+            | BuildError::RunNotSupported { .. }
+            | BuildError::RunFailed { .. }
+            | BuildError::MultiStage { .. }
+            | BuildError::CopyFrom { .. }
+            | BuildError::Unsupported { .. }
+            | BuildError::AddUrl { .. }
+            | BuildError::Platform { .. }
+            | BuildError::DestNotDir { .. }
+            | BuildError::Chmod { .. }
+            | BuildError::Chown { .. }
+            | BuildError::UnknownOwner { .. }
+            | BuildError::Port { .. }
+            | BuildError::Signal { .. }
+            | BuildError::Epoch { .. }
+            | BuildError::TagWithDigest { .. } => USER_ERROR,
+            BuildError::Io { .. } => INTERNAL,
+        }
+    }
 }
 
 /// Build the image `opts` describes into `store`, without a container runtime: a Dockerfile
@@ -1351,5 +1412,31 @@ fn quote_if_needed(s: &str) -> String {
         serde_json::to_string(s).expect("strings serialize")
     } else {
         s.to_owned()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_ask_the_cause() {
+        let base = |source| BuildError::BaseImage { line: 1, image: "b:1".into(), source: Box::new(source) };
+        assert_eq!(base(StoreError::NoSuchImage("b:1".into())).exit_code(), 1);
+        assert_eq!(base(StoreError::MissingBlob(Digest::of(b"x"))).exit_code(), 125);
+        let run = |code| BuildError::Run {
+            line: 2,
+            instruction: "RUN x".into(),
+            source: RunStepError::Runtime { code, source: "failed".into() },
+        };
+        assert_eq!(run(125).exit_code(), 125);
+        assert_eq!(run(1).exit_code(), 1);
+        // A RUN program that is missing or not executable is the Dockerfile's mistake.
+        assert_eq!(run(127).exit_code(), 1);
+        assert_eq!(run(126).exit_code(), 1);
+        let parse = BuildError::Parse { path: "Dockerfile".into(), source: DockerfileError::NoFrom };
+        assert_eq!(parse.exit_code(), 1);
+        let io = BuildError::Io { op: "write", path: "/s/tmp/x".into(), source: io::Error::other("disk full") };
+        assert_eq!(io.exit_code(), 125);
     }
 }

@@ -5,6 +5,7 @@ use std::io::{self, Read, Write};
 use std::str::FromStr;
 
 use sha2::{Digest as _, Sha256};
+use twinbox_exit::ExitCode;
 
 /// Why a digest string was refused.
 #[derive(Debug, thiserror::Error)]
@@ -15,6 +16,14 @@ pub enum DigestError {
     /// Not 64 lowercase hex characters.
     #[error("malformed digest {0:?}: expected sha256: followed by 64 lowercase hex characters")]
     Malformed(String),
+}
+
+impl ExitCode for DigestError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            DigestError::Algorithm(_) | DigestError::Malformed(_) => twinbox_exit::USER_ERROR,
+        }
+    }
 }
 
 /// A sha256 content digest.

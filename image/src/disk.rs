@@ -12,6 +12,8 @@ use std::io;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use twinbox_exit::ExitCode;
+
 use crate::digest::Digest;
 use crate::rootfs::flatten;
 use crate::store::{Image, Store, StoreError};
@@ -55,6 +57,16 @@ pub enum DiskError {
         /// What it printed.
         stderr: String,
     },
+}
+
+impl ExitCode for DiskError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            DiskError::Store(e) => e.exit_code(),
+            DiskError::MkfsMissing => twinbox_exit::USER_ERROR,
+            DiskError::Io { .. } | DiskError::Mkfs { .. } => twinbox_exit::INTERNAL,
+        }
+    }
 }
 
 fn io_err(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> DiskError {

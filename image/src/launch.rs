@@ -5,6 +5,7 @@
 use std::path::{Path, PathBuf};
 
 use oci_spec::image::ImageConfiguration;
+use twinbox_exit::ExitCode;
 
 /// The PATH a process gets when its image sets none (Docker's default).
 pub const DEFAULT_PATH: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
@@ -56,6 +57,17 @@ pub enum LaunchError {
     /// A group name the image's /etc/group does not list.
     #[error("unable to find group {0}: no matching entries in the image's /etc/group; give a numeric gid")]
     UnknownGroup(String),
+}
+
+impl ExitCode for LaunchError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            LaunchError::NoCommand(_)
+            | LaunchError::RelativeWorkdir(_)
+            | LaunchError::UnknownUser(_)
+            | LaunchError::UnknownGroup(_) => twinbox_exit::USER_ERROR,
+        }
+    }
 }
 
 /// The process a run of `image` (named `image_name` in errors) starts, with `hostname` in its

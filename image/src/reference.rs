@@ -7,6 +7,8 @@
 use std::fmt;
 use std::str::FromStr;
 
+use twinbox_exit::ExitCode;
+
 use crate::digest::{Digest, DigestError};
 
 /// The registry a reference without a domain belongs to.
@@ -43,6 +45,19 @@ pub enum ReferenceError {
     /// Longer than Docker's limit of 255 characters for the name.
     #[error("repository name {0:?} is longer than 255 characters")]
     TooLong(String),
+}
+
+impl ExitCode for ReferenceError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            ReferenceError::Empty
+            | ReferenceError::Name(_)
+            | ReferenceError::Tag(_)
+            | ReferenceError::Domain(_)
+            | ReferenceError::TooLong(_) => twinbox_exit::USER_ERROR,
+            ReferenceError::Digest { source, .. } => source.exit_code(),
+        }
+    }
 }
 
 /// A parsed image reference.

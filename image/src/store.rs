@@ -25,6 +25,7 @@ use std::path::{Path, PathBuf};
 use oci_spec::image::{Descriptor, ImageConfiguration, ImageIndex, ImageIndexBuilder, ImageManifest, MediaType};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use twinbox_exit::ExitCode;
 
 use crate::digest::{Digest, DigestError, HashingWriter, VerifyingReader};
 use crate::reference::Reference;
@@ -129,6 +130,30 @@ pub enum StoreError {
         /// Who holds it.
         holders: String,
     },
+}
+
+impl ExitCode for StoreError {
+    fn exit_code(&self) -> i32 {
+        use twinbox_exit::{INTERNAL, USER_ERROR};
+        match self {
+            StoreError::NoSuchImage(_)
+            | StoreError::Ambiguous(_)
+            | StoreError::NoPlatform { .. }
+            | StoreError::InUse { .. }
+            // The message asks whether --root names an image layout.
+            | StoreError::Layout { .. } => USER_ERROR,
+            StoreError::Io { .. }
+            | StoreError::DigestMismatch { .. }
+            | StoreError::MissingBlob(_)
+            | StoreError::Json { .. }
+            | StoreError::MediaType(_)
+            | StoreError::LayerCount { .. } => INTERNAL,
+            // Not the digest's own code: that digest was read from the store's files, which
+            // are then corrupt, whereas a digest the user typed would be the user's mistake.
+            StoreError::Digest(_) => INTERNAL,
+            StoreError::Unpack { source, .. } => source.exit_code(),
+        }
+    }
 }
 
 fn io_err(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> StoreError {
@@ -935,4 +960,23 @@ pub fn names_by_manifest(index: &ImageIndex) -> HashMap<String, Vec<String>> {
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes() {
+        let io = || io::Error::from(io::ErrorKind::PermissionDenied);
+        assert_eq!(StoreError::NoSuchImage("x:1".into()).exit_code(), 1);
+        assert_eq!(StoreError::InUse { image: "x:1".into(), holders: "c1".into() }.exit_code(), 1);
+        assert_eq!(StoreError::Io { op: "read", path: "/s/index.json".into(), source: io() }.exit_code(), 125);
+        // A bad digest in the store's own files is a corrupt store, not a typo of the user's.
+        assert_eq!(StoreError::Digest(DigestError::Malformed("sha256:x".into())).exit_code(), 125);
+        // Unpacking asks the unpacker.
+        let layer = Digest::of(b"layer");
+        assert_eq!(StoreError::Unpack { layer: layer.clone(), source: UnpackError::OverlayNeedsRoot }.exit_code(), 1);
+        assert_eq!(StoreError::Unpack { layer, source: UnpackError::Read(io()) }.exit_code(), 125);
+    }
 }

@@ -29,6 +29,7 @@ use nix::sys::stat::{
 };
 use nix::sys::time::TimeSpec;
 use nix::unistd::{fchown, fchownat, geteuid, linkat, symlinkat, unlinkat, Gid, Uid, UnlinkatFlags};
+use twinbox_exit::ExitCode;
 
 /// Size of the input buffer and of the copy buffer for file contents.
 const BUF_SIZE: usize = 1 << 20;
@@ -242,6 +243,43 @@ pub enum UnpackError {
         #[source]
         source: io::Error,
     },
+}
+
+impl ExitCode for UnpackError {
+    fn exit_code(&self) -> i32 {
+        use twinbox_exit::{INTERNAL, USER_ERROR};
+        use UnpackError::*;
+        match self {
+            // Run as root.
+            OverlayNeedsRoot | DeviceNeedsRoot { .. } => USER_ERROR,
+            // A layer that is corrupt or hostile, or the filesystem failing under it.
+            UnsupportedMediaType(_)
+            | Decompressor { .. }
+            | Target { .. }
+            | Read(_)
+            | EmptyName { .. }
+            | NulInName { .. }
+            | AbsolutePath { .. }
+            | DotDot { .. }
+            | ParentIsSymlink { .. }
+            | ParentNotDirectory { .. }
+            | RootNotDirectory { .. }
+            | BadWhiteout { .. }
+            | BadLinkTarget { .. }
+            | SymlinkEscapes { .. }
+            | HardlinkAbsolute { .. }
+            | HardlinkEscapes { .. }
+            | HardlinkThroughSymlink { .. }
+            | HardlinkMissing { .. }
+            | UnsupportedType { .. }
+            | Header { .. }
+            | Content { .. }
+            | Fs { .. }
+            | Xattr { .. }
+            | WhiteoutNotPermitted { .. }
+            | FinishDir { .. } => INTERNAL,
+        }
+    }
 }
 
 impl UnpackError {

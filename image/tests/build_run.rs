@@ -337,13 +337,14 @@ fn a_failing_run_fails_the_build_like_docker() {
     struct Broken;
     impl RunStep for Broken {
         fn run(&mut self, _: &RunRequest<'_>) -> Result<PathBuf, RunStepError> {
-            Err(RunStepError::Runtime("no cgroup for you".into()))
+            Err(RunStepError::Runtime { code: twinbox_exit::INTERNAL, source: "no cgroup for you".into() })
         }
     }
     let mut lines = Vec::new();
     let opts = options(ctx.path(), "FROM scratch\nRUN true\n", &["f:1"]);
     let err = build_with(&store, &opts, &mut |l| lines.push(l.to_owned()), Some(&mut Broken)).unwrap_err();
     assert_eq!(chain(&err), "line 2: RUN true: running the step in a container: no cgroup for you");
+    assert_eq!(twinbox_exit::ExitCode::exit_code(&err), twinbox_exit::INTERNAL, "the runner's failure, not the user's");
     assert!(store.resolve("f:1").is_err());
 }
 

@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use serde::{Deserialize, Serialize};
+use twinbox_exit::ExitCode;
 
 use crate::devices::virtio::{kernel_cmdline_entry, mmio_slot};
 
@@ -132,6 +133,19 @@ pub enum ConfigError {
     /// More disks than virtio-mmio slots.
     #[error("{0} disks asked: a microVM has at most {MAX_DISKS}")]
     TooManyDisks(usize),
+}
+
+impl ExitCode for ConfigError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            ConfigError::NoMemory
+            | ConfigError::Vcpus(_)
+            | ConfigError::CmdlineTooLong(_)
+            | ConfigError::CmdlineControlChar
+            | ConfigError::ZeroTimeout
+            | ConfigError::TooManyDisks(_) => twinbox_exit::USER_ERROR,
+        }
+    }
 }
 
 impl VmConfig {

@@ -39,6 +39,8 @@ pub use twinbox_agent as agent;
 use std::io::Write;
 use std::time::Duration;
 
+use twinbox_exit::ExitCode;
+
 /// How a VM ended, when the guest ended it: what a vCPU's run loop returns
 /// ([`vstate::vcpu::Vcpu::run`]) and a [`VmExit`] reports.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -150,18 +152,21 @@ pub enum VmError {
     MpTable(#[from] mptable::MpTableError),
 }
 
-impl VmError {
-    /// Whether the user can fix it (bad configuration, kernel, disk, memory size, no access to
-    /// /dev/kvm) rather than the VMM or the guest failing.
-    pub fn is_user_error(&self) -> bool {
-        use vstate::vm::KvmVmError;
+impl ExitCode for VmError {
+    fn exit_code(&self) -> i32 {
         match self {
-            VmError::Config(_) | VmError::Loader(_) | VmError::Memory(_) | VmError::MpTable(_) => true,
-            VmError::Disk { .. } => true,
-            VmError::Kvm(k) => {
-                matches!(k, KvmVmError::NoKvm | KvmVmError::PermissionDenied | KvmVmError::TooManyVcpus { .. })
-            }
-            _ => false,
+            VmError::Config(e) => e.exit_code(),
+            VmError::Memory(e) => e.exit_code(),
+            VmError::Kvm(e) => e.exit_code(),
+            VmError::Loader(e) => e.exit_code(),
+            VmError::Bus(e) => e.exit_code(),
+            VmError::Disk { source, .. } => source.exit_code(),
+            VmError::Vcpu(e) => e.exit_code(),
+            VmError::MpTable(e) => e.exit_code(),
+            VmError::StubTooLarge { .. }
+            | VmError::EventFd(_)
+            | VmError::InterruptEventFd { .. }
+            | VmError::Console(_) => twinbox_exit::INTERNAL,
         }
     }
 }
@@ -177,4 +182,23 @@ pub fn run(config: VmConfig, console: &mut dyn Write) -> Result<VmExit, VmError>
 pub fn run_stub(code: &[u8], mem_mib: u32) -> Result<VmExit, VmError> {
     let config = VmConfig { memory_mib: mem_mib, ..VmConfig::default() };
     VmBuilder::new(config).stub(code.to_vec()).build()?.run(&mut std::io::stdout().lock())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use vstate::vcpu::VcpuError;
+    use vstate::vm::KvmVmError;
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(VmError::Config(ConfigError::NoMemory).exit_code(), 1);
+        assert_eq!(VmError::Kvm(KvmVmError::NoKvm).exit_code(), 1);
+        assert_eq!(VmError::Kvm(KvmVmError::ApiVersion(11)).exit_code(), 125);
+        // Through the vCPU, the KVM error still decides.
+        let vcpus = KvmVmError::TooManyVcpus { requested: 300, max: 255 };
+        assert_eq!(VmError::Vcpu(VcpuError::Create(vcpus)).exit_code(), 1);
+        assert_eq!(VmError::Vcpu(VcpuError::GuestCrash(0)).exit_code(), 125);
+        assert_eq!(VmError::Vcpu(VcpuError::Interrupted(15)).exit_code(), 128 + 15);
+    }
 }

@@ -10,6 +10,7 @@ use linux_loader::configurator::linux::LinuxBootConfigurator;
 use linux_loader::configurator::{BootConfigurator, BootParams};
 use linux_loader::loader::bootparam::{boot_e820_entry, boot_params};
 use linux_loader::loader::{self, BzImage, Cmdline, Elf, KernelLoader, KernelLoaderResult};
+use twinbox_exit::ExitCode;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 
 use crate::config::MAX_CMDLINE_LEN;
@@ -118,6 +119,27 @@ pub enum LoaderError {
     /// More memory regions than the zero page's e820 table holds.
     #[error("too many e820 entries")]
     E820Full,
+}
+
+impl ExitCode for LoaderError {
+    fn exit_code(&self) -> i32 {
+        use twinbox_exit::{INTERNAL, USER_ERROR};
+        match self {
+            // The kernel, initrd, command line and memory size the user gave.
+            LoaderError::KernelMissing(_)
+            | LoaderError::KernelTooLarge { .. }
+            | LoaderError::KernelOpen { .. }
+            | LoaderError::NotAKernel(_)
+            | LoaderError::Load { .. }
+            | LoaderError::Cmdline(_)
+            | LoaderError::CmdlinePlace(_)
+            | LoaderError::InitrdMissing(_)
+            | LoaderError::InitrdRead { .. }
+            | LoaderError::InitrdTooLarge { .. } => USER_ERROR,
+            // Once the pieces fit, writing them is the VMM's business.
+            LoaderError::InitrdWrite(_) | LoaderError::BootParams(_) | LoaderError::E820Full => INTERNAL,
+        }
+    }
 }
 
 /// Where the boot CPU starts, for the Linux 64-bit boot protocol.

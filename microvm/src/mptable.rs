@@ -7,6 +7,7 @@
 //! bus, the I/O APIC, an I/O interrupt entry per I/O APIC pin (vectored, identity-mapped from
 //! ISA IRQs), and the two local interrupt entries (ExtINT on LINT0, NMI on LINT1).
 
+use twinbox_exit::ExitCode;
 use vm_memory::{Bytes, GuestAddress, GuestMemory};
 
 /// Where the table goes: the start of the EBDA, which the e820 map leaves out of RAM.
@@ -47,6 +48,15 @@ pub enum MpTableError {
     /// Guest memory does not cover the EBDA.
     #[error("guest memory does not cover the MP table at {MPTABLE_START:#x}")]
     NoMemory,
+}
+
+impl ExitCode for MpTableError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            // The vCPU count or memory size asked for.
+            MpTableError::TooManyCpus(_) | MpTableError::NoMemory => twinbox_exit::USER_ERROR,
+        }
+    }
 }
 
 /// The most CPUs a table can list: the entries must fit the EBDA's first KiB.

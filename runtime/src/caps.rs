@@ -9,6 +9,7 @@
 
 use ::caps::{CapSet, Capability as HostCap, CapsHashSet};
 use oci_spec::runtime::{Capabilities, Capability, LinuxCapabilities};
+use twinbox_exit::ExitCode;
 
 /// Errors from resolving or applying capabilities.
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +38,18 @@ pub enum CapsError {
         #[source]
         source: ::caps::errors::CapsError,
     },
+}
+
+impl ExitCode for CapsError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            CapsError::Unknown(_) | CapsError::EffectiveNotPermitted(_) => twinbox_exit::USER_ERROR,
+            CapsError::Bounding { .. }
+            | CapsError::Set { .. }
+            | CapsError::ClearAmbient(_)
+            | CapsError::Ambient { .. } => twinbox_exit::INTERNAL,
+        }
+    }
 }
 
 /// Parse a capability name as the OCI spec and runc's `--cap` take it: `CAP_NET_ADMIN`, also

@@ -9,6 +9,7 @@ use nix::errno::Errno;
 use nix::sys::signal::Signal;
 use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxResources, Process};
+use twinbox_exit::ExitCode;
 
 use crate::cgroups::CgroupError;
 use crate::hooks::HookError;
@@ -146,13 +147,41 @@ fn cannot_start(status: Status) -> &'static str {
     }
 }
 
-impl RuntimeError {
-    /// The exit code a runc-like CLI uses for this error: 127/126 when the program could not be
-    /// found/executed, 1 otherwise.
-    pub fn exit_code(&self) -> i32 {
+impl ExitCode for RuntimeError {
+    /// The caller's ids, bundle, spec and requests are the "user's"; 126/127 when the
+    /// container's program could not be executed/found.
+    fn exit_code(&self) -> i32 {
+        use twinbox_exit::{INTERNAL, USER_ERROR};
         match self {
+            RuntimeError::NotFound { .. }
+            | RuntimeError::Exists { .. }
+            | RuntimeError::InvalidId { .. }
+            | RuntimeError::Bundle { .. }
+            | RuntimeError::Spec { .. }
+            | RuntimeError::Version { .. }
+            | RuntimeError::InvalidSpec { .. }
+            | RuntimeError::Rootfs { .. }
+            | RuntimeError::CannotStart { .. }
+            | RuntimeError::NotRunning { .. }
+            | RuntimeError::NotPaused { .. }
+            | RuntimeError::NotStopped { .. }
+            | RuntimeError::CannotExec { .. }
+            | RuntimeError::NoConsoleSocket
+            | RuntimeError::ConsoleSocket { .. }
+            | RuntimeError::Signal(_) => USER_ERROR,
+            RuntimeError::RootfsConfig(e) => e.exit_code(),
+            RuntimeError::Namespace(e) => e.exit_code(),
+            RuntimeError::Cgroup(e) => e.exit_code(),
+            RuntimeError::Process(e) => e.exit_code(),
+            RuntimeError::Hook(e) => e.exit_code(),
+            RuntimeError::State(e) => e.exit_code(),
+            // The init's or exec child's own error's code, sent over the sync socket.
             RuntimeError::Init { code, .. } | RuntimeError::ExecFailed { code, .. } => *code,
-            _ => 1,
+            RuntimeError::Io { .. }
+            | RuntimeError::Sys { .. }
+            | RuntimeError::InitDied { .. }
+            | RuntimeError::Lock { .. }
+            | RuntimeError::KillTimeout { .. } => INTERNAL,
         }
     }
 }
@@ -442,5 +471,22 @@ mod tests {
         let e = rt.state("nope").unwrap_err();
         assert_eq!(e.to_string(), "container does not exist");
         assert!(rt.list().unwrap().is_empty());
+    }
+
+    #[test]
+    fn exit_codes() {
+        let io = || std::io::Error::from(std::io::ErrorKind::PermissionDenied);
+        assert_eq!(RuntimeError::NotFound { id: "c".into() }.exit_code(), 1);
+        assert_eq!(RuntimeError::Lock { id: "c".into(), source: Errno::ENOLCK }.exit_code(), 125);
+        // The init's own code, sent with its message.
+        let missing =
+            RuntimeError::Init { message: "exec: \"x\": executable file not found in $PATH".into(), code: 127 };
+        assert_eq!(missing.exit_code(), 127);
+        assert_eq!(RuntimeError::Cgroup(CgroupError::SwapWithoutLimit { swap: 1 }).exit_code(), 1);
+        assert_eq!(RuntimeError::Cgroup(CgroupError::Mkdir { path: "/c".into(), source: io() }).exit_code(), 125);
+        assert_eq!(
+            RuntimeError::State(StateError::Read { path: "/r/c/state.json".into(), source: io() }).exit_code(),
+            125
+        );
     }
 }

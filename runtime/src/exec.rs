@@ -16,6 +16,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxNamespaceType, Process};
+use twinbox_exit::ExitCode;
 
 use crate::container::{connect_console, error_chain, write_pid_file, ExecOptions, Runtime, RuntimeError};
 use crate::init::{self, InitError, Msg, SyncChannel};

@@ -18,6 +18,7 @@ use nix::sys::signal::{killpg, Signal};
 use nix::sys::wait::{waitid, Id, WaitPidFlag};
 use nix::unistd::Pid;
 use oci_spec::runtime::Hook;
+use twinbox_exit::ExitCode;
 
 /// How much of a failed hook's output the error keeps.
 const OUTPUT_TAIL: usize = 4096;
@@ -56,6 +57,20 @@ pub enum HookError {
         /// The tail of its stderr (of its stdout if stderr was empty).
         output: String,
     },
+}
+
+impl ExitCode for HookError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            // The spec's hooks: their paths, timeouts and what they do.
+            HookError::NotAbsolute { .. }
+            | HookError::BadTimeout { .. }
+            | HookError::Spawn { .. }
+            | HookError::Timeout { .. }
+            | HookError::Failed { .. } => twinbox_exit::USER_ERROR,
+            HookError::Wait { .. } => twinbox_exit::INTERNAL,
+        }
+    }
 }
 
 fn output_suffix(output: &str) -> String {

@@ -24,6 +24,7 @@ use nix::sys::socket::{recv, send, socketpair, AddressFamily, MsgFlags, SockFlag
 use nix::sys::stat::Mode;
 use nix::unistd::{Gid, Uid};
 use oci_spec::runtime::{LinuxNamespaceType, Spec};
+use twinbox_exit::ExitCode;
 
 use crate::container::error_chain;
 use crate::namespaces::{self, NamespaceError, Namespaces, OpenNamespaces};
@@ -192,14 +193,30 @@ pub enum InitError {
     },
 }
 
-impl InitError {
-    /// The exit code a CLI should use: 127 not found, 126 not executable, else 1.
-    pub fn exit_code(&self) -> i32 {
+impl ExitCode for InitError {
+    /// 127 the program is not found, 126 it cannot be executed; 1 for what the spec asks.
+    fn exit_code(&self) -> i32 {
+        use twinbox_exit::{INTERNAL, NOT_EXECUTABLE, NOT_FOUND, USER_ERROR};
         match self {
-            InitError::NotFound(_) => 127,
-            InitError::Exec { source: Errno::ENOENT, .. } => 127,
-            InitError::NotExecutable(_) | InitError::Exec { .. } => 126,
-            _ => 1,
+            InitError::NotFound(_) | InitError::Exec { source: Errno::ENOENT, .. } => NOT_FOUND,
+            InitError::NotExecutable(_) | InitError::Exec { .. } => NOT_EXECUTABLE,
+            InitError::SysctlKey(_) | InitError::Cwd { .. } | InitError::Nul(_) => USER_ERROR,
+            InitError::Namespace(e) => e.exit_code(),
+            InitError::Rootfs(e) => e.exit_code(),
+            InitError::Network(e) => e.exit_code(),
+            InitError::Hook(e) => e.exit_code(),
+            InitError::Process(e) => e.exit_code(),
+            InitError::Sync(_)
+            | InitError::SyncClosed
+            | InitError::SyncProtocol
+            | InitError::Stdio(_)
+            | InitError::CgroupJoin { .. }
+            | InitError::UserRoot(_)
+            | InitError::Hostname(..)
+            | InitError::Domainname(..)
+            | InitError::Sysctl { .. }
+            | InitError::Console(_)
+            | InitError::Fifo(_) => INTERNAL,
         }
     }
 }
@@ -561,5 +578,14 @@ mod tests {
         let tmp = tempfile::NamedTempFile::new().unwrap();
         assert!(matches!(find_executable(tmp.path().to_str().unwrap(), &env), Err(InitError::NotExecutable(_))));
         assert_eq!(find_executable("no-such-program-x", &env).unwrap_err().exit_code(), 127);
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(InitError::Exec { path: "/bin/x".into(), source: Errno::ENOENT }.exit_code(), 127);
+        assert_eq!(InitError::Exec { path: "/etc/passwd".into(), source: Errno::EACCES }.exit_code(), 126);
+        assert_eq!(InitError::Cwd { cwd: "/nope".into(), source: Errno::ENOENT }.exit_code(), 1);
+        assert_eq!(InitError::SyncClosed.exit_code(), 125);
+        assert_eq!(InitError::Rootfs(RootfsError::Relative { path: "x".into() }).exit_code(), 1);
     }
 }

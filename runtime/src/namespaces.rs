@@ -15,6 +15,7 @@ use nix::errno::Errno;
 use nix::sched::CloneFlags;
 use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxIdMapping, LinuxNamespace, LinuxNamespaceType};
+use twinbox_exit::ExitCode;
 
 /// Errors of namespace set-up.
 #[derive(Debug, thiserror::Error)]
@@ -58,6 +59,23 @@ pub enum NamespaceError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl ExitCode for NamespaceError {
+    fn exit_code(&self) -> i32 {
+        use twinbox_exit::{INTERNAL, USER_ERROR};
+        match self {
+            NamespaceError::Duplicate(_)
+            | NamespaceError::NewTimeUnsupported
+            | NamespaceError::UserPathWithNew(_)
+            | NamespaceError::Open { .. }
+            | NamespaceError::UnprivilegedMap { .. } => USER_ERROR,
+            NamespaceError::Setns { .. }
+            | NamespaceError::Unshare { .. }
+            | NamespaceError::Clone(_)
+            | NamespaceError::IdMap { .. } => INTERNAL,
+        }
+    }
 }
 
 /// The clone flag of a namespace type.

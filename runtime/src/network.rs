@@ -5,6 +5,7 @@ use std::os::fd::{AsRawFd, OwnedFd};
 
 use nix::errno::Errno;
 use nix::sys::socket::{socket, AddressFamily, SockFlag, SockType};
+use twinbox_exit::ExitCode;
 
 /// Errors of network set-up.
 #[derive(Debug, thiserror::Error)]
@@ -25,6 +26,17 @@ pub enum NetworkError {
         #[source]
         source: Errno,
     },
+}
+
+impl ExitCode for NetworkError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            NetworkError::Name(_) => twinbox_exit::USER_ERROR,
+            NetworkError::Socket(_) | NetworkError::GetFlags { .. } | NetworkError::SetFlags { .. } => {
+                twinbox_exit::INTERNAL
+            }
+        }
+    }
 }
 
 /// Bring `lo` up.

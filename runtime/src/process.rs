@@ -23,6 +23,7 @@ use std::io::Write;
 use nix::errno::Errno;
 use nix::sys::prctl;
 use oci_spec::runtime::{LinuxSeccomp, Process};
+use twinbox_exit::ExitCode;
 
 use crate::caps::{CapSets, CapsError};
 use crate::rlimits::{self, Rlimit, RlimitError};
@@ -48,6 +49,21 @@ pub enum ProcessError {
     KeepCaps(u8, #[source] Errno),
     #[error("prctl(PR_SET_NO_NEW_PRIVS, 1)")]
     NoNewPrivs(#[source] Errno),
+}
+
+impl ExitCode for ProcessError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            ProcessError::Rlimit(e) => e.exit_code(),
+            ProcessError::User(e) => e.exit_code(),
+            ProcessError::Caps(e) => e.exit_code(),
+            ProcessError::Seccomp(e) => e.exit_code(),
+            ProcessError::OomScoreAdjRange(_) => twinbox_exit::USER_ERROR,
+            ProcessError::OomScoreAdj(..) | ProcessError::KeepCaps(..) | ProcessError::NoNewPrivs(_) => {
+                twinbox_exit::INTERNAL
+            }
+        }
+    }
 }
 
 /// A process's credentials, checked and compiled, ready to [`apply`](Prepared::apply).

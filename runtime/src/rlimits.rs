@@ -3,6 +3,7 @@
 use nix::errno::Errno;
 use nix::sys::resource::{setrlimit, Resource};
 use oci_spec::runtime::{PosixRlimit, PosixRlimitType};
+use twinbox_exit::ExitCode;
 
 /// Errors from checking or applying resource limits.
 #[derive(Debug, thiserror::Error)]
@@ -17,6 +18,15 @@ pub enum RlimitError {
         #[source]
         source: Errno,
     },
+}
+
+impl ExitCode for RlimitError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            RlimitError::SoftAboveHard { .. } => twinbox_exit::USER_ERROR,
+            RlimitError::Set { .. } => twinbox_exit::INTERNAL,
+        }
+    }
 }
 
 /// One resource limit, checked and resolved.

@@ -25,6 +25,7 @@ use nix::mount::{MntFlags, MsFlags};
 use nix::sys::stat::{Mode, SFlag};
 use oci_spec::runtime::{LinuxDevice, LinuxDeviceType, Mount};
 use serde::Deserialize;
+use twinbox_exit::ExitCode;
 
 use crate::syscall::Syscall;
 
@@ -118,6 +119,32 @@ pub enum RootfsError {
         #[source]
         source: Errno,
     },
+}
+
+impl ExitCode for RootfsError {
+    fn exit_code(&self) -> i32 {
+        use twinbox_exit::{INTERNAL, USER_ERROR};
+        match self {
+            // The spec's mounts and root propagation.
+            RootfsError::Escape { .. }
+            | RootfsError::Relative { .. }
+            | RootfsError::Loop { .. }
+            | RootfsError::BindSource { .. }
+            | RootfsError::Option { .. }
+            | RootfsError::RootPropagation { .. }
+            | RootfsError::Overlay { .. } => USER_ERROR,
+            RootfsError::Mount { .. }
+            | RootfsError::Remount { .. }
+            | RootfsError::Propagation { .. }
+            | RootfsError::Resolve { .. }
+            | RootfsError::CreateTarget { .. }
+            | RootfsError::Device { .. }
+            | RootfsError::Symlink { .. }
+            | RootfsError::Pivot { .. }
+            | RootfsError::Mask { .. }
+            | RootfsError::Readonly { .. } => INTERNAL,
+        }
+    }
 }
 
 /// The overlay annotation's value: lower layers top-most first, upper and work dirs.

@@ -34,6 +34,7 @@ use oci_spec::runtime::{
 use seccompiler::{
     sock_filter, BackendError, BpfProgram, SeccompAction, SeccompCmpArgLen, SeccompCmpOp, SeccompCondition, SeccompRule,
 };
+use twinbox_exit::ExitCode;
 
 /// The kernel's limit on a filter's length (BPF_MAXINSNS).
 pub const MAX_INSTRUCTIONS: usize = 4096;
@@ -81,6 +82,22 @@ pub enum SeccompError {
     },
     #[error("seccomp: install filter: thread {0} could not be synchronised (TSYNC)")]
     ThreadSync(i64),
+}
+
+impl ExitCode for SeccompError {
+    fn exit_code(&self) -> i32 {
+        use twinbox_exit::{INTERNAL, USER_ERROR};
+        match self {
+            // The spec's seccomp profile.
+            SeccompError::UnknownSyscall { .. }
+            | SeccompError::Unsupported { .. }
+            | SeccompError::ErrnoRange { .. }
+            | SeccompError::ArgIndex { .. }
+            | SeccompError::Rule { .. }
+            | SeccompError::TooLarge(_) => USER_ERROR,
+            SeccompError::UnsupportedArch(_) | SeccompError::Install { .. } | SeccompError::ThreadSync(_) => INTERNAL,
+        }
+    }
 }
 
 /// A compiled filter, ready to be installed.

@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::Spec;
 use serde::{Deserialize, Serialize};
+use twinbox_exit::ExitCode;
 
 use crate::cgroups::CgroupManager;
 
@@ -138,6 +139,14 @@ pub enum StateError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl ExitCode for StateError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            StateError::Read { .. } | StateError::Parse { .. } | StateError::Write { .. } => twinbox_exit::INTERNAL,
+        }
+    }
 }
 
 impl State {

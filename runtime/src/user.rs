@@ -3,6 +3,7 @@
 use nix::errno::Errno;
 use nix::sys::stat::{umask, Mode};
 use nix::unistd::{setgroups, setresgid, setresuid, Gid, Uid};
+use twinbox_exit::ExitCode;
 
 /// The kernel's NGROUPS_MAX.
 const NGROUPS_MAX: usize = 65536;
@@ -26,6 +27,20 @@ pub enum UserError {
     Setgid(u32, #[source] Errno),
     #[error("setuid({0})")]
     Setuid(u32, #[source] Errno),
+}
+
+impl ExitCode for UserError {
+    fn exit_code(&self) -> i32 {
+        use twinbox_exit::{INTERNAL, USER_ERROR};
+        match self {
+            UserError::Uid(_)
+            | UserError::Gid(_)
+            | UserError::TooManyGroups(_)
+            | UserError::Umask(_)
+            | UserError::SetgroupsDenied(_) => USER_ERROR,
+            UserError::Setgroups(..) | UserError::Setgid(..) | UserError::Setuid(..) => INTERNAL,
+        }
+    }
 }
 
 /// The checked user of a process.

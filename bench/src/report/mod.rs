@@ -7,6 +7,8 @@ pub mod charts;
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
 
+use twinbox_exit::ExitCode;
+
 use crate::results::{BackendStatus, Record, Results};
 use crate::stats::median;
 
@@ -28,6 +30,14 @@ pub enum ReportError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl ExitCode for ReportError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            ReportError::Write { .. } => twinbox_exit::INTERNAL,
+        }
+    }
 }
 
 /// What [`write`] produced.

@@ -25,6 +25,7 @@ use nix::sys::signal::{SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitStatus};
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
+use twinbox_exit::ExitCode;
 use twinbox_image::{store::remove_tree, Store, StoreError};
 
 pub use spec::RunOptions;
@@ -82,6 +83,26 @@ pub enum EngineError {
     /// The engine was not told what records a detached container's exit.
     #[error("detached containers need the command that records their exit; see Engine::set_on_exit")]
     NoExitCommand,
+}
+
+impl ExitCode for EngineError {
+    fn exit_code(&self) -> i32 {
+        use twinbox_exit::{INTERNAL, USER_ERROR};
+        match self {
+            EngineError::Store(e) => e.exit_code(),
+            EngineError::Runtime(e) => e.exit_code(),
+            EngineError::Launch(e) => e.exit_code(),
+            EngineError::SeccompProfile(..)
+            | EngineError::BadCpus(_)
+            | EngineError::NoSuchContainer(_)
+            | EngineError::NameInUse(_)
+            | EngineError::Running(_)
+            | EngineError::NotRunning(_) => USER_ERROR,
+            EngineError::Io { .. } | EngineError::Sys(..) | EngineError::Monitor(_) | EngineError::NoExitCommand => {
+                INTERNAL
+            }
+        }
+    }
 }
 
 fn io_err(op: &'static str, path: impl Into<PathBuf>) -> impl FnOnce(io::Error) -> EngineError {

@@ -16,6 +16,8 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use twinbox_exit::ExitCode;
+
 /// Why a source could not be read from the context.
 #[derive(Debug, thiserror::Error)]
 pub enum ContextError {
@@ -87,6 +89,23 @@ pub enum ContextError {
         /// The file.
         path: PathBuf,
     },
+}
+
+impl ExitCode for ContextError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            // The context is the user's directory: its files, their permissions, its .dockerignore.
+            ContextError::Open { .. }
+            | ContextError::Io { .. }
+            | ContextError::Outside { .. }
+            | ContextError::NotFound { .. }
+            | ContextError::NoMatch { .. }
+            | ContextError::Excluded { .. }
+            | ContextError::SymlinkEscapes { .. }
+            | ContextError::NonUtf8 { .. }
+            | ContextError::SpecialFile { .. } => twinbox_exit::USER_ERROR,
+        }
+    }
 }
 
 fn io_err<'a>(op: &'static str, path: &'a Path) -> impl FnOnce(io::Error) -> ContextError + 'a {

@@ -5,6 +5,8 @@
 //! builder expands them with [`super::shell::expand`] when it reaches the instruction, because
 //! what `$V` means depends on the `ARG` and `ENV` instructions before it.
 
+use twinbox_exit::ExitCode;
+
 use super::shell::split_words;
 
 /// The escape character when no `# escape=` directive is given.
@@ -98,6 +100,23 @@ pub enum DockerfileError {
     /// No `FROM` at all.
     #[error("the Dockerfile has no FROM instruction; start it with FROM scratch or FROM IMAGE")]
     NoFrom,
+}
+
+impl ExitCode for DockerfileError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            DockerfileError::BadEscape { .. }
+            | DockerfileError::DuplicateDirective { .. }
+            | DockerfileError::UnknownInstruction { .. }
+            | DockerfileError::Usage { .. }
+            | DockerfileError::NameValue { .. }
+            | DockerfileError::UnknownFlag { .. }
+            | DockerfileError::FlagValue { .. }
+            | DockerfileError::NeedJson { .. }
+            | DockerfileError::BeforeFrom { .. }
+            | DockerfileError::NoFrom => twinbox_exit::USER_ERROR,
+        }
+    }
 }
 
 /// A parsed Dockerfile.

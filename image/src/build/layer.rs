@@ -17,6 +17,7 @@ use std::path::{Path, PathBuf};
 
 use flate2::GzBuilder;
 use oci_spec::image::{Descriptor, MediaType};
+use twinbox_exit::ExitCode;
 
 use crate::digest::{Digest, HashingWriter};
 use crate::store::{Store, StoreError};
@@ -120,6 +121,27 @@ pub enum LayerError {
         /// The tar type byte.
         kind: char,
     },
+}
+
+impl ExitCode for LayerError {
+    fn exit_code(&self) -> i32 {
+        use twinbox_exit::{INTERNAL, USER_ERROR};
+        match self {
+            LayerError::Store(e) => e.exit_code(),
+            LayerError::LowerMediaType { source, .. } => source.exit_code(),
+            LayerError::Write(_) | LayerError::ReadLower { .. } => INTERNAL,
+            // A file of the build context or an `ADD` archive: the user's.
+            LayerError::ReadSource { .. }
+            | LayerError::Changed { .. }
+            | LayerError::Archive { .. }
+            | LayerError::ArchiveEscape { .. }
+            | LayerError::ArchiveLink { .. }
+            | LayerError::ArchiveType { .. } => USER_ERROR,
+            // Not the unpacker's own code: what does not decompress is the user's archive here,
+            // where it would be a layer of the store's.
+            LayerError::Decompress { .. } => USER_ERROR,
+        }
+    }
 }
 
 /// What an entry is.

@@ -4,6 +4,8 @@
 //! single quotes (literal), double quotes (expansion, `\"` `\$` `\\` escapes) and the escape
 //! character outside quotes. Quotes are removed by the expansion.
 
+use twinbox_exit::ExitCode;
+
 /// Why a word could not be expanded.
 #[derive(Debug, thiserror::Error, PartialEq, Eq)]
 pub enum ShellError {
@@ -24,6 +26,17 @@ pub enum ShellError {
         /// The message from the Dockerfile (or a default one).
         message: String,
     },
+}
+
+impl ExitCode for ShellError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            ShellError::Unterminated(_)
+            | ShellError::MissingBrace
+            | ShellError::BadSubstitution(_)
+            | ShellError::Required { .. } => twinbox_exit::USER_ERROR,
+        }
+    }
 }
 
 /// Split at unquoted whitespace. Quotes and escapes stay in the words (they are removed when

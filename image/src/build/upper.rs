@@ -23,6 +23,8 @@ use std::io;
 use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
+use twinbox_exit::ExitCode;
+
 use super::layer::{Entry, EntryKind, LayerPlan, Xattrs};
 
 /// The prefix of overlayfs's private xattrs.
@@ -71,6 +73,18 @@ pub enum UpperError {
         /// The xattr found.
         xattr: &'static str,
     },
+}
+
+impl ExitCode for UpperError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            // What the step's command wrote, or how the host's overlayfs is set up.
+            UpperError::NotUtf8 { .. } | UpperError::Reserved { .. } | UpperError::Feature { .. } => {
+                twinbox_exit::USER_ERROR
+            }
+            UpperError::Read { .. } => twinbox_exit::INTERNAL,
+        }
+    }
 }
 
 /// The layer a `RUN` step's upper directory describes. File contents are read from `upper`

@@ -27,6 +27,8 @@ pub mod push;
 use std::io;
 use std::path::PathBuf;
 
+use twinbox_exit::ExitCode;
+
 use crate::digest::{Digest, DigestError};
 use crate::reference::ReferenceError;
 use crate::store::StoreError;
@@ -230,14 +232,33 @@ fn fmt_msg(m: &Option<String>) -> String {
     m.as_deref().map(|m| format!(": {m}")).unwrap_or_default()
 }
 
-impl RegistryError {
-    /// Whether the user can fix it (bad reference, credentials, an image or registry that is
-    /// not there, a registry that serves bad data): exit code 1 rather than 125.
-    pub fn is_user_error(&self) -> bool {
+impl ExitCode for RegistryError {
+    fn exit_code(&self) -> i32 {
+        use twinbox_exit::{INTERNAL, USER_ERROR};
         match self {
-            Self::Store(s) => matches!(s, StoreError::NoSuchImage(_) | StoreError::Ambiguous(_)),
-            Self::Read { .. } | Self::Config { .. } | Self::Location { .. } => false,
-            _ => true,
+            // A registry that is not there, refuses the user or serves nonsense: the user's to
+            // fix (the address, the credentials, the image name), not twinbox's.
+            Self::Unreachable { .. }
+            | Self::Http { .. }
+            | Self::Unauthorized { .. }
+            | Self::Denied { .. }
+            | Self::ManifestUnknown { .. }
+            | Self::BlobUnknown { .. }
+            | Self::Status { .. }
+            | Self::MediaType(_)
+            | Self::DigestMismatch { .. }
+            | Self::SizeMismatch { .. }
+            | Self::ManifestTooLarge(_)
+            | Self::Json { .. }
+            | Self::NoPlatform { .. }
+            | Self::AuthScheme { .. }
+            | Self::Token { .. }
+            | Self::ConfigJson { .. }
+            | Self::ConfigAuth(_) => USER_ERROR,
+            Self::Read { .. } | Self::Location { .. } | Self::Config { .. } => INTERNAL,
+            Self::Digest(e) => e.exit_code(),
+            Self::Reference(e) => e.exit_code(),
+            Self::Store(e) => e.exit_code(),
         }
     }
 }
@@ -326,5 +347,14 @@ mod tests {
         for no in ["docker.io", "10.0.0.1:5000", "ghcr.io", "localhost.example.com"] {
             assert!(!is_loopback(no), "{no}");
         }
+    }
+
+    #[test]
+    fn exit_codes() {
+        assert_eq!(RegistryError::ManifestUnknown { reference: "r/a:1".into() }.exit_code(), 1);
+        assert_eq!(RegistryError::Location { registry: "r".into() }.exit_code(), 125);
+        assert_eq!(RegistryError::Store(StoreError::NoSuchImage("r/a:1".into())).exit_code(), 1);
+        assert_eq!(RegistryError::Store(StoreError::MissingBlob(Digest::of(b"x"))).exit_code(), 125);
+        assert_eq!(RegistryError::Reference(ReferenceError::Empty).exit_code(), 1);
     }
 }

@@ -3,6 +3,8 @@
 use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex};
 
+use twinbox_exit::ExitCode;
+
 use super::VmEvent;
 
 /// A device on a [`Bus`]. `offset` is relative to the start of the range it was inserted at.
@@ -63,6 +65,14 @@ pub enum BusError {
         /// The range already there.
         existing: BusRange,
     },
+}
+
+impl ExitCode for BusError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            BusError::ZeroLength(_) | BusError::Wraps { .. } | BusError::Overlap { .. } => twinbox_exit::INTERNAL,
+        }
+    }
 }
 
 /// Port I/O or MMIO bus.

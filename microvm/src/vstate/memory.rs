@@ -1,6 +1,7 @@
 //! Guest physical memory: anonymous, private, `MAP_NORESERVE` mappings from `vm-memory`, laid
 //! out around the 32-bit MMIO gap so devices (boot timer, virtio-mmio) live at 3 GiB..4 GiB.
 
+use twinbox_exit::ExitCode;
 use vm_memory::{GuestAddress, GuestMemoryMmap};
 
 /// Start of the 32-bit MMIO gap; guest RAM above it continues at 4 GiB.
@@ -32,6 +33,18 @@ pub enum MemoryError {
     /// mmap of the guest memory failed.
     #[error("cannot map guest memory")]
     Map(#[source] vm_memory::mmap::FromRangesError),
+}
+
+impl ExitCode for MemoryError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            // The memory size asked for; mmap fails for a size the host cannot back.
+            MemoryError::TooSmall
+            | MemoryError::MoreThanHost { .. }
+            | MemoryError::Overflow(_)
+            | MemoryError::Map(_) => twinbox_exit::USER_ERROR,
+        }
+    }
 }
 
 /// The guest-physical ranges for `mib` MiB of RAM, split around the MMIO gap.

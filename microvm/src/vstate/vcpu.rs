@@ -8,6 +8,7 @@ use kvm_bindings::{
     CpuId, KVM_MP_STATE_HALTED, KVM_SYSTEM_EVENT_CRASH, KVM_SYSTEM_EVENT_RESET, KVM_SYSTEM_EVENT_SHUTDOWN,
 };
 use kvm_ioctls::{VcpuExit, VcpuFd};
+use twinbox_exit::ExitCode;
 use vm_memory::GuestMemoryMmap;
 
 use super::vm::{KvmVm, KvmVmError};
@@ -97,6 +98,25 @@ pub enum VcpuError {
     /// [`stop_on_signals`](super::watchdog::stop_on_signals)) and stopped the guest.
     #[error("stopped by signal {0}")]
     Interrupted(i32),
+}
+
+impl ExitCode for VcpuError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            VcpuError::Create(e) => e.exit_code(),
+            VcpuError::Setup { source, .. } => source.exit_code(),
+            VcpuError::Interrupted(signal) => twinbox_exit::signalled(*signal),
+            VcpuError::Ioctl { .. }
+            | VcpuError::Run { .. }
+            | VcpuError::TripleFault { .. }
+            | VcpuError::GuestCrash(_)
+            | VcpuError::FailEntry { .. }
+            | VcpuError::InternalError { .. }
+            | VcpuError::UnexpectedExit { .. }
+            | VcpuError::Timeout(_)
+            | VcpuError::Watchdog(_) => twinbox_exit::INTERNAL,
+        }
+    }
 }
 
 fn internal_error_name(suberror: u32) -> &'static str {

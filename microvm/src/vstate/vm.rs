@@ -8,6 +8,7 @@ use kvm_bindings::{
     KVM_CAP_SPLIT_IRQCHIP, KVM_IRQ_ROUTING_MSI, KVM_MAX_CPUID_ENTRIES,
 };
 use kvm_ioctls::{Cap, Kvm, VmFd};
+use twinbox_exit::ExitCode;
 use vm_memory::{GuestMemoryBackend, GuestMemoryMmap, GuestMemoryRegion};
 use vmm_sys_util::eventfd::EventFd;
 
@@ -86,6 +87,28 @@ pub enum KvmVmError {
     /// KVM_CREATE_VCPU failed.
     #[error("cannot create vCPU {0}")]
     CreateVcpu(u8, #[source] kvm_ioctls::Error),
+}
+
+impl ExitCode for KvmVmError {
+    fn exit_code(&self) -> i32 {
+        use twinbox_exit::{INTERNAL, USER_ERROR};
+        match self {
+            // The host's KVM set-up, the user's access to it, or too many vCPUs asked.
+            KvmVmError::NoKvm | KvmVmError::PermissionDenied | KvmVmError::TooManyVcpus { .. } => USER_ERROR,
+            KvmVmError::Open(_)
+            | KvmVmError::ApiVersion(_)
+            | KvmVmError::CreateVm(_)
+            | KvmVmError::TssAddress(_)
+            | KvmVmError::IdentityMap(_)
+            | KvmVmError::IrqChip(_)
+            | KvmVmError::SplitIrqChip(_)
+            | KvmVmError::Pit(_)
+            | KvmVmError::MemorySlot { .. }
+            | KvmVmError::SupportedCpuid(_)
+            | KvmVmError::Irqfd { .. }
+            | KvmVmError::CreateVcpu(..) => INTERNAL,
+        }
+    }
 }
 
 /// The VM fd with the memory registered in it, shared by the [`KvmVm`] and the [`MsiRoutes`]

@@ -15,6 +15,7 @@ use nix::sys::signal::{kill, SigSet, Signal};
 use nix::sys::wait::{waitpid, WaitPidFlag};
 use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxResources, Process};
+use twinbox_exit::ExitCode;
 
 use twinbox_runtime::container::{default_root, error_chain, CreateOptions, ExecOptions, Runtime, RuntimeError};
 use twinbox_runtime::control::Event;
@@ -305,12 +306,32 @@ enum CliError {
     },
 }
 
-impl CliError {
+impl ExitCode for CliError {
     fn exit_code(&self) -> i32 {
+        use twinbox_exit::{INTERNAL, USER_ERROR};
         match self {
             CliError::Runtime(e) => e.exit_code(),
-            _ => 1,
+            CliError::Systemd
+            | CliError::ProcessFile { .. }
+            | CliError::ProcessJson { .. }
+            | CliError::User(_)
+            | CliError::NoCommand
+            | CliError::NoBaseProcess
+            | CliError::TtyNeedsSocket
+            | CliError::Rootless(_)
+            | CliError::SpecExists(_)
+            | CliError::SpecWrite { .. } => USER_ERROR,
+            CliError::Console(_) | CliError::Wait(_) | CliError::Output(_) => INTERNAL,
         }
+    }
+}
+
+/// runc's convention for an error: 126/127 when the container's program cannot be
+/// executed/found, 1 for every other error, the user's or the runtime's alike.
+fn runc_exit_code(e: &CliError) -> i32 {
+    match e.exit_code() {
+        code @ (twinbox_exit::NOT_EXECUTABLE | twinbox_exit::NOT_FOUND) => code,
+        _ => 1,
     }
 }
 
@@ -350,7 +371,7 @@ pub fn main(args: Vec<OsString>) -> i32 {
             let msg = error_chain(&e);
             eprintln!("twinbox-runc: {msg}");
             log.error(&msg);
-            e.exit_code()
+            runc_exit_code(&e)
         }
     }
 }
@@ -955,5 +976,17 @@ mod tests {
         ];
         let t = table(&rows);
         assert!(t.starts_with("ID   PID   STATUS    BUNDLE   CREATED   OWNER\n"));
+    }
+
+    #[test]
+    fn errors_exit_as_runc() {
+        let init = |code| CliError::Runtime(RuntimeError::Init { message: "m".into(), code });
+        assert_eq!(runc_exit_code(&init(127)), 127);
+        assert_eq!(runc_exit_code(&init(126)), 126);
+        assert_eq!(runc_exit_code(&init(125)), 1);
+        let console = CliError::Console(std::io::Error::from(std::io::ErrorKind::BrokenPipe));
+        assert_eq!(console.exit_code(), 125, "twinbox's own failure");
+        assert_eq!(runc_exit_code(&console), 1, "which runc reports as 1");
+        assert_eq!(runc_exit_code(&CliError::NoCommand), 1);
     }
 }

@@ -55,6 +55,7 @@ use nix::sys::signal::{kill, Signal};
 use nix::unistd::Pid;
 use oci_spec::runtime::LinuxResources;
 use serde::{Deserialize, Serialize};
+use twinbox_exit::ExitCode;
 
 /// Where hosts mount their cgroup hierarchies.
 pub const DEFAULT_MOUNT_ROOT: &str = "/sys/fs/cgroup";
@@ -248,6 +249,44 @@ pub enum CgroupError {
         #[source]
         source: std::io::Error,
     },
+}
+
+impl ExitCode for CgroupError {
+    fn exit_code(&self) -> i32 {
+        use twinbox_exit::{INTERNAL, USER_ERROR};
+        match self {
+            // What the spec's linux.cgroupsPath and linux.resources ask for, or the cgroup set-up
+            // of the host; each message says what to change.
+            CgroupError::MountRoot { .. }
+            | CgroupError::NoCgroupMounts { .. }
+            | CgroupError::SystemdPath { .. }
+            | CgroupError::InvalidPath { .. }
+            | CgroupError::InvalidId { .. }
+            | CgroupError::InvalidValue { .. }
+            | CgroupError::SwapBelowLimit { .. }
+            | CgroupError::SwapWithoutLimit { .. }
+            | CgroupError::ControllerNotMounted { .. }
+            | CgroupError::ControllerUnavailableV2 { .. }
+            | CgroupError::UnifiedNeedsV2 { .. }
+            | CgroupError::InvalidUnifiedKey { .. }
+            | CgroupError::AlreadyExists { .. }
+            | CgroupError::NotCreated { .. }
+            | CgroupError::RootlessLimits { .. }
+            | CgroupError::Write { .. }
+            | CgroupError::MissingFile { .. } => USER_ERROR,
+            CgroupError::MountInfo { .. }
+            | CgroupError::DeviceProgram { .. }
+            | CgroupError::Mkdir { .. }
+            | CgroupError::Read { .. }
+            | CgroupError::Parse { .. }
+            | CgroupError::NoOomCounter { .. }
+            | CgroupError::AddTask { .. }
+            | CgroupError::FreezeTimeout { .. }
+            | CgroupError::KillTimeout { .. }
+            | CgroupError::Kill { .. }
+            | CgroupError::Rmdir { .. } => INTERNAL,
+        }
+    }
 }
 
 /// Usage counters of a container's cgroup; `None` where the host does not provide the counter

@@ -13,6 +13,8 @@
 //! the values it writes come from plain functions on `kvm_bindings` data (and guest memory),
 //! which the unit tests check without KVM. Nothing here is `unsafe`.
 
+use twinbox_exit::ExitCode;
+
 pub mod cpuid;
 pub mod gdt;
 pub mod interrupts;
@@ -43,6 +45,16 @@ pub enum ArchError {
     /// Writing the GDT or page tables into guest memory failed.
     #[error("cannot write the boot page tables/GDT into guest memory")]
     BootTables(#[source] vm_memory::GuestMemoryError),
+}
+
+impl ExitCode for ArchError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            ArchError::Ioctl { .. } | ArchError::CpuidFull | ArchError::Msr { .. } | ArchError::BootTables(_) => {
+                twinbox_exit::INTERNAL
+            }
+        }
+    }
 }
 
 /// A closure for `map_err` that names the failed ioctl.

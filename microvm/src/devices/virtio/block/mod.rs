@@ -10,6 +10,7 @@ pub mod request;
 pub use device::Block;
 pub use request::{Request, RequestType};
 
+use twinbox_exit::ExitCode;
 use virtio_bindings::virtio_blk as blk;
 
 /// The virtio device id of a block device.
@@ -95,6 +96,27 @@ pub enum BlockError {
     /// The image could not be read, written or synced.
     #[error("disk image I/O failed")]
     Io(#[source] std::io::Error),
+}
+
+impl ExitCode for BlockError {
+    fn exit_code(&self) -> i32 {
+        use twinbox_exit::{INTERNAL, USER_ERROR};
+        match self {
+            // The disk image the user gave.
+            BlockError::Open(_) | BlockError::Size(_) => USER_ERROR,
+            // A request of the guest's that the device refuses, or the image's I/O failing.
+            BlockError::ReadableAfterWritable
+            | BlockError::NoStatus
+            | BlockError::HeaderTooShort(_)
+            | BlockError::NotSectorMultiple(_)
+            | BlockError::OutOfRange { .. }
+            | BlockError::ReadOnly
+            | BlockError::Unsupported(_)
+            | BlockError::BufferOutsideMemory
+            | BlockError::GuestMemory(_)
+            | BlockError::Io(_) => INTERNAL,
+        }
+    }
 }
 
 impl BlockError {
