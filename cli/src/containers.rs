@@ -357,7 +357,8 @@ pub fn parse_signal(s: &str) -> Result<nix::sys::signal::Signal> {
 
 /// `f` for each container, going on after a failure; the exit code is the highest of the
 /// failures' (125 if twinbox itself failed on one, 1 if each was the user's mistake), else 0.
-fn each(keys: &[String], mut f: impl FnMut(&str) -> Result<()>) -> Result<i32> {
+/// Runs `f` for each key, reporting each failure; the highest failure code, or 0.
+pub(crate) fn each(keys: &[String], mut f: impl FnMut(&str) -> Result<()>) -> Result<i32> {
     let mut code = 0;
     for k in keys {
         if let Err(e) = f(k) {

@@ -9,6 +9,7 @@
 mod bench;
 mod containers;
 mod images;
+mod networks;
 mod registry;
 mod vm;
 
@@ -76,6 +77,8 @@ enum Command {
     Exec(containers::ExecArgs),
     /// Start stopped containers again, detached.
     Start(containers::ContainerArgs),
+    /// Manage networks (create, ls, inspect, rm, prune).
+    Network(networks::NetworkArgs),
     /// Boot a kernel in a KVM microVM.
     Vm(vm::VmArgs),
     /// Measure the image as a container and as a microVM beside runc, crun, QEMU and Firecracker; write a report.
@@ -152,6 +155,7 @@ fn main() -> ExitCode {
         Command::Start(a) => containers::start(root, a),
         Command::Exec(a) => containers::exec(root, a),
         Command::ContainerExited(a) => containers::exited(root, a),
+        Command::Network(a) => networks::network(root, a),
         Command::Vm(a) => vm::vm(a),
         Command::Bench(a) => bench::bench(root, *a),
         Command::Runtime { .. } => unreachable!("handled above"),
@@ -229,6 +233,7 @@ fn twinbox_exit_code(cause: &(dyn std::error::Error + 'static)) -> Option<i32> {
         twinbox_engine::EngineError,
         twinbox_engine::build_run::BuildRunError,
         twinbox_engine::microvm::ImageRunError,
+        twinbox_engine::network::NetworkError,
         twinbox_runtime::RuntimeError,
         twinbox_runtime::cgroups::CgroupError,
         twinbox_microvm::VmError,

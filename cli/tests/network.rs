@@ -1,0 +1,121 @@
+//! `twinbox network`, end to end as root: each network is a bridge holding its gateway
+//! address, made and removed through netlink; bad input is refused before anything is made;
+//! nothing is left behind. Nothing here sends traffic.
+
+mod common;
+
+use std::path::Path;
+
+use common::{require_root, Env};
+
+/// Tests here create bridges machine-wide: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// The IPv4 addresses (with prefix) on link `name`, from /proc (no tool needed).
+fn addresses(name: &str) -> Vec<String> {
+    let out = std::process::Command::new("ip").args(["-4", "-o", "addr", "show", "dev", name]).output().unwrap();
+    String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| l.split_whitespace().skip_while(|w| *w != "inet").nth(1).map(str::to_owned))
+        .collect()
+}
+
+fn bridge_exists(name: &str) -> bool {
+    Path::new("/sys/class/net").join(name).join("bridge").is_dir()
+}
+
+fn our_bridges() -> Vec<String> {
+    std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("tb-"))
+        .collect()
+}
+
+/// Removes the test's networks however it ends (prune takes only this store's).
+struct Prune<'a>(&'a Env);
+
+impl Drop for Prune<'_> {
+    fn drop(&mut self) {
+        let _ = self.0.run(&["network", "prune"]);
+    }
+}
+
+#[test]
+fn networks_are_bridges_with_their_gateway() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !require_root() || !common::require_tool("ip") {
+        return;
+    }
+    let before = our_bridges();
+    let env = Env::new();
+    let _cleanup = Prune(&env);
+    let id = env.ok(&["network", "create", "web"]);
+    let id = id.trim();
+    assert_eq!(id.len(), 64, "{id}");
+    let inspect: serde_json::Value = serde_json::from_str(&env.ok(&["network", "inspect", "web"])).unwrap();
+    let net = &inspect[0];
+    assert_eq!(net["id"], id);
+    let bridge = net["bridge"].as_str().unwrap().to_owned();
+    assert_eq!(bridge, format!("tb-{}", &id[..12]));
+    assert!(bridge_exists(&bridge), "{bridge}");
+    let subnet = net["subnet"].as_str().unwrap().to_owned();
+    let (_, prefix) = subnet.split_once('/').unwrap();
+    assert_eq!(addresses(&bridge), [format!("{}/{prefix}", net["gateway"].as_str().unwrap())]);
+    assert_eq!(
+        std::fs::read_to_string(format!("/sys/class/net/{bridge}/flags"))
+            .map(|f| { u32::from_str_radix(f.trim().trim_start_matches("0x"), 16).unwrap() & 1 })
+            .unwrap(),
+        1,
+        "up"
+    );
+    let ls = env.ok(&["network", "ls"]);
+    assert!(ls.contains("web") && ls.contains(&subnet) && ls.contains("host") && ls.contains("none"), "{ls}");
+
+    // A given subnet; then refusals, each leaving nothing: the same name, an overlap with a
+    // network, with a route of the host, a malformed subnet, a bad or built-in name.
+    env.ok(&["network", "create", "--subnet", "10.91.7.0/24", "db"]);
+    let db: serde_json::Value = serde_json::from_str(&env.ok(&["network", "inspect", "db"])).unwrap();
+    assert_eq!(db[0]["gateway"], "10.91.7.1");
+    let refused = |args: &[&str], code: i32, says: &str| {
+        let o = env.run(args);
+        let err = String::from_utf8_lossy(&o.stderr).into_owned();
+        assert_eq!(o.status.code(), Some(code), "{args:?}: {err}");
+        assert!(err.contains(says), "{args:?}: {err}");
+    };
+    let n = our_bridges().len();
+    refused(&["network", "create", "web"], 1, "network web already exists");
+    refused(&["network", "create", "--subnet", "10.91.7.128/25", "db2"], 1, "overlaps network db");
+    // A route of the host's own (not one of the bridges made here), as `ip route` shows it.
+    let routes = std::process::Command::new("ip").args(["-4", "route", "show", "table", "main"]).output().unwrap();
+    let host_route = String::from_utf8_lossy(&routes.stdout)
+        .lines()
+        .filter(|l| !l.starts_with("default") && !l.contains(" dev tb-"))
+        .filter_map(|l| l.split_whitespace().next().map(str::to_owned))
+        .find(|dest| dest.split_once('/').is_some_and(|(_, p)| p.parse::<u8>().is_ok_and(|p| (8..=29).contains(&p))));
+    match host_route {
+        Some(s) => refused(&["network", "create", "--subnet", &s, "clash"], 1, "overlaps the host's route"),
+        None => eprintln!("(part) no host route to clash with here"),
+    }
+    refused(&["network", "create", "--subnet", "10.91.8.1/24", "x"], 1, "invalid subnet");
+    refused(&["network", "create", "bad name"], 1, "invalid network name");
+    refused(&["network", "create", "host"], 1, "built in");
+    refused(&["network", "rm", "nope"], 1, "no such network: nope");
+    assert_eq!(our_bridges().len(), n, "a refused create made no bridge");
+
+    env.ok(&["network", "rm", "web", "db"]);
+    assert!(!bridge_exists(&bridge));
+    assert_eq!(env.ok(&["network", "ls", "-q"]).trim(), "");
+    // A create killed after making its bridge, before writing its record (here: the record
+    // removed, the marker it wrote first put back): prune removes the bridge, as its own.
+    env.ok(&["network", "create", "orphan"]);
+    let orphan: serde_json::Value = serde_json::from_str(&env.ok(&["network", "inspect", "orphan"])).unwrap();
+    let orphan_bridge = orphan[0]["bridge"].as_str().unwrap().to_owned();
+    std::fs::remove_file(env.root().join("networks/orphan.json")).unwrap();
+    std::fs::write(env.root().join(format!("networks/.{orphan_bridge}.creating")), "").unwrap();
+    assert!(bridge_exists(&orphan_bridge));
+    assert!(env.ok(&["network", "prune"]).contains(&orphan_bridge));
+    assert!(!bridge_exists(&orphan_bridge));
+    assert_eq!(our_bridges(), before, "no bridge left behind");
+}
