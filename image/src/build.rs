@@ -1136,17 +1136,12 @@ impl Builder<'_> {
             size: blob.size,
             diff_id: blob.diff_id.to_string(),
         };
-        let dir = self.store.build_cache_dir();
-        let io_err = |op, path: &Path| {
-            let path = path.to_owned();
-            move |source| BuildError::Io { op, path, source }
-        };
-        let mut tmp =
-            tempfile::Builder::new().prefix(".tmp-").tempfile_in(&dir).map_err(io_err("create a file in", &dir))?;
         let json = serde_json::to_vec_pretty(&rec).expect("a cache record serializes");
-        tmp.write_all(&json).map_err(io_err("write", tmp.path()))?;
-        tmp.persist(path).map_err(|e| BuildError::Io { op: "write", path: path.to_owned(), source: e.error })?;
-        Ok(())
+        crate::atomic::write(path, &json, 0o644, false).map_err(|source| BuildError::Io {
+            op: "write",
+            path: path.to_owned(),
+            source,
+        })
     }
 
     /// The layer a `COPY`/`ADD` step writes.

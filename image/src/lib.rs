@@ -15,10 +15,12 @@
 //! | `rootfs`, `disk` | an image as one directory, or as an ext4 disk (`mkfs.ext4 -d`, cached by digest) |
 //! | `launch` | the process an image starts (entrypoint, cmd, env, workdir, user) with a run's overrides |
 //! | `archive` | `save`/`load`: OCI archives and `docker save` output |
+//! | `atomic` | the one atomic file replacement (temp file and rename; synced when asked) |
 //! | `build` | the Dockerfile builder (its `RUN` step is a [`build::RunStep`] the engine provides) |
 //! | `registry` | the OCI distribution client: pull, push (one worker pool), login, credentials |
 
 pub mod archive;
+pub mod atomic;
 pub mod build;
 pub mod digest;
 pub mod disk;

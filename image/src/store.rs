@@ -398,16 +398,7 @@ impl Store {
 
     /// Write `bytes` to `path` through a temp file and a rename.
     fn write_atomic(&self, path: &Path, bytes: &[u8]) -> Result<()> {
-        let dir = path.parent().unwrap_or(&self.root);
-        let mut tmp =
-            tempfile::Builder::new().prefix(".tmp-").tempfile_in(dir).map_err(io_err("create temp file in", dir))?;
-        tmp.write_all(bytes).map_err(io_err("write", tmp.path()))?;
-        tmp.as_file().sync_all().map_err(io_err("sync", tmp.path()))?;
-        tmp.persist(path).map_err(|e| StoreError::Io { op: "replace", path: path.to_owned(), source: e.error })?;
-        if let Ok(d) = File::open(dir) {
-            let _ = d.sync_all();
-        }
-        Ok(())
+        crate::atomic::write(path, bytes, 0o644, true).map_err(io_err("replace", path))
     }
 
     // ---- blobs ----

@@ -241,10 +241,8 @@ impl Engine {
 
     fn save(&self, r: &Record) -> Result<(), EngineError> {
         let p = self.container_dir(&r.id).join("record.json");
-        let tmp = p.with_extension("json.tmp");
-        fs::write(&tmp, serde_json::to_vec_pretty(r).expect("a record always serializes"))
-            .map_err(io_err("write", &tmp))?;
-        fs::rename(&tmp, &p).map_err(io_err("rename", &p))
+        let json = serde_json::to_vec_pretty(r).expect("a record always serializes");
+        twinbox_image::atomic::write(&p, &json, 0o644, false).map_err(io_err("write", &p))
     }
 
     /// All containers, oldest first.

@@ -5,8 +5,6 @@
 //! what it does and why it is that small.
 
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 
 use super::{io_err, EngineError};
@@ -24,8 +22,8 @@ pub fn file_name() -> String {
     format!("twinbox-monitor-{h:016x}")
 }
 
-/// The installed monitor under `dir` (made when missing), written atomically (a temp file
-/// renamed over it) when it is not there yet; older monitors in `dir` are removed (running
+/// The installed monitor under `dir` (made when missing), written atomically when it is not
+/// there yet; older monitors in `dir` are removed (running
 /// ones keep their executable).
 pub fn install(dir: &Path) -> Result<PathBuf, EngineError> {
     let name = file_name();
@@ -34,17 +32,11 @@ pub fn install(dir: &Path) -> Result<PathBuf, EngineError> {
         return Ok(path);
     }
     fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
-    let tmp = temp_path(dir);
-    let written = (|| {
-        let mut f = fs::OpenOptions::new().write(true).create_new(true).open(&tmp)?;
-        f.write_all(PROGRAM)?;
-        f.set_permissions(fs::Permissions::from_mode(0o755))?;
-        f.sync_all()
-    })();
-    if let Err(e) = written.and_then(|()| fs::rename(&tmp, &path)) {
-        let _ = fs::remove_file(&tmp);
-        return Err(EngineError::Io { op: "install the container monitor at", path, source: e });
-    }
+    twinbox_image::atomic::write(&path, PROGRAM, 0o755, true).map_err(|source| EngineError::Io {
+        op: "install the container monitor at",
+        path: path.clone(),
+        source,
+    })?;
     for e in fs::read_dir(dir).into_iter().flatten().flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
         if n.starts_with("twinbox-monitor-") && n != name {
@@ -54,14 +46,10 @@ pub fn install(dir: &Path) -> Result<PathBuf, EngineError> {
     Ok(path)
 }
 
-/// A name for a temp file in `dir`, unique to this process and moment.
-fn temp_path(dir: &Path) -> PathBuf {
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap_or_default().as_nanos();
-    dir.join(format!(".tmp-monitor-{}-{nanos}", std::process::id()))
-}
-
 #[cfg(test)]
 mod tests {
+    use std::os::unix::fs::PermissionsExt;
+
     use super::*;
 
     #[test]

@@ -426,10 +426,8 @@ impl Networks {
 
     fn save(&self, n: &Network) -> Result<(), NetworkError> {
         let path = self.path(&n.name);
-        let tmp = self.dir.join(format!(".{}.json.tmp", n.name));
         let json = serde_json::to_vec_pretty(n).expect("a network record always serializes");
-        fs::write(&tmp, json).map_err(io_err("write", &tmp))?;
-        fs::rename(&tmp, &path).map_err(io_err("rename", &path))
+        twinbox_image::atomic::write(&path, &json, 0o644, false).map_err(io_err("write", &path))
     }
 }
 

@@ -4,8 +4,7 @@
 use std::collections::BTreeMap;
 use std::fmt;
 use std::fs;
-use std::io::Write;
-use std::os::unix::fs::{DirBuilderExt, OpenOptionsExt};
+use std::os::unix::fs::DirBuilderExt;
 use std::path::{Path, PathBuf};
 
 use base64::engine::general_purpose::STANDARD as B64;
@@ -154,25 +153,9 @@ impl DockerConfig {
             move |source| RegistryError::Config { op, path, source }
         };
         fs::DirBuilder::new().recursive(true).mode(0o700).create(dir).map_err(io("create directory", dir))?;
-        let tmp = dir.join(format!(".config.json.{}", std::process::id()));
-        let mut f = fs::OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(0o600)
-            .open(&tmp)
-            .map_err(io("create", &tmp))?;
         let mut bytes = serde_json::to_vec_pretty(&self.doc).expect("a JSON map always serializes");
         bytes.push(b'\n');
-        let written = f.write_all(&bytes).and_then(|()| f.sync_all());
-        if let Err(e) = written {
-            let _ = fs::remove_file(&tmp);
-            return Err(io("write", &tmp)(e));
-        }
-        fs::rename(&tmp, &self.path).map_err(|e| {
-            let _ = fs::remove_file(&tmp);
-            io("replace", &self.path)(e)
-        })
+        crate::atomic::write(&self.path, &bytes, 0o600, true).map_err(io("replace", &self.path))
     }
 }
 
