@@ -82,7 +82,8 @@ pub struct RunArgs {
     /// Security options: `seccomp=unconfined` or `seccomp=PROFILE.json`.
     #[arg(long = "security-opt")]
     security_opt: Vec<String>,
-    /// Network mode; only `none` (loopback only) exists so far.
+    /// Network: `none` (loopback only), `host`, `container:NAME` (another container's), or a
+    /// network's name (`twinbox0` is the default bridge network, made when first used).
     #[arg(long, default_value = "none")]
     network: String,
     /// Isolation model: a container on the host kernel, or a KVM microVM with its own kernel.
@@ -146,9 +147,7 @@ pub fn run(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
     if a.kernel.is_some() || a.timeout.is_some() || a.irqchip.is_some() {
         return Err(UserError("--kernel, --timeout and --irqchip are for --isolation microvm".into()).into());
     }
-    if a.network != "none" {
-        return Err(UserError(format!("--network {} is not supported yet; only --network none", a.network)).into());
-    }
+    let network: twinbox_engine::network::attach::NetworkMode = a.network.parse()?;
     if a.detach && a.rm {
         // Allowed, as in Docker: the monitor removes it on exit.
     }
@@ -177,6 +176,7 @@ pub fn run(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
         read_only: a.read_only,
         rm: a.rm,
         detach: a.detach,
+        network,
     };
     let record = eng.prepare(&opts)?;
     if a.detach {
@@ -210,7 +210,11 @@ fn run_microvm(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
         return refuse("--security-opt");
     }
     if a.network != "none" {
-        return Err(UserError(format!("--network {} is not supported yet; only --network none", a.network)).into());
+        return Err(UserError(format!(
+            "--network {} is not supported for microVMs yet; only --network none",
+            a.network
+        ))
+        .into());
     }
     let vcpus = match a.cpus {
         None => None,

@@ -119,3 +119,112 @@ fn networks_are_bridges_with_their_gateway() {
     assert!(!bridge_exists(&orphan_bridge));
     assert_eq!(our_bridges(), before, "no bridge left behind");
 }
+
+/// A busybox image in `env`'s store, with the applets the network tests use.
+fn busybox(env: &Env) -> bool {
+    let ctx = env.path("busybox");
+    let applets = ["sh", "ip", "ping", "cat", "sleep", "ls", "hostname", "grep"];
+    if !common::busybox_rootfs(&ctx, &applets) {
+        return false;
+    }
+    std::fs::write(ctx.join("Dockerfile"), "FROM scratch\nCOPY rootfs/ /\nENV PATH=/bin\n").unwrap();
+    env.ok(&["build", "-q", "-t", "busybox:latest", ctx.to_str().unwrap()]);
+    true
+}
+
+/// Host links made for containers (the host ends of their veth pairs).
+fn veths() -> Vec<String> {
+    std::fs::read_dir("/sys/class/net")
+        .unwrap()
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with("tbv"))
+        .collect()
+}
+
+/// `--network NAME`: eth0 with an address of the network, a default route via its gateway,
+/// /etc/hosts naming the container; the gateway (the bridge this test made) and another
+/// container answer ping. `host`, `container:NAME` and an unknown network behave as Docker's.
+/// After removal no veth is left and every address is free again.
+#[test]
+fn containers_join_bridge_networks() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !require_root() || !common::require_tool("ip") {
+        return;
+    }
+    let veths_before = veths();
+    let env = Env::new();
+    let _cleanup = Prune(&env);
+    if !busybox(&env) {
+        return;
+    }
+    let tb = |args: &[&str]| {
+        let mut cmd = env.cmd();
+        cmd.env("TWINBOX_RUNTIME_ROOT", env.path("runtime"));
+        let o = cmd.args(args).output().unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    env.ok(&["network", "create", "tnet"]);
+    let net: serde_json::Value = serde_json::from_str(&env.ok(&["network", "inspect", "tnet"])).unwrap();
+    let gateway = net[0]["gateway"].as_str().unwrap().to_owned();
+    let subnet = net[0]["subnet"].as_str().unwrap().to_owned();
+    let prefix = subnet.rsplit_once('.').unwrap().0.to_owned();
+
+    let script = format!(
+        "ip -4 -o addr show dev eth0; ip route; grep web /etc/hosts; hostname; ping -c 1 -W 3 {gateway} >/dev/null && echo gateway-answers"
+    );
+    let (code, out, err) =
+        tb(&["run", "--rm", "--network", "tnet", "--hostname", "web", "busybox", "sh", "-c", &script]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains(&format!("inet {prefix}.2/24")), "{out}");
+    assert!(out.contains(&format!("default via {gateway} dev eth0")), "{out}");
+    assert!(out.contains(&format!("{prefix}.2\tweb")), "{out}");
+    assert!(out.contains("gateway-answers"), "{out}{err}");
+    let after: serde_json::Value = serde_json::from_str(&env.ok(&["network", "inspect", "tnet"])).unwrap();
+    assert_eq!(after[0]["addresses"], serde_json::json!({}), "the --rm container's address is free");
+
+    // Two containers on one network reach each other; a third joins the first's namespace.
+    let (code, _, err) = tb(&["run", "-d", "--network", "tnet", "--name", "a", "busybox", "sleep", "60"]);
+    assert_eq!(code, 0, "{err}");
+    let held: serde_json::Value = serde_json::from_str(&env.ok(&["network", "inspect", "tnet"])).unwrap();
+    let a_ip = held[0]["addresses"].as_object().unwrap().keys().next().unwrap().clone();
+    let (code, out, err) = tb(&[
+        "run",
+        "--rm",
+        "--network",
+        "tnet",
+        "busybox",
+        "sh",
+        "-c",
+        &format!("ping -c 1 -W 3 {a_ip} >/dev/null && echo a-answers"),
+    ]);
+    assert_eq!((code, out.trim()), (0, "a-answers"), "{err}");
+    let (code, out, err) =
+        tb(&["run", "--rm", "--network", "container:a", "busybox", "ip", "-4", "-o", "addr", "show", "dev", "eth0"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("inet {a_ip}/")), "{out}");
+    let refused = tb(&["network", "rm", "tnet"]);
+    assert_eq!(refused.0, 1, "a network in use stays: {}", refused.2);
+    assert!(refused.2.contains("has containers attached"), "{}", refused.2);
+
+    // host: the host's links; an unknown network: refused, nothing made.
+    let (code, out, err) = tb(&["run", "--rm", "--network", "host", "busybox", "ls", "/sys/class/net"]);
+    assert_eq!(code, 0, "{err}");
+    let bridge = net[0]["bridge"].as_str().unwrap();
+    assert!(out.lines().any(|l| l == bridge), "the host's bridge is visible: {out}");
+    let (code, _, err) = tb(&["run", "--rm", "--network", "nope", "busybox", "true"]);
+    assert_eq!(code, 125, "a failure around run is 125: {err}");
+    assert!(err.contains("no such network: nope"), "{err}");
+
+    let (code, _, err) = tb(&["rm", "-f", "a"]);
+    assert_eq!(code, 0, "{err}");
+    let after: serde_json::Value = serde_json::from_str(&env.ok(&["network", "inspect", "tnet"])).unwrap();
+    assert_eq!(after[0]["addresses"], serde_json::json!({}));
+    assert_eq!(tb(&["ps", "-aq"]).1.trim(), "");
+    assert_eq!(veths(), veths_before, "no veth left");
+    env.ok(&["network", "rm", "tnet"]);
+}

@@ -8,7 +8,7 @@ use std::hint::black_box;
 
 use criterion::{criterion_group, criterion_main, Criterion};
 use oci_spec::image::{ConfigBuilder, ImageConfigurationBuilder};
-use twinbox_engine::container::spec::{build_spec, OverlayStack};
+use twinbox_engine::container::spec::{build_spec, NetSetup, OverlayStack};
 use twinbox_engine::RunOptions;
 
 fn bundle(c: &mut Criterion) {
@@ -39,9 +39,11 @@ fn bundle(c: &mut Criterion) {
     };
     let id = "0123456789abcdef0123456789abcdef0123456789abcdef0123456789abcdef";
     c.bench_function("build_spec (image config + flags → OCI spec)", |b| {
-        b.iter(|| black_box(build_spec(id, black_box(&config), &layers, &overlay, &opts).unwrap()))
+        b.iter(|| {
+            black_box(build_spec(id, black_box(&config), &layers, &overlay, &opts, &NetSetup::default()).unwrap())
+        })
     });
-    let spec = build_spec(id, &config, &layers, &overlay, &opts).unwrap();
+    let spec = build_spec(id, &config, &layers, &overlay, &opts, &NetSetup::default()).unwrap();
     c.bench_function("config.json serialisation", |b| {
         b.iter(|| black_box(serde_json::to_vec(black_box(&spec)).unwrap()))
     });

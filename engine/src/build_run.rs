@@ -146,7 +146,7 @@ impl<'e> BuildRunner<'e> {
             ..Default::default()
         };
         let overlay = OverlayStack { lower: lowers.clone(), upper: scratch.upper.clone(), work };
-        let spec = spec::build_spec(&id, &config, req.lowers, &overlay, &opts)?;
+        let spec = spec::build_spec(&id, &config, req.lowers, &overlay, &opts, &spec::NetSetup::default())?;
         let stubs = mount_stubs(&lowers, spec.mounts().as_deref().unwrap_or_default())?;
         let cfg = bundle.join("config.json");
         let json = serde_json::to_vec_pretty(&spec).expect("a spec always serializes");

@@ -29,6 +29,9 @@ use twinbox_exit::ExitCode;
 use twinbox_image::{store::remove_tree, Store, StoreError};
 
 pub use spec::RunOptions;
+
+use crate::network::attach::{self, Endpoint, NetworkMode};
+use crate::network::{Networks, DEFAULT_NETWORK};
 use twinbox_runtime::cgroups::CgroupManager;
 use twinbox_runtime::container::{CreateOptions, Runtime};
 use twinbox_runtime::RuntimeError;
@@ -77,6 +80,9 @@ pub enum EngineError {
     /// A system call failed.
     #[error("{0}")]
     Sys(&'static str, #[source] nix::Error),
+    /// Networking the container failed, or its network does not exist.
+    #[error(transparent)]
+    Network(#[from] crate::network::NetworkError),
     /// The detached monitor reported a failure to start the container.
     #[error("starting the container failed: {0}")]
     Monitor(String),
@@ -92,6 +98,7 @@ impl ExitCode for EngineError {
             EngineError::Store(e) => e.exit_code(),
             EngineError::Runtime(e) => e.exit_code(),
             EngineError::Launch(e) => e.exit_code(),
+            EngineError::Network(e) => e.exit_code(),
             EngineError::SeccompProfile(..)
             | EngineError::BadCpus(_)
             | EngineError::NoSuchContainer(_)
@@ -149,6 +156,9 @@ pub struct Record {
     pub created: String,
     /// Current phase.
     pub phase: Phase,
+    /// Where it sits on its bridge network while it runs.
+    #[serde(default)]
+    pub endpoint: Option<Endpoint>,
 }
 
 /// The container engine.
@@ -218,7 +228,8 @@ impl Engine {
             upper: cdir.join("upper"),
             work: cdir.join("work"),
         };
-        let spec = spec::build_spec(&id, &image.config, &layers, &overlay, opts)?;
+        let net = self.net_setup(&id, &cdir, opts)?;
+        let spec = spec::build_spec(&id, &image.config, &layers, &overlay, opts, &net)?;
         let cfg = cdir.join("bundle/config.json");
         let json = serde_json::to_vec_pretty(&spec).expect("a spec always serializes");
         fs::write(&cfg, json).map_err(io_err("write", &cfg))?;
@@ -232,11 +243,105 @@ impl Engine {
             options: opts.clone(),
             created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             phase: Phase::Created,
+            endpoint: None,
         };
         self.save(&record)?;
         self.store.hold(&id, &image.manifest_digest)?;
         std::mem::forget(guard);
         Ok(record)
+    }
+
+    /// The container's network namespace and `/etc` files for its `--network`, checked before
+    /// anything runs: a bridge network must exist (the default one is made when first used),
+    /// a `container:` one must run.
+    fn net_setup(&self, id: &str, cdir: &Path, opts: &RunOptions) -> Result<spec::NetSetup, EngineError> {
+        let hostname = spec::hostname(id, opts);
+        let write = |name: &str, text: &str| -> Result<PathBuf, EngineError> {
+            let p = cdir.join(name);
+            fs::write(&p, text).map_err(io_err("write", &p))?;
+            Ok(p)
+        };
+        let host_file = |path: &str| fs::read_to_string(path).unwrap_or_default();
+        Ok(match &opts.network {
+            NetworkMode::None => spec::NetSetup {
+                namespace: spec::NetNamespace::New,
+                files: vec![
+                    (write("hosts", &attach::hosts_file(&hostname, None))?, "/etc/hosts"),
+                    (write("hostname", &format!("{hostname}\n"))?, "/etc/hostname"),
+                ],
+            },
+            NetworkMode::Bridge(name) => {
+                if name != DEFAULT_NETWORK {
+                    self.networks().get(name)?;
+                }
+                spec::NetSetup {
+                    namespace: spec::NetNamespace::New,
+                    files: vec![
+                        // Its address goes in once it has one (written in place: the bind stays).
+                        (write("hosts", &attach::hosts_file(&hostname, None))?, "/etc/hosts"),
+                        (
+                            write("resolv.conf", &attach::resolv_conf(&host_file("/etc/resolv.conf")))?,
+                            "/etc/resolv.conf",
+                        ),
+                        (write("hostname", &format!("{hostname}\n"))?, "/etc/hostname"),
+                    ],
+                }
+            }
+            NetworkMode::Host => spec::NetSetup {
+                namespace: spec::NetNamespace::Host,
+                files: vec![
+                    (write("hosts", &host_file("/etc/hosts"))?, "/etc/hosts"),
+                    (write("resolv.conf", &host_file("/etc/resolv.conf"))?, "/etc/resolv.conf"),
+                ],
+            },
+            NetworkMode::Container(key) => {
+                let target = self.find(key)?;
+                let Phase::Running { pid } = target.phase else { return Err(EngineError::NotRunning(target.name)) };
+                let tdir = self.container_dir(&target.id);
+                let files = [("hosts", "/etc/hosts"), ("resolv.conf", "/etc/resolv.conf")]
+                    .into_iter()
+                    .filter(|(f, _)| tdir.join(f).is_file())
+                    .map(|(f, dest)| (tdir.join(f), dest))
+                    .collect();
+                spec::NetSetup { namespace: spec::NetNamespace::Path(format!("/proc/{pid}/ns/net").into()), files }
+            }
+        })
+    }
+
+    fn networks(&self) -> Networks {
+        Networks::new(self.store.root())
+    }
+
+    /// Puts a created container (its init is `pid`) on its bridge network, if it has one:
+    /// an address, `/etc/hosts` with it, and the veth pair. On error its address is free again.
+    fn join_network(&self, record: &mut Record, pid: i32) -> Result<(), EngineError> {
+        let NetworkMode::Bridge(name) = &record.options.network else { return Ok(()) };
+        let nets = self.networks();
+        let network = nets.get_or_create_default(name)?;
+        // Addresses of containers that are gone (their twinbox was killed) are free again.
+        nets.release_where(|c| !self.container_dir(c).exists())?;
+        let (network, ip) = nets.allocate(&network.name, &record.id)?;
+        let endpoint = Endpoint::new(&network, ip, &record.id);
+        let joined = (|| {
+            let hosts = self.container_dir(&record.id).join("hosts");
+            let hostname = spec::hostname(&record.id, &record.options);
+            fs::write(&hosts, attach::hosts_file(&hostname, Some(ip))).map_err(io_err("write", &hosts))?;
+            attach::connect(&endpoint, &network.bridge, pid)?;
+            Ok(())
+        })();
+        if let Err(e) = joined {
+            let _ = nets.release(&record.id);
+            return Err(e);
+        }
+        record.endpoint = Some(endpoint);
+        Ok(())
+    }
+
+    /// Gives back the address a container held (its veth went with its namespace).
+    fn leave_network(&self, id: &str) {
+        if let Err(e) = self.networks().release(id) {
+            tracing::warn!(id, error = %e, "cannot release the container's address");
+        }
     }
 
     fn save(&self, r: &Record) -> Result<(), EngineError> {
@@ -312,8 +417,10 @@ impl Engine {
             let copiers = tee.take().map(|(out, err, log)| tee_threads(out, err, log)).unwrap_or_default();
             let pid = Pid::from_raw(state.pid);
             record.phase = Phase::Running { pid: pid.as_raw() };
-            let started =
-                self.save(&record).and_then(|()| self.runtime.start_created(&mut state).map_err(EngineError::from));
+            let started = self
+                .join_network(&mut record, state.pid)
+                .and_then(|()| self.save(&record))
+                .and_then(|()| self.runtime.start_created(&mut state).map_err(EngineError::from));
             Ok((started.map(|()| wait_forwarding(pid, &forwarded)), copiers))
         })();
         let _ = old.thread_set_mask();
@@ -363,6 +470,9 @@ impl Engine {
             .and_then(|c| c.oom_kills().ok())
             .is_some_and(|n| n > 0);
         let deleted = self.runtime.delete(&record.id, true);
+        if record.endpoint.take().is_some() {
+            self.leave_network(&record.id);
+        }
         if record.options.rm {
             self.remove_files(&record.id)?;
         } else {
@@ -374,6 +484,7 @@ impl Engine {
     }
 
     fn remove_files(&self, id: &str) -> Result<(), EngineError> {
+        self.leave_network(id);
         self.store.release(id)?;
         remove_tree(&self.container_dir(id)).map_err(EngineError::from)
     }
@@ -433,10 +544,13 @@ impl Engine {
                 self.runtime.create(&record.id, &bundle, CreateOptions { stdio: Some(stdio), ..Default::default() })?;
             let pid = Pid::from_raw(state.pid);
             record.phase = Phase::Running { pid: pid.as_raw() };
-            self.save(&record)?;
-            if let Err(e) = self.runtime.start_created(&mut state) {
+            let started = self
+                .join_network(&mut record, state.pid)
+                .and_then(|()| self.save(&record))
+                .and_then(|()| self.runtime.start_created(&mut state).map_err(EngineError::from));
+            if let Err(e) = started {
                 let _ = self.runtime.delete(&record.id, true);
-                return Err(e.into());
+                return Err(e);
             }
             Ok(pid)
         })();

@@ -64,6 +64,29 @@ pub struct RunOptions {
     /// Seccomp: `None` for the default profile, `Some("unconfined")`, or a profile file (OCI
     /// `LinuxSeccomp` JSON, as Docker's `--security-opt seccomp=FILE`).
     pub seccomp: Option<PathBuf>,
+    /// `--network`: none (loopback only), host, container:NAME, or a bridge network.
+    #[serde(default)]
+    pub network: crate::network::attach::NetworkMode,
+}
+
+/// The network namespace a container gets, and the files bound over its `/etc` (hosts,
+/// resolv.conf, hostname: `(host file, container path)`), as the engine resolved them.
+#[derive(Debug, Clone, Default)]
+pub struct NetSetup {
+    pub namespace: NetNamespace,
+    pub files: Vec<(PathBuf, &'static str)>,
+}
+
+/// See [`NetSetup`].
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum NetNamespace {
+    /// A new one (loopback only until the engine joins it to a network).
+    #[default]
+    New,
+    /// The host's.
+    Host,
+    /// Another process's (`/proc/PID/ns/net`).
+    Path(PathBuf),
 }
 
 /// The overlay stack for the annotation.
@@ -84,6 +107,7 @@ pub fn build_spec(
     layers_base_first: &[PathBuf],
     overlay: &OverlayStack,
     opts: &RunOptions,
+    net: &NetSetup,
 ) -> Result<Spec, EngineError> {
     let Launch { args, env, cwd, uid, gid, additional_gids: additional } =
         launch::resolve(&opts.image, config, layers_base_first, &opts.overrides, &hostname(id, opts))?;
@@ -151,17 +175,24 @@ pub fn build_spec(
     if let Some(p) = opts.pids_limit {
         resources = resources.pids(LinuxPidsBuilder::default().limit(p).build().expect("pids set"));
     }
-    let namespaces = [
+    let mut namespaces = [
         LinuxNamespaceType::Pid,
         LinuxNamespaceType::Mount,
         LinuxNamespaceType::Uts,
         LinuxNamespaceType::Ipc,
-        LinuxNamespaceType::Network,
         LinuxNamespaceType::Cgroup,
     ]
     .into_iter()
     .map(|t| LinuxNamespaceBuilder::default().typ(t).build().expect("namespace type set"))
     .collect::<Vec<_>>();
+    match &net.namespace {
+        NetNamespace::New => namespaces
+            .push(LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Network).build().expect("type set")),
+        NetNamespace::Host => {}
+        NetNamespace::Path(p) => namespaces.push(
+            LinuxNamespaceBuilder::default().typ(LinuxNamespaceType::Network).path(p.clone()).build().expect("set"),
+        ),
+    }
     let defaults = oci_spec::runtime::Linux::default();
     let mut linux = LinuxBuilder::default();
     match opts.seccomp.as_deref() {
@@ -198,6 +229,21 @@ pub fn build_spec(
     spec.set_process(Some(process));
     spec.set_root(Some(RootBuilder::default().path("rootfs").readonly(opts.read_only).build().expect("root set")));
     spec.set_linux(Some(linux));
+    if !net.files.is_empty() {
+        let mut mounts = spec.mounts().clone().unwrap_or_default();
+        for (source, dest) in &net.files {
+            mounts.push(
+                oci_spec::runtime::MountBuilder::default()
+                    .destination(PathBuf::from(dest))
+                    .typ("bind")
+                    .source(source.clone())
+                    .options(vec!["rbind".to_string(), "rprivate".to_string()])
+                    .build()
+                    .expect("mount fields set"),
+            );
+        }
+        spec.set_mounts(Some(mounts));
+    }
     spec.set_annotations(Some(annotations.into_iter().collect()));
     Ok(spec)
 }
@@ -280,7 +326,7 @@ pub fn default_seccomp() -> oci_spec::runtime::LinuxSeccomp {
         .expect("profile fields set")
 }
 
-fn hostname(id: &str, opts: &RunOptions) -> String {
+pub(crate) fn hostname(id: &str, opts: &RunOptions) -> String {
     opts.hostname.clone().unwrap_or_else(|| id.chars().take(12).collect())
 }
 
@@ -323,16 +369,25 @@ mod tests {
             },
             ..Default::default()
         };
-        assert_eq!(args(&build_spec("id", &img, &[], &ov(), &o(&[], None)).unwrap()), ["/hello", "greet"]);
-        assert_eq!(args(&build_spec("id", &img, &[], &ov(), &o(&["true"], None)).unwrap()), ["/hello", "true"]);
-        assert_eq!(args(&build_spec("id", &img, &[], &ov(), &o(&[], Some("/bin/sh"))).unwrap()), ["/bin/sh"]);
         assert_eq!(
-            args(&build_spec("id", &img, &[], &ov(), &o(&["-c", "x"], Some("/bin/sh"))).unwrap()),
+            args(&build_spec("id", &img, &[], &ov(), &o(&[], None), &NetSetup::default()).unwrap()),
+            ["/hello", "greet"]
+        );
+        assert_eq!(
+            args(&build_spec("id", &img, &[], &ov(), &o(&["true"], None), &NetSetup::default()).unwrap()),
+            ["/hello", "true"]
+        );
+        assert_eq!(
+            args(&build_spec("id", &img, &[], &ov(), &o(&[], Some("/bin/sh")), &NetSetup::default()).unwrap()),
+            ["/bin/sh"]
+        );
+        assert_eq!(
+            args(&build_spec("id", &img, &[], &ov(), &o(&["-c", "x"], Some("/bin/sh")), &NetSetup::default()).unwrap()),
             ["/bin/sh", "-c", "x"]
         );
         let none = image(None, None, &[], None);
         assert!(matches!(
-            build_spec("id", &none, &[], &ov(), &o(&[], None)),
+            build_spec("id", &none, &[], &ov(), &o(&[], None), &NetSetup::default()),
             Err(EngineError::Launch(launch::LaunchError::NoCommand(_)))
         ));
     }
@@ -349,7 +404,7 @@ mod tests {
             read_only: true,
             ..Default::default()
         };
-        let s = build_spec("0123456789abcdef", &img, &[], &ov(), &opts).unwrap();
+        let s = build_spec("0123456789abcdef", &img, &[], &ov(), &opts, &NetSetup::default()).unwrap();
         let env = s.process().as_ref().unwrap().env().clone().unwrap();
         assert_eq!(env, ["HOSTNAME=0123456789ab", "PATH=/bin", "A=2", "B=3"]);
         let r = s.linux().as_ref().unwrap().resources().clone().unwrap();

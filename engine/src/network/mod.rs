@@ -13,6 +13,7 @@
 //! chosen when none is given (`10.89.0.0/16` for the default network, `10.90.N.0/24` for
 //! others), never one that overlaps a route of the host or another network.
 
+pub mod attach;
 pub mod netlink;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -245,6 +246,17 @@ impl Networks {
         Ok(out)
     }
 
+    /// The network `name`; the default one is made the first time it is asked for.
+    pub fn get_or_create_default(&self, name: &str) -> Result<Network, NetworkError> {
+        match self.get(name) {
+            Err(NetworkError::NoSuchNetwork(_)) if name == DEFAULT_NETWORK => match self.create(name, None) {
+                Err(NetworkError::Exists(_)) => self.get(name),
+                r => r,
+            },
+            r => r,
+        }
+    }
+
     /// One network by name, or by id or unique id prefix.
     pub fn get(&self, key: &str) -> Result<Network, NetworkError> {
         let path = self.path(key);
@@ -413,6 +425,9 @@ impl Networks {
     /// Frees the addresses held by containers for which `gone` says so (after a crash: the
     /// container's record no longer exists).
     pub fn release_where(&self, gone: impl Fn(&str) -> bool) -> Result<(), NetworkError> {
+        if !self.dir.is_dir() {
+            return Ok(());
+        }
         let _lock = self.lock()?;
         for mut n in self.list()? {
             let before = n.addresses.len();

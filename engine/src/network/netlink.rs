@@ -3,13 +3,16 @@
 //! an address, bring it up, remove a link, find a link, list the IPv4 routes.
 
 use std::net::{IpAddr, Ipv4Addr};
+use std::os::fd::RawFd;
 
 use netlink_packet_core::{
     NetlinkHeader, NetlinkMessage, NetlinkPayload, NLM_F_ACK, NLM_F_CREATE, NLM_F_DUMP, NLM_F_EXCL, NLM_F_REQUEST,
 };
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
-use netlink_packet_route::link::{InfoKind, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
-use netlink_packet_route::route::{RouteAddress, RouteAttribute, RouteHeader, RouteMessage};
+use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
+use netlink_packet_route::route::{
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+};
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
 
@@ -61,6 +64,48 @@ impl Netlink {
         link.attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]));
         self.request(RouteNetlinkMessage::NewLink(link), NLM_F_CREATE | NLM_F_EXCL, &format!("create bridge {name}"))
             .map(drop)
+    }
+
+    /// Makes a veth pair: `host` here, `peer` in the network namespace `netns` (a descriptor of
+    /// it).
+    pub fn add_veth(&mut self, host: &str, peer: &str, netns: RawFd) -> Result<(), NetlinkError> {
+        let mut peer_msg = LinkMessage::default();
+        peer_msg.attributes.push(LinkAttribute::IfName(peer.to_owned()));
+        peer_msg.attributes.push(LinkAttribute::NetNsFd(netns));
+        let mut link = LinkMessage::default();
+        link.attributes.push(LinkAttribute::IfName(host.to_owned()));
+        link.attributes.push(LinkAttribute::LinkInfo(vec![
+            LinkInfo::Kind(InfoKind::Veth),
+            LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer_msg))),
+        ]));
+        self.request(RouteNetlinkMessage::NewLink(link), NLM_F_CREATE | NLM_F_EXCL, &format!("create veth pair {host}"))
+            .map(drop)
+    }
+
+    /// Puts link `index` on the bridge `controller` (its master).
+    pub fn set_controller(&mut self, index: u32, controller: u32, name: &str) -> Result<(), NetlinkError> {
+        let mut link = LinkMessage::default();
+        link.header.index = index;
+        link.attributes.push(LinkAttribute::Controller(controller));
+        self.request(RouteNetlinkMessage::SetLink(link), 0, &format!("put {name} on its bridge")).map(drop)
+    }
+
+    /// The default route via `gateway` out of link `oif`.
+    pub fn add_default_route(&mut self, gateway: Ipv4Addr, oif: u32) -> Result<(), NetlinkError> {
+        let mut route = RouteMessage::default();
+        route.header.address_family = AddressFamily::Inet;
+        route.header.table = RouteHeader::RT_TABLE_MAIN;
+        route.header.protocol = RouteProtocol::Boot;
+        route.header.scope = RouteScope::Universe;
+        route.header.kind = RouteType::Unicast;
+        route.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
+        route.attributes.push(RouteAttribute::Oif(oif));
+        self.request(
+            RouteNetlinkMessage::NewRoute(route),
+            NLM_F_CREATE | NLM_F_EXCL,
+            &format!("add default route via {gateway}"),
+        )
+        .map(drop)
     }
 
     /// The index of the link named `name`, `None` when there is none.
