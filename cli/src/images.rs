@@ -254,9 +254,10 @@ pub fn rmi(root: &Path, a: RmiArgs) -> Result<()> {
 
 #[derive(Args, Debug)]
 pub struct SaveArgs {
-    /// Output file (an OCI archive).
+    /// Output file (an OCI archive); standard output when absent or `-`. An existing device
+    /// or FIFO is written into, never replaced.
     #[arg(short, long)]
-    output: PathBuf,
+    output: Option<PathBuf>,
     /// Images to save.
     #[arg(required = true)]
     images: Vec<String>,
@@ -264,7 +265,23 @@ pub struct SaveArgs {
 
 pub fn save(root: &Path, a: SaveArgs) -> Result<()> {
     let store = open(root)?;
-    archive::save_to_path(&store, &a.images, &a.output).with_context(|| format!("saving to {}", a.output.display()))
+    match a.output.filter(|p| p.as_os_str() != "-") {
+        Some(path) => {
+            archive::save_to_path(&store, &a.images, &path).with_context(|| format!("saving to {}", path.display()))
+        }
+        None => {
+            let stdout = io::stdout();
+            if io::IsTerminal::is_terminal(&stdout) {
+                return Err(UserError(
+                    "refusing to write an archive to a terminal; give -o FILE or redirect the output".into(),
+                )
+                .into());
+            }
+            let mut out = io::BufWriter::with_capacity(1 << 20, stdout.lock());
+            archive::save(&store, &a.images, &mut out).context("saving to standard output")?;
+            io::Write::flush(&mut out).context("saving to standard output")
+        }
+    }
 }
 
 #[derive(Args, Debug)]

@@ -346,3 +346,58 @@ fn errors_name_the_thing_and_exit_1() {
     assert_eq!(std::fs::read_dir(env.root().join("blobs/sha256")).unwrap().count(), 0);
     assert_eq!(std::fs::read_dir(env.root().join("tmp")).unwrap().count(), 0);
 }
+
+/// `save` writes to standard output without `-o` (or with `-o -`), and into whatever an
+/// existing non-regular path is (a device, a FIFO) instead of replacing it: `save -o
+/// /dev/full` used to replace the host's /dev/full with a tar file.
+#[test]
+fn save_writes_into_devices_and_fifos_and_to_stdout() {
+    let env = Env::new();
+    two_layer_image(&env, "two:1");
+    let file = env.path("two.tar");
+    env.ok(&["save", "-o", file.to_str().unwrap(), "two:1"]);
+    let archive = std::fs::read(&file).unwrap();
+    let to_stdout = env.run(&["save", "two:1"]);
+    assert!(to_stdout.status.success(), "{}", String::from_utf8_lossy(&to_stdout.stderr));
+    assert_eq!(to_stdout.stdout, archive, "the same archive on standard output");
+    assert_eq!(env.run(&["save", "-o", "-", "two:1"]).stdout, archive);
+
+    // A FIFO stays a FIFO and carries the archive.
+    let fifo = env.path("fifo");
+    nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+    let reader = {
+        let fifo = fifo.clone();
+        std::thread::spawn(move || std::fs::read(fifo).unwrap())
+    };
+    env.ok(&["save", "-o", fifo.to_str().unwrap(), "two:1"]);
+    assert_eq!(reader.join().unwrap(), archive);
+    assert!(std::os::unix::fs::FileTypeExt::is_fifo(&std::fs::metadata(&fifo).unwrap().file_type()));
+
+    // A device that refuses the data (a node of /dev/full's numbers, made here, so that a
+    // regression cannot replace the host's): an error, and the node is still the device.
+    let full = env.path("full");
+    if nix::unistd::geteuid().is_root() {
+        let kind = nix::sys::stat::SFlag::S_IFCHR;
+        nix::sys::stat::mknod(
+            &full,
+            kind,
+            nix::sys::stat::Mode::from_bits_truncate(0o666),
+            nix::sys::stat::makedev(1, 7),
+        )
+        .unwrap();
+        let o = env.run(&["save", "-o", full.to_str().unwrap(), "two:1"]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains("No space left on device"), "{err}");
+        let after = std::fs::metadata(&full).unwrap();
+        assert!(std::os::unix::fs::FileTypeExt::is_char_device(&after.file_type()), "the device was replaced");
+    }
+    // Nothing half-written is left beside a regular file when the image is unknown.
+    let o = env.run(&["save", "-o", env.path("x.tar").to_str().unwrap(), "nothere:1"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(!env.path("x.tar").exists());
+    assert!(!std::fs::read_dir(env.path(""))
+        .unwrap()
+        .flatten()
+        .any(|e| e.file_name().to_string_lossy().starts_with(".twinbox-save-")));
+}

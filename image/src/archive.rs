@@ -132,8 +132,22 @@ pub fn save(store: &Store, refs: &[String], out: impl Write) -> Result<(), Archi
     Ok(())
 }
 
-/// [`save`] into a file, atomically: the file appears only complete.
+/// Write an OCI archive of `refs` to `path`. A regular file (or a new one) is replaced
+/// atomically: written beside it, synced, renamed over it, so it is never half written. Anything
+/// else that exists there (a device such as /dev/stdout, a FIFO, a symlink to one of those) is
+/// written into as it is, never replaced.
 pub fn save_to_path(store: &Store, refs: &[String], path: &Path) -> Result<(), ArchiveError> {
+    let regular_or_new = match std::fs::metadata(path) {
+        Ok(m) => m.is_file(),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => true,
+        Err(e) => return Err(ArchiveError::Io { op: "inspect", source: e }),
+    };
+    if !regular_or_new {
+        let f = std::fs::OpenOptions::new().write(true).truncate(true).open(path).map_err(io_err("open"))?;
+        let mut w = io::BufWriter::with_capacity(1 << 20, f);
+        save(store, refs, &mut w)?;
+        return w.flush().map_err(io_err("write"));
+    }
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),
