@@ -44,11 +44,20 @@ pub struct Comparison {
     pub changes: Vec<Change>,
     /// Metrics only one side has.
     pub unmatched: Vec<String>,
+    /// Metrics the base measured that the new run did not (or measured nothing for): a gate
+    /// fails on them, as it does when nothing at all was compared.
+    pub missing: Vec<String>,
 }
 
 impl Comparison {
     pub fn regressed(&self) -> bool {
         self.changes.iter().any(|c| c.verdict == Verdict::Regressed)
+    }
+
+    /// Whether a regression gate passes: something was compared, nothing the base measured is
+    /// missing, and nothing regressed.
+    pub fn passes(&self) -> bool {
+        !self.changes.is_empty() && self.missing.is_empty() && !self.regressed()
     }
 
     /// A table for a terminal.
@@ -84,6 +93,12 @@ impl Comparison {
         }
         for u in &self.unmatched {
             s.push_str(&format!("only in one file: {u}\n"));
+        }
+        for m in &self.missing {
+            s.push_str(&format!("MISSING from the new results: {m}\n"));
+        }
+        if self.changes.is_empty() {
+            s.push_str("NOTHING was compared: the two results have no metric in common\n");
         }
         s
     }
@@ -213,14 +228,21 @@ pub fn compare(base: &Results, new: &Results, threshold: f64, alpha: f64) -> Res
     }
     let mut changes = Vec::new();
     let mut unmatched = Vec::new();
+    let mut missing = Vec::new();
     for b in &base.records {
+        let name = format!("{}/{}/{}", b.backend, b.scenario, b.metric);
         let Some(n) = new.record(&b.backend, &b.scenario, &b.metric) else {
             if !b.samples.is_empty() {
-                unmatched.push(format!("{}/{}/{} (base)", b.backend, b.scenario, b.metric));
+                unmatched.push(format!("{name} (base)"));
+                missing.push(name);
             }
             continue;
         };
-        if b.samples.is_empty() || n.samples.is_empty() {
+        if b.samples.is_empty() {
+            continue;
+        }
+        if n.samples.is_empty() {
+            missing.push(name);
             continue;
         }
         let (mb, mn) = (median(&b.samples), median(&n.samples));
@@ -259,7 +281,7 @@ pub fn compare(base: &Results, new: &Results, threshold: f64, alpha: f64) -> Res
             unmatched.push(format!("{}/{}/{} (new)", n.backend, n.scenario, n.metric));
         }
     }
-    Ok(Comparison { changes, unmatched })
+    Ok(Comparison { changes, unmatched, missing })
 }
 
 /// `10%`, `10` or `0.1` → 0.1.

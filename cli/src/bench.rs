@@ -9,7 +9,8 @@ use twinbox_bench::{compare, report, Options, Scenario};
 
 use crate::UserError;
 
-/// Exit code of `compare` when a metric regressed significantly.
+/// Exit code of `compare` when a metric regressed significantly, one the base has is missing,
+/// or nothing was compared.
 pub const REGRESSED: i32 = 2;
 
 #[derive(Args, Debug)]
@@ -239,7 +240,7 @@ fn compare_cmd(c: CompareArgs) -> Result<i32> {
     } else {
         print!("{}", cmp.render(c.max_regression, c.alpha));
     }
-    Ok(if cmp.regressed() { REGRESSED } else { 0 })
+    Ok(if cmp.passes() { 0 } else { REGRESSED })
 }
 
 fn spread_cmd(a: SpreadArgs) -> Result<i32> {

@@ -66,6 +66,31 @@ fn compare_exits_non_zero_on_a_significant_regression_only() {
     assert_eq!(junk.status.code(), Some(1), "{}", String::from_utf8_lossy(&junk.stderr));
 }
 
+/// A gate that compares nothing, or misses what the base measured, fails (it used to pass on an
+/// empty results file).
+#[test]
+fn compare_fails_when_the_new_run_misses_what_the_base_measured() {
+    let env = Env::new();
+    let base = write(&env, "base.json", &results(10.0, 1));
+    let mut empty = results(10.0, 3);
+    empty["records"] = json!([]);
+    let empty = write(&env, "empty.json", &empty);
+    let o = env.run(&["bench", "compare", &base, &empty]);
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(2), "{out}");
+    assert!(out.contains("MISSING from the new results: crun/start/end_to_end"), "{out}");
+    assert!(out.contains("NOTHING was compared"), "{out}");
+    // The same metric with no samples (a backend that failed every round) is missing too.
+    let mut hollow = results(10.0, 5);
+    hollow["records"][0]["samples"] = json!([]);
+    let hollow = write(&env, "hollow.json", &hollow);
+    assert_eq!(env.run(&["bench", "compare", &base, &hollow]).status.code(), Some(2));
+    // A new run that measured more than the base still passes on what both have.
+    let more = write(&env, "more.json", &with(results(10.0, 7), "runc", "end_to_end", 30.0, 11));
+    let o = env.run(&["bench", "compare", &base, &more]);
+    assert_eq!(o.status.code(), Some(0), "{}", String::from_utf8_lossy(&o.stdout));
+}
+
 /// `results(..)` with one more start record, `backend`'s `metric` centred on `center`.
 fn with(mut v: Value, backend: &str, metric: &str, center: f64, seed: u64) -> Value {
     let mut extra = results(center, seed)["records"][0].clone();
