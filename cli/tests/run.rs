@@ -193,6 +193,17 @@ fn image_env_workdir_and_user_are_honoured() {
     let (code, _, err) = run(img, &["--rm", "-u", "nobody-here", "busybox", "id"]);
     assert_eq!(code, 125);
     assert!(err.contains("unable to find user nobody-here"), "{err}");
+    // An image by its full ID (`sha256:` and the config digest, as `build -q` prints it).
+    let inspect: serde_json::Value = serde_json::from_str(&twinbox(img, &["inspect", "busybox:app"]).1).unwrap();
+    let config_id = inspect[0]["Id"].as_str().expect("Id").to_owned();
+    let (code, out, err) = run(img, &["--rm", &config_id, "id", "-u"]);
+    assert_eq!((code, out.trim()), (0, "1000"), "{err}");
+    // exec -u looks the container's image up by its manifest digest.
+    let (code, id, err) = run(img, &["-d", "busybox", "sleep", "30"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = twinbox(img, &["exec", "-u", "65534", id.trim(), "id", "-u"]);
+    assert_eq!((code, out.trim()), (0, "65534"), "{err}");
+    assert_eq!(twinbox(img, &["rm", "-f", id.trim()]).0, 0);
     no_leaks(img);
 }
 

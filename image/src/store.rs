@@ -579,7 +579,8 @@ impl Store {
                     return self.image_from_descriptor(desc, Some(r.clone()), None);
                 }
             }
-            if !looks_like_id || s.contains(':') {
+            // `sha256:<hex>` parses as a name and a tag; it is an image ID all the same.
+            if !looks_like_id || (s.contains(':') && !s.starts_with("sha256:")) {
                 return Err(StoreError::NoSuchImage(s.to_owned()));
             }
         }
@@ -591,6 +592,19 @@ impl Store {
                 let hit = img.manifest_digest.hex().starts_with(hexish) || img.config_digest.hex().starts_with(hexish);
                 if hit && !found.iter().any(|f| f.manifest_digest == img.manifest_digest) {
                     found.push(img);
+                }
+            }
+            if found.is_empty() && hexish.len() == 64 {
+                // The full digest of a manifest the store holds but no tag names any more (a
+                // container's image after `rmi` of its tag).
+                if let Ok(d) = format!("sha256:{hexish}").parse::<Digest>() {
+                    if self.has_blob(&d) {
+                        let bytes = self.read_blob(&d)?;
+                        let desc = Descriptor::new(MediaType::ImageManifest, bytes.len() as u64, &d);
+                        if let Ok(img) = self.image_from_descriptor(desc, None, None) {
+                            return Ok(img);
+                        }
+                    }
                 }
             }
             return match found.len() {
