@@ -401,3 +401,23 @@ fn save_writes_into_devices_and_fifos_and_to_stdout() {
         .flatten()
         .any(|e| e.file_name().to_string_lossy().starts_with(".twinbox-save-")));
 }
+
+/// A store whose index.json is gone is refused, not taken for an empty one: `images` used to
+/// write an empty index, and `prune` then deleted every blob.
+#[test]
+fn a_store_without_its_index_is_refused_and_kept() {
+    let env = Env::new();
+    two_layer_image(&env, "two:1");
+    let blobs = |env: &Env| std::fs::read_dir(env.root().join("blobs/sha256")).unwrap().count();
+    let before = blobs(&env);
+    assert!(before >= 4);
+    std::fs::remove_file(env.root().join("index.json")).unwrap();
+    for args in [vec!["images"], vec!["prune"], vec!["inspect", "two:1"]] {
+        let o = env.run(&args);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{args:?}: {err}");
+        assert!(err.contains(&format!("holds {before} blobs but no index.json")), "{args:?}: {err}");
+    }
+    assert_eq!(blobs(&env), before, "no blob deleted");
+    assert!(!env.root().join("index.json").exists(), "no empty index written");
+}

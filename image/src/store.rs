@@ -89,6 +89,19 @@ pub enum StoreError {
         #[source]
         source: serde_json::Error,
     },
+    /// `index.json` is gone but the store holds blobs: treating it as empty would lose every
+    /// image (and a prune would then delete them).
+    #[error(
+        "{root} holds {blobs} blobs but no index.json, which names its images; restore index.json \
+         (from a backup, or `skopeo copy` the images in again), or move the store aside to start an empty one; \
+         nothing was changed"
+    )]
+    IndexMissing {
+        /// The store's root.
+        root: PathBuf,
+        /// How many blobs it holds.
+        blobs: usize,
+    },
     /// A digest string in a manifest or index did not parse.
     #[error("bad digest in the store")]
     Digest(#[from] DigestError),
@@ -141,7 +154,9 @@ impl ExitCode for StoreError {
             | StoreError::NoPlatform { .. }
             | StoreError::InUse { .. }
             // The message asks whether --root names an image layout.
-            | StoreError::Layout { .. } => USER_ERROR,
+            | StoreError::Layout { .. }
+            // The message says how to restore it.
+            | StoreError::IndexMissing { .. } => USER_ERROR,
             StoreError::Io { .. }
             | StoreError::DigestMismatch { .. }
             | StoreError::MissingBlob(_)
@@ -320,6 +335,11 @@ impl Store {
         if !index.exists() {
             let _l = store.lock_index()?;
             if !index.exists() {
+                let blobs_dir = store.root.join("blobs/sha256");
+                let blobs = fs::read_dir(&blobs_dir).map_err(io_err("list", &blobs_dir))?.count();
+                if blobs > 0 {
+                    return Err(StoreError::IndexMissing { root: store.root.clone(), blobs });
+                }
                 let empty = ImageIndexBuilder::default()
                     .schema_version(2u32)
                     .media_type(MediaType::ImageIndex)
