@@ -421,3 +421,48 @@ fn a_store_without_its_index_is_refused_and_kept() {
     assert_eq!(blobs(&env), before, "no blob deleted");
     assert!(!env.root().join("index.json").exists(), "no empty index written");
 }
+
+/// A docker archive of one image whose config has `cmd` as its `Cmd`.
+fn docker_archive_with_cmd(env: &Env, tag: &str, cmd: serde_json::Value) -> std::path::PathBuf {
+    let layer = layer_tar(&[E::Dir("app", 0o755)]);
+    let config = serde_json::json!({
+        "architecture": "amd64", "os": "linux", "config": {"Cmd": cmd},
+        "rootfs": {"type": "layers", "diff_ids": [Digest::of(&layer).to_string()]},
+    });
+    let config_bytes = serde_json::to_vec(&config).unwrap();
+    let config_name = format!("{}.json", Digest::of(&config_bytes).hex());
+    let manifest = serde_json::json!([{ "Config": config_name, "RepoTags": [tag], "Layers": ["l/layer.tar"] }]);
+    let mut b = tar::Builder::new(Vec::new());
+    for (p, data) in [
+        (config_name.as_str(), config_bytes.as_slice()),
+        ("l/layer.tar", layer.as_slice()),
+        ("manifest.json", &serde_json::to_vec(&manifest).unwrap()),
+    ] {
+        let mut h = tar::Header::new_gnu();
+        h.set_mode(0o644);
+        h.set_size(data.len() as u64);
+        b.append_data(&mut h, p, data).unwrap();
+    }
+    let path = env.path(&format!("{}.tar", tag.replace([':', '/'], "_")));
+    std::fs::write(&path, b.into_inner().unwrap()).unwrap();
+    path
+}
+
+/// An image whose config is not a valid image config is refused at load, with nothing tagged;
+/// it used to load, after which `images`, `inspect` and `rmi` failed for every image.
+#[test]
+fn a_bad_config_is_refused_at_load_and_poisons_nothing() {
+    let env = Env::new();
+    let good = docker_archive_with_cmd(&env, "good:1", serde_json::json!(["/app/run"]));
+    env.ok(&["load", "-i", good.to_str().unwrap()]);
+    let bad = docker_archive_with_cmd(&env, "bad:1", serde_json::json!("notalist"));
+    let o = env.run(&["load", "-i", bad.to_str().unwrap()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("image bad:1 in the archive cannot be loaded; nothing was tagged"), "{err}");
+    assert!(err.contains("image config"), "{err}");
+    let images = env.ok(&["images"]);
+    assert!(images.contains("good") && !images.contains("bad"), "{images}");
+    env.ok(&["inspect", "good:1"]);
+    env.ok(&["rmi", "good:1"]);
+}

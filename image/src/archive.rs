@@ -61,6 +61,15 @@ pub enum ArchiveError {
     /// A JSON document is larger than we are willing to hold in memory.
     #[error("{0} in archive is larger than 64 MiB")]
     TooLarge(String),
+    /// An image in the archive whose manifest or config is not valid; nothing was tagged.
+    #[error("image {name} in the archive cannot be loaded; nothing was tagged")]
+    BadImage {
+        /// The name it would have had.
+        name: String,
+        /// What is wrong with it.
+        #[source]
+        source: StoreError,
+    },
 }
 
 impl ExitCode for ArchiveError {
@@ -71,7 +80,8 @@ impl ExitCode for ArchiveError {
             | ArchiveError::NotAnArchive
             | ArchiveError::Json(..)
             | ArchiveError::Missing(_)
-            | ArchiveError::TooLarge(_) => twinbox_exit::USER_ERROR,
+            | ArchiveError::TooLarge(_)
+            | ArchiveError::BadImage { .. } => twinbox_exit::USER_ERROR,
             ArchiveError::Name { source, .. } => source.exit_code(),
             ArchiveError::Store(e) => e.exit_code(),
         }
@@ -274,6 +284,7 @@ pub fn load(store: &Store, input: impl Read) -> Result<LoadReport, ArchiveError>
                 None => report.untagged.push(digest),
             }
         }
+        check_images(store, &named)?;
         for (r, d) in named {
             store.set_tag(&r, &d)?;
             report.tagged.push(r);
@@ -309,11 +320,32 @@ pub fn load(store: &Store, input: impl Read) -> Result<LoadReport, ArchiveError>
             named.push((r, desc.clone()));
         }
     }
+    check_images(store, &named)?;
     for (r, d) in named {
         store.set_tag(&r, &d)?;
         report.tagged.push(r);
     }
     Ok(report)
+}
+
+/// Every image about to be tagged must be usable: its manifests (each platform's, for an index)
+/// and configs parse as what they claim to be. One that does not would fail every command
+/// that lists the store.
+fn check_images(store: &Store, named: &[(Reference, Descriptor)]) -> Result<(), ArchiveError> {
+    fn check(store: &Store, desc: &Descriptor) -> Result<(), StoreError> {
+        let digest = Digest::try_from(desc.digest())?;
+        let is_index = matches!(desc.media_type(), MediaType::ImageIndex)
+            || matches!(desc.media_type(), MediaType::Other(s) if s == crate::store::DOCKER_MANIFEST_LIST);
+        if is_index {
+            let index: ImageIndex = store.read_json(&digest, "image index")?;
+            return index.manifests().iter().try_for_each(|child| check(store, child));
+        }
+        store.image_from_descriptor(desc.clone(), None, None).map(drop)
+    }
+    for (r, d) in named {
+        check(store, d).map_err(|source| ArchiveError::BadImage { name: r.to_string(), source })?;
+    }
+    Ok(())
 }
 
 /// Every blob an index entry needs must be in the store before it is named.

@@ -568,7 +568,14 @@ impl Store {
         for desc in self.index()?.manifests() {
             let Some(name) = ref_name(desc) else { continue };
             let Ok(reference) = name.parse::<Reference>() else { continue };
-            let img = self.image_from_descriptor(desc.clone(), Some(reference), None)?;
+            // One unreadable image must not hide the others.
+            let img = match self.image_from_descriptor(desc.clone(), Some(reference), None) {
+                Ok(img) => img,
+                Err(e) => {
+                    tracing::warn!(image = name, error = %e, "cannot read this image; `twinbox rmi -f` removes it");
+                    continue;
+                }
+            };
             out.push(ImageSummary {
                 reference: name.to_owned(),
                 digest: img.manifest_digest.to_string(),
@@ -607,8 +614,12 @@ impl Store {
         if looks_like_id {
             let mut found: Vec<Image> = Vec::new();
             for desc in index.manifests() {
-                let img =
-                    self.image_from_descriptor(desc.clone(), ref_name(desc).and_then(|n| n.parse().ok()), None)?;
+                // An unreadable entry is none of these (the listing warns about it).
+                let Ok(img) =
+                    self.image_from_descriptor(desc.clone(), ref_name(desc).and_then(|n| n.parse().ok()), None)
+                else {
+                    continue;
+                };
                 let hit = img.manifest_digest.hex().starts_with(hexish) || img.config_digest.hex().starts_with(hexish);
                 if hit && !found.iter().any(|f| f.manifest_digest == img.manifest_digest) {
                     found.push(img);
