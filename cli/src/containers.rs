@@ -23,7 +23,9 @@ fn engine(root: &Path) -> Result<Engine> {
     // A detached container's monitor runs `twinbox --root ROOT container-exited ID CODE`
     // when the container ends.
     let exe = std::env::current_exe().context("finding the twinbox binary")?;
-    engine.set_on_exit(vec![exe.into(), "--root".into(), root.into(), "container-exited".into()]);
+    engine.set_on_exit(vec![exe.clone().into(), "--root".into(), root.into(), "container-exited".into()]);
+    // Published ports are forwarded by `twinbox container-proxy PID IP PORT…`.
+    engine.set_proxy(vec![exe.into(), "container-proxy".into()]);
     Ok(engine)
 }
 
@@ -34,6 +36,37 @@ pub struct ExitedArgs {
     /// Its exit code (128+N when killed by signal N).
     #[arg(allow_negative_numbers = true)]
     code: i32,
+}
+
+#[derive(Args, Debug)]
+pub struct ProxyArgs {
+    /// The container's init.
+    pid: i32,
+    /// The container's address.
+    ip: std::net::Ipv4Addr,
+    /// Its ports, one per listening socket passed as descriptor 3, 4, ….
+    ports: Vec<u16>,
+}
+
+pub fn proxy(a: ProxyArgs) -> Result<i32> {
+    twinbox_engine::network::publish::run_proxy(a.pid, a.ip, &a.ports).context("forwarding published ports")?;
+    Ok(0)
+}
+
+#[derive(Args, Debug)]
+pub struct PortArgs {
+    /// Container (id, id prefix or name).
+    container: String,
+}
+
+/// `twinbox port NAME`: its published ports, `80/tcp -> 0.0.0.0:8080`, as Docker prints them.
+pub fn port(root: &Path, a: PortArgs) -> Result<i32> {
+    let r = engine(root)?.find(&a.container)?;
+    for m in &r.ports {
+        let ip = m.host_ip.map(|i| i.to_string()).unwrap_or_else(|| "0.0.0.0".into());
+        println!("{}/tcp -> {ip}:{}", m.container_port, m.host_port);
+    }
+    Ok(0)
 }
 
 pub fn exited(root: &Path, a: ExitedArgs) -> Result<i32> {
@@ -82,6 +115,10 @@ pub struct RunArgs {
     /// Security options: `seccomp=unconfined` or `seccomp=PROFILE.json`.
     #[arg(long = "security-opt")]
     security_opt: Vec<String>,
+    /// Publish a container port on the host: `[IP:][HOST_PORT:]CONTAINER_PORT[/tcp]` (a free
+    /// host port when none is given); needs a bridge network.
+    #[arg(short = 'p', long = "publish")]
+    publish: Vec<String>,
     /// Network: `none` (loopback only), `host`, `container:NAME` (another container's), or a
     /// network's name (`twinbox0` is the default bridge network, made when first used).
     #[arg(long, default_value = "none")]
@@ -148,6 +185,11 @@ pub fn run(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
         return Err(UserError("--kernel, --timeout and --irqchip are for --isolation microvm".into()).into());
     }
     let network: twinbox_engine::network::attach::NetworkMode = a.network.parse()?;
+    let publish = a
+        .publish
+        .iter()
+        .map(|p| p.parse::<twinbox_engine::network::publish::PortMapping>())
+        .collect::<Result<Vec<_>, _>>()?;
     if a.detach && a.rm {
         // Allowed, as in Docker: the monitor removes it on exit.
     }
@@ -177,6 +219,7 @@ pub fn run(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
         rm: a.rm,
         detach: a.detach,
         network,
+        publish,
     };
     let record = eng.prepare(&opts)?;
     if a.detach {
@@ -286,7 +329,7 @@ pub fn ps(root: &Path, a: PsArgs) -> Result<i32> {
         }
         return Ok(0);
     }
-    writeln!(out, "{:<14}{:<24}{:<28}{:<24}NAME", "CONTAINER ID", "IMAGE", "COMMAND", "STATUS")?;
+    writeln!(out, "{:<14}{:<24}{:<28}{:<24}{:<24}NAME", "CONTAINER ID", "IMAGE", "COMMAND", "STATUS", "PORTS")?;
     for r in &list {
         let status = match &r.phase {
             Phase::Created => "Created".to_string(),
@@ -300,7 +343,8 @@ pub fn ps(root: &Path, a: PsArgs) -> Result<i32> {
             cmd.truncate(24);
             cmd.push_str("…\"");
         }
-        writeln!(out, "{:<14}{:<24}{:<28}{:<24}{}", &r.id[..12], r.image, cmd, status, r.name)?;
+        let ports = r.ports.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(", ");
+        writeln!(out, "{:<14}{:<24}{:<28}{:<24}{:<24}{}", &r.id[..12], r.image, cmd, status, ports, r.name)?;
     }
     Ok(0)
 }

@@ -83,6 +83,11 @@ enum Command {
     Vm(vm::VmArgs),
     /// Measure the image as a container and as a microVM beside runc, crun, QEMU and Firecracker; write a report.
     Bench(Box<bench::BenchArgs>),
+    /// Show a container's published ports.
+    Port(containers::PortArgs),
+    /// Forwards a container's published ports until its init ends (started by run, not by hand).
+    #[command(hide = true)]
+    ContainerProxy(containers::ProxyArgs),
     /// Run by a detached container's monitor once the container's init has exited: records
     /// its exit code and removes what it leaves.
     #[command(hide = true)]
@@ -155,6 +160,8 @@ fn main() -> ExitCode {
         Command::Start(a) => containers::start(root, a),
         Command::Exec(a) => containers::exec(root, a),
         Command::ContainerExited(a) => containers::exited(root, a),
+        Command::ContainerProxy(a) => containers::proxy(a),
+        Command::Port(a) => containers::port(root, a),
         Command::Network(a) => networks::network(root, a),
         Command::Vm(a) => vm::vm(a),
         Command::Bench(a) => bench::bench(root, *a),
@@ -234,6 +241,8 @@ fn twinbox_exit_code(cause: &(dyn std::error::Error + 'static)) -> Option<i32> {
         twinbox_engine::build_run::BuildRunError,
         twinbox_engine::microvm::ImageRunError,
         twinbox_engine::network::NetworkError,
+        twinbox_engine::network::publish::PortSpecError,
+        twinbox_engine::network::publish::PublishError,
         twinbox_runtime::RuntimeError,
         twinbox_runtime::cgroups::CgroupError,
         twinbox_microvm::VmError,

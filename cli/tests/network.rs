@@ -123,7 +123,7 @@ fn networks_are_bridges_with_their_gateway() {
 /// A busybox image in `env`'s store, with the applets the network tests use.
 fn busybox(env: &Env) -> bool {
     let ctx = env.path("busybox");
-    let applets = ["sh", "ip", "ping", "cat", "sleep", "ls", "hostname", "grep"];
+    let applets = ["sh", "ip", "ping", "cat", "sleep", "ls", "hostname", "grep", "httpd", "mkdir", "true"];
     if !common::busybox_rootfs(&ctx, &applets) {
         return false;
     }
@@ -227,4 +227,110 @@ fn containers_join_bridge_networks() {
     assert_eq!(tb(&["ps", "-aq"]).1.trim(), "");
     assert_eq!(veths(), veths_before, "no veth left");
     env.ok(&["network", "rm", "tnet"]);
+}
+
+/// An HTTP GET of `/` from `addr`, bounded in time; the body.
+fn get(addr: &str) -> std::io::Result<String> {
+    use std::io::{Read, Write};
+    let addr: std::net::SocketAddr = addr.parse().unwrap();
+    let mut s = std::net::TcpStream::connect_timeout(&addr, std::time::Duration::from_secs(3))?;
+    s.set_read_timeout(Some(std::time::Duration::from_secs(3)))?;
+    s.write_all(b"GET / HTTP/1.0\r\nHost: test\r\n\r\n")?;
+    let mut out = String::new();
+    s.read_to_string(&mut out)?;
+    Ok(out.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or(out))
+}
+
+/// A listener on `port` of 127.0.0.1 can be made (nothing holds the port).
+fn port_free(port: u16) -> bool {
+    std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// `-p`: a container's HTTP server answers through the published port on 127.0.0.1 and on a
+/// host address (the network's gateway, on the bridge this test made); `twinbox port` and `ps`
+/// show the port; a port already taken fails with 125 and the port named, leaving nothing; after
+/// removal the port is free again and no proxy is left.
+#[test]
+fn published_ports_answer_on_the_host() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !require_root() || !common::require_tool("ip") {
+        return;
+    }
+    let env = Env::new();
+    let _cleanup = Prune(&env);
+    if !busybox(&env) {
+        return;
+    }
+    let tb = |args: &[&str]| {
+        let mut cmd = env.cmd();
+        cmd.env("TWINBOX_RUNTIME_ROOT", env.path("runtime"));
+        let o = cmd.args(args).output().unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    env.ok(&["network", "create", "pnet"]);
+    let net: serde_json::Value = serde_json::from_str(&env.ok(&["network", "inspect", "pnet"])).unwrap();
+    let gateway = net[0]["gateway"].as_str().unwrap().to_owned();
+    let serve = "mkdir -p /www && echo page-of-$(hostname) > /www/index.html && exec httpd -f -p 8080 -h /www";
+    let (code, _, err) = tb(&[
+        "run",
+        "-d",
+        "--network",
+        "pnet",
+        "-p",
+        "8080",
+        "--hostname",
+        "web",
+        "--name",
+        "web",
+        "busybox",
+        "sh",
+        "-c",
+        serve,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let (_, ports, _) = tb(&["port", "web"]);
+    let host_port: u16 = ports.trim().rsplit_once(':').expect("8080/tcp -> 0.0.0.0:PORT").1.parse().unwrap();
+    assert!(ports.starts_with("8080/tcp -> 0.0.0.0:"), "{ports}");
+    assert!(tb(&["ps"]).1.contains(&format!("0.0.0.0:{host_port}->8080/tcp")));
+    // The server may take a moment to listen: a bounded retry.
+    let mut body = Err(std::io::Error::other("not tried"));
+    for _ in 0..50 {
+        body = get(&format!("127.0.0.1:{host_port}"));
+        if body.as_ref().is_ok_and(|b| b.contains("page-of-web")) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(body.unwrap().trim(), "page-of-web");
+    assert_eq!(get(&format!("{gateway}:{host_port}")).unwrap().trim(), "page-of-web", "on a host address too");
+
+    // A host port already taken: 125, the port named, nothing made.
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let p = taken.local_addr().unwrap().port();
+    let (code, _, err) =
+        tb(&["run", "-d", "--network", "pnet", "-p", &format!("127.0.0.1:{p}:8080"), "busybox", "true"]);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains(&format!("cannot publish 127.0.0.1:{p}->8080/tcp")), "{err}");
+    assert_eq!(tb(&["ps", "-aq"]).1.lines().count(), 1, "only web");
+    // -p without a bridge network, and a malformed -p: refused before anything runs.
+    let (code, _, err) = tb(&["run", "--rm", "-p", "80", "busybox", "true"]);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("ports can be published only from a bridge network"), "{err}");
+    let (code, _, err) = tb(&["run", "--rm", "--network", "pnet", "-p", "80:x", "busybox", "true"]);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("invalid port publication \"80:x\""), "{err}");
+
+    assert_eq!(tb(&["rm", "-f", "web"]).0, 0);
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !port_free(host_port) && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert!(port_free(host_port), "the proxy let the port go");
+    let after: serde_json::Value = serde_json::from_str(&env.ok(&["network", "inspect", "pnet"])).unwrap();
+    assert_eq!(after[0]["addresses"], serde_json::json!({}));
+    env.ok(&["network", "rm", "pnet"]);
 }

@@ -31,6 +31,7 @@ use twinbox_image::{store::remove_tree, Store, StoreError};
 pub use spec::RunOptions;
 
 use crate::network::attach::{self, Endpoint, NetworkMode};
+use crate::network::publish::{self, PortMapping};
 use crate::network::{Networks, DEFAULT_NETWORK};
 use twinbox_runtime::cgroups::CgroupManager;
 use twinbox_runtime::container::{CreateOptions, Runtime};
@@ -83,6 +84,15 @@ pub enum EngineError {
     /// Networking the container failed, or its network does not exist.
     #[error(transparent)]
     Network(#[from] crate::network::NetworkError),
+    /// A port could not be published.
+    #[error(transparent)]
+    Publish(#[from] crate::network::publish::PublishError),
+    /// The engine was not told what forwards published ports.
+    #[error("published ports need the command that forwards them; see Engine::set_proxy")]
+    NoProxyCommand,
+    /// `-p` with a network mode that has no address of its own to forward to.
+    #[error("ports can be published only from a bridge network, not with --network {0}; drop -p, or use a network")]
+    PublishNeedsBridge(String),
     /// The detached monitor reported a failure to start the container.
     #[error("starting the container failed: {0}")]
     Monitor(String),
@@ -99,15 +109,19 @@ impl ExitCode for EngineError {
             EngineError::Runtime(e) => e.exit_code(),
             EngineError::Launch(e) => e.exit_code(),
             EngineError::Network(e) => e.exit_code(),
+            EngineError::Publish(e) => e.exit_code(),
+            EngineError::PublishNeedsBridge(_) => USER_ERROR,
             EngineError::SeccompProfile(..)
             | EngineError::BadCpus(_)
             | EngineError::NoSuchContainer(_)
             | EngineError::NameInUse(_)
             | EngineError::Running(_)
             | EngineError::NotRunning(_) => USER_ERROR,
-            EngineError::Io { .. } | EngineError::Sys(..) | EngineError::Monitor(_) | EngineError::NoExitCommand => {
-                INTERNAL
-            }
+            EngineError::Io { .. }
+            | EngineError::Sys(..)
+            | EngineError::Monitor(_)
+            | EngineError::NoExitCommand
+            | EngineError::NoProxyCommand => INTERNAL,
         }
     }
 }
@@ -159,6 +173,9 @@ pub struct Record {
     /// Where it sits on its bridge network while it runs.
     #[serde(default)]
     pub endpoint: Option<Endpoint>,
+    /// Its published ports as bound (a free host port filled in) while it runs.
+    #[serde(default)]
+    pub ports: Vec<PortMapping>,
 }
 
 /// The container engine.
@@ -167,6 +184,7 @@ pub struct Engine {
     pub(crate) runtime: Runtime,
     dir: PathBuf,
     on_exit: Option<Vec<std::ffi::OsString>>,
+    proxy: Option<Vec<std::ffi::OsString>>,
 }
 
 /// How a foreground container ended.
@@ -184,7 +202,7 @@ impl Engine {
     pub fn new(store: Store, runtime_root: impl Into<PathBuf>) -> Result<Self, EngineError> {
         let dir = store.root().join("containers");
         fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
-        Ok(Self { store, runtime: Runtime::new(runtime_root), dir, on_exit: None })
+        Ok(Self { store, runtime: Runtime::new(runtime_root), dir, on_exit: None, proxy: None })
     }
 
     /// The command a detached container's monitor runs, with the container's id and exit code
@@ -192,6 +210,14 @@ impl Engine {
     /// hidden `container-exited`). Needed by [`run_detached`](Self::run_detached).
     pub fn set_on_exit(&mut self, command: Vec<std::ffi::OsString>) {
         self.on_exit = Some(command);
+    }
+
+    /// The command that forwards a container's published ports, with the init's pid, the
+    /// container's address and its ports appended, the listening sockets as descriptors 3,
+    /// 4, …: one that calls [`crate::network::publish::run_proxy`] (the CLI's hidden
+    /// `container-proxy`). Needed by containers with `-p`.
+    pub fn set_proxy(&mut self, command: Vec<std::ffi::OsString>) {
+        self.proxy = Some(command);
     }
 
     /// The image store.
@@ -228,6 +254,15 @@ impl Engine {
             upper: cdir.join("upper"),
             work: cdir.join("work"),
         };
+        if !opts.publish.is_empty() && !matches!(opts.network, NetworkMode::Bridge(_)) {
+            let mode = match &opts.network {
+                NetworkMode::None => "none".to_owned(),
+                NetworkMode::Host => "host".to_owned(),
+                NetworkMode::Container(c) => format!("container:{c}"),
+                NetworkMode::Bridge(n) => n.clone(),
+            };
+            return Err(EngineError::PublishNeedsBridge(mode));
+        }
         let net = self.net_setup(&id, &cdir, opts)?;
         let spec = spec::build_spec(&id, &image.config, &layers, &overlay, opts, &net)?;
         let cfg = cdir.join("bundle/config.json");
@@ -244,6 +279,7 @@ impl Engine {
             created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             phase: Phase::Created,
             endpoint: None,
+            ports: Vec::new(),
         };
         self.save(&record)?;
         self.store.hold(&id, &image.manifest_digest)?;
@@ -327,13 +363,66 @@ impl Engine {
             let hostname = spec::hostname(&record.id, &record.options);
             fs::write(&hosts, attach::hosts_file(&hostname, Some(ip))).map_err(io_err("write", &hosts))?;
             attach::connect(&endpoint, &network.bridge, pid)?;
-            Ok(())
+            self.publish(record, ip, pid)
         })();
         if let Err(e) = joined {
             let _ = nets.release(&record.id);
             return Err(e);
         }
         record.endpoint = Some(endpoint);
+        Ok(())
+    }
+
+    /// Binds the container's published ports and starts its proxy (see
+    /// [`crate::network::publish`]), which ends with the init `pid`.
+    fn publish(&self, record: &mut Record, ip: std::net::Ipv4Addr, pid: i32) -> Result<(), EngineError> {
+        if record.options.publish.is_empty() {
+            return Ok(());
+        }
+        let command = self.proxy.as_deref().filter(|c| !c.is_empty()).ok_or(EngineError::NoProxyCommand)?;
+        let (listeners, bound) = publish::bind(&record.options.publish)?;
+        // Passed to the child in a fixed array: it must not allocate between fork and exec.
+        let mut fds = [-1i32; publish::MAX_PUBLISHED];
+        for (slot, l) in fds.iter_mut().zip(&listeners) {
+            *slot = std::os::fd::AsRawFd::as_raw_fd(l);
+        }
+        let count = listeners.len();
+        let mut cmd = std::process::Command::new(&command[0]);
+        cmd.args(&command[1..]).arg(pid.to_string()).arg(ip.to_string());
+        cmd.args(bound.iter().map(|m| m.container_port.to_string()));
+        cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+        // SAFETY: between fork and exec the child only calls async-signal-safe functions
+        // (setsid, fork, dup2, fcntl, _exit) on descriptors it owns. It forks once more and
+        // the middle process exits at once, so the proxy is nobody's child here (not the
+        // monitor's, which waits only for the init) and is reaped by init when it ends.
+        unsafe {
+            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+                libc::setsid();
+                match libc::fork() {
+                    -1 => return Err(io::Error::last_os_error()),
+                    0 => {}
+                    _ => libc::_exit(0),
+                }
+                // Move the listeners to 3, 4, … (first out of the way, in case they overlap).
+                let mut high = [-1i32; publish::MAX_PUBLISHED];
+                for i in 0..count {
+                    high[i] = libc::fcntl(fds[i], libc::F_DUPFD_CLOEXEC, 100);
+                    if high[i] < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                for (i, &fd) in high.iter().enumerate().take(count) {
+                    if libc::dup2(fd, 3 + i as i32) < 0 {
+                        return Err(io::Error::last_os_error());
+                    }
+                }
+                Ok(())
+            });
+        }
+        let mut middle = cmd.spawn().map_err(|e| EngineError::Publish(publish::PublishError::Proxy(e)))?;
+        let _ = middle.wait();
+        drop(listeners);
+        record.ports = bound;
         Ok(())
     }
 
@@ -473,6 +562,7 @@ impl Engine {
         if record.endpoint.take().is_some() {
             self.leave_network(&record.id);
         }
+        record.ports.clear();
         if record.options.rm {
             self.remove_files(&record.id)?;
         } else {

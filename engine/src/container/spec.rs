@@ -67,6 +67,9 @@ pub struct RunOptions {
     /// `--network`: none (loopback only), host, container:NAME, or a bridge network.
     #[serde(default)]
     pub network: crate::network::attach::NetworkMode,
+    /// `-p`: host ports forwarded to the container's (bridge networks only).
+    #[serde(default)]
+    pub publish: Vec<crate::network::publish::PortMapping>,
 }
 
 /// The network namespace a container gets, and the files bound over its `/etc` (hosts,

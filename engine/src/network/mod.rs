@@ -15,6 +15,7 @@
 
 pub mod attach;
 pub mod netlink;
+pub mod publish;
 
 use std::collections::{BTreeMap, BTreeSet};
 use std::fmt;

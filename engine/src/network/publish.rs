@@ -1,0 +1,219 @@
+//! Published ports (`-p [IP:][HOST:]CONTAINER[/tcp]`): a host port that forwards to a port
+//! of a container on a bridge network.
+//!
+//! How: a proxy in user space, as Docker's `docker-proxy`. The engine binds every host port
+//! itself before the container starts (so a port already taken is refused at once, naming it),
+//! then hands the listening sockets to one proxy process per container, which accepts and
+//! copies both ways to the container's address. The listener is on the wildcard address (or
+//! the one given), so the port answers on 127.0.0.1 and on every address of the host; no
+//! netfilter rule and no `route_localnet` are needed, and nothing is left when the proxy ends.
+//! The proxy watches the container's init through a pidfd and exits with it, so a SIGKILLed
+//! twinbox leaves no proxy behind either.
+
+use std::io;
+use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+/// The most ports one container may publish.
+pub const MAX_PUBLISHED: usize = 64;
+
+/// One `-p`: where on the host, which container port, and (once bound) the host port it got.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PortMapping {
+    /// The host address to listen on (all of them when absent).
+    pub host_ip: Option<IpAddr>,
+    /// The host port; 0 asks for a free one.
+    pub host_port: u16,
+    pub container_port: u16,
+}
+
+/// A `-p` that cannot be understood.
+#[derive(Debug, thiserror::Error)]
+#[error("invalid port publication {spec:?}: {why}; use [IP:][HOST_PORT:]CONTAINER_PORT[/tcp], such as 8080:80")]
+pub struct PortSpecError {
+    pub spec: String,
+    pub why: &'static str,
+}
+
+impl twinbox_exit::ExitCode for PortSpecError {
+    fn exit_code(&self) -> i32 {
+        twinbox_exit::USER_ERROR
+    }
+}
+
+impl FromStr for PortMapping {
+    type Err = PortSpecError;
+
+    fn from_str(spec: &str) -> Result<Self, PortSpecError> {
+        let bad = |why| PortSpecError { spec: spec.to_owned(), why };
+        let (ports, proto) = match spec.rsplit_once('/') {
+            Some((p, "tcp")) => (p, "tcp"),
+            Some((_, "udp")) => return Err(bad("only TCP can be published so far")),
+            Some(_) => return Err(bad("the protocol must be tcp")),
+            None => (spec, "tcp"),
+        };
+        debug_assert_eq!(proto, "tcp");
+        let port = |s: &str, zero_ok: bool| -> Result<u16, PortSpecError> {
+            match s.parse::<u16>() {
+                Ok(0) if !zero_ok => Err(bad("a port is 1 to 65535")),
+                Ok(p) => Ok(p),
+                Err(_) => Err(bad("a port is a number from 1 to 65535")),
+            }
+        };
+        let parts: Vec<&str> = ports.rsplitn(3, ':').collect();
+        let (host_ip, host_port, container_port) = match parts.as_slice() {
+            [c] => (None, 0, port(c, false)?),
+            [c, h] => (None, port(h, false)?, port(c, false)?),
+            [c, h, ip] => {
+                let ip = ip.trim_start_matches('[').trim_end_matches(']');
+                let ip: IpAddr = ip.parse().map_err(|_| bad("the host address is not an IP address"))?;
+                (Some(ip), if h.is_empty() { 0 } else { port(h, false)? }, port(c, false)?)
+            }
+            _ => return Err(bad("too many ':'")),
+        };
+        Ok(PortMapping { host_ip, host_port, container_port })
+    }
+}
+
+impl std::fmt::Display for PortMapping {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let ip = self.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        write!(f, "{ip}:{}->{}/tcp", self.host_port, self.container_port)
+    }
+}
+
+/// Binds every mapping's host port; the listeners, and the mappings with the ports they got.
+/// A port already taken is an error naming it.
+pub fn bind(mappings: &[PortMapping]) -> Result<(Vec<TcpListener>, Vec<PortMapping>), PublishError> {
+    if mappings.len() > MAX_PUBLISHED {
+        return Err(PublishError::TooMany(mappings.len()));
+    }
+    let mut listeners = Vec::new();
+    let mut bound = Vec::new();
+    for m in mappings {
+        let ip = m.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
+        let addr = SocketAddr::new(ip, m.host_port);
+        let l = TcpListener::bind(addr).map_err(|source| PublishError::Bind { mapping: m.to_string(), source })?;
+        let port = l.local_addr().map_err(|source| PublishError::Bind { mapping: m.to_string(), source })?.port();
+        bound.push(PortMapping { host_port: port, ..m.clone() });
+        listeners.push(l);
+    }
+    Ok((listeners, bound))
+}
+
+/// Publishing failed.
+#[derive(Debug, thiserror::Error)]
+pub enum PublishError {
+    #[error("cannot publish {mapping}: the host port is taken or not allowed")]
+    Bind {
+        mapping: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("cannot start the port proxy")]
+    Proxy(#[source] io::Error),
+    #[error("{0} ports to publish; at most {MAX_PUBLISHED}")]
+    TooMany(usize),
+}
+
+impl twinbox_exit::ExitCode for PublishError {
+    fn exit_code(&self) -> i32 {
+        match self {
+            // As Docker: a port conflict is the daemon's failure to start the container.
+            PublishError::Bind { .. } | PublishError::Proxy(_) => twinbox_exit::INTERNAL,
+            PublishError::TooMany(_) => twinbox_exit::USER_ERROR,
+        }
+    }
+}
+
+/// The proxy's main: forwards each listener (descriptors 3, 4, … in `mappings` order) to
+/// `target`:`container_port` until process `pid` (the container's init) ends.
+pub fn run_proxy(pid: i32, target: Ipv4Addr, ports: &[u16]) -> io::Result<()> {
+    // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: a successful pidfd_open returns a new descriptor that nothing else owns.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    for (i, &port) in ports.iter().enumerate() {
+        // SAFETY: the engine passed the listeners as descriptors 3.. in this order; each is
+        // taken over once.
+        let listener = unsafe { TcpListener::from_raw_fd(3 + i as i32) };
+        let to = SocketAddr::new(IpAddr::V4(target), port);
+        std::thread::spawn(move || accept_loop(listener, to));
+    }
+    // Until the init is gone (the pidfd becomes readable).
+    let mut fds = [libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
+    loop {
+        // SAFETY: poll reads and writes the one pollfd of a live array.
+        let r = unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) };
+        if r > 0 {
+            return Ok(());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+fn accept_loop(listener: TcpListener, to: SocketAddr) {
+    for conn in listener.incoming() {
+        let Ok(client) = conn else { continue };
+        std::thread::spawn(move || {
+            let Ok(server) = TcpStream::connect(to) else { return };
+            let _ = client.set_nodelay(true);
+            let _ = server.set_nodelay(true);
+            let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else { return };
+            let up = std::thread::spawn(move || pipe(c2, s2));
+            pipe(server, client);
+            let _ = up.join();
+        });
+    }
+}
+
+/// Copies `from` to `to` until `from` ends, then half-closes `to`.
+fn pipe(mut from: TcpStream, mut to: TcpStream) {
+    let _ = io::copy(&mut from, &mut to);
+    let _ = to.shutdown(Shutdown::Write);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn m(s: &str) -> Result<PortMapping, PortSpecError> {
+        s.parse()
+    }
+
+    #[test]
+    fn specs_parse_as_docker_reads_them() {
+        assert_eq!(m("8080:80").unwrap(), PortMapping { host_ip: None, host_port: 8080, container_port: 80 });
+        assert_eq!(m("80").unwrap(), PortMapping { host_ip: None, host_port: 0, container_port: 80 });
+        assert_eq!(m("80/tcp").unwrap().container_port, 80);
+        let local = m("127.0.0.1:18080:8080").unwrap();
+        assert_eq!(local.host_ip, Some(IpAddr::V4(Ipv4Addr::LOCALHOST)));
+        assert_eq!(local.host_port, 18080);
+        assert_eq!(m("127.0.0.1::8080").unwrap().host_port, 0);
+        assert_eq!(m("8080:80").unwrap().to_string(), "0.0.0.0:8080->80/tcp");
+        for bad in ["", "x", "0", "70000", "8080:80/sctp", "8080:80/udp", "a:1:2", "1:2:3:4", "8080:"] {
+            assert!(m(bad).is_err(), "{bad}");
+        }
+    }
+
+    #[test]
+    fn a_taken_port_is_named() {
+        let taken = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = taken.local_addr().unwrap().port();
+        let spec: PortMapping = format!("127.0.0.1:{port}:80").parse().unwrap();
+        let err = bind(&[spec]).unwrap_err();
+        assert!(err.to_string().contains(&format!("127.0.0.1:{port}->80/tcp")), "{err}");
+        let (listeners, bound) = bind(&["127.0.0.1::80".parse().unwrap()]).unwrap();
+        assert_ne!(bound[0].host_port, 0, "a free port was chosen");
+        assert_eq!(listeners[0].local_addr().unwrap().port(), bound[0].host_port);
+    }
+}
