@@ -203,6 +203,25 @@ fn containers_join_bridge_networks() {
         &format!("ping -c 1 -W 3 {a_ip} >/dev/null && echo a-answers"),
     ]);
     assert_eq!((code, out.trim()), (0, "a-answers"), "{err}");
+    // By name: each container's /etc/hosts names the others on its network, kept up to date.
+    let (code, out, err) = tb(&[
+        "run",
+        "--rm",
+        "--network",
+        "tnet",
+        "busybox",
+        "sh",
+        "-c",
+        "ping -c 1 -W 3 a >/dev/null && echo a-by-name",
+    ]);
+    assert_eq!((code, out.trim()), (0, "a-by-name"), "{err}");
+    let (code, _, err) =
+        tb(&["run", "-d", "--network", "tnet", "--name", "b", "--hostname", "bee", "busybox", "sleep", "60"]);
+    assert_eq!(code, 0, "{err}");
+    let hosts_of_a = || tb(&["exec", "a", "cat", "/etc/hosts"]).1;
+    assert!(hosts_of_a().lines().any(|l| l.ends_with("\tb bee")), "{}", hosts_of_a());
+    assert_eq!(tb(&["rm", "-f", "b"]).0, 0);
+    assert!(!hosts_of_a().contains("bee"), "{}", hosts_of_a());
     let (code, out, err) =
         tb(&["run", "--rm", "--network", "container:a", "busybox", "ip", "-4", "-o", "addr", "show", "dev", "eth0"]);
     assert_eq!(code, 0, "{err}");

@@ -370,7 +370,43 @@ impl Engine {
             return Err(e);
         }
         record.endpoint = Some(endpoint);
+        self.refresh_hosts(&network.name, Some(record));
         Ok(())
+    }
+
+    /// Rewrites (in place: the files are bound into the containers) the `/etc/hosts` of every
+    /// container on network `name`, each naming all the others. `joining` is a container whose
+    /// record is not saved yet.
+    fn refresh_hosts(&self, name: &str, joining: Option<&Record>) {
+        let refreshed = self.networks().with_network(name, |n| {
+            let record_of = |id: &str| match joining {
+                Some(r) if r.id == id => Some(r.clone()),
+                _ => self.stored(id),
+            };
+            let members: Vec<(std::net::Ipv4Addr, Record)> =
+                n.addresses.iter().filter_map(|(ip, id)| Some((*ip, record_of(id)?))).collect();
+            let names: Vec<(std::net::Ipv4Addr, Vec<String>)> = members
+                .iter()
+                .map(|(ip, r)| {
+                    let hostname = spec::hostname(&r.id, &r.options);
+                    let mut names = vec![r.name.clone()];
+                    if hostname != r.name {
+                        names.push(hostname);
+                    }
+                    (*ip, names)
+                })
+                .collect();
+            for (ip, r) in &members {
+                let hosts = self.container_dir(&r.id).join("hosts");
+                let text = attach::network_hosts_file(&spec::hostname(&r.id, &r.options), *ip, &names);
+                if let Err(e) = fs::write(&hosts, text) {
+                    tracing::warn!(path = %hosts.display(), error = %e, "cannot update /etc/hosts");
+                }
+            }
+        });
+        if let Err(e) = refreshed {
+            tracing::warn!(network = name, error = %e, "cannot update the containers' /etc/hosts");
+        }
     }
 
     /// Binds the container's published ports and starts its proxy (see
@@ -426,10 +462,14 @@ impl Engine {
         Ok(())
     }
 
-    /// Gives back the address a container held (its veth went with its namespace).
-    fn leave_network(&self, id: &str) {
+    /// Gives back the address a container held (its veth went with its namespace), and takes
+    /// its name out of the other containers' `/etc/hosts` on `network`.
+    fn leave_network(&self, id: &str, network: Option<&str>) {
         if let Err(e) = self.networks().release(id) {
             tracing::warn!(id, error = %e, "cannot release the container's address");
+        }
+        if let Some(n) = network {
+            self.refresh_hosts(n, None);
         }
     }
 
@@ -559,8 +599,8 @@ impl Engine {
             .and_then(|c| c.oom_kills().ok())
             .is_some_and(|n| n > 0);
         let deleted = self.runtime.delete(&record.id, true);
-        if record.endpoint.take().is_some() {
-            self.leave_network(&record.id);
+        if let Some(endpoint) = record.endpoint.take() {
+            self.leave_network(&record.id, Some(&endpoint.network));
         }
         record.ports.clear();
         if record.options.rm {
@@ -574,7 +614,8 @@ impl Engine {
     }
 
     fn remove_files(&self, id: &str) -> Result<(), EngineError> {
-        self.leave_network(id);
+        let network = self.stored(id).and_then(|r| r.endpoint).map(|e| e.network);
+        self.leave_network(id, network.as_deref());
         self.store.release(id)?;
         remove_tree(&self.container_dir(id)).map_err(EngineError::from)
     }

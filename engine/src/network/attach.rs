@@ -137,6 +137,19 @@ pub fn hosts_file(hostname: &str, ip: Option<Ipv4Addr>) -> String {
     s
 }
 
+/// `/etc/hosts` for a container on a bridge network: [`hosts_file`] with its own address,
+/// then every other container of the network by name (and hostname, when it differs), so that
+/// containers reach each other by name without a DNS server. `others`: address, names.
+pub fn network_hosts_file(hostname: &str, ip: Ipv4Addr, others: &[(Ipv4Addr, Vec<String>)]) -> String {
+    let mut s = hosts_file(hostname, Some(ip));
+    for (other, names) in others {
+        if *other != ip && !names.is_empty() {
+            s.push_str(&format!("{other}\t{}\n", names.join(" ")));
+        }
+    }
+    s
+}
+
 /// `/etc/resolv.conf` for a container on a bridge network: the host's name servers, without
 /// those on its loopback (which the container cannot reach), and its search domains.
 pub fn resolv_conf(host: &str) -> String {
@@ -180,6 +193,10 @@ mod tests {
         let h = hosts_file("web", Some(Ipv4Addr::new(10, 89, 0, 2)));
         assert!(h.starts_with("127.0.0.1\tlocalhost\n") && h.ends_with("10.89.0.2\tweb\n"), "{h}");
         assert!(hosts_file("web", None).ends_with("127.0.1.1\tweb\n"));
+        let ip = |d| Ipv4Addr::new(10, 89, 0, d);
+        let others = [(ip(2), vec!["web".to_string()]), (ip(3), vec!["db".to_string(), "db-host".to_string()])];
+        let h = network_hosts_file("web", ip(2), &others);
+        assert!(h.ends_with("10.89.0.2\tweb\n10.89.0.3\tdb db-host\n"), "{h}");
         let host = "# generated\nnameserver 127.0.0.53\nnameserver 192.0.2.53\nsearch example.test\noptions edns0\n";
         assert_eq!(resolv_conf(host), "nameserver 192.0.2.53\nsearch example.test\noptions edns0\n");
     }

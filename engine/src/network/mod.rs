@@ -399,6 +399,13 @@ impl Networks {
         Ok(removed)
     }
 
+    /// Calls `f` with network `key` as it is now, under the lock, so that no address is given
+    /// or taken back while `f` runs.
+    pub fn with_network<T>(&self, key: &str, f: impl FnOnce(&Network) -> T) -> Result<T, NetworkError> {
+        let _lock = self.lock()?;
+        Ok(f(&self.get(key)?))
+    }
+
     /// Gives `container` the lowest free address of network `key` (the one it holds already,
     /// if any).
     pub fn allocate(&self, key: &str, container: &str) -> Result<(Network, Ipv4Addr), NetworkError> {
