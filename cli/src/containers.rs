@@ -119,6 +119,9 @@ pub struct RunArgs {
     /// host port when none is given); needs a bridge network.
     #[arg(short = 'p', long = "publish")]
     publish: Vec<String>,
+    /// Publish every TCP port the image EXPOSEs, each on a free host port.
+    #[arg(short = 'P', long = "publish-all")]
+    publish_all: bool,
     /// Network: `none` (loopback only), `host`, `container:NAME` (another container's), or a
     /// network's name (`twinbox0` is the default bridge network, made when first used).
     #[arg(long, default_value = "none")]
@@ -220,6 +223,7 @@ pub fn run(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
         detach: a.detach,
         network,
         publish,
+        publish_all: a.publish_all,
     };
     let record = eng.prepare(&opts)?;
     if a.detach {

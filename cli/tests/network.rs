@@ -343,6 +343,40 @@ fn published_ports_answer_on_the_host() {
     assert_eq!(code, 125, "{err}");
     assert!(err.contains("invalid port publication \"80:x\""), "{err}");
 
+    // -P: every port the image EXPOSEs, on a free host port.
+    let ctx = env.path("exposing");
+    std::fs::create_dir_all(&ctx).unwrap();
+    std::fs::write(ctx.join("Dockerfile"), "FROM busybox\nEXPOSE 8080/tcp\n").unwrap();
+    env.ok(&["build", "-q", "-t", "exposing:1", ctx.to_str().unwrap()]);
+    let (code, _, err) = tb(&[
+        "run",
+        "-d",
+        "--network",
+        "pnet",
+        "-P",
+        "--hostname",
+        "web2",
+        "--name",
+        "web2",
+        "exposing:1",
+        "sh",
+        "-c",
+        serve,
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let ports2 = tb(&["port", "web2"]).1;
+    let p2: u16 = ports2.trim().rsplit_once(':').expect("a published port").1.parse().unwrap();
+    let mut body = Err(std::io::Error::other("not tried"));
+    for _ in 0..50 {
+        body = get(&format!("127.0.0.1:{p2}"));
+        if body.as_ref().is_ok_and(|b| b.contains("page-of-web2")) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(body.unwrap().trim(), "page-of-web2");
+    assert_eq!(tb(&["rm", "-f", "web2"]).0, 0);
+
     assert_eq!(tb(&["rm", "-f", "web"]).0, 0);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
     while !port_free(host_port) && std::time::Instant::now() < deadline {

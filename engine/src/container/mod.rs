@@ -254,6 +254,19 @@ impl Engine {
             upper: cdir.join("upper"),
             work: cdir.join("work"),
         };
+        let exposed = if opts.publish_all { publish::exposed(&image.config) } else { Vec::new() };
+        let mut with_exposed;
+        let opts = if exposed.is_empty() {
+            opts
+        } else {
+            with_exposed = opts.clone();
+            for port in exposed {
+                if !with_exposed.publish.iter().any(|m| m.container_port == port) {
+                    with_exposed.publish.push(PortMapping { host_ip: None, host_port: 0, container_port: port });
+                }
+            }
+            &with_exposed
+        };
         if !opts.publish.is_empty() && !matches!(opts.network, NetworkMode::Bridge(_)) {
             let mode = match &opts.network {
                 NetworkMode::None => "none".to_owned(),

@@ -70,6 +70,9 @@ pub struct RunOptions {
     /// `-p`: host ports forwarded to the container's (bridge networks only).
     #[serde(default)]
     pub publish: Vec<crate::network::publish::PortMapping>,
+    /// `-P`: also publish every TCP port the image EXPOSEs, each on a free host port.
+    #[serde(default)]
+    pub publish_all: bool,
 }
 
 /// The network namespace a container gets, and the files bound over its `/etc` (hosts,

@@ -85,6 +85,23 @@ impl std::fmt::Display for PortMapping {
     }
 }
 
+/// The TCP ports an image EXPOSEs (`8080/tcp`, `8080`), for `-P`; UDP ones are left out.
+pub fn exposed(config: &oci_spec::image::ImageConfiguration) -> Vec<u16> {
+    let ports = config.config().as_ref().and_then(|c| c.exposed_ports().clone()).unwrap_or_default();
+    let mut out: Vec<u16> = ports
+        .iter()
+        .filter_map(|p| match p.split_once('/') {
+            Some((n, "tcp")) | Some((n, "")) => n.parse().ok(),
+            Some(_) => None,
+            None => p.parse().ok(),
+        })
+        .filter(|p| *p != 0)
+        .collect();
+    out.sort_unstable();
+    out.dedup();
+    out
+}
+
 /// Binds every mapping's host port; the listeners, and the mappings with the ports they got.
 /// A port already taken is an error naming it.
 pub fn bind(mappings: &[PortMapping]) -> Result<(Vec<TcpListener>, Vec<PortMapping>), PublishError> {
@@ -203,6 +220,16 @@ mod tests {
         for bad in ["", "x", "0", "70000", "8080:80/sctp", "8080:80/udp", "a:1:2", "1:2:3:4", "8080:"] {
             assert!(m(bad).is_err(), "{bad}");
         }
+    }
+
+    #[test]
+    fn exposed_tcp_ports() {
+        let cfg = oci_spec::image::ConfigBuilder::default()
+            .exposed_ports(vec!["8080/tcp".to_string(), "53/udp".to_string(), "80".to_string(), "8080".to_string()])
+            .build()
+            .unwrap();
+        let img = oci_spec::image::ImageConfigurationBuilder::default().config(cfg).build().unwrap();
+        assert_eq!(exposed(&img), [80, 8080]);
     }
 
     #[test]
