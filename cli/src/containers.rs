@@ -122,10 +122,11 @@ pub struct RunArgs {
     /// Publish every TCP port the image EXPOSEs, each on a free host port.
     #[arg(short = 'P', long = "publish-all")]
     publish_all: bool,
-    /// Network: `none` (loopback only), `host`, `container:NAME` (another container's), or a
-    /// network's name (`twinbox0` is the default bridge network, made when first used).
-    #[arg(long, default_value = "none")]
-    network: String,
+    /// Network: a network's name (default `twinbox0`, the default bridge network, made when
+    /// first used), `none` (loopback only), `host`, or `container:NAME` (another container's).
+    /// MicroVMs: `none` only, so far (their default).
+    #[arg(long)]
+    network: Option<String>,
     /// Isolation model: a container on the host kernel, or a KVM microVM with its own kernel.
     #[arg(long, default_value = "container", value_parser = ["container", "microvm"])]
     isolation: String,
@@ -187,7 +188,8 @@ pub fn run(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
     if a.kernel.is_some() || a.timeout.is_some() || a.irqchip.is_some() {
         return Err(UserError("--kernel, --timeout and --irqchip are for --isolation microvm".into()).into());
     }
-    let network: twinbox_engine::network::attach::NetworkMode = a.network.parse()?;
+    let network: twinbox_engine::network::attach::NetworkMode =
+        a.network.as_deref().unwrap_or(twinbox_engine::network::DEFAULT_NETWORK).parse()?;
     let publish = a
         .publish
         .iter()
@@ -256,12 +258,8 @@ fn run_microvm(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
     if !a.security_opt.is_empty() {
         return refuse("--security-opt");
     }
-    if a.network != "none" {
-        return Err(UserError(format!(
-            "--network {} is not supported for microVMs yet; only --network none",
-            a.network
-        ))
-        .into());
+    if let Some(n) = a.network.as_deref().filter(|n| *n != "none") {
+        return Err(UserError(format!("--network {n} is not supported for microVMs yet; only --network none")).into());
     }
     let vcpus = match a.cpus {
         None => None,

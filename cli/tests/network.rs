@@ -244,6 +244,11 @@ fn containers_join_bridge_networks() {
     let after: serde_json::Value = serde_json::from_str(&env.ok(&["network", "inspect", "tnet"])).unwrap();
     assert_eq!(after[0]["addresses"], serde_json::json!({}));
     assert_eq!(tb(&["ps", "-aq"]).1.trim(), "");
+    // The veth pairs go with the containers' namespaces, which the kernel frees shortly after.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while veths() != veths_before && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
     assert_eq!(veths(), veths_before, "no veth left");
     env.ok(&["network", "rm", "tnet"]);
 }
@@ -336,7 +341,7 @@ fn published_ports_answer_on_the_host() {
     assert!(err.contains(&format!("cannot publish 127.0.0.1:{p}->8080/tcp")), "{err}");
     assert_eq!(tb(&["ps", "-aq"]).1.lines().count(), 1, "only web");
     // -p without a bridge network, and a malformed -p: refused before anything runs.
-    let (code, _, err) = tb(&["run", "--rm", "-p", "80", "busybox", "true"]);
+    let (code, _, err) = tb(&["run", "--rm", "--network", "none", "-p", "80", "busybox", "true"]);
     assert_eq!(code, 125, "{err}");
     assert!(err.contains("ports can be published only from a bridge network"), "{err}");
     let (code, _, err) = tb(&["run", "--rm", "--network", "pnet", "-p", "80:x", "busybox", "true"]);

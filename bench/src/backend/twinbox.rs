@@ -68,7 +68,8 @@ impl Backend for TwinboxContainer {
     fn run_command(&self, workload: &Workload, id: &str) -> Result<Command, BackendError> {
         let image = self.image.as_ref().expect("prepare() before use");
         let mut cmd = self.twinbox();
-        cmd.args(["run", "--rm", "--name", id, &image.reference]).args(workload.args());
+        // Loopback only, as runc's and crun's containers here: like for like.
+        cmd.args(["run", "--rm", "--network", "none", "--name", id, &image.reference]).args(workload.args());
         Ok(cmd)
     }
 
@@ -81,7 +82,7 @@ impl Backend for TwinboxContainer {
     fn launch(&self, workload: &Workload, id: &str) -> Result<Instance, BackendError> {
         let image = self.image.as_ref().expect("prepare() before use");
         let mut cmd = self.twinbox();
-        cmd.args(["run", "-d", "--name", id, &image.reference]).args(workload.args());
+        cmd.args(["run", "-d", "--network", "none", "--name", id, &image.reference]).args(workload.args());
         cmd.stdin(Stdio::null());
         run_quiet(cmd, "twinbox run -d")?;
         Ok(Instance { id: id.to_owned(), child: None })

@@ -82,6 +82,16 @@ impl Env {
     }
 }
 
+impl Drop for Env {
+    /// The store's networks (the default one is made by the first `run` on it) go with it:
+    /// their bridges would outlive the temporary directory.
+    fn drop(&mut self) {
+        if self.root().join("networks").is_dir() {
+            let _ = self.run(&["network", "prune"]);
+        }
+    }
+}
+
 /// Run an external command and assert success; returns stdout.
 pub fn sh(cmd: &mut Command) -> String {
     let o = cmd.output().unwrap_or_else(|e| panic!("{cmd:?}: {e}"));

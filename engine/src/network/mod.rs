@@ -4,8 +4,8 @@
 //! (`<store>/networks/.lock`), so concurrent commands never hand out an address twice.
 //!
 //! ```text
-//! twinbox network create [--subnet CIDR] NAME ─► bridge tb-<id12> (twinbox0 for the default
-//!                                                network) with the gateway (first address) on it
+//! twinbox network create [--subnet CIDR] NAME ─► bridge tb-<id12> with the gateway (first
+//!                                                address) on it
 //! allocate(network, container) ─► the lowest free address after the gateway
 //! ```
 //!
@@ -29,7 +29,8 @@ use serde::{Deserialize, Serialize};
 
 use netlink::{Netlink, NetlinkError};
 
-/// The network `twinbox run` uses unless told otherwise (Docker's `bridge`).
+/// The network `twinbox run` uses unless told otherwise (Docker's `bridge`), made in a store
+/// the first time a container joins it.
 pub const DEFAULT_NETWORK: &str = "twinbox0";
 /// What `--network` accepts besides stored networks.
 pub const BUILTIN: [&str; 2] = ["host", "none"];
@@ -312,8 +313,8 @@ impl Networks {
             None => choose_subnet(name, &taken)?,
         };
         let id = crate::container::new_id();
-        let bridge =
-            if name == DEFAULT_NETWORK { DEFAULT_NETWORK.to_owned() } else { format!("{BRIDGE_PREFIX}{}", &id[..12]) };
+        // By id, the default network's too: every store has its own default network.
+        let bridge = format!("{BRIDGE_PREFIX}{}", &id[..12]);
         let network = Network {
             name: name.to_owned(),
             id,

@@ -242,7 +242,16 @@ fn main() {
     if twinbox.exists() {
         backends.push(Backend {
             name: "twinbox run --rm hello true",
-            argv: vec![twinbox.display().to_string(), "run".into(), "--rm".into(), "hello".into(), "true".into()],
+            // Loopback only, as the bundles above.
+            argv: vec![
+                twinbox.display().to_string(),
+                "run".into(),
+                "--rm".into(),
+                "--network".into(),
+                "none".into(),
+                "hello".into(),
+                "true".into(),
+            ],
             hide_unified: false,
         });
     } else {
