@@ -392,3 +392,112 @@ fn published_ports_answer_on_the_host() {
     assert_eq!(after[0]["addresses"], serde_json::json!({}));
     env.ok(&["network", "rm", "pnet"]);
 }
+
+/// Twenty containers with distinct published ports, started eight at a time, all answer; after
+/// their removal, and after a `twinbox run -p` killed with SIGKILL and then `rm -f`, no veth,
+/// proxy or address is left.
+#[test]
+fn twenty_published_containers_and_a_killed_run_leave_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !require_root() || !common::require_tool("ip") {
+        return;
+    }
+    let veths_before = veths();
+    let env = Env::new();
+    let _cleanup = Prune(&env);
+    if !busybox(&env) {
+        return;
+    }
+    let tb = |args: &[String]| {
+        let mut cmd = env.cmd();
+        cmd.env("TWINBOX_RUNTIME_ROOT", env.path("runtime"));
+        let o = cmd.args(args).output().unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
+    let serve = "mkdir -p /www && echo page-of-$(hostname) > /www/index.html && exec httpd -f -p 8080 -h /www";
+    let names: Vec<String> = (0..20).map(|i| format!("w{i}")).collect();
+    for batch in names.chunks(8) {
+        std::thread::scope(|scope| {
+            for n in batch {
+                let args = s(&[
+                    "run",
+                    "-d",
+                    "-p",
+                    "127.0.0.1::8080",
+                    "--hostname",
+                    n,
+                    "--name",
+                    n,
+                    "busybox",
+                    "sh",
+                    "-c",
+                    serve,
+                ]);
+                let tb = &tb;
+                scope.spawn(move || {
+                    let (code, _, err) = tb(&args);
+                    assert_eq!(code, 0, "{n}: {err}");
+                });
+            }
+        });
+    }
+    let mut ports = Vec::new();
+    for n in &names {
+        let (_, out, _) = tb(&s(&["port", n]));
+        let port: u16 = out.trim().rsplit_once(':').expect("a published port").1.parse().unwrap();
+        ports.push(port);
+    }
+    let distinct: std::collections::BTreeSet<_> = ports.iter().collect();
+    assert_eq!(distinct.len(), 20, "{ports:?}");
+    for (n, p) in names.iter().zip(&ports) {
+        let mut body = Err(std::io::Error::other("not tried"));
+        for _ in 0..50 {
+            body = get(&format!("127.0.0.1:{p}"));
+            if body.as_ref().is_ok_and(|b| b.contains(&format!("page-of-{n}"))) {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(100));
+        }
+        assert_eq!(body.unwrap().trim(), format!("page-of-{n}"));
+    }
+    let mut rm = s(&["rm", "-f"]);
+    rm.extend(names.iter().cloned());
+    assert_eq!(tb(&rm).0, 0);
+
+    // A foreground `run -p` killed with SIGKILL while its container runs, then rm -f.
+    let mut cmd = env.cmd();
+    cmd.env("TWINBOX_RUNTIME_ROOT", env.path("runtime"));
+    let mut child = cmd
+        .args(["run", "-p", "127.0.0.1::8080", "--name", "killed", "busybox", "sleep", "60"])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !tb(&s(&["ps"])).1.contains("killed") && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let (_, out, _) = tb(&s(&["port", "killed"]));
+    let killed_port: u16 = out.trim().rsplit_once(':').expect("a published port").1.parse().unwrap();
+    child.kill().unwrap();
+    child.wait().unwrap();
+    assert_eq!(tb(&s(&["rm", "-f", "killed"])).0, 0);
+
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    let free = |p: &u16| port_free(*p);
+    while !(veths() == veths_before && ports.iter().all(free) && port_free(killed_port))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert_eq!(veths(), veths_before, "no veth left");
+    assert!(ports.iter().all(free) && port_free(killed_port), "every proxy let its port go");
+    let net: serde_json::Value = serde_json::from_str(&env.ok(&["network", "inspect", "twinbox0"])).unwrap();
+    assert_eq!(net[0]["addresses"], serde_json::json!({}), "every address free");
+    assert_eq!(tb(&s(&["ps", "-aq"])).1.trim(), "");
+}
