@@ -120,6 +120,18 @@ fn networks_are_bridges_with_their_gateway() {
     assert_eq!(our_bridges(), before, "no bridge left behind");
 }
 
+/// Any twinbox command on `env`'s store, with its own runtime root: exit code, stdout, stderr.
+fn twinbox<A: AsRef<std::ffi::OsStr>>(env: &Env, args: &[A]) -> (i32, String, String) {
+    let mut cmd = env.cmd();
+    cmd.env("TWINBOX_RUNTIME_ROOT", env.path("runtime"));
+    let o = cmd.args(args).output().unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into_owned(),
+        String::from_utf8_lossy(&o.stderr).into_owned(),
+    )
+}
+
 /// A busybox image in `env`'s store, with the applets the network tests use.
 fn busybox(env: &Env) -> bool {
     let ctx = env.path("busybox");
@@ -158,16 +170,7 @@ fn containers_join_bridge_networks() {
     if !busybox(&env) {
         return;
     }
-    let tb = |args: &[&str]| {
-        let mut cmd = env.cmd();
-        cmd.env("TWINBOX_RUNTIME_ROOT", env.path("runtime"));
-        let o = cmd.args(args).output().unwrap();
-        (
-            o.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
-    };
+    let tb = |args: &[&str]| twinbox(&env, args);
     env.ok(&["network", "create", "tnet"]);
     let net: serde_json::Value = serde_json::from_str(&env.ok(&["network", "inspect", "tnet"])).unwrap();
     let gateway = net[0]["gateway"].as_str().unwrap().to_owned();
@@ -265,6 +268,20 @@ fn get(addr: &str) -> std::io::Result<String> {
     Ok(out.split_once("\r\n\r\n").map(|(_, body)| body.to_owned()).unwrap_or(out))
 }
 
+/// The page at `addr` once the server there answers (a server may take a moment to listen:
+/// 50 tries, 100 ms apart).
+fn page(addr: &str) -> String {
+    let mut last = Err(std::io::Error::other("not tried"));
+    for _ in 0..50 {
+        last = get(addr);
+        if last.as_ref().is_ok_and(|b| b.contains("page-of-")) {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    last.unwrap_or_else(|e| panic!("GET {addr}: {e}"))
+}
+
 /// A listener on `port` of 127.0.0.1 can be made (nothing holds the port).
 fn port_free(port: u16) -> bool {
     std::net::TcpListener::bind(("127.0.0.1", port)).is_ok()
@@ -285,16 +302,7 @@ fn published_ports_answer_on_the_host() {
     if !busybox(&env) {
         return;
     }
-    let tb = |args: &[&str]| {
-        let mut cmd = env.cmd();
-        cmd.env("TWINBOX_RUNTIME_ROOT", env.path("runtime"));
-        let o = cmd.args(args).output().unwrap();
-        (
-            o.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
-    };
+    let tb = |args: &[&str]| twinbox(&env, args);
     env.ok(&["network", "create", "pnet"]);
     let net: serde_json::Value = serde_json::from_str(&env.ok(&["network", "inspect", "pnet"])).unwrap();
     let gateway = net[0]["gateway"].as_str().unwrap().to_owned();
@@ -320,16 +328,7 @@ fn published_ports_answer_on_the_host() {
     let host_port: u16 = ports.trim().rsplit_once(':').expect("8080/tcp -> 0.0.0.0:PORT").1.parse().unwrap();
     assert!(ports.starts_with("8080/tcp -> 0.0.0.0:"), "{ports}");
     assert!(tb(&["ps"]).1.contains(&format!("0.0.0.0:{host_port}->8080/tcp")));
-    // The server may take a moment to listen: a bounded retry.
-    let mut body = Err(std::io::Error::other("not tried"));
-    for _ in 0..50 {
-        body = get(&format!("127.0.0.1:{host_port}"));
-        if body.as_ref().is_ok_and(|b| b.contains("page-of-web")) {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert_eq!(body.unwrap().trim(), "page-of-web");
+    assert_eq!(page(&format!("127.0.0.1:{host_port}")).trim(), "page-of-web");
     assert_eq!(get(&format!("{gateway}:{host_port}")).unwrap().trim(), "page-of-web", "on a host address too");
 
     // A host port already taken: 125, the port named, nothing made.
@@ -371,15 +370,7 @@ fn published_ports_answer_on_the_host() {
     assert_eq!(code, 0, "{err}");
     let ports2 = tb(&["port", "web2"]).1;
     let p2: u16 = ports2.trim().rsplit_once(':').expect("a published port").1.parse().unwrap();
-    let mut body = Err(std::io::Error::other("not tried"));
-    for _ in 0..50 {
-        body = get(&format!("127.0.0.1:{p2}"));
-        if body.as_ref().is_ok_and(|b| b.contains("page-of-web2")) {
-            break;
-        }
-        std::thread::sleep(std::time::Duration::from_millis(100));
-    }
-    assert_eq!(body.unwrap().trim(), "page-of-web2");
+    assert_eq!(page(&format!("127.0.0.1:{p2}")).trim(), "page-of-web2");
     assert_eq!(tb(&["rm", "-f", "web2"]).0, 0);
 
     assert_eq!(tb(&["rm", "-f", "web"]).0, 0);
@@ -408,16 +399,7 @@ fn twenty_published_containers_and_a_killed_run_leave_nothing() {
     if !busybox(&env) {
         return;
     }
-    let tb = |args: &[String]| {
-        let mut cmd = env.cmd();
-        cmd.env("TWINBOX_RUNTIME_ROOT", env.path("runtime"));
-        let o = cmd.args(args).output().unwrap();
-        (
-            o.status.code().unwrap_or(-1),
-            String::from_utf8_lossy(&o.stdout).into_owned(),
-            String::from_utf8_lossy(&o.stderr).into_owned(),
-        )
-    };
+    let tb = |args: &[String]| twinbox(&env, args);
     let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
     let serve = "mkdir -p /www && echo page-of-$(hostname) > /www/index.html && exec httpd -f -p 8080 -h /www";
     let names: Vec<String> = (0..20).map(|i| format!("w{i}")).collect();
@@ -455,15 +437,7 @@ fn twenty_published_containers_and_a_killed_run_leave_nothing() {
     let distinct: std::collections::BTreeSet<_> = ports.iter().collect();
     assert_eq!(distinct.len(), 20, "{ports:?}");
     for (n, p) in names.iter().zip(&ports) {
-        let mut body = Err(std::io::Error::other("not tried"));
-        for _ in 0..50 {
-            body = get(&format!("127.0.0.1:{p}"));
-            if body.as_ref().is_ok_and(|b| b.contains(&format!("page-of-{n}"))) {
-                break;
-            }
-            std::thread::sleep(std::time::Duration::from_millis(100));
-        }
-        assert_eq!(body.unwrap().trim(), format!("page-of-{n}"));
+        assert_eq!(page(&format!("127.0.0.1:{p}")).trim(), format!("page-of-{n}"));
     }
     let mut rm = s(&["rm", "-f"]);
     rm.extend(names.iter().cloned());

@@ -361,6 +361,14 @@ impl Engine {
         Networks::new(self.store.root())
     }
 
+    /// The steps between `create` and a running container, the same in the foreground and
+    /// detached: its network, its record (now running), then `start`.
+    fn network_and_start(&self, record: &mut Record, state: &mut twinbox_runtime::State) -> Result<(), EngineError> {
+        self.join_network(record, state.pid)?;
+        self.save(record)?;
+        self.runtime.start_created(state).map_err(EngineError::from)
+    }
+
     /// Puts a created container (its init is `pid`) on its bridge network, if it has one:
     /// an address, `/etc/hosts` with it, and the veth pair. On error its address is free again.
     fn join_network(&self, record: &mut Record, pid: i32) -> Result<(), EngineError> {
@@ -562,10 +570,7 @@ impl Engine {
             let copiers = tee.take().map(|(out, err, log)| tee_threads(out, err, log)).unwrap_or_default();
             let pid = Pid::from_raw(state.pid);
             record.phase = Phase::Running { pid: pid.as_raw() };
-            let started = self
-                .join_network(&mut record, state.pid)
-                .and_then(|()| self.save(&record))
-                .and_then(|()| self.runtime.start_created(&mut state).map_err(EngineError::from));
+            let started = self.network_and_start(&mut record, &mut state);
             Ok((started.map(|()| wait_forwarding(pid, &forwarded)), copiers))
         })();
         let _ = old.thread_set_mask();
@@ -691,11 +696,7 @@ impl Engine {
                 self.runtime.create(&record.id, &bundle, CreateOptions { stdio: Some(stdio), ..Default::default() })?;
             let pid = Pid::from_raw(state.pid);
             record.phase = Phase::Running { pid: pid.as_raw() };
-            let started = self
-                .join_network(&mut record, state.pid)
-                .and_then(|()| self.save(&record))
-                .and_then(|()| self.runtime.start_created(&mut state).map_err(EngineError::from));
-            if let Err(e) = started {
+            if let Err(e) = self.network_and_start(&mut record, &mut state) {
                 let _ = self.runtime.delete(&record.id, true);
                 return Err(e);
             }
