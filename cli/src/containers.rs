@@ -174,7 +174,12 @@ pub fn parse_memory(s: &str) -> Result<i64, String> {
         _ => (t, 1),
     };
     let n: f64 = num.parse().map_err(|_| format!("invalid memory size {s:?}: use e.g. 512m or 1g"))?;
-    let bytes = (n * mult as f64) as i64;
+    let bytes = n * mult as f64;
+    // Beyond i64 the limit would silently become "unlimited".
+    if !(bytes.is_finite() && bytes < i64::MAX as f64) {
+        return Err(format!("memory limit {s:?} is too large: give at most 8589934591g (2^63 - 1 bytes)"));
+    }
+    let bytes = bytes as i64;
     if bytes < 6 << 20 {
         return Err(format!("memory limit {s:?} is below the minimum of 6m"));
     }

@@ -207,6 +207,30 @@ fn image_env_workdir_and_user_are_honoured() {
     no_leaks(img);
 }
 
+/// A limit the kernel cannot apply is refused with the range, never run without it: `--cpus
+/// 1e-9` used to run unlimited, a memory size past i64 meant unlimited, `--cpus 1000` was taken
+/// on a 2-CPU host.
+#[test]
+fn limits_that_cannot_be_applied_are_refused() {
+    let Some(img) = images() else { return };
+    let img = &img;
+    for cpus in ["1e-9", "0.001", "1000", "0"] {
+        let (code, _, err) = run(img, &["--rm", "--cpus", cpus, "busybox", "true"]);
+        assert_eq!(code, 125, "--cpus {cpus}: {err}");
+        assert!(err.contains("give a number from 0.01 to"), "--cpus {cpus}: {err}");
+    }
+    let (code, _, err) = run(img, &["--rm", "--memory", "99999999999999999999", "busybox", "true"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("is too large"), "{err}");
+    let (code, out, err) =
+        run(img, &["--rm", "--cpus", "0.5", "busybox", "cat", "/sys/fs/cgroup/cpu/cpu.cfs_quota_us"]);
+    assert_eq!(code, 0, "{err}");
+    if !out.trim().is_empty() {
+        assert_eq!(out.trim(), "50000");
+    }
+    no_leaks(img);
+}
+
 #[test]
 fn memory_limit_oom_kills_with_137() {
     let Some(img) = images() else { return };

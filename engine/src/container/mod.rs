@@ -52,9 +52,9 @@ pub enum EngineError {
     /// A seccomp profile file that is not OCI seccomp JSON.
     #[error("seccomp profile {0} is not valid OCI seccomp JSON")]
     SeccompProfile(PathBuf, #[source] serde_json::Error),
-    /// `--cpus` must be positive.
-    #[error("--cpus {0} is not a positive number")]
-    BadCpus(f64),
+    /// `--cpus` out of what the kernel and the host can give (Docker's range).
+    #[error("--cpus {value}: give a number from 0.01 to {max}, the CPUs this host has")]
+    BadCpus { value: f64, max: usize },
     /// No container with that id, id prefix or name.
     #[error("no such container: {0}; see `twinbox ps -a`")]
     NoSuchContainer(String),
@@ -112,7 +112,7 @@ impl ExitCode for EngineError {
             EngineError::Publish(e) => e.exit_code(),
             EngineError::PublishNeedsBridge(_) => USER_ERROR,
             EngineError::SeccompProfile(..)
-            | EngineError::BadCpus(_)
+            | EngineError::BadCpus { .. }
             | EngineError::NoSuchContainer(_)
             | EngineError::NameInUse(_)
             | EngineError::Running(_)

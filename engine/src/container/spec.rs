@@ -166,17 +166,16 @@ pub fn build_spec(
         resources = resources.memory(LinuxMemoryBuilder::default().limit(m).swap(m).build().expect("memory set"));
     }
     if let Some(c) = opts.cpus {
-        if !(c > 0.0 && c.is_finite()) {
-            return Err(EngineError::BadCpus(c));
-        }
+        // A quota of at least 1 ms per 100 ms period (the kernel's smallest), and no more
+        // CPUs than the host has: anything else used to run unlimited or fail with EINVAL.
+        let max = std::thread::available_parallelism().map_or(1, |n| n.get());
         let period = 100_000u64;
-        resources = resources.cpu(
-            LinuxCpuBuilder::default()
-                .period(period)
-                .quota((c * period as f64).round() as i64)
-                .build()
-                .expect("cpu set"),
-        );
+        let quota = (c * period as f64).round();
+        if !(c.is_finite() && quota >= 1000.0 && c <= max as f64) {
+            return Err(EngineError::BadCpus { value: c, max });
+        }
+        resources =
+            resources.cpu(LinuxCpuBuilder::default().period(period).quota(quota as i64).build().expect("cpu set"));
     }
     if let Some(p) = opts.pids_limit {
         resources = resources.pids(LinuxPidsBuilder::default().limit(p).build().expect("pids set"));
@@ -405,7 +404,7 @@ mod tests {
             image: "x".into(),
             overrides: Overrides { env: vec!["A=2".into(), "B=3".into()], ..Default::default() },
             memory: Some(32 << 20),
-            cpus: Some(1.5),
+            cpus: Some(0.5),
             pids_limit: Some(20),
             read_only: true,
             ..Default::default()
@@ -415,7 +414,7 @@ mod tests {
         assert_eq!(env, ["HOSTNAME=0123456789ab", "PATH=/bin", "A=2", "B=3"]);
         let r = s.linux().as_ref().unwrap().resources().clone().unwrap();
         assert_eq!(r.memory().unwrap().limit(), Some(32 << 20));
-        assert_eq!(r.cpu().as_ref().unwrap().quota(), Some(150_000));
+        assert_eq!(r.cpu().as_ref().unwrap().quota(), Some(50_000));
         assert_eq!(r.pids().unwrap().limit(), 20);
         // Every device denied first; the runtime appends the standard ones.
         let rules = r.devices().clone().unwrap();
@@ -426,5 +425,25 @@ mod tests {
         let ann = s.annotations().as_ref().unwrap();
         let stack: OverlayStack = serde_json::from_str(&ann[OVERLAY_ANNOTATION]).unwrap();
         assert_eq!(stack, ov());
+    }
+
+    #[test]
+    fn cpu_limits_the_kernel_cannot_apply_are_refused() {
+        let img = image(None, Some(&["sh"]), &[], None);
+        let max = std::thread::available_parallelism().map_or(1, |n| n.get());
+        let with = |c: f64| {
+            let opts = RunOptions { image: "x".into(), cpus: Some(c), ..Default::default() };
+            build_spec("id", &img, &[], &ov(), &opts, &NetSetup::default())
+        };
+        for bad in [0.0, -1.0, 1e-9, 0.0049, f64::NAN, f64::INFINITY, max as f64 + 0.5, 1000.0] {
+            let err = with(bad).unwrap_err();
+            assert!(matches!(err, EngineError::BadCpus { .. }), "{bad}: {err}");
+            assert!(err.to_string().contains(&format!("from 0.01 to {max}")), "{err}");
+        }
+        let quota = |c| {
+            with(c).unwrap().linux().as_ref().unwrap().resources().as_ref().unwrap().cpu().as_ref().unwrap().quota()
+        };
+        assert_eq!(quota(0.01), Some(1000));
+        assert_eq!(quota(max as f64), Some(max as i64 * 100_000));
     }
 }
