@@ -54,7 +54,11 @@ pub fn pull(root: &Path, a: PullArgs) -> Result<()> {
     let store = open(root)?;
     let opts = registry::PullOptions {
         platform: a.platform.clone(),
-        client: ClientOptions { insecure: a.insecure, credentials: stored_credentials(r.registry())? },
+        client: ClientOptions {
+            insecure: a.insecure,
+            credentials: stored_credentials(r.registry())?,
+            ..Default::default()
+        },
         ..Default::default()
     };
     let progress = Reporter::new("Pulling", a.quiet);
@@ -100,7 +104,11 @@ pub fn push(root: &Path, a: PushArgs) -> Result<()> {
     }
     let store = open(root)?;
     let opts = registry::PushOptions {
-        client: ClientOptions { insecure: a.insecure, credentials: stored_credentials(r.registry())? },
+        client: ClientOptions {
+            insecure: a.insecure,
+            credentials: stored_credentials(r.registry())?,
+            ..Default::default()
+        },
         chunk_size: a.chunk_size.map(|m| m << 20),
         ..Default::default()
     };

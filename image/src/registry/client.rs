@@ -20,12 +20,28 @@ pub const MANIFEST_ACCEPT: &str = "application/vnd.oci.image.index.v1+json, \
      application/vnd.docker.distribution.manifest.v2+json";
 
 /// How to reach a registry.
-#[derive(Debug, Clone, Default)]
+#[derive(Debug, Clone)]
 pub struct ClientOptions {
     /// Plain HTTP even when the registry is not on this machine.
     pub insecure: bool,
     /// Credentials to answer challenges with.
     pub credentials: Option<Credentials>,
+    /// How long a connection may take to open.
+    pub connect_timeout: Duration,
+    /// How long the registry may stay silent: waiting for a response, or for the next bytes
+    /// of one (a slow but steady download is never cut).
+    pub read_timeout: Duration,
+}
+
+impl Default for ClientOptions {
+    fn default() -> Self {
+        ClientOptions {
+            insecure: false,
+            credentials: None,
+            connect_timeout: Duration::from_secs(15),
+            read_timeout: Duration::from_secs(30),
+        }
+    }
 }
 
 /// A connection to one repository of one registry.
@@ -37,6 +53,8 @@ pub struct Client {
     scope: Option<String>,
     creds: Option<Credentials>,
     auth: Mutex<Option<String>>,
+    /// Connect and read timeouts, for messages.
+    timeouts: (Duration, Duration),
 }
 
 /// What a mount request did.
@@ -65,8 +83,9 @@ impl Client {
         let tls = ureq::tls::TlsConfig::builder().root_certs(ureq::tls::RootCerts::PlatformVerifier).build();
         let mut config = ureq::Agent::config_builder()
             .http_status_as_error(false)
-            .timeout_connect(Some(Duration::from_secs(15)))
-            .timeout_recv_response(Some(Duration::from_secs(300)))
+            .timeout_connect(Some(opts.connect_timeout))
+            .timeout_per_read(Some(opts.read_timeout))
+            .timeout_per_write(Some(opts.read_timeout))
             .max_idle_connections_per_host(8)
             .user_agent(concat!("twinbox/", env!("CARGO_PKG_VERSION")))
             .tls_config(tls);
@@ -84,6 +103,7 @@ impl Client {
             scope: (!repository.is_empty()).then(|| format!("repository:{repository}:{actions}")),
             creds: opts.credentials.clone(),
             auth: Mutex::new(None),
+            timeouts: (opts.connect_timeout, opts.read_timeout),
         }
     }
 
@@ -125,6 +145,13 @@ impl Client {
             ureq::Error::ConnectionFailed | ureq::Error::HostNotFound | ureq::Error::Timeout(_) => true,
             _ => false,
         };
+        if let ureq::Error::Timeout(t) = &e {
+            let (which, after) = match t {
+                ureq::Timeout::Connect | ureq::Timeout::Resolve => ("connect", self.timeouts.0),
+                _ => ("read", self.timeouts.1),
+            };
+            return RegistryError::TimedOut { registry: self.registry.clone(), which, after, source: e };
+        }
         if unreachable {
             RegistryError::Unreachable { registry: self.registry.clone(), source: e }
         } else {
@@ -442,6 +469,27 @@ fn registry_message(body: &[u8]) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A registry that accepts the connection and never answers: the read timeout ends the
+    /// wait, and the message names it (it used to wait 311 s and say "cannot reach").
+    #[test]
+    fn a_silent_registry_ends_with_the_read_timeout_named() {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        let held = std::thread::spawn(move || {
+            let (conn, _) = listener.accept().unwrap();
+            std::thread::sleep(Duration::from_secs(3));
+            drop(conn);
+        });
+        let opts = ClientOptions { read_timeout: Duration::from_millis(500), ..Default::default() };
+        let client = Client::new(&addr.to_string(), "x", "pull", &opts);
+        let started = std::time::Instant::now();
+        let err = client.ping().unwrap_err();
+        assert!(matches!(&err, RegistryError::TimedOut { which: "read", .. }), "{err:?}");
+        assert!(err.to_string().contains("the read timeout (500ms) expired"), "{err}");
+        assert!(started.elapsed() < Duration::from_secs(3), "ended by the timeout, not by the server");
+        held.join().unwrap();
+    }
 
     #[test]
     fn urls() {

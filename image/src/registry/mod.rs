@@ -59,6 +59,22 @@ pub enum RegistryError {
         #[source]
         source: ureq::Error,
     },
+    /// The registry did not answer in time.
+    #[error(
+        "registry {registry} did not answer: the {which} timeout ({after:?}) expired; is the address right, and \
+         the registry up and not overloaded?"
+    )]
+    TimedOut {
+        /// host[:port].
+        registry: String,
+        /// "connect" or "read".
+        which: &'static str,
+        /// The timeout that expired.
+        after: std::time::Duration,
+        /// The transport's error.
+        #[source]
+        source: ureq::Error,
+    },
     /// The HTTP exchange failed after the connection was made.
     #[error("{method} {url}")]
     Http {
@@ -239,6 +255,7 @@ impl ExitCode for RegistryError {
             // A registry that is not there, refuses the user or serves nonsense: the user's to
             // fix (the address, the credentials, the image name), not twinbox's.
             Self::Unreachable { .. }
+            | Self::TimedOut { .. }
             | Self::Http { .. }
             | Self::Unauthorized { .. }
             | Self::Denied { .. }
@@ -318,7 +335,7 @@ pub fn no_progress(_: Event<'_>) {}
 
 /// Check `credentials` against `registry` (`GET /v2/`, answering its challenge with them).
 pub fn login(registry: &str, credentials: Credentials, insecure: bool) -> Result<()> {
-    let opts = ClientOptions { insecure, credentials: Some(credentials) };
+    let opts = ClientOptions { insecure, credentials: Some(credentials), ..Default::default() };
     Client::new(registry, "", "", &opts).ping()
 }
 
