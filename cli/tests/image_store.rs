@@ -466,3 +466,40 @@ fn a_bad_config_is_refused_at_load_and_poisons_nothing() {
     env.ok(&["inspect", "good:1"]);
     env.ok(&["rmi", "good:1"]);
 }
+
+/// An OCI archive whose index.json gives a manifest the wrong size is refused (it used to load,
+/// and `images` showed 1000 TB); the sizes are checked as the digests already were.
+#[test]
+fn an_archive_with_a_lying_size_is_refused() {
+    let env = Env::new();
+    two_layer_image(&env, "two:1");
+    let good = env.path("good.tar");
+    env.ok(&["save", "-o", good.to_str().unwrap(), "two:1"]);
+    for lie in [10u64, 1_000_000_000_000_000] {
+        let mut out = tar::Builder::new(Vec::new());
+        let mut archive = tar::Archive::new(std::fs::File::open(&good).unwrap());
+        for entry in archive.entries().unwrap() {
+            let mut entry = entry.unwrap();
+            let path = entry.path().unwrap().into_owned();
+            let mut data = Vec::new();
+            std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
+            if path == Path::new("index.json") {
+                let mut index: serde_json::Value = serde_json::from_slice(&data).unwrap();
+                index["manifests"][0]["size"] = serde_json::json!(lie);
+                data = serde_json::to_vec(&index).unwrap();
+            }
+            let mut h = entry.header().clone();
+            h.set_size(data.len() as u64);
+            h.set_cksum();
+            out.append_data(&mut h, &path, data.as_slice()).unwrap();
+        }
+        let bad = env.path("bad.tar");
+        std::fs::write(&bad, out.into_inner().unwrap()).unwrap();
+        let fresh = Env::new();
+        let o = fresh.run(&["load", "-i", bad.to_str().unwrap()]);
+        let err = String::from_utf8_lossy(&o.stderr);
+        assert_eq!(o.status.code(), Some(1), "{err}");
+        assert!(err.contains(&format!("as {lie} bytes, but it is")), "{err}");
+        assert!(fresh.ok(&["images"]).lines().count() <= 1, "nothing tagged");
+    }
+}

@@ -61,6 +61,9 @@ pub enum ArchiveError {
     /// A JSON document is larger than we are willing to hold in memory.
     #[error("{0} in archive is larger than 64 MiB")]
     TooLarge(String),
+    /// A descriptor in the archive gives a size its blob does not have.
+    #[error("archive describes {digest} as {claimed} bytes, but it is {actual}; the archive is damaged or forged")]
+    SizeMismatch { digest: String, claimed: u64, actual: u64 },
     /// An image in the archive whose manifest or config is not valid; nothing was tagged.
     #[error("image {name} in the archive cannot be loaded; nothing was tagged")]
     BadImage {
@@ -81,7 +84,8 @@ impl ExitCode for ArchiveError {
             | ArchiveError::Json(..)
             | ArchiveError::Missing(_)
             | ArchiveError::TooLarge(_)
-            | ArchiveError::BadImage { .. } => twinbox_exit::USER_ERROR,
+            | ArchiveError::BadImage { .. }
+            | ArchiveError::SizeMismatch { .. } => twinbox_exit::USER_ERROR,
             ArchiveError::Name { source, .. } => source.exit_code(),
             ArchiveError::Store(e) => e.exit_code(),
         }
@@ -351,9 +355,7 @@ fn check_images(store: &Store, named: &[(Reference, Descriptor)]) -> Result<(), 
 /// Every blob an index entry needs must be in the store before it is named.
 fn check_complete(store: &Store, desc: &Descriptor) -> Result<(), ArchiveError> {
     let d = Digest::try_from(desc.digest()).map_err(StoreError::from)?;
-    if !store.has_blob(&d) {
-        return Err(ArchiveError::Missing(d.to_string()));
-    }
+    check_blob(store, desc, &d)?;
     let is_index = match desc.media_type() {
         MediaType::ImageIndex => true,
         MediaType::Other(s) => s == crate::store::DOCKER_MANIFEST_LIST,
@@ -370,11 +372,22 @@ fn check_complete(store: &Store, desc: &Descriptor) -> Result<(), ArchiveError> 
             let m: ImageManifest = store.read_json(&d, "image manifest")?;
             for b in std::iter::once(m.config()).chain(m.layers()) {
                 let bd = Digest::try_from(b.digest()).map_err(StoreError::from)?;
-                if !store.has_blob(&bd) {
-                    return Err(ArchiveError::Missing(bd.to_string()));
-                }
+                check_blob(store, b, &bd)?;
             }
         }
+    }
+    Ok(())
+}
+
+/// The blob a descriptor names is there and has the size the descriptor says, as its digest
+/// already had to match: a wrong size would be stored, shown and saved again.
+fn check_blob(store: &Store, desc: &Descriptor, d: &Digest) -> Result<(), ArchiveError> {
+    let actual = match std::fs::metadata(store.blob_path(d)) {
+        Ok(m) => m.len(),
+        Err(_) => return Err(ArchiveError::Missing(d.to_string())),
+    };
+    if desc.size() != actual {
+        return Err(ArchiveError::SizeMismatch { digest: d.to_string(), claimed: desc.size(), actual });
     }
     Ok(())
 }
