@@ -123,6 +123,28 @@ fn unsupported_features_say_so() {
     assert!(msg.contains("no such image"), "{msg}");
     let (err, _) = fails(&[], "FROM --platform=linux/s390x scratch\n");
     assert!(matches!(err, BuildError::Platform { line: 1, .. }));
+    // A here-document is named as such (it used to be "unknown instruction" on its next line).
+    let (_, msg) = fails(&[], "FROM scratch\nRUN <<EOF\necho hi\nEOF\n");
+    assert!(msg.contains("line 2: RUN <<EOF: here-documents are not supported"), "{msg}");
+}
+
+/// Arguments that start as the exec form must be a JSON array (`CMD [` used to become the
+/// shell form silently); a shell command that starts with `[` stays one.
+#[test]
+fn a_broken_exec_form_is_an_error() {
+    for (df, line) in [
+        ("FROM scratch\nCMD [\n", 2),
+        ("FROM scratch\nENTRYPOINT [\"/bin/sh\", -c]\n", 2),
+        ("FROM scratch\nCMD [\"a\"\n", 2),
+    ] {
+        let (_, msg) = fails(&[], df);
+        assert!(
+            msg.contains(&format!("line {line}: ")) && msg.contains("starts as a JSON array but is not one"),
+            "{df}: {msg}"
+        );
+    }
+    let ok = twinbox_image::build::dockerfile::parse("FROM scratch\nCMD [ -f /x ] && echo yes\nENTRYPOINT []\n");
+    assert!(ok.is_ok(), "{ok:?}");
 }
 
 #[test]

@@ -100,6 +100,12 @@ pub enum DockerfileError {
     /// No `FROM` at all.
     #[error("the Dockerfile has no FROM instruction; start it with FROM scratch or FROM IMAGE")]
     NoFrom,
+    /// A here-document (`RUN <<EOF`), which this builder does not take.
+    #[error("line {line}: {instruction} <<{marker}: here-documents are not supported; put the commands on the {instruction} line, joined with && (a \\ continues a line)")]
+    HereDoc { line: usize, instruction: String, marker: String },
+    /// Arguments that start as a JSON array (exec form) but are not one.
+    #[error("line {line}: {instruction}: {args:?} starts as a JSON array but is not one ({why}); write [\"executable\", \"arg\"] with double quotes, or the shell form without [")]
+    BadJson { line: usize, instruction: String, args: String, why: String },
 }
 
 impl ExitCode for DockerfileError {
@@ -114,6 +120,8 @@ impl ExitCode for DockerfileError {
             | DockerfileError::FlagValue { .. }
             | DockerfileError::NeedJson { .. }
             | DockerfileError::BeforeFrom { .. }
+            | DockerfileError::HereDoc { .. }
+            | DockerfileError::BadJson { .. }
             | DockerfileError::NoFrom => twinbox_exit::USER_ERROR,
         }
     }
@@ -460,6 +468,23 @@ fn parse_instruction(line: usize, text: &str, escape: char) -> Result<Instructio
     };
     let usage = |instruction, usage| DockerfileError::Usage { line, instruction, usage };
     let words = || split_words(args, escape);
+    if let Some(rest) = args.strip_prefix("<<") {
+        let marker: String = rest.trim_start_matches('-').chars().take_while(|c| !c.is_whitespace()).collect();
+        return Err(DockerfileError::HereDoc { line, instruction: upper, marker });
+    }
+    // `[` then a quote, `]` or nothing: meant as the exec form, which must then parse (a
+    // shell command such as `[ -f x ] && …` stays the shell form).
+    let after = args.strip_prefix('[').map(str::trim_start);
+    if after.is_some_and(|a| a.is_empty() || a.starts_with('"') || a.starts_with(']')) {
+        if let Err(e) = serde_json::from_str::<Vec<String>>(args) {
+            return Err(DockerfileError::BadJson {
+                line,
+                instruction: upper,
+                args: args.to_owned(),
+                why: e.to_string(),
+            });
+        }
+    }
     let command = match upper.as_str() {
         "FROM" => {
             let f = flags("FROM", &["platform"], "--platform")?;
