@@ -198,6 +198,18 @@ fn init_logging(verbose: u8) {
 /// twinbox error in it (the [`twinbox_exit`] policy); a chain without one, such as an I/O error
 /// of the command line's own, is twinbox's failure: 125.
 pub(crate) fn report(e: &anyhow::Error) -> i32 {
+    // Whoever read our output stopped (`twinbox inspect X | head -1`): not an error to print;
+    // the code a shell shows for a process that SIGPIPE ended.
+    let broken_pipe = e.chain().any(|c| {
+        let kind = c
+            .downcast_ref::<std::io::Error>()
+            .map(std::io::Error::kind)
+            .or_else(|| c.downcast_ref::<serde_json::Error>().and_then(serde_json::Error::io_error_kind));
+        kind == Some(std::io::ErrorKind::BrokenPipe)
+    });
+    if broken_pipe {
+        return twinbox_exit::signalled(libc::SIGPIPE);
+    }
     eprintln!("twinbox: {e:#}");
     exit_code(e)
 }

@@ -503,3 +503,22 @@ fn an_archive_with_a_lying_size_is_refused() {
         assert!(fresh.ok(&["images"]).lines().count() <= 1, "nothing tagged");
     }
 }
+
+/// A reader that stops reading (`twinbox inspect X | head -1`) is not an error to print: the
+/// command ends as one that SIGPIPE stopped, quietly (it printed "Broken pipe (os error 32)").
+#[test]
+fn a_closed_output_ends_quietly() {
+    let env = Env::new();
+    two_layer_image(&env, "two:1");
+    let mut child = env
+        .cmd()
+        .args(["inspect", "two:1"])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    drop(child.stdout.take());
+    let out = child.wait_with_output().unwrap();
+    assert_eq!(out.status.code(), Some(141), "{}", String::from_utf8_lossy(&out.stderr));
+    assert_eq!(String::from_utf8_lossy(&out.stderr), "");
+}
