@@ -20,11 +20,11 @@ fn engine(root: &Path) -> Result<Engine> {
     let runtime_root =
         std::env::var_os("TWINBOX_RUNTIME_ROOT").map(std::path::PathBuf::from).unwrap_or_else(|| RUNTIME_ROOT.into());
     let mut engine = Engine::new(store, runtime_root)?;
-    // A detached container's monitor runs `twinbox --root ROOT container-exited ID CODE`
+    // A detached container's monitor runs `twinbox --root ROOT container-exited ID PID CODE`
     // when the container ends.
     let exe = std::env::current_exe().context("finding the twinbox binary")?;
     engine.set_on_exit(vec![exe.clone().into(), "--root".into(), root.into(), "container-exited".into()]);
-    // Published ports are forwarded by `twinbox container-proxy PID IP PORT…`.
+    // Published ports are forwarded by `twinbox container-proxy IP PORT…`.
     engine.set_proxy(vec![exe.into(), "container-proxy".into()]);
     Ok(engine)
 }
@@ -33,23 +33,23 @@ fn engine(root: &Path) -> Result<Engine> {
 pub struct ExitedArgs {
     /// Container id.
     id: String,
-    /// Its exit code (128+N when killed by signal N).
+    /// The init the monitor watched.
+    pid: i32,
+    /// Its exit code (128+N when killed by signal N; -1 when it could not be known).
     #[arg(allow_negative_numbers = true)]
     code: i32,
 }
 
 #[derive(Args, Debug)]
 pub struct ProxyArgs {
-    /// The container's init.
-    pid: i32,
     /// The container's address.
     ip: std::net::Ipv4Addr,
-    /// Its ports, one per listening socket passed as descriptor 3, 4, ….
+    /// Its ports, one per listening socket passed as descriptor 4, 5, … (3: the init's pidfd).
     ports: Vec<u16>,
 }
 
 pub fn proxy(a: ProxyArgs) -> Result<i32> {
-    twinbox_engine::network::publish::run_proxy(a.pid, a.ip, &a.ports).context("forwarding published ports")?;
+    twinbox_engine::network::publish::run_proxy(a.ip, &a.ports).context("forwarding published ports")?;
     Ok(0)
 }
 
@@ -70,7 +70,7 @@ pub fn port(root: &Path, a: PortArgs) -> Result<i32> {
 }
 
 pub fn exited(root: &Path, a: ExitedArgs) -> Result<i32> {
-    engine(root)?.exited(&a.id, a.code)?;
+    engine(root)?.exited(&a.id, a.pid, a.code)?;
     Ok(0)
 }
 

@@ -184,6 +184,10 @@ fn containers_join_bridge_networks() {
         tb(&["run", "--rm", "--network", "tnet", "--hostname", "web", "busybox", "sh", "-c", &script]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains(&format!("inet {prefix}.2/24")), "{out}");
+    let (_, mac, _) = tb(&["run", "--rm", "--network", "tnet", "busybox", "cat", "/sys/class/net/eth0/address"]);
+    let octets: Vec<u8> = format!("{prefix}.2").split('.').map(|o| o.parse().unwrap()).collect();
+    let want = format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", octets[0], octets[1], octets[2], octets[3]);
+    assert_eq!(mac.trim(), want, "the MAC follows the address");
     assert!(out.contains(&format!("default via {gateway} dev eth0")), "{out}");
     assert!(out.contains(&format!("{prefix}.2\tweb")), "{out}");
     assert!(out.contains("gateway-answers"), "{out}{err}");
@@ -372,6 +376,39 @@ fn published_ports_answer_on_the_host() {
     let p2: u16 = ports2.trim().rsplit_once(':').expect("a published port").1.parse().unwrap();
     assert_eq!(page(&format!("127.0.0.1:{p2}")).trim(), "page-of-web2");
     assert_eq!(tb(&["rm", "-f", "web2"]).0, 0);
+
+    // A start that cannot publish (its port taken meanwhile) fails and keeps the container.
+    let held = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let hp = held.local_addr().unwrap().port();
+    drop(held);
+    let (code, _, err) = tb(&[
+        "run",
+        "-d",
+        "--network",
+        "pnet",
+        "-p",
+        &format!("127.0.0.1:{hp}:8080"),
+        "--name",
+        "w3",
+        "busybox",
+        "true",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while !tb(&["ps", "-a"]).1.lines().any(|l| l.contains("w3") && l.contains("Exited (0)"))
+        && std::time::Instant::now() < deadline
+    {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    let taken = std::net::TcpListener::bind(("127.0.0.1", hp)).unwrap();
+    let (code, _, err) = tb(&["start", "w3"]);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains(&format!("cannot publish 127.0.0.1:{hp}->8080/tcp")), "{err}");
+    let ps = tb(&["ps", "-a"]).1;
+    assert!(ps.lines().any(|l| l.contains("w3") && l.contains("Exited (0)")), "kept, as it was: {ps}");
+    drop(taken);
+    assert_eq!(tb(&["start", "w3"]).0, 0, "starts once the port is free");
+    assert_eq!(tb(&["rm", "-f", "w3"]).0, 0);
 
     assert_eq!(tb(&["rm", "-f", "web"]).0, 0);
     let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);

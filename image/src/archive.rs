@@ -162,6 +162,9 @@ pub fn save_to_path(store: &Store, refs: &[String], path: &Path) -> Result<(), A
         save(store, refs, &mut w)?;
         return w.flush().map_err(io_err("write"));
     }
+    // Through a symlink, the file it names is replaced (beside it), not the link.
+    let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_path_buf());
+    let path = real.as_path();
     let dir = match path.parent() {
         Some(p) if !p.as_os_str().is_empty() => p,
         _ => Path::new("."),

@@ -262,6 +262,9 @@ pub struct Store {
     root: PathBuf,
 }
 
+/// The largest manifest looked up by digest alone (an ID); a larger blob is a layer.
+const MAX_MANIFEST_BYTES: u64 = 4 << 20;
+
 /// A held `flock`; released on drop.
 #[derive(Debug)]
 pub struct StoreLock {
@@ -628,13 +631,15 @@ impl Store {
             if found.is_empty() && hexish.len() == 64 {
                 // The full digest of a manifest the store holds but no tag names any more (a
                 // container's image after `rmi` of its tag).
-                if let Ok(d) = format!("sha256:{hexish}").parse::<Digest>() {
-                    if self.has_blob(&d) {
-                        let bytes = self.read_blob(&d)?;
-                        let desc = Descriptor::new(MediaType::ImageManifest, bytes.len() as u64, &d);
-                        if let Ok(img) = self.image_from_descriptor(desc, None, None) {
-                            return Ok(img);
-                        }
+                // Only a blob of a manifest's size is read: the digest may be a layer's.
+                let size = format!("sha256:{hexish}")
+                    .parse::<Digest>()
+                    .ok()
+                    .and_then(|d| Some((fs::metadata(self.blob_path(&d)).ok()?.len(), d)));
+                if let Some((len, d)) = size.filter(|(len, _)| *len <= MAX_MANIFEST_BYTES) {
+                    let desc = Descriptor::new(MediaType::ImageManifest, len, &d);
+                    if let Ok(img) = self.image_from_descriptor(desc, None, None) {
+                        return Ok(img);
                     }
                 }
             }

@@ -8,9 +8,9 @@
 //! fork of the `twinbox` binary used to stay instead, about 740 KiB of PSS each, and a std
 //! program linked against glibc about 270 KiB). engine/build.rs builds it static and freestanding.
 //!
-//! Exit code as a shell reports it: the init's own code, or 128 + N when signal N killed it.
-//! Its own failures (bad arguments, nothing to wait for, COMMAND cannot be run) exit 125 with
-//! a line on stderr.
+//! Exit code as a shell reports it: the init's own code, or 128 + N when signal N killed it;
+//! -1 when PID turns out not to be its child (the exit is still recorded, as unknown). Its own
+//! failures (bad arguments, COMMAND cannot be run) exit 125 with a line on stderr.
 
 #![no_std]
 #![no_main]
@@ -98,7 +98,9 @@ fn wait_exit(pid: i32) -> i32 {
             continue;
         }
         if r < 0 {
-            fail(b"twinbox-monitor: the process to wait for is not a child of this one\n");
+            // Not a child (any more): say "unknown", so the exit is still recorded.
+            let _ = write_err(b"twinbox-monitor: the process to wait for is not a child of this one\n");
+            return -1;
         }
         let signal = status & 0x7f;
         if signal == 0 {
@@ -161,9 +163,13 @@ unsafe fn c_str<'a>(p: *const u8) -> &'a [u8] {
     }
 }
 
-fn fail(message: &[u8]) -> ! {
+fn write_err(message: &[u8]) -> isize {
     // SAFETY: write reads `message.len()` bytes of a live slice.
-    let _ = unsafe { syscall3(SYS_WRITE, 2, message.as_ptr() as usize, message.len()) };
+    unsafe { syscall3(SYS_WRITE, 2, message.as_ptr() as usize, message.len()) }
+}
+
+fn fail(message: &[u8]) -> ! {
+    let _ = write_err(message);
     exit(FAILED)
 }
 

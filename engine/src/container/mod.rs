@@ -212,9 +212,9 @@ impl Engine {
         self.on_exit = Some(command);
     }
 
-    /// The command that forwards a container's published ports, with the init's pid, the
-    /// container's address and its ports appended, the listening sockets as descriptors 3,
-    /// 4, …: one that calls [`crate::network::publish::run_proxy`] (the CLI's hidden
+    /// The command that forwards a container's published ports, with the container's address
+    /// and its ports appended, the init's pidfd as descriptor 3 and the listening sockets as
+    /// 4, 5, …: one that calls [`crate::network::publish::run_proxy`] (the CLI's hidden
     /// `container-proxy`). Needed by containers with `-p`.
     pub fn set_proxy(&mut self, command: Vec<std::ffi::OsString>) {
         self.proxy = Some(command);
@@ -361,6 +361,31 @@ impl Engine {
         Networks::new(self.store.root())
     }
 
+    /// For `--network container:NAME`: the namespace of NAME's init as it runs now (a start
+    /// after NAME restarted must not join a stale pid's, or a stranger's), written into the
+    /// bundle before `create`. Refused when NAME does not run.
+    fn resolve_joined_netns(&self, record: &Record) -> Result<(), EngineError> {
+        let NetworkMode::Container(key) = &record.options.network else { return Ok(()) };
+        let target = self.find(key)?;
+        let Phase::Running { pid } = target.phase else { return Err(EngineError::NotRunning(target.name)) };
+        let cfg = self.container_dir(&record.id).join("bundle/config.json");
+        let bytes = fs::read(&cfg).map_err(io_err("read", &cfg))?;
+        let mut spec: oci_spec::runtime::Spec = serde_json::from_slice(&bytes).map_err(|e| EngineError::Io {
+            op: "parse",
+            path: cfg.clone(),
+            source: e.into(),
+        })?;
+        if let Some(linux) = spec.linux_mut() {
+            let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+            for ns in namespaces.iter_mut().filter(|n| n.typ() == oci_spec::runtime::LinuxNamespaceType::Network) {
+                ns.set_path(Some(format!("/proc/{pid}/ns/net").into()));
+            }
+            linux.set_namespaces(Some(namespaces));
+        }
+        let json = serde_json::to_vec_pretty(&spec).expect("a spec always serializes");
+        twinbox_image::atomic::write(&cfg, &json, 0o644, false).map_err(io_err("write", &cfg))
+    }
+
     /// The steps between `create` and a running container, the same in the foreground and
     /// detached: its network, its record (now running), then `start`.
     fn network_and_start(&self, record: &mut Record, state: &mut twinbox_runtime::State) -> Result<(), EngineError> {
@@ -382,7 +407,8 @@ impl Engine {
         let joined = (|| {
             let hosts = self.container_dir(&record.id).join("hosts");
             let hostname = spec::hostname(&record.id, &record.options);
-            fs::write(&hosts, attach::hosts_file(&hostname, Some(ip))).map_err(io_err("write", &hosts))?;
+            rewrite_in_place(&hosts, attach::hosts_file(&hostname, Some(ip)).as_bytes())
+                .map_err(io_err("write", &hosts))?;
             attach::connect(&endpoint, &network.bridge, pid)?;
             self.publish(record, ip, pid)
         })();
@@ -420,7 +446,7 @@ impl Engine {
             for (ip, r) in &members {
                 let hosts = self.container_dir(&r.id).join("hosts");
                 let text = attach::network_hosts_file(&spec::hostname(&r.id, &r.options), *ip, &names);
-                if let Err(e) = fs::write(&hosts, text) {
+                if let Err(e) = rewrite_in_place(&hosts, text.as_bytes()) {
                     tracing::warn!(path = %hosts.display(), error = %e, "cannot update /etc/hosts");
                 }
             }
@@ -438,14 +464,17 @@ impl Engine {
         }
         let command = self.proxy.as_deref().filter(|c| !c.is_empty()).ok_or(EngineError::NoProxyCommand)?;
         let (listeners, bound) = publish::bind(&record.options.publish)?;
-        // Passed to the child in a fixed array: it must not allocate between fork and exec.
-        let mut fds = [-1i32; publish::MAX_PUBLISHED];
-        for (slot, l) in fds.iter_mut().zip(&listeners) {
+        let pidfd = publish::pidfd(pid).map_err(publish::PublishError::Proxy)?;
+        // The pidfd then the listeners, as descriptors 3, 4, …, passed to the child in a fixed
+        // array: it must not allocate between fork and exec.
+        let mut fds = [-1i32; publish::MAX_PUBLISHED + 1];
+        fds[0] = std::os::fd::AsRawFd::as_raw_fd(&pidfd);
+        for (slot, l) in fds[1..].iter_mut().zip(&listeners) {
             *slot = std::os::fd::AsRawFd::as_raw_fd(l);
         }
-        let count = listeners.len();
+        let count = listeners.len() + 1;
         let mut cmd = std::process::Command::new(&command[0]);
-        cmd.args(&command[1..]).arg(pid.to_string()).arg(ip.to_string());
+        cmd.args(&command[1..]).arg(ip.to_string());
         cmd.args(bound.iter().map(|m| m.container_port.to_string()));
         cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
         // SAFETY: between fork and exec the child only calls async-signal-safe functions
@@ -461,7 +490,7 @@ impl Engine {
                     _ => libc::_exit(0),
                 }
                 // Move the listeners to 3, 4, … (first out of the way, in case they overlap).
-                let mut high = [-1i32; publish::MAX_PUBLISHED];
+                let mut high = [-1i32; publish::MAX_PUBLISHED + 1];
                 for i in 0..count {
                     high[i] = libc::fcntl(fds[i], libc::F_DUPFD_CLOEXEC, 100);
                     if high[i] < 0 {
@@ -478,7 +507,7 @@ impl Engine {
         }
         let mut middle = cmd.spawn().map_err(|e| EngineError::Publish(publish::PublishError::Proxy(e)))?;
         let _ = middle.wait();
-        drop(listeners);
+        drop((listeners, pidfd));
         record.ports = bound;
         Ok(())
     }
@@ -566,6 +595,7 @@ impl Engine {
                 tee = Some(readers);
                 Some(stdio)
             };
+            self.resolve_joined_netns(&record)?;
             let mut state = self.runtime.create(&record.id, &bundle, CreateOptions { stdio, ..Default::default() })?;
             let copiers = tee.take().map(|(out, err, log)| tee_threads(out, err, log)).unwrap_or_default();
             let pid = Pid::from_raw(state.pid);
@@ -683,6 +713,10 @@ impl Engine {
         on_exit: &[std::ffi::OsString],
     ) -> i32 {
         let _ = nix::unistd::setsid();
+        // A new container (run -d) that fails to start is removed; an existing one (start)
+        // is kept, exited as it was, with nothing of the failed start left.
+        let fresh = matches!(record.phase, Phase::Created);
+        let previous = record.phase.clone();
         let setup = (|| -> Result<Pid, EngineError> {
             let log =
                 fs::OpenOptions::new().create(true).append(true).open(log_path).map_err(io_err("open", log_path))?;
@@ -692,6 +726,7 @@ impl Engine {
             };
             let stdio = [OwnedFd::from(null), dup(&log)?, dup(&log)?];
             let bundle = self.container_dir(&record.id).join("bundle");
+            self.resolve_joined_netns(&record)?;
             let mut state =
                 self.runtime.create(&record.id, &bundle, CreateOptions { stdio: Some(stdio), ..Default::default() })?;
             let pid = Pid::from_raw(state.pid);
@@ -710,7 +745,14 @@ impl Engine {
             Err(e) => {
                 let _ = write!(report, "{}", twinbox_runtime::container::error_chain(&e));
                 let _ = self.runtime.delete(&record.id, true);
-                let _ = self.remove_files(&record.id);
+                if fresh {
+                    let _ = self.remove_files(&record.id);
+                } else {
+                    self.leave_network(&record.id, record.endpoint.take().as_ref());
+                    record.ports.clear();
+                    record.phase = previous;
+                    let _ = self.save(&record);
+                }
                 return 1;
             }
         };
@@ -722,8 +764,12 @@ impl Engine {
             let _ = nix::unistd::dup2_stderr(&null);
         }
         let _ = SigSet::all().thread_unblock();
+        // An ignored SIGCHLD inherited from whoever ran twinbox would survive the exec and
+        // make the monitor's wait4 fail with ECHILD.
+        // SAFETY: setting a signal's disposition to the default installs no handler.
+        let _ = unsafe { nix::sys::signal::signal(Signal::SIGCHLD, nix::sys::signal::SigHandler::SigDfl) };
         let mut command = std::process::Command::new(monitor);
-        command.arg(pid.as_raw().to_string()).args(on_exit).arg(&record.id);
+        command.arg(pid.as_raw().to_string()).args(on_exit).arg(&record.id).arg(pid.as_raw().to_string());
         let _exec_failed = std::os::unix::process::CommandExt::exec(&mut command);
         // Installed just before the fork, so hardly ever (a store on a noexec mount): watch
         // the container from here instead.
@@ -734,12 +780,16 @@ impl Engine {
         }
     }
 
-    /// Record how a detached container's init ended (`code` as a shell reports it) and
+    /// Record how a detached container's init `pid` ended (`code` as a shell reports it) and
     /// remove what it leaves (runtime state, cgroup; all of it with `--rm`): what its monitor
-    /// has run once the init is gone.
-    pub fn exited(&self, id: &str, code: i32) -> Result<Exit, EngineError> {
-        let record = self.stored(id).ok_or_else(|| EngineError::NoSuchContainer(id.to_owned()))?;
-        self.finish(record, code)
+    /// has run once the init is gone. `None` when there is nothing to do: the container was
+    /// removed meanwhile, or runs again with another init (a late report of an earlier run).
+    pub fn exited(&self, id: &str, pid: i32, code: i32) -> Result<Option<Exit>, EngineError> {
+        let Some(record) = self.stored(id) else { return Ok(None) };
+        if record.phase != (Phase::Running { pid }) {
+            return Ok(None);
+        }
+        self.finish(record, code).map(Some)
     }
 
     /// Signal a running container's init.
@@ -954,6 +1004,15 @@ fn wait_gone(pid: Pid, timeout: std::time::Duration) -> bool {
         Some(st) => twinbox_runtime::container::wait_gone(pid.as_raw(), st.start_time, timeout),
         None => true,
     }
+}
+
+/// Replaces a file's content keeping its inode (it is bound into a container, where a rename
+/// would not be seen): the new bytes over the old, then the length cut, so a reader never
+/// finds it empty.
+fn rewrite_in_place(path: &Path, bytes: &[u8]) -> io::Result<()> {
+    let mut f = fs::OpenOptions::new().write(true).open(path)?;
+    f.write_all(bytes)?;
+    f.set_len(bytes.len() as u64)
 }
 
 /// A random 64-hex container id.

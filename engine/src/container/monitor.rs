@@ -101,6 +101,7 @@ mod tests {
         assert_eq!(fs::read_to_string(&out).unwrap(), "id2 137\n");
         // Its own failures: 125 and a line on stderr.
         for args in [vec![], vec!["x", "true"], vec!["1", "/nonexistent"]] {
+            // (pid 1 is not its child: the code becomes -1, then the command cannot be run.)
             let o = std::process::Command::new(&monitor).args(&args).output().unwrap();
             assert_eq!(o.status.code(), Some(125), "{args:?}");
             assert!(

@@ -78,7 +78,11 @@ pub fn connect(endpoint: &Endpoint, bridge: &str, pid: i32) -> Result<(), Networ
         .map_err(|e| NetworkError::Io { op: "open", path: netns_path.clone().into(), source: e.into() })?;
     let mut nl = Netlink::open()?;
     let bridge_index = nl.link_index(bridge)?.ok_or_else(|| NetworkError::NoSuchNetwork(endpoint.network.clone()))?;
-    nl.add_veth(&endpoint.host_veth, "eth0", netns.as_raw_fd())?;
+    // The pair of this container's previous run, if its namespace is not freed yet.
+    if let Some(old) = nl.link_index(&endpoint.host_veth)? {
+        nl.delete_link(old, &endpoint.host_veth)?;
+    }
+    nl.add_veth(&endpoint.host_veth, "eth0", mac_for(endpoint.ip), netns.as_raw_fd())?;
     let joined = (|| {
         let host = nl
             .link_index(&endpoint.host_veth)?
@@ -94,6 +98,15 @@ pub fn connect(endpoint: &Endpoint, bridge: &str, pid: i32) -> Result<(), Networ
         return Err(e);
     }
     Ok(())
+}
+
+/// A container's MAC address, derived from its IPv4 address as Docker does (02:42 and the four
+/// bytes of the address; locally administered): a new container that gets a freed address
+/// also gets its MAC, so the bridge's neighbours still reach it while the kernel frees the
+/// old pair.
+pub fn mac_for(ip: Ipv4Addr) -> [u8; 6] {
+    let [a, b, c, d] = ip.octets();
+    [0x02, 0x42, a, b, c, d]
 }
 
 /// In the container's namespace (from a thread that enters it, so the rest of the process
@@ -186,6 +199,12 @@ mod tests {
         let json = serde_json::to_string(&NetworkMode::Bridge("b".into())).unwrap();
         assert_eq!(json, r#"{"mode":"bridge","name":"b"}"#);
         assert_eq!(serde_json::from_str::<NetworkMode>(r#"{"mode":"none"}"#).unwrap(), NetworkMode::None);
+    }
+
+    #[test]
+    fn macs_follow_addresses() {
+        assert_eq!(mac_for(Ipv4Addr::new(10, 89, 0, 2)), [0x02, 0x42, 10, 89, 0, 2]);
+        assert_eq!(mac_for(Ipv4Addr::new(10, 89, 0, 2))[0] & 0b11, 0b10, "unicast, locally administered");
     }
 
     #[test]

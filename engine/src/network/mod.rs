@@ -261,15 +261,19 @@ impl Networks {
 
     /// One network by name, or by id or unique id prefix.
     pub fn get(&self, key: &str) -> Result<Network, NetworkError> {
+        // Names and ids are plain words: `a/b` or `../x` name no network (nor a file elsewhere).
+        if !valid_name(key) {
+            return Err(NetworkError::NoSuchNetwork(key.to_owned()));
+        }
         let path = self.path(key);
         match fs::read(&path) {
             Ok(bytes) => return serde_json::from_slice(&bytes).map_err(|source| NetworkError::Json { path, source }),
-            Err(e) if e.kind() != std::io::ErrorKind::NotFound || key.contains('/') => {
+            Err(e) if e.kind() != std::io::ErrorKind::NotFound => {
                 return Err(NetworkError::Io { op: "read", path, source: e })
             }
             Err(_) => {}
         }
-        let all = if key.len() >= 3 && valid_name(key) { self.list()? } else { Vec::new() };
+        let all = if key.len() >= 3 { self.list()? } else { Vec::new() };
         let mut hits = all.into_iter().filter(|n| n.id.starts_with(key));
         match (hits.next(), hits.next()) {
             (Some(n), None) => Ok(n),
@@ -290,6 +294,8 @@ impl Networks {
         if self.path(name).exists() {
             return Err(NetworkError::Exists(name.to_owned()));
         }
+        // Routes and bridges are the host's, shared by every store: one create at a time.
+        let _host = host_lock()?;
         let mut nl = Netlink::open()?;
         let mut taken: Vec<(Subnet, String)> = Vec::new();
         for n in self.list()? {
@@ -455,6 +461,20 @@ impl Networks {
     }
 }
 
+/// The host-wide lock around choosing a subnet and making its bridge (`/run/twinbox`).
+fn host_lock() -> Result<Flock<fs::File>, NetworkError> {
+    let dir = Path::new("/run/twinbox");
+    fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+    let path = dir.join("networks.lock");
+    let file = fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(io_err("open lock file", &path))?;
+    Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| NetworkError::Io { op: "lock", path, source: e.into() })
+}
+
 fn remove_bridge(nl: &mut Netlink, name: &str) {
     match nl.link_index(name) {
         Ok(Some(index)) => {
@@ -574,6 +594,10 @@ mod tests {
         assert_eq!(nets.get("t").unwrap().addresses.values().collect::<Vec<_>>(), ["c2"]);
         assert_eq!(nets.get(&"ab".repeat(3)).unwrap().name, "t", "by id prefix");
         assert!(matches!(nets.get("nope"), Err(NetworkError::NoSuchNetwork(_))));
+        fs::write(dir.path().join("outside.json"), serde_json::to_vec(&nets.get("t").unwrap()).unwrap()).unwrap();
+        for bad in ["../outside", "a/b", ""] {
+            assert!(matches!(nets.get(bad), Err(NetworkError::NoSuchNetwork(_))), "{bad}");
+        }
         assert!(matches!(nets.remove("t"), Err(NetworkError::InUse { .. })));
         assert!(matches!(nets.create("host", None), Err(NetworkError::Builtin(_))));
         assert!(matches!(nets.create("bad name", None), Err(NetworkError::InvalidName(_))));

@@ -66,11 +66,12 @@ impl Netlink {
             .map(drop)
     }
 
-    /// Makes a veth pair: `host` here, `peer` in the network namespace `netns` (a descriptor of
-    /// it).
-    pub fn add_veth(&mut self, host: &str, peer: &str, netns: RawFd) -> Result<(), NetlinkError> {
+    /// Makes a veth pair: `host` here, `peer` (with MAC address `peer_mac`) in the network
+    /// namespace `netns` (a descriptor of it).
+    pub fn add_veth(&mut self, host: &str, peer: &str, peer_mac: [u8; 6], netns: RawFd) -> Result<(), NetlinkError> {
         let mut peer_msg = LinkMessage::default();
         peer_msg.attributes.push(LinkAttribute::IfName(peer.to_owned()));
+        peer_msg.attributes.push(LinkAttribute::Address(peer_mac.to_vec()));
         peer_msg.attributes.push(LinkAttribute::NetNsFd(netns));
         let mut link = LinkMessage::default();
         link.attributes.push(LinkAttribute::IfName(host.to_owned()));

@@ -7,8 +7,8 @@
 //! copies both ways to the container's address. The listener is on the wildcard address (or
 //! the one given), so the port answers on 127.0.0.1 and on every address of the host; no
 //! netfilter rule and no `route_localnet` are needed, and nothing is left when the proxy ends.
-//! The proxy watches the container's init through a pidfd and exits with it, so a SIGKILLed
-//! twinbox leaves no proxy behind either.
+//! The proxy watches the container's init through a pidfd (taken by the engine as soon as the
+//! init exists) and exits with it, so a SIGKILLed twinbox leaves no proxy behind either.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -146,22 +146,29 @@ impl twinbox_exit::ExitCode for PublishError {
     }
 }
 
-/// The proxy's main: forwards each listener (descriptors 3, 4, … in `mappings` order) to
-/// `target`:`container_port` until process `pid` (the container's init) ends.
-pub fn run_proxy(pid: i32, target: Ipv4Addr, ports: &[u16]) -> io::Result<()> {
+/// A pidfd of process `pid`: readable once it has ended. Taken by the engine right after the
+/// init exists, so the proxy watches that very process (not a later holder of its pid).
+pub fn pidfd(pid: i32) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags and returns a new descriptor or -1.
     let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
     // SAFETY: a successful pidfd_open returns a new descriptor that nothing else owns.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(fd as i32) };
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+}
+
+/// The proxy's main: with the init's pidfd as descriptor 3 and the listeners as 4, 5, … (in
+/// `ports` order), forwards each listener to `target`:its port until the init ends.
+pub fn run_proxy(target: Ipv4Addr, ports: &[u16]) -> io::Result<()> {
+    // SAFETY: the engine passed the pidfd as descriptor 3; it is taken over once.
+    let pidfd = unsafe { OwnedFd::from_raw_fd(3) };
     for (i, &port) in ports.iter().enumerate() {
-        // SAFETY: the engine passed the listeners as descriptors 3.. in this order; each is
+        // SAFETY: the engine passed the listeners as descriptors 4.. in this order; each is
         // taken over once.
-        let listener = unsafe { TcpListener::from_raw_fd(3 + i as i32) };
+        let listener = unsafe { TcpListener::from_raw_fd(4 + i as i32) };
         let to = SocketAddr::new(IpAddr::V4(target), port);
-        std::thread::spawn(move || accept_loop(listener, to));
+        std::thread::Builder::new().spawn(move || accept_loop(listener, to))?;
     }
     // Until the init is gone (the pidfd becomes readable).
     let mut fds = [libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
@@ -178,18 +185,50 @@ pub fn run_proxy(pid: i32, target: Ipv4Addr, ports: &[u16]) -> io::Result<()> {
     }
 }
 
+/// Connections one published port carries at once; more wait in the listen queue.
+const MAX_CONNECTIONS: usize = 512;
+
 fn accept_loop(listener: TcpListener, to: SocketAddr) {
-    for conn in listener.incoming() {
-        let Ok(client) = conn else { continue };
-        std::thread::spawn(move || {
-            let Ok(server) = TcpStream::connect(to) else { return };
-            let _ = client.set_nodelay(true);
-            let _ = server.set_nodelay(true);
-            let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else { return };
-            let up = std::thread::spawn(move || pipe(c2, s2));
-            pipe(server, client);
-            let _ = up.join();
+    let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    loop {
+        if open.load(std::sync::atomic::Ordering::Relaxed) >= MAX_CONNECTIONS {
+            std::thread::sleep(std::time::Duration::from_millis(10));
+            continue;
+        }
+        let client = match listener.accept() {
+            Ok((c, _)) => c,
+            // Out of descriptors or memory: wait for connections to end, not spin.
+            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
+                std::thread::sleep(std::time::Duration::from_millis(50));
+                continue;
+            }
+            Err(_) => continue,
+        };
+        let open = std::sync::Arc::clone(&open);
+        open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let spawned = std::thread::Builder::new().spawn({
+            let open = std::sync::Arc::clone(&open);
+            move || {
+                forward(client, to);
+                open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+            }
         });
+        if spawned.is_err() {
+            // The connection (moved into the closure) is closed; the count goes back.
+            open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
+        }
+    }
+}
+
+/// One connection: to the container's port, then both directions until both end.
+fn forward(client: TcpStream, to: SocketAddr) {
+    let Ok(server) = TcpStream::connect_timeout(&to, std::time::Duration::from_secs(5)) else { return };
+    let _ = client.set_nodelay(true);
+    let _ = server.set_nodelay(true);
+    let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else { return };
+    if let Ok(up) = std::thread::Builder::new().spawn(move || pipe(c2, s2)) {
+        pipe(server, client);
+        let _ = up.join();
     }
 }
 
