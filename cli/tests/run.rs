@@ -231,6 +231,37 @@ fn limits_that_cannot_be_applied_are_refused() {
     no_leaks(img);
 }
 
+/// Two runs asking for one name at the same moment: exactly one gets it (both used to, about
+/// half the time); the name is free again once its container is removed; a name Docker would
+/// refuse is refused.
+#[test]
+fn a_name_goes_to_one_container_only() {
+    let Some(img) = images() else { return };
+    let img = &img;
+    for trial in 0..8 {
+        let name = format!("dup{trial}");
+        let codes: Vec<i32> = std::thread::scope(|s| {
+            let runs: Vec<_> = (0..2)
+                .map(|_| {
+                    let name = name.clone();
+                    s.spawn(move || run(img, &["-d", "--network", "none", "--name", &name, "busybox", "sleep", "30"]).0)
+                })
+                .collect();
+            runs.into_iter().map(|r| r.join().unwrap()).collect()
+        });
+        assert_eq!(codes.iter().filter(|c| **c == 0).count(), 1, "trial {trial}: {codes:?}");
+        let (_, ps, _) = twinbox(img, &["ps", "-a"]);
+        assert_eq!(ps.lines().filter(|l| l.ends_with(&name)).count(), 1, "{ps}");
+        assert_eq!(twinbox(img, &["rm", "-f", &name]).0, 0);
+        let (code, _, err) = run(img, &["--rm", "--network", "none", "--name", &name, "busybox", "true"]);
+        assert_eq!(code, 0, "the name is free again: {err}");
+    }
+    let (code, _, err) = run(img, &["--rm", "--name", "bad/name", "busybox", "true"]);
+    assert_eq!(code, 125, "{err}");
+    assert!(err.contains("invalid container name"), "{err}");
+    no_leaks(img);
+}
+
 #[test]
 fn memory_limit_oom_kills_with_137() {
     let Some(img) = images() else { return };

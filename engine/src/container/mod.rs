@@ -58,6 +58,9 @@ pub enum EngineError {
     /// No container with that id, id prefix or name.
     #[error("no such container: {0}; see `twinbox ps -a`")]
     NoSuchContainer(String),
+    /// Not a name Docker would take.
+    #[error("invalid container name {0:?}: use letters, digits, '_', '.' and '-', starting with a letter or digit")]
+    InvalidName(String),
     /// The name is taken.
     #[error("the container name {0:?} is already in use; remove that container or choose another name")]
     NameInUse(String),
@@ -115,6 +118,7 @@ impl ExitCode for EngineError {
             | EngineError::BadCpus { .. }
             | EngineError::NoSuchContainer(_)
             | EngineError::NameInUse(_)
+            | EngineError::InvalidName(_)
             | EngineError::Running(_)
             | EngineError::NotRunning(_) => USER_ERROR,
             EngineError::Io { .. }
@@ -237,6 +241,9 @@ impl Engine {
         let id = new_id();
         let name = match &opts.name {
             Some(n) => {
+                if !valid_name(n) {
+                    return Err(EngineError::InvalidName(n.clone()));
+                }
                 if self.records()?.iter().any(|r| &r.name == n) {
                     return Err(EngineError::NameInUse(n.clone()));
                 }
@@ -249,6 +256,8 @@ impl Engine {
         for d in ["bundle/rootfs", "upper", "work"] {
             fs::create_dir_all(cdir.join(d)).map_err(io_err("create directory", cdir.join(d)))?;
         }
+        // After the directory: a reservation whose container has no directory is stale.
+        let _name = self.reserve_name(&name, &id)?;
         let overlay = spec::OverlayStack {
             lower: layers.iter().rev().cloned().collect(),
             upper: cdir.join("upper"),
@@ -297,7 +306,43 @@ impl Engine {
         self.save(&record)?;
         self.store.hold(&id, &image.manifest_digest)?;
         std::mem::forget(guard);
+        _name.keep();
         Ok(record)
+    }
+
+    /// Claims `name` for container `id`: a file `<store>/names/NAME` made with O_EXCL, so
+    /// that of two runs asking for one name at the same moment exactly one gets it. A claim
+    /// whose container directory is gone (a run killed half way) is taken over. The returned
+    /// guard gives the name back unless the container is kept ([`NameClaim::keep`]).
+    fn reserve_name(&self, name: &str, id: &str) -> Result<NameClaim, EngineError> {
+        let dir = self.store.root().join("names");
+        fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
+        let path = dir.join(name);
+        for _ in 0..2 {
+            match fs::OpenOptions::new().write(true).create_new(true).open(&path) {
+                Ok(mut f) => {
+                    f.write_all(id.as_bytes()).map_err(io_err("write", &path))?;
+                    return Ok(NameClaim { path: Some(path) });
+                }
+                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
+                    let holder = fs::read_to_string(&path).unwrap_or_default();
+                    if !holder.is_empty() && self.container_dir(holder.trim()).is_dir() {
+                        return Err(EngineError::NameInUse(name.to_owned()));
+                    }
+                    let _ = fs::remove_file(&path);
+                }
+                Err(e) => return Err(io_err("create", &path)(e)),
+            }
+        }
+        Err(EngineError::NameInUse(name.to_owned()))
+    }
+
+    /// Gives back the name container `id` holds, if it holds it.
+    fn release_name(&self, name: &str, id: &str) {
+        let path = self.store.root().join("names").join(name);
+        if fs::read_to_string(&path).is_ok_and(|holder| holder.trim() == id) {
+            let _ = fs::remove_file(&path);
+        }
     }
 
     /// The container's network namespace and `/etc` files for its `--network`, checked before
@@ -665,7 +710,11 @@ impl Engine {
     }
 
     fn remove_files(&self, id: &str) -> Result<(), EngineError> {
-        let endpoint = self.stored(id).and_then(|r| r.endpoint);
+        let stored = self.stored(id);
+        if let Some(r) = &stored {
+            self.release_name(&r.name, id);
+        }
+        let endpoint = stored.and_then(|r| r.endpoint);
         self.leave_network(id, endpoint.as_ref());
         self.store.release(id)?;
         remove_tree(&self.container_dir(id)).map_err(EngineError::from)
@@ -1024,6 +1073,33 @@ pub(crate) fn new_id() -> String {
         b[16..20].copy_from_slice(&std::process::id().to_le_bytes());
     }
     b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// A name claimed by [`Engine::reserve_name`]; given back when dropped unless kept.
+struct NameClaim {
+    path: Option<PathBuf>,
+}
+
+impl NameClaim {
+    fn keep(mut self) {
+        self.path = None;
+    }
+}
+
+impl Drop for NameClaim {
+    fn drop(&mut self) {
+        if let Some(p) = &self.path {
+            let _ = fs::remove_file(p);
+        }
+    }
+}
+
+/// Docker's rule for container names: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`.
+fn valid_name(name: &str) -> bool {
+    let mut chars = name.chars();
+    name.len() <= 128
+        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
 }
 
 /// Removes a half-made container directory unless forgotten.
