@@ -34,8 +34,8 @@
 //! rules (the spec's in order, then the default devices, as runc: written to the v1 devices
 //! controller, or on v2 compiled to a cgroup device eBPF program, see `devices` and `bpf`), and
 //! on v2 the `unified` map. A limit whose controller is missing is an error naming it. Block
-//! I/O, hugepages, network, RDMA, realtime/idle/burst CPU and kernel memory are ignored with a
-//! debug log.
+//! I/O, hugepages, network class/priorities, RDMA and realtime/idle/burst CPU are refused, naming
+//! the field; kernel memory (no longer enforced by kernels, ignored by runc) with a warning.
 
 mod bpf;
 mod devices;
@@ -171,6 +171,11 @@ pub enum CgroupError {
     AlreadyExists { path: PathBuf },
     #[error("cgroup {path} does not exist (not created yet, or destroyed); create the container first")]
     NotCreated { path: PathBuf },
+    /// A limit this runtime does not apply.
+    #[error(
+        "linux.resources.{field} is not supported by this runtime; remove it from the config (it would not be applied)"
+    )]
+    Unsupported { field: &'static str },
     /// cgroup v2 device rules are a BPF program; loading or attaching it failed.
     #[error(
         "cannot enforce linux.resources.devices in cgroup {path}: could not {op}{}; cgroup v2 device rules \
@@ -271,6 +276,7 @@ impl ExitCode for CgroupError {
             | CgroupError::InvalidUnifiedKey { .. }
             | CgroupError::AlreadyExists { .. }
             | CgroupError::NotCreated { .. }
+            | CgroupError::Unsupported { .. }
             | CgroupError::RootlessLimits { .. }
             | CgroupError::Write { .. }
             | CgroupError::MissingFile { .. } => USER_ERROR,
@@ -666,8 +672,7 @@ impl CgroupManager {
                 }
             }
         }
-        log_ignored(r);
-        Ok(())
+        refuse_unsupported(r)
     }
 
     fn leaf(&self, mount: &Path) -> PathBuf {
@@ -765,38 +770,51 @@ fn validate(r: &LinuxResources) -> Result<(), CgroupError> {
     Ok(())
 }
 
-fn log_ignored(r: &LinuxResources) {
-    let mut ignored = Vec::new();
-    if r.block_io().is_some() {
-        ignored.push("blockIO");
+/// Refuses limits this runtime does not apply (block I/O, hugepages, network class and
+/// priority, RDMA, realtime/idle/burst CPU), naming the field: a limit that was asked for is
+/// applied or refused, never dropped. Kernel memory limits, which the kernel itself stopped
+/// enforcing (and runc ignores), are ignored with a warning.
+fn refuse_unsupported(r: &LinuxResources) -> Result<(), CgroupError> {
+    let refuse = |field: &'static str| Err(CgroupError::Unsupported { field });
+    if let Some(b) = r.block_io() {
+        let devices = [
+            b.weight_device().as_ref().map_or(0, Vec::len),
+            b.throttle_read_bps_device().as_ref().map_or(0, Vec::len),
+            b.throttle_write_bps_device().as_ref().map_or(0, Vec::len),
+            b.throttle_read_iops_device().as_ref().map_or(0, Vec::len),
+            b.throttle_write_iops_device().as_ref().map_or(0, Vec::len),
+        ];
+        if b.weight().is_some() || b.leaf_weight().is_some() || devices.iter().any(|n| *n > 0) {
+            return refuse("blockIO");
+        }
     }
     if r.hugepage_limits().as_ref().is_some_and(|h| !h.is_empty()) {
-        ignored.push("hugepageLimits");
+        return refuse("hugepageLimits");
     }
-    if r.network().is_some() {
-        ignored.push("network");
+    if let Some(n) = r.network() {
+        if n.class_id().is_some() || n.priorities().as_ref().is_some_and(|p| !p.is_empty()) {
+            return refuse("network");
+        }
     }
     if r.rdma().as_ref().is_some_and(|h| !h.is_empty()) {
-        ignored.push("rdma");
+        return refuse("rdma");
     }
     if let Some(c) = r.cpu() {
-        if c.realtime_runtime().is_some() || c.realtime_period().is_some() {
-            ignored.push("cpu.realtimeRuntime/realtimePeriod");
+        if c.realtime_runtime().is_some_and(|v| v != 0) || c.realtime_period().is_some_and(|v| v != 0) {
+            return refuse("cpu.realtimeRuntime/realtimePeriod");
         }
-        if c.idle().is_some() || c.burst().is_some() {
-            ignored.push("cpu.idle/burst");
+        if c.idle().is_some_and(|v| v != 0) || c.burst().is_some_and(|v| v != 0) {
+            return refuse("cpu.idle/burst");
         }
     }
     if let Some(m) = r.memory() {
         #[allow(deprecated)]
         let kernel = m.kernel().is_some();
         if kernel || m.kernel_tcp().is_some() {
-            ignored.push("memory.kernel/kernelTCP");
+            tracing::warn!("linux.resources.memory.kernel/kernelTCP: kernel memory limits are not enforced by current kernels; ignored, as runc does");
         }
     }
-    if !ignored.is_empty() {
-        tracing::debug!(?ignored, "linux.resources settings not supported by twinbox; ignored");
-    }
+    Ok(())
 }
 
 /// A v2 limit value: `-1` (or any negative) is `max`.

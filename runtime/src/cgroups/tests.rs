@@ -566,3 +566,66 @@ fn a_parent_removed_between_its_mkdir_and_the_writes_into_it_is_made_again() {
     assert_eq!(std::fs::read_to_string(mount.join("twinbox/c1/cpuset.cpus")).unwrap(), "0-1");
     created.keep();
 }
+
+/// Limits this runtime does not apply are refused before anything is made, each named (they
+/// were dropped with a debug line); empty settings and kernel memory pass.
+#[test]
+fn limits_not_applied_are_refused() {
+    use oci_spec::runtime::{
+        LinuxBlockIoBuilder, LinuxCpuBuilder, LinuxHugepageLimitBuilder, LinuxInterfacePriorityBuilder,
+        LinuxNetworkBuilder,
+    };
+    let (fake, m) = hybrid_fake();
+    let cases: Vec<(LinuxResources, &str)> = vec![
+        (
+            LinuxResourcesBuilder::default()
+                .block_io(LinuxBlockIoBuilder::default().weight(500u16).build().unwrap())
+                .build()
+                .unwrap(),
+            "blockIO",
+        ),
+        (
+            LinuxResourcesBuilder::default()
+                .hugepage_limits(vec![LinuxHugepageLimitBuilder::default()
+                    .page_size("2MB")
+                    .limit(1i64 << 21)
+                    .build()
+                    .unwrap()])
+                .build()
+                .unwrap(),
+            "hugepageLimits",
+        ),
+        (
+            LinuxResourcesBuilder::default()
+                .network(
+                    LinuxNetworkBuilder::default()
+                        .priorities(vec![LinuxInterfacePriorityBuilder::default()
+                            .name("eth0")
+                            .priority(1u32)
+                            .build()
+                            .unwrap()])
+                        .build()
+                        .unwrap(),
+                )
+                .build()
+                .unwrap(),
+            "network",
+        ),
+        (
+            LinuxResourcesBuilder::default()
+                .cpu(LinuxCpuBuilder::default().realtime_runtime(1000i64).build().unwrap())
+                .build()
+                .unwrap(),
+            "cpu.realtime",
+        ),
+    ];
+    for (r, field) in cases {
+        let err = m.create(Some(&r)).unwrap_err();
+        assert!(matches!(err, CgroupError::Unsupported { .. }), "{field}: {err}");
+        assert!(err.to_string().contains(&format!("linux.resources.{field}")), "{err}");
+        assert!(!fake.root.join("memory/twinbox").exists(), "nothing made");
+    }
+    let empty =
+        LinuxResourcesBuilder::default().block_io(LinuxBlockIoBuilder::default().build().unwrap()).build().unwrap();
+    m.create(Some(&empty)).unwrap();
+}
