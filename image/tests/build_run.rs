@@ -18,14 +18,7 @@ use twinbox_image::{Digest, Store};
 
 /// Skip (printing why) unless root; under CI=true a missing root is a failure.
 fn root_or_skip(what: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").is_ok_and(|v| v == "true" || v == "1") {
-        panic!("CI=true but {what} needs root");
-    }
-    eprintln!("SKIPPED: {what} needs root");
-    false
+    twinbox_testutil::require_root(what, "make device nodes and unpack as root")
 }
 
 fn mknod(path: &Path, kind: nix::sys::stat::SFlag, major: u64, minor: u64) {

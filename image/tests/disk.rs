@@ -12,13 +12,7 @@ use twinbox_image::disk::{disk_path, root_disk};
 fn tool(name: &str) -> bool {
     let found = Command::new("sh").arg("-c").arg(format!("command -v {name} || test -x /usr/sbin/{name}")).output();
     let ok = found.map(|o| o.status.success()).unwrap_or(false);
-    if !ok {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("{name} (e2fsprogs) is required under CI=true");
-        }
-        eprintln!("SKIPPED: {name} not installed (apt-get install e2fsprogs)");
-    }
-    ok
+    twinbox_testutil::require(ok, "disk tests", &format!("{name} is not installed (apt-get install e2fsprogs)"))
 }
 
 /// Serialises the tests: one of them hides mkfs.ext4 by changing PATH, process-wide.

@@ -30,11 +30,7 @@ fn main() {
         println!("floor: run with `cargo bench -p twinbox-microvm --bench floor`");
         return;
     }
-    if !std::path::Path::new("/dev/kvm").exists() {
-        if std::env::var("CI").as_deref() == Ok("true") {
-            panic!("floor benchmark: /dev/kvm is required under CI=true");
-        }
-        println!("SKIPPED: floor benchmark: /dev/kvm missing");
+    if !twinbox_testutil::require(std::path::Path::new("/dev/kvm").exists(), "floor benchmark", "/dev/kvm is missing") {
         return;
     }
     parent();

@@ -12,13 +12,7 @@ use twinbox_microvm::{ExitReason, VmBuilder, VmConfig, VmError, VmExit};
 fn kvm_available(test: &str) -> bool {
     match std::fs::OpenOptions::new().read(true).write(true).open("/dev/kvm") {
         Ok(_) => true,
-        Err(e) => {
-            if std::env::var("CI").as_deref() == Ok("true") {
-                panic!("{test}: /dev/kvm is required under CI=true: {e}");
-            }
-            eprintln!("SKIPPED: {test}: /dev/kvm not usable: {e}");
-            false
-        }
+        Err(e) => twinbox_testutil::require(false, test, &format!("/dev/kvm is not usable: {e}")),
     }
 }
 

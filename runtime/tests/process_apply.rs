@@ -46,14 +46,7 @@ fn is_helper(name: &str) -> bool {
 }
 
 fn require_root(what: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{what} needs root, and CI=true");
-    }
-    println!("SKIPPED: {what} needs root");
-    false
+    twinbox_testutil::require_root(what, "apply process credentials")
 }
 
 /// The fields of /proc/thread-self/status (or of `text`).

@@ -6,18 +6,12 @@ use std::process::{Command, Output};
 
 /// Whether a missing capability must fail instead of skip (CI=true).
 pub fn strict() -> bool {
-    std::env::var("CI").is_ok_and(|v| v == "true" || v == "1")
+    twinbox_testutil::strict()
 }
 
 /// Skip (return false, printing why) when `cond` is false, or panic under CI=true.
 pub fn require(cond: bool, what: &str) -> bool {
-    if !cond {
-        if strict() {
-            panic!("CI=true but {what}");
-        }
-        eprintln!("SKIPPED: {what}");
-    }
-    cond
+    twinbox_testutil::require(cond, "twinbox", what)
 }
 
 /// The tool is on PATH.

@@ -283,14 +283,7 @@ impl Sandbox {
 /// Whether the test may use root. Without root, print why the test is skipped; under
 /// `CI=true` a missing privilege is a failure, not a skip.
 pub fn have_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: needs root, and CI=true forbids skipping");
-    }
-    eprintln!("SKIPPED {test}: needs root (run as root, or under CI=true to make this fail)");
-    false
+    twinbox_testutil::require_root(test, "unpack as the layers' owners")
 }
 
 /// Whether `dir`'s filesystem accepts `user.*` xattrs.

@@ -440,9 +440,7 @@ mod tests {
     /// where a denied `mknod` is seen to fail with EPERM.
     #[test]
     fn the_kernel_runs_the_program_as_specified() {
-        if !nix::unistd::geteuid().is_root() {
-            assert!(std::env::var("CI").as_deref() != Ok("true"), "needs root, and CI=true forbids skipping");
-            eprintln!("SKIPPED: the_kernel_runs_the_program_as_specified: needs root to attach BPF programs");
+        if !twinbox_testutil::require_root("the_kernel_runs_the_program_as_specified", "attach BPF programs") {
             return;
         }
         let id = format!("twinbox-unit-{}", std::process::id());

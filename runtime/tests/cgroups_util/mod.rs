@@ -7,15 +7,7 @@ use twinbox_runtime::cgroups::{CgroupManager, DEFAULT_MOUNT_ROOT};
 
 /// Root, or a printed skip reason (`why` says what root is for); under CI=true a failure.
 pub fn have_root(test: &str, why: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    assert!(
-        std::env::var("CI").as_deref() != Ok("true"),
-        "{test}: cgroup tests need root, and CI=true forbids skipping"
-    );
-    eprintln!("SKIPPED: {test}: needs root to {why}");
-    false
+    twinbox_testutil::require_root(test, why)
 }
 
 /// An id unique to this process and call, `twinbox-test-<pid>-<tag><n>`.

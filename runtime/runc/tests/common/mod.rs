@@ -20,27 +20,13 @@ const APPLETS: &[&str] = &[
 /// True when the test may run (root). Skips with a reason otherwise, except under CI=true,
 /// where a missing capability is a failure.
 pub fn require_root(test: &str) -> bool {
-    if nix::unistd::geteuid().is_root() {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: needs root (CI=true, so not skipping)");
-    }
-    eprintln!("SKIPPED: {test}: needs root");
-    false
+    twinbox_testutil::require_root(test, "create containers")
 }
 
 /// True when `present`; otherwise skips with `what` as the reason, except under CI=true,
 /// where a missing tool is a failure.
 pub fn require_tool(test: &str, present: bool, what: &str) -> bool {
-    if present {
-        return true;
-    }
-    if std::env::var("CI").as_deref() == Ok("true") {
-        panic!("{test}: {what} is needed (CI=true, so not skipping)");
-    }
-    eprintln!("SKIPPED: {test}: {what} is not installed");
-    false
+    twinbox_testutil::require(present, test, &format!("{what} is not installed"))
 }
 
 /// The env's busybox rootfs as image `tag` in a new OCI layout at `layout` (what podman and
