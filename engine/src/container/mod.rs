@@ -310,36 +310,43 @@ impl Engine {
         Ok(record)
     }
 
-    /// Claims `name` for container `id`: a file `<store>/names/NAME` made with O_EXCL, so
-    /// that of two runs asking for one name at the same moment exactly one gets it. A claim
-    /// whose container directory is gone (a run killed half way) is taken over. The returned
-    /// guard gives the name back unless the container is kept ([`NameClaim::keep`]).
+    /// Claims `name` for container `id`: a file `<store>/names/NAME` holding the id, made
+    /// under the names' lock, so that of two runs asking for one name at the same moment
+    /// exactly one gets it. A claim whose container directory is gone (a run killed half way)
+    /// is taken over. The returned guard gives the name back unless the container is kept
+    /// ([`NameClaim::keep`]).
     fn reserve_name(&self, name: &str, id: &str) -> Result<NameClaim, EngineError> {
         let dir = self.store.root().join("names");
-        fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
+        let _lock = self.names_lock(&dir)?;
         let path = dir.join(name);
-        for _ in 0..2 {
-            match fs::OpenOptions::new().write(true).create_new(true).open(&path) {
-                Ok(mut f) => {
-                    f.write_all(id.as_bytes()).map_err(io_err("write", &path))?;
-                    return Ok(NameClaim { path: Some(path) });
-                }
-                Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
-                    let holder = fs::read_to_string(&path).unwrap_or_default();
-                    if !holder.is_empty() && self.container_dir(holder.trim()).is_dir() {
-                        return Err(EngineError::NameInUse(name.to_owned()));
-                    }
-                    let _ = fs::remove_file(&path);
-                }
-                Err(e) => return Err(io_err("create", &path)(e)),
+        if let Ok(holder) = fs::read_to_string(&path) {
+            if self.container_dir(holder.trim()).is_dir() {
+                return Err(EngineError::NameInUse(name.to_owned()));
             }
         }
-        Err(EngineError::NameInUse(name.to_owned()))
+        fs::write(&path, id).map_err(io_err("write", &path))?;
+        Ok(NameClaim { path: Some(path), id: id.to_owned() })
+    }
+
+    /// The lock every claim and release of a name takes (`<store>/names/.lock`).
+    fn names_lock(&self, dir: &Path) -> Result<nix::fcntl::Flock<fs::File>, EngineError> {
+        fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+        let path = dir.join(".lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("open", &path))?;
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| EngineError::Sys("locking the container names", e))
     }
 
     /// Gives back the name container `id` holds, if it holds it.
     fn release_name(&self, name: &str, id: &str) {
-        let path = self.store.root().join("names").join(name);
+        let dir = self.store.root().join("names");
+        let Ok(_lock) = self.names_lock(&dir) else { return };
+        let path = dir.join(name);
         if fs::read_to_string(&path).is_ok_and(|holder| holder.trim() == id) {
             let _ = fs::remove_file(&path);
         }
@@ -1075,9 +1082,12 @@ pub(crate) fn new_id() -> String {
     b.iter().map(|x| format!("{x:02x}")).collect()
 }
 
-/// A name claimed by [`Engine::reserve_name`]; given back when dropped unless kept.
+/// A name claimed by [`Engine::reserve_name`]; given back when dropped unless kept (the
+/// claim's file holds the id, and a later claim by another container is never removed: a
+/// stale one is only overwritten under the lock).
 struct NameClaim {
     path: Option<PathBuf>,
+    id: String,
 }
 
 impl NameClaim {
@@ -1089,7 +1099,9 @@ impl NameClaim {
 impl Drop for NameClaim {
     fn drop(&mut self) {
         if let Some(p) = &self.path {
-            let _ = fs::remove_file(p);
+            if fs::read_to_string(p).is_ok_and(|holder| holder.trim() == self.id) {
+                let _ = fs::remove_file(p);
+            }
         }
     }
 }
