@@ -210,19 +210,7 @@ impl Networks {
     }
 
     fn lock(&self) -> Result<Flock<fs::File>, NetworkError> {
-        fs::create_dir_all(&self.dir).map_err(io_err("create directory", &self.dir))?;
-        let path = self.dir.join(".lock");
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io_err("open lock file", &path))?;
-        Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| NetworkError::Io {
-            op: "lock",
-            path,
-            source: e.into(),
-        })
+        lock_in(&self.dir, ".lock")
     }
 
     /// The file that says a create of `bridge` is under way.
@@ -463,9 +451,13 @@ impl Networks {
 
 /// The host-wide lock around choosing a subnet and making its bridge (`/run/twinbox`).
 fn host_lock() -> Result<Flock<fs::File>, NetworkError> {
-    let dir = Path::new("/run/twinbox");
+    lock_in(Path::new("/run/twinbox"), "networks.lock")
+}
+
+/// An exclusive flock on `dir/name` (both made when missing), held until dropped.
+fn lock_in(dir: &Path, name: &str) -> Result<Flock<fs::File>, NetworkError> {
     fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
-    let path = dir.join("networks.lock");
+    let path = dir.join(name);
     let file = fs::OpenOptions::new()
         .create(true)
         .truncate(false)
