@@ -33,15 +33,6 @@ fn our_bridges() -> Vec<String> {
         .collect()
 }
 
-/// Removes the test's networks however it ends (prune takes only this store's).
-struct Prune<'a>(&'a Env);
-
-impl Drop for Prune<'_> {
-    fn drop(&mut self) {
-        let _ = self.0.run(&["network", "prune"]);
-    }
-}
-
 #[test]
 fn networks_are_bridges_with_their_gateway() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -50,7 +41,6 @@ fn networks_are_bridges_with_their_gateway() {
     }
     let before = our_bridges();
     let env = Env::new();
-    let _cleanup = Prune(&env);
     let id = env.ok(&["network", "create", "web"]);
     let id = id.trim();
     assert_eq!(id.len(), 64, "{id}");
@@ -120,18 +110,6 @@ fn networks_are_bridges_with_their_gateway() {
     assert_eq!(our_bridges(), before, "no bridge left behind");
 }
 
-/// Any twinbox command on `env`'s store, with its own runtime root: exit code, stdout, stderr.
-fn twinbox<A: AsRef<std::ffi::OsStr>>(env: &Env, args: &[A]) -> (i32, String, String) {
-    let mut cmd = env.cmd();
-    cmd.env("TWINBOX_RUNTIME_ROOT", env.path("runtime"));
-    let o = cmd.args(args).output().unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
-}
-
 /// A busybox image in `env`'s store, with the applets the network tests use.
 fn busybox(env: &Env) -> bool {
     let ctx = env.path("busybox");
@@ -172,11 +150,10 @@ fn containers_join_bridge_networks() {
     }
     let veths_before = veths();
     let env = Env::new();
-    let _cleanup = Prune(&env);
     if !busybox(&env) {
         return;
     }
-    let tb = |args: &[&str]| twinbox(&env, args);
+    let tb = |args: &[&str]| env.twinbox(args);
     env.ok(&["network", "create", "tnet"]);
     let net: serde_json::Value = serde_json::from_str(&env.ok(&["network", "inspect", "tnet"])).unwrap();
     let gateway = net[0]["gateway"].as_str().unwrap().to_owned();
@@ -308,11 +285,10 @@ fn published_ports_answer_on_the_host() {
         return;
     }
     let env = Env::new();
-    let _cleanup = Prune(&env);
     if !busybox(&env) {
         return;
     }
-    let tb = |args: &[&str]| twinbox(&env, args);
+    let tb = |args: &[&str]| env.twinbox(args);
     env.ok(&["network", "create", "pnet"]);
     let net: serde_json::Value = serde_json::from_str(&env.ok(&["network", "inspect", "pnet"])).unwrap();
     let gateway = net[0]["gateway"].as_str().unwrap().to_owned();
@@ -438,11 +414,10 @@ fn twenty_published_containers_and_a_killed_run_leave_nothing() {
     }
     let veths_before = veths();
     let env = Env::new();
-    let _cleanup = Prune(&env);
     if !busybox(&env) {
         return;
     }
-    let tb = |args: &[String]| twinbox(&env, args);
+    let tb = |args: &[String]| env.twinbox(args);
     let s = |v: &[&str]| v.iter().map(|a| a.to_string()).collect::<Vec<_>>();
     let serve = "mkdir -p /www && echo page-of-$(hostname) > /www/index.html && exec httpd -f -p 8080 -h /www";
     let names: Vec<String> = (0..20).map(|i| format!("w{i}")).collect();

@@ -114,14 +114,7 @@ fn run(img: &Images, args: &[&str]) -> (i32, String, String) {
 
 /// Any twinbox command on the test's store: exit code, stdout, stderr.
 fn twinbox(img: &Images, args: &[&str]) -> (i32, String, String) {
-    let mut cmd = img.env.cmd();
-    cmd.env("TWINBOX_RUNTIME_ROOT", img.env.path("runtime"));
-    let o = cmd.args(args).output().unwrap();
-    (
-        o.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&o.stdout).into_owned(),
-        String::from_utf8_lossy(&o.stderr).into_owned(),
-    )
+    img.env.twinbox(args)
 }
 
 fn no_leaks(img: &Images) {

@@ -16,3 +16,12 @@ pub mod microvm;
 pub mod network;
 
 pub use container::{Engine, EngineError, Phase, Record, RunOptions};
+
+/// Docker's rule for the names of containers and networks: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`, at
+/// most `max` bytes. Such a name is also a safe file name in the store.
+pub(crate) fn valid_name(name: &str, max: usize) -> bool {
+    let mut chars = name.chars();
+    name.len() <= max
+        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
+        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+}

@@ -71,6 +71,19 @@ impl Env {
         String::from_utf8(o.stdout).unwrap()
     }
 
+    /// Run twinbox with args and its own runtime root (`<dir>/runtime`, so that containers
+    /// of the test do not mix with the machine's); exit code, stdout, stderr.
+    pub fn twinbox<A: AsRef<std::ffi::OsStr>>(&self, args: &[A]) -> (i32, String, String) {
+        let mut cmd = self.cmd();
+        cmd.env("TWINBOX_RUNTIME_ROOT", self.path("runtime"));
+        let o = cmd.args(args).output().unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    }
+
     pub fn store(&self) -> twinbox_image::Store {
         twinbox_image::Store::open(self.root()).unwrap()
     }

@@ -1106,12 +1106,9 @@ impl Drop for NameClaim {
     }
 }
 
-/// Docker's rule for container names: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`.
+/// A container name: Docker's rule, at most 128 bytes.
 fn valid_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    name.len() <= 128
-        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    crate::valid_name(name, 128)
 }
 
 /// Removes a half-made container directory unless forgotten.

@@ -479,12 +479,9 @@ fn remove_bridge(nl: &mut Netlink, name: &str) {
     }
 }
 
-/// Docker's rule for names: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`; at most 64 characters here.
+/// A network name: Docker's rule, at most 64 bytes.
 fn valid_name(name: &str) -> bool {
-    let mut chars = name.chars();
-    name.len() <= 64
-        && chars.next().is_some_and(|c| c.is_ascii_alphanumeric())
-        && chars.all(|c| c.is_ascii_alphanumeric() || matches!(c, '_' | '.' | '-'))
+    crate::valid_name(name, 64)
 }
 
 /// The default network's subnet, or the first /24 of the pool that nothing overlaps.
