@@ -453,8 +453,7 @@ impl Engine {
         let nets = self.networks();
         let network = nets.get_or_create_default(name)?;
         // Addresses of containers that are gone (their twinbox was killed) are free again.
-        nets.release_where(|c| !self.container_dir(c).exists())?;
-        let (network, ip) = nets.allocate(&network.name, &record.id)?;
+        let (network, ip) = nets.allocate(&network.name, &record.id, |c| !self.container_dir(c).exists())?;
         let endpoint = Endpoint::new(&network, ip, &record.id);
         let joined = (|| {
             let hosts = self.container_dir(&record.id).join("hosts");

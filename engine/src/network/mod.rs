@@ -402,12 +402,23 @@ impl Networks {
     }
 
     /// Gives `container` the lowest free address of network `key` (the one it holds already,
-    /// if any).
-    pub fn allocate(&self, key: &str, container: &str) -> Result<(Network, Ipv4Addr), NetworkError> {
+    /// if any), first freeing, in the same pass, the addresses of containers for which `gone`
+    /// says so (their twinbox was killed before it could give them back).
+    pub fn allocate(
+        &self,
+        key: &str,
+        container: &str,
+        gone: impl Fn(&str) -> bool,
+    ) -> Result<(Network, Ipv4Addr), NetworkError> {
         let _lock = self.lock()?;
         let mut network = self.get(key)?;
+        let held = network.addresses.len();
+        network.addresses.retain(|_, c| c.as_str() == container || !gone(c));
         if let Some((ip, _)) = network.addresses.iter().find(|(_, c)| c.as_str() == container) {
             let ip = *ip;
+            if network.addresses.len() != held {
+                self.save(&network)?;
+            }
             return Ok((network, ip));
         }
         let ip = network
@@ -569,7 +580,7 @@ mod tests {
             addresses: BTreeMap::new(),
         };
         nets.save(&n).unwrap();
-        let ip = |c: &str| nets.allocate("t", c).map(|(_, ip)| ip);
+        let ip = |c: &str| nets.allocate("t", c, |_| false).map(|(_, ip)| ip);
         assert_eq!(ip("c1").unwrap(), Ipv4Addr::new(10, 90, 9, 2));
         assert_eq!(ip("c2").unwrap(), Ipv4Addr::new(10, 90, 9, 3));
         assert_eq!(ip("c1").unwrap(), Ipv4Addr::new(10, 90, 9, 2), "the one it holds");
