@@ -326,15 +326,16 @@ pub struct Proc {
     pub args: Vec<String>,
 }
 
-/// The processes each instance leaves running, as `(instance, pid)`: those whose arguments hold
-/// the instance's marker, and the parent of those when it is theirs alone (not pid 1, not the
-/// harness, holding no marker and parent to no other instance's processes): the process a
-/// launcher leaves to watch its workload, such as twinbox's container monitor, whose own
-/// arguments do not name the workload.
-pub fn instance_processes(procs: &[Proc], markers: &[String]) -> Vec<(usize, u32)> {
+/// The processes each instance leaves running, as `(instance, pid, share)`: those whose
+/// arguments hold the instance's marker (share 1), and the parent of those when it is a
+/// launcher's process that watches workloads (not pid 1, not the harness, holding no marker),
+/// such as twinbox's container monitor, whose own arguments do not name the workload. A parent
+/// of k instances' processes (one monitor for every detached container of a store) is shared:
+/// each of them gets 1/k of it, so that it is counted once in all.
+pub fn instance_processes(procs: &[Proc], markers: &[String]) -> Vec<(usize, u32, f64)> {
     let instance = |p: &Proc| markers.iter().position(|m| p.args.iter().any(|a| a == m));
-    let mut out: Vec<(usize, u32)> = procs.iter().filter_map(|p| Some((instance(p)?, p.pid))).collect();
-    let marked: std::collections::BTreeSet<u32> = out.iter().map(|(_, pid)| *pid).collect();
+    let mut out: Vec<(usize, u32, f64)> = procs.iter().filter_map(|p| Some((instance(p)?, p.pid, 1.0))).collect();
+    let marked: std::collections::BTreeSet<u32> = out.iter().map(|(_, pid, _)| *pid).collect();
     let mut parents: std::collections::BTreeMap<u32, std::collections::BTreeSet<usize>> = Default::default();
     for p in procs {
         if let Some(i) = instance(p) {
@@ -342,8 +343,9 @@ pub fn instance_processes(procs: &[Proc], markers: &[String]) -> Vec<(usize, u32
         }
     }
     for (ppid, instances) in parents {
-        if ppid > 1 && ppid != std::process::id() && !marked.contains(&ppid) && instances.len() == 1 {
-            out.extend(instances.into_iter().map(|i| (i, ppid)));
+        if ppid > 1 && ppid != std::process::id() && !marked.contains(&ppid) {
+            let share = 1.0 / instances.len() as f64;
+            out.extend(instances.into_iter().map(|i| (i, ppid, share)));
         }
     }
     out
@@ -397,7 +399,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn an_instance_owns_its_workload_and_a_parent_of_its_own() {
+    fn an_instance_owns_its_workload_and_its_share_of_a_parent() {
         let p =
             |pid: u32, ppid: u32, args: &[&str]| Proc { pid, ppid, args: args.iter().map(|a| a.to_string()).collect() };
         let me = std::process::id();
@@ -413,8 +415,20 @@ mod tests {
         ];
         let markers: Vec<String> = (101..=105).map(|m| m.to_string()).collect();
         let mut found = instance_processes(&procs, &markers);
-        found.sort_unstable();
-        assert_eq!(found, [(0, 9), (0, 10), (1, 20), (2, 30), (3, 31), (4, 40)]);
+        found.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        assert_eq!(
+            found,
+            [
+                (0, 9, 1.0),
+                (0, 10, 1.0),
+                (1, 20, 1.0),
+                (2, 5, 0.5),
+                (2, 30, 1.0),
+                (3, 5, 0.5),
+                (3, 31, 1.0),
+                (4, 40, 1.0)
+            ]
+        );
     }
 
     #[test]

@@ -76,6 +76,9 @@ impl Options {
             cpu_runs: self.runs.map(|r| r.clamp(1, 30)).unwrap_or(if q { 15 } else { 20 }),
             warmup: if q { 2 } else { 5 },
             instances: self.instances.unwrap_or(if q { 10 } else { 20 }).max(1),
+            // The kernel's growth over a backend's instances moves by ±15 KiB per instance from
+            // one reading to the next: several interleaved readings, and their median.
+            memory_rounds: if q { 3 } else { 5 },
             max: self.max.unwrap_or(if q { 10 } else { 50 }).max(1),
             // A memory budget asks how many instances fit: one pass, so the curve ends where
             // that pass hit the budget.

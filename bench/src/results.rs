@@ -68,6 +68,10 @@ pub struct Settings {
     pub warmup: usize,
     /// Idle instances per backend in the memory scenario.
     pub instances: usize,
+    /// Rounds of the memory scenario over every backend (order reversed on odd rounds); one
+    /// kernel reading per backend and round. Absent in results of older runs: 1.
+    #[serde(default = "one")]
+    pub memory_rounds: usize,
     /// Instances per backend in the density scenario.
     pub max: usize,
     /// Passes of the density scenario over every backend (order reversed on odd passes); the
@@ -192,6 +196,7 @@ impl Results {
             }
             if has("memory") {
                 to.instances = from.instances;
+                to.memory_rounds = from.memory_rounds;
             }
             if has("density") {
                 to.max = from.max;

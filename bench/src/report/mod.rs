@@ -174,8 +174,9 @@ fn what_this_shows(r: &Results) -> Vec<String> {
              kernel objects (namespaces, mounts, cgroups){}.",
             match med(r, "twinbox-container", "memory", "processes_per_instance") {
                 Some(n) if n > 1.0 => format!(
-                    "; a detached twinbox container keeps its monitor (a fork of the `twinbox` binary) beside the \
-                     workload, {} processes per instance, and that monitor is most of its PSS",
+                    "; the detached twinbox containers of a store share one monitor process of a few KiB (the \
+                     init's parent), counted as an equal share of a process and of its PSS for each: {} processes \
+                     per instance",
                     num(n)
                 ),
                 _ => String::new(),

@@ -158,9 +158,11 @@ fn one_pass(r: &mut Run<'_>, k: usize, max: usize, bar: &indicatif::ProgressBar)
                     cpu.push(ms(children_cpu().saturating_sub(cpu0)));
                 }
                 fleet.instances.push(inst);
-                let pss: u64 =
-                    instance_processes(&scan(), &markers[..=i]).into_iter().filter_map(|(_, pid)| pss_kib(pid)).sum();
-                let held = (pss as f64 + kernel_kib() as f64 - k0) / 1024.0;
+                let pss: f64 = instance_processes(&scan(), &markers[..=i])
+                    .into_iter()
+                    .filter_map(|(_, pid, share)| Some(pss_kib(pid)? as f64 * share))
+                    .sum();
+                let held = (pss + kernel_kib() as f64 - k0) / 1024.0;
                 memory.push(held);
                 if let Some(budget) = r.settings.memory_budget_mib.filter(|&b| held >= b as f64) {
                     r.note(format!(

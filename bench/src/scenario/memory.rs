@@ -2,14 +2,15 @@
 //! instance's processes are found by their arguments), then
 //!
 //! - PSS of every process the backend leaves running for an instance (the workload, and for
-//!   `twinbox run -d` its monitor, found as the workload's parent: see
+//!   `twinbox run -d` its share of the store's monitor, found as the workloads' parent: see
 //!   [`instance_processes`]), from /proc/PID/smaps_rollup;
 //! - the growth of the kernel's Slab + PageTables + KernelStack + Percpu from before the first launch
 //!   to after the last, divided by N (namespaces, mounts, cgroups, page tables, task structs);
 //!   both readings wait for the kernel's memory to stop moving (deferred frees of earlier
 //!   instances and launchers).
 //!
-//! One backend after the other; each starts from nothing running and must leave nothing behind.
+//! One backend after the other, in rounds (the order reversed on odd ones); each starts from
+//! nothing running and must leave nothing behind.
 
 use std::time::Duration;
 
@@ -51,10 +52,10 @@ fn idle(r: &Run<'_>, b: &dyn Backend, n: usize, base: u64, bar: &indicatif::Prog
     let found = instance_processes(&scan(), &markers);
     let mut pss = vec![0.0; n];
     let mut count = vec![0.0; n];
-    for &(i, pid) in &found {
+    for &(i, pid, share) in &found {
         if let Some(kib) = pss_kib(pid) {
-            pss[i] += kib as f64;
-            count[i] += 1.0;
+            pss[i] += kib as f64 * share;
+            count[i] += share;
         }
     }
     let (_, errors) = fleet.teardown();
@@ -65,82 +66,110 @@ fn idle(r: &Run<'_>, b: &dyn Backend, n: usize, base: u64, bar: &indicatif::Prog
     // The workloads, and the processes that watched them (a monitor ends soon after).
     let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
-    while found.iter().any(|&(_, pid)| alive(pid)) && std::time::Instant::now() < deadline {
+    while found.iter().any(|&(_, pid, _)| alive(pid)) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
     }
-    let left = leftovers(&markers) + found.iter().filter(|&&(_, pid)| alive(pid)).count();
+    let left = leftovers(&markers) + found.iter().filter(|&&(_, pid, _)| alive(pid)).count();
     if left > 0 {
         return Err(format!("{left} processes still running after teardown"));
     }
     Ok(Reading { pss, procs: count, kernel: k1.saturating_sub(k0) as f64 / n as f64 })
 }
 
+/// A backend's samples over the rounds: every instance's PSS and process count, and per round
+/// the kernel's growth per instance and the total (that round's mean PSS + its kernel growth).
+#[derive(Clone, Default)]
+struct Samples {
+    pss: Vec<f64>,
+    procs: Vec<f64>,
+    kernel: Vec<f64>,
+    total: Vec<f64>,
+}
+
 pub fn run(r: &mut Run<'_>) {
     let n = r.settings.instances.max(1);
+    let rounds = r.settings.memory_rounds.max(1);
     let nb = r.backends.len();
-    let bar = r.progress((n * nb) as u64, "memory");
-    for k in 0..nb {
-        if crate::signal::interrupted() {
-            break;
-        }
-        let b = r.backends[k].as_ref();
-        bar.set_message(b.name());
-        let base = marker_base();
-        match idle(r, b, n, base, &bar) {
-            Ok(reading) => {
-                let mean_pss = reading.pss.iter().sum::<f64>() / n as f64;
-                let desc = format!("{n} idle instances of `hello sleep`");
-                let name = b.name();
-                r.record(
-                    name,
-                    Scenario::Memory,
-                    "pss_per_instance",
-                    "KiB",
-                    Better::Lower,
-                    &format!("PSS of the processes each instance leaves running; {desc}, one sample per instance"),
-                    reading.pss,
-                    0,
-                    0,
-                );
-                r.record(
-                    name,
-                    Scenario::Memory,
-                    "processes_per_instance",
-                    "processes",
-                    Better::Lower,
-                    &format!("processes each instance leaves running; {desc}"),
-                    reading.procs,
-                    0,
-                    0,
-                );
-                r.record(
-                    name,
-                    Scenario::Memory,
-                    "kernel_per_instance",
-                    "KiB",
-                    Better::Lower,
-                    &format!("growth of Slab (empty slabs given back) + PageTables + KernelStack + Percpu over {n} instances, once settled, divided by {n}"),
-                    vec![reading.kernel],
-                    0,
-                    0,
-                );
-                r.record(
-                    name,
-                    Scenario::Memory,
-                    "total_per_instance",
-                    "KiB",
-                    Better::Lower,
-                    &format!("mean PSS + kernel growth per instance; {desc}"),
-                    vec![mean_pss + reading.kernel],
-                    0,
-                    0,
-                );
+    let bar = r.progress((n * nb * rounds) as u64, "memory");
+    let mut readings: Vec<Option<Samples>> = vec![Some(Samples::default()); nb];
+    'rounds: for round in 0..rounds {
+        let order: Vec<usize> = if round % 2 == 0 { (0..nb).collect() } else { (0..nb).rev().collect() };
+        for k in order {
+            if crate::signal::interrupted() {
+                break 'rounds;
             }
-            Err(e) => {
-                let name = b.name();
-                r.note(format!("memory: {name}: {e}"));
+            if readings[k].is_none() {
+                continue;
+            }
+            let b = r.backends[k].as_ref();
+            bar.set_message(b.name());
+            match idle(r, b, n, marker_base(), &bar) {
+                Ok(reading) => {
+                    let mean_pss = reading.pss.iter().sum::<f64>() / n as f64;
+                    let acc = readings[k].as_mut().expect("checked above");
+                    acc.pss.extend(reading.pss);
+                    acc.procs.extend(reading.procs);
+                    acc.kernel.push(reading.kernel);
+                    acc.total.push(mean_pss + reading.kernel);
+                }
+                Err(e) => {
+                    r.note(format!("memory: {}: {e}", b.name()));
+                    readings[k] = None;
+                }
             }
         }
+    }
+    for (k, reading) in readings.into_iter().enumerate() {
+        let Some(Samples { pss, procs, kernel, total }) = reading.filter(|x| !x.kernel.is_empty()) else { continue };
+        let name = r.backends[k].name();
+        let desc = format!("{n} idle instances of `hello sleep`, {} rounds over the backends", kernel.len());
+        r.record(
+            name,
+            Scenario::Memory,
+            "pss_per_instance",
+            "KiB",
+            Better::Lower,
+            &format!("PSS of the processes each instance leaves running; {desc}, one sample per instance"),
+            pss,
+            0,
+            0,
+        );
+        r.record(
+            name,
+            Scenario::Memory,
+            "processes_per_instance",
+            "processes",
+            Better::Lower,
+            &format!("processes each instance leaves running; {desc}"),
+            procs,
+            0,
+            0,
+        );
+        r.record(
+            name,
+            Scenario::Memory,
+            "kernel_per_instance",
+            "KiB",
+            Better::Lower,
+            &format!(
+                "growth of Slab (empty slabs given back) + PageTables + KernelStack + Percpu over {n} instances, \
+                 once settled, divided by {n}; one sample per round"
+            ),
+            kernel,
+            0,
+            0,
+        );
+        r.record(
+            name,
+            Scenario::Memory,
+            "total_per_instance",
+            "KiB",
+            Better::Lower,
+            &format!("mean PSS + kernel growth per instance, one sample per round; {desc}"),
+            total,
+            0,
+            0,
+        );
     }
     bar.finish_and_clear();
 }

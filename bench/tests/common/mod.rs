@@ -108,6 +108,7 @@ pub fn results(seed: u64, slow: f64) -> Results {
             cpu_runs: 5,
             warmup: 2,
             instances: 10,
+            memory_rounds: 1,
             max: 10,
             density_passes: 1,
             memory_budget_mib: None,
