@@ -20,9 +20,12 @@ fn engine(root: &Path) -> Result<Engine> {
     let runtime_root =
         std::env::var_os("TWINBOX_RUNTIME_ROOT").map(std::path::PathBuf::from).unwrap_or_else(|| RUNTIME_ROOT.into());
     let mut engine = Engine::new(store, runtime_root)?;
-    // A detached container's monitor runs `twinbox --root ROOT container-exited ID PID CODE`
-    // when the container ends.
+    // The store's container monitor runs `twinbox --root ROOT container-launch ID` to start a
+    // detached container and `twinbox --root ROOT container-exited ID PID CODE` when it ends,
+    // in its own working directory: the root as an absolute path.
     let exe = std::env::current_exe().context("finding the twinbox binary")?;
+    let root = std::path::absolute(root).with_context(|| format!("finding the absolute path of {}", root.display()))?;
+    engine.set_launcher(vec![exe.clone().into(), "--root".into(), root.clone().into(), "container-launch".into()]);
     engine.set_on_exit(vec![exe.clone().into(), "--root".into(), root.into(), "container-exited".into()]);
     // Published ports are forwarded by `twinbox container-proxy IP PORT…`.
     engine.set_proxy(vec![exe.into(), "container-proxy".into()]);
@@ -38,6 +41,16 @@ pub struct ExitedArgs {
     /// Its exit code (128+N when killed by signal N; -1 when it could not be known).
     #[arg(allow_negative_numbers = true)]
     code: i32,
+}
+
+#[derive(Args, Debug)]
+pub struct LaunchArgs {
+    /// Container id.
+    id: String,
+}
+
+pub fn launch(root: &Path, a: LaunchArgs) -> Result<i32> {
+    Ok(engine(root)?.launch(&a.id))
 }
 
 #[derive(Args, Debug)]

@@ -88,6 +88,10 @@ enum Command {
     /// Forwards a container's published ports until its init ends (started by run, not by hand).
     #[command(hide = true)]
     ContainerProxy(containers::ProxyArgs),
+    /// Run by the store's container monitor to create and start a detached container (started
+    /// by run -d and start, not by hand).
+    #[command(hide = true)]
+    ContainerLaunch(containers::LaunchArgs),
     /// Run by a detached container's monitor once the container's init has exited: records
     /// its exit code and removes what it leaves.
     #[command(hide = true)]
@@ -160,6 +164,7 @@ fn main() -> ExitCode {
         Command::Start(a) => containers::start(root, a),
         Command::Exec(a) => containers::exec(root, a),
         Command::ContainerExited(a) => containers::exited(root, a),
+        Command::ContainerLaunch(a) => containers::launch(root, a),
         Command::ContainerProxy(a) => containers::proxy(a),
         Command::Port(a) => containers::port(root, a),
         Command::Network(a) => networks::network(root, a),

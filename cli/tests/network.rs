@@ -174,6 +174,13 @@ fn containers_join_bridge_networks() {
     assert!(out.contains(&format!("default via {gateway} dev eth0")), "{out}");
     assert!(out.contains(&format!("{prefix}.2\tweb")), "{out}");
     assert!(out.contains("gateway-answers"), "{out}{err}");
+    // A network whose bridge is gone (as after a reboot) gets it back at the next run.
+    let bridge = net[0]["bridge"].as_str().unwrap().to_owned();
+    let del = std::process::Command::new("ip").args(["link", "del", &bridge]).status().unwrap();
+    assert!(del.success() && !bridge_exists(&bridge));
+    let (code, out, err) = tb(&["run", "--rm", "--network", "tnet", "busybox", "sh", "-c", &script]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("gateway-answers") && bridge_exists(&bridge), "{out}{err}");
     let after: serde_json::Value = serde_json::from_str(&env.ok(&["network", "inspect", "tnet"])).unwrap();
     assert_eq!(after[0]["addresses"], serde_json::json!({}), "the --rm container's address is free");
 

@@ -360,6 +360,19 @@ fn detached_containers_ps_logs_stop_rm() {
     let monitor = std::fs::read_link(format!("/proc/{ppid}/exe")).unwrap();
     assert!(monitor.starts_with(img.env.root().join("bin")), "{}", monitor.display());
     assert!(std::fs::metadata(&monitor).unwrap().len() < 64 * 1024, "{}", monitor.display());
+    // Its mount points come from a shared lower layer: nothing in its upper layer yet.
+    let upper = img.env.root().join("containers").join(&id).join("upper");
+    let written: Vec<_> = std::fs::read_dir(&upper).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert!(written.is_empty(), "{}: {written:?}", upper.display());
+    // A second detached container has the same monitor: one per store.
+    let (code, out, err) = run(img, &["-d", "busybox", "sleep", "300"]);
+    assert_eq!(code, 0, "{err}");
+    let (_, json, _) = tb(&["ps", "--json"]);
+    let all: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    let second = all.iter().find(|c| c["id"] == out.trim()).unwrap()["phase"]["pid"].as_i64().unwrap();
+    let stat = std::fs::read_to_string(format!("/proc/{second}/stat")).unwrap();
+    assert_eq!(stat.rsplit_once(')').unwrap().1.split_whitespace().nth(1).unwrap(), ppid);
+    assert_eq!(tb(&["rm", "-f", out.trim()]).0, 0);
     // A container that ends by itself: its code is recorded.
     let (code, _, err) = run(img, &["-d", "--name", "three", "busybox", "sh", "-c", "exit 3"]);
     assert_eq!(code, 0, "{err}");

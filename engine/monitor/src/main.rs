@@ -1,16 +1,35 @@
-//! `twinbox-monitor PID COMMAND [ARG…]` (COMMAND a path: no PATH search): the parent of a detached container's init for as long
-//! as it runs. It waits for PID, then replaces itself with COMMAND, its arguments and the exit
-//! code (the `twinbox` command that records the exit and removes what the container leaves).
+//! `twinbox-monitor serve`: the one process that watches every detached container of a store.
 //!
-//! The engine starts it with `exec` in the process that created the container, so the init
-//! stays its child. One stays in memory beside every detached container, so it is as small as
-//! a process can be: no std, no libc, four system calls, one page of code and one of stack (a
-//! fork of the `twinbox` binary used to stay instead, about 740 KiB of PSS each, and a std
-//! program linked against glibc about 270 KiB). engine/build.rs builds it static and freestanding.
+//! Started by the engine when a detached container needs it and none runs, with a listening
+//! `SOCK_SEQPACKET` Unix socket as descriptor 3 (`<store>/monitor.sock`) and its own open file
+//! description of `<store>/monitor.lock` as descriptor 4. It is a child subreaper
+//! (`PR_SET_CHILD_SUBREAPER`), so every process started below it that loses its parent becomes
+//! its child. One request per connection, one datagram each, from a process of its own user:
 //!
-//! Exit code as a shell reports it: the init's own code, or 128 + N when signal N killed it;
-//! -1 when PID turns out not to be its child (the exit is still recorded, as unknown). Its own
-//! failures (bad arguments, COMMAND cannot be run) exit 125 with a line on stderr.
+//! - `R` + ARGV + ENV, with three descriptors (SCM_RIGHTS): start a launcher. It forks a child
+//!   that takes the descriptors as its stdin, stdout and stderr, starts a new session and runs
+//!   ARGV with ENV (`twinbox container-launch ID`, which creates and starts the container). The
+//!   container's init is the launcher's child, so when the launcher exits the init becomes the
+//!   monitor's. Reply `ok`.
+//! - `W` + PID (4 bytes, little endian) + ARGV + ENV: watch the child PID. Once it has ended,
+//!   run ARGV with its exit code appended (`twinbox container-exited ID PID CODE`, which
+//!   records it and removes what the container leaves). Sent by the launcher before it exits,
+//!   while PID is still the launcher's child, so the monitor cannot have reaped PID yet. Reply
+//!   `ok`.
+//!
+//! ARGV and ENV are NUL-terminated strings, an empty string between them. The exit code is as
+//! a shell reports it: the process's own code, or 128 + N when signal N killed it.
+//!
+//! When it has no child left and no connection open it exits, under the lock: it takes the
+//! lock without waiting and exits only if no connection is pending, and the engine holds the
+//! lock from before it connects until its connection is queued, so a request never meets a
+//! monitor that is going away. A monitor that is killed leaves its containers to init; the
+//! engine then shows them as exited with an unknown code, and starts a new monitor for the next.
+//!
+//! It stays in memory beside the containers, one per store instead of one per container (each
+//! of those cost about 55 KiB of kernel memory: page tables, a kernel stack, task structures),
+//! so it is as small as a process can be: no std, no libc, a few pages of code, the watch table
+//! in pages touched only as it fills. engine/build.rs builds it static and freestanding.
 
 #![no_std]
 #![no_main]
@@ -19,21 +38,53 @@
 compile_error!("twinbox-monitor is written for x86_64 Linux");
 
 use core::arch::{asm, global_asm};
-use core::mem::MaybeUninit;
+use core::cell::UnsafeCell;
 
-const SYS_WRITE: usize = 1;
-const SYS_WAIT4: usize = 61;
-const SYS_EXECVE: usize = 59;
-const SYS_EXIT_GROUP: usize = 231;
+mod sys {
+    pub const READ: usize = 0;
+    pub const WRITE: usize = 1;
+    pub const CLOSE: usize = 3;
+    pub const POLL: usize = 7;
+    pub const RT_SIGACTION: usize = 13;
+    pub const RT_SIGPROCMASK: usize = 14;
+    pub const DUP2: usize = 33;
+    pub const SENDTO: usize = 44;
+    pub const RECVMSG: usize = 47;
+    pub const GETSOCKOPT: usize = 55;
+    pub const FORK: usize = 57;
+    pub const EXECVE: usize = 59;
+    pub const WAIT4: usize = 61;
+    pub const FCNTL: usize = 72;
+    pub const FLOCK: usize = 73;
+    pub const GETUID: usize = 102;
+    pub const SETSID: usize = 112;
+    pub const PRCTL: usize = 157;
+    pub const EXIT_GROUP: usize = 231;
+    pub const ACCEPT4: usize = 288;
+    pub const SIGNALFD4: usize = 289;
+}
+
 const EINTR: isize = 4;
+const ECHILD: isize = 10;
+const SIGCHLD: usize = 17;
+const LISTENER: usize = 3;
+const LOCK: usize = 4;
 /// The monitor's own failure, as `docker run` reports twinbox's.
 const FAILED: i32 = 125;
-/// The most arguments COMMAND may have (twinbox passes five).
-const MAX_ARGS: usize = 64;
+
+/// Connections open at once; more wait in the listening socket's backlog.
+const MAX_CONNECTIONS: usize = 32;
+/// The largest request: the engine sends twinbox's arguments and a few environment variables.
+const MAX_REQUEST: usize = 16 * 1024;
+/// Strings of one request's ARGV, and of its ENV.
+const MAX_STRINGS: usize = 128;
+/// Containers watched at once, and the bytes of their commands.
+const MAX_WATCHES: usize = 16 * 1024;
+const ARENA: usize = 4 << 20;
 
 // The kernel starts a static executable at `_start` with the stack holding argc, the argument
-// pointers, a null, the environment pointers and a null. Hand that to `start`, with the stack
-// aligned as the C ABI wants it for the call.
+// pointers, a null, the environment's pointers and a null. Hand that to `start`, with the
+// stack aligned as the C ABI wants it for the call.
 global_asm!(
     ".globl _start",
     "_start:",
@@ -45,87 +96,435 @@ global_asm!(
     start = sym start,
 );
 
+/// One watched process: its command (ARGV, an empty string, ENV) at `arena[off..off + len]`.
+#[derive(Clone, Copy)]
+struct Watch {
+    pid: i32,
+    off: u32,
+    len: u32,
+}
+
+struct State {
+    watches: [Watch; MAX_WATCHES],
+    count: usize,
+    arena: [u8; ARENA],
+    used: usize,
+    request: [u8; MAX_REQUEST],
+    connections: [i32; MAX_CONNECTIONS],
+    open: usize,
+}
+
+/// The monitor's state: in .bss, so its pages cost nothing until they are written.
+struct Global(UnsafeCell<State>);
+
+// SAFETY: the monitor has one thread.
+unsafe impl Sync for Global {}
+
+static STATE: Global = Global(UnsafeCell::new(State {
+    watches: [Watch { pid: 0, off: 0, len: 0 }; MAX_WATCHES],
+    count: 0,
+    arena: [0; ARENA],
+    used: 0,
+    request: [0; MAX_REQUEST],
+    connections: [0; MAX_CONNECTIONS],
+    open: 0,
+}));
+
 /// # Safety
 ///
 /// `stack` is the process's initial stack pointer, laid out by the kernel as above.
 unsafe extern "C" fn start(stack: *const usize) -> ! {
-    // SAFETY: the kernel's layout: argc, then argc + 1 argument pointers (the last null), then
-    // the environment's pointers, null-terminated.
-    let (args, envp) = unsafe {
-        let argc = *stack;
-        let argv = stack.add(1) as *const *const u8;
-        (core::slice::from_raw_parts(argv, argc), argv.add(argc + 1))
-    };
-    exit(run(args, envp))
-}
-
-fn run(args: &[*const u8], envp: *const *const u8) -> i32 {
-    if args.len() < 3 || args.len() - 2 > MAX_ARGS {
-        fail(b"usage: twinbox-monitor PID COMMAND [ARG...] (started by `twinbox run -d`, not by hand)\n");
-    }
+    // SAFETY: the kernel's layout: argc, then argc + 1 argument pointers (the last null).
+    let args = unsafe { core::slice::from_raw_parts(stack.add(1) as *const *const u8, *stack) };
     // SAFETY: every argument pointer the kernel gives points at a NUL-terminated string.
-    let Some(pid) = parse_pid(unsafe { c_str(args[1]) }) else {
-        fail(b"twinbox-monitor: the first argument is not a process id\n")
-    };
-    let code = wait_exit(pid);
-
-    // COMMAND's arguments, then the code, then the null that ends them.
-    let mut digits = [0u8; 12];
-    let code_arg = format_code(code, &mut digits);
-    let mut argv = [const { MaybeUninit::<*const u8>::uninit() }; MAX_ARGS + 2];
-    let command = &args[2..];
-    for (slot, arg) in argv.iter_mut().zip(command) {
-        slot.write(*arg);
+    if args.len() != 2 || unsafe { c_str(args[1]) } != b"serve" {
+        fail(b"usage: twinbox-monitor serve (started by twinbox with its socket as descriptor 3, not by hand)\n");
     }
-    argv[command.len()].write(code_arg);
-    argv[command.len() + 1].write(core::ptr::null());
-    // SAFETY: execve reads the NUL-terminated path, the null-terminated argument array (every
-    // entry written above and pointing at a NUL-terminated string: the kernel's or `digits`,
-    // which lives until the call) and the environment the kernel gave us. It returns only on
-    // failure.
-    let err = unsafe { syscall3(SYS_EXECVE, command[0] as usize, argv.as_ptr() as usize, envp as usize) };
-    let _ = err;
-    fail(b"twinbox-monitor: cannot run the command given after the process id\n")
+    // SAFETY: the only reference to the state, taken once, on the only thread.
+    let state = unsafe { &mut *STATE.0.get() };
+    exit(serve(state))
 }
 
-/// Waits for the child `pid` to end; its exit code as a shell reports it.
-fn wait_exit(pid: i32) -> i32 {
+fn serve(state: &mut State) -> i32 {
+    // Dispositions survive exec: what whoever started us ignored (twinbox ignores SIGPIPE)
+    // must not be ignored by the launchers and by us.
+    for signal in 1..=64usize {
+        if signal != 9 && signal != 19 {
+            let default = [0usize; 4];
+            // SAFETY: rt_sigaction reads a kernel `struct sigaction` (handler SIG_DFL, no flags,
+            // no restorer, empty mask) of four words; the old action is not asked for.
+            let _ = unsafe { syscall4(sys::RT_SIGACTION, signal, default.as_ptr() as usize, 0, 8) };
+        }
+    }
+    // SAFETY: prctl with integer arguments only.
+    if unsafe {
+        syscall4(sys::PRCTL, 36 /* PR_SET_CHILD_SUBREAPER */, 1, 0, 0)
+    } < 0
+    {
+        fail(b"twinbox-monitor: cannot become a child subreaper\n");
+    }
+    for fd in [LISTENER, LOCK] {
+        // SAFETY: fcntl(F_SETFD, FD_CLOEXEC) with integer arguments only.
+        if unsafe { syscall4(sys::FCNTL, fd, 2, 1, 0) } < 0 {
+            fail(b"twinbox-monitor: descriptors 3 and 4 must be the socket and the lock\n");
+        }
+    }
+    // SIGCHLD blocked, and read from a signalfd instead of handled.
+    let chld: u64 = 1 << (SIGCHLD - 1);
+    // SAFETY: rt_sigprocmask reads an 8-byte mask that lives through the call.
+    unsafe {
+        syscall4(sys::RT_SIGPROCMASK, 0 /* SIG_BLOCK */, &chld as *const u64 as usize, 0, 8)
+    };
+    // SAFETY: signalfd4 reads the 8-byte mask.
+    let sfd = unsafe { syscall4(sys::SIGNALFD4, usize::MAX, &chld as *const u64 as usize, 8, 0o2004000) };
+    if sfd < 0 {
+        fail(b"twinbox-monitor: cannot make a signalfd\n");
+    }
+    // SAFETY: getuid takes nothing.
+    let uid = unsafe { syscall4(sys::GETUID, 0, 0, 0, 0) } as u32;
+
+    let mut pollfds = [PollFd { fd: -1, events: 0, revents: 0 }; MAX_CONNECTIONS + 2];
     loop {
-        let mut status: i32 = 0;
-        // SAFETY: wait4 writes the status to `status`, a live i32, and nothing else (no rusage).
-        let r = unsafe { syscall4(SYS_WAIT4, pid as usize, &mut status as *mut i32 as usize, 0, 0) };
-        if r == -EINTR {
+        let children = reap(state);
+        let idle = !children && state.open == 0;
+        if idle && may_leave() {
+            return 0;
+        }
+        pollfds[0] = PollFd { fd: sfd as i32, events: POLLIN, revents: 0 };
+        let mut n = 1;
+        let listening = state.open < MAX_CONNECTIONS;
+        if listening {
+            pollfds[1] = PollFd { fd: LISTENER as i32, events: POLLIN, revents: 0 };
+            n = 2;
+        }
+        let first = n;
+        for &c in &state.connections[..state.open] {
+            pollfds[n] = PollFd { fd: c, events: POLLIN, revents: 0 };
+            n += 1;
+        }
+        // Idle but the lock was taken: look again soon.
+        let timeout = if idle { 100 } else { -1isize as usize };
+        // SAFETY: poll reads and writes `n` pollfds of a live array.
+        let r = unsafe { syscall4(sys::POLL, pollfds.as_mut_ptr() as usize, n, timeout, 0) };
+        if r < 0 {
             continue;
         }
-        if r < 0 {
-            // Not a child (any more): say "unknown", so the exit is still recorded.
-            let _ = write_err(b"twinbox-monitor: the process to wait for is not a child of this one\n");
-            return -1;
+        if pollfds[0].revents != 0 {
+            let mut info = [0u8; 128];
+            // SAFETY: read writes at most 128 bytes into a live buffer; the fd is non-blocking.
+            while unsafe { syscall4(sys::READ, sfd as usize, info.as_mut_ptr() as usize, info.len(), 0) } > 0 {}
         }
-        let signal = status & 0x7f;
-        if signal == 0 {
-            return (status >> 8) & 0xff;
+        // Requests first (their slots move when one closes), then new connections.
+        let mut i = state.open;
+        while i > 0 {
+            i -= 1;
+            if pollfds[first + i].revents != 0 {
+                let c = state.connections[i];
+                answer(state, c);
+                close(c as usize);
+                state.open -= 1;
+                state.connections[i] = state.connections[state.open];
+            }
         }
-        if signal != 0x7f {
-            return 128 + signal;
+        if listening && pollfds[1].revents != 0 {
+            // SAFETY: accept4 with no peer address asked for; SOCK_CLOEXEC.
+            let c = unsafe { syscall4(sys::ACCEPT4, LISTENER, 0, 0, 0o2000000) };
+            if c >= 0 {
+                if peer_uid(c as usize) == Some(uid) {
+                    state.connections[state.open] = c as i32;
+                    state.open += 1;
+                } else {
+                    close(c as usize);
+                }
+            }
         }
-        // Stopped or continued: not an end.
     }
 }
 
-/// A positive decimal process id.
-fn parse_pid(s: &[u8]) -> Option<i32> {
-    if s.is_empty() || s.len() > 10 {
+/// Reaps every child that has ended, running the command of those watched. Whether any child
+/// is left.
+fn reap(state: &mut State) -> bool {
+    loop {
+        let mut status: i32 = 0;
+        // SAFETY: wait4 writes the status to a live i32 and nothing else (no rusage); WNOHANG.
+        let pid = unsafe { syscall4(sys::WAIT4, usize::MAX, &mut status as *mut i32 as usize, 1, 0) };
+        if pid == -EINTR {
+            continue;
+        }
+        if pid == -ECHILD {
+            return false;
+        }
+        if pid <= 0 {
+            return true;
+        }
+        let signal = status & 0x7f;
+        let code = if signal == 0 { (status >> 8) & 0xff } else { 128 + signal };
+        if let Some(i) = state.watches[..state.count].iter().position(|w| w.pid == pid as i32) {
+            let w = state.watches[i];
+            let mut digits = [0u8; 12];
+            let code = format_code(code, &mut digits);
+            let command = &state.arena[w.off as usize..(w.off + w.len) as usize];
+            // Its own stdio: /dev/null, as given to the monitor.
+            let _ = spawn(command, Some(code), None);
+            forget(state, i);
+        }
+    }
+}
+
+/// Removes watch `i`, moving the commands after it down.
+fn forget(state: &mut State, i: usize) {
+    let w = state.watches[i];
+    let (start, end) = (w.off as usize, (w.off + w.len) as usize);
+    state.arena.copy_within(end..state.used, start);
+    state.used -= w.len as usize;
+    state.count -= 1;
+    for j in i..state.count {
+        state.watches[j] = state.watches[j + 1];
+    }
+    for other in &mut state.watches[..state.count] {
+        if other.off as usize >= end {
+            other.off -= w.len;
+        }
+    }
+}
+
+/// Whether to exit now: no child, no connection, and under the lock no connection pending.
+fn may_leave() -> bool {
+    // SAFETY: flock with integer arguments only.
+    if unsafe {
+        syscall4(sys::FLOCK, LOCK, 2 | 4 /* LOCK_EX | LOCK_NB */, 0, 0)
+    } < 0
+    {
+        return false;
+    }
+    let mut p = PollFd { fd: LISTENER as i32, events: POLLIN, revents: 0 };
+    // SAFETY: poll reads and writes one live pollfd; no wait.
+    let pending = unsafe { syscall4(sys::POLL, &mut p as *mut PollFd as usize, 1, 0, 0) } != 0;
+    if pending {
+        // SAFETY: flock with integer arguments only.
+        unsafe {
+            syscall4(sys::FLOCK, LOCK, 8 /* LOCK_UN */, 0, 0)
+        };
+    }
+    // Exiting releases the lock.
+    !pending
+}
+
+/// Reads and answers the one request of connection `c`.
+fn answer(state: &mut State, c: i32) {
+    let mut fds = [-1i32; 3];
+    let (len, nfds) = match receive(c as usize, &mut state.request, &mut fds) {
+        Ok(got) => got,
+        Err(message) => {
+            reply(c, message);
+            return;
+        }
+    };
+    let received = &fds[..nfds];
+    let message: &[u8] = match state.request.get(..len) {
+        Some([b'R', payload @ ..]) if nfds == 3 => match spawn(payload, None, Some(&fds)) {
+            Ok(()) => b"ok",
+            Err(e) => e,
+        },
+        Some([b'R', ..]) => b"a launch request needs three descriptors",
+        Some([b'W', a, b, c, d, payload @ ..]) if nfds == 0 => {
+            let pid = i32::from_le_bytes([*a, *b, *c, *d]);
+            if parse(payload).is_none() || pid <= 0 {
+                b"malformed watch request"
+            } else if state.count == MAX_WATCHES || state.used + payload.len() > ARENA {
+                b"the monitor watches as many containers as it can"
+            } else {
+                let off = state.used;
+                state.arena[off..off + payload.len()].copy_from_slice(payload);
+                state.used += payload.len();
+                state.watches[state.count] = Watch { pid, off: off as u32, len: payload.len() as u32 };
+                state.count += 1;
+                b"ok"
+            }
+        }
+        _ => b"unknown request",
+    };
+    for &fd in received {
+        close(fd as usize);
+    }
+    reply(c, message);
+}
+
+/// Sends `message` on connection `c`; a peer that has gone away gets nothing (MSG_NOSIGNAL:
+/// no SIGPIPE, which would end the monitor).
+fn reply(c: i32, message: &[u8]) {
+    // SAFETY: sendto reads `message.len()` bytes of a live slice; no address.
+    let _ = unsafe { syscall6(sys::SENDTO, c as usize, message.as_ptr() as usize, message.len(), 0x4000, 0, 0) };
+}
+
+/// One datagram into `buf`, and the descriptors that came with it (at most three, close on
+/// exec). Its length and the number of descriptors.
+fn receive(c: usize, buf: &mut [u8], fds: &mut [i32; 3]) -> Result<(usize, usize), &'static [u8]> {
+    let mut iov = [buf.as_mut_ptr() as usize, buf.len()];
+    // struct cmsghdr (len, level, type) and room for three ints, 8-byte aligned.
+    let mut control = [0u64; 4];
+    let mut msg = MsgHdr {
+        name: 0,
+        namelen: 0,
+        iov: iov.as_mut_ptr() as usize,
+        iovlen: 1,
+        control: control.as_mut_ptr() as usize,
+        controllen: core::mem::size_of_val(&control),
+        flags: 0,
+    };
+    // SAFETY: recvmsg writes at most `buf.len()` bytes into `buf` and at most `controllen`
+    // into `control`, both live, and updates `msg`.
+    let n = unsafe {
+        syscall4(sys::RECVMSG, c, &mut msg as *mut MsgHdr as usize, 0x4000_0000 /* MSG_CMSG_CLOEXEC */, 0)
+    };
+    if n < 0 {
+        return Err(b"cannot read the request");
+    }
+    let mut nfds = 0;
+    if msg.controllen >= 16 {
+        let len = control[0] as usize;
+        let (level, kind) = (control[1] as u32, (control[1] >> 32) as u32);
+        if level == 1 && kind == 1 && len > 16 {
+            // SOL_SOCKET, SCM_RIGHTS: the descriptors follow the 16-byte header.
+            nfds = ((len - 16) / 4).min(3);
+            for (i, fd) in fds.iter_mut().enumerate().take(nfds) {
+                *fd = (control[2 + i / 2] >> (32 * (i % 2))) as u32 as i32;
+            }
+        }
+    }
+    if msg.flags & (0x20 | 0x8) != 0 {
+        // MSG_TRUNC, MSG_CTRUNC.
+        for &fd in &fds[..nfds] {
+            close(fd as usize);
+        }
+        return Err(b"the request is too large");
+    }
+    Ok((n as usize, nfds))
+}
+
+/// The uid of the process at the other end of connection `c`.
+fn peer_uid(c: usize) -> Option<u32> {
+    let mut cred = [0u32; 3];
+    let mut len: u32 = 12;
+    // SAFETY: getsockopt(SOL_SOCKET, SO_PEERCRED) writes a 12-byte struct ucred into `cred`
+    // and its length into `len`.
+    let r =
+        unsafe { syscall6(sys::GETSOCKOPT, c, 1, 17, cred.as_mut_ptr() as usize, &mut len as *mut u32 as usize, 0) };
+    (r == 0 && len == 12).then_some(cred[1])
+}
+
+/// ARGV and ENV of a request payload, as pointer arrays ready for execve (each ends with a
+/// null). None unless the payload is NUL-terminated strings with a non-empty ARGV and one
+/// empty string after it.
+struct Command {
+    argv: [*const u8; MAX_STRINGS + 2],
+    envp: [*const u8; MAX_STRINGS + 1],
+    args: usize,
+}
+
+fn parse(payload: &[u8]) -> Option<Command> {
+    if payload.last() != Some(&0) {
         return None;
     }
-    let mut n: i64 = 0;
-    for &b in s {
-        if !b.is_ascii_digit() {
-            return None;
+    let mut command =
+        Command { argv: [core::ptr::null(); MAX_STRINGS + 2], envp: [core::ptr::null(); MAX_STRINGS + 1], args: 0 };
+    let mut in_env = false;
+    let mut envs = 0;
+    let mut start = 0;
+    for (i, &b) in payload.iter().enumerate() {
+        if b != 0 {
+            continue;
         }
-        n = n * 10 + i64::from(b - b'0');
+        let s = &payload[start..i];
+        let p = s.as_ptr();
+        start = i + 1;
+        if !in_env {
+            if s.is_empty() {
+                in_env = true;
+            } else if command.args == MAX_STRINGS {
+                return None;
+            } else {
+                command.argv[command.args] = p;
+                command.args += 1;
+            }
+        } else if !s.is_empty() {
+            if envs == MAX_STRINGS {
+                return None;
+            }
+            command.envp[envs] = p;
+            envs += 1;
+        }
     }
-    i32::try_from(n).ok().filter(|p| *p > 0)
+    (in_env && command.args > 0).then_some(command)
+}
+
+/// Forks a child that runs `payload`'s command, with `extra` appended to its arguments, and
+/// `stdio` as its descriptors 0, 1 and 2 (the monitor's own when None) in a session of its own.
+fn spawn(payload: &[u8], extra: Option<*const u8>, stdio: Option<&[i32; 3]>) -> Result<(), &'static [u8]> {
+    let Some(mut command) = parse(payload) else { return Err(b"malformed launch request") };
+    if let Some(arg) = extra {
+        command.argv[command.args] = arg;
+    }
+    // SAFETY: fork takes nothing; the child only makes system calls on memory it owns.
+    let pid = unsafe { syscall4(sys::FORK, 0, 0, 0, 0) };
+    if pid < 0 {
+        return Err(b"the monitor cannot fork");
+    }
+    if pid > 0 {
+        return Ok(());
+    }
+    if let Some(fds) = stdio {
+        for (target, &fd) in fds.iter().enumerate() {
+            // SAFETY: dup2 with integer arguments only. The received descriptors are above 4
+            // (0 to 4 are the monitor's own), so none is overwritten before it is moved.
+            unsafe { syscall4(sys::DUP2, fd as usize, target, 0, 0) };
+        }
+    }
+    let none: u64 = 0;
+    // SAFETY: setsid takes nothing; rt_sigprocmask(SIG_SETMASK) reads an 8-byte empty mask.
+    unsafe {
+        syscall4(sys::SETSID, 0, 0, 0, 0);
+        syscall4(sys::RT_SIGPROCMASK, 2, &none as *const u64 as usize, 0, 8);
+    }
+    // SAFETY: execve reads the NUL-terminated path and the null-terminated pointer arrays,
+    // whose entries point at NUL-terminated strings in the payload (or `extra`'s digits),
+    // alive in this process until the call. It returns only on failure.
+    unsafe {
+        syscall4(
+            sys::EXECVE,
+            command.argv[0] as usize,
+            command.argv.as_ptr() as usize,
+            command.envp.as_ptr() as usize,
+            0,
+        )
+    };
+    let _ = write(1, b"twinbox-monitor: cannot run ");
+    // SAFETY: argv[0] points at a NUL-terminated string of the payload.
+    let _ = write(1, unsafe { c_str(command.argv[0]) });
+    let _ = write(1, b"\n");
+    exit(127)
+}
+
+#[repr(C)]
+#[derive(Clone, Copy)]
+struct PollFd {
+    fd: i32,
+    events: i16,
+    revents: i16,
+}
+
+const POLLIN: i16 = 1;
+
+/// The kernel's `struct msghdr` on x86_64.
+#[repr(C)]
+struct MsgHdr {
+    name: usize,
+    namelen: u32,
+    iov: usize,
+    iovlen: usize,
+    control: usize,
+    controllen: usize,
+    flags: i32,
 }
 
 /// `code` in decimal, NUL-terminated in `buf`; the string's address.
@@ -163,35 +562,40 @@ unsafe fn c_str<'a>(p: *const u8) -> &'a [u8] {
     }
 }
 
-fn write_err(message: &[u8]) -> isize {
+fn write(fd: usize, message: &[u8]) -> isize {
     // SAFETY: write reads `message.len()` bytes of a live slice.
-    unsafe { syscall3(SYS_WRITE, 2, message.as_ptr() as usize, message.len()) }
+    unsafe { syscall4(sys::WRITE, fd, message.as_ptr() as usize, message.len(), 0) }
+}
+
+fn close(fd: usize) {
+    // SAFETY: close with an integer argument; the descriptor is ours.
+    unsafe { syscall4(sys::CLOSE, fd, 0, 0, 0) };
 }
 
 fn fail(message: &[u8]) -> ! {
-    let _ = write_err(message);
+    let _ = write(2, message);
     exit(FAILED)
 }
 
 fn exit(code: i32) -> ! {
     // SAFETY: exit_group ends the process; it takes no memory.
     unsafe {
-        asm!("syscall", in("rax") SYS_EXIT_GROUP, in("rdi") code as usize, options(noreturn, nostack));
+        asm!("syscall", in("rax") sys::EXIT_GROUP, in("rdi") code as usize, options(noreturn, nostack));
     }
 }
 
 /// # Safety
 ///
 /// The arguments are what system call `n` expects (valid pointers where it reads or writes).
-unsafe fn syscall3(n: usize, a1: usize, a2: usize, a3: usize) -> isize {
-    // SAFETY: the caller's promise; the kernel clobbers only rax (the result), rcx and r11.
-    unsafe { syscall4(n, a1, a2, a3, 0) }
+unsafe fn syscall4(n: usize, a1: usize, a2: usize, a3: usize, a4: usize) -> isize {
+    // SAFETY: the caller's promise.
+    unsafe { syscall6(n, a1, a2, a3, a4, 0, 0) }
 }
 
 /// # Safety
 ///
-/// As [`syscall3`].
-unsafe fn syscall4(n: usize, a1: usize, a2: usize, a3: usize, a4: usize) -> isize {
+/// As [`syscall4`].
+unsafe fn syscall6(n: usize, a1: usize, a2: usize, a3: usize, a4: usize, a5: usize, a6: usize) -> isize {
     let ret: isize;
     // SAFETY: the caller's promise; `syscall` clobbers rcx and r11 and returns in rax.
     unsafe {
@@ -202,6 +606,8 @@ unsafe fn syscall4(n: usize, a1: usize, a2: usize, a3: usize, a4: usize) -> isiz
             in("rsi") a2,
             in("rdx") a3,
             in("r10") a4,
+            in("r8") a5,
+            in("r9") a6,
             lateout("rcx") _,
             lateout("r11") _,
             options(nostack),
@@ -218,9 +624,26 @@ unsafe fn syscall4(n: usize, a1: usize, a2: usize, a3: usize, a4: usize) -> isiz
 /// As C's `memcpy`: `n` bytes readable at `src`, writable at `dst`, not overlapping.
 #[no_mangle]
 unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    for i in 0..n {
-        // SAFETY: the caller's promise, for every i < n.
-        unsafe { core::ptr::write_volatile(dst.add(i), core::ptr::read_volatile(src.add(i))) };
+    // SAFETY: the caller's promise; a forward copy is a correct memmove too.
+    unsafe { memmove(dst, src, n) }
+}
+
+/// # Safety
+///
+/// As C's `memmove`: `n` bytes readable at `src`, writable at `dst`; they may overlap.
+#[no_mangle]
+unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    if (dst as usize) <= (src as usize) {
+        for i in 0..n {
+            // SAFETY: the caller's promise, for every i < n; copying upwards never reads a
+            // byte already overwritten when dst is below src.
+            unsafe { core::ptr::write_volatile(dst.add(i), core::ptr::read_volatile(src.add(i))) };
+        }
+    } else {
+        for i in (0..n).rev() {
+            // SAFETY: as above, copying downwards when dst is above src.
+            unsafe { core::ptr::write_volatile(dst.add(i), core::ptr::read_volatile(src.add(i))) };
+        }
     }
     dst
 }
@@ -235,6 +658,32 @@ unsafe extern "C" fn memset(dst: *mut u8, byte: i32, n: usize) -> *mut u8 {
         unsafe { core::ptr::write_volatile(dst.add(i), byte as u8) };
     }
     dst
+}
+
+/// As C's `bcmp`/`memcmp`, which slice comparisons may call.
+///
+/// # Safety
+///
+/// `n` bytes readable at `a` and at `b`.
+#[no_mangle]
+unsafe extern "C" fn memcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    for i in 0..n {
+        // SAFETY: the caller's promise, for every i < n.
+        let (x, y) = unsafe { (core::ptr::read_volatile(a.add(i)), core::ptr::read_volatile(b.add(i))) };
+        if x != y {
+            return i32::from(x) - i32::from(y);
+        }
+    }
+    0
+}
+
+/// # Safety
+///
+/// As [`memcmp`].
+#[no_mangle]
+unsafe extern "C" fn bcmp(a: *const u8, b: *const u8, n: usize) -> i32 {
+    // SAFETY: the caller's promise.
+    unsafe { memcmp(a, b, n) }
 }
 
 /// The precompiled `core` names the unwinder's personality routine; with `panic = "abort"`

@@ -8,9 +8,10 @@
 //! mounted by the runtime inside the container's own mount namespace, so nothing is mounted on
 //! the host and nothing can be left mounted.
 //!
-//! A foreground run waits for its container itself. A detached run (`-d`) leaves one small
-//! monitor process per container (the container init's parent, the few-KiB `twinbox-monitor`
-//! program, see [`monitor`]); once the init exits, it runs the command that records the exit
+//! A foreground run waits for its container itself. Detached containers (`-d`, `start`) are
+//! watched by one small process per store, the few-KiB `twinbox-monitor` program (see
+//! [`monitor`]): a launcher it starts creates and starts the container, so the init becomes
+//! the monitor's child; once the init exits, the monitor runs the command that records the exit
 //! code and OOM kill and removes the container when `--rm` was given ([`Engine::exited`]).
 
 pub mod monitor;
@@ -99,6 +100,9 @@ pub enum EngineError {
     /// The detached monitor reported a failure to start the container.
     #[error("starting the container failed: {0}")]
     Monitor(String),
+    /// The engine was not told what starts a detached container.
+    #[error("detached containers need the command that launches them; see Engine::set_launcher")]
+    NoLaunchCommand,
     /// The engine was not told what records a detached container's exit.
     #[error("detached containers need the command that records their exit; see Engine::set_on_exit")]
     NoExitCommand,
@@ -125,6 +129,7 @@ impl ExitCode for EngineError {
             | EngineError::Sys(..)
             | EngineError::Monitor(_)
             | EngineError::NoExitCommand
+            | EngineError::NoLaunchCommand
             | EngineError::NoProxyCommand => INTERNAL,
         }
     }
@@ -188,6 +193,7 @@ pub struct Engine {
     pub(crate) runtime: Runtime,
     dir: PathBuf,
     on_exit: Option<Vec<std::ffi::OsString>>,
+    launcher: Option<Vec<std::ffi::OsString>>,
     proxy: Option<Vec<std::ffi::OsString>>,
 }
 
@@ -206,7 +212,7 @@ impl Engine {
     pub fn new(store: Store, runtime_root: impl Into<PathBuf>) -> Result<Self, EngineError> {
         let dir = store.root().join("containers");
         fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
-        Ok(Self { store, runtime: Runtime::new(runtime_root), dir, on_exit: None, proxy: None })
+        Ok(Self { store, runtime: Runtime::new(runtime_root), dir, on_exit: None, launcher: None, proxy: None })
     }
 
     /// The command a detached container's monitor runs, with the container's id and exit code
@@ -214,6 +220,13 @@ impl Engine {
     /// hidden `container-exited`). Needed by [`run_detached`](Self::run_detached).
     pub fn set_on_exit(&mut self, command: Vec<std::ffi::OsString>) {
         self.on_exit = Some(command);
+    }
+
+    /// The command that starts a detached container, with its id appended: one that calls
+    /// [`launch`](Self::launch) (the CLI's hidden `container-launch`), run by the store's
+    /// monitor. Needed by [`run_detached`](Self::run_detached).
+    pub fn set_launcher(&mut self, command: Vec<std::ffi::OsString>) {
+        self.launcher = Some(command);
     }
 
     /// The command that forwards a container's published ports, with the container's address
@@ -286,7 +299,18 @@ impl Engine {
             return Err(EngineError::PublishNeedsBridge(mode));
         }
         let net = self.net_setup(&id, &cdir, opts)?;
-        let spec = spec::build_spec(&id, &image.config, &layers, &overlay, opts, &net)?;
+        let mut spec = spec::build_spec(&id, &image.config, &layers, &overlay, opts, &net)?;
+        let missing = spec::missing_mount_points(&spec, &layers);
+        if !missing.is_empty() {
+            let mut overlay = overlay;
+            overlay.lower.insert(0, self.mount_point_layer(&missing)?);
+            let mut annotations = spec.annotations().clone().unwrap_or_default();
+            annotations.insert(
+                spec::OVERLAY_ANNOTATION.to_owned(),
+                serde_json::to_string(&overlay).expect("an overlay stack always serializes"),
+            );
+            spec.set_annotations(Some(annotations));
+        }
         let cfg = cdir.join("bundle/config.json");
         let json = serde_json::to_vec_pretty(&spec).expect("a spec always serializes");
         fs::write(&cfg, json).map_err(io_err("write", &cfg))?;
@@ -308,6 +332,55 @@ impl Engine {
         std::mem::forget(guard);
         _name.keep();
         Ok(record)
+    }
+
+    /// The shared lower layer that holds exactly the mount points `missing` (empty
+    /// directories and files, see [`spec::missing_mount_points`]):
+    /// `<store>/mountpoints/<sha256 of the list>`, made once (atomically: a temporary directory
+    /// renamed into place) and used by every container whose image lacks the same ones.
+    /// Without it the runtime would make them in each container's upper layer (six files and
+    /// directories for a one-binary image, each an inode and a copy-up per container).
+    fn mount_point_layer(&self, missing: &[(PathBuf, bool)]) -> Result<PathBuf, EngineError> {
+        use sha2::Digest;
+        let mut h = sha2::Sha256::new();
+        for (path, dir) in missing {
+            h.update(path.as_os_str().as_encoded_bytes());
+            h.update(if *dir { "/\n" } else { "\n" });
+        }
+        let parent = self.store.root().join("mountpoints");
+        let dir = parent.join(format!("{:x}", h.finalize()));
+        if dir.is_dir() {
+            return Ok(dir);
+        }
+        fs::create_dir_all(&parent).map_err(io_err("create directory", &parent))?;
+        let tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempdir_in(&parent)
+            .map_err(io_err("create a directory in", &parent))?;
+        {
+            use std::os::unix::fs::PermissionsExt;
+            fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).map_err(io_err("chmod", tmp.path()))?;
+        }
+        for (path, is_dir) in missing {
+            // Its parents are directories in the image (or made just before): here they only
+            // hold it, and merge with the image's.
+            let at = tmp.path().join(path);
+            let made = if *is_dir {
+                fs::create_dir_all(&at)
+            } else {
+                at.parent().map_or(Ok(()), fs::create_dir_all).and_then(|()| fs::File::create(&at).map(drop))
+            };
+            made.map_err(io_err("create", &at))?;
+        }
+        match fs::rename(tmp.path(), &dir) {
+            Ok(()) => {
+                let _ = tmp.keep();
+                Ok(dir)
+            }
+            // Made by a concurrent run meanwhile: the same content.
+            Err(_) if dir.is_dir() => Ok(dir),
+            Err(e) => Err(io_err("rename into place", &dir)(e)),
+        }
     }
 
     /// Claims `name` for container `id`: a file `<store>/names/NAME` holding the id, made
@@ -452,6 +525,7 @@ impl Engine {
         let NetworkMode::Bridge(name) = &record.options.network else { return Ok(()) };
         let nets = self.networks();
         let network = nets.get_or_create_default(name)?;
+        nets.ensure_bridge(&network)?;
         // Addresses of containers that are gone (their twinbox was killed) are free again.
         let (network, ip) = nets.allocate(&network.name, &record.id, |c| !self.container_dir(c).exists())?;
         let endpoint = Endpoint::new(&network, ip, &record.id);
@@ -726,84 +800,86 @@ impl Engine {
         remove_tree(&self.container_dir(id)).map_err(EngineError::from)
     }
 
-    /// Start a prepared (or exited) container in the background under a monitor process;
-    /// returns once it runs (or failed to).
-    pub fn run_detached(&self, mut record: Record) -> Result<Record, EngineError> {
-        let on_exit = self.on_exit.as_deref().filter(|c| !c.is_empty()).ok_or(EngineError::NoExitCommand)?;
-        let monitor = monitor::install(&self.store.root().join("bin"))?;
+    /// Start a prepared (or exited) container in the background; returns once it runs (or
+    /// failed to). A launcher ([`launch`](Self::launch), the command given to
+    /// [`set_launcher`](Self::set_launcher)) creates and starts it as a child of the store's
+    /// monitor, which then watches its init.
+    pub fn run_detached(&self, record: Record) -> Result<Record, EngineError> {
+        self.on_exit.as_deref().filter(|c| !c.is_empty()).ok_or(EngineError::NoExitCommand)?;
+        let launcher = self.launcher.as_deref().filter(|c| !c.is_empty()).ok_or(EngineError::NoLaunchCommand)?;
+        let program = monitor::install(&self.store.root().join("bin"))?;
         let cdir = self.container_dir(&record.id);
-        let log_path = cdir.join("log");
         let (mut rd, wr) = std::io::pipe().map_err(io_err("create pipe for", &cdir))?;
-        // SAFETY: the CLI is single-threaded when it gets here, so the child may run ordinary
-        // Rust code (allocation, I/O) after fork.
-        match unsafe { nix::unistd::fork() }.map_err(|e| EngineError::Sys("fork", e))? {
-            nix::unistd::ForkResult::Child => {
-                drop(rd);
-                let code = self.start_monitored(record, &log_path, wr, &monitor, on_exit);
-                std::process::exit(code);
-            }
-            nix::unistd::ForkResult::Parent { .. } => {}
-        }
-        drop(wr);
+        let null = fs::File::open("/dev/null").map_err(io_err("open", "/dev/null"))?;
+        let mut argv = launcher.to_vec();
+        argv.push(record.id.clone().into());
+        let stderr = io::stderr();
+        monitor::launch(
+            self.store.root(),
+            &program,
+            &argv,
+            &monitor::environment(),
+            [null.as_fd(), wr.as_fd(), stderr.as_fd()],
+        )?;
+        drop((wr, null));
         let mut msg = String::new();
-        rd.read_to_string(&mut msg).map_err(io_err("read from monitor of", &cdir))?;
+        rd.read_to_string(&mut msg).map_err(io_err("read from the launcher of", &cdir))?;
         match msg.strip_prefix("ok ") {
             Some(pid) => {
-                record.phase = Phase::Running { pid: pid.trim().parse().unwrap_or(0) };
-                Ok(record)
+                let pid = pid.trim().parse().unwrap_or(0);
+                let mut now = self.stored(&record.id).unwrap_or(record);
+                now.phase = Phase::Running { pid };
+                Ok(now)
             }
-            None => Err(EngineError::Monitor(if msg.is_empty() { "the monitor died".into() } else { msg })),
+            None if msg.is_empty() => Err(EngineError::Monitor("the launcher ended without a word".into())),
+            None => Err(EngineError::Monitor(msg)),
         }
     }
 
-    /// In the forked child: its own session, the container created (stdio to the log) and
-    /// started as its child, the outcome reported to `run_detached`, then `exec` of the
-    /// monitor, which keeps the init as its child.
-    fn start_monitored(
-        &self,
-        mut record: Record,
-        log_path: &Path,
-        mut report: io::PipeWriter,
-        monitor: &Path,
-        on_exit: &[std::ffi::OsString],
-    ) -> i32 {
-        let _ = nix::unistd::setsid();
+    /// The launcher of [`run_detached`](Self::run_detached), run by the store's monitor: the
+    /// container `id` created (stdio to its log) and started as this process's child, the
+    /// monitor asked to watch it, and the outcome written to stdout (`ok PID`, or the error).
+    /// When this process exits, the init becomes the monitor's child. Returns the exit code.
+    pub fn launch(&self, id: &str) -> i32 {
+        let mut report = io::stdout();
+        let Some(mut record) = self.stored(id) else {
+            let _ = write!(report, "{}", EngineError::NoSuchContainer(id.to_owned()));
+            return 1;
+        };
+        let log_path = self.container_dir(id).join("log");
         // A new container (run -d) that fails to start is removed; an existing one (start)
         // is kept, exited as it was, with nothing of the failed start left.
         let fresh = matches!(record.phase, Phase::Created);
         let previous = record.phase.clone();
         let setup = (|| -> Result<Pid, EngineError> {
             let log =
-                fs::OpenOptions::new().create(true).append(true).open(log_path).map_err(io_err("open", log_path))?;
+                fs::OpenOptions::new().create(true).append(true).open(&log_path).map_err(io_err("open", &log_path))?;
             let null = fs::File::open("/dev/null").map_err(io_err("open", "/dev/null"))?;
             let dup = |f: &fs::File| -> Result<OwnedFd, EngineError> {
-                f.try_clone().map(OwnedFd::from).map_err(io_err("dup", log_path))
+                f.try_clone().map(OwnedFd::from).map_err(io_err("dup", &log_path))
             };
             let stdio = [OwnedFd::from(null), dup(&log)?, dup(&log)?];
-            let bundle = self.container_dir(&record.id).join("bundle");
+            let bundle = self.container_dir(id).join("bundle");
             self.resolve_joined_netns(&record)?;
             let mut state =
-                self.runtime.create(&record.id, &bundle, CreateOptions { stdio: Some(stdio), ..Default::default() })?;
+                self.runtime.create(id, &bundle, CreateOptions { stdio: Some(stdio), ..Default::default() })?;
             let pid = Pid::from_raw(state.pid);
             record.phase = Phase::Running { pid: pid.as_raw() };
             if let Err(e) = self.network_and_start(&mut record, &mut state) {
-                let _ = self.runtime.delete(&record.id, true);
+                let _ = self.runtime.delete(id, true);
                 return Err(e);
             }
             Ok(pid)
         })();
         let pid = match setup {
-            Ok(pid) => {
-                let _ = writeln!(report, "ok {pid}");
-                pid
-            }
+            Ok(pid) => pid,
             Err(e) => {
                 let _ = write!(report, "{}", twinbox_runtime::container::error_chain(&e));
-                let _ = self.runtime.delete(&record.id, true);
+                let _ = self.runtime.delete(id, true);
                 if fresh {
-                    let _ = self.remove_files(&record.id);
+                    let _ = self.remove_files(id);
                 } else {
-                    self.leave_network(&record.id, record.endpoint.take().as_ref());
+                    self.leave_network(id, record.endpoint.take().as_ref());
                     record.ports.clear();
                     record.phase = previous;
                     let _ = self.save(&record);
@@ -811,23 +887,21 @@ impl Engine {
                 return 1;
             }
         };
-        drop(report);
-        // Nothing of ours is needed on the terminal any more.
+        let on_exit = self.on_exit.clone().unwrap_or_default();
+        let mut command = on_exit;
+        command.push(id.into());
+        command.push(pid.as_raw().to_string().into());
+        let watched = monitor::watch(self.store.root(), pid.as_raw(), &command, &monitor::environment());
+        let _ = writeln!(report, "ok {pid}");
+        let _ = report.flush();
+        let Err(e) = watched else { return 0 };
+        // The monitor is gone (killed): watch the container from here instead, with nothing
+        // of ours left on the caller's descriptors.
+        tracing::warn!(container = id, error = %e, "the store's monitor cannot watch the container; its launcher does");
         if let Ok(null) = fs::OpenOptions::new().read(true).write(true).open("/dev/null") {
-            let _ = nix::unistd::dup2_stdin(&null);
             let _ = nix::unistd::dup2_stdout(&null);
             let _ = nix::unistd::dup2_stderr(&null);
         }
-        let _ = SigSet::all().thread_unblock();
-        // An ignored SIGCHLD inherited from whoever ran twinbox would survive the exec and
-        // make the monitor's wait4 fail with ECHILD.
-        // SAFETY: setting a signal's disposition to the default installs no handler.
-        let _ = unsafe { nix::sys::signal::signal(Signal::SIGCHLD, nix::sys::signal::SigHandler::SigDfl) };
-        let mut command = std::process::Command::new(monitor);
-        command.arg(pid.as_raw().to_string()).args(on_exit).arg(&record.id).arg(pid.as_raw().to_string());
-        let _exec_failed = std::os::unix::process::CommandExt::exec(&mut command);
-        // Installed just before the fork, so hardly ever (a store on a noexec mount): watch
-        // the container from here instead.
         let code = wait_exit(pid);
         match self.finish(record, code) {
             Ok(_) => 0,

@@ -1,11 +1,20 @@
-//! The program that watches a detached container: `engine/monitor`, built by engine/build.rs
+//! The program that watches detached containers: `engine/monitor`, built by engine/build.rs
 //! into a freestanding static executable of a few KiB and embedded here. It is installed into
-//! the store (`<store>/bin/twinbox-monitor-<hash>`, written once per build of it) and started
-//! with `exec` in the process that created the container; see `engine/monitor/src/main.rs` for
-//! what it does and why it is that small.
+//! the store (`<store>/bin/twinbox-monitor-<hash>`, written once per build of it) and runs once
+//! per store while the store has detached containers, listening on `<store>/monitor.sock`; see
+//! `engine/monitor/src/main.rs` for what it does, its protocol, and why it is that small.
+//!
+//! This side of it: [`launch`] (start a launcher below the monitor, starting the monitor first
+//! when none runs) and [`watch`] (ask it to run a command once a process has ended).
 
+use std::ffi::{OsStr, OsString};
 use std::fs;
+use std::io;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
+use std::os::unix::ffi::OsStrExt;
 use std::path::{Path, PathBuf};
+
+use nix::sys::socket::{self, AddressFamily, ControlMessage, MsgFlags, SockFlag, SockType, UnixAddr};
 
 use super::{io_err, EngineError};
 
@@ -46,6 +55,189 @@ pub fn install(dir: &Path) -> Result<PathBuf, EngineError> {
     Ok(path)
 }
 
+/// The monitor's socket and lock, in the store's root.
+const SOCKET: &str = "monitor.sock";
+const LOCK: &str = "monitor.lock";
+
+/// Environment variables a launcher and an exit command get from the command that asked for
+/// them: the search path, logging, and twinbox's own settings. Nothing else, so a request
+/// stays small.
+pub fn environment() -> Vec<OsString> {
+    std::env::vars_os()
+        .filter(|(k, _)| {
+            let k = k.as_bytes();
+            k == b"PATH" || k.starts_with(b"TWINBOX_") || k.starts_with(b"RUST_")
+        })
+        .map(|(k, v)| {
+            let mut kv = k;
+            kv.push("=");
+            kv.push(v);
+            kv
+        })
+        .collect()
+}
+
+/// Runs `argv` (with `env`, `stdio` as its descriptors 0, 1, 2, in a session of its own) as a
+/// child of the store's monitor, starting the monitor (`program`, see [`install`]) first when
+/// none runs. Returns once it was started; what it reports comes through `stdio`.
+pub fn launch(
+    root: &Path,
+    program: &Path,
+    argv: &[OsString],
+    env: &[OsString],
+    stdio: [BorrowedFd<'_>; 3],
+) -> Result<(), EngineError> {
+    let conn = connect_or_start(root, program)?;
+    let mut message = vec![b'R'];
+    encode(&mut message, argv, env);
+    request(root, &conn, &message, &stdio.map(|fd| fd.as_raw_fd()))
+}
+
+/// Asks the store's monitor to run `argv` (with `env`), the exit code appended, once its child
+/// `pid` has ended. `pid` must be a child of the caller, which must itself be a child of the
+/// monitor (a launcher): when the caller exits, `pid` becomes the monitor's.
+pub fn watch(root: &Path, pid: i32, argv: &[OsString], env: &[OsString]) -> Result<(), EngineError> {
+    let conn = connect(root).map_err(io_err("connect to the container monitor at", socket_path(root)))?;
+    let mut message = vec![b'W'];
+    message.extend_from_slice(&pid.to_le_bytes());
+    encode(&mut message, argv, env);
+    request(root, &conn, &message, &[])
+}
+
+/// ARGV and ENV as the monitor reads them: NUL-terminated strings, an empty one between.
+fn encode(out: &mut Vec<u8>, argv: &[OsString], env: &[OsString]) {
+    for s in argv.iter().chain([OsString::new()].iter()).chain(env) {
+        out.extend_from_slice(s.as_bytes());
+        out.push(0);
+    }
+}
+
+fn socket_path(root: &Path) -> PathBuf {
+    root.join(SOCKET)
+}
+
+/// One request, its descriptors, and the monitor's answer: `ok` or what went wrong.
+fn request(root: &Path, conn: &OwnedFd, message: &[u8], fds: &[i32]) -> Result<(), EngineError> {
+    let sys = |what| move |e| EngineError::Sys(what, e);
+    let rights = [ControlMessage::ScmRights(fds)];
+    let cmsgs = if fds.is_empty() { &rights[..0] } else { &rights[..] };
+    socket::sendmsg::<()>(conn.as_raw_fd(), &[io::IoSlice::new(message)], cmsgs, MsgFlags::empty(), None)
+        .map_err(sys("send a request to the container monitor"))?;
+    let timeout = nix::sys::time::TimeVal::new(10, 0);
+    socket::setsockopt(conn, socket::sockopt::ReceiveTimeout, &timeout)
+        .map_err(sys("set a timeout on the monitor's socket"))?;
+    let mut answer = [0u8; 256];
+    let n = socket::recv(conn.as_raw_fd(), &mut answer, MsgFlags::empty())
+        .map_err(sys("read the container monitor's answer"))?;
+    match &answer[..n] {
+        b"ok" => Ok(()),
+        [] => {
+            Err(EngineError::Monitor(format!("the container monitor of {} gave no answer (it ended)", root.display())))
+        }
+        other => Err(EngineError::Monitor(format!("the container monitor: {}", String::from_utf8_lossy(other)))),
+    }
+}
+
+/// A connection to the store's monitor.
+fn connect(root: &Path) -> io::Result<OwnedFd> {
+    let conn = socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?;
+    with_address(&socket_path(root), |addr| socket::connect(conn.as_raw_fd(), addr))?;
+    Ok(conn)
+}
+
+/// `f` with the address of the socket at `path`; through /proc/self/fd when the path is longer
+/// than a socket address holds.
+fn with_address<T>(path: &Path, f: impl FnOnce(&UnixAddr) -> nix::Result<T>) -> io::Result<T> {
+    if let Ok(addr) = UnixAddr::new(path) {
+        return f(&addr).map_err(io::Error::from);
+    }
+    let (dir, name) = (path.parent().unwrap_or(Path::new("/")), path.file_name().unwrap_or(OsStr::new(SOCKET)));
+    let dir = fs::File::open(dir)?;
+    let short = Path::new("/proc/self/fd").join(dir.as_raw_fd().to_string()).join(name);
+    let addr = UnixAddr::new(&short).map_err(io::Error::from)?;
+    f(&addr).map_err(io::Error::from)
+}
+
+/// A connection to the store's monitor, started first when none runs. Under `<store>/monitor.lock`,
+/// which the monitor takes before it exits, so it never goes away under a new connection.
+fn connect_or_start(root: &Path, program: &Path) -> Result<OwnedFd, EngineError> {
+    let lock_path = root.join(LOCK);
+    let open_lock = || {
+        fs::OpenOptions::new()
+            .read(true)
+            .write(true)
+            .create(true)
+            .truncate(false)
+            .open(&lock_path)
+            .map_err(io_err("open", &lock_path))
+    };
+    let _lock = nix::fcntl::Flock::lock(open_lock()?, nix::fcntl::FlockArg::LockExclusive)
+        .map_err(|(_, e)| EngineError::Sys("lock the container monitor's lock file", e))?;
+    let path = socket_path(root);
+    match connect(root) {
+        Ok(conn) => return Ok(conn),
+        Err(e) if matches!(e.raw_os_error(), Some(libc::ECONNREFUSED | libc::ENOENT)) => {}
+        Err(e) => return Err(io_err("connect to the container monitor at", &path)(e)),
+    }
+    // None runs (a socket left by one that was killed is refused): listen, and start one on it.
+    match fs::remove_file(&path) {
+        Err(e) if e.kind() != io::ErrorKind::NotFound => return Err(io_err("remove the stale socket", &path)(e)),
+        _ => {}
+    }
+    let listener = socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)
+        .map_err(|e| EngineError::Sys("make the container monitor's socket", e))?;
+    with_address(&path, |addr| socket::bind(listener.as_raw_fd(), addr)).map_err(io_err("bind", &path))?;
+    let started = (|| {
+        use std::os::unix::fs::PermissionsExt;
+        fs::set_permissions(&path, fs::Permissions::from_mode(0o600)).map_err(io_err("restrict", &path))?;
+        socket::listen(&listener, socket::Backlog::new(128).unwrap_or(socket::Backlog::MAXCONN))
+            .map_err(|e| EngineError::Sys("listen on the container monitor's socket", e))?;
+        // Its own open file description of the lock: a copy of ours would hold our lock.
+        start(program, listener.as_fd(), open_lock()?.as_fd())
+            .map_err(io_err("start the container monitor", program))?;
+        connect(root).map_err(io_err("connect to the container monitor at", &path))
+    })();
+    if started.is_err() {
+        let _ = fs::remove_file(&path);
+    }
+    started
+}
+
+/// Starts `program serve` with `listener` as descriptor 3 and `lock` as 4, in a session of its
+/// own, stdio on /dev/null, as nobody's child here: a middle process forks it and exits.
+fn start(program: &Path, listener: BorrowedFd<'_>, lock: BorrowedFd<'_>) -> io::Result<()> {
+    let fds = [listener.as_raw_fd(), lock.as_raw_fd()];
+    let mut cmd = std::process::Command::new(program);
+    cmd.arg("serve").current_dir("/");
+    cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
+    // SAFETY: between fork and exec the child only calls async-signal-safe functions (setsid,
+    // fork, fcntl, dup2, _exit) on descriptors it owns, and allocates nothing.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
+            libc::setsid();
+            match libc::fork() {
+                -1 => return Err(io::Error::last_os_error()),
+                0 => {}
+                _ => libc::_exit(0),
+            }
+            // Out of the way first, in case either is already 3 or 4.
+            let high =
+                [libc::fcntl(fds[0], libc::F_DUPFD_CLOEXEC, 100), libc::fcntl(fds[1], libc::F_DUPFD_CLOEXEC, 100)];
+            for (i, &fd) in high.iter().enumerate() {
+                if fd < 0 || libc::dup2(fd, 3 + i as i32) < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            Ok(())
+        });
+    }
+    let status = cmd.spawn()?.wait()?;
+    if !status.success() {
+        return Err(io::Error::other(format!("its starter ended with {status}")));
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use std::os::unix::fs::PermissionsExt;
@@ -78,35 +270,126 @@ mod tests {
         assert_eq!(names.len(), 2, "no temp file left: {names:?}");
     }
 
-    /// The monitor itself: waits for its child, then runs the command with the exit code.
-    #[test]
-    fn the_monitor_waits_then_runs_the_command_with_the_code() {
-        let dir = tempfile::tempdir().unwrap();
-        let monitor = install(dir.path()).unwrap();
-        let out = dir.path().join("out");
-        let script = format!(
-            "sh -c 'exit 7' & exec {} $! /bin/sh -c 'echo \"$@\" > {}' sh id1",
-            monitor.display(),
-            out.display()
-        );
-        let status = std::process::Command::new("sh").arg("-c").arg(&script).status().unwrap();
-        assert!(status.success());
-        assert_eq!(fs::read_to_string(&out).unwrap(), "id1 7\n");
-        let killed = format!(
-            "sleep 30 & p=$!; kill -9 $p; exec {} $p /bin/sh -c 'echo \"$@\" > {}' sh id2",
-            monitor.display(),
-            out.display()
-        );
-        assert!(std::process::Command::new("sh").arg("-c").arg(&killed).status().unwrap().success());
-        assert_eq!(fs::read_to_string(&out).unwrap(), "id2 137\n");
-        // Its own failures: 125 and a line on stderr.
-        for args in [vec![], vec!["x", "true"], vec!["1", "/nonexistent"]] {
-            // (pid 1 is not its child: the code becomes -1, then the command cannot be run.)
-            let o = std::process::Command::new(&monitor).args(&args).output().unwrap();
-            assert_eq!(o.status.code(), Some(125), "{args:?}");
-            assert!(
-                String::from_utf8_lossy(&o.stderr).starts_with("usage") || o.stderr.starts_with(b"twinbox-monitor:")
-            );
+    fn sh(script: &str, args: &[&str]) -> Vec<OsString> {
+        ["/bin/sh", "-c", script].iter().chain(args).map(OsString::from).collect()
+    }
+
+    /// Launches `script` below the store's monitor (starting it when none runs), its stdout
+    /// read to the end.
+    fn launch_sh(root: &Path, program: &Path, script: &str) -> String {
+        let (mut rd, wr) = io::pipe().unwrap();
+        let null = fs::File::open("/dev/null").unwrap();
+        launch(root, program, &sh(script, &[]), &[], [null.as_fd(), wr.as_fd(), null.as_fd()]).unwrap();
+        drop(wr);
+        let mut out = String::new();
+        io::Read::read_to_string(&mut rd, &mut out).unwrap();
+        out
+    }
+
+    fn ppid(pid: i32) -> Option<i32> {
+        let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+        stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
+    }
+
+    /// Gone, or a zombie waiting for init.
+    fn ended(pid: i32) -> bool {
+        fs::read_to_string(format!("/proc/{pid}/stat"))
+            .map(|s| s.rsplit_once(')').is_some_and(|(_, rest)| rest.trim_start().starts_with('Z')))
+            .unwrap_or(true)
+    }
+
+    fn eventually(what: &str, mut check: impl FnMut() -> bool) {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        while !check() {
+            assert!(std::time::Instant::now() < deadline, "timed out waiting until {what}");
+            std::thread::sleep(std::time::Duration::from_millis(20));
         }
+    }
+
+    /// One monitor for the store: what its launchers leave behind becomes its child, the
+    /// command of a watched process runs with its exit code, and it leaves once idle.
+    #[test]
+    fn one_monitor_adopts_watches_and_leaves_when_idle() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let program = install(&root.join("bin")).unwrap();
+        let fifo = root.join("fifo");
+        nix::unistd::mkfifo(&fifo, nix::sys::stat::Mode::from_bits_truncate(0o600)).unwrap();
+        let out = root.join("out");
+        let record = format!("echo \"$@\" > {}", out.display());
+
+        // A launcher that leaves a child (which waits for the FIFO, then exits 7) and exits.
+        let first: i32 =
+            launch_sh(root, &program, &format!("(read x < {}; exit 7) >/dev/null & echo $!", fifo.display()))
+                .trim()
+                .parse()
+                .unwrap();
+        eventually("the child is the monitor's", || ppid(first).is_some_and(|p| p != 1));
+        let monitor = ppid(first).unwrap();
+        assert_eq!(fs::read_link(format!("/proc/{monitor}/exe")).unwrap(), program);
+        watch(root, first, &sh(&record, &["sh", "id1"]), &[]).unwrap();
+        let second: i32 = launch_sh(root, &program, "sleep 30 >/dev/null & echo $!").trim().parse().unwrap();
+        eventually("the second child is the monitor's", || ppid(second) == Some(monitor));
+        watch(root, second, &sh(&record, &["sh", "id2"]), &[]).unwrap();
+
+        fs::write(&fifo, "go\n").unwrap();
+        eventually("the first exit is recorded", || fs::read_to_string(&out).is_ok_and(|s| s == "id1 7\n"));
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(second), nix::sys::signal::Signal::SIGKILL).unwrap();
+        eventually("the second exit is recorded", || fs::read_to_string(&out).is_ok_and(|s| s == "id2 137\n"));
+        // Nothing left to watch: it goes, and the next request starts another.
+        eventually("the idle monitor leaves", || ended(monitor));
+        assert_eq!(launch_sh(root, &program, "echo again"), "again\n");
+    }
+
+    /// A killed monitor leaves a socket nobody listens on: the next request starts a new
+    /// one. Requests it cannot read are refused with the reason.
+    #[test]
+    fn a_killed_monitor_is_replaced_and_bad_requests_are_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let program = install(&root.join("bin")).unwrap();
+        let child: i32 = launch_sh(root, &program, "sleep 30 >/dev/null & echo $!").trim().parse().unwrap();
+        eventually("the child is the monitor's", || ppid(child).is_some_and(|p| p != 1));
+        let monitor = ppid(child).unwrap();
+
+        let conn = connect(root).unwrap();
+        let refused = |message: &[u8], fds: &[i32]| match request(root, &connect(root).unwrap(), message, fds) {
+            Err(EngineError::Monitor(m)) => m,
+            other => panic!("{:?}: {other:?}", String::from_utf8_lossy(message)),
+        };
+        assert!(refused(b"X", &[]).contains("unknown request"));
+        assert!(refused(b"R/bin/true\0\0", &[]).contains("three descriptors"));
+        assert!(refused(b"W\x01\0\0\0no-terminator", &[]).contains("malformed"));
+        let null = fs::File::open("/dev/null").unwrap();
+        let three = [null.as_raw_fd(); 3];
+        assert!(refused(b"R\0\0", &three).contains("malformed"));
+        drop(conn);
+
+        nix::sys::signal::kill(nix::unistd::Pid::from_raw(monitor), nix::sys::signal::Signal::SIGKILL).unwrap();
+        eventually("the monitor is gone", || ended(monitor));
+        assert!(root.join(SOCKET).exists(), "a killed monitor leaves its socket");
+        let (mut rd, wr) = io::pipe().unwrap();
+        launch(root, &program, &["/nonexistent".into()], &[], [null.as_fd(), wr.as_fd(), null.as_fd()]).unwrap();
+        drop(wr);
+        let mut err = String::new();
+        io::Read::read_to_string(&mut rd, &mut err).unwrap();
+        assert_eq!(err, "twinbox-monitor: cannot run /nonexistent\n");
+        let launched: i32 = launch_sh(root, &program, "sleep 30 >/dev/null & echo $!").trim().parse().unwrap();
+        eventually("the new child is a new monitor's", || ppid(launched).is_some_and(|p| p != 1 && p != monitor));
+        let replacement = ppid(launched).unwrap();
+        for pid in [child, launched] {
+            let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+        }
+        eventually("the new monitor leaves", || ended(replacement));
+    }
+
+    #[test]
+    fn launchers_get_the_search_path_and_twinbox_settings_only() {
+        let env = environment();
+        assert!(env.iter().any(|kv| kv.as_bytes().starts_with(b"PATH=")));
+        assert!(env.iter().all(|kv| {
+            let kv = kv.as_bytes();
+            kv.starts_with(b"PATH=") || kv.starts_with(b"TWINBOX_") || kv.starts_with(b"RUST_")
+        }));
     }
 }

@@ -253,6 +253,62 @@ pub fn build_spec(
     Ok(spec)
 }
 
+/// The mount points of `spec`, and its working directory, that lie in the root filesystem
+/// itself (not under one of its mounts, as /dev/pts lies under /dev) and that none of `layers`
+/// has (the runtime would make them), relative to the
+/// root, each with whether it is a directory (a file for a bind mount of a file), parents
+/// first. A target whose parent any layer has as something else than a directory (a symlink)
+/// is left out, for the runtime to resolve. These go into a small shared lower layer (see
+/// `Engine::prepare`), so a container's upper layer stays empty until its workload writes.
+pub fn missing_mount_points(spec: &Spec, layers: &[PathBuf]) -> Vec<(PathBuf, bool)> {
+    let mounts = spec.mounts().clone().unwrap_or_default();
+    let dests: Vec<PathBuf> = mounts.iter().map(|m| m.destination().clone()).collect();
+    let mut out: Vec<(PathBuf, bool)> = Vec::new();
+    let cwd = spec.process().as_ref().map(|p| (p.cwd().clone(), false));
+    let targets = mounts
+        .iter()
+        .map(|m| {
+            let file = m.typ().as_deref() == Some("bind") && m.source().as_ref().is_some_and(|s| s.is_file());
+            (m.destination().clone(), file)
+        })
+        .chain(cwd);
+    for (dest, file) in targets {
+        let dest = &dest;
+        let Ok(rel) = dest.strip_prefix("/") else { continue };
+        if rel.as_os_str().is_empty() || dests.iter().any(|d| d != dest && dest.starts_with(d)) {
+            continue;
+        }
+        let mut wanted = Vec::new();
+        let mut ok = true;
+        let mut at = PathBuf::new();
+        let parts: Vec<_> = rel.components().collect();
+        for (i, c) in parts.iter().enumerate() {
+            let std::path::Component::Normal(c) = c else {
+                ok = false;
+                break;
+            };
+            at.push(c);
+            let last = i + 1 == parts.len();
+            let found: Vec<std::fs::Metadata> =
+                layers.iter().filter_map(|l| std::fs::symlink_metadata(l.join(&at)).ok()).collect();
+            if found.is_empty() {
+                wanted.push((at.clone(), !(last && file)));
+            } else if !last && !found.iter().all(|md| md.is_dir()) {
+                ok = false;
+                break;
+            }
+        }
+        if ok {
+            for w in wanted {
+                if !out.contains(&w) {
+                    out.push(w);
+                }
+            }
+        }
+    }
+    out
+}
+
 /// Syscalls Docker's default profile refuses to a container without extra capabilities:
 /// kernel modules, kexec, reboot, clock setting, mounts and namespaces, tracing other
 /// processes, keyrings, BPF, perf. Expressed as a deny list (EPERM) over an allow default.
@@ -339,6 +395,52 @@ pub(crate) fn hostname(id: &str, opts: &RunOptions) -> String {
 mod tests {
     use super::*;
     use oci_spec::image::{ConfigBuilder, ImageConfigurationBuilder};
+
+    #[test]
+    fn mount_points_missing_from_the_image_parents_first_never_shadowing_it() {
+        let d = tempfile::tempdir().unwrap();
+        let (base, top) = (d.path().join("base"), d.path().join("top"));
+        std::fs::create_dir_all(base.join("etc")).unwrap();
+        std::fs::create_dir_all(top.join("proc")).unwrap();
+        std::os::unix::fs::symlink("../run/resolv.conf", base.join("etc/resolv.conf")).unwrap();
+        std::os::unix::fs::symlink("usr/lib", top.join("lib")).unwrap();
+        let file = d.path().join("hosts");
+        std::fs::write(&file, "").unwrap();
+        let mount = |dest: &str, typ: &str, source: &Path| {
+            oci_spec::runtime::MountBuilder::default()
+                .destination(PathBuf::from(dest))
+                .typ(typ)
+                .source(source.to_owned())
+                .build()
+                .unwrap()
+        };
+        let mut spec = Spec::default();
+        spec.set_mounts(Some(vec![
+            mount("/proc", "proc", Path::new("proc")),
+            mount("/dev", "tmpfs", Path::new("tmpfs")),
+            mount("/dev/pts", "devpts", Path::new("devpts")),
+            mount("/etc/hosts", "bind", &file),
+            mount("/etc/resolv.conf", "bind", &file),
+            mount("/lib/x", "bind", &file),
+            mount("/var/run/x", "bind", &file),
+        ]));
+        let mut process = spec.process().clone().unwrap();
+        process.set_cwd("/srv/app".into());
+        spec.set_process(Some(process));
+        let want: Vec<(PathBuf, bool)> = [
+            ("dev", true),
+            ("etc/hosts", false),
+            ("var", true),
+            ("var/run", true),
+            ("var/run/x", false),
+            ("srv", true),
+            ("srv/app", true),
+        ]
+        .iter()
+        .map(|(p, dir)| (PathBuf::from(p), *dir))
+        .collect();
+        assert_eq!(missing_mount_points(&spec, &[base, top]), want);
+    }
 
     fn image(entry: Option<&[&str]>, cmd: Option<&[&str]>, env: &[&str], user: Option<&str>) -> ImageConfiguration {
         let mut c = ConfigBuilder::default().env(env.iter().map(|s| s.to_string()).collect::<Vec<_>>());

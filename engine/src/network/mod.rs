@@ -236,6 +236,44 @@ impl Networks {
         Ok(out)
     }
 
+    /// Makes `network`'s bridge, with the gateway's address, up. Under the host lock.
+    fn make_bridge(&self, nl: &mut Netlink, network: &Network) -> Result<(), NetworkError> {
+        // Said before the bridge is made, so that a create killed half way leaves a bridge
+        // this store's prune knows to be its own.
+        let marker = self.marker(&network.bridge);
+        fs::write(&marker, b"").map_err(io_err("write", &marker))?;
+        if let Err(e) = nl.add_bridge(&network.bridge) {
+            let _ = fs::remove_file(&marker);
+            return Err(e.into());
+        }
+        let made = (|| -> Result<(), NetworkError> {
+            let index =
+                nl.link_index(&network.bridge)?.ok_or_else(|| NetworkError::NoSuchNetwork(network.bridge.clone()))?;
+            nl.add_address(index, network.gateway, network.subnet.prefix_len, &network.bridge)?;
+            Ok(nl.set_up(index, &network.bridge)?)
+        })();
+        if made.is_err() {
+            remove_bridge(nl, &network.bridge);
+        }
+        let _ = fs::remove_file(&marker);
+        made
+    }
+
+    /// Makes `network`'s bridge again if it is gone (the host rebooted, or someone deleted
+    /// it), as Docker remakes its bridges when it starts.
+    pub fn ensure_bridge(&self, network: &Network) -> Result<(), NetworkError> {
+        let mut nl = Netlink::open()?;
+        if nl.link_index(&network.bridge)?.is_some() {
+            return Ok(());
+        }
+        let _host = host_lock()?;
+        if nl.link_index(&network.bridge)?.is_some() {
+            return Ok(());
+        }
+        tracing::info!(network = %network.name, bridge = %network.bridge, "remaking the network's missing bridge");
+        self.make_bridge(&mut nl, network)
+    }
+
     /// The network `name`; the default one is made the first time it is asked for.
     pub fn get_or_create_default(&self, name: &str) -> Result<Network, NetworkError> {
         match self.get(name) {
@@ -319,27 +357,11 @@ impl Networks {
             created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             addresses: BTreeMap::new(),
         };
-        // Said before the bridge is made, so that a create killed half way leaves a bridge
-        // this store's prune knows to be its own.
-        let marker = self.marker(&network.bridge);
-        fs::write(&marker, b"").map_err(io_err("write", &marker))?;
-        if let Err(e) = nl.add_bridge(&network.bridge) {
-            let _ = fs::remove_file(&marker);
-            return Err(e.into());
-        }
-        let made = (|| {
-            let index =
-                nl.link_index(&network.bridge)?.ok_or_else(|| NetworkError::NoSuchNetwork(network.bridge.clone()))?;
-            nl.add_address(index, network.gateway, subnet.prefix_len, &network.bridge)?;
-            nl.set_up(index, &network.bridge)?;
-            self.save(&network)
-        })();
-        if let Err(e) = made {
+        self.make_bridge(&mut nl, &network)?;
+        if let Err(e) = self.save(&network) {
             remove_bridge(&mut nl, &network.bridge);
-            let _ = fs::remove_file(&marker);
             return Err(e);
         }
-        let _ = fs::remove_file(&marker);
         tracing::info!(network = %network.name, bridge = %network.bridge, subnet = %network.subnet, "network created");
         Ok(network)
     }
