@@ -1,6 +1,7 @@
 //! `twinbox network`, end to end as root: each network is a bridge holding its gateway
 //! address, made and removed through netlink; bad input is refused before anything is made;
-//! nothing is left behind. Nothing here sends traffic.
+//! nothing is left behind. Traffic goes only to 127.0.0.1 and to addresses of the bridges and
+//! network namespaces the tests make.
 
 mod common;
 
@@ -323,6 +324,23 @@ fn published_ports_answer_on_the_host() {
     assert!(tb(&["ps"]).1.contains(&format!("0.0.0.0:{host_port}->8080/tcp")));
     assert_eq!(page(&format!("127.0.0.1:{host_port}")).trim(), "page-of-web");
     assert_eq!(get(&format!("{gateway}:{host_port}")).unwrap().trim(), "page-of-web", "on a host address too");
+    // Those went to the container by DNAT, not through the proxy: without it they still do.
+    let store = std::path::absolute(env.root()).unwrap();
+    let (_, json, _) = tb(&["ps", "--json"]);
+    let ps: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
+    let web_id = ps[0]["id"].as_str().unwrap().to_owned();
+    let web_ip = ps[0]["endpoint"]["ip"].as_str().unwrap().to_owned();
+    assert!(container_tables(&store).contains(&format!("twinbox-c-{web_id}")), "{:?}", container_tables(&store));
+    let proxies = processes_with(&["container-proxy", &web_ip]);
+    assert_eq!(proxies.len(), 1, "{proxies:?}");
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(proxies[0]), nix::sys::signal::Signal::SIGKILL).unwrap();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    while !processes_with(&["container-proxy", &web_ip]).is_empty() && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    assert!(processes_with(&["container-proxy", &web_ip]).is_empty());
+    assert_eq!(page(&format!("127.0.0.1:{host_port}")).trim(), "page-of-web", "DNAT on loopback");
+    assert_eq!(get(&format!("{gateway}:{host_port}")).unwrap().trim(), "page-of-web", "DNAT on a host address");
 
     // A host port already taken: 125, the port named, nothing made.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
@@ -407,12 +425,115 @@ fn published_ports_answer_on_the_host() {
     assert!(port_free(host_port), "the proxy let the port go");
     let after: serde_json::Value = serde_json::from_str(&env.ok(&["network", "inspect", "pnet"])).unwrap();
     assert_eq!(after[0]["addresses"], serde_json::json!({}));
+    assert_eq!(container_tables(&store), Vec::<String>::new(), "no forwarding rule left");
+    let bridge = after[0]["bridge"].as_str().unwrap().to_owned();
+    assert!(all_tables().contains(&format!("twinbox-{bridge}")));
     env.ok(&["network", "rm", "pnet"]);
+    assert!(!all_tables().contains(&format!("twinbox-{bridge}")), "the network's NAT table goes with it");
+}
+
+/// The nftables tables of the host.
+fn all_tables() -> Vec<String> {
+    let mut nft = twinbox_engine::network::nft::Nft::open().unwrap();
+    nft.tables().unwrap().into_iter().map(|(name, _)| name).collect()
+}
+
+/// The port forwarding tables the store at `store` has made.
+fn container_tables(store: &Path) -> Vec<String> {
+    let mut nft = twinbox_engine::network::nft::Nft::open().unwrap();
+    nft.tables()
+        .unwrap()
+        .into_iter()
+        .filter(|(name, owner)| name.starts_with("twinbox-c-") && owner == store.as_os_str().as_encoded_bytes())
+        .map(|(name, _)| name)
+        .collect()
+}
+
+/// The pids of the processes whose arguments include all of `words`.
+fn processes_with(words: &[&str]) -> Vec<i32> {
+    std::fs::read_dir("/proc")
+        .unwrap()
+        .flatten()
+        .filter_map(|e| {
+            let pid: i32 = e.file_name().to_str()?.parse().ok()?;
+            let cmdline = std::fs::read(e.path().join("cmdline")).ok()?;
+            let args: Vec<String> =
+                cmdline.split(|b| *b == 0).map(|a| String::from_utf8_lossy(a).into_owned()).collect();
+            words.iter().all(|w| args.iter().any(|a| a == w)).then_some(pid)
+        })
+        .collect()
+}
+
+/// A container on a bridge network reaches what the host reaches, its connections leaving
+/// with the host's address (masquerade): here a TCP server in a network namespace the test
+/// makes and routes to, which answers with the address it sees the connection come from.
+/// Without NAT the container's address would arrive, and the namespace has no route back.
+#[test]
+fn containers_reach_the_hosts_networks_through_nat() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !require_root() || !common::require_tool("ip") {
+        return;
+    }
+    let env = Env::new();
+    if !busybox(&env) {
+        return;
+    }
+    let ns = format!("tbnat{}", std::process::id());
+    let (host_end, ns_end) = (format!("tbh{}", std::process::id()), format!("tbn{}", std::process::id()));
+    let ip = |args: &[&str]| {
+        let st = std::process::Command::new("ip").args(args).status().unwrap();
+        assert!(st.success(), "ip {args:?}");
+    };
+    struct Cleanup(String, String);
+    impl Drop for Cleanup {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip").args(["netns", "del", &self.0]).status();
+            let _ = std::process::Command::new("ip").args(["link", "del", &self.1]).status();
+        }
+    }
+    let _cleanup = Cleanup(ns.clone(), host_end.clone());
+    ip(&["netns", "add", &ns]);
+    ip(&["link", "add", &host_end, "type", "veth", "peer", "name", &ns_end, "netns", &ns]);
+    ip(&["addr", "add", "10.250.77.1/30", "dev", &host_end]);
+    ip(&["link", "set", &host_end, "up"]);
+    ip(&["-n", &ns, "addr", "add", "10.250.77.2/30", "dev", &ns_end]);
+    ip(&["-n", &ns, "link", "set", &ns_end, "up"]);
+    ip(&["-n", &ns, "link", "set", "lo", "up"]);
+
+    // The server: a thread in the namespace, one connection, bounded by a timeout.
+    let ns_file = std::fs::File::open(format!("/run/netns/{ns}")).unwrap();
+    let (ready_tx, ready_rx) = std::sync::mpsc::channel();
+    let server = std::thread::spawn(move || {
+        nix::sched::setns(&ns_file, nix::sched::CloneFlags::CLONE_NEWNET).unwrap();
+        let listener = std::net::TcpListener::bind("10.250.77.2:9000").unwrap();
+        listener.set_nonblocking(true).unwrap();
+        ready_tx.send(()).unwrap();
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        loop {
+            match listener.accept() {
+                Ok((mut conn, peer)) => {
+                    use std::io::Write;
+                    let _ = writeln!(conn, "seen-from-{}", peer.ip());
+                    return Some(peer.ip());
+                }
+                Err(_) if std::time::Instant::now() < deadline => {
+                    std::thread::sleep(std::time::Duration::from_millis(20))
+                }
+                Err(_) => return None,
+            }
+        }
+    });
+    ready_rx.recv().unwrap();
+    let (code, out, err) = env.twinbox(&["run", "--rm", "busybox", "sh", "-c", "nc -w 5 10.250.77.2 9000 </dev/null"]);
+    let seen = server.join().unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(out.trim(), "seen-from-10.250.77.1", "{err}");
+    assert_eq!(seen, Some("10.250.77.1".parse().unwrap()));
 }
 
 /// Twenty containers with distinct published ports, started eight at a time, all answer; after
 /// their removal, and after a `twinbox run -p` killed with SIGKILL and then `rm -f`, no veth,
-/// proxy or address is left.
+/// proxy, nftables rule or address is left.
 #[test]
 fn twenty_published_containers_and_a_killed_run_leave_nothing() {
     let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
@@ -499,4 +620,6 @@ fn twenty_published_containers_and_a_killed_run_leave_nothing() {
     let net: serde_json::Value = serde_json::from_str(&env.ok(&["network", "inspect", "twinbox0"])).unwrap();
     assert_eq!(net[0]["addresses"], serde_json::json!({}), "every address free");
     assert_eq!(tb(&s(&["ps", "-aq"])).1.trim(), "");
+    let store = std::path::absolute(env.root()).unwrap();
+    assert_eq!(container_tables(&store), Vec::<String>::new(), "no forwarding rule left");
 }

@@ -355,9 +355,20 @@ fn detached_containers_ps_logs_stop_rm() {
     // Its init's parent is the small monitor installed in the store, not a twinbox process.
     let (_, json, _) = tb(&["ps", "--json"]);
     let pid = serde_json::from_str::<serde_json::Value>(&json).unwrap()[0]["phase"]["pid"].as_i64().unwrap();
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
-    let ppid = stat.rsplit_once(')').unwrap().1.split_whitespace().nth(1).unwrap().to_owned();
-    let monitor = std::fs::read_link(format!("/proc/{ppid}/exe")).unwrap();
+    // (Its launcher may be ending still when `run -d` returns.)
+    let parent = |pid: i64| {
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+        loop {
+            let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap();
+            let ppid = stat.rsplit_once(')').unwrap().1.split_whitespace().nth(1).unwrap().to_owned();
+            match std::fs::read_link(format!("/proc/{ppid}/exe")) {
+                Ok(exe) if exe.starts_with(img.env.root().join("bin")) => return (ppid, exe),
+                other if std::time::Instant::now() > deadline => panic!("parent {ppid}: {other:?}"),
+                _ => std::thread::sleep(std::time::Duration::from_millis(10)),
+            }
+        }
+    };
+    let (ppid, monitor) = parent(pid);
     assert!(monitor.starts_with(img.env.root().join("bin")), "{}", monitor.display());
     assert!(std::fs::metadata(&monitor).unwrap().len() < 64 * 1024, "{}", monitor.display());
     // Its mount points come from a shared lower layer: nothing in its upper layer yet.
@@ -370,8 +381,7 @@ fn detached_containers_ps_logs_stop_rm() {
     let (_, json, _) = tb(&["ps", "--json"]);
     let all: Vec<serde_json::Value> = serde_json::from_str(&json).unwrap();
     let second = all.iter().find(|c| c["id"] == out.trim()).unwrap()["phase"]["pid"].as_i64().unwrap();
-    let stat = std::fs::read_to_string(format!("/proc/{second}/stat")).unwrap();
-    assert_eq!(stat.rsplit_once(')').unwrap().1.split_whitespace().nth(1).unwrap(), ppid);
+    assert_eq!(parent(second).0, ppid);
     assert_eq!(tb(&["rm", "-f", out.trim()]).0, 0);
     // A container that ends by itself: its code is recorded.
     let (code, _, err) = run(img, &["-d", "--name", "three", "busybox", "sh", "-c", "exit 3"]);

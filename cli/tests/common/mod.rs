@@ -90,9 +90,18 @@ impl Env {
 }
 
 impl Drop for Env {
-    /// The store's networks (the default one is made by the first `run` on it) go with it:
-    /// their bridges would outlive the temporary directory.
+    /// The store's containers and networks (the default one is made by the first `run` on it)
+    /// go with it, also when the test failed half way: their processes, cgroups and bridges
+    /// would outlive the temporary directory.
     fn drop(&mut self) {
+        if self.root().join("containers").is_dir() {
+            let (_, ids, _) = self.twinbox(&["ps", "-aq"]);
+            let mut rm = vec!["rm", "-f"];
+            rm.extend(ids.split_whitespace());
+            if rm.len() > 2 {
+                let _ = self.twinbox(&rm);
+            }
+        }
         if self.root().join("networks").is_dir() {
             let _ = self.run(&["network", "prune"]);
         }

@@ -1,30 +1,38 @@
 //! `twinbox-monitor serve`: the one process that watches every detached container of a store.
 //!
 //! Started by the engine when a detached container needs it and none runs, with a listening
-//! `SOCK_SEQPACKET` Unix socket as descriptor 3 (`<store>/monitor.sock`) and its own open file
-//! description of `<store>/monitor.lock` as descriptor 4. It is a child subreaper
-//! (`PR_SET_CHILD_SUBREAPER`), so every process started below it that loses its parent becomes
-//! its child. One request per connection, one datagram each, from a process of its own user:
+//! `SOCK_SEQPACKET` Unix socket as descriptor 3 (`<store>/twinbox-monitor-<hash>.sock`, named
+//! after this build, so a twinbox with another monitor starts its own) and its own open file
+//! description of the matching `.lock` file as descriptor 4; it closes every other descriptor
+//! it inherited. It is a child subreaper (`PR_SET_CHILD_SUBREAPER`), so every process started
+//! below it that loses its parent becomes its child. One request per connection, one datagram
+//! each, within 10 s of connecting, from a process of its own effective user:
 //!
 //! - `R` + ARGV + ENV, with three descriptors (SCM_RIGHTS): start a launcher. It forks a child
 //!   that takes the descriptors as its stdin, stdout and stderr, starts a new session and runs
 //!   ARGV with ENV (`twinbox container-launch ID`, which creates and starts the container). The
 //!   container's init is the launcher's child, so when the launcher exits the init becomes the
 //!   monitor's. Reply `ok`.
-//! - `W` + PID (4 bytes, little endian) + ARGV + ENV: watch the child PID. Once it has ended,
-//!   run ARGV with its exit code appended (`twinbox container-exited ID PID CODE`, which
-//!   records it and removes what the container leaves). Sent by the launcher before it exits,
-//!   while PID is still the launcher's child, so the monitor cannot have reaped PID yet. Reply
-//!   `ok`.
+//! - `W` + PID (4 bytes, little endian) + ARGV + ENV: watch PID. Once it has ended, run ARGV
+//!   with its exit code appended (`twinbox container-exited ID PID CODE`, which records it and
+//!   removes what the container leaves). Sent by the launcher before it exits, while PID is
+//!   still the launcher's child, so the monitor cannot have reaped PID yet. Refused unless PID
+//!   or the asker is the monitor's child: the end of anything else would never reach it (a
+//!   launcher of a monitor that was killed meanwhile then watches its container itself). A
+//!   newer watch of a pid replaces an older one. Reply `ok`.
 //!
-//! ARGV and ENV are NUL-terminated strings, an empty string between them. The exit code is as
-//! a shell reports it: the process's own code, or 128 + N when signal N killed it.
+//! ARGV and ENV are NUL-terminated strings (ARGV's not empty), an empty string between them.
+//! The exit code is as a shell reports it: the process's own code, or 128 + N when signal N
+//! killed it. A command that cannot be started yet (fork fails) is tried again.
 //!
 //! When it has no child left and no connection open it exits, under the lock: it takes the
 //! lock without waiting and exits only if no connection is pending, and the engine holds the
 //! lock from before it connects until its connection is queued, so a request never meets a
 //! monitor that is going away. A monitor that is killed leaves its containers to init; the
 //! engine then shows them as exited with an unknown code, and starts a new monitor for the next.
+//!
+//! Its launchers run in its context (namespaces, cgroup, limits), which is that of the command
+//! that started it, as a daemon's children run in the daemon's.
 //!
 //! It stays in memory beside the containers, one per store instead of one per container (each
 //! of those cost about 55 KiB of kernel memory: page tables, a kernel stack, task structures),
@@ -56,7 +64,10 @@ mod sys {
     pub const WAIT4: usize = 61;
     pub const FCNTL: usize = 72;
     pub const FLOCK: usize = 73;
-    pub const GETUID: usize = 102;
+    pub const GETEUID: usize = 107;
+    pub const CLOCK_GETTIME: usize = 228;
+    pub const WAITID: usize = 247;
+    pub const CLOSE_RANGE: usize = 436;
     pub const SETSID: usize = 112;
     pub const PRCTL: usize = 157;
     pub const EXIT_GROUP: usize = 231;
@@ -96,13 +107,28 @@ global_asm!(
     start = sym start,
 );
 
-/// One watched process: its command (ARGV, an empty string, ENV) at `arena[off..off + len]`.
+/// One watched process: its command (ARGV, an empty string, ENV) at `arena[off..off + len]`;
+/// once it has ended, its exit code, until the command could be started.
 #[derive(Clone, Copy)]
 struct Watch {
     pid: i32,
     off: u32,
     len: u32,
+    ended: Option<i32>,
 }
+
+/// An open connection: its descriptor, the peer's pid, and when it is given up (ms, monotonic).
+#[derive(Clone, Copy)]
+struct Connection {
+    fd: i32,
+    peer: i32,
+    deadline: u64,
+}
+
+/// How long a connection may take to send its request.
+const REQUEST_TIMEOUT_MS: u64 = 10_000;
+/// The most descriptors a request may carry (a launch has three); more are closed.
+const MAX_FDS: usize = 8;
 
 struct State {
     watches: [Watch; MAX_WATCHES],
@@ -110,23 +136,24 @@ struct State {
     arena: [u8; ARENA],
     used: usize,
     request: [u8; MAX_REQUEST],
-    connections: [i32; MAX_CONNECTIONS],
+    connections: [Connection; MAX_CONNECTIONS],
     open: usize,
 }
 
-/// The monitor's state: in .bss, so its pages cost nothing until they are written.
+/// The monitor's state: all zeros, so that it lands in .bss, whose pages cost nothing until
+/// they are written (a non-zero field would put all of it in the executable).
 struct Global(UnsafeCell<State>);
 
 // SAFETY: the monitor has one thread.
 unsafe impl Sync for Global {}
 
 static STATE: Global = Global(UnsafeCell::new(State {
-    watches: [Watch { pid: 0, off: 0, len: 0 }; MAX_WATCHES],
+    watches: [Watch { pid: 0, off: 0, len: 0, ended: None }; MAX_WATCHES],
     count: 0,
     arena: [0; ARENA],
     used: 0,
     request: [0; MAX_REQUEST],
-    connections: [0; MAX_CONNECTIONS],
+    connections: [Connection { fd: 0, peer: 0, deadline: 0 }; MAX_CONNECTIONS],
     open: 0,
 }));
 
@@ -146,6 +173,11 @@ unsafe extern "C" fn start(stack: *const usize) -> ! {
 }
 
 fn serve(state: &mut State) -> i32 {
+    // Nothing but the socket and the lock from whoever started us: a descriptor they leaked
+    // (a build's jobserver, a shell's redirection) would stay open as long as we run, in
+    // every launcher.
+    // SAFETY: close_range with integer arguments only.
+    unsafe { syscall4(sys::CLOSE_RANGE, LOCK + 1, u32::MAX as usize, 0, 0) };
     // Dispositions survive exec: what whoever started us ignored (twinbox ignores SIGPIPE)
     // must not be ignored by the launchers and by us.
     for signal in 1..=64usize {
@@ -180,32 +212,54 @@ fn serve(state: &mut State) -> i32 {
     if sfd < 0 {
         fail(b"twinbox-monitor: cannot make a signalfd\n");
     }
-    // SAFETY: getuid takes nothing.
-    let uid = unsafe { syscall4(sys::GETUID, 0, 0, 0, 0) } as u32;
+    // Requests are taken from processes of our effective user only (SO_PEERCRED gives theirs).
+    // SAFETY: geteuid takes nothing.
+    let uid = unsafe { syscall4(sys::GETEUID, 0, 0, 0, 0) } as u32;
 
     let mut pollfds = [PollFd { fd: -1, events: 0, revents: 0 }; MAX_CONNECTIONS + 2];
+    let mut backoff = false;
     loop {
         let children = reap(state);
+        let retrying = run_ended(state);
         let idle = !children && state.open == 0;
         if idle && may_leave() {
             return 0;
         }
+        let now = now_ms();
+        // Connections that sent nothing in time are given up.
+        let mut i = state.open;
+        while i > 0 {
+            i -= 1;
+            if state.connections[i].deadline <= now {
+                close(state.connections[i].fd as usize);
+                state.open -= 1;
+                state.connections[i] = state.connections[state.open];
+            }
+        }
         pollfds[0] = PollFd { fd: sfd as i32, events: POLLIN, revents: 0 };
         let mut n = 1;
-        let listening = state.open < MAX_CONNECTIONS;
+        let listening = state.open < MAX_CONNECTIONS && !backoff;
         if listening {
             pollfds[1] = PollFd { fd: LISTENER as i32, events: POLLIN, revents: 0 };
             n = 2;
         }
         let first = n;
-        for &c in &state.connections[..state.open] {
-            pollfds[n] = PollFd { fd: c, events: POLLIN, revents: 0 };
+        for c in &state.connections[..state.open] {
+            pollfds[n] = PollFd { fd: c.fd, events: POLLIN, revents: 0 };
             n += 1;
         }
-        // Idle but the lock was taken: look again soon.
-        let timeout = if idle { 100 } else { -1isize as usize };
+        // Soon when idle (the lock was taken), when a command waits to be started again or
+        // accepting failed; else at the first connection's deadline, or never.
+        let mut timeout: isize = if idle || retrying || backoff { 100 } else { -1 };
+        for c in &state.connections[..state.open] {
+            let left = c.deadline.saturating_sub(now) as isize;
+            if timeout < 0 || left < timeout {
+                timeout = left;
+            }
+        }
+        backoff = false;
         // SAFETY: poll reads and writes `n` pollfds of a live array.
-        let r = unsafe { syscall4(sys::POLL, pollfds.as_mut_ptr() as usize, n, timeout, 0) };
+        let r = unsafe { syscall4(sys::POLL, pollfds.as_mut_ptr() as usize, n, timeout as usize, 0) };
         if r < 0 {
             continue;
         }
@@ -221,7 +275,7 @@ fn serve(state: &mut State) -> i32 {
             if pollfds[first + i].revents != 0 {
                 let c = state.connections[i];
                 answer(state, c);
-                close(c as usize);
+                close(c.fd as usize);
                 state.open -= 1;
                 state.connections[i] = state.connections[state.open];
             }
@@ -229,16 +283,65 @@ fn serve(state: &mut State) -> i32 {
         if listening && pollfds[1].revents != 0 {
             // SAFETY: accept4 with no peer address asked for; SOCK_CLOEXEC.
             let c = unsafe { syscall4(sys::ACCEPT4, LISTENER, 0, 0, 0o2000000) };
-            if c >= 0 {
-                if peer_uid(c as usize) == Some(uid) {
-                    state.connections[state.open] = c as i32;
-                    state.open += 1;
-                } else {
-                    close(c as usize);
+            if c < 0 {
+                // Out of descriptors or memory: the listener stays readable; do not spin.
+                backoff = true;
+            } else {
+                match peer(c as usize) {
+                    Some((pid, peer_uid)) if peer_uid == uid => {
+                        let deadline = now_ms() + REQUEST_TIMEOUT_MS;
+                        state.connections[state.open] = Connection { fd: c as i32, peer: pid, deadline };
+                        state.open += 1;
+                    }
+                    _ => close(c as usize),
                 }
             }
         }
     }
+}
+
+/// Milliseconds of CLOCK_MONOTONIC.
+fn now_ms() -> u64 {
+    let mut ts = [0i64; 2];
+    // SAFETY: clock_gettime writes a 16-byte struct timespec into `ts`.
+    unsafe {
+        syscall4(sys::CLOCK_GETTIME, 1 /* CLOCK_MONOTONIC */, ts.as_mut_ptr() as usize, 0, 0)
+    };
+    (ts[0] as u64) * 1000 + (ts[1] as u64) / 1_000_000
+}
+
+/// Whether `pid` is a child of this process (running, or ended and not reaped).
+fn is_child(pid: i32) -> bool {
+    let mut info = [0u64; 16];
+    // SAFETY: waitid(P_PID, pid, WEXITED | WNOHANG | WNOWAIT) writes a 128-byte siginfo into
+    // `info` and reaps nothing.
+    let r = unsafe { syscall6(sys::WAITID, 1, pid as usize, info.as_mut_ptr() as usize, 4 | 1 | 0x0100_0000, 0, 0) };
+    r == 0
+}
+
+/// Starts the commands of watched processes that have ended; whether some could not be
+/// started (no memory to fork: they are tried again soon).
+fn run_ended(state: &mut State) -> bool {
+    let mut i = 0;
+    let mut waiting = false;
+    while i < state.count {
+        let w = state.watches[i];
+        let Some(code) = w.ended else {
+            i += 1;
+            continue;
+        };
+        let mut digits = [0u8; 12];
+        let code = format_code(code, &mut digits);
+        let command = &state.arena[w.off as usize..(w.off + w.len) as usize];
+        // Its own stdio: /dev/null, as given to the monitor.
+        if spawn(command, Some(code), None).is_ok() {
+            forget(state, i);
+        } else {
+            waiting = true;
+            i += 1;
+        }
+    }
+    waiting
 }
 
 /// Reaps every child that has ended, running the command of those watched. Whether any child
@@ -259,29 +362,28 @@ fn reap(state: &mut State) -> bool {
         }
         let signal = status & 0x7f;
         let code = if signal == 0 { (status >> 8) & 0xff } else { 128 + signal };
-        if let Some(i) = state.watches[..state.count].iter().position(|w| w.pid == pid as i32) {
-            let w = state.watches[i];
-            let mut digits = [0u8; 12];
-            let code = format_code(code, &mut digits);
-            let command = &state.arena[w.off as usize..(w.off + w.len) as usize];
-            // Its own stdio: /dev/null, as given to the monitor.
-            let _ = spawn(command, Some(code), None);
-            forget(state, i);
+        if let Some(w) = state.watches[..state.count].iter_mut().find(|w| w.pid == pid as i32 && w.ended.is_none()) {
+            w.ended = Some(code);
         }
     }
 }
 
 /// Removes watch `i`, moving the commands after it down.
 fn forget(state: &mut State, i: usize) {
-    let w = state.watches[i];
+    forget_in(&mut state.watches, &mut state.count, &mut state.arena, &mut state.used, i);
+}
+
+/// [`forget`] on the fields it changes, so that a request being read stays borrowed.
+fn forget_in(watches: &mut [Watch], count: &mut usize, arena: &mut [u8], used: &mut usize, i: usize) {
+    let w = watches[i];
     let (start, end) = (w.off as usize, (w.off + w.len) as usize);
-    state.arena.copy_within(end..state.used, start);
-    state.used -= w.len as usize;
-    state.count -= 1;
-    for j in i..state.count {
-        state.watches[j] = state.watches[j + 1];
+    arena.copy_within(end..*used, start);
+    *used -= w.len as usize;
+    *count -= 1;
+    for j in i..*count {
+        watches[j] = watches[j + 1];
     }
-    for other in &mut state.watches[..state.count] {
+    for other in &mut watches[..*count] {
         if other.off as usize >= end {
             other.off -= w.len;
         }
@@ -311,43 +413,52 @@ fn may_leave() -> bool {
 }
 
 /// Reads and answers the one request of connection `c`.
-fn answer(state: &mut State, c: i32) {
-    let mut fds = [-1i32; 3];
-    let (len, nfds) = match receive(c as usize, &mut state.request, &mut fds) {
+fn answer(state: &mut State, c: Connection) {
+    let mut fds = [-1i32; MAX_FDS];
+    let (len, nfds) = match receive(c.fd as usize, &mut state.request, &mut fds) {
         Ok(got) => got,
         Err(message) => {
-            reply(c, message);
+            reply(c.fd, message);
             return;
         }
     };
-    let received = &fds[..nfds];
     let message: &[u8] = match state.request.get(..len) {
-        Some([b'R', payload @ ..]) if nfds == 3 => match spawn(payload, None, Some(&fds)) {
+        Some([b'R', payload @ ..]) if nfds == 3 => match spawn(payload, None, Some(&[fds[0], fds[1], fds[2]])) {
             Ok(()) => b"ok",
             Err(e) => e,
         },
         Some([b'R', ..]) => b"a launch request needs three descriptors",
-        Some([b'W', a, b, c, d, payload @ ..]) if nfds == 0 => {
-            let pid = i32::from_le_bytes([*a, *b, *c, *d]);
+        Some([b'W', a, b, c2, d, payload @ ..]) if nfds == 0 => {
+            let pid = i32::from_le_bytes([*a, *b, *c2, *d]);
             if parse(payload).is_none() || pid <= 0 {
                 b"malformed watch request"
-            } else if state.count == MAX_WATCHES || state.used + payload.len() > ARENA {
-                b"the monitor watches as many containers as it can"
+            } else if !is_child(pid) && !is_child(c.peer) {
+                // Neither ours nor a child of one of ours (a launcher): when the asker exits,
+                // its children go to another reaper, and this monitor would never see the end.
+                b"the process to watch is not below this monitor"
             } else {
-                let off = state.used;
-                state.arena[off..off + payload.len()].copy_from_slice(payload);
-                state.used += payload.len();
-                state.watches[state.count] = Watch { pid, off: off as u32, len: payload.len() as u32 };
-                state.count += 1;
-                b"ok"
+                // An older watch of the same pid (a reused pid whose end was missed) goes.
+                while let Some(i) = state.watches[..state.count].iter().position(|w| w.pid == pid) {
+                    forget_in(&mut state.watches, &mut state.count, &mut state.arena, &mut state.used, i);
+                }
+                if state.count == MAX_WATCHES || state.used + payload.len() > ARENA {
+                    b"the monitor watches as many containers as it can"
+                } else {
+                    let off = state.used;
+                    state.arena[off..off + payload.len()].copy_from_slice(payload);
+                    state.used += payload.len();
+                    state.watches[state.count] = Watch { pid, off: off as u32, len: payload.len() as u32, ended: None };
+                    state.count += 1;
+                    b"ok"
+                }
             }
         }
         _ => b"unknown request",
     };
-    for &fd in received {
+    for &fd in &fds[..nfds] {
         close(fd as usize);
     }
-    reply(c, message);
+    reply(c.fd, message);
 }
 
 /// Sends `message` on connection `c`; a peer that has gone away gets nothing (MSG_NOSIGNAL:
@@ -357,12 +468,12 @@ fn reply(c: i32, message: &[u8]) {
     let _ = unsafe { syscall6(sys::SENDTO, c as usize, message.as_ptr() as usize, message.len(), 0x4000, 0, 0) };
 }
 
-/// One datagram into `buf`, and the descriptors that came with it (at most three, close on
-/// exec). Its length and the number of descriptors.
-fn receive(c: usize, buf: &mut [u8], fds: &mut [i32; 3]) -> Result<(usize, usize), &'static [u8]> {
+/// One datagram into `buf`, and the descriptors that came with it (close on exec). Its length
+/// and the number of descriptors.
+fn receive(c: usize, buf: &mut [u8], fds: &mut [i32; MAX_FDS]) -> Result<(usize, usize), &'static [u8]> {
     let mut iov = [buf.as_mut_ptr() as usize, buf.len()];
-    // struct cmsghdr (len, level, type) and room for three ints, 8-byte aligned.
-    let mut control = [0u64; 4];
+    // struct cmsghdr (len, level, type) and room for MAX_FDS ints, 8-byte aligned.
+    let mut control = [0u64; 2 + MAX_FDS / 2];
     let mut msg = MsgHdr {
         name: 0,
         namelen: 0,
@@ -386,7 +497,7 @@ fn receive(c: usize, buf: &mut [u8], fds: &mut [i32; 3]) -> Result<(usize, usize
         let (level, kind) = (control[1] as u32, (control[1] >> 32) as u32);
         if level == 1 && kind == 1 && len > 16 {
             // SOL_SOCKET, SCM_RIGHTS: the descriptors follow the 16-byte header.
-            nfds = ((len - 16) / 4).min(3);
+            nfds = ((len - 16) / 4).min(MAX_FDS);
             for (i, fd) in fds.iter_mut().enumerate().take(nfds) {
                 *fd = (control[2 + i / 2] >> (32 * (i % 2))) as u32 as i32;
             }
@@ -402,15 +513,15 @@ fn receive(c: usize, buf: &mut [u8], fds: &mut [i32; 3]) -> Result<(usize, usize
     Ok((n as usize, nfds))
 }
 
-/// The uid of the process at the other end of connection `c`.
-fn peer_uid(c: usize) -> Option<u32> {
+/// The pid and uid of the process at the other end of connection `c`.
+fn peer(c: usize) -> Option<(i32, u32)> {
     let mut cred = [0u32; 3];
     let mut len: u32 = 12;
     // SAFETY: getsockopt(SOL_SOCKET, SO_PEERCRED) writes a 12-byte struct ucred into `cred`
     // and its length into `len`.
     let r =
         unsafe { syscall6(sys::GETSOCKOPT, c, 1, 17, cred.as_mut_ptr() as usize, &mut len as *mut u32 as usize, 0) };
-    (r == 0 && len == 12).then_some(cred[1])
+    (r == 0 && len == 12).then_some((cred[0] as i32, cred[1]))
 }
 
 /// ARGV and ENV of a request payload, as pointer arrays ready for execve (each ends with a

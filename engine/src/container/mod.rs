@@ -15,6 +15,7 @@
 //! code and OOM kill and removes the container when `--rm` was given ([`Engine::exited`]).
 
 pub mod monitor;
+mod mountpoints;
 pub mod spec;
 
 use std::fs;
@@ -33,7 +34,7 @@ pub use spec::RunOptions;
 
 use crate::network::attach::{self, Endpoint, NetworkMode};
 use crate::network::publish::{self, PortMapping};
-use crate::network::{Networks, DEFAULT_NETWORK};
+use crate::network::{nft, Networks, DEFAULT_NETWORK};
 use twinbox_runtime::cgroups::CgroupManager;
 use twinbox_runtime::container::{CreateOptions, Runtime};
 use twinbox_runtime::RuntimeError;
@@ -303,7 +304,7 @@ impl Engine {
         let missing = spec::missing_mount_points(&spec, &layers);
         if !missing.is_empty() {
             let mut overlay = overlay;
-            overlay.lower.insert(0, self.mount_point_layer(&missing)?);
+            overlay.lower.insert(0, mountpoints::layer(&self.store.root().join("mountpoints"), &layers, &missing)?);
             let mut annotations = spec.annotations().clone().unwrap_or_default();
             annotations.insert(
                 spec::OVERLAY_ANNOTATION.to_owned(),
@@ -332,55 +333,6 @@ impl Engine {
         std::mem::forget(guard);
         _name.keep();
         Ok(record)
-    }
-
-    /// The shared lower layer that holds exactly the mount points `missing` (empty
-    /// directories and files, see [`spec::missing_mount_points`]):
-    /// `<store>/mountpoints/<sha256 of the list>`, made once (atomically: a temporary directory
-    /// renamed into place) and used by every container whose image lacks the same ones.
-    /// Without it the runtime would make them in each container's upper layer (six files and
-    /// directories for a one-binary image, each an inode and a copy-up per container).
-    fn mount_point_layer(&self, missing: &[(PathBuf, bool)]) -> Result<PathBuf, EngineError> {
-        use sha2::Digest;
-        let mut h = sha2::Sha256::new();
-        for (path, dir) in missing {
-            h.update(path.as_os_str().as_encoded_bytes());
-            h.update(if *dir { "/\n" } else { "\n" });
-        }
-        let parent = self.store.root().join("mountpoints");
-        let dir = parent.join(format!("{:x}", h.finalize()));
-        if dir.is_dir() {
-            return Ok(dir);
-        }
-        fs::create_dir_all(&parent).map_err(io_err("create directory", &parent))?;
-        let tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
-            .tempdir_in(&parent)
-            .map_err(io_err("create a directory in", &parent))?;
-        {
-            use std::os::unix::fs::PermissionsExt;
-            fs::set_permissions(tmp.path(), fs::Permissions::from_mode(0o755)).map_err(io_err("chmod", tmp.path()))?;
-        }
-        for (path, is_dir) in missing {
-            // Its parents are directories in the image (or made just before): here they only
-            // hold it, and merge with the image's.
-            let at = tmp.path().join(path);
-            let made = if *is_dir {
-                fs::create_dir_all(&at)
-            } else {
-                at.parent().map_or(Ok(()), fs::create_dir_all).and_then(|()| fs::File::create(&at).map(drop))
-            };
-            made.map_err(io_err("create", &at))?;
-        }
-        match fs::rename(tmp.path(), &dir) {
-            Ok(()) => {
-                let _ = tmp.keep();
-                Ok(dir)
-            }
-            // Made by a concurrent run meanwhile: the same content.
-            Err(_) if dir.is_dir() => Ok(dir),
-            Err(e) => Err(io_err("rename into place", &dir)(e)),
-        }
     }
 
     /// Claims `name` for container `id`: a file `<store>/names/NAME` holding the id, made
@@ -604,8 +556,8 @@ impl Engine {
         cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
         // SAFETY: between fork and exec the child only calls async-signal-safe functions
         // (setsid, fork, dup2, fcntl, _exit) on descriptors it owns. It forks once more and
-        // the middle process exits at once, so the proxy is nobody's child here (not the
-        // monitor's, which waits only for the init) and is reaped by init when it ends.
+        // the middle process exits at once, so the proxy is nobody's child here: the store's
+        // monitor (a subreaper) or init adopts and reaps it.
         unsafe {
             std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
                 libc::setsid();
@@ -633,8 +585,42 @@ impl Engine {
         let mut middle = cmd.spawn().map_err(|e| EngineError::Publish(publish::PublishError::Proxy(e)))?;
         let _ = middle.wait();
         drop((listeners, pidfd));
+        // The proxy holds the ports; connections to the host's own addresses go to the
+        // container by DNAT, past it. Should nftables refuse, the proxy forwards them.
+        if let Err(e) = self.forward_published(&record.id, ip, &bound) {
+            tracing::warn!(id = %record.id, error = %e, "published ports go through the proxy only");
+        }
         record.ports = bound;
         Ok(())
+    }
+
+    /// Container `id`'s DNAT rules for its `ports` (see [`nft::publish_rules`]), after removing
+    /// the rules this store left for containers that are gone (their twinbox was killed).
+    fn forward_published(&self, id: &str, ip: std::net::Ipv4Addr, ports: &[PortMapping]) -> Result<(), nft::NftError> {
+        let store = std::path::absolute(self.store.root()).unwrap_or_else(|_| self.store.root().to_owned());
+        let store = store.as_os_str().as_encoded_bytes();
+        let mut nft = nft::Nft::open()?;
+        for (table, owner) in nft.tables()? {
+            let Some(other) = table.strip_prefix("twinbox-c-") else { continue };
+            if owner == store && other != id && !self.container_dir(other).exists() {
+                nft.delete_table(&table)?;
+            }
+        }
+        let forwards: Vec<nft::Forward> = ports
+            .iter()
+            .filter_map(|m| {
+                let host_ip = match m.host_ip {
+                    None => None,
+                    Some(std::net::IpAddr::V4(a)) if a.is_unspecified() => None,
+                    Some(std::net::IpAddr::V4(a)) => Some(a),
+                    Some(std::net::IpAddr::V6(_)) => return None,
+                };
+                Some(nft::Forward { host_ip, host_port: m.host_port, udp: false, container_port: m.container_port })
+            })
+            .collect();
+        let mut batch = nft::Batch::new();
+        nft::publish_rules(&mut batch, id, store, ip, &forwards);
+        nft.apply(&batch, &format!("forward the published ports of container {id}"))
     }
 
     /// Gives back the address a container held and takes its name out of the other
@@ -642,9 +628,15 @@ impl Engine {
     /// kernel removes it once the namespace's last process is gone, a few milliseconds later
     /// and off the command's path (removing it here would add about 20 ms to every
     /// `run --rm` on this host, the time a veth deletion waits for RCU).
-    fn leave_network(&self, id: &str, endpoint: Option<&Endpoint>) {
+    fn leave_network(&self, id: &str, endpoint: Option<&Endpoint>, published: bool) {
         if let Err(e) = self.networks().release(id) {
             tracing::warn!(id, error = %e, "cannot release the container's address");
+        }
+        if published {
+            let table = nft::container_table(id);
+            if let Err(e) = nft::Nft::open().and_then(|mut n| n.delete_table(&table)) {
+                tracing::warn!(id, error = %e, "cannot remove the container's port forwarding rules");
+            }
         }
         if let Some(e) = endpoint {
             self.refresh_hosts(&e.network, None);
@@ -776,7 +768,7 @@ impl Engine {
             .is_some_and(|n| n > 0);
         let deleted = self.runtime.delete(&record.id, true);
         if let Some(endpoint) = record.endpoint.take() {
-            self.leave_network(&record.id, Some(&endpoint));
+            self.leave_network(&record.id, Some(&endpoint), !record.options.publish.is_empty());
         }
         record.ports.clear();
         if record.options.rm {
@@ -794,8 +786,9 @@ impl Engine {
         if let Some(r) = &stored {
             self.release_name(&r.name, id);
         }
+        let published = stored.as_ref().is_some_and(|r| !r.options.publish.is_empty());
         let endpoint = stored.and_then(|r| r.endpoint);
-        self.leave_network(id, endpoint.as_ref());
+        self.leave_network(id, endpoint.as_ref(), published);
         self.store.release(id)?;
         remove_tree(&self.container_dir(id)).map_err(EngineError::from)
     }
@@ -814,25 +807,37 @@ impl Engine {
         let mut argv = launcher.to_vec();
         argv.push(record.id.clone().into());
         let stderr = io::stderr();
-        monitor::launch(
-            self.store.root(),
-            &program,
-            &argv,
-            &monitor::environment(),
-            [null.as_fd(), wr.as_fd(), stderr.as_fd()],
-        )?;
-        drop((wr, null));
-        let mut msg = String::new();
-        rd.read_to_string(&mut msg).map_err(io_err("read from the launcher of", &cdir))?;
-        match msg.strip_prefix("ok ") {
-            Some(pid) => {
-                let pid = pid.trim().parse().unwrap_or(0);
+        let outcome = (|| {
+            monitor::launch(
+                self.store.root(),
+                &program,
+                &argv,
+                &monitor::environment(),
+                [null.as_fd(), wr.as_fd(), stderr.as_fd()],
+            )?;
+            drop((wr, null));
+            let mut msg = String::new();
+            rd.read_to_string(&mut msg).map_err(io_err("read from the launcher of", &cdir))?;
+            match msg.strip_prefix("ok ") {
+                Some(pid) => Ok(pid.trim().parse().unwrap_or(0)),
+                None if msg.is_empty() => Err(EngineError::Monitor("the launcher ended without a word".into())),
+                None => Err(EngineError::Monitor(msg)),
+            }
+        })();
+        match outcome {
+            Ok(pid) => {
                 let mut now = self.stored(&record.id).unwrap_or(record);
                 now.phase = Phase::Running { pid };
                 Ok(now)
             }
-            None if msg.is_empty() => Err(EngineError::Monitor("the launcher ended without a word".into())),
-            None => Err(EngineError::Monitor(msg)),
+            Err(e) => {
+                // A new container whose launcher never got to it (or died) is removed, as one
+                // that failed to start; the launcher has done so itself when it reported.
+                if self.stored(&record.id).is_some_and(|r| r.phase == Phase::Created) {
+                    let _ = self.remove_files(&record.id);
+                }
+                Err(e)
+            }
         }
     }
 
@@ -879,7 +884,7 @@ impl Engine {
                 if fresh {
                     let _ = self.remove_files(id);
                 } else {
-                    self.leave_network(id, record.endpoint.take().as_ref());
+                    self.leave_network(id, record.endpoint.take().as_ref(), !record.options.publish.is_empty());
                     record.ports.clear();
                     record.phase = previous;
                     let _ = self.save(&record);

@@ -55,9 +55,16 @@ pub fn install(dir: &Path) -> Result<PathBuf, EngineError> {
     Ok(path)
 }
 
-/// The monitor's socket and lock, in the store's root.
-const SOCKET: &str = "monitor.sock";
-const LOCK: &str = "monitor.lock";
+/// The monitor's socket and lock in the store's root, named after this build of it: a twinbox
+/// with another monitor starts its own beside one still running, instead of talking to it in
+/// a protocol it may not share (the old one leaves once its containers are gone).
+fn socket_name() -> String {
+    format!("{}.sock", file_name())
+}
+
+fn lock_name() -> String {
+    format!("{}.lock", file_name())
+}
 
 /// Environment variables a launcher and an exit command get from the command that asked for
 /// them: the search path, logging, and twinbox's own settings. Nothing else, so a request
@@ -113,7 +120,7 @@ fn encode(out: &mut Vec<u8>, argv: &[OsString], env: &[OsString]) {
 }
 
 fn socket_path(root: &Path) -> PathBuf {
-    root.join(SOCKET)
+    root.join(socket_name())
 }
 
 /// One request, its descriptors, and the monitor's answer: `ok` or what went wrong.
@@ -121,7 +128,7 @@ fn request(root: &Path, conn: &OwnedFd, message: &[u8], fds: &[i32]) -> Result<(
     let sys = |what| move |e| EngineError::Sys(what, e);
     let rights = [ControlMessage::ScmRights(fds)];
     let cmsgs = if fds.is_empty() { &rights[..0] } else { &rights[..] };
-    socket::sendmsg::<()>(conn.as_raw_fd(), &[io::IoSlice::new(message)], cmsgs, MsgFlags::empty(), None)
+    socket::sendmsg::<()>(conn.as_raw_fd(), &[io::IoSlice::new(message)], cmsgs, MsgFlags::MSG_NOSIGNAL, None)
         .map_err(sys("send a request to the container monitor"))?;
     let timeout = nix::sys::time::TimeVal::new(10, 0);
     socket::setsockopt(conn, socket::sockopt::ReceiveTimeout, &timeout)
@@ -151,7 +158,7 @@ fn with_address<T>(path: &Path, f: impl FnOnce(&UnixAddr) -> nix::Result<T>) -> 
     if let Ok(addr) = UnixAddr::new(path) {
         return f(&addr).map_err(io::Error::from);
     }
-    let (dir, name) = (path.parent().unwrap_or(Path::new("/")), path.file_name().unwrap_or(OsStr::new(SOCKET)));
+    let (dir, name) = (path.parent().unwrap_or(Path::new("/")), path.file_name().unwrap_or(OsStr::new("monitor.sock")));
     let dir = fs::File::open(dir)?;
     let short = Path::new("/proc/self/fd").join(dir.as_raw_fd().to_string()).join(name);
     let addr = UnixAddr::new(&short).map_err(io::Error::from)?;
@@ -161,13 +168,15 @@ fn with_address<T>(path: &Path, f: impl FnOnce(&UnixAddr) -> nix::Result<T>) -> 
 /// A connection to the store's monitor, started first when none runs. Under `<store>/monitor.lock`,
 /// which the monitor takes before it exits, so it never goes away under a new connection.
 fn connect_or_start(root: &Path, program: &Path) -> Result<OwnedFd, EngineError> {
-    let lock_path = root.join(LOCK);
+    let lock_path = root.join(lock_name());
     let open_lock = || {
+        use std::os::unix::fs::OpenOptionsExt;
         fs::OpenOptions::new()
             .read(true)
             .write(true)
             .create(true)
             .truncate(false)
+            .mode(0o600)
             .open(&lock_path)
             .map_err(io_err("open", &lock_path))
     };
@@ -291,6 +300,17 @@ mod tests {
         stat.rsplit_once(')')?.1.split_whitespace().nth(1)?.parse().ok()
     }
 
+    /// `pid`'s parent once it is a running `program` (the launcher that made it may still be
+    /// ending when its output closes).
+    fn monitor_of(pid: i32, program: &Path) -> i32 {
+        let mut found = None;
+        eventually("the process is the monitor's", || {
+            found = ppid(pid).filter(|p| fs::read_link(format!("/proc/{p}/exe")).is_ok_and(|e| e == program));
+            found.is_some()
+        });
+        found.unwrap()
+    }
+
     /// Gone, or a zombie waiting for init.
     fn ended(pid: i32) -> bool {
         fs::read_to_string(format!("/proc/{pid}/stat"))
@@ -324,12 +344,10 @@ mod tests {
                 .trim()
                 .parse()
                 .unwrap();
-        eventually("the child is the monitor's", || ppid(first).is_some_and(|p| p != 1));
-        let monitor = ppid(first).unwrap();
-        assert_eq!(fs::read_link(format!("/proc/{monitor}/exe")).unwrap(), program);
+        let monitor = monitor_of(first, &program);
         watch(root, first, &sh(&record, &["sh", "id1"]), &[]).unwrap();
         let second: i32 = launch_sh(root, &program, "sleep 30 >/dev/null & echo $!").trim().parse().unwrap();
-        eventually("the second child is the monitor's", || ppid(second) == Some(monitor));
+        assert_eq!(monitor_of(second, &program), monitor);
         watch(root, second, &sh(&record, &["sh", "id2"]), &[]).unwrap();
 
         fs::write(&fifo, "go\n").unwrap();
@@ -349,8 +367,7 @@ mod tests {
         let root = dir.path();
         let program = install(&root.join("bin")).unwrap();
         let child: i32 = launch_sh(root, &program, "sleep 30 >/dev/null & echo $!").trim().parse().unwrap();
-        eventually("the child is the monitor's", || ppid(child).is_some_and(|p| p != 1));
-        let monitor = ppid(child).unwrap();
+        let monitor = monitor_of(child, &program);
 
         let conn = connect(root).unwrap();
         let refused = |message: &[u8], fds: &[i32]| match request(root, &connect(root).unwrap(), message, fds) {
@@ -363,11 +380,20 @@ mod tests {
         let null = fs::File::open("/dev/null").unwrap();
         let three = [null.as_raw_fd(); 3];
         assert!(refused(b"R\0\0", &three).contains("malformed"));
+        // A process that is not below the monitor (ours): its end would never reach it.
+        let mut ours = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let not_below = watch(root, ours.id() as i32, &sh("true", &[]), &[]);
+        assert!(
+            matches!(&not_below, Err(EngineError::Monitor(m)) if m.contains("not below this monitor")),
+            "{not_below:?}"
+        );
+        ours.kill().unwrap();
+        ours.wait().unwrap();
         drop(conn);
 
         nix::sys::signal::kill(nix::unistd::Pid::from_raw(monitor), nix::sys::signal::Signal::SIGKILL).unwrap();
         eventually("the monitor is gone", || ended(monitor));
-        assert!(root.join(SOCKET).exists(), "a killed monitor leaves its socket");
+        assert!(socket_path(root).exists(), "a killed monitor leaves its socket");
         let (mut rd, wr) = io::pipe().unwrap();
         launch(root, &program, &["/nonexistent".into()], &[], [null.as_fd(), wr.as_fd(), null.as_fd()]).unwrap();
         drop(wr);
@@ -375,8 +401,8 @@ mod tests {
         io::Read::read_to_string(&mut rd, &mut err).unwrap();
         assert_eq!(err, "twinbox-monitor: cannot run /nonexistent\n");
         let launched: i32 = launch_sh(root, &program, "sleep 30 >/dev/null & echo $!").trim().parse().unwrap();
-        eventually("the new child is a new monitor's", || ppid(launched).is_some_and(|p| p != 1 && p != monitor));
-        let replacement = ppid(launched).unwrap();
+        let replacement = monitor_of(launched, &program);
+        assert_ne!(replacement, monitor);
         for pid in [child, launched] {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }

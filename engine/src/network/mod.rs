@@ -15,6 +15,7 @@
 
 pub mod attach;
 pub mod netlink;
+pub mod nft;
 pub mod publish;
 
 use std::collections::{BTreeMap, BTreeSet};
@@ -64,6 +65,8 @@ pub enum NetworkError {
     NoFreeSubnet(Subnet),
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
+    #[error(transparent)]
+    Nft(#[from] nft::NftError),
     #[error("{op} {path}")]
     Io {
         op: &'static str,
@@ -92,7 +95,9 @@ impl twinbox_exit::ExitCode for NetworkError {
             | NetworkError::InUse { .. }
             | NetworkError::Exhausted(_)
             | NetworkError::NoFreeSubnet(_) => USER_ERROR,
-            NetworkError::Netlink(_) | NetworkError::Io { .. } | NetworkError::Json { .. } => INTERNAL,
+            NetworkError::Netlink(_) | NetworkError::Nft(_) | NetworkError::Io { .. } | NetworkError::Json { .. } => {
+                INTERNAL
+            }
         }
     }
 }
@@ -236,10 +241,12 @@ impl Networks {
         Ok(out)
     }
 
-    /// Makes `network`'s bridge, with the gateway's address, up. Under the host lock.
+    /// Makes `network`'s bridge, with the gateway's address, up, with [`forwarding`] and its
+    /// NAT rules (see [`nft`]). Under the host lock.
+    /// The caller removes [`marker`](Self::marker), written here before the bridge is made so
+    /// that a create killed half way leaves a bridge this store's prune knows to be its own,
+    /// once the network's record says so.
     fn make_bridge(&self, nl: &mut Netlink, network: &Network) -> Result<(), NetworkError> {
-        // Said before the bridge is made, so that a create killed half way leaves a bridge
-        // this store's prune knows to be its own.
         let marker = self.marker(&network.bridge);
         fs::write(&marker, b"").map_err(io_err("write", &marker))?;
         if let Err(e) = nl.add_bridge(&network.bridge) {
@@ -250,28 +257,49 @@ impl Networks {
             let index =
                 nl.link_index(&network.bridge)?.ok_or_else(|| NetworkError::NoSuchNetwork(network.bridge.clone()))?;
             nl.add_address(index, network.gateway, network.subnet.prefix_len, &network.bridge)?;
-            Ok(nl.set_up(index, &network.bridge)?)
+            nl.set_up(index, &network.bridge)?;
+            forwarding(&network.bridge)?;
+            let mut batch = nft::Batch::new();
+            nft::network_rules(&mut batch, &network.bridge, network.subnet.addr, network.subnet.prefix_len);
+            nft::Nft::open()?.apply(&batch, &format!("add the NAT rules of network {}", network.name))?;
+            Ok(())
         })();
         if made.is_err() {
             remove_bridge(nl, &network.bridge);
+            let _ = fs::remove_file(&marker);
         }
-        let _ = fs::remove_file(&marker);
         made
     }
 
-    /// Makes `network`'s bridge again if it is gone (the host rebooted, or someone deleted
-    /// it), as Docker remakes its bridges when it starts.
+    /// Makes `network`'s bridge and NAT rules again if they are gone (the host rebooted,
+    /// someone deleted the bridge or flushed the ruleset), as Docker remakes its bridges and
+    /// rules when it starts.
     pub fn ensure_bridge(&self, network: &Network) -> Result<(), NetworkError> {
         let mut nl = Netlink::open()?;
-        if nl.link_index(&network.bridge)?.is_some() {
+        let mut nft = nft::Nft::open()?;
+        let table = nft::network_table(&network.bridge);
+        if nl.link_index(&network.bridge)?.is_some() && nft.has_table(&table)? {
             return Ok(());
         }
+        // As `create` and `remove`: the store's lock, then the host's; the network as it is
+        // now (a `network rm` may have removed it meanwhile).
+        let _lock = self.lock()?;
         let _host = host_lock()?;
+        let network = &self.get(&network.name)?;
         if nl.link_index(&network.bridge)?.is_some() {
+            if !nft.has_table(&table)? {
+                tracing::info!(network = %network.name, "remaking the network's missing NAT rules");
+                forwarding(&network.bridge)?;
+                let mut batch = nft::Batch::new();
+                nft::network_rules(&mut batch, &network.bridge, network.subnet.addr, network.subnet.prefix_len);
+                nft.apply(&batch, &format!("add the NAT rules of network {}", network.name))?;
+            }
             return Ok(());
         }
         tracing::info!(network = %network.name, bridge = %network.bridge, "remaking the network's missing bridge");
-        self.make_bridge(&mut nl, network)
+        self.make_bridge(&mut nl, network)?;
+        let _ = fs::remove_file(self.marker(&network.bridge));
+        Ok(())
     }
 
     /// The network `name`; the default one is made the first time it is asked for.
@@ -360,8 +388,10 @@ impl Networks {
         self.make_bridge(&mut nl, &network)?;
         if let Err(e) = self.save(&network) {
             remove_bridge(&mut nl, &network.bridge);
+            let _ = fs::remove_file(self.marker(&network.bridge));
             return Err(e);
         }
+        let _ = fs::remove_file(self.marker(&network.bridge));
         tracing::info!(network = %network.name, bridge = %network.bridge, subnet = %network.subnet, "network created");
         Ok(network)
     }
@@ -383,6 +413,7 @@ impl Networks {
         if let Some(index) = nl.link_index(&network.bridge)? {
             nl.delete_link(index, &network.bridge)?;
         }
+        nft::Nft::open()?.delete_table(&nft::network_table(&network.bridge))?;
         let path = self.path(&network.name);
         fs::remove_file(&path).map_err(io_err("remove", &path))?;
         Ok(network)
@@ -500,7 +531,22 @@ fn lock_in(dir: &Path, name: &str) -> Result<Flock<fs::File>, NetworkError> {
     Flock::lock(file, FlockArg::LockExclusive).map_err(|(_, e)| NetworkError::Io { op: "lock", path, source: e.into() })
 }
 
+/// The host forwards IPv4 (as Docker turns on), and `bridge` routes packets with a loopback
+/// source (DNAT of published ports on 127.0.0.1).
+fn forwarding(bridge: &str) -> Result<(), NetworkError> {
+    for (path, value) in [
+        ("/proc/sys/net/ipv4/ip_forward".to_owned(), "1"),
+        (format!("/proc/sys/net/ipv4/conf/{bridge}/route_localnet"), "1"),
+    ] {
+        fs::write(&path, value).map_err(io_err("write", Path::new(&path)))?;
+    }
+    Ok(())
+}
+
 fn remove_bridge(nl: &mut Netlink, name: &str) {
+    if let Err(e) = nft::Nft::open().and_then(|mut n| n.delete_table(&nft::network_table(name))) {
+        tracing::warn!(bridge = name, error = %e, "cannot remove the bridge's NAT rules");
+    }
     match nl.link_index(name) {
         Ok(Some(index)) => {
             if let Err(e) = nl.delete_link(index, name) {

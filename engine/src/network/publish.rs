@@ -1,14 +1,17 @@
 //! Published ports (`-p [IP:][HOST:]CONTAINER[/tcp]`): a host port that forwards to a port
 //! of a container on a bridge network.
 //!
-//! How: a proxy in user space, as Docker's `docker-proxy`. The engine binds every host port
-//! itself before the container starts (so a port already taken is refused at once, naming it),
-//! then hands the listening sockets to one proxy process per container, which accepts and
-//! copies both ways to the container's address. The listener is on the wildcard address (or
-//! the one given), so the port answers on 127.0.0.1 and on every address of the host; no
-//! netfilter rule and no `route_localnet` are needed, and nothing is left when the proxy ends.
-//! The proxy watches the container's init through a pidfd (taken by the engine as soon as the
-//! init exists) and exits with it, so a SIGKILLed twinbox leaves no proxy behind either.
+//! How: DNAT, with a proxy in user space holding the ports, as Docker does with its
+//! `docker-proxy`. The engine binds every host port itself before the container starts (so a
+//! port already taken is refused at once, naming it), then hands the listening sockets to one
+//! proxy process per container, which accepts and copies both ways to the container's address.
+//! Then it adds the container's nftables rules ([`super::nft::publish_rules`]): a connection
+//! to any local address of the host on that port, 127.0.0.1 included (the bridge has
+//! `route_localnet`), goes straight to the container and never reaches the proxy, which
+//! forwards only when the rules could not be made. The proxy watches the container's init
+//! through a pidfd (taken by the engine as soon as the init exists) and exits with it, so a
+//! SIGKILLed twinbox leaves no proxy behind; its rules go with `rm` (or the next publish of
+//! the store, for a container whose directory is gone).
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
