@@ -318,6 +318,17 @@ mod tests {
             .unwrap_or(true)
     }
 
+    /// Kills the processes a test left, should it fail half way.
+    struct Reap(Vec<i32>);
+
+    impl Drop for Reap {
+        fn drop(&mut self) {
+            for &pid in &self.0 {
+                let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
+            }
+        }
+    }
+
     fn eventually(what: &str, mut check: impl FnMut() -> bool) {
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
         while !check() {
@@ -344,9 +355,11 @@ mod tests {
                 .trim()
                 .parse()
                 .unwrap();
+        let mut reap = Reap(vec![first]);
         let monitor = monitor_of(first, &program);
         watch(root, first, &sh(&record, &["sh", "id1"]), &[]).unwrap();
         let second: i32 = launch_sh(root, &program, "sleep 30 >/dev/null & echo $!").trim().parse().unwrap();
+        reap.0.push(second);
         assert_eq!(monitor_of(second, &program), monitor);
         watch(root, second, &sh(&record, &["sh", "id2"]), &[]).unwrap();
 
@@ -367,6 +380,7 @@ mod tests {
         let root = dir.path();
         let program = install(&root.join("bin")).unwrap();
         let child: i32 = launch_sh(root, &program, "sleep 30 >/dev/null & echo $!").trim().parse().unwrap();
+        let mut reap = Reap(vec![child]);
         let monitor = monitor_of(child, &program);
 
         let conn = connect(root).unwrap();
@@ -401,6 +415,7 @@ mod tests {
         io::Read::read_to_string(&mut rd, &mut err).unwrap();
         assert_eq!(err, "twinbox-monitor: cannot run /nonexistent\n");
         let launched: i32 = launch_sh(root, &program, "sleep 30 >/dev/null & echo $!").trim().parse().unwrap();
+        reap.0.push(launched);
         let replacement = monitor_of(launched, &program);
         assert_ne!(replacement, monitor);
         for pid in [child, launched] {
