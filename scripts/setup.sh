@@ -12,6 +12,8 @@ APT_PACKAGES=(
   busybox-static e2fsprogs            # default busybox image, VM root disks (mkfs.ext4 -d)
   skopeo umoci                        # interop peers for the image store
   runc crun                           # container peers measured by the harness
+  containernetworking-plugins iptables # the peers' network in the net scenario (CNI bridge, portmap)
+  iproute2 nftables                   # tests: network namespaces; reading the rules twinbox makes
   fonts-dejavu-core                   # the font the report charts are drawn with
   docker-registry                     # a local registry for `twinbox push`/`pull`
   qemu-system-x86                     # the microVM peer (QEMU -M microvm)

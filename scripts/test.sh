@@ -10,7 +10,7 @@ cd "$(dirname "$0")/.."
 
 if [ "$(id -u)" -eq 0 ]; then
   ensure_packages skopeo umoci busybox-static e2fsprogs file docker-registry fonts-dejavu-core \
-    qemu-system-x86 cpio binutils podman
+    qemu-system-x86 cpio binutils podman iproute2 nftables containernetworking-plugins iptables runc crun
   # containerd (its runc shim drives twinbox-runc in a test); not over a containerd.io that
   # Docker's packages provide, which apt would replace.
   command -v containerd-shim-runc-v2 >/dev/null || ensure_packages containerd

@@ -4,7 +4,7 @@
 //!
 //! ```text
 //! Options ─► run() ─► backend::Backend (prepare → launch → ready → measure → teardown)
-//!                       × scenario::{start, memory, density, cpu}, interleaved round by round
+//!                       × scenario::{start, memory, density, cpu, net}, interleaved round by round
 //!         ─► results::Results { context, backends (with reasons), records (raw samples) }
 //!         ─► report::write() (md, html, PNG + SVG charts)     compare::compare(base, new)
 //! ```
@@ -209,6 +209,7 @@ pub fn run(opts: &Options) -> Result<Results, BenchError> {
                 Scenario::Memory => scenario::memory::run(&mut run),
                 Scenario::Density => scenario::density::run(&mut run),
                 Scenario::Cpu => scenario::cpu::run(&mut run),
+                Scenario::Net => scenario::net::run(&mut run),
             }
         }
     }

@@ -251,6 +251,67 @@ fn quick_start_run_end_to_end() {
     assert_eq!(ps.lines().count(), 1, "containers left: {ps}");
 }
 
+/// The net scenario through each backend's published port, and nothing of the networks left:
+/// no container, no CNI namespace or bridge, no port forwarding table.
+#[test]
+fn net_scenario_end_to_end() {
+    let Some(env) = hello_store() else { return };
+    if !common::require(
+        std::path::Path::new("/usr/lib/cni/portmap").exists(),
+        "the CNI plugins are not installed (apt-get install containernetworking-plugins)",
+    ) || !common::require_tool("runc")
+    {
+        return;
+    }
+    let before = hello_processes();
+    let out = env.path("report");
+    let o = env.run(&[
+        "bench",
+        "--quick",
+        "--scenario",
+        "net",
+        "--backends",
+        "process,twinbox-container,runc",
+        "--out",
+        &out.display().to_string(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "bench failed: {}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let samples = |b: &str, m: &str| -> Vec<f64> {
+        r["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["backend"] == b && x["metric"] == m)
+            .unwrap_or_else(|| panic!("no {b} {m} record; notes: {}", r["notes"]))["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
+    for b in ["process", "twinbox-container", "runc"] {
+        assert_eq!(samples(b, "time_to_ready").len(), 3, "{b}: one per round");
+        assert_eq!(samples(b, "latency_keepalive").len(), 900, "{b}");
+        assert_eq!(samples(b, "latency_new_connection").len(), 300, "{b}");
+        assert!(samples(b, "throughput").iter().all(|&t| t > 0.0), "{b}");
+    }
+    for b in ["twinbox-container", "runc"] {
+        assert_eq!(samples(b, "network_start_cost").len(), 15, "{b}");
+        assert_eq!(samples(b, "start_published").len(), 15, "{b}");
+    }
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("Network through a published port") && md.contains("**Network.**"), "{md}");
+    assert!(hello_processes() <= before, "hello processes left behind");
+    assert_eq!(env.ok(&["ps", "-aq"]).trim(), "", "no container left");
+    assert!(!std::path::Path::new("/sys/class/net/tb-bench-cni").exists(), "the CNI bridge is removed");
+    let mut nft = twinbox_engine::network::nft::Nft::open().unwrap();
+    let tables: Vec<String> = nft.tables().unwrap().into_iter().map(|(n, _)| n).collect();
+    assert!(!tables.iter().any(|t| t.starts_with("twinbox-c-")), "{tables:?}");
+    env.ok(&["network", "prune"]);
+}
+
 #[test]
 fn density_stops_at_the_memory_budget() {
     let Some(env) = hello_store() else { return };

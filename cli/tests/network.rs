@@ -182,6 +182,12 @@ fn containers_join_bridge_networks() {
     let (code, out, err) = tb(&["run", "--rm", "--network", "tnet", "busybox", "sh", "-c", &script]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("gateway-answers") && bridge_exists(&bridge), "{out}{err}");
+    // The same for its forwarding settings, turned off by someone (or never on: a network of
+    // an older twinbox), which published ports on 127.0.0.1 need.
+    let localnet = format!("/proc/sys/net/ipv4/conf/{bridge}/route_localnet");
+    std::fs::write(&localnet, "0").unwrap();
+    assert_eq!(tb(&["run", "--rm", "--network", "tnet", "busybox", "true"]).0, 0);
+    assert_eq!(std::fs::read_to_string(&localnet).unwrap().trim(), "1");
     let after: serde_json::Value = serde_json::from_str(&env.ok(&["network", "inspect", "tnet"])).unwrap();
     assert_eq!(after[0]["addresses"], serde_json::json!({}), "the --rm container's address is free");
 

@@ -12,6 +12,7 @@
 //! | `qemu-microvm` | QEMU `-M microvm` with the same kernel, agent initramfs and root disk |
 //! | `firecracker` | not yet: reported with the reason |
 
+pub mod cni;
 mod microvm;
 mod oci;
 mod process;
@@ -73,6 +74,8 @@ pub enum Workload {
     Spin(u64),
     /// `hello syscalls N timed`: N getppid() calls, then `loop_ns=T`.
     Syscalls(u64),
+    /// `hello serve PORT`: an HTTP server.
+    Serve(u16),
 }
 
 impl Workload {
@@ -83,6 +86,7 @@ impl Workload {
             Workload::Sleep(n) => vec!["sleep".into(), n.to_string()],
             Workload::Spin(n) => vec!["spin".into(), n.to_string(), "timed".into()],
             Workload::Syscalls(n) => vec!["syscalls".into(), n.to_string(), "timed".into()],
+            Workload::Serve(port) => vec!["serve".into(), port.to_string()],
         }
     }
 }
@@ -168,7 +172,40 @@ pub trait Backend {
     fn launch(&self, workload: &Workload, id: &str) -> Result<Instance, BackendError>;
     /// Stop and remove an instance. Idempotent.
     fn teardown(&self, instance: &mut Instance) -> Result<(), BackendError>;
+    /// Whether it can run a server for the net scenario ([`launch_server`](Self::launch_server)).
+    fn serves(&self) -> bool {
+        false
+    }
+    /// `hello serve` in a new instance, reachable on 127.0.0.1:`host_port` the way this
+    /// backend's users publish a port; None when it cannot have a network here.
+    fn launch_server(&self, _id: &str, _host_port: u16) -> Result<Option<Instance>, BackendError> {
+        Ok(None)
+    }
+    /// How the net scenario reaches its server, for the report.
+    fn serve_note(&self) -> String {
+        String::new()
+    }
+    /// A foreground `hello true` in a new instance with its network attached and
+    /// 127.0.0.1:`host_port` published, timed from launch until the instance and its network
+    /// are removed; None when the backend has no network to attach.
+    fn run_published(&self, _id: &str, _host_port: u16) -> Result<Option<Duration>, BackendError> {
+        Ok(None)
+    }
+    /// After the net scenario: remove what its instances shared (a network the next instance
+    /// would have reused).
+    fn net_cleanup(&self) {}
 }
+
+/// Runs `cmd` to completion with no stdio; how long it took. A failure is an error, with the
+/// command's stderr.
+pub(crate) fn timed(cmd: Command, what: &str) -> Result<Duration, BackendError> {
+    let t0 = Instant::now();
+    run_quiet(cmd, what)?;
+    Ok(t0.elapsed())
+}
+
+/// The port `hello serve` listens on inside an instance.
+pub const SERVER_PORT: u16 = 8080;
 
 /// Make the backend named `name` (one of [`ALL`]); `twinbox` is the binary measured for
 /// `twinbox-container` and `twinbox-microvm`.

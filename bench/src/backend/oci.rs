@@ -37,6 +37,8 @@ pub struct Oci {
     hide_unified: bool,
     image: Option<PreparedImage>,
     state: PathBuf,
+    /// The CNI attachments of the servers that run, by instance id.
+    attached: std::sync::Mutex<std::collections::HashMap<String, super::cni::Attachment>>,
 }
 
 impl Oci {
@@ -51,6 +53,7 @@ impl Oci {
             hide_unified: runtime == OciRuntime::Crun && hybrid,
             image: None,
             state: PathBuf::new(),
+            attached: Default::default(),
         }
     }
 
@@ -64,13 +67,17 @@ impl Oci {
         cmd
     }
 
-    /// A bundle per instance: config.json only; the root is the shared flattened rootfs.
-    fn bundle(&self, workload: &Workload, id: &str) -> Result<PathBuf, BackendError> {
+    /// A bundle per instance: config.json only; the root is the shared flattened rootfs. With
+    /// `netns`, the container joins that network namespace instead of a new one.
+    fn bundle(&self, workload: &Workload, id: &str, netns: Option<&Path>) -> Result<PathBuf, BackendError> {
         let image = self.image.as_ref().expect("prepare() before use");
         let dir = image.work.join("bundles").join(format!("{}-{id}", self.runtime.name()));
         let write_err = |source| BackendError::Write { path: dir.clone(), source };
         std::fs::create_dir_all(&dir).map_err(write_err)?;
-        let spec = bundle_spec(&image.rootfs, &image.argv(workload));
+        let mut spec = bundle_spec(&image.rootfs, &image.argv(workload));
+        if let Some(path) = netns {
+            join_netns(&mut spec, path);
+        }
         let json = serde_json::to_vec_pretty(&spec).expect("a runtime spec always serializes");
         std::fs::write(dir.join("config.json"), json).map_err(write_err)?;
         Ok(dir)
@@ -90,6 +97,19 @@ pub fn bundle_spec(rootfs: &Path, args: &[String]) -> oci_spec::runtime::Spec {
     root.set_path(rootfs.to_owned());
     spec.set_root(Some(root));
     spec
+}
+
+/// Makes `spec`'s network namespace the one at `path`.
+fn join_netns(spec: &mut oci_spec::runtime::Spec, path: &Path) {
+    use oci_spec::runtime::LinuxNamespaceType;
+    let Some(linux) = spec.linux_mut() else { return };
+    let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+    for ns in &mut namespaces {
+        if ns.typ() == LinuxNamespaceType::Network {
+            ns.set_path(Some(path.to_owned()));
+        }
+    }
+    linux.set_namespaces(Some(namespaces));
 }
 
 /// Run `cmd` in its own mount namespace with a tmpfs over /sys/fs/cgroup/unified, so crun
@@ -155,7 +175,7 @@ impl Backend for Oci {
     }
 
     fn run_command(&self, workload: &Workload, id: &str) -> Result<Command, BackendError> {
-        let bundle = self.bundle(workload, id)?;
+        let bundle = self.bundle(workload, id, None)?;
         let mut cmd = self.base();
         cmd.arg("run").arg("-b").arg(bundle).arg(id);
         Ok(cmd)
@@ -168,7 +188,7 @@ impl Backend for Oci {
     }
 
     fn launch(&self, workload: &Workload, id: &str) -> Result<Instance, BackendError> {
-        let bundle = self.bundle(workload, id)?;
+        let bundle = self.bundle(workload, id, None)?;
         let mut cmd = self.base();
         cmd.arg("run").arg("-d").arg("-b").arg(bundle).arg(id);
         cmd.stdin(Stdio::null());
@@ -179,6 +199,67 @@ impl Backend for Oci {
     fn teardown(&self, instance: &mut Instance) -> Result<(), BackendError> {
         let mut cmd = self.base();
         cmd.args(["delete", "--force", &instance.id]);
-        run_quiet(cmd, &format!("{} delete --force", self.runtime.name()))
+        let deleted = run_quiet(cmd, &format!("{} delete --force", self.runtime.name()));
+        let attachment = self.attached.lock().unwrap_or_else(|e| e.into_inner()).remove(&instance.id);
+        if let Some(a) = attachment {
+            super::cni::detach(a);
+        }
+        deleted
+    }
+
+    fn serves(&self) -> bool {
+        super::cni::available().is_ok()
+    }
+
+    fn net_cleanup(&self) {
+        if self.attached.lock().unwrap_or_else(|e| e.into_inner()).is_empty() {
+            super::cni::remove_bridge();
+        }
+    }
+
+    fn launch_server(&self, id: &str, host_port: u16) -> Result<Option<Instance>, BackendError> {
+        if super::cni::available().is_err() {
+            return Ok(None);
+        }
+        let image = self.image.as_ref().expect("prepare() before use");
+        let a = super::cni::attach(&image.work, id, host_port, super::SERVER_PORT)?;
+        let launched = (|| {
+            let bundle = self.bundle(&Workload::Serve(super::SERVER_PORT), id, Some(&a.netns))?;
+            let mut cmd = self.base();
+            cmd.arg("run").arg("-d").arg("-b").arg(bundle).arg(id);
+            run_quiet(cmd, &format!("{} run -d", self.runtime.name()))
+        })();
+        if let Err(e) = launched {
+            super::cni::detach(a);
+            return Err(e);
+        }
+        self.attached.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_owned(), a);
+        Ok(Some(Instance { id: id.to_owned(), child: None }))
+    }
+
+    fn run_published(&self, id: &str, host_port: u16) -> Result<Option<std::time::Duration>, BackendError> {
+        if super::cni::available().is_err() {
+            return Ok(None);
+        }
+        let image = self.image.as_ref().expect("prepare() before use");
+        let t0 = std::time::Instant::now();
+        let a = super::cni::attach(&image.work, id, host_port, super::SERVER_PORT)?;
+        let ran = (|| {
+            let bundle = self.bundle(&Workload::True, id, Some(&a.netns))?;
+            let mut cmd = self.base();
+            cmd.arg("run").arg("-b").arg(bundle).arg(id);
+            run_quiet(cmd, &format!("{} run", self.runtime.name()))
+        })();
+        super::cni::detach(a);
+        ran?;
+        Ok(Some(t0.elapsed()))
+    }
+
+    fn serve_note(&self) -> String {
+        format!(
+            "a network namespace attached by the CNI bridge (host-local, ipMasq) and portmap plugins of {}, \
+             127.0.0.1:PORT → 8080",
+            super::cni::PLUGIN_DIR
+        )
     }
 }

@@ -54,6 +54,18 @@ impl Backend for Process {
         Ok(Instance { id: id.to_owned(), child: Some(child) })
     }
 
+    fn serves(&self) -> bool {
+        true
+    }
+
+    fn launch_server(&self, id: &str, host_port: u16) -> Result<Option<Instance>, BackendError> {
+        self.launch(&Workload::Serve(host_port), id).map(Some)
+    }
+
+    fn serve_note(&self) -> String {
+        "listening on the port itself: loopback, the floor".into()
+    }
+
     fn teardown(&self, instance: &mut Instance) -> Result<(), BackendError> {
         if let Some(mut c) = instance.child.take() {
             let _ = c.kill();

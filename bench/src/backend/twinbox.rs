@@ -88,6 +88,32 @@ impl Backend for TwinboxContainer {
         Ok(Instance { id: id.to_owned(), child: None })
     }
 
+    fn serves(&self) -> bool {
+        true
+    }
+
+    fn launch_server(&self, id: &str, host_port: u16) -> Result<Option<Instance>, BackendError> {
+        let image = self.image.as_ref().expect("prepare() before use");
+        let mut cmd = self.twinbox();
+        let publish = format!("127.0.0.1:{host_port}:{}", super::SERVER_PORT);
+        cmd.args(["run", "-d", "-p", &publish, "--name", id, &image.reference])
+            .args(Workload::Serve(super::SERVER_PORT).args());
+        run_quiet(cmd, "twinbox run -d -p")?;
+        Ok(Some(Instance { id: id.to_owned(), child: None }))
+    }
+
+    fn serve_note(&self) -> String {
+        "`twinbox run -d -p 127.0.0.1:PORT:8080` on the default bridge network".into()
+    }
+
+    fn run_published(&self, id: &str, host_port: u16) -> Result<Option<std::time::Duration>, BackendError> {
+        let image = self.image.as_ref().expect("prepare() before use");
+        let mut cmd = self.twinbox();
+        let publish = format!("127.0.0.1:{host_port}:{}", super::SERVER_PORT);
+        cmd.args(["run", "--rm", "-p", &publish, "--name", id, &image.reference]).args(Workload::True.args());
+        super::timed(cmd, "twinbox run --rm -p").map(Some)
+    }
+
     fn teardown(&self, instance: &mut Instance) -> Result<(), BackendError> {
         let mut cmd = self.twinbox();
         cmd.args(["rm", "-f", &instance.id]);

@@ -481,9 +481,7 @@ pub fn draw_all(r: &Results, dir: &Path) -> Result<Vec<Chart>, ChartError> {
         let names: Vec<String> = pss.iter().map(|x| x.backend.clone()).collect();
         let kernel: Vec<f64> = names
             .iter()
-            .map(|n| {
-                r.record(n, "memory", "kernel_per_instance").and_then(|x| x.samples.first().copied()).unwrap_or(0.0)
-            })
+            .map(|n| r.record(n, "memory", "kernel_per_instance").map(|x| median(&x.samples)).unwrap_or(0.0))
             .collect();
         let parts = vec![
             (
@@ -495,8 +493,9 @@ pub fn draw_all(r: &Results, dir: &Path) -> Result<Vec<Chart>, ChartError> {
         ];
         let title = "Memory per idle instance";
         let sub = format!(
-            "{} idle `hello sleep` instances per backend; PSS median per instance + kernel growth / N\n{at}",
-            s.instances
+            "{} idle `hello sleep` instances per backend; PSS median per instance + kernel growth / N (median of {} \
+             rounds)\n{at}",
+            s.instances, s.memory_rounds
         );
         let stem = "memory";
         emit!(dir, stem, |root| bars(&root, title, &sub, "KiB", &names, &parts));
@@ -530,6 +529,44 @@ pub fn draw_all(r: &Results, dir: &Path) -> Result<Vec<Chart>, ChartError> {
         let sub = format!("{what}; up to {} instances per backend, started one after another, {passes}\n{at}", s.max);
         emit!(dir, stem, |root| lines(&root, title, &sub, unit, &recs));
         out.push(Chart { stem, title: title.into(), caption: sub });
+    }
+
+    for (metric, title, what, unit) in [
+        (
+            "latency_keepalive",
+            "Network: request latency through a published port",
+            "GET / over one kept-alive connection to 127.0.0.1:PORT, each backend published the way its users do",
+            "µs",
+        ),
+        (
+            "time_to_ready",
+            "Network: time to ready",
+            "launch of `hello serve` → first HTTP response through the port",
+            "ms",
+        ),
+    ] {
+        let recs = measured(r, "net", metric);
+        if recs.is_empty() {
+            continue;
+        }
+        let stem = format!("net-{}", metric.replace('_', "-"));
+        let sub = format!("{what}\n{at}");
+        emit!(dir, stem, |root| strip(&root, title, &sub, unit, &recs));
+        out.push(Chart { stem, title: title.into(), caption: sub });
+    }
+    let tput = measured(r, "net", "throughput");
+    if !tput.is_empty() {
+        let names: Vec<String> = tput.iter().map(|x| x.backend.clone()).collect();
+        let parts = vec![(
+            "one large response".to_owned(),
+            RGBColor(44, 160, 44),
+            tput.iter().map(|x| median(&x.samples)).collect(),
+        )];
+        let title = "Network: throughput through a published port";
+        let sub = format!("median MB/s of one large HTTP response per round from 127.0.0.1:PORT\n{at}");
+        let stem = "net-throughput";
+        emit!(dir, stem, |root| bars(&root, title, &sub, "MB/s", &names, &parts));
+        out.push(Chart { stem: stem.into(), title: title.into(), caption: sub });
     }
 
     let compute = measured(r, "cpu", "compute_ratio");

@@ -234,6 +234,19 @@ fn what_this_shows(r: &Results) -> Vec<String> {
             }
         ));
     }
+    let keepalive = list_medians(r, "net", "latency_keepalive", "µs", &[]);
+    if !keepalive.is_empty() {
+        let fresh = list_medians(r, "net", "latency_new_connection", "µs", &[]);
+        let tput = list_medians(r, "net", "throughput", "MB/s", &[]);
+        let ready = list_medians(r, "net", "time_to_ready", "ms", &[]);
+        out.push(format!(
+            "**Network.** `hello serve` reached on 127.0.0.1 through a published port, each backend published the \
+             way its users publish one (the bare process listens on the port itself): request latency over a \
+             kept-alive connection {keepalive}; with a new connection per request {fresh}; throughput {tput}; time \
+             from launch to the first answer {ready}. A container's packets cross a veth pair and a bridge and are \
+             rewritten by NAT; what that adds over loopback is the difference to the process."
+        ));
+    }
     let missing: Vec<String> = r
         .backends
         .iter()
@@ -416,6 +429,11 @@ pub fn document(r: &Results, charts: &[charts::Chart], charts_skipped: Option<&s
         ("memory", "Memory per idle instance", &["memory"][..]),
         ("density", "Density", &["density-launch-latency", "density-host-memory"][..]),
         ("cpu", "CPU cost", &["cpu"][..]),
+        (
+            "net",
+            "Network through a published port",
+            &["net-latency-keepalive", "net-throughput", "net-time-to-ready"][..],
+        ),
     ] {
         let recs = section(scenario);
         if recs.is_empty() {
@@ -441,7 +459,7 @@ pub fn document(r: &Results, charts: &[charts::Chart], charts_skipped: Option<&s
         "`sudo twinbox bench{}{}` (store with `hello:latest`: `scripts/default-images.sh`); compare two runs with \
          `twinbox bench compare BASE/results.json NEW/results.json --max-regression 10%`.",
         if s.quick { " --quick" } else { "" },
-        if s.scenarios.len() < 4 { format!(" --scenario {}", s.scenarios.join(",")) } else { String::new() }
+        if s.scenarios.len() < 5 { format!(" --scenario {}", s.scenarios.join(",")) } else { String::new() }
     )));
     d
 }

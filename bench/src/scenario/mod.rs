@@ -7,10 +7,13 @@
 //! | [`memory`] | `pss_per_instance`, `kernel_per_instance`, `total_per_instance` (KiB), `processes_per_instance` |
 //! | [`density`] | `launch_latency`, `launch_cpu` (ms) and `host_memory` (MiB) vs N, `launch_rate` (instances/s), `teardown` (ms) |
 //! | [`cpu`] | `compute`, `syscalls` (ms of work), `compute_ratio`, `syscalls_ratio` (vs the bare process) |
+//! | [`net`] | `time_to_ready` (ms), `latency_keepalive`, `latency_new_connection` (µs), `throughput` (MB/s) through a published port |
 
 pub mod cpu;
 pub mod density;
 pub mod memory;
+pub mod net;
+pub mod net_client;
 pub mod start;
 
 use std::fs::File;
@@ -34,10 +37,11 @@ pub enum Scenario {
     Memory,
     Density,
     Cpu,
+    Net,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 4] = [Scenario::Start, Scenario::Memory, Scenario::Density, Scenario::Cpu];
+    pub const ALL: [Scenario; 5] = [Scenario::Start, Scenario::Memory, Scenario::Density, Scenario::Cpu, Scenario::Net];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -45,6 +49,7 @@ impl Scenario {
             Scenario::Memory => "memory",
             Scenario::Density => "density",
             Scenario::Cpu => "cpu",
+            Scenario::Net => "net",
         }
     }
 

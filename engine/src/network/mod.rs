@@ -271,14 +271,14 @@ impl Networks {
         made
     }
 
-    /// Makes `network`'s bridge and NAT rules again if they are gone (the host rebooted,
-    /// someone deleted the bridge or flushed the ruleset), as Docker remakes its bridges and
-    /// rules when it starts.
+    /// Makes `network`'s bridge, NAT rules and [`forwarding`] again if they are gone (the host
+    /// rebooted, someone deleted the bridge, flushed the ruleset or turned forwarding off), as
+    /// Docker remakes its bridges and rules when it starts.
     pub fn ensure_bridge(&self, network: &Network) -> Result<(), NetworkError> {
         let mut nl = Netlink::open()?;
         let mut nft = nft::Nft::open()?;
         let table = nft::network_table(&network.bridge);
-        if nl.link_index(&network.bridge)?.is_some() && nft.has_table(&table)? {
+        if nl.link_index(&network.bridge)?.is_some() && forwarding_on(&network.bridge) && nft.has_table(&table)? {
             return Ok(());
         }
         // As `create` and `remove`: the store's lock, then the host's; the network as it is
@@ -287,9 +287,9 @@ impl Networks {
         let _host = host_lock()?;
         let network = &self.get(&network.name)?;
         if nl.link_index(&network.bridge)?.is_some() {
+            forwarding(&network.bridge)?;
             if !nft.has_table(&table)? {
                 tracing::info!(network = %network.name, "remaking the network's missing NAT rules");
-                forwarding(&network.bridge)?;
                 let mut batch = nft::Batch::new();
                 nft::network_rules(&mut batch, &network.bridge, network.subnet.addr, network.subnet.prefix_len);
                 nft.apply(&batch, &format!("add the NAT rules of network {}", network.name))?;
@@ -541,6 +541,13 @@ fn forwarding(bridge: &str) -> Result<(), NetworkError> {
         fs::write(&path, value).map_err(io_err("write", Path::new(&path)))?;
     }
     Ok(())
+}
+
+/// Whether [`forwarding`] is in effect for `bridge` (an administrator, or a network made by
+/// an older twinbox, may have it off).
+fn forwarding_on(bridge: &str) -> bool {
+    let on = |path: &str| fs::read(path).is_ok_and(|v| v.starts_with(b"1"));
+    on("/proc/sys/net/ipv4/ip_forward") && on(&format!("/proc/sys/net/ipv4/conf/{bridge}/route_localnet"))
 }
 
 fn remove_bridge(nl: &mut Netlink, name: &str) {
