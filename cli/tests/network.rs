@@ -61,6 +61,16 @@ fn networks_are_bridges_with_their_gateway() {
         1,
         "up"
     );
+    // --mtu: the bridge's and its containers' interfaces'; out of range refused.
+    env.ok(&["network", "create", "--mtu", "9000", "jumbo"]);
+    let jumbo: serde_json::Value = serde_json::from_str(&env.ok(&["network", "inspect", "jumbo"])).unwrap();
+    assert_eq!(jumbo[0]["mtu"], 9000);
+    let jumbo_bridge = jumbo[0]["bridge"].as_str().unwrap().to_owned();
+    assert_eq!(std::fs::read_to_string(format!("/sys/class/net/{jumbo_bridge}/mtu")).unwrap().trim(), "9000");
+    let o = env.run(&["network", "create", "--mtu", "40", "tiny"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("invalid MTU 40"), "{}", String::from_utf8_lossy(&o.stderr));
+    env.ok(&["network", "rm", "jumbo"]);
     let ls = env.ok(&["network", "ls"]);
     assert!(ls.contains("web") && ls.contains(&subnet) && ls.contains("host") && ls.contains("none"), "{ls}");
 
@@ -169,6 +179,10 @@ fn containers_join_bridge_networks() {
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains(&format!("inet {prefix}.2/24")), "{out}");
     let (_, mac, _) = tb(&["run", "--rm", "--network", "tnet", "busybox", "cat", "/sys/class/net/eth0/address"]);
+    env.ok(&["network", "create", "--mtu", "9000", "tjumbo"]);
+    let (code, mtu, err) = tb(&["run", "--rm", "--network", "tjumbo", "busybox", "cat", "/sys/class/net/eth0/mtu"]);
+    assert_eq!((code, mtu.trim()), (0, "9000"), "{err}");
+    env.ok(&["network", "rm", "tjumbo"]);
     let octets: Vec<u8> = format!("{prefix}.2").split('.').map(|o| o.parse().unwrap()).collect();
     let want = format!("02:42:{:02x}:{:02x}:{:02x}:{:02x}", octets[0], octets[1], octets[2], octets[3]);
     assert_eq!(mac.trim(), want, "the MAC follows the address");

@@ -55,6 +55,9 @@ pub struct Endpoint {
     pub gateway: Ipv4Addr,
     /// The host end of the veth pair.
     pub host_veth: String,
+    /// The network's MTU, when it sets one (else the kernel's 1500).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
 }
 
 impl Endpoint {
@@ -66,6 +69,7 @@ impl Endpoint {
             prefix_len: network.subnet.prefix_len,
             gateway: network.gateway,
             host_veth: format!("tbv{}", &id[..id.len().min(8)]),
+            mtu: network.mtu,
         }
     }
 }
@@ -82,7 +86,7 @@ pub fn connect(endpoint: &Endpoint, bridge: &str, pid: i32) -> Result<(), Networ
     if let Some(old) = nl.link_index(&endpoint.host_veth)? {
         nl.delete_link(old, &endpoint.host_veth)?;
     }
-    nl.add_veth(&endpoint.host_veth, "eth0", mac_for(endpoint.ip), netns.as_raw_fd())?;
+    nl.add_veth(&endpoint.host_veth, "eth0", mac_for(endpoint.ip), netns.as_raw_fd(), endpoint.mtu)?;
     let joined = (|| {
         let host = nl
             .link_index(&endpoint.host_veth)?

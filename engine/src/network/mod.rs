@@ -39,6 +39,8 @@ pub const BUILTIN: [&str; 2] = ["host", "none"];
 const DEFAULT_SUBNET: Subnet = Subnet { addr: Ipv4Addr::new(10, 89, 0, 0), prefix_len: 16 };
 /// Where other networks' subnets are taken from, a /24 each.
 const POOL: Subnet = Subnet { addr: Ipv4Addr::new(10, 90, 0, 0), prefix_len: 16 };
+/// The MTUs a network may have (IPv4's minimum to the largest a veth takes).
+const MTU_RANGE: std::ops::RangeInclusive<u32> = 68..=65535;
 /// Prefix of the bridges of networks other than the default one.
 pub const BRIDGE_PREFIX: &str = "tb-";
 
@@ -63,6 +65,8 @@ pub enum NetworkError {
     Exhausted(String),
     #[error("no free subnet left in {0}; give one with --subnet")]
     NoFreeSubnet(Subnet),
+    #[error("invalid MTU {0}: give one from 68 to 65535")]
+    InvalidMtu(u32),
     #[error(transparent)]
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
@@ -94,7 +98,8 @@ impl twinbox_exit::ExitCode for NetworkError {
             | NetworkError::Overlaps { .. }
             | NetworkError::InUse { .. }
             | NetworkError::Exhausted(_)
-            | NetworkError::NoFreeSubnet(_) => USER_ERROR,
+            | NetworkError::NoFreeSubnet(_)
+            | NetworkError::InvalidMtu(_) => USER_ERROR,
             NetworkError::Netlink(_) | NetworkError::Nft(_) | NetworkError::Io { .. } | NetworkError::Json { .. } => {
                 INTERNAL
             }
@@ -201,6 +206,10 @@ pub struct Network {
     /// Address → the container (id) that holds it.
     #[serde(default)]
     pub addresses: BTreeMap<Ipv4Addr, String>,
+    /// The MTU of its bridge and veth pairs, when given (`--mtu`); else the kernel's 1500, as
+    /// Docker's default.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mtu: Option<u32>,
 }
 
 /// The networks of one store.
@@ -249,7 +258,7 @@ impl Networks {
     fn make_bridge(&self, nl: &mut Netlink, network: &Network) -> Result<(), NetworkError> {
         let marker = self.marker(&network.bridge);
         fs::write(&marker, b"").map_err(io_err("write", &marker))?;
-        if let Err(e) = nl.add_bridge(&network.bridge) {
+        if let Err(e) = nl.add_bridge(&network.bridge, network.mtu) {
             let _ = fs::remove_file(&marker);
             return Err(e.into());
         }
@@ -305,7 +314,7 @@ impl Networks {
     /// The network `name`; the default one is made the first time it is asked for.
     pub fn get_or_create_default(&self, name: &str) -> Result<Network, NetworkError> {
         match self.get(name) {
-            Err(NetworkError::NoSuchNetwork(_)) if name == DEFAULT_NETWORK => match self.create(name, None) {
+            Err(NetworkError::NoSuchNetwork(_)) if name == DEFAULT_NETWORK => match self.create(name, None, None) {
                 Err(NetworkError::Exists(_)) => self.get(name),
                 r => r,
             },
@@ -337,7 +346,10 @@ impl Networks {
 
     /// Makes a network: its bridge with the gateway address, up, then its record. On error
     /// nothing is left (the bridge is removed again).
-    pub fn create(&self, name: &str, subnet: Option<Subnet>) -> Result<Network, NetworkError> {
+    pub fn create(&self, name: &str, subnet: Option<Subnet>, mtu: Option<u32>) -> Result<Network, NetworkError> {
+        if let Some(m) = mtu.filter(|m| !(MTU_RANGE).contains(m)) {
+            return Err(NetworkError::InvalidMtu(m));
+        }
         if BUILTIN.contains(&name) {
             return Err(NetworkError::Builtin(name.to_owned()));
         }
@@ -384,6 +396,7 @@ impl Networks {
             bridge,
             created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
             addresses: BTreeMap::new(),
+            mtu,
         };
         self.make_bridge(&mut nl, &network)?;
         if let Err(e) = self.save(&network) {
@@ -653,6 +666,7 @@ mod tests {
             bridge: "tb-abababababab".into(),
             created: String::new(),
             addresses: BTreeMap::new(),
+            mtu: None,
         };
         nets.save(&n).unwrap();
         let ip = |c: &str| nets.allocate("t", c, |_| false).map(|(_, ip)| ip);
@@ -674,7 +688,7 @@ mod tests {
             assert!(matches!(nets.get(bad), Err(NetworkError::NoSuchNetwork(_))), "{bad}");
         }
         assert!(matches!(nets.remove("t"), Err(NetworkError::InUse { .. })));
-        assert!(matches!(nets.create("host", None), Err(NetworkError::Builtin(_))));
-        assert!(matches!(nets.create("bad name", None), Err(NetworkError::InvalidName(_))));
+        assert!(matches!(nets.create("host", None, None), Err(NetworkError::Builtin(_))));
+        assert!(matches!(nets.create("bad name", None, None), Err(NetworkError::InvalidName(_))));
     }
 }

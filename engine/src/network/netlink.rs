@@ -57,24 +57,34 @@ impl Netlink {
         Ok(Netlink { socket, sequence: 0 })
     }
 
-    /// Makes a bridge named `name`.
-    pub fn add_bridge(&mut self, name: &str) -> Result<(), NetlinkError> {
+    /// Makes a bridge named `name`, with `mtu` when given.
+    pub fn add_bridge(&mut self, name: &str, mtu: Option<u32>) -> Result<(), NetlinkError> {
         let mut link = LinkMessage::default();
         link.attributes.push(LinkAttribute::IfName(name.to_owned()));
+        link.attributes.extend(mtu.map(LinkAttribute::Mtu));
         link.attributes.push(LinkAttribute::LinkInfo(vec![LinkInfo::Kind(InfoKind::Bridge)]));
         self.request(RouteNetlinkMessage::NewLink(link), NLM_F_CREATE | NLM_F_EXCL, &format!("create bridge {name}"))
             .map(drop)
     }
 
     /// Makes a veth pair: `host` here, `peer` (with MAC address `peer_mac`) in the network
-    /// namespace `netns` (a descriptor of it).
-    pub fn add_veth(&mut self, host: &str, peer: &str, peer_mac: [u8; 6], netns: RawFd) -> Result<(), NetlinkError> {
+    /// namespace `netns` (a descriptor of it); both ends with `mtu` when given.
+    pub fn add_veth(
+        &mut self,
+        host: &str,
+        peer: &str,
+        peer_mac: [u8; 6],
+        netns: RawFd,
+        mtu: Option<u32>,
+    ) -> Result<(), NetlinkError> {
         let mut peer_msg = LinkMessage::default();
         peer_msg.attributes.push(LinkAttribute::IfName(peer.to_owned()));
+        peer_msg.attributes.extend(mtu.map(LinkAttribute::Mtu));
         peer_msg.attributes.push(LinkAttribute::Address(peer_mac.to_vec()));
         peer_msg.attributes.push(LinkAttribute::NetNsFd(netns));
         let mut link = LinkMessage::default();
         link.attributes.push(LinkAttribute::IfName(host.to_owned()));
+        link.attributes.extend(mtu.map(LinkAttribute::Mtu));
         link.attributes.push(LinkAttribute::LinkInfo(vec![
             LinkInfo::Kind(InfoKind::Veth),
             LinkInfo::Data(InfoData::Veth(InfoVeth::Peer(peer_msg))),
