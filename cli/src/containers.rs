@@ -77,7 +77,7 @@ pub fn port(root: &Path, a: PortArgs) -> Result<i32> {
     let r = engine(root)?.find(&a.container)?;
     for m in &r.ports {
         let ip = m.host_ip.map(|i| i.to_string()).unwrap_or_else(|| "0.0.0.0".into());
-        println!("{}/tcp -> {ip}:{}", m.container_port, m.host_port);
+        println!("{}/{} -> {ip}:{}", m.container_port, m.protocol(), m.host_port);
     }
     Ok(0)
 }
@@ -364,7 +364,8 @@ pub fn ps(root: &Path, a: PsArgs) -> Result<i32> {
             cmd.push_str("…\"");
         }
         let ports = r.ports.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(", ");
-        writeln!(out, "{:<14}{:<24}{:<28}{:<24}{:<24}{}", &r.id[..12], r.image, cmd, status, ports, r.name)?;
+        // A long field still leaves a space before the next one.
+        writeln!(out, "{:<14}{:<24}{:<28}{:<24}{:<24}{}", &r.id[..12], r.image, cmd, status, ports + " ", r.name)?;
     }
     Ok(0)
 }

@@ -362,6 +362,43 @@ fn published_ports_answer_on_the_host() {
     assert_eq!(page(&format!("127.0.0.1:{host_port}")).trim(), "page-of-web", "DNAT on loopback");
     assert_eq!(get(&format!("{gateway}:{host_port}")).unwrap().trim(), "page-of-web", "DNAT on a host address");
 
+    // UDP: `hello serve` echoes datagrams on its port; published /udp, by DNAT.
+    let hello = env.path("hello");
+    if common::hello_context(&hello) {
+        env.ok(&["build", "-q", "-t", "hello:latest", hello.to_str().unwrap()]);
+        let (code, _, err) = tb(&[
+            "run",
+            "-d",
+            "--network",
+            "pnet",
+            "-p",
+            "127.0.0.1::8080/udp",
+            "--name",
+            "echo",
+            "hello",
+            "serve",
+            "8080",
+        ]);
+        assert_eq!(code, 0, "{err}");
+        let (_, ports, _) = tb(&["port", "echo"]);
+        assert!(ports.starts_with("8080/udp -> 127.0.0.1:"), "{ports}");
+        let udp_port: u16 = ports.trim().rsplit_once(':').unwrap().1.parse().unwrap();
+        let sock = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        sock.set_read_timeout(Some(std::time::Duration::from_millis(300))).unwrap();
+        let mut echoed = None;
+        // Bounded: until the server inside is up, a datagram may go unanswered.
+        for _ in 0..30 {
+            sock.send_to(b"ping-udp", ("127.0.0.1", udp_port)).unwrap();
+            let mut buf = [0u8; 64];
+            if let Ok((n, _)) = sock.recv_from(&mut buf) {
+                echoed = Some(buf[..n].to_vec());
+                break;
+            }
+        }
+        assert_eq!(echoed.as_deref(), Some(&b"ping-udp"[..]), "the datagram came back through the published port");
+        assert_eq!(tb(&["rm", "-f", "echo"]).0, 0);
+    }
+
     // A host port already taken: 125, the port named, nothing made.
     let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
     let p = taken.local_addr().unwrap().port();

@@ -9,7 +9,8 @@
 //! `twinbox bench` times the work without the start and exit around it); `hello crash` dies of SIGILL (exit 132), the
 //! signal a kernel delivers even to a pid-namespace init; `hello serve PORT` is a tiny HTTP/1.1
 //! server on 0.0.0.0:PORT (the `net` scenario's workload): `GET /bytes/N` answers N bytes,
-//! any other `GET` a greeting, and it prints `listening on PORT` once the socket is bound.
+//! any other `GET` a greeting, and it prints `listening on PORT` once the socket is bound; UDP
+//! datagrams to the same port are echoed back.
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
@@ -124,6 +125,15 @@ fn serve(args: &[String]) -> ExitCode {
     };
     // The bound port, which differs from the one asked for only when that was 0.
     let port = listener.local_addr().map_or(port, |a| a.port());
+    // The same port in UDP echoes every datagram back to its sender (for publishing /udp).
+    if let Ok(udp) = std::net::UdpSocket::bind((Ipv4Addr::UNSPECIFIED, port)) {
+        drop(std::thread::Builder::new().spawn(move || {
+            let mut buf = [0u8; 2048];
+            while let Ok((n, from)) = udp.recv_from(&mut buf) {
+                let _ = udp.send_to(&buf[..n], from);
+            }
+        }));
+    }
     let mut out = io::stdout().lock();
     // A closed stdout must not stop the server, so errors here are ignored.
     let _ = writeln!(out, "listening on {port}");

@@ -284,8 +284,8 @@ impl Engine {
         } else {
             with_exposed = opts.clone();
             for port in exposed {
-                if !with_exposed.publish.iter().any(|m| m.container_port == port) {
-                    with_exposed.publish.push(PortMapping { host_ip: None, host_port: 0, container_port: port });
+                if !with_exposed.publish.iter().any(|m| m.container_port == port.container_port && m.udp == port.udp) {
+                    with_exposed.publish.push(port);
                 }
             }
             &with_exposed
@@ -588,6 +588,10 @@ impl Engine {
         // The proxy holds the ports; connections to the host's own addresses go to the
         // container by DNAT, past it. Should nftables refuse, the proxy forwards them.
         if let Err(e) = self.forward_published(&record.id, ip, &bound) {
+            // The proxy forwards TCP only: without the rules a UDP port would be dead.
+            if bound.iter().any(|m| m.udp) {
+                return Err(EngineError::Network(crate::network::NetworkError::Nft(e)));
+            }
             tracing::warn!(id = %record.id, error = %e, "published ports go through the proxy only");
         }
         record.ports = bound;
@@ -615,7 +619,7 @@ impl Engine {
                     Some(std::net::IpAddr::V4(a)) => Some(a),
                     Some(std::net::IpAddr::V6(_)) => return None,
                 };
-                Some(nft::Forward { host_ip, host_port: m.host_port, udp: false, container_port: m.container_port })
+                Some(nft::Forward { host_ip, host_port: m.host_port, udp: m.udp, container_port: m.container_port })
             })
             .collect();
         let mut batch = nft::Batch::new();

@@ -1,5 +1,5 @@
-//! Published ports (`-p [IP:][HOST:]CONTAINER[/tcp]`): a host port that forwards to a port
-//! of a container on a bridge network.
+//! Published ports (`-p [IP:][HOST:]CONTAINER[/tcp|/udp]`): a host port that forwards to a
+//! port of a container on a bridge network.
 //!
 //! How: DNAT, with a proxy in user space holding the ports, as Docker does with its
 //! `docker-proxy`. The engine binds every host port itself before the container starts (so a
@@ -11,7 +11,8 @@
 //! forwards only when the rules could not be made. The proxy watches the container's init
 //! through a pidfd (taken by the engine as soon as the init exists) and exits with it, so a
 //! SIGKILLed twinbox leaves no proxy behind; its rules go with `rm` (or the next publish of
-//! the store, for a container whose directory is gone).
+//! the store, for a container whose directory is gone). A UDP port is held by the proxy (so it
+//! is reserved and a taken one refused alike) and forwarded by DNAT only.
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
@@ -31,11 +32,25 @@ pub struct PortMapping {
     /// The host port; 0 asks for a free one.
     pub host_port: u16,
     pub container_port: u16,
+    /// UDP rather than TCP.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub udp: bool,
+}
+
+impl PortMapping {
+    /// `tcp` or `udp`.
+    pub fn protocol(&self) -> &'static str {
+        if self.udp {
+            "udp"
+        } else {
+            "tcp"
+        }
+    }
 }
 
 /// A `-p` that cannot be understood.
 #[derive(Debug, thiserror::Error)]
-#[error("invalid port publication {spec:?}: {why}; use [IP:][HOST_PORT:]CONTAINER_PORT[/tcp], such as 8080:80")]
+#[error("invalid port publication {spec:?}: {why}; use [IP:][HOST_PORT:]CONTAINER_PORT[/tcp|/udp], such as 8080:80")]
 pub struct PortSpecError {
     pub spec: String,
     pub why: &'static str,
@@ -52,13 +67,12 @@ impl FromStr for PortMapping {
 
     fn from_str(spec: &str) -> Result<Self, PortSpecError> {
         let bad = |why| PortSpecError { spec: spec.to_owned(), why };
-        let (ports, proto) = match spec.rsplit_once('/') {
-            Some((p, "tcp")) => (p, "tcp"),
-            Some((_, "udp")) => return Err(bad("only TCP can be published so far")),
-            Some(_) => return Err(bad("the protocol must be tcp")),
-            None => (spec, "tcp"),
+        let (ports, udp) = match spec.rsplit_once('/') {
+            Some((p, "tcp")) => (p, false),
+            Some((p, "udp")) => (p, true),
+            Some(_) => return Err(bad("the protocol must be tcp or udp")),
+            None => (spec, false),
         };
-        debug_assert_eq!(proto, "tcp");
         let port = |s: &str, zero_ok: bool| -> Result<u16, PortSpecError> {
             match s.parse::<u16>() {
                 Ok(0) if !zero_ok => Err(bad("a port is 1 to 65535")),
@@ -77,37 +91,42 @@ impl FromStr for PortMapping {
             }
             _ => return Err(bad("too many ':'")),
         };
-        Ok(PortMapping { host_ip, host_port, container_port })
+        Ok(PortMapping { host_ip, host_port, container_port, udp })
     }
 }
 
 impl std::fmt::Display for PortMapping {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         let ip = self.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
-        write!(f, "{ip}:{}->{}/tcp", self.host_port, self.container_port)
+        write!(f, "{ip}:{}->{}/{}", self.host_port, self.container_port, self.protocol())
     }
 }
 
-/// The TCP ports an image EXPOSEs (`8080/tcp`, `8080`), for `-P`; UDP ones are left out.
-pub fn exposed(config: &oci_spec::image::ImageConfiguration) -> Vec<u16> {
+/// The ports an image EXPOSEs (`8080/tcp`, `8080`, `53/udp`), for `-P`: each on a free host
+/// port; other protocols (sctp) are left out.
+pub fn exposed(config: &oci_spec::image::ImageConfiguration) -> Vec<PortMapping> {
     let ports = config.config().as_ref().and_then(|c| c.exposed_ports().clone()).unwrap_or_default();
-    let mut out: Vec<u16> = ports
+    let mut out: Vec<PortMapping> = ports
         .iter()
-        .filter_map(|p| match p.split_once('/') {
-            Some((n, "tcp")) | Some((n, "")) => n.parse().ok(),
-            Some(_) => None,
-            None => p.parse().ok(),
+        .filter_map(|p| {
+            let (n, udp) = match p.split_once('/') {
+                Some((n, "tcp")) | Some((n, "")) => (n, false),
+                Some((n, "udp")) => (n, true),
+                Some(_) => return None,
+                None => (p.as_str(), false),
+            };
+            let container_port = n.parse().ok().filter(|p| *p != 0)?;
+            Some(PortMapping { host_ip: None, host_port: 0, container_port, udp })
         })
-        .filter(|p| *p != 0)
         .collect();
-    out.sort_unstable();
+    out.sort_by_key(|m| (m.container_port, m.udp));
     out.dedup();
     out
 }
 
-/// Binds every mapping's host port; the listeners, and the mappings with the ports they got.
-/// A port already taken is an error naming it.
-pub fn bind(mappings: &[PortMapping]) -> Result<(Vec<TcpListener>, Vec<PortMapping>), PublishError> {
+/// Binds every mapping's host port; the sockets (TCP listeners, UDP sockets), and the mappings
+/// with the ports they got. A port already taken is an error naming it.
+pub fn bind(mappings: &[PortMapping]) -> Result<(Vec<OwnedFd>, Vec<PortMapping>), PublishError> {
     if mappings.len() > MAX_PUBLISHED {
         return Err(PublishError::TooMany(mappings.len()));
     }
@@ -116,10 +135,18 @@ pub fn bind(mappings: &[PortMapping]) -> Result<(Vec<TcpListener>, Vec<PortMappi
     for m in mappings {
         let ip = m.host_ip.unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED));
         let addr = SocketAddr::new(ip, m.host_port);
-        let l = TcpListener::bind(addr).map_err(|source| PublishError::Bind { mapping: m.to_string(), source })?;
-        let port = l.local_addr().map_err(|source| PublishError::Bind { mapping: m.to_string(), source })?.port();
+        let err = |source| PublishError::Bind { mapping: m.to_string(), source };
+        let (fd, port) = if m.udp {
+            let s = std::net::UdpSocket::bind(addr).map_err(err)?;
+            let port = s.local_addr().map_err(err)?.port();
+            (OwnedFd::from(s), port)
+        } else {
+            let l = TcpListener::bind(addr).map_err(err)?;
+            let port = l.local_addr().map_err(err)?.port();
+            (OwnedFd::from(l), port)
+        };
         bound.push(PortMapping { host_port: port, ..m.clone() });
-        listeners.push(l);
+        listeners.push(fd);
     }
     Ok((listeners, bound))
 }
@@ -166,10 +193,17 @@ pub fn pidfd(pid: i32) -> io::Result<OwnedFd> {
 pub fn run_proxy(target: Ipv4Addr, ports: &[u16]) -> io::Result<()> {
     // SAFETY: the engine passed the pidfd as descriptor 3; it is taken over once.
     let pidfd = unsafe { OwnedFd::from_raw_fd(3) };
+    let mut held = Vec::new();
     for (i, &port) in ports.iter().enumerate() {
-        // SAFETY: the engine passed the listeners as descriptors 4.. in this order; each is
+        // SAFETY: the engine passed the sockets as descriptors 4.. in this order; each is
         // taken over once.
-        let listener = unsafe { TcpListener::from_raw_fd(4 + i as i32) };
+        let fd = unsafe { OwnedFd::from_raw_fd(4 + i as i32) };
+        if socket_type(&fd)? == libc::SOCK_DGRAM {
+            // A UDP port: held, forwarded by DNAT.
+            held.push(fd);
+            continue;
+        }
+        let listener = TcpListener::from(fd);
         let to = SocketAddr::new(IpAddr::V4(target), port);
         std::thread::Builder::new().spawn(move || accept_loop(listener, to))?;
     }
@@ -186,6 +220,27 @@ pub fn run_proxy(target: Ipv4Addr, ports: &[u16]) -> io::Result<()> {
             return Err(e);
         }
     }
+}
+
+/// SO_TYPE of socket `fd`.
+fn socket_type(fd: &OwnedFd) -> io::Result<i32> {
+    let mut kind: libc::c_int = 0;
+    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `kind`, a live c_int, and the length
+    // into `len`.
+    let r = unsafe {
+        libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut kind as *mut libc::c_int).cast(),
+            &mut len,
+        )
+    };
+    if r < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(kind)
 }
 
 /// Connections one published port carries at once; more wait in the listen queue.
@@ -251,27 +306,33 @@ mod tests {
 
     #[test]
     fn specs_parse_as_docker_reads_them() {
-        assert_eq!(m("8080:80").unwrap(), PortMapping { host_ip: None, host_port: 8080, container_port: 80 });
-        assert_eq!(m("80").unwrap(), PortMapping { host_ip: None, host_port: 0, container_port: 80 });
+        assert_eq!(
+            m("8080:80").unwrap(),
+            PortMapping { host_ip: None, host_port: 8080, container_port: 80, udp: false }
+        );
+        assert_eq!(m("80").unwrap(), PortMapping { host_ip: None, host_port: 0, container_port: 80, udp: false });
+        assert!(m("5353:53/udp").unwrap().udp);
+        assert_eq!(m("5353:53/udp").unwrap().to_string(), "0.0.0.0:5353->53/udp");
         assert_eq!(m("80/tcp").unwrap().container_port, 80);
         let local = m("127.0.0.1:18080:8080").unwrap();
         assert_eq!(local.host_ip, Some(IpAddr::V4(Ipv4Addr::LOCALHOST)));
         assert_eq!(local.host_port, 18080);
         assert_eq!(m("127.0.0.1::8080").unwrap().host_port, 0);
         assert_eq!(m("8080:80").unwrap().to_string(), "0.0.0.0:8080->80/tcp");
-        for bad in ["", "x", "0", "70000", "8080:80/sctp", "8080:80/udp", "a:1:2", "1:2:3:4", "8080:"] {
+        for bad in ["", "x", "0", "70000", "8080:80/sctp", "8080:80/", "a:1:2", "1:2:3:4", "8080:"] {
             assert!(m(bad).is_err(), "{bad}");
         }
     }
 
     #[test]
-    fn exposed_tcp_ports() {
+    fn exposed_ports() {
         let cfg = oci_spec::image::ConfigBuilder::default()
             .exposed_ports(vec!["8080/tcp".to_string(), "53/udp".to_string(), "80".to_string(), "8080".to_string()])
             .build()
             .unwrap();
         let img = oci_spec::image::ImageConfigurationBuilder::default().config(cfg).build().unwrap();
-        assert_eq!(exposed(&img), [80, 8080]);
+        let got: Vec<(u16, bool)> = exposed(&img).iter().map(|m| (m.container_port, m.udp)).collect();
+        assert_eq!(got, [(53, true), (80, false), (8080, false)]);
     }
 
     #[test]
