@@ -342,8 +342,18 @@ mod tests {
         let spec: PortMapping = format!("127.0.0.1:{port}:80").parse().unwrap();
         let err = bind(&[spec]).unwrap_err();
         assert!(err.to_string().contains(&format!("127.0.0.1:{port}->80/tcp")), "{err}");
-        let (listeners, bound) = bind(&["127.0.0.1::80".parse().unwrap()]).unwrap();
+        let (mut listeners, bound) = bind(&["127.0.0.1::80".parse().unwrap()]).unwrap();
         assert_ne!(bound[0].host_port, 0, "a free port was chosen");
-        assert_eq!(listeners[0].local_addr().unwrap().port(), bound[0].host_port);
+        let tcp = TcpListener::from(listeners.remove(0));
+        assert_eq!(tcp.local_addr().unwrap().port(), bound[0].host_port);
+        // UDP: the same, and a UDP port taken is named with its protocol.
+        let udp_taken = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+        let uport = udp_taken.local_addr().unwrap().port();
+        let err = bind(&[format!("127.0.0.1:{uport}:53/udp").parse().unwrap()]).unwrap_err();
+        assert!(err.to_string().contains(&format!("127.0.0.1:{uport}->53/udp")), "{err}");
+        let (mut socks, bound) = bind(&["127.0.0.1::53/udp".parse().unwrap()]).unwrap();
+        let udp = std::net::UdpSocket::from(socks.remove(0));
+        assert_eq!(udp.local_addr().unwrap().port(), bound[0].host_port);
+        assert_eq!(socket_type(&OwnedFd::from(udp)).unwrap(), libc::SOCK_DGRAM);
     }
 }
