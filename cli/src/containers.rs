@@ -128,15 +128,16 @@ pub struct RunArgs {
     /// Security options: `seccomp=unconfined` or `seccomp=PROFILE.json`.
     #[arg(long = "security-opt")]
     security_opt: Vec<String>,
-    /// Publish a container port on the host: `[IP:][HOST_PORT:]CONTAINER_PORT[/tcp]` (a free
-    /// host port when none is given); needs a bridge network.
+    /// Publish a container port on the host: `[IP:][HOST_PORT:]CONTAINER_PORT[/tcp|/udp]` (a
+    /// free host port when none is given); needs a bridge or CNI network.
     #[arg(short = 'p', long = "publish")]
     publish: Vec<String>,
-    /// Publish every TCP port the image EXPOSEs, each on a free host port.
+    /// Publish every port the image EXPOSEs, each on a free host port.
     #[arg(short = 'P', long = "publish-all")]
     publish_all: bool,
     /// Network: a network's name (default `twinbox0`, the default bridge network, made when
-    /// first used), `none` (loopback only), `host`, or `container:NAME` (another container's).
+    /// first used), `none` (loopback only), `host`, `container:NAME` (another container's), or
+    /// `cni:NAME` (a CNI network configuration in /etc/cni/net.d, or TWINBOX_CNI_CONF_DIR).
     /// MicroVMs: `none` only, so far (their default).
     #[arg(long)]
     network: Option<String>,

@@ -182,23 +182,29 @@ fn hello_processes() -> usize {
         .count()
 }
 
-/// As root, a temporary store with the default image built in it; None (skip) otherwise.
-fn hello_store() -> Option<Env> {
+/// The tests that run the harness count the `hello` processes on the host and look at its
+/// networks: one at a time.
+static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+/// As root, a temporary store with the default image built in it, and the harness to itself
+/// while the guard lives; None (skip) otherwise.
+fn hello_store() -> Option<(std::sync::MutexGuard<'static, ()>, Env)> {
     if !require_root() {
         return None;
     }
+    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
     let env = Env::new();
     let ctx = env.path("hello");
     if !hello_context(&ctx) {
         return None;
     }
     env.ok(&["build", "-q", "-t", "hello:latest", &ctx.display().to_string()]);
-    Some(env)
+    Some((serial, env))
 }
 
 #[test]
 fn quick_start_run_end_to_end() {
-    let Some(env) = hello_store() else { return };
+    let Some((_serial, env)) = hello_store() else { return };
     let before = hello_processes();
     let out = env.path("report");
     let o = env.run(&[
@@ -255,7 +261,7 @@ fn quick_start_run_end_to_end() {
 /// no container, no CNI namespace or bridge, no port forwarding table.
 #[test]
 fn net_scenario_end_to_end() {
-    let Some(env) = hello_store() else { return };
+    let Some((_serial, env)) = hello_store() else { return };
     if !common::require(
         std::path::Path::new("/usr/lib/cni/portmap").exists(),
         "the CNI plugins are not installed (apt-get install containernetworking-plugins)",
@@ -314,7 +320,7 @@ fn net_scenario_end_to_end() {
 
 #[test]
 fn density_stops_at_the_memory_budget() {
-    let Some(env) = hello_store() else { return };
+    let Some((_serial, env)) = hello_store() else { return };
     let before = hello_processes();
     let out = env.path("report");
     let o = env.run(&[
@@ -366,7 +372,7 @@ fn density_stops_at_the_memory_budget() {
 /// journaled ext4 (so its report has no journal-less caveat), and nothing is left after it.
 #[test]
 fn journaled_state_moves_container_files_to_a_journaled_ext4() {
-    let Some(env) = hello_store() else { return };
+    let Some((_serial, env)) = hello_store() else { return };
     if !common::require_tool("mkfs.ext4")
         || !common::require(Path::new("/dev/loop-control").exists(), "no loop devices")
     {

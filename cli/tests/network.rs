@@ -680,3 +680,91 @@ fn twenty_published_containers_and_a_killed_run_leave_nothing() {
     let store = std::path::absolute(env.root()).unwrap();
     assert_eq!(container_tables(&store), Vec::<String>::new(), "no forwarding rule left");
 }
+
+/// `--network cni:NAME`: a CNI configuration list (bridge + host-local + portmap, Debian's
+/// plugins) attaches the container and publishes its port; `rm` runs the plugins' DEL, which
+/// leaves no address reserved, no masquerade chain and no kept namespace.
+#[test]
+fn cni_networks_attach_publish_and_leave_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    if !require_root()
+        || !common::require_tool("iptables")
+        || !common::require(
+            Path::new("/usr/lib/cni/portmap").exists(),
+            "the CNI plugins are not installed (apt-get install containernetworking-plugins)",
+        )
+    {
+        return;
+    }
+    let env = Env::new();
+    if !busybox(&env) {
+        return;
+    }
+    let conf_dir = env.path("cni");
+    let ipam = env.path("ipam");
+    std::fs::create_dir_all(&conf_dir).unwrap();
+    let bridge = format!("tbcni{}", std::process::id() % 100_000);
+    let conf = serde_json::json!({"cniVersion": "1.0.0", "name": "tbtest", "plugins": [
+        {"type": "bridge", "bridge": bridge, "isGateway": true, "ipMasq": true,
+         "ipam": {"type": "host-local", "ranges": [[{"subnet": "10.78.9.0/24"}]], "routes": [{"dst": "0.0.0.0/0"}],
+                  "dataDir": ipam}},
+        {"type": "portmap", "capabilities": {"portMappings": true}}
+    ]});
+    std::fs::write(conf_dir.join("10-tbtest.conflist"), conf.to_string()).unwrap();
+    struct RemoveBridge(String);
+    impl Drop for RemoveBridge {
+        fn drop(&mut self) {
+            let _ = std::process::Command::new("ip").args(["link", "del", &self.0]).status();
+        }
+    }
+    let _bridge = RemoveBridge(bridge.clone());
+    let tb = |args: &[&str]| {
+        let o = env
+            .cmd()
+            .env("TWINBOX_RUNTIME_ROOT", env.path("runtime"))
+            .env("TWINBOX_CNI_CONF_DIR", &conf_dir)
+            .args(args)
+            .output()
+            .unwrap();
+        (
+            o.status.code().unwrap_or(-1),
+            String::from_utf8_lossy(&o.stdout).into_owned(),
+            String::from_utf8_lossy(&o.stderr).into_owned(),
+        )
+    };
+    let (code, out, err) =
+        tb(&["run", "--rm", "--network", "cni:tbtest", "busybox", "sh", "-c", "ip -4 -o addr show dev eth0; ip route"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("inet 10.78.9.") && out.contains("default via 10.78.9.1"), "{out}");
+
+    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let serve = "mkdir -p /www && echo page-of-cni > /www/index.html && exec httpd -f -p 8080 -h /www";
+    let publish = format!("127.0.0.1:{port}:8080");
+    let (code, _, err) =
+        tb(&["run", "-d", "--network", "cni:tbtest", "-p", &publish, "--name", "cweb", "busybox", "sh", "-c", serve]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(page(&format!("127.0.0.1:{port}")).trim(), "page-of-cni");
+    assert_eq!(tb(&["port", "cweb"]).1.trim(), format!("8080/tcp -> 127.0.0.1:{port}"));
+    assert_eq!(tb(&["rm", "-f", "cweb"]).0, 0);
+
+    let reserved: Vec<String> = std::fs::read_dir(ipam.join("tbtest"))
+        .map(|d| {
+            d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).filter(|n| n.starts_with("10.")).collect()
+        })
+        .unwrap_or_default();
+    assert_eq!(reserved, Vec::<String>::new(), "every address given back");
+    let nat = std::process::Command::new("iptables").args(["-t", "nat", "-S"]).output().unwrap();
+    let nat = String::from_utf8_lossy(&nat.stdout);
+    assert!(!nat.contains("10.78.9."), "no masquerade or DNAT rule left:\n{nat}");
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(!mounts.contains("/run/twinbox/netns/"), "no namespace kept");
+
+    // An unknown CNI network, and -p without a host port: refused, nothing made.
+    let (code, _, err) = tb(&["run", "--rm", "--network", "cni:nope", "busybox", "true"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("no CNI network \"nope\""), "{err}");
+    let (code, _, err) = tb(&["run", "--rm", "--network", "cni:tbtest", "-p", "80", "busybox", "true"]);
+    assert_ne!(code, 0);
+    assert!(err.contains("needs the host port"), "{err}");
+    assert_eq!(tb(&["ps", "-aq"]).1.trim(), "");
+}

@@ -1,17 +1,17 @@
 //! runc's and crun's network, attached the way their users attach it: a network namespace
-//! made for the container, then the CNI `bridge` plugin (with `host-local` addresses and IP
-//! masquerade) and the `portmap` plugin (the published port, 127.0.0.1 included), run as a
-//! CNI runtime runs them (containerd, podman, nerdctl): the plugin binary with the `CNI_*`
-//! environment and its network configuration on stdin, `portmap` chained on `bridge`'s
-//! result, removed in reverse order. Debian's containernetworking-plugins live in
-//! /usr/lib/cni.
+//! made for the container, then the CNI `loopback`, `bridge` (with `host-local` addresses and
+//! IP masquerade) and `portmap` (the published port, 127.0.0.1 included) plugins, run as a CNI
+//! runtime runs them (containerd, podman, nerdctl; here the engine's [`cni`] runner, which
+//! `twinbox run --network cni:NAME` uses), removed in reverse order. Debian's
+//! containernetworking-plugins live in /usr/lib/cni.
 //!
 //! The namespace is made here, without a tool: a thread unshares its network namespace and
 //! bind-mounts it at `<work>/netns/<id>`.
 
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+
+use twinbox_engine::network::cni;
+use twinbox_engine::network::publish::PortMapping;
 
 use super::BackendError;
 
@@ -37,73 +37,45 @@ pub fn available() -> Result<(), String> {
 pub struct Attachment {
     pub netns: PathBuf,
     id: String,
-    work: PathBuf,
-    bridge_result: Option<serde_json::Value>,
-    portmap: Option<serde_json::Value>,
+    loopback: Option<cni::Attachment>,
+    network: Option<cni::Attachment>,
 }
 
-fn bridge_conf(work: &Path) -> serde_json::Value {
-    serde_json::json!({
-        "cniVersion": "1.0.0",
-        "name": "twinbox-bench",
-        "type": "bridge",
-        "bridge": BRIDGE,
-        "isGateway": true,
-        "ipMasq": true,
-        "ipam": {
-            "type": "host-local",
-            "ranges": [[{"subnet": SUBNET}]],
-            "routes": [{"dst": "0.0.0.0/0"}],
-            "dataDir": work.join("cni-ipam"),
-        },
-    })
-}
-
-fn portmap_conf(prev: &serde_json::Value, host_port: u16, container_port: u16) -> serde_json::Value {
-    serde_json::json!({
-        "cniVersion": "1.0.0",
-        "name": "twinbox-bench",
-        "type": "portmap",
-        "capabilities": {"portMappings": true},
-        "snat": true,
-        "runtimeConfig": {"portMappings": [
-            {"hostPort": host_port, "containerPort": container_port, "protocol": "tcp", "hostIP": "127.0.0.1"}
-        ]},
-        "prevResult": prev,
-    })
-}
-
-/// Runs plugin `kind` with `command` (ADD, DEL) for container `id` in `netns`; its result.
-fn plugin(
-    kind: &str,
-    command: &str,
-    id: &str,
-    netns: &Path,
-    conf: &serde_json::Value,
-) -> Result<Vec<u8>, BackendError> {
-    let what = format!("CNI {kind} {command}");
-    let spawn_err = |source| BackendError::Spawn { what: what.clone(), source };
-    let mut child = Command::new(Path::new(PLUGIN_DIR).join(kind))
-        .env_clear()
-        .env("CNI_COMMAND", command)
-        .env("CNI_CONTAINERID", id)
-        .env("CNI_NETNS", netns)
-        .env("CNI_IFNAME", "eth0")
-        .env("CNI_PATH", PLUGIN_DIR)
-        .env("PATH", "/usr/sbin:/usr/bin:/sbin:/bin")
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .map_err(spawn_err)?;
-    let conf = serde_json::to_vec(conf).expect("a configuration serializes");
-    child.stdin.take().expect("piped").write_all(&conf).map_err(spawn_err)?;
-    let out = child.wait_with_output().map_err(spawn_err)?;
-    if !out.status.success() {
-        let said = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
-        return Err(BackendError::Failed { what, status: out.status.to_string(), stderr: said });
+/// The peers' network: the bridge plugin with host-local addresses and masquerade, then
+/// portmap, as a CNI configuration list.
+fn config(work: &Path) -> cni::NetworkConfig {
+    cni::NetworkConfig {
+        name: "twinbox-bench".into(),
+        cni_version: "1.0.0".into(),
+        plugins: vec![
+            serde_json::json!({
+                "type": "bridge",
+                "bridge": BRIDGE,
+                "isGateway": true,
+                "ipMasq": true,
+                "ipam": {
+                    "type": "host-local",
+                    "ranges": [[{"subnet": SUBNET}]],
+                    "routes": [{"dst": "0.0.0.0/0"}],
+                    "dataDir": work.join("cni-ipam"),
+                },
+            }),
+            serde_json::json!({"type": "portmap", "capabilities": {"portMappings": true}, "snat": true}),
+        ],
     }
-    Ok(out.stdout)
+}
+
+/// The loopback plugin on its own (what brings `lo` up in a namespace made here).
+fn loopback() -> cni::NetworkConfig {
+    cni::NetworkConfig {
+        name: "twinbox-bench-lo".into(),
+        cni_version: "1.0.0".into(),
+        plugins: vec![serde_json::json!({"type": "loopback"})],
+    }
+}
+
+fn failed(e: cni::CniError) -> BackendError {
+    BackendError::Failed { what: "CNI".into(), status: "failed".into(), stderr: e.to_string() }
 }
 
 /// A new network namespace for `id`, bind-mounted at `<work>/netns/<id>`.
@@ -144,20 +116,16 @@ fn remove_netns(path: &Path) {
 /// 127.0.0.1 to its `container_port`. On error nothing is left.
 pub fn attach(work: &Path, id: &str, host_port: u16, container_port: u16) -> Result<Attachment, BackendError> {
     let netns = make_netns(work, id)?;
-    let mut a = Attachment { netns, id: id.to_owned(), work: work.to_owned(), bridge_result: None, portmap: None };
+    let mut a = Attachment { netns, id: id.to_owned(), loopback: None, network: None };
+    let port = PortMapping {
+        host_ip: Some(std::net::IpAddr::V4(std::net::Ipv4Addr::LOCALHOST)),
+        host_port,
+        container_port,
+        udp: false,
+    };
     let added = (|| {
-        let lo = serde_json::json!({"cniVersion": "1.0.0", "name": "twinbox-bench-lo", "type": "loopback"});
-        plugin("loopback", "ADD", id, &a.netns, &lo)?;
-        let out = plugin("bridge", "ADD", id, &a.netns, &bridge_conf(work))?;
-        let result: serde_json::Value = serde_json::from_slice(&out).map_err(|e| BackendError::Failed {
-            what: "CNI bridge ADD".into(),
-            status: "unreadable result".into(),
-            stderr: e.to_string(),
-        })?;
-        a.bridge_result = Some(result.clone());
-        let pm = portmap_conf(&result, host_port, container_port);
-        plugin("portmap", "ADD", id, &a.netns, &pm)?;
-        a.portmap = Some(pm);
+        a.loopback = Some(cni::add(&loopback(), id, &a.netns, "lo", &[]).map_err(failed)?);
+        a.network = Some(cni::add(&config(work), id, &a.netns, "eth0", &[port]).map_err(failed)?);
         Ok(())
     })();
     if let Err(e) = added {
@@ -169,15 +137,11 @@ pub fn attach(work: &Path, id: &str, host_port: u16, container_port: u16) -> Res
 
 /// Removes what [`attach`] made, in reverse order.
 pub fn detach(a: Attachment) {
-    if let Some(pm) = &a.portmap {
-        if let Err(e) = plugin("portmap", "DEL", &a.id, &a.netns, pm) {
-            tracing::warn!("{e}");
-        }
+    if let Some(n) = &a.network {
+        cni::del(n, &a.id, Some(&a.netns), "eth0");
     }
-    if a.bridge_result.is_some() {
-        if let Err(e) = plugin("bridge", "DEL", &a.id, &a.netns, &bridge_conf(&a.work)) {
-            tracing::warn!("{e}");
-        }
+    if let Some(l) = &a.loopback {
+        cni::del(l, &a.id, Some(&a.netns), "lo");
     }
     remove_netns(&a.netns);
 }

@@ -34,7 +34,7 @@ pub use spec::RunOptions;
 
 use crate::network::attach::{self, Endpoint, NetworkMode};
 use crate::network::publish::{self, PortMapping};
-use crate::network::{nft, Networks, DEFAULT_NETWORK};
+use crate::network::{cni, nft, Networks, DEFAULT_NETWORK};
 use twinbox_runtime::cgroups::CgroupManager;
 use twinbox_runtime::container::{CreateOptions, Runtime};
 use twinbox_runtime::RuntimeError;
@@ -290,12 +290,12 @@ impl Engine {
             }
             &with_exposed
         };
-        if !opts.publish.is_empty() && !matches!(opts.network, NetworkMode::Bridge(_)) {
+        if !opts.publish.is_empty() && !matches!(opts.network, NetworkMode::Bridge(_) | NetworkMode::Cni(_)) {
             let mode = match &opts.network {
                 NetworkMode::None => "none".to_owned(),
                 NetworkMode::Host => "host".to_owned(),
                 NetworkMode::Container(c) => format!("container:{c}"),
-                NetworkMode::Bridge(n) => n.clone(),
+                NetworkMode::Bridge(n) | NetworkMode::Cni(n) => n.clone(),
             };
             return Err(EngineError::PublishNeedsBridge(mode));
         }
@@ -396,9 +396,11 @@ impl Engine {
                     (write("hostname", &format!("{hostname}\n"))?, "/etc/hostname"),
                 ],
             },
-            NetworkMode::Bridge(name) => {
-                if name != DEFAULT_NETWORK {
-                    self.networks().get(name)?;
+            NetworkMode::Bridge(_) | NetworkMode::Cni(_) => {
+                match &opts.network {
+                    NetworkMode::Bridge(name) if name != DEFAULT_NETWORK => drop(self.networks().get(name)?),
+                    NetworkMode::Cni(name) => drop(cni::find(name).map_err(crate::network::NetworkError::from)?),
+                    _ => {}
                 }
                 spec::NetSetup {
                     namespace: spec::NetNamespace::New,
@@ -474,6 +476,10 @@ impl Engine {
     /// Puts a created container (its init is `pid`) on its bridge network, if it has one:
     /// an address, `/etc/hosts` with it, and the veth pair. On error its address is free again.
     fn join_network(&self, record: &mut Record, pid: i32) -> Result<(), EngineError> {
+        if let NetworkMode::Cni(name) = &record.options.network {
+            let name = name.clone();
+            return self.join_cni(record, pid, &name);
+        }
         let NetworkMode::Bridge(name) = &record.options.network else { return Ok(()) };
         let nets = self.networks();
         let network = nets.get_or_create_default(name)?;
@@ -495,6 +501,38 @@ impl Engine {
         }
         record.endpoint = Some(endpoint);
         self.refresh_hosts(&network.name, Some(record));
+        Ok(())
+    }
+
+    /// Attaches a created container (its init is `pid`) to CNI network `name` (see
+    /// [`cni`]), publishing its ports through the network's portmap plugin; what the removal
+    /// needs goes to `<container>/cni.json`. On error nothing stays attached.
+    fn join_cni(&self, record: &mut Record, pid: i32, name: &str) -> Result<(), EngineError> {
+        let config = cni::find(name).map_err(crate::network::NetworkError::from)?;
+        let netns = cni::keep_netns(&record.id, pid).map_err(crate::network::NetworkError::from)?;
+        let a = match cni::add(&config, &record.id, &netns, "eth0", &record.options.publish) {
+            Ok(a) => a,
+            Err(e) => {
+                cni::release_netns(&record.id);
+                return Err(crate::network::NetworkError::from(e).into());
+            }
+        };
+        let kept = (|| {
+            let path = self.container_dir(&record.id).join("cni.json");
+            let json = serde_json::to_vec(&a).expect("an attachment serializes");
+            twinbox_image::atomic::write(&path, &json, 0o600, false).map_err(io_err("write", &path))?;
+            let hosts = self.container_dir(&record.id).join("hosts");
+            let hostname = spec::hostname(&record.id, &record.options);
+            rewrite_in_place(&hosts, attach::hosts_file(&hostname, a.ipv4().map(|(ip, _)| ip)).as_bytes())
+                .map_err(io_err("write", &hosts))
+        })();
+        if let Err(e) = kept {
+            cni::del(&a, &record.id, Some(&netns), "eth0");
+            cni::release_netns(&record.id);
+            let _ = fs::remove_file(self.container_dir(&record.id).join("cni.json"));
+            return Err(e);
+        }
+        record.ports = record.options.publish.clone();
         Ok(())
     }
 
@@ -636,6 +674,27 @@ impl Engine {
         if let Err(e) = self.networks().release(id) {
             tracing::warn!(id, error = %e, "cannot release the container's address");
         }
+        // A CNI network's plugins, last first, in the namespace kept for them. Once: `rm -f`
+        // and the monitor's exit command of the same container may both get here, and two
+        // DELs at once trip over each other's rules. The first takes the file's lock, the
+        // second finds the file gone once it has the lock.
+        let kept = self.container_dir(id).join("cni.json");
+        if let Ok(file) = fs::File::open(&kept) {
+            if let Ok(mut locked) = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive) {
+                let mut bytes = Vec::new();
+                if kept.exists() && locked.read_to_end(&mut bytes).is_ok() {
+                    let netns = cni::kept_netns(id);
+                    match serde_json::from_slice::<cni::Attachment>(&bytes) {
+                        Ok(a) => cni::del(&a, id, netns.as_deref(), "eth0"),
+                        Err(e) => tracing::warn!(id, error = %e, "unreadable {}", kept.display()),
+                    }
+                    cni::release_netns(id);
+                    let _ = fs::remove_file(&kept);
+                }
+            }
+        }
+        // Kept by a join killed before it wrote the file.
+        cni::release_netns(id);
         if published {
             let table = nft::container_table(id);
             if let Err(e) = nft::Nft::open().and_then(|mut n| n.delete_table(&table)) {
@@ -771,8 +830,9 @@ impl Engine {
             .and_then(|c| c.oom_kills().ok())
             .is_some_and(|n| n > 0);
         let deleted = self.runtime.delete(&record.id, true);
-        if let Some(endpoint) = record.endpoint.take() {
-            self.leave_network(&record.id, Some(&endpoint), !record.options.publish.is_empty());
+        let endpoint = record.endpoint.take();
+        if endpoint.is_some() || matches!(record.options.network, NetworkMode::Cni(_)) {
+            self.leave_network(&record.id, endpoint.as_ref(), !record.options.publish.is_empty());
         }
         record.ports.clear();
         if record.options.rm {

@@ -29,6 +29,8 @@ pub enum NetworkMode {
     Container(String),
     /// Its own namespace on a bridge network.
     Bridge(String),
+    /// Its own namespace attached by the plugins of a CNI network configuration (`cni:NAME`).
+    Cni(String),
 }
 
 impl std::str::FromStr for NetworkMode {
@@ -38,9 +40,10 @@ impl std::str::FromStr for NetworkMode {
         Ok(match s {
             "none" => NetworkMode::None,
             "host" => NetworkMode::Host,
-            _ => match s.strip_prefix("container:") {
-                Some(c) => NetworkMode::Container(c.to_owned()),
-                None => NetworkMode::Bridge(s.to_owned()),
+            _ => match (s.strip_prefix("container:"), s.strip_prefix("cni:")) {
+                (Some(c), _) => NetworkMode::Container(c.to_owned()),
+                (_, Some(n)) => NetworkMode::Cni(n.to_owned()),
+                _ => NetworkMode::Bridge(s.to_owned()),
             },
         })
     }

@@ -14,6 +14,7 @@
 //! others), never one that overlaps a route of the host or another network.
 
 pub mod attach;
+pub mod cni;
 pub mod netlink;
 pub mod nft;
 pub mod publish;
@@ -71,6 +72,8 @@ pub enum NetworkError {
     Netlink(#[from] NetlinkError),
     #[error(transparent)]
     Nft(#[from] nft::NftError),
+    #[error(transparent)]
+    Cni(#[from] cni::CniError),
     #[error("{op} {path}")]
     Io {
         op: &'static str,
@@ -100,6 +103,7 @@ impl twinbox_exit::ExitCode for NetworkError {
             | NetworkError::Exhausted(_)
             | NetworkError::NoFreeSubnet(_)
             | NetworkError::InvalidMtu(_) => USER_ERROR,
+            NetworkError::Cni(e) => e.exit_code(),
             NetworkError::Netlink(_) | NetworkError::Nft(_) | NetworkError::Io { .. } | NetworkError::Json { .. } => {
                 INTERNAL
             }
