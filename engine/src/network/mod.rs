@@ -12,6 +12,14 @@
 //! `host` and `none` are not stored: they are what `--network host|none` means. A subnet is
 //! chosen when none is given (`10.89.0.0/16` for the default network, `10.90.N.0/24` for
 //! others), never one that overlaps a route of the host or another network.
+//!
+//! | module | what |
+//! |---|---|
+//! | [`attach`] | a container on a bridge: veth pair, address, route, `/etc/hosts`, `resolv.conf` |
+//! | [`netlink`] | the rtnetlink requests (links, addresses, routes) |
+//! | [`nft`] | the nftables tables: outbound masquerade per network, DNAT per published container |
+//! | [`publish`] | `-p`: parsing, binding the host ports, the proxy that holds them |
+//! | [`cni`] | `--network cni:NAME`: CNI configurations run with their plugins |
 
 pub mod attach;
 pub mod cni;
@@ -284,7 +292,7 @@ impl Networks {
         made
     }
 
-    /// Makes `network`'s bridge, NAT rules and [`forwarding`] again if they are gone (the host
+    /// Makes `network`'s bridge, NAT rules and forwarding settings again if they are gone (the host
     /// rebooted, someone deleted the bridge, flushed the ruleset or turned forwarding off), as
     /// Docker remakes its bridges and rules when it starts.
     pub fn ensure_bridge(&self, network: &Network) -> Result<(), NetworkError> {
