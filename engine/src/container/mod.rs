@@ -696,8 +696,12 @@ impl Engine {
         // Kept by a join killed before it wrote the file.
         cni::release_netns(id);
         if published {
+            // Looked up first: a removal, even of nothing, waits for the kernel's RCU grace
+            // period (about 20 ms here), and `run --rm` gets here twice.
             let table = nft::container_table(id);
-            if let Err(e) = nft::Nft::open().and_then(|mut n| n.delete_table(&table)) {
+            let removed = nft::Nft::open()
+                .and_then(|mut n| if n.has_table(&table)? { n.delete_table(&table) } else { Ok(()) });
+            if let Err(e) = removed {
                 tracing::warn!(id, error = %e, "cannot remove the container's port forwarding rules");
             }
         }
