@@ -44,6 +44,37 @@ pub struct ExitedArgs {
 }
 
 #[derive(Args, Debug)]
+pub struct SystemArgs {
+    #[command(subcommand)]
+    command: SystemCommand,
+}
+
+#[derive(clap::Subcommand, Debug)]
+enum SystemCommand {
+    /// Remove what killed twinbox commands left: containers whose create was cut short (their
+    /// init, cgroup, runtime state, name and hold), and containers that ended with nobody left
+    /// to record it (marked exited with an unknown code; removed when run with --rm). Says what
+    /// it did.
+    Prune,
+}
+
+pub fn system(root: &Path, a: SystemArgs) -> Result<i32> {
+    match a.command {
+        SystemCommand::Prune => {
+            let done = engine(root)?.reconcile()?;
+            let mut out = std::io::stdout().lock();
+            for line in &done {
+                writeln!(out, "{line}")?;
+            }
+            if done.is_empty() {
+                writeln!(out, "nothing to put right")?;
+            }
+        }
+    }
+    Ok(0)
+}
+
+#[derive(Args, Debug)]
 pub struct LaunchArgs {
     /// Container id.
     id: String,

@@ -79,6 +79,8 @@ enum Command {
     Start(containers::ContainerArgs),
     /// Manage networks (create, ls, inspect, rm, prune).
     Network(networks::NetworkArgs),
+    /// Put right what killed twinbox commands left (prune).
+    System(containers::SystemArgs),
     /// Boot a kernel in a KVM microVM.
     Vm(vm::VmArgs),
     /// Measure the image as a container and as a microVM beside runc, crun, QEMU and Firecracker; write a report.
@@ -168,6 +170,7 @@ fn main() -> ExitCode {
         Command::ContainerProxy(a) => containers::proxy(a),
         Command::Port(a) => containers::port(root, a),
         Command::Network(a) => networks::network(root, a),
+        Command::System(a) => containers::system(root, a),
         Command::Vm(a) => vm::vm(a),
         Command::Bench(a) => bench::bench(root, *a),
         Command::Runtime { .. } => unreachable!("handled above"),

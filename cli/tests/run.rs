@@ -503,3 +503,61 @@ fn a_hundred_containers_sixteen_at_a_time() {
     assert!(f.is_empty(), "{} of 100 failed: {f:#?}", f.len());
     no_leaks(img);
 }
+
+/// `twinbox run --rm` killed with SIGKILL at several points of its create and run: afterwards
+/// `twinbox system prune` removes the half-made containers (their inits waiting on exec.fifo,
+/// cgroups, runtime state) and, once their workloads have ended, the ones nobody was left to
+/// record; nothing stays: no process, container, runtime state, cgroup or mount.
+#[test]
+fn a_killed_run_is_put_right_by_system_prune() {
+    let Some(img) = images() else { return };
+    let img = &img;
+    let marker = format!("tbkill{}", std::process::id());
+    let script = format!("sleep 1; : {marker}");
+    let with_marker = || -> usize {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline")).is_ok_and(|c| String::from_utf8_lossy(&c).contains(&marker))
+            })
+            .count()
+    };
+    for delay_ms in [2, 5, 8, 10, 12, 15, 20, 25, 30, 40, 80, 300] {
+        let mut child = img
+            .env
+            .cmd()
+            .env("TWINBOX_RUNTIME_ROOT", img.env.path("runtime"))
+            .args(["run", "--rm", "--network", "none", "busybox", "sh", "-c", &script])
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        std::thread::sleep(std::time::Duration::from_millis(delay_ms));
+        child.kill().unwrap();
+        child.wait().unwrap();
+    }
+    let (code, out, err) = twinbox(img, &["system", "prune"]);
+    assert_eq!(code, 0, "{err}");
+    // The workloads that were running end within a second; then they are finished too.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while with_marker() > 0 && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    }
+    assert_eq!(with_marker(), 0, "no process of the killed runs is left (first prune said: {out})");
+    // Each prune finishes what has ended by then (an init whose parent was killed may linger
+    // as a zombie for a moment before the prune sees it gone).
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        let (code, _, err) = twinbox(img, &["system", "prune"]);
+        assert_eq!(code, 0, "{err}");
+        if twinbox(img, &["ps", "-aq"]).1.trim().is_empty() || std::time::Instant::now() > deadline {
+            break;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    let left = twinbox(img, &["ps", "-a", "--json"]).1;
+    assert_eq!(twinbox(img, &["ps", "-aq"]).1.trim(), "", "every container removed (--rm): {left}");
+    assert_eq!(twinbox(img, &["system", "prune"]).1.trim(), "nothing to put right");
+    no_leaks(img);
+}

@@ -186,6 +186,47 @@ pub struct Record {
     /// Its published ports as bound (a free host port filled in) while it runs.
     #[serde(default)]
     pub ports: Vec<PortMapping>,
+    /// The twinbox process that answers for the container while it is made and, for a
+    /// foreground run, until it has ended; None once the store's monitor does (detached).
+    /// A record whose owner is gone was left by a twinbox that was killed ([`Engine::reconcile`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub owner: Option<Owner>,
+}
+
+/// A process, told apart from a later one with the same pid by its start time.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Owner {
+    pub pid: i32,
+    /// Field 22 of /proc/PID/stat: clock ticks after boot.
+    pub start: u64,
+}
+
+impl Owner {
+    /// This process.
+    pub fn me() -> Option<Owner> {
+        let pid = std::process::id() as i32;
+        Some(Owner { pid, start: start_time(pid)? })
+    }
+
+    /// Whether it still runs.
+    pub fn alive(&self) -> bool {
+        start_time(self.pid) == Some(self.start)
+    }
+}
+
+/// Whether process `pid` runs: it exists and is not a zombie (an init whose parent was killed
+/// waits as one until init reaps it, which can take a while).
+fn runs(pid: i32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
+        Err(_) => false,
+    }
+}
+
+/// When process `pid` started (field 22 of its stat), if it exists.
+fn start_time(pid: i32) -> Option<u64> {
+    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
 }
 
 /// The container engine.
@@ -327,6 +368,7 @@ impl Engine {
             phase: Phase::Created,
             endpoint: None,
             ports: Vec::new(),
+            owner: Owner::me(),
         };
         self.save(&record)?;
         self.store.hold(&id, &image.manifest_digest)?;
@@ -699,8 +741,8 @@ impl Engine {
             // Looked up first: a removal, even of nothing, waits for the kernel's RCU grace
             // period (about 20 ms here), and `run --rm` gets here twice.
             let table = nft::container_table(id);
-            let removed = nft::Nft::open()
-                .and_then(|mut n| if n.has_table(&table)? { n.delete_table(&table) } else { Ok(()) });
+            let removed =
+                nft::Nft::open().and_then(|mut n| if n.has_table(&table)? { n.delete_table(&table) } else { Ok(()) });
             if let Err(e) = removed {
                 tracing::warn!(id, error = %e, "cannot remove the container's port forwarding rules");
             }
@@ -733,9 +775,7 @@ impl Engine {
     /// init is gone but whose monitor could not record it shows as exited with code -1.
     fn live_phase(&self, r: &Record) -> Phase {
         match &r.phase {
-            Phase::Running { pid } if nix::sys::signal::kill(Pid::from_raw(*pid), None).is_err() => {
-                Phase::Exited { code: -1, oom_killed: false }
-            }
+            Phase::Running { pid } if !runs(*pid) => Phase::Exited { code: -1, oom_killed: false },
             p => p.clone(),
         }
     }
@@ -833,7 +873,7 @@ impl Engine {
             .ok()
             .and_then(|c| c.oom_kills().ok())
             .is_some_and(|n| n > 0);
-        let deleted = self.runtime.delete(&record.id, true);
+        let deleted = self.delete_runtime(&record.id);
         let endpoint = record.endpoint.take();
         if endpoint.is_some() || matches!(record.options.network, NetworkMode::Cni(_)) {
             self.leave_network(&record.id, endpoint.as_ref(), !record.options.publish.is_empty());
@@ -938,6 +978,8 @@ impl Engine {
                 self.runtime.create(id, &bundle, CreateOptions { stdio: Some(stdio), ..Default::default() })?;
             let pid = Pid::from_raw(state.pid);
             record.phase = Phase::Running { pid: pid.as_raw() };
+            // From here on the store's monitor answers for it.
+            record.owner = None;
             if let Err(e) = self.network_and_start(&mut record, &mut state) {
                 let _ = self.runtime.delete(id, true);
                 return Err(e);
@@ -1045,12 +1087,80 @@ impl Engine {
             let _ = self.runtime.kill(&r.id, Signal::SIGKILL, true);
             wait_gone(Pid::from_raw(pid), std::time::Duration::from_secs(10));
         }
-        match self.runtime.delete(&r.id, true) {
-            Ok(()) | Err(RuntimeError::NotFound { .. }) => {}
-            Err(e) => return Err(e.into()),
-        }
+        self.delete_runtime(&r.id)?;
         self.remove_files(&r.id)?;
         Ok(r)
+    }
+
+    /// Deletes container `id` from the runtime, killing what runs: also one whose create was
+    /// killed before the runtime wrote its state (an init waiting on exec.fifo, its cgroup, a
+    /// state directory the runtime does not list), through the cgroup every container of the
+    /// engine gets (`/twinbox/<id>`, which the init is cloned into).
+    fn delete_runtime(&self, id: &str) -> Result<(), EngineError> {
+        match self.runtime.delete(id, true) {
+            Ok(()) => Ok(()),
+            Err(RuntimeError::NotFound { .. }) => {
+                if let Ok(cg) = CgroupManager::new(Some(Path::new(&format!("/twinbox/{id}"))), id) {
+                    if let Err(e) = cg.destroy() {
+                        tracing::warn!(id, error = %e, "cannot remove the cgroup of a half-made container");
+                    }
+                }
+                let dir = self.runtime.state_dir(id);
+                match fs::remove_dir_all(&dir) {
+                    Err(e) if e.kind() != io::ErrorKind::NotFound => Err(io_err("remove", &dir)(e)),
+                    _ => Ok(()),
+                }
+            }
+            Err(e) => Err(e.into()),
+        }
+    }
+
+    /// Puts right what twinbox commands that were killed left (`twinbox system prune`): a
+    /// container whose create was cut short is removed with its init, cgroup, runtime state,
+    /// name and hold; one whose init has ended with nobody left to record it (its foreground
+    /// `run` was killed, or the store's monitor) is finished as exited with an unknown code,
+    /// and removed when it was run with `--rm`. What it did, one line each.
+    pub fn reconcile(&self) -> Result<Vec<String>, EngineError> {
+        let mut done = Vec::new();
+        let monitor_runs = monitor::running(self.store.root());
+        for r in self.records()? {
+            let Some(stored) = self.stored(&r.id) else { continue };
+            let owner_gone = stored.owner.as_ref().is_some_and(|o| !o.alive());
+            // Recorded as running, but killed before its start: the init waits on exec.fifo.
+            let never_started = matches!(r.phase, Phase::Running { .. })
+                && matches!(self.runtime.state(&r.id), Ok(s) if s.status == twinbox_runtime::Status::Created);
+            match (&stored.phase, &r.phase) {
+                (Phase::Created, _) | (Phase::Running { .. }, Phase::Running { .. })
+                    if (owner_gone || (stored.owner.is_none() && !monitor_runs))
+                        && (stored.phase == Phase::Created || never_started) =>
+                {
+                    self.delete_runtime(&r.id)?;
+                    self.remove_files(&r.id)?;
+                    done.push(format!(
+                        "removed {} ({}): its twinbox was killed while creating it",
+                        r.name,
+                        &r.id[..12]
+                    ));
+                }
+                (Phase::Running { .. }, Phase::Exited { .. })
+                    if owner_gone || (stored.owner.is_none() && !monitor_runs) =>
+                {
+                    let rm = stored.options.rm;
+                    self.finish(stored, -1)?;
+                    done.push(if rm {
+                        format!("removed {} ({}): it ended with nobody left to record it (--rm)", r.name, &r.id[..12])
+                    } else {
+                        format!(
+                            "{} ({}) ended with nobody left to record it: exited, code unknown",
+                            r.name,
+                            &r.id[..12]
+                        )
+                    });
+                }
+                _ => {}
+            }
+        }
+        Ok(done)
     }
 
     /// Start an exited (or created) container again, detached.

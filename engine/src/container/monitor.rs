@@ -145,6 +145,11 @@ fn request(root: &Path, conn: &OwnedFd, message: &[u8], fds: &[i32]) -> Result<(
     }
 }
 
+/// Whether a monitor of this build runs for the store at `root` (it takes connections).
+pub fn running(root: &Path) -> bool {
+    connect(root).is_ok()
+}
+
 /// A connection to the store's monitor.
 fn connect(root: &Path) -> io::Result<OwnedFd> {
     let conn = socket::socket(AddressFamily::Unix, SockType::SeqPacket, SockFlag::SOCK_CLOEXEC, None)?;
