@@ -561,3 +561,42 @@ fn a_killed_run_is_put_right_by_system_prune() {
     assert_eq!(twinbox(img, &["system", "prune"]).1.trim(), "nothing to put right");
     no_leaks(img);
 }
+
+/// `run` racing `rmi -f` + `prune` (the image loaded again each time): every run either finds
+/// no image (exit 125, "no such image") or runs on its whole root filesystem; none starts on a
+/// root prune took layers from, or fails to mount one. Bounded: 6 s of each loop.
+#[test]
+fn runs_racing_rmi_and_prune_see_whole_images_or_none() {
+    let Some(img) = images() else { return };
+    let img = &img;
+    let archive = img.env.path("busybox.tar");
+    let (code, _, err) = twinbox(img, &["save", "-o", archive.to_str().unwrap(), "busybox"]);
+    assert_eq!(code, 0, "{err}");
+    let stop = std::sync::atomic::AtomicBool::new(false);
+    let until = std::time::Instant::now() + std::time::Duration::from_secs(6);
+    let (runs, bad) = std::thread::scope(|s| {
+        s.spawn(|| {
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let _ = twinbox(img, &["load", "-i", archive.to_str().unwrap()]);
+                let _ = twinbox(img, &["rmi", "-f", "busybox"]);
+                let _ = twinbox(img, &["prune"]);
+            }
+        });
+        let (mut runs, mut bad) = (0, Vec::new());
+        while std::time::Instant::now() < until {
+            let (code, out, err) = run(img, &["--rm", "--network", "none", "busybox", "cat", "/etc/passwd"]);
+            runs += 1;
+            let whole = code == 0 && out.starts_with("root:");
+            let no_image = code != 0 && err.contains("no such image");
+            if !whole && !no_image {
+                bad.push(format!("exit {code}: {out}{err}"));
+            }
+        }
+        stop.store(true, std::sync::atomic::Ordering::Relaxed);
+        (runs, bad)
+    });
+    assert!(runs > 10, "only {runs} runs");
+    assert!(bad.is_empty(), "{} of {runs} runs went wrong: {bad:#?}", bad.len());
+    let _ = twinbox(img, &["load", "-i", archive.to_str().unwrap()]);
+    no_leaks(img);
+}

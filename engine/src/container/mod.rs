@@ -291,6 +291,10 @@ impl Engine {
     /// Write the bundle and record for a new container; nothing runs yet. On error nothing
     /// is left behind.
     pub fn prepare(&self, opts: &RunOptions) -> Result<Record, EngineError> {
+        // From resolving the image until its hold is placed, a concurrent `prune` waits: it
+        // would otherwise remove layers this container is about to use (an `rmi -f` may untag
+        // the image meanwhile; the hold keeps what the container uses).
+        let _gc = self.store.writer_guard()?;
         let image = self.store.resolve(&opts.image)?;
         let layers = self.store.unpacked_layers(&image)?;
         let id = new_id();
