@@ -52,16 +52,18 @@ pub struct SystemArgs {
 #[derive(clap::Subcommand, Debug)]
 enum SystemCommand {
     /// Remove what killed twinbox commands left: containers whose create was cut short (their
-    /// init, cgroup, runtime state, name and hold), and containers that ended with nobody left
-    /// to record it (marked exited with an unknown code; removed when run with --rm). Says what
-    /// it did.
+    /// init, cgroup, runtime state, name and hold), containers that ended with nobody left to
+    /// record it (marked exited with an unknown code; removed when run with --rm), and the RUN
+    /// step containers of killed builds. Says what it did.
     Prune,
 }
 
 pub fn system(root: &Path, a: SystemArgs) -> Result<i32> {
     match a.command {
         SystemCommand::Prune => {
-            let done = engine(root)?.reconcile()?;
+            let engine = engine(root)?;
+            let mut done = twinbox_engine::build_run::stop_orphan_steps(&engine)?;
+            done.extend(engine.reconcile()?);
             let mut out = std::io::stdout().lock();
             for line in &done {
                 writeln!(out, "{line}")?;

@@ -318,6 +318,16 @@ pub struct PruneArgs {
 
 pub fn prune(root: &Path, a: PruneArgs) -> Result<()> {
     let store = open(root)?;
+    // First the RUN step containers of killed builds, whose directories this removes.
+    if nix::unistd::geteuid().is_root() {
+        let runtime_root = std::env::var_os("TWINBOX_RUNTIME_ROOT")
+            .map(PathBuf::from)
+            .unwrap_or_else(|| crate::containers::RUNTIME_ROOT.into());
+        let engine = twinbox_engine::Engine::new(store.clone(), runtime_root)?;
+        for line in twinbox_engine::build_run::stop_orphan_steps(&engine)? {
+            println!("{line}");
+        }
+    }
     let r = store.gc(!a.keep_build_cache)?;
     println!(
         "Deleted {} blobs ({}), {} layer dirs, {} VM root disks, {} temp files, {} build cache records",

@@ -32,7 +32,7 @@ fn base() -> Option<Env> {
     }
     let env = Env::new();
     let ctx = env.path("base");
-    if !busybox_rootfs(&ctx, &["sh", "echo", "mkdir", "rm", "cat", "ls", "touch", "chmod", "mknod"]) {
+    if !busybox_rootfs(&ctx, &["sh", "echo", "mkdir", "rm", "cat", "ls", "touch", "chmod", "mknod", "sleep"]) {
         return None;
     }
     std::fs::write(ctx.join("Dockerfile"), "FROM scratch\nCOPY rootfs/ /\n").unwrap();
@@ -255,4 +255,68 @@ fn without_root_run_is_refused_and_says_why() {
     let stderr = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("line 2: RUN needs root"), "{stderr}");
+}
+
+/// A build killed with SIGKILL while a RUN step runs leaves that step's container running;
+/// `prune` stops it before it removes the step's directories, and nothing of it stays.
+#[test]
+fn a_killed_builds_run_container_is_stopped_by_prune() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let Some(env) = base() else { return };
+    let marker = format!("tbkillstep{}", std::process::id());
+    let ctx = dockerfile(&env, "slow", &format!("FROM base\nRUN sleep 30; echo {marker}\n"));
+    let with_marker = || -> usize {
+        std::fs::read_dir("/proc")
+            .unwrap()
+            .flatten()
+            .filter(|e| {
+                std::fs::read(e.path().join("cmdline")).is_ok_and(|c| {
+                    let c = String::from_utf8_lossy(&c);
+                    c.contains(&marker) && !c.contains("build")
+                })
+            })
+            .count()
+    };
+    let build_cgroups = || -> Vec<std::path::PathBuf> {
+        std::fs::read_dir("/sys/fs/cgroup")
+            .unwrap()
+            .flatten()
+            .flat_map(|h| std::fs::read_dir(h.path().join("twinbox")).into_iter().flatten().flatten())
+            .filter(|c| c.file_name().to_string_lossy().starts_with("build-"))
+            .map(|c| c.path())
+            .collect()
+    };
+    let cgroups_before = build_cgroups();
+    let mut child = env
+        .cmd()
+        .env("TWINBOX_RUNTIME_ROOT", env.path("runtime"))
+        .args(["build", "-q", "-t", "slow", ctx.to_str().unwrap()])
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(env.path("build.err")).unwrap())
+        .spawn()
+        .unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while with_marker() == 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(with_marker(), 1, "the RUN step runs: {}", std::fs::read_to_string(env.path("build.err")).unwrap());
+    child.kill().unwrap();
+    child.wait().unwrap();
+    std::thread::sleep(Duration::from_millis(200));
+    assert_eq!(with_marker(), 1, "the step's container outlives its build");
+    let pruned = twinbox(&env, &["prune"]).ok();
+    assert!(pruned.stdout.contains("stopped build-"), "{}", pruned.stdout);
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while with_marker() > 0 && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(with_marker(), 0, "the step's container is gone");
+    let runtime: Vec<_> = std::fs::read_dir(env.path("runtime")).map(|d| d.flatten().collect()).unwrap_or_default();
+    assert!(runtime.is_empty(), "no runtime state: {runtime:?}");
+    let tmp: Vec<String> = std::fs::read_dir(env.root().join("tmp"))
+        .map(|d| d.flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect())
+        .unwrap_or_default();
+    assert!(!tmp.iter().any(|n| n.starts_with("run-")), "{tmp:?}");
+    let cgroups: Vec<_> = build_cgroups().into_iter().filter(|c| !cgroups_before.contains(c)).collect();
+    assert!(cgroups.is_empty(), "no cgroup: {cgroups:?}");
 }

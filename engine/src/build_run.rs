@@ -22,7 +22,9 @@
 //! are still empty (as BuildKit does).
 //!
 //! A signal that would stop `twinbox build` (SIGINT, SIGTERM, SIGHUP, …) kills the step's
-//! container instead; the step then fails and leaves nothing behind.
+//! container instead; the step then fails and leaves nothing behind. A build killed with
+//! SIGKILL leaves its step's container running: [`stop_orphan_steps`] (run by `prune` and
+//! `system prune`) stops it, when no build can be running any more.
 
 use std::collections::BTreeSet;
 use std::fs;
@@ -194,6 +196,29 @@ impl Drop for Scratch {
 
 /// Create, start and wait for the container; then delete it (its cgroup and state) whatever
 /// happened. Returns the exit code.
+/// Stops and removes the step containers of builds that were killed: every `run-<hex>`
+/// directory of the store's `tmp/` while no build runs (under the store's exclusive lock,
+/// which every build holds shared), so each belongs to a build that is gone. The container
+/// ids, one per line of what was done.
+pub fn stop_orphan_steps(engine: &Engine) -> Result<Vec<String>, crate::container::EngineError> {
+    let _alone = engine.store.exclusive_guard()?;
+    let mut done = Vec::new();
+    let tmp = engine.store.tmp_dir();
+    for e in fs::read_dir(&tmp).into_iter().flatten().flatten() {
+        let name = e.file_name().to_string_lossy().into_owned();
+        let Some(hex) = name.strip_prefix("run-").filter(|h| !h.contains('.')) else { continue };
+        let id = format!("build-{hex}");
+        let ran = engine.runtime.state(&id).is_ok() || engine.runtime.state_dir(&id).exists();
+        engine.delete_runtime(&id)?;
+        let _ = remove_tree(&e.path());
+        let _ = remove_tree(&tmp.join(format!("run-{hex}.upper")));
+        if ran {
+            done.push(format!("stopped {id}, the RUN step container of a build that was killed"));
+        }
+    }
+    Ok(done)
+}
+
 fn run_container(rt: &Runtime, id: &str, bundle: &Path) -> Result<i32, BuildRunError> {
     let null = fs::File::open("/dev/null").map_err(io_err("open", Path::new("/dev/null")))?;
     let err = || io_err("duplicate", Path::new("standard error"));

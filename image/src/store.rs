@@ -413,6 +413,12 @@ impl Store {
         self.flock("index.lock", true)
     }
 
+    /// Held exclusively while nothing that writes to the store may run: no build, load or
+    /// container create is under way while it is held (what `prune` itself takes).
+    pub fn exclusive_guard(&self) -> Result<StoreLock> {
+        self.flock("gc.lock", true)
+    }
+
     /// Held (shared) by operations that write blobs before tagging them, so that a concurrent
     /// prune waits for them.
     pub fn writer_guard(&self) -> Result<StoreLock> {

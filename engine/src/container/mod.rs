@@ -1100,7 +1100,7 @@ impl Engine {
     /// killed before the runtime wrote its state (an init waiting on exec.fifo, its cgroup, a
     /// state directory the runtime does not list), through the cgroup every container of the
     /// engine gets (`/twinbox/<id>`, which the init is cloned into).
-    fn delete_runtime(&self, id: &str) -> Result<(), EngineError> {
+    pub(crate) fn delete_runtime(&self, id: &str) -> Result<(), EngineError> {
         match self.runtime.delete(id, true) {
             Ok(()) => Ok(()),
             Err(RuntimeError::NotFound { .. }) => {
