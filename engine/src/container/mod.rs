@@ -626,48 +626,13 @@ impl Engine {
         let command = self.proxy.as_deref().filter(|c| !c.is_empty()).ok_or(EngineError::NoProxyCommand)?;
         let (listeners, bound) = publish::bind(&record.options.publish)?;
         let pidfd = publish::pidfd(pid).map_err(publish::PublishError::Proxy)?;
-        // The pidfd then the listeners, as descriptors 3, 4, …, passed to the child in a fixed
-        // array: it must not allocate between fork and exec.
-        let mut fds = [-1i32; publish::MAX_PUBLISHED + 1];
-        fds[0] = std::os::fd::AsRawFd::as_raw_fd(&pidfd);
-        for (slot, l) in fds[1..].iter_mut().zip(&listeners) {
-            *slot = std::os::fd::AsRawFd::as_raw_fd(l);
-        }
-        let count = listeners.len() + 1;
+        // The pidfd then the listeners, as descriptors 3, 4, …
+        let mut fds = vec![std::os::fd::AsRawFd::as_raw_fd(&pidfd)];
+        fds.extend(listeners.iter().map(std::os::fd::AsRawFd::as_raw_fd));
         let mut cmd = std::process::Command::new(&command[0]);
         cmd.args(&command[1..]).arg(ip.to_string());
         cmd.args(bound.iter().map(|m| m.container_port.to_string()));
-        cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
-        // SAFETY: between fork and exec the child only calls async-signal-safe functions
-        // (setsid, fork, dup2, fcntl, _exit) on descriptors it owns. It forks once more and
-        // the middle process exits at once, so the proxy is nobody's child here: the store's
-        // monitor (a subreaper) or init adopts and reaps it.
-        unsafe {
-            std::os::unix::process::CommandExt::pre_exec(&mut cmd, move || {
-                libc::setsid();
-                match libc::fork() {
-                    -1 => return Err(io::Error::last_os_error()),
-                    0 => {}
-                    _ => libc::_exit(0),
-                }
-                // Move the listeners to 3, 4, … (first out of the way, in case they overlap).
-                let mut high = [-1i32; publish::MAX_PUBLISHED + 1];
-                for i in 0..count {
-                    high[i] = libc::fcntl(fds[i], libc::F_DUPFD_CLOEXEC, 100);
-                    if high[i] < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                }
-                for (i, &fd) in high.iter().enumerate().take(count) {
-                    if libc::dup2(fd, 3 + i as i32) < 0 {
-                        return Err(io::Error::last_os_error());
-                    }
-                }
-                Ok(())
-            });
-        }
-        let mut middle = cmd.spawn().map_err(|e| EngineError::Publish(publish::PublishError::Proxy(e)))?;
-        let _ = middle.wait();
+        monitor::spawn_orphan(cmd, &fds).map_err(|e| EngineError::Publish(publish::PublishError::Proxy(e)))?;
         drop((listeners, pidfd));
         // The proxy holds the ports; connections to the host's own addresses go to the
         // container by DNAT, past it. Should nftables refuse, the proxy forwards them.

@@ -217,12 +217,28 @@ fn connect_or_start(root: &Path, program: &Path) -> Result<OwnedFd, EngineError>
     started
 }
 
-/// Starts `program serve` with `listener` as descriptor 3 and `lock` as 4, in a session of its
-/// own, stdio on /dev/null, as nobody's child here: a middle process forks it and exits.
+/// Starts `program serve` with `listener` as descriptor 3 and `lock` as 4 (see
+/// [`spawn_orphan`]).
 fn start(program: &Path, listener: BorrowedFd<'_>, lock: BorrowedFd<'_>) -> io::Result<()> {
-    let fds = [listener.as_raw_fd(), lock.as_raw_fd()];
     let mut cmd = std::process::Command::new(program);
     cmd.arg("serve").current_dir("/");
+    spawn_orphan(cmd, &[listener.as_raw_fd(), lock.as_raw_fd()])
+}
+
+/// The most descriptors [`spawn_orphan`] hands over.
+pub(crate) const MAX_HANDED: usize = 72;
+
+/// Starts `cmd` in a session of its own, stdio on /dev/null, with `fds` as its descriptors
+/// 3, 4, …, as nobody's child here: a middle process forks it and exits at once (the store's
+/// monitor, a subreaper, or init adopts it). Returns once it has been exec'd.
+pub(crate) fn spawn_orphan(mut cmd: std::process::Command, fds: &[i32]) -> io::Result<()> {
+    if fds.len() > MAX_HANDED {
+        return Err(io::Error::other(format!("{} descriptors to hand over; at most {MAX_HANDED}", fds.len())));
+    }
+    // A fixed array: the child must not allocate between fork and exec.
+    let mut given = [-1i32; MAX_HANDED];
+    given[..fds.len()].copy_from_slice(fds);
+    let count = fds.len();
     cmd.stdin(std::process::Stdio::null()).stdout(std::process::Stdio::null()).stderr(std::process::Stdio::null());
     // SAFETY: between fork and exec the child only calls async-signal-safe functions (setsid,
     // fork, fcntl, dup2, _exit) on descriptors it owns, and allocates nothing.
@@ -234,17 +250,23 @@ fn start(program: &Path, listener: BorrowedFd<'_>, lock: BorrowedFd<'_>) -> io::
                 0 => {}
                 _ => libc::_exit(0),
             }
-            // Out of the way first, in case either is already 3 or 4.
-            let high =
-                [libc::fcntl(fds[0], libc::F_DUPFD_CLOEXEC, 100), libc::fcntl(fds[1], libc::F_DUPFD_CLOEXEC, 100)];
-            for (i, &fd) in high.iter().enumerate() {
-                if fd < 0 || libc::dup2(fd, 3 + i as i32) < 0 {
+            // Out of the way first, in case one is already 3, 4, …
+            let mut high = [-1i32; MAX_HANDED];
+            for i in 0..count {
+                high[i] = libc::fcntl(given[i], libc::F_DUPFD_CLOEXEC, 100);
+                if high[i] < 0 {
+                    return Err(io::Error::last_os_error());
+                }
+            }
+            for (i, &fd) in high.iter().enumerate().take(count) {
+                if libc::dup2(fd, 3 + i as i32) < 0 {
                     return Err(io::Error::last_os_error());
                 }
             }
             Ok(())
         });
     }
+    // The middle process; the child's exec (or its failure) is what spawn waits for.
     let status = cmd.spawn()?.wait()?;
     if !status.success() {
         return Err(io::Error::other(format!("its starter ended with {status}")));
