@@ -222,12 +222,14 @@ pub(crate) fn report(e: &anyhow::Error) -> i32 {
     exit_code(e)
 }
 
-/// `twinbox run`'s code for an error of code `code`. Like `docker run`: any failure around a run
-/// is 125, so that the workload's own codes (1, 2, …, 128+N) stay unambiguous; only a program
-/// that cannot be executed (126) or found (127) is reported as the workload's.
+/// `twinbox run`'s code for an error of code `code`: the user's mistake (a malformed reference
+/// or `-p`, a limit out of range, an unknown image or network: refused before anything runs)
+/// is 1, as for every command; twinbox's own failure around a run is 125, as `docker run`'s,
+/// so that a workload's own failure codes (2, …, 128+N) are not taken for it; a program that
+/// cannot be executed (126) or found (127) is reported as the workload's.
 fn around_run(code: i32) -> i32 {
     match code {
-        twinbox_exit::NOT_EXECUTABLE | twinbox_exit::NOT_FOUND => code,
+        twinbox_exit::NOT_EXECUTABLE | twinbox_exit::NOT_FOUND | twinbox_exit::USER_ERROR => code,
         _ => twinbox_exit::INTERNAL,
     }
 }
@@ -304,7 +306,8 @@ mod tests {
 
     #[test]
     fn a_run_reports_only_the_workloads_codes() {
-        assert_eq!(around_run(1), 125);
+        assert_eq!(around_run(1), 1);
+        assert_eq!(around_run(2), 125);
         assert_eq!(around_run(125), 125);
         assert_eq!(around_run(126), 126);
         assert_eq!(around_run(127), 127);

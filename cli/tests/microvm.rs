@@ -33,7 +33,7 @@ fn container_only_flags_are_refused_by_name_and_nothing_is_left() {
         all.push("missing-image");
         let o = env.run(&all);
         let err = String::from_utf8_lossy(&o.stderr);
-        assert_eq!(o.status.code(), Some(125), "{args:?}: {err}");
+        assert_eq!(o.status.code(), Some(1), "the user's mistake is 1: {args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
     }
     for flags in [["--kernel", "/k"], ["--irqchip", "kernel"]] {
@@ -55,7 +55,7 @@ fn missing_kernel_is_named_and_the_image_hold_released() {
     env.ok(&["build", "-q", "-t", "hello:latest", ctx.to_str().unwrap()]);
     let o = env.run(&["run", "--isolation", "microvm", "--kernel", "/nonexistent/vmlinux", "hello"]);
     let err = String::from_utf8_lossy(&o.stderr);
-    assert_eq!(o.status.code(), Some(125), "{err}");
+    assert_eq!(o.status.code(), Some(1), "{err}");
     assert!(err.contains("no guest kernel at /nonexistent/vmlinux") && err.contains("build-guest-kernel.sh"), "{err}");
     assert!(env.store().holds().unwrap().is_empty(), "the run's hold on the image was released");
     // rmi works: nothing holds the image.

@@ -254,7 +254,7 @@ fn containers_join_bridge_networks() {
     let bridge = net[0]["bridge"].as_str().unwrap();
     assert!(out.lines().any(|l| l == bridge), "the host's bridge is visible: {out}");
     let (code, _, err) = tb(&["run", "--rm", "--network", "nope", "busybox", "true"]);
-    assert_eq!(code, 125, "a failure around run is 125: {err}");
+    assert_eq!(code, 1, "the user's mistake is 1: {err}");
     assert!(err.contains("no such network: nope"), "{err}");
 
     let (code, _, err) = tb(&["rm", "-f", "a"]);
@@ -409,10 +409,10 @@ fn published_ports_answer_on_the_host() {
     assert_eq!(tb(&["ps", "-aq"]).1.lines().count(), 1, "only web");
     // -p without a bridge network, and a malformed -p: refused before anything runs.
     let (code, _, err) = tb(&["run", "--rm", "--network", "none", "-p", "80", "busybox", "true"]);
-    assert_eq!(code, 125, "{err}");
+    assert_eq!(code, 1, "{err}");
     assert!(err.contains("ports can be published only from a bridge network"), "{err}");
     let (code, _, err) = tb(&["run", "--rm", "--network", "pnet", "-p", "80:x", "busybox", "true"]);
-    assert_eq!(code, 125, "{err}");
+    assert_eq!(code, 1, "{err}");
     assert!(err.contains("invalid port publication \"80:x\""), "{err}");
 
     // -P: every port the image EXPOSEs, on a free host port.

@@ -151,7 +151,13 @@ fn exit_codes_pid_1_and_hostname() {
     let (code, _, err) = run(img, &["--rm", "busybox", "/etc/passwd"]);
     assert_eq!(code, 126, "{err}");
     let (code, _, err) = run(img, &["--rm", "no-such-image:1"]);
-    assert_eq!(code, 125, "{err}");
+    assert_eq!(code, 1, "{err}");
+    // A malformed reference is named as one, also exit 1.
+    for bad in ["UPPER:tag", "", "busybox@sha256:short"] {
+        let (code, _, err) = run(img, &["--rm", bad]);
+        assert_eq!(code, 1, "{bad:?}: {err}");
+        assert!(err.contains("is not an image reference or id"), "{bad:?}: {err}");
+    }
     assert!(err.contains("no such image"), "{err}");
     no_leaks(img);
 }
@@ -184,7 +190,7 @@ fn image_env_workdir_and_user_are_honoured() {
     let (_, out, _) = run(img, &["--rm", "-u", "4242:4343", "busybox", "id"]);
     assert!(out.starts_with("uid=4242 gid=4343"), "{out}");
     let (code, _, err) = run(img, &["--rm", "-u", "nobody-here", "busybox", "id"]);
-    assert_eq!(code, 125);
+    assert_eq!(code, 1, "{err}");
     assert!(err.contains("unable to find user nobody-here"), "{err}");
     // An image by its full ID (`sha256:` and the config digest, as `build -q` prints it).
     let inspect: serde_json::Value = serde_json::from_str(&twinbox(img, &["inspect", "busybox:app"]).1).unwrap();
@@ -209,7 +215,7 @@ fn limits_that_cannot_be_applied_are_refused() {
     let img = &img;
     for cpus in ["1e-9", "0.001", "1000", "0"] {
         let (code, _, err) = run(img, &["--rm", "--cpus", cpus, "busybox", "true"]);
-        assert_eq!(code, 125, "--cpus {cpus}: {err}");
+        assert_eq!(code, 1, "--cpus {cpus}: {err}");
         assert!(err.contains("give a number from 0.01 to"), "--cpus {cpus}: {err}");
     }
     let (code, _, err) = run(img, &["--rm", "--memory", "99999999999999999999", "busybox", "true"]);
@@ -250,7 +256,7 @@ fn a_name_goes_to_one_container_only() {
         assert_eq!(code, 0, "the name is free again: {err}");
     }
     let (code, _, err) = run(img, &["--rm", "--name", "bad/name", "busybox", "true"]);
-    assert_eq!(code, 125, "{err}");
+    assert_eq!(code, 1, "{err}");
     assert!(err.contains("invalid container name"), "{err}");
     no_leaks(img);
 }

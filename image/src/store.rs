@@ -69,6 +69,13 @@ pub enum StoreError {
     /// A short id matched several images.
     #[error("image id {0} is ambiguous; give more characters")]
     Ambiguous(String),
+    /// What names the image is neither a reference nor an image id.
+    #[error("{input:?} is not an image reference or id")]
+    InvalidReference {
+        input: String,
+        #[source]
+        source: crate::reference::ReferenceError,
+    },
     /// A JSON document in the store is invalid.
     #[error("invalid {what} {digest}")]
     Json {
@@ -151,6 +158,7 @@ impl ExitCode for StoreError {
         match self {
             StoreError::NoSuchImage(_)
             | StoreError::Ambiguous(_)
+            | StoreError::InvalidReference { .. }
             | StoreError::NoPlatform { .. }
             | StoreError::InUse { .. }
             // The message asks whether --root names an image layout.
@@ -603,7 +611,9 @@ impl Store {
         let index = self.index()?;
         let hexish = s.strip_prefix("sha256:").unwrap_or(s);
         let looks_like_id = hexish.len() >= 4 && hexish.bytes().all(|b| b.is_ascii_hexdigit());
-        if let Ok(r) = s.parse::<Reference>() {
+        let parsed = s.parse::<Reference>();
+        if let Ok(r) = &parsed {
+            let r = r.clone();
             let name = r.to_string();
             if let Some(desc) = index.manifests().iter().find(|d| ref_name(d) == Some(name.as_str())) {
                 return self.image_from_descriptor(desc.clone(), Some(r), None);
@@ -655,7 +665,10 @@ impl Store {
                 _ => Err(StoreError::Ambiguous(s.to_owned())),
             };
         }
-        Err(StoreError::NoSuchImage(s.to_owned()))
+        match parsed {
+            Err(source) => Err(StoreError::InvalidReference { input: s.to_owned(), source }),
+            Ok(_) => Err(StoreError::NoSuchImage(s.to_owned())),
+        }
     }
 
     /// Load the manifest and config a descriptor points to. An image index is resolved to the
