@@ -21,10 +21,14 @@ struct Images {
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
 /// Container cgroup dirs (64-hex names) under /twinbox in the hierarchies we use.
+/// The containers' cgroups (`twinbox/<id>`) in every hierarchy: each v1 controller's, the
+/// hybrid host's unified one, and a pure v2 host's root (/sys/fs/cgroup itself).
 fn container_cgroups() -> Vec<String> {
     let mut out = Vec::new();
-    for ctl in ["memory", "pids", "cpu", "unified"] {
-        let dir = Path::new("/sys/fs/cgroup").join(ctl).join("twinbox");
+    let mut hierarchies = vec![Path::new("/sys/fs/cgroup").to_path_buf()];
+    hierarchies.extend(std::fs::read_dir("/sys/fs/cgroup").into_iter().flatten().flatten().map(|e| e.path()));
+    for h in hierarchies {
+        let dir = h.join("twinbox");
         for e in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
             let n = e.file_name().to_string_lossy().into_owned();
             if n.len() == 64 && n.bytes().all(|b| b.is_ascii_hexdigit()) && e.path().is_dir() {

@@ -221,6 +221,11 @@ const MKDIR_ATTEMPTS: u32 = 20;
 /// Makes `mount/components…`, calling `before_child(parent)` before each level is created and
 /// `after_child(child, parent)` after. Intermediate directories may exist already; the last one
 /// (the container's leaf) must not. Returns the leaf.
+/// Whether cgroup directory `dir` is being removed: its files read ENODEV.
+fn dying(dir: &Path) -> bool {
+    std::fs::read(dir.join("cgroup.procs")).is_err_and(|e| e.raw_os_error() == Some(libc::ENODEV))
+}
+
 pub(super) fn make_chain(
     mount: &Path,
     components: &[&OsStr],
@@ -236,7 +241,7 @@ pub(super) fn make_chain(
             let is_leaf = i + 1 == components.len();
             // A shared parent removed under us (the last container under it went) takes the
             // writes into it along: walk the path again.
-            let vanished = |d: &Path| i > 0 && attempt < MKDIR_ATTEMPTS && !d.exists();
+            let vanished = |d: &Path| i > 0 && attempt < MKDIR_ATTEMPTS && (!d.exists() || dying(d));
             match before_child(&dir) {
                 Err(_) if vanished(&dir) => continue 'walk,
                 r => r?,
@@ -252,8 +257,18 @@ pub(super) fn make_chain(
                 Err(source) => return Err(CgroupError::Mkdir { path: child, source }),
             }
             match after_child(&child, &dir) {
-                // The new directory itself went (it was still an empty parent), or its parent.
-                Err(_) if !is_leaf && attempt < MKDIR_ATTEMPTS && !child.exists() => continue 'walk,
+                // The new directory itself went (it was still an empty parent), or its parent
+                // (removed, or dying as the last container under it went: its files then read
+                // ENODEV): undo the leaf made in it, and walk the path again.
+                Err(_)
+                    if attempt < MKDIR_ATTEMPTS
+                        && (!child.exists() || !dir.exists() || dying(&child) || dying(&dir)) =>
+                {
+                    if is_leaf && std::fs::remove_dir(&child).is_ok() {
+                        created.dirs.retain(|d| d != &child);
+                    }
+                    continue 'walk;
+                }
                 r => r?,
             }
             dir = child;
