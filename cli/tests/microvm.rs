@@ -384,7 +384,7 @@ fn microvm_run_matches_the_container_run() {
     assert_eq!(hang.code, 125, "{hang:?}");
     assert!(hang.err.contains("still running after") && hang.err.contains("--timeout"), "{hang:?}");
     let small = get("small");
-    assert_eq!(small.code, 125, "{small:?}");
+    assert_eq!(small.code, 1, "a --memory too small for the kernel is the user's mistake: {small:?}");
     assert!(small.err.contains("does not fit 12 MiB of guest memory; give the VM more memory"), "{small:?}");
     let panic = get("panic");
     assert_eq!(panic.code, 125, "{panic:?}");
