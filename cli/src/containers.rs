@@ -128,6 +128,12 @@ pub struct RunArgs {
     /// Run in the background and print the container id.
     #[arg(short, long)]
     detach: bool,
+    /// Give the workload a terminal (a pty in the container, its size following ours).
+    #[arg(short = 't', long)]
+    tty: bool,
+    /// Keep stdin attached (a foreground run's stdin always is; accepted for `-it`).
+    #[arg(short = 'i', long)]
+    interactive: bool,
     /// Container name.
     #[arg(long)]
     name: Option<String>,
@@ -250,6 +256,13 @@ pub fn run(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
     if a.detach && a.rm {
         // Allowed, as in Docker: the monitor removes it on exit.
     }
+    if a.tty && a.detach {
+        return Err(UserError(
+            "-t with -d: a detached container's terminal needs `attach`, which twinbox has not; drop -t, or -d".into(),
+        )
+        .into());
+    }
+    let _ = a.interactive;
     let mut seccomp = None;
     for o in &a.security_opt {
         match o.split_once(['=', ':']) {
@@ -278,6 +291,7 @@ pub fn run(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
         network,
         publish,
         publish_all: a.publish_all,
+        tty: a.tty,
     };
     let record = eng.prepare(&opts)?;
     if a.detach {
@@ -303,6 +317,9 @@ fn run_microvm(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
     };
     if a.detach {
         return refuse("-d/--detach");
+    }
+    if a.tty {
+        return refuse("-t/--tty");
     }
     if a.pids_limit.is_some() {
         return refuse("--pids-limit");

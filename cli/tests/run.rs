@@ -610,3 +610,49 @@ fn runs_racing_rmi_and_prune_see_whole_images_or_none() {
     let _ = twinbox(img, &["load", "-i", archive.to_str().unwrap()]);
     no_leaks(img);
 }
+
+/// `run -it`: the workload's stdio is a terminal of its own (a pty in the container) proxied to
+/// ours: it sees a tty on 0 and 1, reads what is typed, and its exit code is the run's. `-t`
+/// with `-d` is refused (there is no attach).
+#[test]
+fn run_it_gives_the_workload_a_terminal() {
+    let Some(img) = images() else { return };
+    let img = &img;
+    let pty = nix::pty::openpty(None, None).unwrap();
+    let slave = || std::process::Stdio::from(pty.slave.try_clone().unwrap());
+    let mut child = img
+        .env
+        .cmd()
+        .env("TWINBOX_RUNTIME_ROOT", img.env.path("runtime"))
+        .args(["run", "--rm", "-it", "--network", "none", "busybox", "sh", "-c"])
+        .arg("test -t 0 && test -t 1 && echo both-ttys; read line; echo got-$line; exit 3")
+        .stdin(slave())
+        .stdout(slave())
+        .stderr(slave())
+        .spawn()
+        .unwrap();
+    let mut master = std::fs::File::from(pty.master);
+    std::io::Write::write_all(&mut master, b"typed\n").unwrap();
+    // Read until the workload's last words (bounded by the child's exit and a deadline).
+    let mut out = Vec::new();
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let mut buf = [0u8; 1024];
+    while std::time::Instant::now() < deadline && !String::from_utf8_lossy(&out).contains("got-typed") {
+        let mut fds = [nix::poll::PollFd::new(std::os::fd::AsFd::as_fd(&master), nix::poll::PollFlags::POLLIN)];
+        if nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(200u16)).unwrap_or(0) > 0 {
+            match std::io::Read::read(&mut master, &mut buf) {
+                Ok(0) | Err(_) => break,
+                Ok(n) => out.extend_from_slice(&buf[..n]),
+            }
+        }
+    }
+    let status = child.wait().unwrap();
+    let out = String::from_utf8_lossy(&out);
+    assert!(out.contains("both-ttys"), "{out}");
+    assert!(out.contains("got-typed"), "{out}");
+    assert_eq!(status.code(), Some(3), "{out}");
+    let (code, _, err) = run(img, &["-d", "-t", "busybox", "true"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("-t with -d"), "{err}");
+    no_leaks(img);
+}

@@ -780,8 +780,19 @@ impl Engine {
         // threads start only once the container exists: `create` clones the init, which must
         // not inherit another thread's locks.
         let mut tee = None;
+        // -t: the init opens a pty in the container and sends its master over a socket of
+        // ours; a proxy copies between it and our stdio (in raw mode). Its output is not kept
+        // for `logs`.
+        let console = if record.options.tty {
+            forwarded.add(Signal::SIGWINCH);
+            let _ = forwarded.thread_block();
+            Some(twinbox_runtime::terminal::ConsoleSocket::listen().map_err(io_err("listen on", "a console socket"))?)
+        } else {
+            None
+        };
+        let mut proxy = None;
         let result = (|| {
-            let stdio = if record.options.rm {
+            let stdio = if record.options.rm || console.is_some() {
                 None
             } else {
                 let (stdio, readers) = self.log_pipes(&record.id)?;
@@ -789,13 +800,27 @@ impl Engine {
                 Some(stdio)
             };
             self.resolve_joined_netns(&record)?;
-            let mut state = self.runtime.create(&record.id, &bundle, CreateOptions { stdio, ..Default::default() })?;
+            let opts =
+                CreateOptions { stdio, console_socket: console.as_ref().map(|c| c.path.clone()), ..Default::default() };
+            let mut state = self.runtime.create(&record.id, &bundle, opts)?;
+            if let Some(c) = &console {
+                match c.receive() {
+                    Ok(master) => proxy = Some(twinbox_runtime::terminal::ConsoleProxy::start(master)),
+                    Err(e) => {
+                        let _ = self.runtime.delete(&record.id, true);
+                        return Err(io_err("receive the terminal of", self.container_dir(&record.id))(e));
+                    }
+                }
+            }
             let copiers = tee.take().map(|(out, err, log)| tee_threads(out, err, log)).unwrap_or_default();
             let pid = Pid::from_raw(state.pid);
             record.phase = Phase::Running { pid: pid.as_raw() };
             let started = self.network_and_start(&mut record, &mut state);
-            Ok((started.map(|()| wait_forwarding(pid, &forwarded)), copiers))
+            Ok((started.map(|()| wait_forwarding(pid, &forwarded, proxy.as_ref())), copiers))
         })();
+        if let Some(p) = proxy.take() {
+            p.finish();
+        }
         let _ = old.thread_set_mask();
         let (code, copiers) = match result {
             Ok((Ok(code), copiers)) => (code, copiers),
@@ -1243,7 +1268,7 @@ fn join_all(threads: Vec<std::thread::JoinHandle<()>>) {
     }
 }
 
-fn wait_forwarding(pid: Pid, set: &SigSet) -> i32 {
+fn wait_forwarding(pid: Pid, set: &SigSet, console: Option<&twinbox_runtime::terminal::ConsoleProxy>) -> i32 {
     loop {
         match waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
             Ok(WaitStatus::StillAlive) => {}
@@ -1257,6 +1282,11 @@ fn wait_forwarding(pid: Pid, set: &SigSet) -> i32 {
         }
         match set.wait() {
             Ok(Signal::SIGCHLD) => {}
+            Ok(Signal::SIGWINCH) => {
+                if let Some(c) = console {
+                    c.resize();
+                }
+            }
             Ok(sig) => {
                 let _ = nix::sys::signal::kill(pid, sig);
             }

@@ -73,6 +73,9 @@ pub struct RunOptions {
     /// `-P`: also publish every TCP port the image EXPOSEs, each on a free host port.
     #[serde(default)]
     pub publish_all: bool,
+    /// `-t`: the workload's stdio is a terminal (a pty of the container's, proxied to ours).
+    #[serde(default)]
+    pub tty: bool,
 }
 
 /// The network namespace a container gets, and the files bound over its `/etc` (hosts,
@@ -136,7 +139,7 @@ pub fn build_spec(
         user = user.additional_gids(additional);
     }
     let process = ProcessBuilder::default()
-        .terminal(false)
+        .terminal(opts.tty)
         .args(args)
         .env(env)
         .cwd(cwd)
