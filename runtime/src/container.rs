@@ -71,12 +71,14 @@ pub enum RuntimeError {
     Version { version: String },
     #[error("invalid config.json: {reason}")]
     InvalidSpec { reason: &'static str },
-    #[error("root filesystem {path}")]
+    #[error("root.path {path}")]
     Rootfs {
         path: PathBuf,
         #[source]
         source: std::io::Error,
     },
+    #[error("root.path {path} {why}")]
+    RootPath { path: PathBuf, why: &'static str },
     #[error(transparent)]
     RootfsConfig(#[from] RootfsError),
     #[error(transparent)]
@@ -161,6 +163,7 @@ impl ExitCode for RuntimeError {
             | RuntimeError::Version { .. }
             | RuntimeError::InvalidSpec { .. }
             | RuntimeError::Rootfs { .. }
+            | RuntimeError::RootPath { .. }
             | RuntimeError::CannotStart { .. }
             | RuntimeError::NotRunning { .. }
             | RuntimeError::NotPaused { .. }

@@ -155,9 +155,24 @@ pub(crate) fn create(rt: &Runtime, id: &str, bundle: &Path, opts: CreateOptions)
     let rootfs_path = if root.path().is_absolute() { root.path().clone() } else { bundle.join(root.path()) };
     let rootfs = std::fs::canonicalize(&rootfs_path)
         .map_err(|source| RuntimeError::Rootfs { path: rootfs_path.clone(), source })?;
+    if rootfs == Path::new("/") {
+        return Err(RuntimeError::RootPath {
+            path: rootfs_path,
+            why: "is the host's root directory: give the container a root filesystem of its own",
+        });
+    }
+    if !rootfs.is_dir() {
+        return Err(RuntimeError::RootPath {
+            path: rootfs_path,
+            why: "is not a directory: it must be one, the container's /",
+        });
+    }
     let process = spec.process().as_ref().ok_or(RuntimeError::InvalidSpec { reason: "process is missing" })?;
     if process.args().as_deref().unwrap_or(&[]).is_empty() {
         return Err(RuntimeError::InvalidSpec { reason: "process.args must not be empty" });
+    }
+    if !process.cwd().is_absolute() {
+        return Err(RuntimeError::InvalidSpec { reason: "process.cwd must be an absolute path (as runc requires)" });
     }
     let linux = spec.linux().clone().unwrap_or_default();
     let ns = Namespaces::from_spec(linux.namespaces().as_deref().unwrap_or(&[]))?;

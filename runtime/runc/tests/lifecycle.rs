@@ -224,6 +224,33 @@ fn bad_oci_version_is_refused() {
     env.assert_no_leaks();
 }
 
+/// As runc: a relative `process.cwd` is refused; a `root.path` that is a file, or the host's
+/// `/`, is refused naming root.path. Before anything is made.
+#[test]
+fn relative_cwd_and_unusable_root_paths_are_refused() {
+    let mut env = env_or_skip!("relative_cwd");
+    env.spec["process"]["cwd"] = json!("work");
+    let (code, err) = env.create();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("process.cwd must be an absolute path"), "{err}");
+    env.assert_no_leaks();
+
+    let mut env = env_or_skip!("root_is_file");
+    std::fs::write(env.bundle.join("afile"), "x").unwrap();
+    env.spec["root"]["path"] = json!("afile");
+    let (code, err) = env.create();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("root.path") && err.contains("is not a directory"), "{err}");
+    env.assert_no_leaks();
+
+    let mut env = env_or_skip!("root_is_slash");
+    env.spec["root"]["path"] = json!("/");
+    let (code, err) = env.create();
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("root.path /") && err.contains("host's root"), "{err}");
+    env.assert_no_leaks();
+}
+
 #[test]
 fn mount_failing_before_the_cgroups_are_made_is_reported() {
     // The init mounts what comes before the first cgroup mount while the runtime is still
