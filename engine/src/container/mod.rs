@@ -186,8 +186,9 @@ pub struct Record {
     /// Its published ports as bound (a free host port filled in) while it runs.
     #[serde(default)]
     pub ports: Vec<PortMapping>,
-    /// The twinbox process that answers for the container while it is made and, for a
-    /// foreground run, until it has ended; None once the store's monitor does (detached).
+    /// The twinbox process that answers for the container while it is made and started (for
+    /// a detached one, its launcher), and for a foreground run until it has ended; None once the
+    /// store's monitor watches it.
     /// A record whose owner is gone was left by a twinbox that was killed ([`Engine::reconcile`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<Owner>,
@@ -972,8 +973,8 @@ impl Engine {
                 self.runtime.create(id, &bundle, CreateOptions { stdio: Some(stdio), ..Default::default() })?;
             let pid = Pid::from_raw(state.pid);
             record.phase = Phase::Running { pid: pid.as_raw() };
-            // From here on the store's monitor answers for it.
-            record.owner = None;
+            // The launcher answers for it until the monitor watches it.
+            record.owner = Owner::me();
             if let Err(e) = self.network_and_start(&mut record, &mut state) {
                 let _ = self.runtime.delete(id, true);
                 return Err(e);
@@ -1001,6 +1002,11 @@ impl Engine {
         command.push(id.into());
         command.push(pid.as_raw().to_string().into());
         let watched = monitor::watch(self.store.root(), pid.as_raw(), &command, &monitor::environment());
+        if watched.is_ok() {
+            // From here on the store's monitor answers for it.
+            record.owner = None;
+            let _ = self.save(&record);
+        }
         let _ = writeln!(report, "ok {pid}");
         let _ = report.flush();
         let Err(e) = watched else { return 0 };
@@ -1121,7 +1127,8 @@ impl Engine {
             let Some(stored) = self.stored(&r.id) else { continue };
             let owner_gone = stored.owner.as_ref().is_some_and(|o| !o.alive());
             // Recorded as running, but killed before its start: the init waits on exec.fifo.
-            let never_started = matches!(r.phase, Phase::Running { .. })
+            let never_started = owner_gone
+                && matches!(r.phase, Phase::Running { .. })
                 && matches!(self.runtime.state(&r.id), Ok(s) if s.status == twinbox_runtime::Status::Created);
             match (&stored.phase, &r.phase) {
                 (Phase::Created, _) | (Phase::Running { .. }, Phase::Running { .. })
