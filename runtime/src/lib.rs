@@ -40,6 +40,38 @@ pub fn exit_code(status: nix::sys::wait::WaitStatus) -> Option<i32> {
     }
 }
 
+/// Waits for `pid` (a child of ours) while passing every signal of `set` (blocked by the
+/// caller) on to it, SIGCHLD aside; SIGWINCH resizes `console`'s pty instead. Its exit code
+/// (128+N for signal N).
+pub fn wait_forwarding(
+    pid: nix::unistd::Pid,
+    set: &nix::sys::signal::SigSet,
+    console: Option<&terminal::ConsoleProxy>,
+) -> nix::Result<i32> {
+    use nix::sys::signal::Signal;
+    use nix::sys::wait::{waitpid, WaitPidFlag};
+    loop {
+        // Reap first: the child may have ended before we started waiting for signals.
+        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
+            Ok(status) => {
+                if let Some(code) = exit_code(status) {
+                    return Ok(code);
+                }
+            }
+            Err(nix::errno::Errno::EINTR) => continue,
+            Err(e) => return Err(e),
+        }
+        match (set.wait()?, console) {
+            (Signal::SIGCHLD, _) => {}
+            (Signal::SIGWINCH, Some(c)) => c.resize(),
+            (sig, _) => {
+                tracing::debug!(signal = %sig, pid = pid.as_raw(), "forwarding");
+                let _ = nix::sys::signal::kill(pid, sig);
+            }
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use nix::sys::signal::Signal;

@@ -24,7 +24,7 @@ use std::os::fd::{AsFd, OwnedFd};
 use std::path::{Path, PathBuf};
 
 use nix::sys::signal::{SigSet, Signal};
-use nix::sys::wait::{waitpid, WaitStatus};
+use nix::sys::wait::waitpid;
 use nix::unistd::Pid;
 use serde::{Deserialize, Serialize};
 use twinbox_exit::ExitCode;
@@ -817,7 +817,12 @@ impl Engine {
             let pid = Pid::from_raw(state.pid);
             record.phase = Phase::Running { pid: pid.as_raw() };
             let started = self.network_and_start(&mut record, &mut state);
-            Ok((started.map(|()| wait_forwarding(pid, &forwarded, proxy.as_ref())), copiers))
+            Ok((
+                started.map(|()| {
+                    twinbox_runtime::wait_forwarding(pid, &forwarded, proxy.as_ref()).unwrap_or(twinbox_exit::INTERNAL)
+                }),
+                copiers,
+            ))
         })();
         if let Some(p) = proxy.take() {
             p.finish();
@@ -1230,8 +1235,6 @@ impl Engine {
 pub const FORWARDED: [Signal; 6] =
     [Signal::SIGINT, Signal::SIGTERM, Signal::SIGHUP, Signal::SIGQUIT, Signal::SIGUSR1, Signal::SIGUSR2];
 
-/// Wait for `pid` (our child) while passing blocked `FORWARDED` signals on to it; returns its
-/// exit code (128+N for signal N).
 /// The read ends of a foreground container's stdout and stderr pipes, and its log.
 type TeeReaders = (io::PipeReader, io::PipeReader, fs::File);
 
@@ -1272,33 +1275,6 @@ fn tee_threads(out: io::PipeReader, err: io::PipeReader, log: fs::File) -> Vec<s
 fn join_all(threads: Vec<std::thread::JoinHandle<()>>) {
     for t in threads {
         let _ = t.join();
-    }
-}
-
-fn wait_forwarding(pid: Pid, set: &SigSet, console: Option<&twinbox_runtime::terminal::ConsoleProxy>) -> i32 {
-    loop {
-        match waitpid(pid, Some(nix::sys::wait::WaitPidFlag::WNOHANG)) {
-            Ok(WaitStatus::StillAlive) => {}
-            Ok(s) => {
-                if let Some(code) = twinbox_runtime::exit_code(s) {
-                    return code;
-                }
-            }
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(_) => return 125,
-        }
-        match set.wait() {
-            Ok(Signal::SIGCHLD) => {}
-            Ok(Signal::SIGWINCH) => {
-                if let Some(c) = console {
-                    c.resize();
-                }
-            }
-            Ok(sig) => {
-                let _ = nix::sys::signal::kill(pid, sig);
-            }
-            Err(_) => {}
-        }
     }
 }
 

@@ -11,8 +11,7 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
 use clap::{Parser, Subcommand, ValueEnum};
-use nix::sys::signal::{kill, SigSet, Signal};
-use nix::sys::wait::{waitpid, WaitPidFlag};
+use nix::sys::signal::{SigSet, Signal};
 use nix::unistd::Pid;
 use oci_spec::runtime::{LinuxResources, Process};
 use twinbox_exit::ExitCode;
@@ -617,25 +616,7 @@ fn forwarded_signals() -> SigSet {
 /// Wait for `pid` (a child), forwarding signals to it; returns its exit code (128+signal).
 /// The signals must already be blocked. With a console, SIGWINCH resizes it instead.
 fn wait_forwarding(pid: Pid, set: &SigSet, console: Option<&ConsoleProxy>) -> Result<i32, CliError> {
-    loop {
-        // Reap first: the child may have ended before we started waiting for signals.
-        match waitpid(pid, Some(WaitPidFlag::WNOHANG)) {
-            Ok(status) => {
-                if let Some(code) = twinbox_runtime::exit_code(status) {
-                    return Ok(code);
-                }
-            }
-            Err(nix::errno::Errno::EINTR) => continue,
-            Err(e) => return Err(CliError::Wait(e)),
-        }
-        let sig = set.wait().map_err(CliError::Wait)?;
-        if let (Signal::SIGWINCH, Some(c)) = (sig, console) {
-            c.resize();
-        } else if sig != Signal::SIGCHLD {
-            tracing::debug!(signal = %sig, pid = pid.as_raw(), "forwarding");
-            let _ = kill(pid, sig);
-        }
-    }
+    twinbox_runtime::wait_forwarding(pid, set, console).map_err(CliError::Wait)
 }
 
 /// Does the bundle's config ask for a terminal? Only `process.terminal` is read (`create`
