@@ -37,6 +37,7 @@ use crate::network::publish::{self, PortMapping};
 use crate::network::{cni, nft, Networks, DEFAULT_NETWORK};
 use twinbox_runtime::cgroups::CgroupManager;
 use twinbox_runtime::container::{CreateOptions, Runtime};
+use twinbox_runtime::state::ProcStat;
 use twinbox_runtime::RuntimeError;
 
 /// Errors from the container engine.
@@ -206,28 +207,19 @@ impl Owner {
     /// This process.
     pub fn me() -> Option<Owner> {
         let pid = std::process::id() as i32;
-        Some(Owner { pid, start: start_time(pid)? })
+        Some(Owner { pid, start: ProcStat::read(pid)?.start_time })
     }
 
     /// Whether it still runs.
     pub fn alive(&self) -> bool {
-        start_time(self.pid) == Some(self.start)
+        ProcStat::read(self.pid).map(|s| s.start_time) == Some(self.start)
     }
 }
 
 /// Whether process `pid` runs: it exists and is not a zombie (an init whose parent was killed
 /// waits as one until init reaps it, which can take a while).
 fn runs(pid: i32) -> bool {
-    match fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(stat) => stat.rsplit_once(')').is_some_and(|(_, rest)| !rest.trim_start().starts_with('Z')),
-        Err(_) => false,
-    }
-}
-
-/// When process `pid` started (field 22 of its stat), if it exists.
-fn start_time(pid: i32) -> Option<u64> {
-    let stat = fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    stat.rsplit_once(')')?.1.split_whitespace().nth(19)?.parse().ok()
+    ProcStat::read(pid).is_some_and(|s| s.state != 'Z')
 }
 
 /// The container engine.
@@ -709,7 +701,8 @@ impl Engine {
         cni::release_netns(id);
         if published {
             // Looked up first: a removal, even of nothing, waits for the kernel's RCU grace
-            // period (about 20 ms here), and `run --rm` gets here twice.
+            // period (about 20 ms here), and `rm -f` and the monitor's exit command may both
+            // get here.
             let table = nft::container_table(id);
             let removed =
                 nft::Nft::open().and_then(|mut n| if n.has_table(&table)? { n.delete_table(&table) } else { Ok(()) });
@@ -874,14 +867,15 @@ impl Engine {
             .and_then(|c| c.oom_kills().ok())
             .is_some_and(|n| n > 0);
         let deleted = self.delete_runtime(&record.id);
-        let endpoint = record.endpoint.take();
-        if endpoint.is_some() || matches!(record.options.network, NetworkMode::Cni(_)) {
-            self.leave_network(&record.id, endpoint.as_ref(), !record.options.publish.is_empty());
-        }
-        record.ports.clear();
         if record.options.rm {
+            // Leaves the network too, once.
             self.remove_files(&record.id)?;
         } else {
+            let endpoint = record.endpoint.take();
+            if endpoint.is_some() || matches!(record.options.network, NetworkMode::Cni(_)) {
+                self.leave_network(&record.id, endpoint.as_ref(), !record.options.publish.is_empty());
+            }
+            record.ports.clear();
             record.phase = Phase::Exited { code, oom_killed };
             self.save(&record)?;
         }
