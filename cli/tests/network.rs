@@ -208,6 +208,20 @@ fn containers_join_bridge_networks() {
     // Two containers on one network reach each other; a third joins the first's namespace.
     let (code, _, err) = tb(&["run", "-d", "--network", "tnet", "--name", "a", "busybox", "sleep", "60"]);
     assert_eq!(code, 0, "{err}");
+    // Links inside the host are large (65520) and what leaves by the default route is not
+    // (Docker's 1500), on a network that sets no MTU.
+    assert_eq!(tb(&["exec", "a", "cat", "/sys/class/net/eth0/mtu"]).1.trim(), "65520");
+    let routes: Vec<String> = processes_with(&["sleep", "60"])
+        .iter()
+        .filter_map(|pid| {
+            let o = std::process::Command::new("nsenter")
+                .args(["-t", &pid.to_string(), "-n", "ip", "-4", "route", "show", "default"])
+                .output()
+                .ok()?;
+            Some(String::from_utf8_lossy(&o.stdout).into_owned())
+        })
+        .collect();
+    assert!(routes.iter().any(|r| r.contains("mtu 1500")), "{routes:?}");
     let held: serde_json::Value = serde_json::from_str(&env.ok(&["network", "inspect", "tnet"])).unwrap();
     let a_ip = held[0]["addresses"].as_object().unwrap().keys().next().unwrap().clone();
     let (code, out, err) = tb(&[

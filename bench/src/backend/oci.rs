@@ -257,8 +257,8 @@ impl Backend for Oci {
 
     fn serve_note(&self) -> String {
         format!(
-            "a network namespace attached by the CNI bridge (host-local, ipMasq) and portmap plugins of {}, \
-             127.0.0.1:PORT → 8080",
+            "a network namespace attached by the CNI bridge (host-local, ipMasq, the plugin's default MTU of 1500) \
+             and portmap plugins of {}, 127.0.0.1:PORT → 8080",
             super::cni::PLUGIN_DIR
         )
     }

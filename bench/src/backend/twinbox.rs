@@ -103,7 +103,9 @@ impl Backend for TwinboxContainer {
     }
 
     fn serve_note(&self) -> String {
-        "`twinbox run -d -p 127.0.0.1:PORT:8080` on the default bridge network".into()
+        "`twinbox run -d -p 127.0.0.1:PORT:8080` on the default bridge network (veth and bridge of MTU 65520, \
+         the containers' default route 1500)"
+            .into()
     }
 
     fn run_published(&self, id: &str, host_port: u16) -> Result<Option<std::time::Duration>, BackendError> {

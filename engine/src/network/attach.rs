@@ -58,9 +58,12 @@ pub struct Endpoint {
     pub gateway: Ipv4Addr,
     /// The host end of the veth pair.
     pub host_veth: String,
-    /// The network's MTU, when it sets one (else the kernel's 1500).
+    /// The MTU of the veth pair (else the kernel's 1500).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
+    /// The MTU of the container's default route, when it is below the link's.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_mtu: Option<u32>,
 }
 
 impl Endpoint {
@@ -72,7 +75,8 @@ impl Endpoint {
             prefix_len: network.subnet.prefix_len,
             gateway: network.gateway,
             host_veth: format!("tbv{}", &id[..id.len().min(8)]),
-            mtu: network.mtu,
+            mtu: Some(network.mtu.unwrap_or(super::LINK_MTU)),
+            route_mtu: network.mtu.is_none().then_some(super::ROUTE_MTU),
         }
     }
 }
@@ -134,7 +138,7 @@ fn configure_inside(netns: &OwnedFd, endpoint: &Endpoint) -> Result<(), NetworkE
             if let Some(lo) = nl.link_index("lo")? {
                 nl.set_up(lo, "lo")?;
             }
-            nl.add_default_route(endpoint.gateway, eth0)?;
+            nl.add_default_route(endpoint.gateway, eth0, endpoint.route_mtu)?;
             Ok(())
         })
         .join()

@@ -48,6 +48,16 @@ pub const BUILTIN: [&str; 2] = ["host", "none"];
 const DEFAULT_SUBNET: Subnet = Subnet { addr: Ipv4Addr::new(10, 89, 0, 0), prefix_len: 16 };
 /// Where other networks' subnets are taken from, a /24 each.
 const POOL: Subnet = Subnet { addr: Ipv4Addr::new(10, 90, 0, 0), prefix_len: 16 };
+/// The MTU of a network's links when the network does not set one. Its bridge and veth pairs
+/// are links inside this host, as loopback is: with large packets, traffic between the host and
+/// its containers and between containers costs a fraction of what 1500-byte packets cost.
+pub(crate) const LINK_MTU: u32 = 65520;
+
+/// The MTU of a container's default route when the network does not set one: what leaves the
+/// bridge for other hosts goes in packets of Docker's default size, so nothing changes for
+/// paths beyond this host (TCP's MSS, UDP fragmentation) against a 1500-byte network.
+pub(crate) const ROUTE_MTU: u32 = 1500;
+
 /// The MTUs a network may have (IPv4's minimum to the largest a veth takes).
 const MTU_RANGE: std::ops::RangeInclusive<u32> = 68..=65535;
 /// Prefix of the bridges of networks other than the default one.
@@ -218,8 +228,9 @@ pub struct Network {
     /// Address → the container (id) that holds it.
     #[serde(default)]
     pub addresses: BTreeMap<Ipv4Addr, String>,
-    /// The MTU of its bridge and veth pairs, when given (`--mtu`); else the kernel's 1500, as
-    /// Docker's default.
+    /// The MTU of its bridge and veth pairs and its containers' routes, when given (`--mtu`).
+    /// Else links of `LINK_MTU` within the host and default routes of `ROUTE_MTU` (Docker's
+    /// 1500) for what leaves it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub mtu: Option<u32>,
 }

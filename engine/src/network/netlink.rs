@@ -11,7 +11,7 @@ use netlink_packet_core::{
 use netlink_packet_route::address::{AddressAttribute, AddressMessage};
 use netlink_packet_route::link::{InfoData, InfoKind, InfoVeth, LinkAttribute, LinkFlags, LinkInfo, LinkMessage};
 use netlink_packet_route::route::{
-    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteProtocol, RouteScope, RouteType,
+    RouteAddress, RouteAttribute, RouteHeader, RouteMessage, RouteMetric, RouteProtocol, RouteScope, RouteType,
 };
 use netlink_packet_route::{AddressFamily, RouteNetlinkMessage};
 use netlink_sys::{protocols::NETLINK_ROUTE, Socket, SocketAddr};
@@ -101,8 +101,9 @@ impl Netlink {
         self.request(RouteNetlinkMessage::SetLink(link), 0, &format!("put {name} on its bridge")).map(drop)
     }
 
-    /// The default route via `gateway` out of link `oif`.
-    pub fn add_default_route(&mut self, gateway: Ipv4Addr, oif: u32) -> Result<(), NetlinkError> {
+    /// The default route via `gateway` out of link `oif`; with `mtu`, packets on it are at most
+    /// that large whatever the link's MTU (the route's own MTU metric).
+    pub fn add_default_route(&mut self, gateway: Ipv4Addr, oif: u32, mtu: Option<u32>) -> Result<(), NetlinkError> {
         let mut route = RouteMessage::default();
         route.header.address_family = AddressFamily::Inet;
         route.header.table = RouteHeader::RT_TABLE_MAIN;
@@ -111,6 +112,9 @@ impl Netlink {
         route.header.kind = RouteType::Unicast;
         route.attributes.push(RouteAttribute::Gateway(RouteAddress::Inet(gateway)));
         route.attributes.push(RouteAttribute::Oif(oif));
+        if let Some(mtu) = mtu {
+            route.attributes.push(RouteAttribute::Metrics(vec![RouteMetric::Mtu(mtu)]));
+        }
         self.request(
             RouteNetlinkMessage::NewRoute(route),
             NLM_F_CREATE | NLM_F_EXCL,
