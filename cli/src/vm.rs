@@ -21,6 +21,10 @@ pub struct VmArgs {
     /// guest sees them as /dev/vda, /dev/vdb, ... in order (at most 8).
     #[arg(long, value_name = "PATH[,ro]", value_parser = parse_disk)]
     disk: Vec<DiskConfig>,
+    /// A virtio-net card on a tap (made if missing, removed when the VM ends), with the
+    /// guest's MAC when given. Repeatable (at most 4): eth0, eth1, ... in order.
+    #[arg(long, value_name = "TAP[,mac=MAC]", value_parser = parse_net)]
+    net: Vec<twinbox_microvm::NetConfig>,
     /// Kernel command line (default: a quiet serial console, reboot=k, panic=1).
     #[arg(long)]
     cmdline: Option<String>,
@@ -52,6 +56,18 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     Ok(DiskConfig { path: PathBuf::from(path), read_only })
 }
 
+/// `TAP` or `TAP,mac=MAC`.
+fn parse_net(s: &str) -> Result<twinbox_microvm::NetConfig, String> {
+    let (tap, mac) = match s.split_once(',') {
+        Some((tap, rest)) => match rest.strip_prefix("mac=") {
+            Some(mac) => (tap, Some(mac.to_owned())),
+            None => return Err(format!("unknown option {rest:?}: give TAP or TAP,mac=MAC")),
+        },
+        None => (s, None),
+    };
+    Ok(twinbox_microvm::NetConfig { tap: tap.to_owned(), mac })
+}
+
 pub fn vm(a: VmArgs) -> Result<i32> {
     let mut config = VmConfig {
         memory_mib: u32::try_from(a.memory >> 20).unwrap_or(u32::MAX),
@@ -59,6 +75,7 @@ pub fn vm(a: VmArgs) -> Result<i32> {
         kernel: a.kernel,
         initrd: a.initrd,
         disks: a.disk,
+        nets: a.net,
         timeout_ms: a.timeout.map(|s| (s * 1000.0) as u64),
         irqchip: a.irqchip,
         ..VmConfig::default()

@@ -225,6 +225,7 @@ pub fn run_image(
         initrd: None,
         cmdline: prepared.cmdline,
         disks: vec![DiskConfig { path: disk.path.clone(), read_only: true }],
+        nets: Vec::new(),
         timeout_ms: opts.timeout.map(|t| t.as_millis().max(1) as u64),
         irqchip: opts.irqchip,
     };

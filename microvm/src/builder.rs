@@ -16,6 +16,7 @@ use crate::devices::pseudo::exit_port::{ExitPort, EXIT_PORT, EXIT_PORT_LEN};
 use crate::devices::pseudo::output_port::{OutputPort, OUTPUT_PORT, OUTPUT_PORT_LEN};
 use crate::devices::pseudo::process_start_estimate;
 use crate::devices::virtio::block::Block;
+use crate::devices::virtio::net::{parse_mac, rx_loop, Net, RxLoop, Tap};
 use crate::devices::virtio::{mmio_slot, MmioTransport, VIRTIO_MMIO_SIZE};
 use crate::devices::Bus;
 use crate::loader::Initrd;
@@ -26,6 +27,9 @@ use crate::vstate::vcpu::{Vcpu, VcpuError};
 use crate::vstate::vm::KvmVm;
 use crate::vstate::watchdog::{RunControl, Watchdog};
 use crate::{ExitReason, IrqChip, VmConfig, VmError, VmExit};
+
+/// A network card's transport, shared by the MMIO bus and its receive thread.
+type NetTransport = Arc<Mutex<MmioTransport<Net, EventFdTrigger>>>;
 
 /// Where the workload-output ports write: stdout and stderr.
 type OutputWriters = (Box<dyn Write + Send>, Box<dyn Write + Send>);
@@ -100,6 +104,19 @@ impl VmBuilder {
             .iter()
             .map(|d| Block::open(&d.path, d.read_only).map_err(|source| VmError::Disk { path: d.path.clone(), source }))
             .collect::<Result<Vec<_>, _>>()?;
+        let nets = config
+            .nets
+            .iter()
+            .map(|n| {
+                let mac = n.mac.as_deref().map(parse_mac).transpose()?;
+                let tap = Tap::open(&n.tap)?;
+                Net::new(tap, mac).map_err(|source| crate::devices::virtio::net::NetError::Tap {
+                    name: n.tap.clone(),
+                    op: "make the receive eventfd",
+                    source,
+                })
+            })
+            .collect::<Result<Vec<_>, _>>()?;
         let start = self.start.unwrap_or_else(process_start_estimate);
         let memory = create_guest_memory(u64::from(config.memory_mib))?;
         let kvm_vm = KvmVm::new(memory, self.irqchip.then_some(config.irqchip))?;
@@ -128,18 +145,27 @@ impl VmBuilder {
             let ioapic = IoApic::new(ioapic_id(config.vcpus), kvm_vm.msi_routes());
             mmio.insert(Arc::new(Mutex::new(ioapic)), u64::from(IO_APIC_DEFAULT_BASE), IOAPIC_MMIO_LEN)?;
         }
+        let irq = |gsi: u32| -> Result<EventFdTrigger, VmError> {
+            if !self.irqchip {
+                return Ok(EventFdTrigger(None));
+            }
+            let evt = EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::InterruptEventFd { gsi, source })?;
+            kvm_vm.register_irqfd(&evt, gsi)?;
+            Ok(EventFdTrigger(Some(evt)))
+        };
+        let disk_count = disks.len();
         for (i, disk) in disks.into_iter().enumerate() {
             let (base, gsi) = mmio_slot(i);
-            let evt = if self.irqchip {
-                let evt =
-                    EventFd::new(libc::EFD_NONBLOCK).map_err(|source| VmError::InterruptEventFd { gsi, source })?;
-                kvm_vm.register_irqfd(&evt, gsi)?;
-                Some(evt)
-            } else {
-                None
-            };
-            let transport = MmioTransport::new(disk, EventFdTrigger(evt), kvm_vm.memory().clone());
+            let transport = MmioTransport::new(disk, irq(gsi)?, kvm_vm.memory().clone());
             mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
+        }
+        let mut net_transports = Vec::with_capacity(nets.len());
+        for (i, net) in nets.into_iter().enumerate() {
+            let (base, gsi) = mmio_slot(disk_count + i);
+            let transport: NetTransport =
+                Arc::new(Mutex::new(MmioTransport::new(net, irq(gsi)?, kvm_vm.memory().clone())));
+            mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
+            net_transports.push(transport);
         }
 
         let supported = kvm_vm.supported_cpuid()?;
@@ -173,7 +199,7 @@ impl VmBuilder {
             }
         }
 
-        Ok(Vm { vcpus, pio, mmio, console, boot_timer, timeout: config.timeout(), kvm_vm })
+        Ok(Vm { vcpus, pio, mmio, nets: net_transports, console, boot_timer, timeout: config.timeout(), kvm_vm })
     }
 }
 
@@ -183,6 +209,7 @@ pub struct Vm {
     vcpus: Vec<Vcpu>,
     pio: Bus,
     mmio: Bus,
+    nets: Vec<NetTransport>,
     console: SharedBuffer,
     boot_timer: Arc<Mutex<BootTimer>>,
     timeout: Option<Duration>,
@@ -214,12 +241,30 @@ impl Vm {
     /// others.
     pub fn run(&mut self, console: &mut dyn Write) -> Result<VmExit, VmError> {
         let control = Arc::new(RunControl::new(self.timeout));
+        let stop_io = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VmError::EventFd)?);
+        let receivers = self
+            .nets
+            .iter()
+            .map(|t| {
+                let handles = RxLoop::new(&t.lock().unwrap_or_else(|e| e.into_inner()), stop_io.clone());
+                handles.map(|h| (t.clone(), h))
+            })
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(VmError::EventFd)?;
         let watchdog = Watchdog::start(control.clone())?;
         let buffer = self.console.clone();
         let mut console_err = None;
         let (pio, mmio) = (&self.pio, &self.mmio);
         let (bsp, aps) = self.vcpus.split_first_mut().expect("a VM has at least one vCPU");
         let (bsp_result, ap_results) = std::thread::scope(|scope| {
+            for (i, (transport, handles)) in receivers.iter().enumerate() {
+                let spawned = std::thread::Builder::new()
+                    .name(format!("net{i}-rx"))
+                    .spawn_scoped(scope, move || rx_loop(transport, handles));
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "cannot start a network receive thread; eth{i} receives nothing");
+                }
+            }
             let threads: Vec<_> = aps
                 .iter_mut()
                 .map(|vcpu| {
@@ -238,6 +283,9 @@ impl Vm {
             };
             let bsp_result = bsp.run(pio, mmio, &control, &mut forward);
             control.stop();
+            if let Err(e) = stop_io.write(1) {
+                tracing::warn!(error = %e, "cannot stop the network receive threads");
+            }
             let ap_results: Vec<Result<Option<ExitReason>, VcpuError>> = threads
                 .into_iter()
                 .map(|t| match t {

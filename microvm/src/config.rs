@@ -18,6 +18,20 @@ pub const DEFAULT_CMDLINE: &str = "console=ttyS0 reboot=k panic=1 pci=off nomodu
 /// At most this many disks (virtio-mmio slots 0xd000_0000.., GSIs 5..=12).
 pub const MAX_DISKS: usize = 8;
 
+/// At most this many network cards (the slots after the disks').
+pub const MAX_NETS: usize = 4;
+
+/// A network card: a virtio-net device whose host end is a tap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct NetConfig {
+    /// The tap's name: made when it does not exist (and removed when the VM ends), else taken.
+    pub tap: String,
+    /// The guest's MAC address (`02:42:0a:59:00:02`); without it the guest picks a random one.
+    #[serde(default)]
+    pub mac: Option<String>,
+}
+
 /// A disk image the guest sees as a virtio block device (`/dev/vda`, `/dev/vdb`, ... in order).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -90,6 +104,9 @@ pub struct VmConfig {
     /// virtio-blk disks, at most [`MAX_DISKS`]; each adds a `virtio_mmio.device=` entry to the
     /// command line the kernel gets (see [`VmConfig::kernel_cmdline`]).
     pub disks: Vec<DiskConfig>,
+    /// virtio-net cards (`eth0`, `eth1`, ... in order), at most [`MAX_NETS`], in the
+    /// virtio-mmio slots after the disks.
+    pub nets: Vec<NetConfig>,
     /// Stop the VM with an error when it runs longer than this many milliseconds.
     pub timeout_ms: Option<u64>,
     /// Where the IOAPIC (and PIC, PIT) are emulated.
@@ -105,6 +122,7 @@ impl Default for VmConfig {
             initrd: None,
             cmdline: DEFAULT_CMDLINE.to_string(),
             disks: Vec::new(),
+            nets: Vec::new(),
             timeout_ms: None,
             irqchip: IrqChip::default(),
         }
@@ -133,6 +151,17 @@ pub enum ConfigError {
     /// More disks than virtio-mmio slots.
     #[error("{0} disks asked: a microVM has at most {MAX_DISKS}")]
     TooManyDisks(usize),
+    /// More network cards than slots.
+    #[error("{0} network cards asked: a microVM has at most {MAX_NETS}")]
+    TooManyNets(usize),
+    /// A card's tap name or MAC address is malformed.
+    #[error("network card {index}: {reason}")]
+    Net {
+        /// Which card.
+        index: usize,
+        /// What is wrong.
+        reason: String,
+    },
 }
 
 impl ExitCode for ConfigError {
@@ -143,7 +172,9 @@ impl ExitCode for ConfigError {
             | ConfigError::CmdlineTooLong(_)
             | ConfigError::CmdlineControlChar
             | ConfigError::ZeroTimeout
-            | ConfigError::TooManyDisks(_) => twinbox_exit::USER_ERROR,
+            | ConfigError::TooManyDisks(_)
+            | ConfigError::TooManyNets(_)
+            | ConfigError::Net { .. } => twinbox_exit::USER_ERROR,
         }
     }
 }
@@ -160,6 +191,16 @@ impl VmConfig {
         if self.disks.len() > MAX_DISKS {
             return Err(ConfigError::TooManyDisks(self.disks.len()));
         }
+        if self.nets.len() > MAX_NETS {
+            return Err(ConfigError::TooManyNets(self.nets.len()));
+        }
+        for (index, net) in self.nets.iter().enumerate() {
+            let bad = |e: crate::devices::virtio::net::NetError| ConfigError::Net { index, reason: e.to_string() };
+            crate::devices::virtio::net::check_tap_name(&net.tap).map_err(bad)?;
+            if let Some(mac) = &net.mac {
+                crate::devices::virtio::net::parse_mac(mac).map_err(bad)?;
+            }
+        }
         let cmdline_len = self.kernel_cmdline().len();
         if cmdline_len >= MAX_CMDLINE_LEN {
             return Err(ConfigError::CmdlineTooLong(cmdline_len));
@@ -174,10 +215,10 @@ impl VmConfig {
     }
 
     /// The command line the kernel gets: `cmdline`, then ` virtio_mmio.device=4K@<base>:<gsi>`
-    /// for each disk, in order.
+    /// for each disk, then each network card, in order.
     pub fn kernel_cmdline(&self) -> String {
         let mut line = self.cmdline.clone();
-        for i in 0..self.disks.len() {
+        for i in 0..self.disks.len() + self.nets.len() {
             let (base, gsi) = mmio_slot(i);
             if !line.is_empty() {
                 line.push(' ');
@@ -259,6 +300,32 @@ mod tests {
         let eight = VmConfig { disks: vec![DiskConfig::new("d"); MAX_DISKS], ..VmConfig::default() };
         eight.validate().unwrap();
         assert!(eight.kernel_cmdline().ends_with("virtio_mmio.device=4K@0xd0007000:12"));
+    }
+
+    #[test]
+    fn network_cards_follow_the_disks_and_are_checked() {
+        let config = VmConfig {
+            cmdline: "quiet".into(),
+            disks: vec![DiskConfig::new("/a.img")],
+            nets: vec![NetConfig { tap: "tbt0".into(), mac: Some("02:42:0a:59:00:02".into()) }],
+            ..VmConfig::default()
+        };
+        config.validate().unwrap();
+        assert_eq!(
+            config.kernel_cmdline(),
+            "quiet virtio_mmio.device=4K@0xd0000000:5 virtio_mmio.device=4K@0xd0001000:6"
+        );
+        let c: VmConfig = serde_json::from_str(r#"{"nets":[{"tap":"tap0"}]}"#).unwrap();
+        assert_eq!(c.nets, vec![NetConfig { tap: "tap0".into(), mac: None }]);
+        let bad = |nets: Vec<NetConfig>| VmConfig { nets, ..VmConfig::default() }.validate().unwrap_err();
+        let five = vec![NetConfig { tap: "t".into(), mac: None }; MAX_NETS + 1];
+        assert_eq!(bad(five), ConfigError::TooManyNets(MAX_NETS + 1));
+        for tap in ["", "a/b", "sixteen-chars-xx", "a b"] {
+            let e = bad(vec![NetConfig { tap: tap.into(), mac: None }]);
+            assert!(e.to_string().starts_with("network card 0: invalid tap name"), "{tap}: {e}");
+        }
+        let e = bad(vec![NetConfig { tap: "t0".into(), mac: Some("02:42".into()) }]);
+        assert!(e.to_string().contains("invalid MAC address \"02:42\""), "{e}");
     }
 
     #[test]

@@ -13,7 +13,8 @@
 //! Devices: COM1 8250 console (0x3f8, GSI 4), i8042 reset (0x60..=0x64: reset ends the VM),
 //! Firecracker-compatible boot timer (MMIO 0xc000_0000, magic byte 123), exit-status port
 //! (I/O 0x501), workload-output ports (I/O 0x510 stdout, 0x511 stderr), virtio-blk disks
-//! (MMIO 0xd000_0000 + i * 4K, GSI 5 + i); an MP table describes the vCPUs and the I/O APIC.
+//! (MMIO 0xd000_0000 + i * 4K, GSI 5 + i), then virtio-net cards on taps in the slots after
+//! them; an MP table describes the vCPUs and the I/O APIC.
 //! The guest agent (`microvm/agent`) runs a workload in such a VM; turning an OCI image into
 //! its configuration and disk is the engine's (`twinbox_engine::microvm`). Only `vstate` owns
 //! KVM file descriptors and holds `unsafe`; `arch` sets a vCPU up through kvm-ioctls' safe
@@ -32,7 +33,7 @@ pub mod vstate;
 mod builder;
 
 pub use builder::{Vm, VmBuilder};
-pub use config::{ConfigError, IrqChip, VmConfig};
+pub use config::{ConfigError, IrqChip, NetConfig, VmConfig};
 /// The guest agent's protocol: ports, exit statuses, `GuestConfig`.
 pub use twinbox_agent as agent;
 
@@ -132,6 +133,9 @@ pub enum VmError {
         #[source]
         source: devices::virtio::block::BlockError,
     },
+    /// A network card could not be attached.
+    #[error("cannot attach a network card")]
+    Net(#[from] devices::virtio::net::NetError),
     /// A virtio device's interrupt eventfd could not be created.
     #[error("cannot create the interrupt eventfd for GSI {gsi}")]
     InterruptEventFd {
@@ -161,6 +165,7 @@ impl ExitCode for VmError {
             VmError::Loader(e) => e.exit_code(),
             VmError::Bus(e) => e.exit_code(),
             VmError::Disk { source, .. } => source.exit_code(),
+            VmError::Net(e) => e.exit_code(),
             VmError::Vcpu(e) => e.exit_code(),
             VmError::MpTable(e) => e.exit_code(),
             VmError::StubTooLarge { .. }

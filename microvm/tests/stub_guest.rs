@@ -200,3 +200,42 @@ fn a_signal_stops_the_guest_with_the_signal_named() {
         .unwrap();
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
 }
+
+/// A VM with a network card runs its receive thread and ends cleanly; the tap it made exists
+/// while the VM does and is gone once it ends (in a network namespace of the test's own).
+#[test]
+fn a_network_card_tap_lives_as_long_as_the_vm() {
+    let test = "a_network_card_tap_lives_as_long_as_the_vm";
+    if !kvm_available(test) || !twinbox_testutil::require_root(test, "a tap in a network namespace") {
+        return;
+    }
+    std::thread::spawn(|| {
+        // SAFETY: unshare changes only this thread's network namespace; it takes no pointers.
+        assert_eq!(unsafe { libc::unshare(libc::CLONE_NEWNET) }, 0);
+        let exists = || tap_exists("tbstub0");
+        let config = VmConfig {
+            memory_mib: 16,
+            timeout_ms: Some(10_000),
+            nets: vec![twinbox_microvm::NetConfig { tap: "tbstub0".into(), mac: Some("02:00:00:00:00:09".into()) }],
+            ..VmConfig::default()
+        };
+        let mut vm = VmBuilder::new(config)
+            .start_time(Instant::now())
+            .stub(StubAsm::new().exit_status(0).spin().finish())
+            .build()
+            .unwrap();
+        assert!(exists(), "the tap is made with the VM");
+        let exit = vm.run(&mut Vec::new()).unwrap();
+        assert_eq!(exit.reason, ExitReason::Exited(0));
+        drop(vm);
+        assert!(!exists(), "the tap is gone with the VM");
+    })
+    .join()
+    .unwrap();
+}
+
+/// Whether this thread's network namespace has a link named `name` (netlink through `ip`,
+/// which runs in the namespace of the thread that starts it).
+fn tap_exists(name: &str) -> bool {
+    std::process::Command::new("ip").args(["link", "show", name]).output().is_ok_and(|o| o.status.success())
+}

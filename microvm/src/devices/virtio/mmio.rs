@@ -100,6 +100,11 @@ impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
         &self.device
     }
 
+    /// The device behind the transport, to change.
+    pub fn device_mut(&mut self) -> &mut D {
+        &mut self.device
+    }
+
     /// The device status the driver wrote (plus DEVICE_NEEDS_RESET if the device set it).
     pub fn status(&self) -> u32 {
         self.status
@@ -299,17 +304,28 @@ impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
     }
 
     fn notify(&mut self, value: u32) {
-        if !self.active() {
-            tracing::debug!(queue = value, status = self.status, "virtio notify before DRIVER_OK, ignored");
-            return;
+        if !self.process(value as usize) {
+            tracing::debug!(
+                queue = value,
+                status = self.status,
+                "virtio notify ignored: device not active or queue not ready"
+            );
         }
-        let index = value as usize;
+    }
+
+    /// Has the device handle what queue `index` holds, as a notify does, and raises the
+    /// interrupt if it used buffers: for devices whose work also arrives from the host side (a
+    /// frame on a tap). False when the device is not active or the queue is not ready.
+    pub fn process(&mut self, index: usize) -> bool {
+        if !self.active() {
+            return false;
+        }
         let Some(queue) = self.queues.get_mut(index) else {
-            tracing::warn!(queue = value, "virtio notify for a queue that does not exist");
-            return;
+            tracing::warn!(queue = index, "virtio notify for a queue that does not exist");
+            return false;
         };
         if !queue.ready() {
-            return;
+            return false;
         }
         match self.device.process_queue(index, queue, &self.mem) {
             Ok(0) => {}
@@ -325,6 +341,7 @@ impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
                 self.needs_reset();
             }
         }
+        true
     }
 }
 
