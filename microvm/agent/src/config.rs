@@ -1,5 +1,7 @@
 //! `GuestConfig`: what the agent runs, written by the host into the initramfs as JSON.
 
+use std::net::Ipv4Addr;
+
 use serde::{Deserialize, Serialize};
 
 /// The longest hostname Linux accepts (`HOST_NAME_MAX`).
@@ -33,6 +35,33 @@ pub struct GuestConfig {
     pub read_only: bool,
     /// The agent logs its steps, with times since boot, on the stderr port ("twinbox-agent: ").
     pub verbose: bool,
+    /// eth0's set-up, when the VM is on a network (lo is brought up either way).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub network: Option<GuestNetwork>,
+    /// The workload's /etc/hosts, written over the image's when not empty.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub hosts: String,
+    /// The workload's /etc/resolv.conf, written over the image's when not empty.
+    #[serde(skip_serializing_if = "String::is_empty")]
+    pub resolv_conf: String,
+}
+
+/// How the agent sets up eth0 (the first virtio-net card): an address, the default route via a
+/// gateway, the MTUs.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestNetwork {
+    /// eth0's address.
+    pub address: Ipv4Addr,
+    /// Its prefix length (24 for a /24).
+    pub prefix_len: u8,
+    /// The default route's gateway.
+    pub gateway: Ipv4Addr,
+    /// eth0's MTU.
+    pub mtu: u32,
+    /// The default route's MTU, when below eth0's (what leaves the host's bridge).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub route_mtu: Option<u32>,
 }
 
 impl Default for GuestConfig {
@@ -49,6 +78,9 @@ impl Default for GuestConfig {
             root_fstype: "ext4".to_string(),
             read_only: false,
             verbose: false,
+            network: None,
+            hosts: String::new(),
+            resolv_conf: String::new(),
         }
     }
 }
@@ -74,6 +106,9 @@ pub enum GuestConfigError {
     /// `hostname` is too long for Linux.
     #[error("hostname is {0} bytes, the limit is {MAX_HOSTNAME_LEN}")]
     HostnameTooLong(usize),
+    /// The network set-up is not one Linux takes.
+    #[error("network: {0}")]
+    Network(String),
     /// A string holds a NUL byte, which no system call can take.
     #[error("{field} holds a NUL byte")]
     Nul {
@@ -113,6 +148,16 @@ impl GuestConfig {
         if self.hostname.len() > MAX_HOSTNAME_LEN {
             return Err(GuestConfigError::HostnameTooLong(self.hostname.len()));
         }
+        if let Some(n) = &self.network {
+            if n.prefix_len > 32 {
+                return Err(GuestConfigError::Network(format!("prefix length {} is above 32", n.prefix_len)));
+            }
+            for mtu in std::iter::once(n.mtu).chain(n.route_mtu) {
+                if !(68..=65535).contains(&mtu) {
+                    return Err(GuestConfigError::Network(format!("MTU {mtu} is outside 68..=65535")));
+                }
+            }
+        }
         let fields: [(&'static str, &[String]); 6] = [
             ("args", &self.args),
             ("env", &self.env),
@@ -145,6 +190,15 @@ mod tests {
             hostname: "box".into(),
             read_only: true,
             verbose: true,
+            network: Some(GuestNetwork {
+                address: Ipv4Addr::new(10, 89, 0, 5),
+                prefix_len: 16,
+                gateway: Ipv4Addr::new(10, 89, 0, 1),
+                mtu: 65520,
+                route_mtu: Some(1500),
+            }),
+            hosts: "127.0.0.1\tlocalhost\n10.89.0.5\tbox\n".into(),
+            resolv_conf: "nameserver 10.89.0.1\n".into(),
             ..GuestConfig::default()
         }
     }
@@ -189,6 +243,11 @@ mod tests {
         assert_eq!(check(|c| c.hostname = "h".repeat(65)), "hostname is 65 bytes, the limit is 64");
         assert_eq!(check(|c| c.env.push("A=\0".into())), "env holds a NUL byte");
         assert_eq!(check(|c| c.args[2] = "\0".into()), "args holds a NUL byte");
+        assert_eq!(check(|c| c.network.as_mut().unwrap().prefix_len = 33), "network: prefix length 33 is above 32");
+        assert_eq!(
+            check(|c| c.network.as_mut().unwrap().route_mtu = Some(40)),
+            "network: MTU 40 is outside 68..=65535"
+        );
         assert!(sample().validate().is_ok());
     }
 }

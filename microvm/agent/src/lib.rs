@@ -20,7 +20,7 @@ pub mod config;
 pub mod path;
 pub mod status;
 
-pub use config::{GuestConfig, GuestConfigError};
+pub use config::{GuestConfig, GuestConfigError, GuestNetwork};
 pub use path::{find_program, path_var, LookupError, Probe, DEFAULT_PATH};
 pub use status::{exit_code, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED};
 

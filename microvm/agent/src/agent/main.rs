@@ -2,7 +2,9 @@
 //! protocol; in order, it
 //! 1. takes the I/O ports, mounts /proc /sys /dev, reads the configuration;
 //! 2. builds the workload's root: the image's disk read-only under a tmpfs-backed overlay,
-//!    with a runc-like /dev and a read-only /sys; sets the hostname;
+//!    with a runc-like /dev and a read-only /sys; sets the hostname; brings lo up and, on a
+//!    network, eth0 with its address, MTU and default route, and writes /etc/hosts and
+//!    /etc/resolv.conf into the root;
 //! 3. forks the workload into new pid and mount namespaces, where it enters the root, mounts
 //!    its /proc, becomes the configured user and execs the program, writing the boot-timer
 //!    byte just before;
@@ -12,6 +14,8 @@
 //! Anything that fails before the workload runs ends the VM with status 125 and a message on
 //! the stderr port. Nothing else is ever written to the ports unless `verbose` asks for it.
 
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+mod net;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod ports;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
@@ -54,6 +58,8 @@ mod agent {
     enum AgentError {
         #[error(transparent)]
         Setup(#[from] SetupError),
+        #[error(transparent)]
+        Net(#[from] crate::net::NetError),
         #[error(transparent)]
         Spawn(#[from] SpawnError),
         #[error(transparent)]
@@ -151,6 +157,10 @@ mod agent {
             if config.read_only { ", read-only" } else { "" }
         ));
         setup::hostname(&config)?;
+        crate::net::setup(&config, setup::ROOT)?;
+        if let Some(n) = &config.network {
+            agent.log(format_args!("eth0 {}/{} via {}, MTU {}", n.address, n.prefix_len, n.gateway, n.mtu));
+        }
         let spawned = workload::spawn(&config)?;
         match spawned.failure {
             Some(failure) => agent.say(&failure.message(&config)),
