@@ -15,9 +15,10 @@ set -euo pipefail
 . "$(dirname "$0")/lib/packages.sh"
 
 META_PKG=linux-image-cloud-amd64
-# Loaded in L1 with their dependencies (kvm, irqbypass, ...), found from .modinfo: KVM, and
-# overlayfs for the container runtime measured beside the microVMs.
-KVM_MODULES=(kvm-amd overlay)
+# Loaded in L1 with their dependencies (kvm, irqbypass, ...), found from .modinfo: KVM,
+# overlayfs for the container runtime measured beside the microVMs, and what twinbox networks
+# need: taps, bridges, veth pairs, nftables' NAT (names as the cache keeps them, '-' for '_').
+KVM_MODULES=(kvm-amd overlay tun bridge veth nf-tables nft-chain-nat nft-nat nft-masq nft-fib-ipv4)
 HOST_PACKAGES=(qemu-system-x86 busybox-static cpio gzip binutils socat)
 START_MARK=@@TWINBOX-START@@
 EXIT_MARK=@@TWINBOX-EXIT    # followed by " <code>@@"
@@ -217,6 +218,7 @@ for m in \$(cat /lib/twinbox-nested/order); do
   insmod /lib/twinbox-nested/\$m.ko || fail "insmod \$m failed (does the CPU model have SVM?)"
 done
 [ -c /dev/kvm ] || fail "no /dev/kvm after loading the KVM modules"
+ip link set lo up || fail "cannot bring lo up"
 if [ -x /lib/twinbox-nested/kvm-hold ]; then
   /lib/twinbox-nested/kvm-hold </dev/null &
   i=0

@@ -177,7 +177,7 @@ pub struct RunArgs {
     /// Network: a network's name (default `twinbox0`, the default bridge network, made when
     /// first used), `none` (loopback only), `host`, `container:NAME` (another container's), or
     /// `cni:NAME` (a CNI network configuration in /etc/cni/net.d, or TWINBOX_CNI_CONF_DIR).
-    /// MicroVMs: `none` only, so far (their default).
+    /// MicroVMs: a bridge network (their tap on its bridge) or `none`.
     #[arg(long)]
     network: Option<String>,
     /// Isolation model: a container on the host kernel, or a KVM microVM with its own kernel.
@@ -311,12 +311,16 @@ pub fn run(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
 /// `run --isolation microvm`: the same image and flags, in a VM. `--memory` is the guest's RAM
 /// and `--cpus` its vCPU count; what only a container has is refused by name.
 fn run_microvm(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
-    use twinbox_engine::microvm::{run_image, ImageRunOptions};
     let refuse = |flag: &str| -> Result<i32> {
         Err(UserError(format!("{flag} is not supported with --isolation microvm")).into())
     };
     if a.detach {
-        return refuse("-d/--detach");
+        return Err(UserError(
+            "-d/--detach is not supported with --isolation microvm yet: a detached VM needs the guest agent's vsock \
+             channel (for exec, logs and stop)"
+                .into(),
+        )
+        .into());
     }
     if a.tty {
         return refuse("-t/--tty");
@@ -327,9 +331,13 @@ fn run_microvm(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
     if !a.security_opt.is_empty() {
         return refuse("--security-opt");
     }
-    if let Some(n) = a.network.as_deref().filter(|n| *n != "none") {
-        return Err(UserError(format!("--network {n} is not supported for microVMs yet; only --network none")).into());
-    }
+    let network: twinbox_engine::network::attach::NetworkMode =
+        a.network.as_deref().unwrap_or(twinbox_engine::network::DEFAULT_NETWORK).parse()?;
+    let publish = a
+        .publish
+        .iter()
+        .map(|p| p.parse::<twinbox_engine::network::publish::PortMapping>())
+        .collect::<Result<Vec<_>, _>>()?;
     let vcpus = match a.cpus {
         None => None,
         Some(c) if c >= 1.0 && c.fract() == 0.0 && c <= f64::from(u8::MAX) => Some(c as u8),
@@ -338,36 +346,41 @@ fn run_microvm(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
         }
     };
     let memory_mib = a.memory.map(|m| u32::try_from(m >> 20).unwrap_or(u32::MAX));
-    let timeout = match a.timeout {
+    let timeout_ms = match a.timeout {
         Some(t) if !(t > 0.0 && t.is_finite()) => {
             return Err(UserError(format!("--timeout {t}: give a positive number of seconds")).into())
         }
-        t => t.map(std::time::Duration::from_secs_f64),
+        t => t.map(|t| ((t * 1000.0) as u64).max(1)),
     };
-    let opts = ImageRunOptions {
-        overrides: a.take_overrides(),
-        image: a.image,
-        hostname: a.hostname,
-        read_only: a.read_only,
+    let vm = twinbox_engine::microvm::VmOptions {
         memory_mib,
         vcpus,
-        kernel: a.kernel,
-        timeout,
+        kernel: a.kernel.take(),
+        timeout_ms,
         irqchip: a.irqchip.unwrap_or_default(),
         verbose,
     };
-    let store = twinbox_image::Store::open(root)?;
+    let opts = RunOptions {
+        seccomp: None,
+        overrides: a.take_overrides(),
+        image: a.image,
+        hostname: a.hostname,
+        name: a.name,
+        memory: None,
+        cpus: None,
+        pids_limit: None,
+        read_only: a.read_only,
+        rm: a.rm,
+        detach: false,
+        network,
+        publish,
+        publish_all: a.publish_all,
+        tty: false,
+    };
+    let eng = engine(root)?;
     twinbox_microvm::vstate::watchdog::stop_on_signals()?;
     let started = *crate::STARTED.get_or_init(std::time::Instant::now);
-    let exit = match run_image(&store, &opts, started, Box::new(std::io::stdout()), Box::new(std::io::stderr())) {
-        Ok(exit) => exit,
-        // Like a container's init killed by the signal.
-        Err(twinbox_engine::microvm::ImageRunError::Interrupted(sig)) => return Ok(128 + sig),
-        Err(e) => return Err(e.into()),
-    };
-    if let Some(t) = exit.boot_time {
-        tracing::info!(boot_time_ms = t.as_secs_f64() * 1e3, total_ms = exit.total.as_secs_f64() * 1e3, "microVM");
-    }
+    let exit = eng.run_microvm(&opts, &vm, started)?;
     Ok(exit.code)
 }
 
@@ -400,7 +413,11 @@ pub fn ps(root: &Path, a: PsArgs) -> Result<i32> {
         }
         return Ok(0);
     }
-    writeln!(out, "{:<14}{:<24}{:<28}{:<24}{:<24}NAME", "CONTAINER ID", "IMAGE", "COMMAND", "STATUS", "PORTS")?;
+    writeln!(
+        out,
+        "{:<14}{:<24}{:<28}{:<24}{:<24}{:<11}NAME",
+        "CONTAINER ID", "IMAGE", "COMMAND", "STATUS", "PORTS", "ISOLATION"
+    )?;
     for r in &list {
         let status = match &r.phase {
             Phase::Created => "Created".to_string(),
@@ -416,7 +433,17 @@ pub fn ps(root: &Path, a: PsArgs) -> Result<i32> {
         }
         let ports = r.ports.iter().map(|m| m.to_string()).collect::<Vec<_>>().join(", ");
         // A long field still leaves a space before the next one.
-        writeln!(out, "{:<14}{:<24}{:<28}{:<24}{:<24}{}", &r.id[..12], r.image, cmd, status, ports + " ", r.name)?;
+        writeln!(
+            out,
+            "{:<14}{:<24}{:<28}{:<24}{:<24}{:<11}{}",
+            &r.id[..12],
+            r.image,
+            cmd,
+            status,
+            ports + " ",
+            r.isolation(),
+            r.name
+        )?;
     }
     Ok(0)
 }

@@ -5,8 +5,8 @@
 //!
 //! | module | what |
 //! |---|---|
-//! | [`container`] | containers over the OCI runtime: run options ([`RunOptions`]) and the spec built from them ([`container::spec`]), records and names under `<store>/containers/`, foreground runs, detached runs watched by one [`container::monitor`] per store (the freestanding `engine/monitor` program, a few KiB, installed in `<store>/bin/`, a subreaper that starts each container's launcher), mount points an image lacks in one shared lower layer (`<store>/mountpoints/`), `ps`/`logs`/`stop`/`kill`/`rm`/`start`/`exec` |
-//! | [`microvm`] | an image run as a microVM: the guest agent's configuration, the image's ext4 root disk, boot and output |
+//! | [`container`] | containers over the OCI runtime: run options ([`RunOptions`]) and the spec built from them ([`container::spec`]), records and names under `<store>/containers/`, foreground runs, detached runs watched by one [`container::monitor`] per store (the freestanding `engine/monitor` program, a few KiB, installed in `<store>/bin/`, a subreaper that starts each container's launcher), mount points an image lacks in one shared lower layer (`<store>/mountpoints/`), `ps`/`logs`/`stop`/`kill`/`rm`/`start`/`exec`; microVM instances beside them ([`container::vm`]: a record, a name, a tap on a bridge network, published ports) |
+//! | [`microvm`] | an image run as a microVM: the guest agent's configuration (network included), the image's ext4 root disk, the VMM's configuration, boot and output |
 //! | [`network`] | networks shared by both models: a bridge each (made through rtnetlink, [`network::netlink`]) with its NAT in nftables ([`network::nft`]), records and address management in `<store>/networks/`, under one lock; published ports ([`network::publish`]); CNI networks ([`network::cni`]) |
 //! | [`build_run`] | the Dockerfile `RUN` step: a throwaway container of the runtime whose upper directory becomes a layer |
 

@@ -22,7 +22,7 @@ use twinbox_image::launch::{self, LaunchError, Overrides};
 use twinbox_image::{Store, StoreError};
 
 use twinbox_microvm::agent::GuestConfig;
-use twinbox_microvm::config::{DiskConfig, IrqChip, VmConfig};
+use twinbox_microvm::config::{DiskConfig, IrqChip, NetConfig, VmConfig};
 use twinbox_microvm::console::ConsoleLog;
 pub use twinbox_microvm::loader::default_kernel;
 use twinbox_microvm::vstate::vcpu::VcpuError;
@@ -216,41 +216,93 @@ pub fn run_image(
     let _hold = Hold { store, id: id.clone() };
 
     let prepared = prepare(store, &image, opts, &id)?;
+    let shape = VmOptions {
+        memory_mib: opts.memory_mib,
+        vcpus: opts.vcpus,
+        kernel: None,
+        timeout_ms: opts.timeout.map(|t| t.as_millis().max(1) as u64),
+        irqchip: opts.irqchip,
+        verbose: opts.verbose,
+    };
+    let (config, initrd) = vm_config(prepared, &shape, Vec::new());
+    boot(config, initrd, start, (stdout, stderr), opts.verbose, || Ok::<(), ImageRunError>(()))
+}
+
+/// The VM's shape and boot options, as a record keeps them (the rest of a run is the image's
+/// process, as for a container).
+#[derive(Debug, Clone, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct VmOptions {
+    /// Guest RAM in MiB (default [`DEFAULT_MEMORY_MIB`]).
+    pub memory_mib: Option<u32>,
+    /// vCPUs (default 1).
+    pub vcpus: Option<u8>,
+    /// Guest kernel (default: [`default_kernel`]).
+    pub kernel: Option<PathBuf>,
+    /// Stop the VM after this many milliseconds.
+    pub timeout_ms: Option<u64>,
+    /// Where the IOAPIC (and PIC, PIT) are emulated.
+    #[serde(default)]
+    pub irqchip: IrqChip,
+    /// Show the kernel console and the agent's steps on stderr.
+    #[serde(default)]
+    pub verbose: bool,
+}
+
+/// The VMM's configuration and the initramfs for a prepared run, with network cards `nets`.
+pub fn vm_config(prepared: PreparedRun, shape: &VmOptions, nets: Vec<NetConfig>) -> (VmConfig, Vec<u8>) {
     let initrd = twinbox_microvm::initramfs::build(&prepared.guest);
-    let disk = prepared.disk;
     let config = VmConfig {
-        memory_mib: opts.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
-        vcpus: opts.vcpus.unwrap_or(1),
+        memory_mib: shape.memory_mib.unwrap_or(DEFAULT_MEMORY_MIB),
+        vcpus: shape.vcpus.unwrap_or(1),
         kernel: prepared.kernel,
         initrd: None,
         cmdline: prepared.cmdline,
-        disks: vec![DiskConfig { path: disk.path.clone(), read_only: true }],
-        nets: Vec::new(),
-        timeout_ms: opts.timeout.map(|t| t.as_millis().max(1) as u64),
-        irqchip: opts.irqchip,
+        disks: vec![DiskConfig { path: prepared.disk.path.clone(), read_only: true }],
+        nets,
+        timeout_ms: shape.timeout_ms,
+        irqchip: shape.irqchip,
     };
-    tracing::debug!(id = %id, disk = %disk.path.display(), cached = !disk.created, "starting microVM");
-    let echo: Option<Box<dyn Write + Send>> = if opts.verbose { Some(Box::new(std::io::stderr())) } else { None };
+    (config, initrd)
+}
+
+/// Where the workload's stdout and stderr go.
+pub type Output = (Box<dyn Write + Send>, Box<dyn Write + Send>);
+
+/// Builds the VM, calls `attach` (its taps exist from then on, until the VM is dropped), runs
+/// it with the workload's output going to `output`, and tells how it ended.
+pub fn boot<E: From<ImageRunError>>(
+    config: VmConfig,
+    initrd: Vec<u8>,
+    start: Instant,
+    output: Output,
+    verbose: bool,
+    attach: impl FnOnce() -> Result<(), E>,
+) -> Result<ImageRunExit, E> {
+    tracing::debug!(disks = ?config.disks, nets = ?config.nets, "starting microVM");
+    let echo: Option<Box<dyn Write + Send>> = if verbose { Some(Box::new(std::io::stderr())) } else { None };
     let mut console = ConsoleLog::new(echo);
-    let result = VmBuilder::new(config)
+    let mut vm = VmBuilder::new(config)
         .start_time(start)
         .initrd_bytes(initrd)
-        .output(stdout, stderr)
+        .output(output.0, output.1)
         .build()
-        .and_then(|mut vm| vm.run(&mut console));
+        .map_err(|e| E::from(ImageRunError::from(e)))?;
+    attach()?;
+    let result = vm.run(&mut console);
+    drop(vm);
     let total = start.elapsed();
     if let Some(line) = console.panic_line() {
-        return Err(ImageRunError::Panic { line: line.to_owned(), tail: console.tail() });
+        return Err(ImageRunError::Panic { line: line.to_owned(), tail: console.tail() }.into());
     }
     let exit = match result {
         Ok(exit) => exit,
-        Err(VmError::Vcpu(VcpuError::Timeout(t))) => return Err(ImageRunError::Timeout(t, console.tail())),
-        Err(VmError::Vcpu(VcpuError::Interrupted(sig))) => return Err(ImageRunError::Interrupted(sig)),
-        Err(e) => return Err(e.into()),
+        Err(VmError::Vcpu(VcpuError::Timeout(t))) => return Err(ImageRunError::Timeout(t, console.tail()).into()),
+        Err(VmError::Vcpu(VcpuError::Interrupted(sig))) => return Err(ImageRunError::Interrupted(sig).into()),
+        Err(e) => return Err(ImageRunError::from(e).into()),
     };
     match exit.reason {
         ExitReason::Exited(code) => Ok(ImageRunExit { code, boot_time: exit.boot_time, total }),
-        reason => Err(ImageRunError::NoStatus { reason, tail: console.tail() }),
+        reason => Err(ImageRunError::NoStatus { reason, tail: console.tail() }.into()),
     }
 }
 

@@ -145,7 +145,8 @@ impl TwinboxMicrovm {
         if verbose {
             cmd.arg("-v");
         }
-        cmd.args(["run", "--isolation", "microvm", "--kernel"]).arg(&self.kernel);
+        // Loopback only and removed when it ends, as the container backends' runs.
+        cmd.args(["run", "--rm", "--network", "none", "--isolation", "microvm", "--kernel"]).arg(&self.kernel);
         cmd.arg("--memory").arg(format!("{DEFAULT_MEMORY_MIB}m"));
         cmd.arg(&image.reference).args(workload.args());
         own_process_group(&mut cmd);
@@ -178,7 +179,7 @@ impl Backend for TwinboxMicrovm {
 
     fn note(&self) -> Option<String> {
         Some(format!(
-            "`twinbox run --isolation microvm --memory {DEFAULT_MEMORY_MIB}m IMAGE …`: 1 vCPU, kernel {}, \
+            "`twinbox run --rm --network none --isolation microvm --memory {DEFAULT_MEMORY_MIB}m IMAGE …`: 1 vCPU, kernel {}, \
              the agent's initramfs, the image's ext4 disk (made once, before measuring)",
             self.kernel.display()
         ))

@@ -17,6 +17,7 @@
 pub mod monitor;
 mod mountpoints;
 pub mod spec;
+pub mod vm;
 
 use std::fs;
 use std::io::{self, Read, Write};
@@ -105,6 +106,12 @@ pub enum EngineError {
     /// The engine was not told what starts a detached container.
     #[error("detached containers need the command that launches them; see Engine::set_launcher")]
     NoLaunchCommand,
+    /// Running the microVM failed (see [`vm`]).
+    #[error(transparent)]
+    Vm(#[from] crate::microvm::ImageRunError),
+    /// What a microVM cannot do (yet), named.
+    #[error("{0}")]
+    NotForMicrovm(String),
     /// The engine was not told what records a detached container's exit.
     #[error("detached containers need the command that records their exit; see Engine::set_on_exit")]
     NoExitCommand,
@@ -119,7 +126,8 @@ impl ExitCode for EngineError {
             EngineError::Launch(e) => e.exit_code(),
             EngineError::Network(e) => e.exit_code(),
             EngineError::Publish(e) => e.exit_code(),
-            EngineError::PublishNeedsBridge(_) => USER_ERROR,
+            EngineError::PublishNeedsBridge(_) | EngineError::NotForMicrovm(_) => USER_ERROR,
+            EngineError::Vm(e) => e.exit_code(),
             EngineError::SeccompProfile(..)
             | EngineError::BadCpus { .. }
             | EngineError::NoSuchContainer(_)
@@ -193,6 +201,20 @@ pub struct Record {
     /// A record whose owner is gone was left by a twinbox that was killed ([`Engine::reconcile`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub owner: Option<Owner>,
+    /// A microVM's shape (see [`vm`]); none for a container.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vm: Option<crate::microvm::VmOptions>,
+}
+
+impl Record {
+    /// `container` or `microvm`, as `ps` shows it.
+    pub fn isolation(&self) -> &'static str {
+        if self.vm.is_some() {
+            "microvm"
+        } else {
+            "container"
+        }
+    }
 }
 
 /// A process, told apart from a later one with the same pid by its start time.
@@ -366,6 +388,7 @@ impl Engine {
             endpoint: None,
             ports: Vec::new(),
             owner: Owner::me(),
+            vm: None,
         };
         self.save(&record)?;
         self.store.hold(&id, &image.manifest_digest)?;
@@ -580,24 +603,9 @@ impl Engine {
     /// record is not saved yet.
     fn refresh_hosts(&self, name: &str, joining: Option<&Record>) {
         let refreshed = self.networks().with_network(name, |n| {
-            let record_of = |id: &str| match joining {
-                Some(r) if r.id == id => Some(r.clone()),
-                _ => self.stored(id),
-            };
-            let members: Vec<(std::net::Ipv4Addr, Record)> =
-                n.addresses.iter().filter_map(|(ip, id)| Some((*ip, record_of(id)?))).collect();
-            let names: Vec<(std::net::Ipv4Addr, Vec<String>)> = members
-                .iter()
-                .map(|(ip, r)| {
-                    let hostname = spec::hostname(&r.id, &r.options);
-                    let mut names = vec![r.name.clone()];
-                    if hostname != r.name {
-                        names.push(hostname);
-                    }
-                    (*ip, names)
-                })
-                .collect();
-            for (ip, r) in &members {
+            let members = self.members(n, joining);
+            let names = member_names(&members);
+            for (ip, r) in members.iter().filter(|(_, r)| r.vm.is_none()) {
                 let hosts = self.container_dir(&r.id).join("hosts");
                 let text = attach::network_hosts_file(&spec::hostname(&r.id, &r.options), *ip, &names);
                 if let Err(e) = rewrite_in_place(&hosts, text.as_bytes()) {
@@ -608,6 +616,16 @@ impl Engine {
         if let Err(e) = refreshed {
             tracing::warn!(network = name, error = %e, "cannot update the containers' /etc/hosts");
         }
+    }
+
+    /// The instances holding an address on network `n`, with it. `joining` is one whose record
+    /// is not saved yet.
+    fn members(&self, n: &crate::network::Network, joining: Option<&Record>) -> Vec<(std::net::Ipv4Addr, Record)> {
+        let record_of = |id: &str| match joining {
+            Some(r) if r.id == id => Some(r.clone()),
+            _ => self.stored(id),
+        };
+        n.addresses.iter().filter_map(|(ip, id)| Some((*ip, record_of(id)?))).collect()
     }
 
     /// Binds the container's published ports and starts its proxy (see
@@ -862,6 +880,10 @@ impl Engine {
     /// After the init exited with `code`: note OOM, delete the runtime container, and either
     /// remove everything (`--rm`) or record the exit.
     fn finish(&self, mut record: Record, code: i32) -> Result<Exit, EngineError> {
+        if record.vm.is_some() {
+            self.finish_microvm(record, code)?;
+            return Ok(Exit { code, oom_killed: false });
+        }
         let oom_killed = CgroupManager::new(Some(Path::new(&format!("/twinbox/{}", record.id))), &record.id)
             .ok()
             .and_then(|c| c.oom_kills().ok())
@@ -1039,6 +1061,10 @@ impl Engine {
     pub fn kill(&self, key: &str, sig: Signal) -> Result<Record, EngineError> {
         let r = self.find(key)?;
         match r.phase {
+            Phase::Running { .. } if r.vm.is_some() => {
+                self.signal_vmm(&r, sig)?;
+                Ok(r)
+            }
             Phase::Running { .. } => {
                 self.runtime.kill(&r.id, sig, false)?;
                 Ok(r)
@@ -1052,10 +1078,18 @@ impl Engine {
         let r = self.find(key)?;
         let Phase::Running { pid } = r.phase else { return Ok(r) };
         let pid = Pid::from_raw(pid);
-        let _ = self.runtime.kill(&r.id, Signal::SIGTERM, false);
-        if !wait_gone(pid, timeout) {
-            let _ = self.runtime.kill(&r.id, Signal::SIGKILL, true);
-            wait_gone(pid, std::time::Duration::from_secs(10));
+        if r.vm.is_some() {
+            // The VMM stops the VM on SIGTERM and records the exit itself.
+            let _ = self.signal_vmm(&r, Signal::SIGTERM);
+            if !wait_gone(pid, timeout) {
+                self.kill_vmm(&r);
+            }
+        } else {
+            let _ = self.runtime.kill(&r.id, Signal::SIGTERM, false);
+            if !wait_gone(pid, timeout) {
+                let _ = self.runtime.kill(&r.id, Signal::SIGKILL, true);
+                wait_gone(pid, std::time::Duration::from_secs(10));
+            }
         }
         // Wait for the monitor to record the exit code (the live view already says exited).
         let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
@@ -1083,10 +1117,16 @@ impl Engine {
             if !force {
                 return Err(EngineError::Running(r.name));
             }
-            let _ = self.runtime.kill(&r.id, Signal::SIGKILL, true);
-            wait_gone(Pid::from_raw(pid), std::time::Duration::from_secs(10));
+            if r.vm.is_some() {
+                self.kill_vmm(&r);
+            } else {
+                let _ = self.runtime.kill(&r.id, Signal::SIGKILL, true);
+                wait_gone(Pid::from_raw(pid), std::time::Duration::from_secs(10));
+            }
         }
-        self.delete_runtime(&r.id)?;
+        if r.vm.is_none() {
+            self.delete_runtime(&r.id)?;
+        }
         self.remove_files(&r.id)?;
         Ok(r)
     }
@@ -1134,7 +1174,9 @@ impl Engine {
                     if (owner_gone || (stored.owner.is_none() && !monitor_runs))
                         && (stored.phase == Phase::Created || never_started) =>
                 {
-                    self.delete_runtime(&r.id)?;
+                    if r.vm.is_none() {
+                        self.delete_runtime(&r.id)?;
+                    }
                     self.remove_files(&r.id)?;
                     done.push(format!(
                         "removed {} ({}): its twinbox was killed while creating it",
@@ -1169,6 +1211,13 @@ impl Engine {
         if matches!(r.phase, Phase::Running { .. }) {
             return Ok(r);
         }
+        if r.vm.is_some() {
+            return Err(EngineError::NotForMicrovm(format!(
+                "{} is a microVM: starting one again (detached) needs the guest agent's vsock channel, which \
+                 twinbox has not yet; run the image again",
+                r.name
+            )));
+        }
         match self.runtime.delete(&r.id, true) {
             Ok(()) | Err(RuntimeError::NotFound { .. }) => {}
             Err(e) => return Err(e.into()),
@@ -1190,6 +1239,12 @@ impl Engine {
         let r = self.find(key)?;
         if !matches!(r.phase, Phase::Running { .. }) {
             return Err(EngineError::NotRunning(r.name));
+        }
+        if r.vm.is_some() {
+            return Err(EngineError::NotForMicrovm(format!(
+                "{} is a microVM: exec into its guest needs the guest agent's vsock channel, which twinbox has not yet",
+                r.name
+            )));
         }
         let state = self.runtime.state(&r.id)?;
         let mut process = state.config.process().clone().unwrap_or_default();
@@ -1235,6 +1290,22 @@ type TeeReaders = (io::PipeReader, io::PipeReader, fs::File);
 /// One thread per pipe copying to our stdout or stderr and to the log. When our stream is
 /// closed (`twinbox run … | head`), that thread stops reading, so the container gets EPIPE
 /// as it would writing to the closed stream itself.
+/// The names each member answers to in the others' /etc/hosts: its name, and its hostname
+/// when that differs.
+fn member_names(members: &[(std::net::Ipv4Addr, Record)]) -> Vec<(std::net::Ipv4Addr, Vec<String>)> {
+    members
+        .iter()
+        .map(|(ip, r)| {
+            let hostname = spec::hostname(&r.id, &r.options);
+            let mut names = vec![r.name.clone()];
+            if hostname != r.name {
+                names.push(hostname);
+            }
+            (*ip, names)
+        })
+        .collect()
+}
+
 fn tee_threads(out: io::PipeReader, err: io::PipeReader, log: fs::File) -> Vec<std::thread::JoinHandle<()>> {
     let log = std::sync::Arc::new(std::sync::Mutex::new(log));
     let spawn = |mut rd: io::PipeReader, to_stderr: bool| {

@@ -111,6 +111,32 @@ pub fn connect(endpoint: &Endpoint, bridge: &str, pid: i32) -> Result<(), Networ
     Ok(())
 }
 
+/// Puts the tap of a microVM on `bridge`: the endpoint's MTU, the bridge, up. The tap is the
+/// VMM's (made when it opened it, gone when it ends), so nothing needs undoing on error.
+pub fn connect_tap(endpoint: &Endpoint, bridge: &str) -> Result<(), NetworkError> {
+    let mut nl = Netlink::open()?;
+    let bridge_index = nl.link_index(bridge)?.ok_or_else(|| NetworkError::NoSuchNetwork(endpoint.network.clone()))?;
+    let tap = &endpoint.host_veth;
+    let index = nl.link_index(tap)?.ok_or_else(|| NetworkError::NoSuchNetwork(tap.clone()))?;
+    if let Some(mtu) = endpoint.mtu {
+        nl.set_mtu(index, mtu, tap)?;
+    }
+    nl.set_controller(index, bridge_index, tap)?;
+    nl.set_up(index, tap)?;
+    Ok(())
+}
+
+/// The host link of instance `id` when it is a microVM (its tap), beside the `tbv` veths of
+/// containers.
+pub fn tap_name(id: &str) -> String {
+    format!("tbt{}", &id[..id.len().min(8)])
+}
+
+/// `mac` as `aa:bb:cc:dd:ee:ff`.
+pub fn mac_text(mac: [u8; 6]) -> String {
+    mac.iter().map(|b| format!("{b:02x}")).collect::<Vec<_>>().join(":")
+}
+
 /// A container's MAC address, derived from its IPv4 address as Docker does (02:42 and the four
 /// bytes of the address; locally administered): a new container that gets a freed address
 /// also gets its MAC, so the bridge's neighbours still reach it while the kernel frees the

@@ -137,6 +137,14 @@ impl Netlink {
         }
     }
 
+    /// Sets link `index`'s MTU.
+    pub fn set_mtu(&mut self, index: u32, mtu: u32, name: &str) -> Result<(), NetlinkError> {
+        let mut link = LinkMessage::default();
+        link.header.index = index;
+        link.attributes.push(LinkAttribute::Mtu(mtu));
+        self.request(RouteNetlinkMessage::SetLink(link), 0, &format!("set {name}'s MTU to {mtu}")).map(drop)
+    }
+
     /// Brings link `index` up.
     pub fn set_up(&mut self, index: u32, name: &str) -> Result<(), NetlinkError> {
         let mut link = LinkMessage::default();

@@ -1,0 +1,269 @@
+//! MicroVM instances: `twinbox run --isolation microvm` kept in the store beside the
+//! containers, with a record, a name, an address on a bridge network and published ports, so
+//! that `ps`, `port`, `logs`, `rm`, `kill`, `stop`, `system prune` and the names between
+//! instances treat both models alike.
+//!
+//! The VM runs in the `twinbox` process that started it (that process is its VMM): the record's
+//! pid and owner are that process. Its network card is a tap named after the instance
+//! ([`attach::tap_name`]) that the VMM makes when it opens it; the kernel removes it when the
+//! VMM ends, however it ends, so a SIGKILLed VMM leaves only its address and its forwarding
+//! rules, which `rm` or `system prune` release as for a container. What needs a channel into
+//! the running guest (exec, signals other than stop, a detached VM) waits for the agent's vsock
+//! channel and is refused by name meanwhile.
+
+use std::fs;
+use std::io::{self, Write};
+use std::time::Instant;
+
+use nix::sys::signal::Signal;
+use nix::unistd::Pid;
+
+use super::{
+    io_err, new_id, spec, valid_name, wait_gone, DirGuard, Engine, EngineError, Exit, Owner, Phase, Record, RunOptions,
+};
+use crate::microvm::{self, ImageRunError, VmOptions};
+use crate::network::attach::{self, Endpoint, NetworkMode};
+use crate::network::{publish, DEFAULT_NETWORK};
+use twinbox_microvm::agent::GuestNetwork;
+use twinbox_microvm::NetConfig;
+
+/// Signals `kill` passes to a microVM's VMM: they stop the VM (the workload's exit code is then
+/// 128 + N, as for a container's init killed by N), or kill the VMM.
+const VM_SIGNALS: [Signal; 4] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGKILL];
+
+/// Writes to both: the terminal and the instance's log.
+struct Tee<A, B>(A, B);
+
+impl<A: Write, B: Write> Write for Tee<A, B> {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let _ = self.1.write_all(buf);
+        self.0.write_all(buf)?;
+        Ok(buf.len())
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        let _ = self.1.flush();
+        self.0.flush()
+    }
+}
+
+impl Engine {
+    /// Runs `opts.image` as a microVM in this process, as [`run_foreground`] runs a container:
+    /// an instance record (named, on its network, its ports published) while it runs; when it
+    /// ends, the exit recorded, or everything removed with `--rm`. `start` is when this process
+    /// started (the boot timer counts from it). The workload's output goes to our stdout and
+    /// stderr (and, without `--rm`, to the instance's log for `twinbox logs`).
+    ///
+    /// [`run_foreground`]: Engine::run_foreground
+    pub fn run_microvm(&self, opts: &RunOptions, vm: &VmOptions, start: Instant) -> Result<Exit, EngineError> {
+        let (mut record, prepared) = self.prepare_microvm(opts, vm)?;
+        let id = record.id.clone();
+        let nets = self.networks();
+        let mut guest = prepared.guest.clone();
+        let outcome = (|| {
+            let mut cards = Vec::new();
+            let mut joined = None;
+            let hostname = spec::hostname(&id, &record.options);
+            guest.hosts = attach::hosts_file(&hostname, None);
+            if let NetworkMode::Bridge(name) = &record.options.network {
+                let network = nets.get_or_create_default(name)?;
+                nets.ensure_bridge(&network)?;
+                let (network, ip) = nets.allocate(&network.name, &id, |c| !self.container_dir(c).exists())?;
+                let mut endpoint = Endpoint::new(&network, ip, &id);
+                endpoint.host_veth = attach::tap_name(&id);
+                guest.network = Some(GuestNetwork {
+                    address: ip,
+                    prefix_len: endpoint.prefix_len,
+                    gateway: endpoint.gateway,
+                    mtu: endpoint.mtu.unwrap_or(1500),
+                    route_mtu: endpoint.route_mtu,
+                });
+                let mut others = super::member_names(&self.members(&network, None));
+                others.retain(|(other, _)| *other != ip);
+                guest.hosts = attach::network_hosts_file(&hostname, ip, &others);
+                guest.resolv_conf = attach::resolv_conf(&fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
+                cards.push(NetConfig {
+                    tap: endpoint.host_veth.clone(),
+                    mac: Some(attach::mac_text(attach::mac_for(ip))),
+                });
+                joined = Some((endpoint, network.bridge.clone()));
+            }
+            let prepared = microvm::PreparedRun { guest: guest.clone(), ..prepared.clone() };
+            let (config, initrd) = microvm::vm_config(prepared, vm, cards);
+            let output = self.vm_output(&record)?;
+            let me = std::process::id() as i32;
+            microvm::boot(config, initrd, start, output, vm.verbose, || -> Result<(), EngineError> {
+                if let Some((endpoint, bridge)) = &joined {
+                    attach::connect_tap(endpoint, bridge)?;
+                    record.endpoint = Some(endpoint.clone());
+                    self.publish(&mut record, endpoint.ip, me)?;
+                }
+                record.phase = Phase::Running { pid: me };
+                self.save(&record)?;
+                if let Some((endpoint, _)) = &joined {
+                    self.refresh_hosts(&endpoint.network, None);
+                }
+                Ok(())
+            })
+        })();
+        let code = match outcome {
+            Ok(exit) => {
+                if let Some(t) = exit.boot_time {
+                    tracing::info!(
+                        boot_time_ms = t.as_secs_f64() * 1e3,
+                        total_ms = exit.total.as_secs_f64() * 1e3,
+                        "microVM"
+                    );
+                }
+                exit.code
+            }
+            // Stopped by a signal (`twinbox stop`, Ctrl-C): as a container's init killed by it.
+            Err(EngineError::Vm(ImageRunError::Interrupted(sig))) => 128 + sig,
+            Err(e) => {
+                let _ = self.remove_files(&id);
+                return Err(e);
+            }
+        };
+        let stored = self.stored(&id).unwrap_or(record);
+        self.finish_microvm(stored, code)?;
+        Ok(Exit { code, oom_killed: false })
+    }
+
+    /// The record of a new microVM instance (saved, `Created`, its name claimed and its image
+    /// held) and the run it boots. Refuses what a VM cannot do, by name; on error nothing is
+    /// left behind.
+    fn prepare_microvm(
+        &self,
+        opts: &RunOptions,
+        vm: &VmOptions,
+    ) -> Result<(Record, microvm::PreparedRun), EngineError> {
+        let refuse = |what: &str| Err(EngineError::NotForMicrovm(what.to_owned()));
+        match &opts.network {
+            NetworkMode::None | NetworkMode::Bridge(_) => {}
+            NetworkMode::Host => {
+                return refuse(
+                    "--network host is for containers: a microVM has its own kernel and network stack; \
+                     use a bridge network and -p",
+                )
+            }
+            NetworkMode::Container(_) => {
+                return refuse(
+                    "--network container: shares a container's network namespace, which a microVM cannot join",
+                )
+            }
+            NetworkMode::Cni(_) => return refuse("--network cni: is for containers so far; use a twinbox network"),
+        }
+        if let NetworkMode::Bridge(name) = &opts.network {
+            if name != DEFAULT_NETWORK {
+                self.networks().get(name)?;
+            }
+        }
+        let _gc = self.store.writer_guard()?;
+        let image = self.store.resolve(&opts.image)?;
+        let id = new_id();
+        let name = match &opts.name {
+            Some(n) if !valid_name(n) => return Err(EngineError::InvalidName(n.clone())),
+            Some(n) if self.records()?.iter().any(|r| &r.name == n) => return Err(EngineError::NameInUse(n.clone())),
+            Some(n) => n.clone(),
+            None => format!("twinbox_{}", &id[..8]),
+        };
+        let mut opts = opts.clone();
+        if opts.publish_all {
+            for port in publish::exposed(&image.config) {
+                if !opts.publish.iter().any(|m| m.container_port == port.container_port && m.udp == port.udp) {
+                    opts.publish.push(port);
+                }
+            }
+        }
+        if !opts.publish.is_empty() && opts.network == NetworkMode::None {
+            return Err(EngineError::PublishNeedsBridge("none".into()));
+        }
+        let image_opts = microvm::ImageRunOptions {
+            image: opts.image.clone(),
+            overrides: opts.overrides.clone(),
+            hostname: Some(spec::hostname(&id, &opts)),
+            read_only: opts.read_only,
+            memory_mib: vm.memory_mib,
+            vcpus: vm.vcpus,
+            kernel: vm.kernel.clone(),
+            timeout: None,
+            irqchip: vm.irqchip,
+            verbose: vm.verbose,
+        };
+        let prepared = microvm::prepare(&self.store, &image, &image_opts, &id)?;
+        let cdir = self.container_dir(&id);
+        let guard = DirGuard(cdir.clone());
+        fs::create_dir_all(&cdir).map_err(io_err("create directory", &cdir))?;
+        let claim = self.reserve_name(&name, &id)?;
+        let record = Record {
+            id: id.clone(),
+            name,
+            image: opts.image.clone(),
+            image_digest: image.manifest_digest.to_string(),
+            command: prepared.guest.args.clone(),
+            options: opts,
+            created: chrono::Utc::now().to_rfc3339_opts(chrono::SecondsFormat::Secs, true),
+            phase: Phase::Created,
+            endpoint: None,
+            ports: Vec::new(),
+            owner: Owner::me(),
+            vm: Some(vm.clone()),
+        };
+        self.save(&record)?;
+        self.store.hold(&id, &image.manifest_digest)?;
+        std::mem::forget(guard);
+        claim.keep();
+        Ok((record, prepared))
+    }
+
+    /// Where the workload's output goes: ours, and the log unless the instance goes with `--rm`.
+    fn vm_output(&self, record: &Record) -> Result<microvm::Output, EngineError> {
+        if record.options.rm {
+            return Ok((Box::new(io::stdout()), Box::new(io::stderr())));
+        }
+        let path = self.container_dir(&record.id).join("log");
+        let open = || fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io_err("open", &path));
+        Ok((Box::new(Tee(io::stdout(), open()?)), Box::new(Tee(io::stderr(), open()?))))
+    }
+
+    /// After the VM ended with `code`: its network left and the exit recorded, or everything
+    /// removed (`--rm`).
+    pub(super) fn finish_microvm(&self, mut record: Record, code: i32) -> Result<(), EngineError> {
+        if record.options.rm {
+            return self.remove_files(&record.id);
+        }
+        let endpoint = record.endpoint.take();
+        if endpoint.is_some() {
+            self.leave_network(&record.id, endpoint.as_ref(), !record.options.publish.is_empty());
+        }
+        record.ports.clear();
+        record.phase = Phase::Exited { code, oom_killed: false };
+        record.owner = None;
+        self.save(&record)
+    }
+
+    /// Sends `sig` to a running microVM's VMM, if it is still the process that started it.
+    pub(super) fn signal_vmm(&self, record: &Record, sig: Signal) -> Result<(), EngineError> {
+        if !VM_SIGNALS.contains(&sig) {
+            return Err(EngineError::NotForMicrovm(format!(
+                "{} cannot reach a microVM's workload yet (that needs the guest agent's vsock channel); \
+                 SIGTERM, SIGINT and SIGHUP stop the VM, SIGKILL kills its VMM",
+                sig.as_str()
+            )));
+        }
+        let Phase::Running { pid } = record.phase else { return Err(EngineError::NotRunning(record.name.clone())) };
+        if record.owner.is_some_and(|o| o.pid == pid && o.alive()) {
+            nix::sys::signal::kill(Pid::from_raw(pid), sig).map_err(|e| EngineError::Sys("signalling the VMM", e))?;
+        }
+        Ok(())
+    }
+
+    /// `rm -f` of a running microVM: its VMM killed and gone before the files go.
+    pub(super) fn kill_vmm(&self, record: &Record) {
+        if let Phase::Running { pid } = record.phase {
+            if self.signal_vmm(record, Signal::SIGKILL).is_ok() {
+                wait_gone(Pid::from_raw(pid), std::time::Duration::from_secs(10));
+            }
+        }
+    }
+}
