@@ -25,6 +25,11 @@ pub struct VmArgs {
     /// guest's MAC when given. Repeatable (at most 4): eth0, eth1, ... in order.
     #[arg(long, value_name = "TAP[,mac=MAC]", value_parser = parse_net)]
     net: Vec<twinbox_microvm::NetConfig>,
+    /// A virtio-vsock device for guest CID `CID`, its host side on the UNIX socket `PATH`
+    /// (Firecracker's: `CONNECT <port>` there reaches a guest port; a guest connecting to host
+    /// port P reaches `PATH_P`).
+    #[arg(long, value_name = "CID,PATH", value_parser = parse_vsock)]
+    vsock: Option<twinbox_microvm::VsockConfig>,
     /// Kernel command line (default: a quiet serial console, reboot=k, panic=1).
     #[arg(long)]
     cmdline: Option<String>,
@@ -56,6 +61,13 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
     Ok(DiskConfig { path: PathBuf::from(path), read_only })
 }
 
+/// `CID,PATH`.
+fn parse_vsock(s: &str) -> Result<twinbox_microvm::VsockConfig, String> {
+    let (cid, path) = s.split_once(',').ok_or("give CID,PATH, e.g. 3,/tmp/vm.sock")?;
+    let guest_cid = cid.parse().map_err(|_| format!("invalid CID {cid:?}: give a number from 3"))?;
+    Ok(twinbox_microvm::VsockConfig { guest_cid, uds_path: PathBuf::from(path) })
+}
+
 /// `TAP` or `TAP,mac=MAC`.
 fn parse_net(s: &str) -> Result<twinbox_microvm::NetConfig, String> {
     let (tap, mac) = match s.split_once(',') {
@@ -76,6 +88,7 @@ pub fn vm(a: VmArgs) -> Result<i32> {
         initrd: a.initrd,
         disks: a.disk,
         nets: a.net,
+        vsock: a.vsock,
         timeout_ms: a.timeout.map(|s| (s * 1000.0) as u64),
         irqchip: a.irqchip,
         ..VmConfig::default()

@@ -259,6 +259,7 @@ pub fn vm_config(prepared: PreparedRun, shape: &VmOptions, nets: Vec<NetConfig>)
         cmdline: prepared.cmdline,
         disks: vec![DiskConfig { path: prepared.disk.path.clone(), read_only: true }],
         nets,
+        vsock: None,
         timeout_ms: shape.timeout_ms,
         irqchip: shape.irqchip,
     };

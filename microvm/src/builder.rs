@@ -16,7 +16,8 @@ use crate::devices::pseudo::exit_port::{ExitPort, EXIT_PORT, EXIT_PORT_LEN};
 use crate::devices::pseudo::output_port::{OutputPort, OUTPUT_PORT, OUTPUT_PORT_LEN};
 use crate::devices::pseudo::process_start_estimate;
 use crate::devices::virtio::block::Block;
-use crate::devices::virtio::net::{parse_mac, rx_loop, Net, RxLoop, Tap};
+use crate::devices::virtio::net::{self, parse_mac, Net, Tap};
+use crate::devices::virtio::vsock::{self, Vsock};
 use crate::devices::virtio::{mmio_slot, MmioTransport, VIRTIO_MMIO_SIZE};
 use crate::devices::Bus;
 use crate::loader::Initrd;
@@ -30,6 +31,8 @@ use crate::{ExitReason, IrqChip, VmConfig, VmError, VmExit};
 
 /// A network card's transport, shared by the MMIO bus and its receive thread.
 type NetTransport = Arc<Mutex<MmioTransport<Net, EventFdTrigger>>>;
+/// The socket device's transport, likewise.
+type VsockTransport = Arc<Mutex<MmioTransport<Vsock, EventFdTrigger>>>;
 
 /// Where the workload-output ports write: stdout and stderr.
 type OutputWriters = (Box<dyn Write + Send>, Box<dyn Write + Send>);
@@ -117,6 +120,7 @@ impl VmBuilder {
                 })
             })
             .collect::<Result<Vec<_>, _>>()?;
+        let vsock_device = config.vsock.as_ref().map(|v| Vsock::new(v.guest_cid, &v.uds_path)).transpose()?;
         let start = self.start.unwrap_or_else(process_start_estimate);
         let memory = create_guest_memory(u64::from(config.memory_mib))?;
         let kvm_vm = KvmVm::new(memory, self.irqchip.then_some(config.irqchip))?;
@@ -167,6 +171,16 @@ impl VmBuilder {
             mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
             net_transports.push(transport);
         }
+        let vsock_transport = match vsock_device {
+            Some(device) => {
+                let (base, gsi) = mmio_slot(disk_count + net_transports.len());
+                let transport: VsockTransport =
+                    Arc::new(Mutex::new(MmioTransport::new(device, irq(gsi)?, kvm_vm.memory().clone())));
+                mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
+                Some(transport)
+            }
+            None => None,
+        };
 
         let supported = kvm_vm.supported_cpuid()?;
         let vcpus = (0..config.vcpus)
@@ -199,7 +213,17 @@ impl VmBuilder {
             }
         }
 
-        Ok(Vm { vcpus, pio, mmio, nets: net_transports, console, boot_timer, timeout: config.timeout(), kvm_vm })
+        Ok(Vm {
+            vcpus,
+            pio,
+            mmio,
+            nets: net_transports,
+            vsock: vsock_transport,
+            console,
+            boot_timer,
+            timeout: config.timeout(),
+            kvm_vm,
+        })
     }
 }
 
@@ -210,6 +234,7 @@ pub struct Vm {
     pio: Bus,
     mmio: Bus,
     nets: Vec<NetTransport>,
+    vsock: Option<VsockTransport>,
     console: SharedBuffer,
     boot_timer: Arc<Mutex<BootTimer>>,
     timeout: Option<Duration>,
@@ -246,11 +271,15 @@ impl Vm {
             .nets
             .iter()
             .map(|t| {
-                let handles = RxLoop::new(&t.lock().unwrap_or_else(|e| e.into_inner()), stop_io.clone());
+                let handles = net::RxLoop::new(&t.lock().unwrap_or_else(|e| e.into_inner()), stop_io.clone());
                 handles.map(|h| (t.clone(), h))
             })
             .collect::<Result<Vec<_>, _>>()
             .map_err(VmError::EventFd)?;
+        let socket = self.vsock.as_ref().map(|t| {
+            let handles = vsock::RxLoop::new(&t.lock().unwrap_or_else(|e| e.into_inner()), stop_io.clone());
+            (t.clone(), handles)
+        });
         let watchdog = Watchdog::start(control.clone())?;
         let buffer = self.console.clone();
         let mut console_err = None;
@@ -260,9 +289,17 @@ impl Vm {
             for (i, (transport, handles)) in receivers.iter().enumerate() {
                 let spawned = std::thread::Builder::new()
                     .name(format!("net{i}-rx"))
-                    .spawn_scoped(scope, move || rx_loop(transport, handles));
+                    .spawn_scoped(scope, move || net::rx_loop(transport, handles));
                 if let Err(e) = spawned {
                     tracing::warn!(error = %e, "cannot start a network receive thread; eth{i} receives nothing");
+                }
+            }
+            if let Some((transport, handles)) = &socket {
+                let spawned = std::thread::Builder::new()
+                    .name("vsock-rx".into())
+                    .spawn_scoped(scope, move || vsock::rx_loop(transport, handles));
+                if let Err(e) = spawned {
+                    tracing::warn!(error = %e, "cannot start the vsock receive thread; the guest hears nothing");
                 }
             }
             let threads: Vec<_> = aps

@@ -32,6 +32,17 @@ pub struct NetConfig {
     pub mac: Option<String>,
 }
 
+/// The socket device: the guest's CID, and the UNIX socket its host side listens on
+/// (Firecracker's `vsock` object: `uds_path`, and `<uds_path>_<port>` for guest connections).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct VsockConfig {
+    /// 3 or more.
+    pub guest_cid: u64,
+    /// Made by the VMM (it must not exist), removed when the VM ends.
+    pub uds_path: PathBuf,
+}
+
 /// A disk image the guest sees as a virtio block device (`/dev/vda`, `/dev/vdb`, ... in order).
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -107,6 +118,8 @@ pub struct VmConfig {
     /// virtio-net cards (`eth0`, `eth1`, ... in order), at most [`MAX_NETS`], in the
     /// virtio-mmio slots after the disks.
     pub nets: Vec<NetConfig>,
+    /// A virtio-vsock device, in the slot after the network cards.
+    pub vsock: Option<VsockConfig>,
     /// Stop the VM with an error when it runs longer than this many milliseconds.
     pub timeout_ms: Option<u64>,
     /// Where the IOAPIC (and PIC, PIT) are emulated.
@@ -123,6 +136,7 @@ impl Default for VmConfig {
             cmdline: DEFAULT_CMDLINE.to_string(),
             disks: Vec::new(),
             nets: Vec::new(),
+            vsock: None,
             timeout_ms: None,
             irqchip: IrqChip::default(),
         }
@@ -154,6 +168,9 @@ pub enum ConfigError {
     /// More network cards than slots.
     #[error("{0} network cards asked: a microVM has at most {MAX_NETS}")]
     TooManyNets(usize),
+    /// The vsock CID is reserved or too large.
+    #[error("vsock: invalid guest CID {0}: give 3 to 4294967294")]
+    VsockCid(u64),
     /// A card's tap name or MAC address is malformed.
     #[error("network card {index}: {reason}")]
     Net {
@@ -174,6 +191,7 @@ impl ExitCode for ConfigError {
             | ConfigError::ZeroTimeout
             | ConfigError::TooManyDisks(_)
             | ConfigError::TooManyNets(_)
+            | ConfigError::VsockCid(_)
             | ConfigError::Net { .. } => twinbox_exit::USER_ERROR,
         }
     }
@@ -201,6 +219,11 @@ impl VmConfig {
                 crate::devices::virtio::net::parse_mac(mac).map_err(bad)?;
             }
         }
+        if let Some(v) = &self.vsock {
+            if !(3..u64::from(u32::MAX)).contains(&v.guest_cid) {
+                return Err(ConfigError::VsockCid(v.guest_cid));
+            }
+        }
         let cmdline_len = self.kernel_cmdline().len();
         if cmdline_len >= MAX_CMDLINE_LEN {
             return Err(ConfigError::CmdlineTooLong(cmdline_len));
@@ -215,10 +238,10 @@ impl VmConfig {
     }
 
     /// The command line the kernel gets: `cmdline`, then ` virtio_mmio.device=4K@<base>:<gsi>`
-    /// for each disk, then each network card, in order.
+    /// for each disk, then each network card, then the vsock device, in order.
     pub fn kernel_cmdline(&self) -> String {
         let mut line = self.cmdline.clone();
-        for i in 0..self.disks.len() + self.nets.len() {
+        for i in 0..self.disks.len() + self.nets.len() + usize::from(self.vsock.is_some()) {
             let (base, gsi) = mmio_slot(i);
             if !line.is_empty() {
                 line.push(' ');

@@ -14,7 +14,7 @@
 //! Firecracker-compatible boot timer (MMIO 0xc000_0000, magic byte 123), exit-status port
 //! (I/O 0x501), workload-output ports (I/O 0x510 stdout, 0x511 stderr), virtio-blk disks
 //! (MMIO 0xd000_0000 + i * 4K, GSI 5 + i), then virtio-net cards on taps in the slots after
-//! them; an MP table describes the vCPUs and the I/O APIC.
+//! them, then a virtio-vsock device whose host side is UNIX sockets (Firecracker's); an MP table describes the vCPUs and the I/O APIC.
 //! The guest agent (`microvm/agent`) runs a workload in such a VM; turning an OCI image into
 //! its configuration and disk is the engine's (`twinbox_engine::microvm`). Only `vstate` owns
 //! KVM file descriptors and holds `unsafe`; `arch` sets a vCPU up through kvm-ioctls' safe
@@ -33,7 +33,7 @@ pub mod vstate;
 mod builder;
 
 pub use builder::{Vm, VmBuilder};
-pub use config::{ConfigError, IrqChip, NetConfig, VmConfig};
+pub use config::{ConfigError, IrqChip, NetConfig, VmConfig, VsockConfig};
 /// The guest agent's protocol: ports, exit statuses, `GuestConfig`.
 pub use twinbox_agent as agent;
 
@@ -133,6 +133,9 @@ pub enum VmError {
         #[source]
         source: devices::virtio::block::BlockError,
     },
+    /// The socket device could not be made.
+    #[error("cannot make the vsock device")]
+    Vsock(#[from] devices::virtio::vsock::VsockError),
     /// A network card could not be attached.
     #[error("cannot attach a network card")]
     Net(#[from] devices::virtio::net::NetError),
@@ -166,6 +169,7 @@ impl ExitCode for VmError {
             VmError::Bus(e) => e.exit_code(),
             VmError::Disk { source, .. } => source.exit_code(),
             VmError::Net(e) => e.exit_code(),
+            VmError::Vsock(e) => e.exit_code(),
             VmError::Vcpu(e) => e.exit_code(),
             VmError::MpTable(e) => e.exit_code(),
             VmError::StubTooLarge { .. }

@@ -239,3 +239,38 @@ fn a_network_card_tap_lives_as_long_as_the_vm() {
 fn tap_exists(name: &str) -> bool {
     std::process::Command::new("ip").args(["link", "show", name]).output().is_ok_and(|o| o.status.success())
 }
+
+/// A VM with a vsock device listens on its UNIX socket while it exists, takes a host process's
+/// connection there (which waits for a guest that never answers), and removes the socket when
+/// it ends.
+#[test]
+fn a_vsock_socket_lives_as_long_as_the_vm() {
+    if !kvm_available("a_vsock_socket_lives_as_long_as_the_vm") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let uds = dir.path().join("vm.sock");
+    let config = VmConfig {
+        memory_mib: 16,
+        timeout_ms: Some(10_000),
+        vsock: Some(twinbox_microvm::VsockConfig { guest_cid: 3, uds_path: uds.clone() }),
+        ..VmConfig::default()
+    };
+    let mut vm = VmBuilder::new(config)
+        .start_time(Instant::now())
+        .stub(StubAsm::new().exit_status(0).spin().finish())
+        .build()
+        .unwrap();
+    let mut host = std::os::unix::net::UnixStream::connect(&uds).expect("the VMM listens");
+    std::io::Write::write_all(&mut host, b"CONNECT 52\n").unwrap();
+    assert_eq!(vm.run(&mut Vec::new()).unwrap().reason, ExitReason::Exited(0));
+    drop(vm);
+    assert!(!uds.exists(), "the socket is gone with the VM");
+    let taken = VmConfig {
+        memory_mib: 16,
+        vsock: Some(twinbox_microvm::VsockConfig { guest_cid: 3, uds_path: dir.path().to_owned() }),
+        ..VmConfig::default()
+    };
+    let err = VmBuilder::new(taken).stub(vec![0xf4]).build().unwrap_err();
+    assert!(err.to_string().contains("vsock"), "{err}");
+}

@@ -11,6 +11,7 @@
 pub mod block;
 pub mod mmio;
 pub mod net;
+pub mod vsock;
 
 pub use mmio::MmioTransport;
 
