@@ -294,6 +294,11 @@ fn microvm_run_matches_the_container_run() {
          echo \"port: $(twinbox port web)\"\n\
          echo \"ps: $(twinbox ps | grep -w web)\"\n\
          echo \"taps: $(ls /sys/class/net | grep -c '^tbt')\"\n\
+         echo \"exec: $(twinbox exec web /hello | tail -n 1)\"\n\
+         twinbox exec web /hello exit 7\n\
+         echo \"exec-code: $?\"\n\
+         twinbox exec web nope 2>/tmp/x\n\
+         echo \"exec-missing: $? $(cat /tmp/x)\"\n\
          echo '@@ERR@@'\ncat /tmp/web.err\necho '@@CODE 0@@'\n\
          echo '@@CASE peer@@'\nrun_case twinbox run --rm --isolation microvm busybox sh -c {}\n\
          echo '@@ERR@@'\ncat /tmp/err\necho \"@@CODE $code@@\"\n\
@@ -432,6 +437,15 @@ fn microvm_run_matches_the_container_run() {
     assert!(web.out.contains("direct: hello from twinbox"), "at the VM's address: {web:?}");
     assert!(web.out.contains("port: 8080/tcp -> 0.0.0.0:18080"), "{web:?}");
     assert!(web.out.contains("microvm") && web.out.contains("taps: 1"), "{web:?}");
+    // exec through the agent's vsock channel: in the workload's pid namespace (not its pid 1),
+    // on the guest's kernel, with the exit code and a missing program's 127.
+    let exec_line = web.out.lines().find_map(|l| l.strip_prefix("exec: ")).unwrap_or_default();
+    assert!(
+        exec_line.starts_with("pid ") && !exec_line.starts_with("pid 1 ") && exec_line.contains("on kernel 6.1."),
+        "{web:?}"
+    );
+    assert!(web.out.contains("exec-code: 7"), "{web:?}");
+    assert!(web.out.contains("exec-missing: 127 twinbox: exec: \"nope\": executable file not found"), "{web:?}");
     let peer = get("peer");
     assert_eq!(peer.code, 0, "{peer:?}");
     assert!(peer.out.starts_with("hello from twinbox\n1\n65520\ndefault via "), "by name, MTU, route: {peer:?}");

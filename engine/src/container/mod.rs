@@ -907,6 +907,10 @@ impl Engine {
 
     fn remove_files(&self, id: &str) -> Result<(), EngineError> {
         let stored = self.stored(id);
+        if stored.as_ref().is_some_and(|r| r.vm.is_some()) {
+            // A VMM that was killed leaves its socket.
+            let _ = fs::remove_file(vm::vsock_path(id));
+        }
         if let Some(r) = &stored {
             self.release_name(&r.name, id);
         }
@@ -1241,10 +1245,7 @@ impl Engine {
             return Err(EngineError::NotRunning(r.name));
         }
         if r.vm.is_some() {
-            return Err(EngineError::NotForMicrovm(format!(
-                "{} is a microVM: exec into its guest needs the guest agent's vsock channel, which twinbox has not yet",
-                r.name
-            )));
+            return self.exec_vm(&r, argv, env, workdir, user);
         }
         let state = self.runtime.state(&r.id)?;
         let mut process = state.config.process().clone().unwrap_or_default();

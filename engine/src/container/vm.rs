@@ -27,6 +27,15 @@ use crate::network::{publish, DEFAULT_NETWORK};
 use twinbox_microvm::agent::GuestNetwork;
 use twinbox_microvm::NetConfig;
 
+/// Where a running microVM's vsock device listens: short, as a UNIX socket's path must be
+/// (108 bytes, and guest connections add `_<port>`), and gone at a reboot with the VMs.
+pub fn vsock_path(id: &str) -> std::path::PathBuf {
+    std::path::Path::new("/run/twinbox/vm").join(format!("{}.sock", &id[..id.len().min(16)]))
+}
+
+/// How long the guest agent may take to answer a new control connection.
+const AGENT_ANSWER: std::time::Duration = std::time::Duration::from_secs(10);
+
 /// Signals `kill` passes to a microVM's VMM: they stop the VM (the workload's exit code is then
 /// 128 + N, as for a container's init killed by N), or kill the VMM.
 const VM_SIGNALS: [Signal; 4] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGKILL];
@@ -89,7 +98,11 @@ impl Engine {
                 joined = Some((endpoint, network.bridge.clone()));
             }
             let prepared = microvm::PreparedRun { guest: guest.clone(), ..prepared.clone() };
-            let (config, initrd) = microvm::vm_config(prepared, vm, cards);
+            let (mut config, initrd) = microvm::vm_config(prepared, vm, cards);
+            let socket = vsock_path(&id);
+            let dir = socket.parent().expect("a path in a directory");
+            fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+            config.vsock = Some(twinbox_microvm::VsockConfig { guest_cid: 3, uds_path: socket });
             let output = self.vm_output(&record)?;
             let me = std::process::id() as i32;
             microvm::boot(config, initrd, start, output, vm.verbose, || -> Result<(), EngineError> {
@@ -256,6 +269,84 @@ impl Engine {
             nix::sys::signal::kill(Pid::from_raw(pid), sig).map_err(|e| EngineError::Sys("signalling the VMM", e))?;
         }
         Ok(())
+    }
+
+    /// `twinbox exec` into a running microVM: the request to the guest agent over the vsock
+    /// control channel, its output to ours; returns the process's exit code. `user` is numeric
+    /// (`UID[:GID]`): names would need the guest's passwd, which the host does not read.
+    pub(super) fn exec_vm(
+        &self,
+        r: &Record,
+        argv: &[String],
+        env: &[String],
+        workdir: Option<&str>,
+        user: Option<&str>,
+    ) -> Result<i32, EngineError> {
+        use twinbox_microvm::agent::control::{self, ExecRequest};
+        let (uid, gid) = match user {
+            None => (None, None),
+            Some(u) => {
+                let (uid, gid) = u.split_once(':').map_or((u, None), |(a, b)| (a, Some(b)));
+                let num = |s: &str| s.parse::<u32>().ok();
+                match (num(uid), gid.map(num)) {
+                    (Some(uid), None) => (Some(uid), Some(uid)),
+                    (Some(uid), Some(Some(gid))) => (Some(uid), Some(gid)),
+                    _ => {
+                        return Err(EngineError::NotForMicrovm(format!(
+                            "-u {u}: in a microVM give a numeric UID[:GID] (the guest's user names are not read)"
+                        )))
+                    }
+                }
+            }
+        };
+        let path = vsock_path(&r.id);
+        let unreachable = |e: io::Error| {
+            EngineError::NotForMicrovm(format!(
+                "cannot reach the guest agent of {} through {}: {e}; is the VM still booting?",
+                r.name,
+                path.display()
+            ))
+        };
+        let mut conn = std::os::unix::net::UnixStream::connect(&path).map_err(unreachable)?;
+        conn.set_read_timeout(Some(AGENT_ANSWER)).map_err(unreachable)?;
+        conn.write_all(format!("CONNECT {}\n", control::CONTROL_PORT).as_bytes()).map_err(unreachable)?;
+        let mut line = Vec::new();
+        let mut byte = [0u8; 1];
+        while line.len() < 64 {
+            match io::Read::read(&mut conn, &mut byte) {
+                Ok(1) if byte[0] == b'\n' => break,
+                Ok(1) => line.push(byte[0]),
+                Ok(_) => return Err(unreachable(io::ErrorKind::ConnectionReset.into())),
+                Err(e) => return Err(unreachable(e)),
+            }
+        }
+        if !line.starts_with(b"OK ") {
+            return Err(unreachable(io::Error::other(String::from_utf8_lossy(&line).into_owned())));
+        }
+        conn.set_read_timeout(None).map_err(unreachable)?;
+        let request = ExecRequest { args: argv.to_vec(), env: env.to_vec(), cwd: workdir.map(str::to_owned), uid, gid };
+        let mut json = serde_json::to_vec(&request).expect("a request serializes");
+        json.push(b'\n');
+        conn.write_all(&json).map_err(unreachable)?;
+        let (mut out, mut err) = (io::stdout(), io::stderr());
+        loop {
+            match control::read_frame(&mut conn).map_err(unreachable)? {
+                Some((control::FRAME_STDOUT, b)) => {
+                    let _ = out.write_all(&b).and_then(|()| out.flush());
+                }
+                Some((control::FRAME_STDERR, b)) => {
+                    let _ = err.write_all(&b);
+                }
+                Some((control::FRAME_ERROR, b)) => {
+                    let _ = writeln!(err, "twinbox: {}", String::from_utf8_lossy(&b));
+                }
+                Some((control::FRAME_EXIT, b)) if b.len() == 4 => {
+                    return Ok(i32::from_le_bytes([b[0], b[1], b[2], b[3]]));
+                }
+                Some(_) => {}
+                None => return Err(unreachable(io::ErrorKind::UnexpectedEof.into())),
+            }
+        }
     }
 
     /// `rm -f` of a running microVM: its VMM killed and gone before the files go.

@@ -11,12 +11,15 @@
 //!  at the end:             agent ─out (LE i32)─► EXIT_PORT 0x501 ─► VMM ends the VM
 //! ```
 //!
+//! While the workload runs, the agent also serves `exec` on vsock port 1024 ([`control`]).
+//!
 //! The exit status is the workload's exit code, 128 + N when signal N killed it,
 //! [`EXIT_SETUP_FAILED`] (125) when the agent could not start it, [`EXIT_NOT_EXECUTABLE`] (126)
 //! or [`EXIT_NOT_FOUND`] (127) when the program could not be run, as `twinbox run` reports for a
 //! container.
 
 pub mod config;
+pub mod control;
 pub mod path;
 pub mod status;
 

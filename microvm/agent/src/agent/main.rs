@@ -15,6 +15,8 @@
 //! the stderr port. Nothing else is ever written to the ports unless `verbose` asks for it.
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+mod control;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod net;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod ports;
@@ -166,7 +168,11 @@ mod agent {
             Some(failure) => agent.say(&failure.message(&config)),
             None => agent.log(format_args!("exec'd {:?} (pid {})", config.args[0], spawned.pid)),
         }
-        supervise::forward(&mut agent.ports, spawned.streams)?;
+        let mut control = crate::control::Control::new(&config, spawned.pid);
+        if control.listening() {
+            agent.log(format_args!("serving exec on vsock port {}", twinbox_agent::control::CONTROL_PORT));
+        }
+        supervise::forward_serving(&mut agent.ports, spawned.streams, Some(&mut control))?;
         let status = supervise::wait_for(spawned.pid)?;
         Ok(exit_code(status).unwrap_or(EXIT_SETUP_FAILED))
     }

@@ -40,11 +40,25 @@ struct Page([u8; MAX_CHUNK]);
 /// Copies every stream to its port, each read (≤ [`MAX_CHUNK`] bytes) as one write, until all
 /// of them reach end of file. They do once the workload's pid namespace is gone: its init
 /// dying kills every process that could hold a write end.
-pub fn forward(ports: &mut dyn Ports, mut streams: Vec<Stream>) -> Result<(), SuperviseError> {
+#[cfg(test)]
+pub fn forward(ports: &mut dyn Ports, streams: Vec<Stream>) -> Result<(), SuperviseError> {
+    forward_serving(ports, streams, None)
+}
+
+/// [`forward`], serving the control channel's exec requests meanwhile (see
+/// [`crate::control`]).
+pub fn forward_serving(
+    ports: &mut dyn Ports,
+    mut streams: Vec<Stream>,
+    mut control: Option<&mut crate::control::Control<'_>>,
+) -> Result<(), SuperviseError> {
     let mut buf = Box::new(Page([0; MAX_CHUNK]));
     while !streams.is_empty() {
         let mut fds: Vec<libc::pollfd> =
             streams.iter().map(|s| libc::pollfd { fd: s.pipe.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
+        if let Some(c) = control.as_deref() {
+            fds.extend(c.poll_fds());
+        }
         sys::poll(&mut fds).map_err(SuperviseError::Poll)?;
         let mut ended = Vec::new();
         for (i, (stream, fd)) in streams.iter_mut().zip(&fds).enumerate() {
@@ -58,6 +72,9 @@ pub fn forward(ports: &mut dyn Ports, mut streams: Vec<Stream>) -> Result<(), Su
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => return Err(SuperviseError::Read(e)),
             }
+        }
+        if let Some(c) = control.as_deref_mut() {
+            c.service(&fds[streams.len()..]);
         }
         for i in ended.into_iter().rev() {
             streams.remove(i);

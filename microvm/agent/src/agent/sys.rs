@@ -117,7 +117,6 @@ pub fn wait_any() -> io::Result<(libc::pid_t, i32)> {
 }
 
 /// waitpid(pid): its wait status. Retries on EINTR.
-#[cfg(test)]
 pub fn wait_pid(pid: libc::pid_t) -> io::Result<i32> {
     loop {
         let mut status = 0;

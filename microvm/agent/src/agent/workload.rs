@@ -97,16 +97,16 @@ pub struct ChildFailure {
 impl ChildFailure {
     const LEN: usize = 5;
 
-    fn at(step: Step) -> impl Fn(io::Error) -> ChildFailure {
+    pub(crate) fn at(step: Step) -> impl Fn(io::Error) -> ChildFailure {
         move |e| ChildFailure { step, errno: e.raw_os_error().unwrap_or(libc::EIO) }
     }
 
-    fn encode(self) -> [u8; Self::LEN] {
+    pub(crate) fn encode(self) -> [u8; Self::LEN] {
         let e = self.errno.to_le_bytes();
         [self.step as u8, e[0], e[1], e[2], e[3]]
     }
 
-    fn decode(bytes: &[u8]) -> Option<Self> {
+    pub(crate) fn decode(bytes: &[u8]) -> Option<Self> {
         let [step, e0, e1, e2, e3] = *bytes else { return None };
         let step = *STEPS.iter().find(|s| **s as u8 == step)?;
         Some(ChildFailure { step, errno: i32::from_le_bytes([e0, e1, e2, e3]) })
@@ -165,7 +165,7 @@ pub struct Started {
     pub failure: Option<ChildFailure>,
 }
 
-fn cstrings(strings: &[String]) -> Result<Vec<CString>, SpawnError> {
+pub(crate) fn cstrings(strings: &[String]) -> Result<Vec<CString>, SpawnError> {
     strings.iter().map(|s| CString::new(s.as_bytes()).map_err(|_| SpawnError::Nul(s.clone()))).collect()
 }
 
@@ -205,7 +205,7 @@ pub fn spawn(config: &GuestConfig) -> Result<Started, SpawnError> {
 }
 
 /// What `find_program` needs to know of a path, from the workload's point of view.
-fn probe(path: &Path) -> Probe {
+pub(crate) fn probe(path: &Path) -> Probe {
     match std::fs::metadata(path) {
         Err(_) => Probe::Missing,
         Ok(meta) if !meta.is_file() => Probe::NotExecutable,
