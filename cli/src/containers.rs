@@ -26,6 +26,7 @@ fn engine(root: &Path) -> Result<Engine> {
     let exe = std::env::current_exe().context("finding the twinbox binary")?;
     let root = std::path::absolute(root).with_context(|| format!("finding the absolute path of {}", root.display()))?;
     engine.set_launcher(vec![exe.clone().into(), "--root".into(), root.clone().into(), "container-launch".into()]);
+    engine.set_vm_launcher(vec![exe.clone().into(), "--root".into(), root.clone().into(), "microvm-launch".into()]);
     engine.set_on_exit(vec![exe.clone().into(), "--root".into(), root.into(), "container-exited".into()]);
     // Published ports are forwarded by `twinbox container-proxy IP PORT…`.
     engine.set_proxy(vec![exe.into(), "container-proxy".into()]);
@@ -84,6 +85,18 @@ pub struct LaunchArgs {
 
 pub fn launch(root: &Path, a: LaunchArgs) -> Result<i32> {
     Ok(engine(root)?.launch(&a.id))
+}
+
+/// `microvm-launch ID`: the VMM of a detached microVM, started by `run -d` or `start` with a
+/// pipe for its word as descriptor 3.
+pub fn launch_microvm(root: &Path, a: LaunchArgs) -> Result<i32> {
+    use std::os::fd::FromRawFd;
+    // SAFETY: descriptor 3 is the pipe the engine hands the launcher (spawn_orphan puts it
+    // there); nothing else in this process owns it.
+    let report = unsafe { std::fs::File::from_raw_fd(3) };
+    twinbox_microvm::vstate::watchdog::stop_on_signals()?;
+    let started = *crate::STARTED.get_or_init(std::time::Instant::now);
+    Ok(engine(root)?.launch_microvm(&a.id, started, report))
 }
 
 #[derive(Args, Debug)]
@@ -314,14 +327,6 @@ fn run_microvm(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
     let refuse = |flag: &str| -> Result<i32> {
         Err(UserError(format!("{flag} is not supported with --isolation microvm")).into())
     };
-    if a.detach {
-        return Err(UserError(
-            "-d/--detach is not supported with --isolation microvm yet: a detached VM needs the guest agent's vsock \
-             channel (for exec, logs and stop)"
-                .into(),
-        )
-        .into());
-    }
     if a.tty {
         return refuse("-t/--tty");
     }
@@ -371,13 +376,18 @@ fn run_microvm(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
         pids_limit: None,
         read_only: a.read_only,
         rm: a.rm,
-        detach: false,
+        detach: a.detach,
         network,
         publish,
         publish_all: a.publish_all,
         tty: false,
     };
     let eng = engine(root)?;
+    if a.detach {
+        let r = eng.run_microvm_detached(&opts, &vm)?;
+        println!("{}", r.id);
+        return Ok(0);
+    }
     twinbox_microvm::vstate::watchdog::stop_on_signals()?;
     let started = *crate::STARTED.get_or_init(std::time::Instant::now);
     let exit = eng.run_microvm(&opts, &vm, started)?;

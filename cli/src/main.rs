@@ -94,6 +94,9 @@ enum Command {
     /// by run -d and start, not by hand).
     #[command(hide = true)]
     ContainerLaunch(containers::LaunchArgs),
+    /// The VMM of a detached microVM (started by run -d and start, not by hand).
+    #[command(hide = true)]
+    MicrovmLaunch(containers::LaunchArgs),
     /// Run by a detached container's monitor once the container's init has exited: records
     /// its exit code and removes what it leaves.
     #[command(hide = true)]
@@ -167,6 +170,7 @@ fn main() -> ExitCode {
         Command::Exec(a) => containers::exec(root, a),
         Command::ContainerExited(a) => containers::exited(root, a),
         Command::ContainerLaunch(a) => containers::launch(root, a),
+        Command::MicrovmLaunch(a) => containers::launch_microvm(root, a),
         Command::ContainerProxy(a) => containers::proxy(a),
         Command::Port(a) => containers::port(root, a),
         Command::Network(a) => networks::network(root, a),

@@ -23,7 +23,6 @@ use common::{busybox_rootfs, hello_context, require, require_root, sh, workspace
 fn container_only_flags_are_refused_by_name_and_nothing_is_left() {
     let env = Env::new();
     for (args, needle) in [
-        (vec!["-d"], "-d/--detach is not supported with --isolation microvm"),
         (vec!["--pids-limit", "5"], "--pids-limit is not supported"),
         (vec!["--security-opt", "seccomp=unconfined"], "--security-opt is not supported"),
         (vec!["--cpus", "1.5"], "whole number of vCPUs"),
@@ -96,14 +95,16 @@ fn kvm_boots_linux() -> bool {
 }
 
 /// Copies the dynamically linked binary `bin` with its libraries into `dir` and writes a
-/// wrapper `dir/name` that runs it through its own loader (L1 has busybox and nothing else).
+/// wrapper `dir/name` that links its loader where the binary names it (L1 has busybox and
+/// nothing else; its root is a throwaway) and runs it with its libraries, so the binary runs
+/// as itself and can start itself again (detached VMs, port proxies).
 fn pack_binary(bin: &Path, dir: &Path, name: &str) {
     let lib = dir.join("lib");
     std::fs::create_dir_all(&lib).unwrap();
     let real = dir.join(format!("{name}.bin"));
     sh(Command::new("objcopy").arg("--strip-debug").arg(bin).arg(&real));
     let ldd = sh(Command::new("ldd").arg(bin));
-    let mut loader = None;
+    let mut interpreter = None;
     for line in ldd.lines() {
         let path = match line.split("=>").nth(1) {
             Some(rest) => rest.split_whitespace().next(),
@@ -113,12 +114,15 @@ fn pack_binary(bin: &Path, dir: &Path, name: &str) {
         let file = Path::new(path).file_name().unwrap().to_owned();
         std::fs::copy(path, lib.join(&file)).unwrap();
         if file.to_string_lossy().starts_with("ld-linux") {
-            loader = Some(file.to_string_lossy().into_owned());
+            interpreter = Some(path.to_owned());
         }
     }
-    let loader = loader.expect("ldd names the dynamic loader");
+    let interpreter = interpreter.expect("ldd names the dynamic loader");
+    let loader = Path::new(&interpreter).file_name().unwrap().to_string_lossy().into_owned();
     let wrapper = format!(
-        "#!/bin/sh\nd=$(dirname \"$0\")\nexec \"$d/lib/{loader}\" --library-path \"$d/lib\" \"$d/{name}.bin\" \"$@\"\n"
+        "#!/bin/sh\nd=$(cd \"$(dirname \"$0\")\" && pwd)\n\
+         [ -e {interpreter} ] || {{ mkdir -p \"$(dirname {interpreter})\" && ln -sf \"$d/lib/{loader}\" {interpreter}; }}\n\
+         LD_LIBRARY_PATH=\"$d/lib\" exec \"$d/{name}.bin\" \"$@\"\n"
     );
     std::fs::write(dir.join(name), wrapper).unwrap();
     sh(Command::new("chmod").arg("755").arg(dir.join(name)));
@@ -304,7 +308,19 @@ fn microvm_run_matches_the_container_run() {
          echo '@@ERR@@'\ncat /tmp/err\necho \"@@CODE $code@@\"\n\
          echo '@@CASE web-stop@@'\ntwinbox stop web >/dev/null 2>/tmp/err\nwait $web\ncode=$?\n\
          echo \"left: $(twinbox ps -aq | wc -l) taps $(ls /sys/class/net | grep -c '^tbt') addresses $(twinbox network inspect twinbox0 | grep -c '\"[0-9.]*\": \"[0-9a-f]\\{{64\\}}\"')\"\n\
-         echo '@@ERR@@'\ncat /tmp/err /tmp/web.out /tmp/web.err\necho \"@@CODE $code@@\"\n",
+         echo '@@ERR@@'\ncat /tmp/err /tmp/web.out /tmp/web.err\necho \"@@CODE $code@@\"\n\
+         echo '@@CASE detached@@'\n\
+         twinbox run -d --isolation microvm --name bg hello serve 8081 >/tmp/id 2>/tmp/err\n\
+         i=0\n\
+         while [ $i -lt 120 ] && ! twinbox logs bg 2>/dev/null | grep -q listening; do i=$((i+1)); sleep 1; done\n\
+         echo \"logs: $(twinbox logs bg)\"\n\
+         twinbox exec bg /hello exit 4\n\
+         echo \"exec: $?\"\n\
+         twinbox stop bg >/dev/null\n\
+         echo \"ps: $(twinbox ps -a | grep -w bg | grep -o 'Exited ([0-9]*)')\"\n\
+         twinbox rm bg >/dev/null\n\
+         echo \"rm: $? $(twinbox ps -aq | wc -l) $(ls /run/twinbox/vm | wc -l)\"\n\
+         echo '@@ERR@@'\ncat /tmp/err\necho '@@CODE 0@@'\n",
         shell_quote(peer)
     ));
     script.push_str("echo '@@CASE holds@@'\nls \"$TWINBOX_ROOT/holds\"\necho '@@CODE 0@@'\n");
@@ -453,6 +469,11 @@ fn microvm_run_matches_the_container_run() {
     let stopped = get("web-stop");
     assert_eq!(stopped.code, 143, "stop ends the VM as SIGTERM ends a container: {stopped:?}");
     assert!(stopped.out.contains("left: 0 taps 0 addresses 0"), "nothing left: {stopped:?}");
+    // Detached: its VMM runs on, its output in the log; exec, stop (SIGTERM's 143) and rm.
+    let bg = get("detached");
+    assert!(bg.out.contains("logs: listening on 8081"), "{bg:?}");
+    assert!(bg.out.contains("exec: 4") && bg.out.contains("ps: Exited (143)"), "{bg:?}");
+    assert!(bg.out.contains("rm: 0 0 0"), "nothing left: {bg:?}");
 
     assert_eq!(get("holds").out, "", "every run released its image hold");
 }

@@ -251,6 +251,7 @@ pub struct Engine {
     dir: PathBuf,
     on_exit: Option<Vec<std::ffi::OsString>>,
     launcher: Option<Vec<std::ffi::OsString>>,
+    vm_launcher: Option<Vec<std::ffi::OsString>>,
     proxy: Option<Vec<std::ffi::OsString>>,
 }
 
@@ -269,7 +270,15 @@ impl Engine {
     pub fn new(store: Store, runtime_root: impl Into<PathBuf>) -> Result<Self, EngineError> {
         let dir = store.root().join("containers");
         fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
-        Ok(Self { store, runtime: Runtime::new(runtime_root), dir, on_exit: None, launcher: None, proxy: None })
+        Ok(Self {
+            store,
+            runtime: Runtime::new(runtime_root),
+            dir,
+            on_exit: None,
+            launcher: None,
+            vm_launcher: None,
+            proxy: None,
+        })
     }
 
     /// The command a detached container's monitor runs, with the container's id and exit code
@@ -284,6 +293,13 @@ impl Engine {
     /// monitor. Needed by [`run_detached`](Self::run_detached).
     pub fn set_launcher(&mut self, command: Vec<std::ffi::OsString>) {
         self.launcher = Some(command);
+    }
+
+    /// The command that runs a detached microVM, with its id appended and a pipe as
+    /// descriptor 3: one that calls [`launch_microvm`](Self::launch_microvm) (the CLI's hidden
+    /// `microvm-launch`).
+    pub fn set_vm_launcher(&mut self, command: Vec<std::ffi::OsString>) {
+        self.vm_launcher = Some(command);
     }
 
     /// The command that forwards a container's published ports, with the container's address
@@ -1216,11 +1232,7 @@ impl Engine {
             return Ok(r);
         }
         if r.vm.is_some() {
-            return Err(EngineError::NotForMicrovm(format!(
-                "{} is a microVM: starting one again (detached) needs the guest agent's vsock channel, which \
-                 twinbox has not yet; run the image again",
-                r.name
-            )));
+            return self.launch_detached(r);
         }
         match self.runtime.delete(&r.id, true) {
             Ok(()) | Err(RuntimeError::NotFound { .. }) => {}

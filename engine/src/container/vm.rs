@@ -33,6 +33,22 @@ pub fn vsock_path(id: &str) -> std::path::PathBuf {
     std::path::Path::new("/run/twinbox/vm").join(format!("{}.sock", &id[..id.len().min(16)]))
 }
 
+/// What `microvm::prepare` needs of an instance's options.
+fn image_options(opts: &RunOptions, vm: &VmOptions, id: &str) -> microvm::ImageRunOptions {
+    microvm::ImageRunOptions {
+        image: opts.image.clone(),
+        overrides: opts.overrides.clone(),
+        hostname: Some(spec::hostname(id, opts)),
+        read_only: opts.read_only,
+        memory_mib: vm.memory_mib,
+        vcpus: vm.vcpus,
+        kernel: vm.kernel.clone(),
+        timeout: None,
+        irqchip: vm.irqchip,
+        verbose: vm.verbose,
+    }
+}
+
 /// How long the guest agent may take to answer a new control connection.
 const AGENT_ANSWER: std::time::Duration = std::time::Duration::from_secs(10);
 
@@ -65,10 +81,112 @@ impl Engine {
     ///
     /// [`run_foreground`]: Engine::run_foreground
     pub fn run_microvm(&self, opts: &RunOptions, vm: &VmOptions, start: Instant) -> Result<Exit, EngineError> {
-        let (mut record, prepared) = self.prepare_microvm(opts, vm)?;
+        let (record, prepared) = self.prepare_microvm(opts, vm)?;
+        self.boot_microvm(record, prepared, start, None, None)
+    }
+
+    /// `run -d --isolation microvm`: the instance made here, its VM run by a launcher of its own
+    /// (the command of [`set_vm_launcher`](Self::set_vm_launcher)) in a session of its own,
+    /// which is then its VMM and monitor: it records the exit when the VM ends. Returns once
+    /// the VM runs (its network and ports ready) or failed to start.
+    pub fn run_microvm_detached(&self, opts: &RunOptions, vm: &VmOptions) -> Result<Record, EngineError> {
+        let (record, _) = self.prepare_microvm(opts, vm)?;
+        self.launch_detached(record)
+    }
+
+    /// Starts the launcher of a prepared (or exited) microVM and waits for its word.
+    pub(super) fn launch_detached(&self, record: Record) -> Result<Record, EngineError> {
+        let launcher = self.vm_launcher.as_deref().filter(|c| !c.is_empty()).ok_or(EngineError::NoLaunchCommand)?;
+        let cdir = self.container_dir(&record.id);
+        let outcome = (|| {
+            let (mut rd, wr) = io::pipe().map_err(io_err("create pipe for", &cdir))?;
+            let mut cmd = std::process::Command::new(&launcher[0]);
+            cmd.args(&launcher[1..]).arg(&record.id);
+            super::monitor::spawn_orphan(cmd, &[std::os::fd::AsRawFd::as_raw_fd(&wr)])
+                .map_err(|e| EngineError::Monitor(format!("cannot start the VM's launcher: {e}")))?;
+            drop(wr);
+            let mut msg = String::new();
+            io::Read::read_to_string(&mut rd, &mut msg).map_err(io_err("read from the launcher of", &cdir))?;
+            match msg.strip_prefix("ok") {
+                Some(_) => Ok(()),
+                None if msg.is_empty() => Err(EngineError::Monitor("the VM's launcher ended without a word".into())),
+                None => Err(EngineError::Monitor(msg)),
+            }
+        })();
+        match outcome {
+            Ok(()) => self.find(&record.id),
+            Err(e) => {
+                if self.stored(&record.id).is_some_and(|r| r.phase == Phase::Created) {
+                    let _ = self.remove_files(&record.id);
+                }
+                Err(e)
+            }
+        }
+    }
+
+    /// The launcher of a detached microVM `id` (see [`run_microvm_detached`]): runs its VM
+    /// in this process, output to its log, and writes `ok` (once it runs) or the error to
+    /// `report`. Returns the exit code to end with.
+    ///
+    /// [`run_microvm_detached`]: Engine::run_microvm_detached
+    pub fn launch_microvm(&self, id: &str, start: Instant, mut report: std::fs::File) -> i32 {
+        let result = (|| {
+            let mut record = self.stored(id).ok_or_else(|| EngineError::NoSuchContainer(id.to_owned()))?;
+            let vm = record.vm.clone().ok_or_else(|| EngineError::NotForMicrovm(format!("{id} is not a microVM")))?;
+            if !matches!(record.phase, Phase::Created | Phase::Exited { .. }) {
+                return Err(EngineError::NotForMicrovm(format!("{} is already running", record.name)));
+            }
+            let image = self.store.resolve(&record.image_digest)?;
+            let image_opts = image_options(&record.options, &vm, id);
+            let prepared = microvm::prepare(&self.store, &image, &image_opts, id)?;
+            let previous = record.phase.clone();
+            record.owner = Owner::me();
+            record.phase = Phase::Created;
+            self.save(&record)?;
+            Ok((record, prepared, previous))
+        })();
+        let (record, prepared, previous) = match result {
+            Ok(r) => r,
+            Err(e) => {
+                let _ = write!(report, "{e}");
+                return twinbox_exit::ExitCode::exit_code(&e);
+            }
+        };
+        let log = self.container_dir(id).join("log");
+        match self.boot_microvm(record, prepared, start, Some(report), Some(previous)) {
+            Ok(exit) => exit.code,
+            Err(e) => {
+                // Nobody sees this process's stderr: the log says why the VM ended.
+                let mut text = format!("twinbox: {e}");
+                let mut source = std::error::Error::source(&e);
+                while let Some(cause) = source {
+                    text.push_str(&format!(": {cause}"));
+                    source = cause.source();
+                }
+                if let Ok(mut f) = fs::OpenOptions::new().append(true).open(&log) {
+                    let _ = writeln!(f, "{text}");
+                }
+                twinbox_exit::ExitCode::exit_code(&e)
+            }
+        }
+    }
+
+    /// Boots a prepared instance: its network, the VM, and when it ends the exit recorded (or
+    /// everything removed with `--rm`). With `report` (a detached VM's launcher) the output
+    /// goes to the log only and `ok` or the error is written there once the VM runs or failed.
+    fn boot_microvm(
+        &self,
+        mut record: Record,
+        prepared: microvm::PreparedRun,
+        start: Instant,
+        mut report: Option<std::fs::File>,
+        previous: Option<Phase>,
+    ) -> Result<Exit, EngineError> {
         let id = record.id.clone();
+        let vm = record.vm.clone().unwrap_or_default();
         let nets = self.networks();
         let mut guest = prepared.guest.clone();
+        let ran = std::cell::Cell::new(false);
         let outcome = (|| {
             let mut cards = Vec::new();
             let mut joined = None;
@@ -98,12 +216,14 @@ impl Engine {
                 joined = Some((endpoint, network.bridge.clone()));
             }
             let prepared = microvm::PreparedRun { guest: guest.clone(), ..prepared.clone() };
-            let (mut config, initrd) = microvm::vm_config(prepared, vm, cards);
+            let (mut config, initrd) = microvm::vm_config(prepared, &vm, cards);
             let socket = vsock_path(&id);
             let dir = socket.parent().expect("a path in a directory");
             fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+            // A socket left by a VMM that was killed.
+            let _ = fs::remove_file(&socket);
             config.vsock = Some(twinbox_microvm::VsockConfig { guest_cid: 3, uds_path: socket });
-            let output = self.vm_output(&record)?;
+            let output = self.vm_output(&record, report.is_some())?;
             let me = std::process::id() as i32;
             microvm::boot(config, initrd, start, output, vm.verbose, || -> Result<(), EngineError> {
                 if let Some((endpoint, bridge)) = &joined {
@@ -113,8 +233,12 @@ impl Engine {
                 }
                 record.phase = Phase::Running { pid: me };
                 self.save(&record)?;
+                ran.set(true);
                 if let Some((endpoint, _)) = &joined {
                     self.refresh_hosts(&endpoint.network, None);
+                }
+                if let Some(mut r) = report.take() {
+                    let _ = write!(r, "ok {me}");
                 }
                 Ok(())
             })
@@ -132,8 +256,34 @@ impl Engine {
             }
             // Stopped by a signal (`twinbox stop`, Ctrl-C): as a container's init killed by it.
             Err(EngineError::Vm(ImageRunError::Interrupted(sig))) => 128 + sig,
+            Err(e) if ran.get() => {
+                // It ran, then the VM failed: an exit like any other (125, twinbox's own
+                // failure), kept for `ps -a` and `logs` unless --rm.
+                let stored = self.stored(&id).unwrap_or(record);
+                self.finish_microvm(stored, twinbox_exit::INTERNAL)?;
+                return Err(e);
+            }
             Err(e) => {
-                let _ = self.remove_files(&id);
+                if let Some(mut r) = report.take() {
+                    let _ = write!(r, "{e}");
+                }
+                match previous {
+                    // A new VM that never ran is removed.
+                    None | Some(Phase::Created) => {
+                        let _ = self.remove_files(&id);
+                    }
+                    // One started again stays as it was, without what this start made.
+                    Some(phase) => {
+                        let mut kept = self.stored(&id).unwrap_or(record);
+                        let endpoint = kept.endpoint.take();
+                        self.leave_network(&id, endpoint.as_ref(), !kept.options.publish.is_empty());
+                        let _ = fs::remove_file(vsock_path(&id));
+                        kept.ports.clear();
+                        kept.owner = None;
+                        kept.phase = phase;
+                        let _ = self.save(&kept);
+                    }
+                }
                 return Err(e);
             }
         };
@@ -191,18 +341,7 @@ impl Engine {
         if !opts.publish.is_empty() && opts.network == NetworkMode::None {
             return Err(EngineError::PublishNeedsBridge("none".into()));
         }
-        let image_opts = microvm::ImageRunOptions {
-            image: opts.image.clone(),
-            overrides: opts.overrides.clone(),
-            hostname: Some(spec::hostname(&id, &opts)),
-            read_only: opts.read_only,
-            memory_mib: vm.memory_mib,
-            vcpus: vm.vcpus,
-            kernel: vm.kernel.clone(),
-            timeout: None,
-            irqchip: vm.irqchip,
-            verbose: vm.verbose,
-        };
+        let image_opts = image_options(&opts, vm, &id);
         let prepared = microvm::prepare(&self.store, &image, &image_opts, &id)?;
         let cdir = self.container_dir(&id);
         let guard = DirGuard(cdir.clone());
@@ -229,13 +368,17 @@ impl Engine {
         Ok((record, prepared))
     }
 
-    /// Where the workload's output goes: ours, and the log unless the instance goes with `--rm`.
-    fn vm_output(&self, record: &Record) -> Result<microvm::Output, EngineError> {
+    /// Where the workload's output goes: ours, and the log unless the instance goes with `--rm`;
+    /// only the log when `detached`.
+    fn vm_output(&self, record: &Record, detached: bool) -> Result<microvm::Output, EngineError> {
+        let path = self.container_dir(&record.id).join("log");
+        let open = || fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io_err("open", &path));
+        if detached {
+            return Ok((Box::new(open()?), Box::new(open()?)));
+        }
         if record.options.rm {
             return Ok((Box::new(io::stdout()), Box::new(io::stderr())));
         }
-        let path = self.container_dir(&record.id).join("log");
-        let open = || fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io_err("open", &path));
         Ok((Box::new(Tee(io::stdout(), open()?)), Box::new(Tee(io::stderr(), open()?))))
     }
 

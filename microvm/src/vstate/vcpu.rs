@@ -133,7 +133,16 @@ fn internal_error_name(suberror: u32) -> &'static str {
 pub struct Vcpu {
     fd: VcpuFd,
     id: u8,
+    /// vCPUs of the VM.
+    count: u8,
+    /// Since when, and where, the boot vCPU has been seen halted with interrupts off.
+    halted_since: Option<(std::time::Instant, u64)>,
 }
+
+/// With more than one vCPU, a halt with interrupts off is not final at once: Linux's
+/// paravirtual spinlocks wait so (`kvm_wait`) for the lock holder's kick, which can take a while
+/// on a slow host (a nested L1 under TCG). Only one that lasts this long counts as dead.
+const DEAD_HALT_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
 
 impl std::fmt::Debug for Vcpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -145,7 +154,7 @@ impl Vcpu {
     /// Creates vCPU `id` of `count` with CPUID and the basic MSRs set.
     pub fn new(vm: &KvmVm, supported: &CpuId, id: u8, count: u8) -> Result<Self, VcpuError> {
         let fd = vm.fd().create_vcpu(u64::from(id)).map_err(|e| VcpuError::Create(KvmVmError::CreateVcpu(id, e)))?;
-        let vcpu = Vcpu { fd, id };
+        let vcpu = Vcpu { fd, id, count, halted_since: None };
         vcpu.setup(|fd| cpuid::setup_cpuid(fd, supported, id, count, vm.tsc_deadline()))?;
         vcpu.setup(msr::setup_msrs)?;
         Ok(vcpu)
@@ -283,21 +292,35 @@ impl Vcpu {
         unsafe { run.__bindgen_anon_1.internal.suberror }
     }
 
-    /// A vCPU halted with interrupts off will never run again: report it instead of waiting.
-    /// Only the boot vCPU counts: Linux parks offline application processors exactly so.
-    fn dead_halt(&self) -> Result<Option<ExitReason>, VcpuError> {
+    /// A vCPU halted with interrupts off will never run again: report it instead of waiting
+    /// (with several vCPUs, once it has stayed so for [`DEAD_HALT_GRACE`]). Only the boot vCPU
+    /// counts: Linux parks offline application processors exactly so.
+    fn dead_halt(&mut self) -> Result<Option<ExitReason>, VcpuError> {
         if self.id != 0 {
             return Ok(None);
         }
         let mp_state = self.fd.get_mp_state().map_err(|e| self.ioctl("get MP state", e))?;
-        if mp_state.mp_state != KVM_MP_STATE_HALTED {
+        let regs = if mp_state.mp_state == KVM_MP_STATE_HALTED {
+            Some(self.fd.get_regs().map_err(|e| self.ioctl("get regs", e))?)
+        } else {
+            None
+        };
+        let Some(rip) = regs.filter(|r| r.rflags & RFLAGS_IF == 0).map(|r| r.rip) else {
+            self.halted_since = None;
             return Ok(None);
+        };
+        if self.count <= 1 {
+            return Ok(Some(ExitReason::Halted { rip }));
         }
-        let regs = self.fd.get_regs().map_err(|e| self.ioctl("get regs", e))?;
-        if regs.rflags & RFLAGS_IF != 0 {
-            return Ok(None);
+        match self.halted_since {
+            Some((since, at)) if at == rip => {
+                Ok((since.elapsed() >= DEAD_HALT_GRACE).then_some(ExitReason::Halted { rip }))
+            }
+            _ => {
+                self.halted_since = Some((std::time::Instant::now(), rip));
+                Ok(None)
+            }
         }
-        Ok(Some(ExitReason::Halted { rip: regs.rip }))
     }
 }
 
