@@ -36,8 +36,16 @@
 //!
 //! It stays in memory beside the containers, one per store instead of one per container (each
 //! of those cost about 55 KiB of kernel memory: page tables, a kernel stack, task structures),
-//! so it is as small as a process can be: no std, no libc, a few pages of code, the watch table
-//! in pages touched only as it fills. engine/build.rs builds it static and freestanding.
+//! so it is as small as a process can be: no std, no libc, two pages of code, and of its data
+//! only what it holds. Its state (see [`State`]) starts with what every turn of its loop
+//! touches, in one page, followed by the watch table and the commands' arena, whose pages are
+//! touched only as they fill (and given back as they empty); a request is read into the
+//! arena's free end instead of a buffer of its own; what the watches' commands share is kept
+//! once; its stack is the page of the one the kernel gave it that holds its arguments (see
+//! `start`), and its frames are small (the pointer arrays of a command are made in the forked
+//! child). Its code and what it touches for a few thousand containers lie in one 2 MiB span,
+//! which one page table maps. So with 30 containers it has five pages in memory. It is started
+//! with no environment. engine/build.rs builds it static and freestanding.
 
 #![no_std]
 #![no_main]
@@ -47,6 +55,7 @@ compile_error!("twinbox-monitor is written for x86_64 Linux");
 
 use core::arch::{asm, global_asm};
 use core::cell::UnsafeCell;
+use core::mem::MaybeUninit;
 
 mod sys {
     pub const READ: usize = 0;
@@ -64,6 +73,7 @@ mod sys {
     pub const WAIT4: usize = 61;
     pub const FCNTL: usize = 72;
     pub const FLOCK: usize = 73;
+    pub const MADVISE: usize = 28;
     pub const GETEUID: usize = 107;
     pub const CLOCK_GETTIME: usize = 228;
     pub const WAITID: usize = 247;
@@ -89,9 +99,16 @@ const MAX_CONNECTIONS: usize = 32;
 const MAX_REQUEST: usize = 16 * 1024;
 /// Strings of one request's ARGV, and of its ENV.
 const MAX_STRINGS: usize = 128;
-/// Containers watched at once, and the bytes of their commands.
+/// Containers watched at once, and the bytes of their commands (at most what they would take
+/// in full: with the template, far more fit).
 const MAX_WATCHES: usize = 16 * 1024;
 const ARENA: usize = 4 << 20;
+/// A watch's command is at most a request, and the template's users are watches.
+const _: () = assert!(MAX_REQUEST <= u16::MAX as usize && MAX_WATCHES <= u16::MAX as usize);
+const PAGE: usize = 4096;
+/// More than the monitor's frames take at their deepest (about 600 bytes: no recursion, no
+/// large local; a forked child's go deeper, into pages of its own).
+const FRAMES: usize = 1024;
 
 // The kernel starts a static executable at `_start` with the stack holding argc, the argument
 // pointers, a null, the environment's pointers and a null. Hand that to `start`, with the
@@ -107,14 +124,33 @@ global_asm!(
     start = sym start,
 );
 
-/// One watched process: its command (ARGV, an empty string, ENV) at `arena[off..off + len]`;
-/// once it has ended, its exit code, until the command could be started.
+/// One watched process: its command (ARGV, an empty string, ENV), which is the template's
+/// first `pre` bytes, then `arena[off..off + len]` (at 0 when empty), then the template's last
+/// `suf` bytes (with `pre` and `suf` 0, it does not use the template); once it has ended, its
+/// exit code, until the command could be started. Sixteen bytes, so that a couple of hundred
+/// share the state's first page with the connections.
 #[derive(Clone, Copy)]
 struct Watch {
     pid: i32,
     off: u32,
-    len: u32,
-    ended: Option<i32>,
+    len: u16,
+    pre: u16,
+    suf: u16,
+    /// A code as a shell reports it fits a byte: the status's exit byte, or 128 + a signal
+    /// number below 128.
+    ended: Option<u8>,
+}
+
+/// The command that the watches share all but a part of: those of one twinbox differ only in
+/// a container's ID and its launcher's pid, and the rest, four fifths of their bytes
+/// (twinbox's path, the store's, the environment), is kept once. It is the first command
+/// watched while there was none, at `arena[off..off + len]`, kept while `users` watches use
+/// it.
+#[derive(Clone, Copy)]
+struct Template {
+    off: u32,
+    len: u16,
+    users: u16,
 }
 
 /// An open connection: its descriptor, the peer's pid, and when it is given up (ms, monotonic).
@@ -130,14 +166,33 @@ const REQUEST_TIMEOUT_MS: u64 = 10_000;
 /// The most descriptors a request may carry (a launch has three); more are closed.
 const MAX_FDS: usize = 8;
 
+/// The monitor's state, laid out (`repr(C)`, fields in this order, from a page boundary) in
+/// the order its pages are touched: first what every turn of the loop uses, then the watch
+/// table, whose first couple of hundred entries share that page, then the arena. The arena
+/// holds the template and the parts of the watches' commands that differ from it, back to
+/// back from its start, and after them the request being read or a command being put
+/// together (hence MAX_REQUEST more bytes than the commands may take): a watch's command is
+/// moved down onto the others, never copied from a buffer of its own. So with N containers
+/// the monitor touches about one page plus N times a hundred bytes, and nothing far away: the
+/// 4 MiB of the tables cost neither memory nor page tables until thousands of containers
+/// fill them.
+#[repr(C, align(4096))]
 struct State {
-    watches: [Watch; MAX_WATCHES],
-    count: usize,
-    arena: [u8; ARENA],
-    used: usize,
-    request: [u8; MAX_REQUEST],
-    connections: [Connection; MAX_CONNECTIONS],
+    /// Connections open, watches, and bytes of the arena that the template and the watches'
+    /// commands take.
     open: usize,
+    count: usize,
+    used: usize,
+    template: Template,
+    /// How far the watch table and the arena may have been written (their pages in memory):
+    /// what [`trim`] gives back once their ends have moved down.
+    watches_top: usize,
+    arena_top: usize,
+    connections: [Connection; MAX_CONNECTIONS],
+    /// The loop's poll set: the signalfd, the listener, the connections.
+    pollfds: [PollFd; MAX_CONNECTIONS + 2],
+    watches: [Watch; MAX_WATCHES],
+    arena: [u8; ARENA + MAX_REQUEST],
 }
 
 /// The monitor's state: all zeros, so that it lands in .bss, whose pages cost nothing until
@@ -148,13 +203,16 @@ struct Global(UnsafeCell<State>);
 unsafe impl Sync for Global {}
 
 static STATE: Global = Global(UnsafeCell::new(State {
-    watches: [Watch { pid: 0, off: 0, len: 0, ended: None }; MAX_WATCHES],
-    count: 0,
-    arena: [0; ARENA],
-    used: 0,
-    request: [0; MAX_REQUEST],
-    connections: [Connection { fd: 0, peer: 0, deadline: 0 }; MAX_CONNECTIONS],
     open: 0,
+    count: 0,
+    used: 0,
+    template: Template { off: 0, len: 0, users: 0 },
+    watches_top: 0,
+    arena_top: 0,
+    connections: [Connection { fd: 0, peer: 0, deadline: 0 }; MAX_CONNECTIONS],
+    pollfds: [PollFd { fd: 0, events: 0, revents: 0 }; MAX_CONNECTIONS + 2],
+    watches: [Watch { pid: 0, off: 0, len: 0, pre: 0, suf: 0, ended: None }; MAX_WATCHES],
+    arena: [0; ARENA + MAX_REQUEST],
 }));
 
 /// # Safety
@@ -167,6 +225,43 @@ unsafe extern "C" fn start(stack: *const usize) -> ! {
     if args.len() != 2 || unsafe { c_str(args[1]) } != b"serve" {
         fail(b"usage: twinbox-monitor serve (started by twinbox with its socket as descriptor 3, not by hand)\n");
     }
+    // The kernel put the argument strings at the top of the stack, then (past a random gap of
+    // up to 8 KiB) the argument pointers and the auxiliary vector, and below them is where this
+    // frame is: two or three pages, which would stay in memory as long as the monitor runs.
+    // Go on just below the strings instead, in the page that holds them (which stays: ps reads
+    // them in /proc/PID/cmdline), and give back the pages below: with the short arguments
+    // twinbox gives, only the strings' page stays.
+    let strings = args[0] as usize;
+    // SAFETY: below the strings, down to the argument pointers, is the kernel's stack, unused
+    // (a gap, or what was read above). `resume` never returns: nothing of this frame is used
+    // again. The new stack pointer is aligned as the C ABI wants it for the call.
+    unsafe {
+        asm!(
+            "mov rsp, {sp}",
+            "call {resume}",
+            "ud2",
+            sp = in(reg) strings & !15,
+            resume = sym resume,
+            in("rdi") stack as usize,
+            in("rsi") strings,
+            options(noreturn),
+        );
+    }
+}
+
+/// `start`'s sequel, on a stack just below the argument strings at `strings`; `stack` is the
+/// process's initial stack pointer.
+///
+/// # Safety
+///
+/// Called by `start` only, once.
+unsafe extern "C" fn resume(stack: usize, strings: usize) -> ! {
+    // The pages from the initial stack pointer's up to the one the monitor's frames reach.
+    let (start, end) = (stack & !(PAGE - 1), ((strings & !15) - FRAMES) & !(PAGE - 1));
+    // SAFETY: they are the kernel's stack, below the strings, and hold only what was read
+    // (the arguments, the auxiliary vector, of which the kernel keeps its own copy for
+    // /proc/PID/auxv) and `start`'s frame, not used again; this frame is above them.
+    unsafe { discard(start, end) };
     // SAFETY: the only reference to the state, taken once, on the only thread.
     let state = unsafe { &mut *STATE.0.get() };
     exit(serve(state))
@@ -216,7 +311,6 @@ fn serve(state: &mut State) -> i32 {
     // SAFETY: geteuid takes nothing.
     let uid = unsafe { syscall4(sys::GETEUID, 0, 0, 0, 0) } as u32;
 
-    let mut pollfds = [PollFd { fd: -1, events: 0, revents: 0 }; MAX_CONNECTIONS + 2];
     let mut backoff = false;
     loop {
         let children = reap(state);
@@ -236,6 +330,7 @@ fn serve(state: &mut State) -> i32 {
                 state.connections[i] = state.connections[state.open];
             }
         }
+        let pollfds = &mut state.pollfds;
         pollfds[0] = PollFd { fd: sfd as i32, events: POLLIN, revents: 0 };
         let mut n = 1;
         let listening = state.open < MAX_CONNECTIONS && !backoff;
@@ -263,7 +358,7 @@ fn serve(state: &mut State) -> i32 {
         if r < 0 {
             continue;
         }
-        if pollfds[0].revents != 0 {
+        if state.pollfds[0].revents != 0 {
             let mut info = [0u8; 128];
             // SAFETY: read writes at most 128 bytes into a live buffer; the fd is non-blocking.
             while unsafe { syscall4(sys::READ, sfd as usize, info.as_mut_ptr() as usize, info.len(), 0) } > 0 {}
@@ -272,7 +367,7 @@ fn serve(state: &mut State) -> i32 {
         let mut i = state.open;
         while i > 0 {
             i -= 1;
-            if pollfds[first + i].revents != 0 {
+            if state.pollfds[first + i].revents != 0 {
                 let c = state.connections[i];
                 answer(state, c);
                 close(c.fd as usize);
@@ -280,7 +375,7 @@ fn serve(state: &mut State) -> i32 {
                 state.connections[i] = state.connections[state.open];
             }
         }
-        if listening && pollfds[1].revents != 0 {
+        if listening && state.pollfds[1].revents != 0 {
             // SAFETY: accept4 with no peer address asked for; SOCK_CLOEXEC.
             let c = unsafe { syscall4(sys::ACCEPT4, LISTENER, 0, 0, 0o2000000) };
             if c < 0 {
@@ -324,6 +419,7 @@ fn is_child(pid: i32) -> bool {
 fn run_ended(state: &mut State) -> bool {
     let mut i = 0;
     let mut waiting = false;
+    let mut forgot = false;
     while i < state.count {
         let w = state.watches[i];
         let Some(code) = w.ended else {
@@ -331,15 +427,20 @@ fn run_ended(state: &mut State) -> bool {
             continue;
         };
         let mut digits = [0u8; 12];
-        let code = format_code(code, &mut digits);
-        let command = &state.arena[w.off as usize..(w.off + w.len) as usize];
+        let code = format_code(i32::from(code), &mut digits);
+        let (at, len) = command(state, w);
         // Its own stdio: /dev/null, as given to the monitor.
-        if spawn(command, Some(code), None).is_ok() {
+        if spawn(&state.arena[at..at + len], Some(code), None).is_ok() {
+            // The last watch takes its place: the next to look at is at `i` again.
             forget(state, i);
+            forgot = true;
         } else {
             waiting = true;
             i += 1;
         }
+    }
+    if forgot {
+        trim(state);
     }
     waiting
 }
@@ -360,33 +461,117 @@ fn reap(state: &mut State) -> bool {
         if pid <= 0 {
             return true;
         }
-        let signal = status & 0x7f;
-        let code = if signal == 0 { (status >> 8) & 0xff } else { 128 + signal };
+        let signal = (status & 0x7f) as u8;
+        let code = if signal == 0 { (status >> 8) as u8 } else { 128 + signal };
         if let Some(w) = state.watches[..state.count].iter_mut().find(|w| w.pid == pid as i32 && w.ended.is_none()) {
             w.ended = Some(code);
         }
     }
 }
 
-/// Removes watch `i`, moving the commands after it down.
-fn forget(state: &mut State, i: usize) {
-    forget_in(&mut state.watches, &mut state.count, &mut state.arena, &mut state.used, i);
+/// Watch `w`'s whole command: where it is in the arena, put together past the commands when
+/// it uses the template.
+fn command(state: &mut State, w: Watch) -> (usize, usize) {
+    let (pre, len, suf) = (w.pre as usize, w.len as usize, w.suf as usize);
+    if pre + suf == 0 {
+        return (w.off as usize, len);
+    }
+    let (t, at) = (state.template, state.used);
+    let arena = &mut state.arena;
+    move_within(arena, t.off as usize, at, pre);
+    move_within(arena, w.off as usize, at + pre, len);
+    move_within(arena, t.off as usize + t.len as usize - suf, at + pre + len, suf);
+    state.arena_top = state.arena_top.max(at + pre + len + suf);
+    (at, pre + len + suf)
 }
 
-/// [`forget`] on the fields it changes, so that a request being read stays borrowed.
-fn forget_in(watches: &mut [Watch], count: &mut usize, arena: &mut [u8], used: &mut usize, i: usize) {
-    let w = watches[i];
-    let (start, end) = (w.off as usize, (w.off + w.len) as usize);
-    arena.copy_within(end..*used, start);
-    *used -= w.len as usize;
-    *count -= 1;
-    for j in i..*count {
-        watches[j] = watches[j + 1];
-    }
-    for other in &mut watches[..*count] {
-        if other.off as usize >= end {
-            other.off -= w.len;
+/// Removes watch `i`: the last watch takes its place, and its part of the arena goes, and the
+/// template's with its last user. What lies past the arena's `used` bytes (a request being
+/// answered) stays where it is.
+fn forget(state: &mut State, i: usize) {
+    let w = state.watches[i];
+    state.count -= 1;
+    state.watches[i] = state.watches[state.count];
+    cut(state, w.off as usize, w.len as usize);
+    if w.pre + w.suf > 0 {
+        state.template.users -= 1;
+        if state.template.users == 0 {
+            let t = state.template;
+            cut(state, t.off as usize, t.len as usize);
         }
+    }
+}
+
+/// Takes `arena[start..start + len]` out of the commands, moving those after it down.
+fn cut(state: &mut State, start: usize, len: usize) {
+    if len == 0 {
+        return;
+    }
+    let end = start + len;
+    move_within(&mut state.arena, end, start, state.used - end);
+    state.used -= len;
+    for w in &mut state.watches[..state.count] {
+        if w.off as usize >= end {
+            w.off -= len as u32;
+        }
+    }
+    if state.template.off as usize >= end {
+        state.template.off -= len as u32;
+    }
+}
+
+/// How many bytes `a` and `b` have in common at their start, and then at their end.
+fn shared(a: &[u8], b: &[u8]) -> (usize, usize) {
+    let pre = a.iter().zip(b).take_while(|(x, y)| x == y).count();
+    let rest = a.len().min(b.len()) - pre;
+    let suf = a.iter().rev().zip(b.iter().rev()).take(rest).take_while(|(x, y)| x == y).count();
+    (pre, suf)
+}
+
+/// Gives back the pages that the ends of the watch table and of the arena have left (as
+/// containers ended), so that a burst of containers does not stay in memory as long as the
+/// monitor runs. They read as zeros when next touched.
+fn trim(state: &mut State) {
+    let watches = state.watches.as_mut_ptr_range();
+    release(
+        watches.start.wrapping_add(state.count) as usize,
+        watches.start.wrapping_add(state.watches_top) as usize,
+        watches.end as usize,
+    );
+    state.watches_top = state.count;
+    let arena = state.arena.as_mut_ptr_range();
+    release(
+        arena.start.wrapping_add(state.used) as usize,
+        arena.start.wrapping_add(state.arena_top) as usize,
+        arena.end as usize,
+    );
+    state.arena_top = state.used;
+}
+
+/// Releases the whole pages from the one after `from` to the one holding `to`, all of them
+/// below `limit` (the end of the table they are in: a page of the next one is kept).
+fn release(from: usize, to: usize, limit: usize) {
+    let start = (from + PAGE - 1) & !(PAGE - 1);
+    let end = ((to + PAGE - 1) & !(PAGE - 1)).min(limit & !(PAGE - 1));
+    // SAFETY: whole pages of a table of the state past what it holds: zeros, what those
+    // bytes were at the start, are as good as what they hold.
+    unsafe { discard(start, end) };
+}
+
+/// Gives back the pages from `start` to `end` (page-aligned; none when `end` is not above
+/// `start`): the kernel frees them, and they read as zeros when next touched, as private
+/// anonymous memory does at first.
+///
+/// # Safety
+///
+/// They are private anonymous memory (the state's, or the stack's), and nothing uses what
+/// they hold.
+unsafe fn discard(start: usize, end: usize) {
+    if start < end {
+        // SAFETY: madvise(MADV_DONTNEED) on whole pages: the caller's promise.
+        unsafe {
+            syscall4(sys::MADVISE, start, end - start, 4 /* MADV_DONTNEED */, 0)
+        };
     }
 }
 
@@ -415,43 +600,25 @@ fn may_leave() -> bool {
 /// Reads and answers the one request of connection `c`.
 fn answer(state: &mut State, c: Connection) {
     let mut fds = [-1i32; MAX_FDS];
-    let (len, nfds) = match receive(c.fd as usize, &mut state.request, &mut fds) {
+    // Into the arena past its commands, where a watch's command is to go.
+    let at = state.used;
+    let (len, nfds) = match receive(c.fd as usize, &mut state.arena[at..at + MAX_REQUEST], &mut fds) {
         Ok(got) => got,
         Err(message) => {
             reply(c.fd, message);
             return;
         }
     };
-    let message: &[u8] = match state.request.get(..len) {
-        Some([b'R', payload @ ..]) if nfds == 3 => match spawn(payload, None, Some(&[fds[0], fds[1], fds[2]])) {
+    state.arena_top = state.arena_top.max(at + len);
+    let message: &[u8] = match (&state.arena[at..at + len], nfds) {
+        ([b'R', payload @ ..], 3) => match spawn(payload, None, Some(&[fds[0], fds[1], fds[2]])) {
             Ok(()) => b"ok",
             Err(e) => e,
         },
-        Some([b'R', ..]) => b"a launch request needs three descriptors",
-        Some([b'W', a, b, c2, d, payload @ ..]) if nfds == 0 => {
+        ([b'R', ..], _) => b"a launch request needs three descriptors",
+        ([b'W', a, b, c2, d, ..], 0) => {
             let pid = i32::from_le_bytes([*a, *b, *c2, *d]);
-            if parse(payload).is_none() || pid <= 0 {
-                b"malformed watch request"
-            } else if !is_child(pid) && !is_child(c.peer) {
-                // Neither ours nor a child of one of ours (a launcher): when the asker exits,
-                // its children go to another reaper, and this monitor would never see the end.
-                b"the process to watch is not below this monitor"
-            } else {
-                // An older watch of the same pid (a reused pid whose end was missed) goes.
-                while let Some(i) = state.watches[..state.count].iter().position(|w| w.pid == pid) {
-                    forget_in(&mut state.watches, &mut state.count, &mut state.arena, &mut state.used, i);
-                }
-                if state.count == MAX_WATCHES || state.used + payload.len() > ARENA {
-                    b"the monitor watches as many containers as it can"
-                } else {
-                    let off = state.used;
-                    state.arena[off..off + payload.len()].copy_from_slice(payload);
-                    state.used += payload.len();
-                    state.watches[state.count] = Watch { pid, off: off as u32, len: payload.len() as u32, ended: None };
-                    state.count += 1;
-                    b"ok"
-                }
-            }
+            watch(state, c.peer, pid, at + 5, len - 5)
         }
         _ => b"unknown request",
     };
@@ -459,6 +626,54 @@ fn answer(state: &mut State, c: Connection) {
         close(fd as usize);
     }
     reply(c.fd, message);
+}
+
+/// Adds the watch of `pid` that `peer` asked for, its command the `len` bytes at `arena[at..]`,
+/// past the arena's commands; the answer.
+fn watch(state: &mut State, peer: i32, pid: i32, at: usize, len: usize) -> &'static [u8] {
+    if parse(&state.arena[at..at + len], None).is_none() || pid <= 0 {
+        return b"malformed watch request";
+    }
+    if !is_child(pid) && !is_child(peer) {
+        // Neither ours nor a child of one of ours (a launcher): when the asker exits, its
+        // children go to another reaper, and this monitor would never see the end.
+        return b"the process to watch is not below this monitor";
+    }
+    // An older watch of the same pid (a reused pid whose end was missed) goes. That moves
+    // the commands below `at` only.
+    while let Some(i) = state.watches[..state.count].iter().position(|w| w.pid == pid) {
+        forget(state, i);
+    }
+    // What it shares with the template; with none, it becomes the template, all shared.
+    let t = state.template;
+    let (pre, suf) = if t.users == 0 {
+        (len, 0)
+    } else {
+        shared(&state.arena[t.off as usize..t.off as usize + t.len as usize], &state.arena[at..at + len])
+    };
+    let own = len - pre - suf;
+    let stored = if t.users == 0 { len } else { own };
+    if state.count == MAX_WATCHES || state.used + stored > ARENA {
+        return b"the monitor watches as many containers as it can";
+    }
+    // Down onto the commands' end: past the request's header, and past the commands just
+    // forgotten.
+    if t.users == 0 {
+        move_within(&mut state.arena, at, state.used, len);
+        state.template = Template { off: state.used as u32, len: len as u16, users: 0 };
+        state.used += len;
+    }
+    let off = if own == 0 { 0 } else { state.used };
+    move_within(&mut state.arena, at + pre, off, own);
+    state.used += own;
+    if pre + suf > 0 {
+        state.template.users += 1;
+    }
+    let (len, pre, suf) = (own as u16, pre as u16, suf as u16);
+    state.watches[state.count] = Watch { pid, off: off as u32, len, pre, suf, ended: None };
+    state.count += 1;
+    state.watches_top = state.watches_top.max(state.count);
+    b"ok"
 }
 
 /// Sends `message` on connection `c`; a peer that has gone away gets nothing (MSG_NOSIGNAL:
@@ -524,22 +739,24 @@ fn peer(c: usize) -> Option<(i32, u32)> {
     (r == 0 && len == 12).then_some((cred[0] as i32, cred[1]))
 }
 
-/// ARGV and ENV of a request payload, as pointer arrays ready for execve (each ends with a
-/// null). None unless the payload is NUL-terminated strings with a non-empty ARGV and one
-/// empty string after it.
+/// ARGV and ENV of a request payload, as pointer arrays for execve (room for an extra argument
+/// and the nulls that end them). 2 KiB: made only in the forked child, whose stack pages are
+/// its own, and written only as far as they are used (zeroing them would be a call of
+/// `memset`, see [`move_within`]).
 struct Command {
-    argv: [*const u8; MAX_STRINGS + 2],
-    envp: [*const u8; MAX_STRINGS + 1],
-    args: usize,
+    argv: [MaybeUninit<*const u8>; MAX_STRINGS + 2],
+    envp: [MaybeUninit<*const u8>; MAX_STRINGS + 1],
 }
 
-fn parse(payload: &[u8]) -> Option<Command> {
+/// How many strings ARGV and ENV of a request payload have, and their addresses into
+/// `command` when given. None unless the payload is NUL-terminated strings with a non-empty
+/// ARGV and one empty string after it.
+fn parse(payload: &[u8], mut command: Option<&mut Command>) -> Option<(usize, usize)> {
     if payload.last() != Some(&0) {
         return None;
     }
-    let mut command =
-        Command { argv: [core::ptr::null(); MAX_STRINGS + 2], envp: [core::ptr::null(); MAX_STRINGS + 1], args: 0 };
     let mut in_env = false;
+    let mut args = 0;
     let mut envs = 0;
     let mut start = 0;
     for (i, &b) in payload.iter().enumerate() {
@@ -552,29 +769,32 @@ fn parse(payload: &[u8]) -> Option<Command> {
         if !in_env {
             if s.is_empty() {
                 in_env = true;
-            } else if command.args == MAX_STRINGS {
+            } else if args == MAX_STRINGS {
                 return None;
             } else {
-                command.argv[command.args] = p;
-                command.args += 1;
+                if let Some(command) = command.as_deref_mut() {
+                    command.argv[args].write(p);
+                }
+                args += 1;
             }
         } else if !s.is_empty() {
             if envs == MAX_STRINGS {
                 return None;
             }
-            command.envp[envs] = p;
+            if let Some(command) = command.as_deref_mut() {
+                command.envp[envs].write(p);
+            }
             envs += 1;
         }
     }
-    (in_env && command.args > 0).then_some(command)
+    (in_env && args > 0).then_some((args, envs))
 }
 
 /// Forks a child that runs `payload`'s command, with `extra` appended to its arguments, and
 /// `stdio` as its descriptors 0, 1 and 2 (the monitor's own when None) in a session of its own.
 fn spawn(payload: &[u8], extra: Option<*const u8>, stdio: Option<&[i32; 3]>) -> Result<(), &'static [u8]> {
-    let Some(mut command) = parse(payload) else { return Err(b"malformed launch request") };
-    if let Some(arg) = extra {
-        command.argv[command.args] = arg;
+    if parse(payload, None).is_none() {
+        return Err(b"malformed launch request");
     }
     // SAFETY: fork takes nothing; the child only makes system calls on memory it owns.
     let pid = unsafe { syscall4(sys::FORK, 0, 0, 0, 0) };
@@ -584,6 +804,28 @@ fn spawn(payload: &[u8], extra: Option<*const u8>, stdio: Option<&[i32; 3]>) -> 
     if pid > 0 {
         return Ok(());
     }
+    exec(payload, extra, stdio)
+}
+
+/// The forked child of [`spawn`]. A function of its own, so that the monitor's stack frames
+/// never include its pointer arrays.
+#[inline(never)]
+fn exec(payload: &[u8], extra: Option<*const u8>, stdio: Option<&[i32; 3]>) -> ! {
+    let mut command = Command {
+        argv: [const { MaybeUninit::uninit() }; MAX_STRINGS + 2],
+        envp: [const { MaybeUninit::uninit() }; MAX_STRINGS + 1],
+    };
+    // Checked by `spawn`: at least one argument, at most MAX_STRINGS of each, so there is room
+    // for the extra argument and the nulls.
+    let Some((mut args, envs)) = parse(payload, Some(&mut command)) else { exit(127) };
+    if let Some(arg) = extra {
+        command.argv[args].write(arg);
+        args += 1;
+    }
+    command.argv[args].write(core::ptr::null());
+    command.envp[envs].write(core::ptr::null());
+    // SAFETY: written by `parse`, as there is an argument.
+    let path = unsafe { command.argv[0].assume_init() };
     if let Some(fds) = stdio {
         for (target, &fd) in fds.iter().enumerate() {
             // SAFETY: dup2 with integer arguments only. The received descriptors are above 4
@@ -597,21 +839,13 @@ fn spawn(payload: &[u8], extra: Option<*const u8>, stdio: Option<&[i32; 3]>) -> 
         syscall4(sys::SETSID, 0, 0, 0, 0);
         syscall4(sys::RT_SIGPROCMASK, 2, &none as *const u64 as usize, 0, 8);
     }
-    // SAFETY: execve reads the NUL-terminated path and the null-terminated pointer arrays,
-    // whose entries point at NUL-terminated strings in the payload (or `extra`'s digits),
-    // alive in this process until the call. It returns only on failure.
-    unsafe {
-        syscall4(
-            sys::EXECVE,
-            command.argv[0] as usize,
-            command.argv.as_ptr() as usize,
-            command.envp.as_ptr() as usize,
-            0,
-        )
-    };
+    // SAFETY: execve reads the NUL-terminated path and the pointer arrays up to their nulls,
+    // entries all written above, which point at NUL-terminated strings in the payload (or
+    // `extra`'s digits), alive in this process until the call. It returns only on failure.
+    unsafe { syscall4(sys::EXECVE, path as usize, command.argv.as_ptr() as usize, command.envp.as_ptr() as usize, 0) };
     let _ = write(1, b"twinbox-monitor: cannot run ");
-    // SAFETY: argv[0] points at a NUL-terminated string of the payload.
-    let _ = write(1, unsafe { c_str(command.argv[0]) });
+    // SAFETY: the path is a NUL-terminated string of the payload.
+    let _ = write(1, unsafe { c_str(path) });
     let _ = write(1, b"\n");
     exit(127)
 }
@@ -727,6 +961,20 @@ unsafe fn syscall6(n: usize, a1: usize, a2: usize, a3: usize, a4: usize, a5: usi
     ret
 }
 
+/// `buf[from..from + n]` copied to `buf[to..]` (they may overlap), as `copy_within` does, but
+/// without a call of `memmove`. The compiler makes its calls of `memcpy`, `memmove` and
+/// `memset` through a GOT (the precompiled `core` asks for that), data that the kernel writes
+/// when it loads the executable, which then takes a page of memory more: the monitor has no
+/// such call (check with `readelf -S`: no `.got`).
+fn move_within(buf: &mut [u8], from: usize, to: usize, n: usize) {
+    match from.max(to).checked_add(n) {
+        Some(end) if end <= buf.len() => {}
+        _ => fail(b"twinbox-monitor: internal error\n"),
+    }
+    // SAFETY: both ranges are within `buf`, checked above.
+    unsafe { copy(buf.as_mut_ptr().add(to), buf.as_mut_ptr().add(from), n) };
+}
+
 /// Copies that the compiler emits calls for; with no libc, they are ours. Volatile accesses
 /// keep it from turning these loops into calls of themselves.
 ///
@@ -735,8 +983,8 @@ unsafe fn syscall6(n: usize, a1: usize, a2: usize, a3: usize, a4: usize, a5: usi
 /// As C's `memcpy`: `n` bytes readable at `src`, writable at `dst`, not overlapping.
 #[no_mangle]
 unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
-    // SAFETY: the caller's promise; a forward copy is a correct memmove too.
-    unsafe { memmove(dst, src, n) }
+    // SAFETY: the caller's promise; a correct memmove is a correct memcpy.
+    unsafe { copy(dst, src, n) }
 }
 
 /// # Safety
@@ -744,6 +992,18 @@ unsafe extern "C" fn memcpy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
 /// As C's `memmove`: `n` bytes readable at `src`, writable at `dst`; they may overlap.
 #[no_mangle]
 unsafe extern "C" fn memmove(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
+    // SAFETY: the caller's promise.
+    unsafe { copy(dst, src, n) }
+}
+
+/// What `memcpy` and `memmove` do, under a name that the compiler does not take for the C
+/// function's: a call of `memmove` from Rust would be made through the GOT (see
+/// [`move_within`]).
+///
+/// # Safety
+///
+/// As C's `memmove`.
+unsafe fn copy(dst: *mut u8, src: *const u8, n: usize) -> *mut u8 {
     if (dst as usize) <= (src as usize) {
         for i in 0..n {
             // SAFETY: the caller's promise, for every i < n; copying upwards never reads a

@@ -218,10 +218,12 @@ fn connect_or_start(root: &Path, program: &Path) -> Result<OwnedFd, EngineError>
 }
 
 /// Starts `program serve` with `listener` as descriptor 3 and `lock` as 4 (see
-/// [`spawn_orphan`]).
+/// [`spawn_orphan`]). With no environment: the monitor reads none (its launchers and exit
+/// commands get theirs in each request), and the kernel would copy ours onto its stack,
+/// where it would stay in memory as long as the monitor runs.
 fn start(program: &Path, listener: BorrowedFd<'_>, lock: BorrowedFd<'_>) -> io::Result<()> {
     let mut cmd = std::process::Command::new(program);
-    cmd.arg("serve").current_dir("/");
+    cmd.arg("serve").current_dir("/").env_clear();
     spawn_orphan(cmd, &[listener.as_raw_fd(), lock.as_raw_fd()])
 }
 
@@ -449,6 +451,69 @@ mod tests {
             let _ = nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid), nix::sys::signal::Signal::SIGKILL);
         }
         eventually("the new monitor leaves", || ended(replacement));
+    }
+
+    /// The monitor keeps what the commands of its watches share once (see its `Template`):
+    /// whatever they share, and in whatever order the processes end, each runs exactly its own
+    /// command, with its own environment.
+    #[test]
+    fn each_watch_runs_its_own_command() {
+        let dir = tempfile::tempdir().unwrap();
+        let root = dir.path();
+        let program = install(&root.join("bin")).unwrap();
+        let out = root.join("out");
+        const N: usize = 40;
+        let pids: Vec<i32> =
+            launch_sh(root, &program, &format!("for i in $(seq {N}); do sleep 30 >/dev/null & echo $!; done"))
+                .split_whitespace()
+                .map(|p| p.parse().unwrap())
+                .collect();
+        assert_eq!(pids.len(), N);
+        let _reap = Reap(pids.clone());
+        let mut expected = Vec::new();
+        for (i, &pid) in pids.iter().enumerate() {
+            // Commands that share much, little (another first argument), or nothing but their
+            // end; IDs of several lengths; three environments, one with a long variable of its
+            // own (so that the arena takes pages, given back as they end).
+            let record = format!("echo \"$0 $* ${{V-none}} ${{#W}}\" >> {}", out.display());
+            let first = if i % 7 == 3 { "other" } else { "sh" };
+            let mut argv = sh(&record, &[first, &"x".repeat(i % 5 + 1), &format!("id{i}")]);
+            if i % 11 == 5 {
+                argv[0] = "/bin/../bin/sh".into();
+            }
+            let env: Vec<OsString> = match i % 3 {
+                0 => vec![],
+                1 => vec![format!("V=v{i}").into(), format!("W={}", i.to_string().repeat(300)).into()],
+                _ => vec!["V=same".into(), "PATH=/usr/bin:/bin".into()],
+            };
+            watch(root, pid, &argv, &env).unwrap();
+            let v = match i % 3 {
+                0 => "none".to_string(),
+                1 => format!("v{i}"),
+                _ => "same".to_string(),
+            };
+            let code = if i % 2 == 0 { 137 } else { 143 };
+            let w = if i % 3 == 1 { i.to_string().len() * 300 } else { 0 };
+            expected.push(format!("{first} {} id{i} {code} {v} {w}", "x".repeat(i % 5 + 1)));
+        }
+        // They end in an order of their own: the template's first users go first.
+        let mut order: Vec<usize> = (0..N).collect();
+        order.sort_by_key(|&i| (i * 17) % N);
+        for (k, &i) in order.iter().enumerate() {
+            let signal = if i % 2 == 0 { nix::sys::signal::Signal::SIGKILL } else { nix::sys::signal::Signal::SIGTERM };
+            nix::sys::signal::kill(nix::unistd::Pid::from_raw(pids[i]), signal).unwrap();
+            if k % 8 == 0 {
+                // Some while the others are still watched, some all at once.
+                eventually("the exit is recorded", || {
+                    fs::read_to_string(&out).is_ok_and(|s| s.lines().count() == k + 1)
+                });
+            }
+        }
+        eventually("every exit is recorded", || fs::read_to_string(&out).is_ok_and(|s| s.lines().count() == N));
+        let mut got: Vec<String> = fs::read_to_string(&out).unwrap().lines().map(String::from).collect();
+        got.sort();
+        expected.sort();
+        assert_eq!(got, expected);
     }
 
     #[test]
