@@ -1082,7 +1082,12 @@ impl Engine {
         let r = self.find(key)?;
         match r.phase {
             Phase::Running { .. } if r.vm.is_some() => {
-                self.signal_vmm(&r, sig)?;
+                // To the workload through the guest agent, as a container's init gets it; the
+                // VMM itself only when the agent does not answer.
+                if let Err(e) = self.signal_workload(&r, sig) {
+                    tracing::debug!(error = %e, "signalling through the agent failed, signalling the VMM");
+                    self.signal_vmm(&r, sig)?;
+                }
                 Ok(r)
             }
             Phase::Running { .. } => {
@@ -1099,10 +1104,23 @@ impl Engine {
         let Phase::Running { pid } = r.phase else { return Ok(r) };
         let pid = Pid::from_raw(pid);
         if r.vm.is_some() {
-            // The VMM stops the VM on SIGTERM and records the exit itself.
-            let _ = self.signal_vmm(&r, Signal::SIGTERM);
+            // SIGTERM to the workload through the guest agent (the VM ends with it), else to
+            // the VMM, which stops the VM; SIGKILL to the VMM after the timeout. The VMM
+            // records the exit itself.
+            if self.signal_workload(&r, Signal::SIGTERM).is_err() {
+                let _ = self.signal_vmm(&r, Signal::SIGTERM);
+            }
             if !wait_gone(pid, timeout) {
-                self.kill_vmm(&r);
+                // SIGKILL to the workload (137, as a container's); the VMM only if that fails,
+                // and then its exit is recorded here.
+                let killed = self.signal_workload(&r, Signal::SIGKILL).is_ok()
+                    && wait_gone(pid, std::time::Duration::from_secs(10));
+                if !killed {
+                    self.kill_vmm(&r);
+                    if let Some(now) = self.stored(&r.id).filter(|s| matches!(s.phase, Phase::Running { .. })) {
+                        self.finish_microvm(now, 128 + Signal::SIGKILL as i32)?;
+                    }
+                }
             }
         } else {
             let _ = self.runtime.kill(&r.id, Signal::SIGTERM, false);

@@ -24,7 +24,7 @@ use super::{
 use crate::microvm::{self, ImageRunError, VmOptions};
 use crate::network::attach::{self, Endpoint, NetworkMode};
 use crate::network::{publish, DEFAULT_NETWORK};
-use twinbox_microvm::agent::GuestNetwork;
+use twinbox_microvm::agent::{control, GuestNetwork};
 use twinbox_microvm::NetConfig;
 
 /// Where a running microVM's vsock device listens: short, as a UNIX socket's path must be
@@ -47,6 +47,15 @@ fn image_options(opts: &RunOptions, vm: &VmOptions, id: &str) -> microvm::ImageR
         irqchip: vm.irqchip,
         verbose: vm.verbose,
     }
+}
+
+/// The agent of `r` could not be reached or broke off.
+fn agent_error(r: &Record, e: &io::Error) -> EngineError {
+    EngineError::NotForMicrovm(format!(
+        "cannot reach the guest agent of {} through {}: {e}; is the VM still booting?",
+        r.name,
+        vsock_path(&r.id).display()
+    ))
 }
 
 /// How long the guest agent may take to answer a new control connection.
@@ -402,7 +411,7 @@ impl Engine {
     pub(super) fn signal_vmm(&self, record: &Record, sig: Signal) -> Result<(), EngineError> {
         if !VM_SIGNALS.contains(&sig) {
             return Err(EngineError::NotForMicrovm(format!(
-                "{} cannot reach a microVM's workload yet (that needs the guest agent's vsock channel); \
+                "{} goes to a microVM's workload through its guest agent, which does not answer; \
                  SIGTERM, SIGINT and SIGHUP stop the VM, SIGKILL kills its VMM",
                 sig.as_str()
             )));
@@ -425,7 +434,7 @@ impl Engine {
         workdir: Option<&str>,
         user: Option<&str>,
     ) -> Result<i32, EngineError> {
-        use twinbox_microvm::agent::control::{self, ExecRequest};
+        use control::ExecRequest;
         let (uid, gid) = match user {
             None => (None, None),
             Some(u) => {
@@ -442,14 +451,22 @@ impl Engine {
                 }
             }
         };
-        let path = vsock_path(&r.id);
-        let unreachable = |e: io::Error| {
-            EngineError::NotForMicrovm(format!(
-                "cannot reach the guest agent of {} through {}: {e}; is the VM still booting?",
-                r.name,
-                path.display()
-            ))
+        let mut conn = self.agent(r)?;
+        let request = ExecRequest {
+            args: argv.to_vec(),
+            env: env.to_vec(),
+            cwd: workdir.map(str::to_owned),
+            uid,
+            gid,
+            signal: None,
         };
+        self.agent_request(r, &mut conn, &request)
+    }
+
+    /// Connects to the guest agent of running microVM `r` (see `twinbox_agent::control`).
+    fn agent(&self, r: &Record) -> Result<std::os::unix::net::UnixStream, EngineError> {
+        let path = vsock_path(&r.id);
+        let unreachable = |e: io::Error| agent_error(r, &e);
         let mut conn = std::os::unix::net::UnixStream::connect(&path).map_err(unreachable)?;
         conn.set_read_timeout(Some(AGENT_ANSWER)).map_err(unreachable)?;
         conn.write_all(format!("CONNECT {}\n", control::CONTROL_PORT).as_bytes()).map_err(unreachable)?;
@@ -467,13 +484,23 @@ impl Engine {
             return Err(unreachable(io::Error::other(String::from_utf8_lossy(&line).into_owned())));
         }
         conn.set_read_timeout(None).map_err(unreachable)?;
-        let request = ExecRequest { args: argv.to_vec(), env: env.to_vec(), cwd: workdir.map(str::to_owned), uid, gid };
-        let mut json = serde_json::to_vec(&request).expect("a request serializes");
+        Ok(conn)
+    }
+
+    /// Sends `request` on `conn` and copies the answer's output to ours; the exit code.
+    fn agent_request(
+        &self,
+        r: &Record,
+        conn: &mut std::os::unix::net::UnixStream,
+        request: &control::ExecRequest,
+    ) -> Result<i32, EngineError> {
+        let unreachable = |e: io::Error| agent_error(r, &e);
+        let mut json = serde_json::to_vec(request).expect("a request serializes");
         json.push(b'\n');
         conn.write_all(&json).map_err(unreachable)?;
         let (mut out, mut err) = (io::stdout(), io::stderr());
         loop {
-            match control::read_frame(&mut conn).map_err(unreachable)? {
+            match control::read_frame(conn).map_err(unreachable)? {
                 Some((control::FRAME_STDOUT, b)) => {
                     let _ = out.write_all(&b).and_then(|()| out.flush());
                 }
@@ -489,6 +516,20 @@ impl Engine {
                 Some(_) => {}
                 None => return Err(unreachable(io::ErrorKind::UnexpectedEof.into())),
             }
+        }
+    }
+
+    /// Sends `sig` to the workload of running microVM `r` through its guest agent.
+    pub(super) fn signal_workload(&self, r: &Record, sig: Signal) -> Result<(), EngineError> {
+        let mut conn = self.agent(r)?;
+        let request = control::ExecRequest { signal: Some(sig as i32), ..Default::default() };
+        match self.agent_request(r, &mut conn, &request)? {
+            0 => Ok(()),
+            _ => Err(EngineError::NotForMicrovm(format!(
+                "the guest agent of {} could not send {}",
+                r.name,
+                sig.as_str()
+            ))),
         }
     }
 

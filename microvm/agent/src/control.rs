@@ -1,7 +1,7 @@
 //! The control channel between the host and the agent, over vsock: the agent listens on
 //! [`CONTROL_PORT`]; the host reaches it through the VMM's UNIX socket (`CONNECT 1024`).
 //!
-//! One connection runs one `exec`: the host sends an [`ExecRequest`] as one JSON line; the agent
+//! One connection runs one `exec` (or delivers one signal to the workload): the host sends an [`ExecRequest`] as one JSON line; the agent
 //! starts the process in the workload's namespaces and root and answers with frames until it
 //! ends: `[kind: u8][length: u32 LE][payload]`, kinds [`FRAME_STDOUT`], [`FRAME_STDERR`],
 //! [`FRAME_ERROR`] (why it could not start, text) and last [`FRAME_EXIT`] (the exit code, i32
@@ -38,6 +38,9 @@ pub struct ExecRequest {
     /// User and group ids (default: the workload's).
     pub uid: Option<u32>,
     pub gid: Option<u32>,
+    /// Instead of running a process: send this signal to the workload (`twinbox kill`,
+    /// `stop`); the answer is an exit frame of 0, or an error frame and 1.
+    pub signal: Option<i32>,
 }
 
 /// One frame's bytes.

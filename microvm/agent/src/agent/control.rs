@@ -151,6 +151,20 @@ impl<'a> Control<'a> {
                 };
                 let request: Result<ExecRequest, String> =
                     serde_json::from_slice(&line[..end]).map_err(|e| format!("bad exec request: {e}"));
+                if let Ok(ExecRequest { signal: Some(sig), .. }) = request {
+                    // SAFETY: kill takes no pointers.
+                    match check(unsafe { libc::kill(workload, sig) }) {
+                        Ok(_) => s.send(FRAME_EXIT, &0i32.to_le_bytes()),
+                        Err(e) => {
+                            s.send(
+                                FRAME_ERROR,
+                                format!("cannot send signal {sig}: {}", sys::errno_text(&e)).as_bytes(),
+                            );
+                            s.send(FRAME_EXIT, &1i32.to_le_bytes());
+                        }
+                    }
+                    return true;
+                }
                 match request.and_then(|r| start(&r, config, workload).map_err(|(m, c)| format!("{m}\0{c}"))) {
                     Ok((pid, out, err)) => {
                         s.state = State::Running { pid, out: Some(out), err: Some(err) };
