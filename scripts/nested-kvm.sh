@@ -210,6 +210,14 @@ cat >"$root/init" <<EOF
 # L1 init written by scripts/nested-kvm.sh.
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 fail() { echo "$FAIL_MARK \$*@@"; poweroff -f; reboot -f; sleep 60; }
+# Off the initramfs first, onto a tmpfs: pivot_root (what a container runtime enters a
+# container's root with) cannot move the initramfs away.
+if [ ! -e /.on-tmpfs ]; then
+  mkdir /newroot && mount -t tmpfs -o mode=0755 tmpfs /newroot || fail "cannot mount a tmpfs root"
+  for f in /* /.[!.]*; do [ "\$f" = /newroot ] || [ ! -e "\$f" ] || cp -a "\$f" /newroot/; done
+  touch /newroot/.on-tmpfs
+  exec switch_root /newroot /init
+fi
 mount -t proc proc /proc && mount -t sysfs sysfs /sys && mount -t devtmpfs devtmpfs /dev ||
   fail "cannot mount proc, sys and dev"
 mount -t tmpfs tmpfs /tmp && mount -t tmpfs tmpfs /run || fail "cannot mount tmpfs"

@@ -95,9 +95,10 @@ fn kvm_boots_linux() -> bool {
 }
 
 /// Copies the dynamically linked binary `bin` with its libraries into `dir` and writes a
-/// wrapper `dir/name` that links its loader where the binary names it (L1 has busybox and
-/// nothing else; its root is a throwaway) and runs it with its libraries, so the binary runs
-/// as itself and can start itself again (detached VMs, port proxies).
+/// wrapper `dir/name` that links its loader where the binary names it and its libraries into
+/// /lib (L1 has busybox and nothing else; its root is a throwaway), so the binary runs as itself
+/// and can start itself again with any environment (detached VMs and containers, port
+/// proxies).
 fn pack_binary(bin: &Path, dir: &Path, name: &str) {
     let lib = dir.join("lib");
     std::fs::create_dir_all(&lib).unwrap();
@@ -122,6 +123,7 @@ fn pack_binary(bin: &Path, dir: &Path, name: &str) {
     let wrapper = format!(
         "#!/bin/sh\nd=$(cd \"$(dirname \"$0\")\" && pwd)\n\
          [ -e {interpreter} ] || {{ mkdir -p \"$(dirname {interpreter})\" && ln -sf \"$d/lib/{loader}\" {interpreter}; }}\n\
+         for f in \"$d\"/lib/*; do [ -e \"/lib/${{f##*/}}\" ] || ln -sf \"$f\" /lib/; done\n\
          LD_LIBRARY_PATH=\"$d/lib\" exec \"$d/{name}.bin\" \"$@\"\n"
     );
     std::fs::write(dir.join(name), wrapper).unwrap();
@@ -180,6 +182,7 @@ fn microvm_run_matches_the_container_run() {
     let bb = env.path("busybox");
     let applets = [
         "sh", "echo", "cat", "id", "pwd", "kill", "sleep", "true", "grep", "nc", "printf", "tail", "ping", "ip", "sed",
+        "httpd", "head",
     ];
     if !hello_context(&hello) || !busybox_rootfs(&bb, &applets) {
         return;
@@ -323,12 +326,29 @@ fn microvm_run_matches_the_container_run() {
          twinbox run -d --isolation microvm --name trapper busybox sh -c {}\n\
          i=0\n\
          while [ $i -lt 120 ] && ! twinbox logs trapper 2>/dev/null | grep -q ready; do i=$((i+1)); sleep 1; done\n\
-         twinbox stop -t 60 trapper >/dev/null\n\
+         twinbox stop -t 10 trapper >/dev/null\n\
          echo \"trap: $(twinbox ps -a | grep -w trapper | grep -o 'Exited ([0-9]*)') $(twinbox logs trapper | tr '\\n' ' ')\"\n\
          twinbox rm trapper >/dev/null\n\
+         echo '@@ERR@@'\ncat /tmp/err\necho '@@CODE 0@@'\n\
+         echo '@@CASE mixed@@'\n\
+         twinbox network create vnet >/dev/null\n\
+         twinbox run -d --network vnet --name c1 busybox httpd -f -p 80 >/dev/null 2>/tmp/err\n\
+         twinbox run -d --isolation microvm --network vnet --name vm1 busybox httpd -f -p 8080 >/dev/null 2>>/tmp/err\n\
+         i=0\n\
+         until [ $i -ge 120 ] || twinbox exec vm1 true 2>/dev/null; do i=$((i+1)); sleep 1; done\n\
+         echo \"container-to-vm: $(twinbox run --rm --network vnet busybox sh -c {} 2>&1)\"\n\
+         echo \"vm-to-container: $(twinbox exec vm1 sh -c {} 2>&1)\"\n\
+         twinbox rm -f c1 vm1 >/dev/null\n\
+         for n in 1 2 3 4 5; do twinbox run -d --isolation microvm --name many$n hello serve 8080 >/dev/null 2>>/tmp/err; done\n\
+         echo \"five: $(twinbox ps | grep -c many) taps $(ls /sys/class/net | grep -c '^tbt')\"\n\
+         twinbox rm -f many1 many2 many3 many4 many5 >/dev/null\n\
+         twinbox network rm vnet >/dev/null\n\
+         echo \"left: $(twinbox ps -aq | wc -l) taps $(ls /sys/class/net | grep -c '^tbt') sockets $(ls /run/twinbox/vm | wc -l) vmms $(ps -o args | grep -c '[m]icrovm-launch')\"\n\
          echo '@@ERR@@'\ncat /tmp/err\necho '@@CODE 0@@'\n",
         shell_quote(peer),
-        shell_quote("trap 'echo got-term; exit 3' TERM; echo ready; while true; do sleep 1; done")
+        shell_quote("trap 'echo got-term; exit 3' TERM; echo ready; while true; do sleep 1; done"),
+        shell_quote("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 vm1 8080 | head -n 1"),
+        shell_quote("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 c1 80 | head -n 1"),
     ));
     script.push_str("echo '@@CASE holds@@'\nls \"$TWINBOX_ROOT/holds\"\necho '@@CODE 0@@'\n");
 
@@ -339,8 +359,10 @@ fn microvm_run_matches_the_container_run() {
         pack_binary(Path::new(env!("CARGO_BIN_EXE_twinbox")), &payload, "twinbox");
         std::fs::copy(&kernel, payload.join("vmlinux")).unwrap();
         sh(Command::new("cp").arg("-a").arg(env.root()).arg(payload.join("store")));
+        // Containers in L1 (beside the VMs on one network) need a cgroup file system.
         let l1_script = format!(
-            "export TWINBOX_ROOT=/payload/tb/store TWINBOX_KERNEL=/payload/tb/vmlinux\ncd /payload/tb\n{script}"
+            "export TWINBOX_ROOT=/payload/tb/store TWINBOX_KERNEL=/payload/tb/vmlinux\ncd /payload/tb\n\
+             mountpoint -q /sys/fs/cgroup || mount -t cgroup2 none /sys/fs/cgroup\n{script}"
         );
         std::fs::write(payload.join("e2e.sh"), l1_script).unwrap();
         // A stalled L1 under TCG is tried again: a boot that does not finish (nested-kvm.sh
@@ -485,6 +507,13 @@ fn microvm_run_matches_the_container_run() {
     assert!(bg.out.contains("rm: 0 0 0"), "nothing left: {bg:?}");
     // A workload that handles SIGTERM gets it from `stop`, through the agent, and ends its way.
     assert!(bg.out.contains("trap: Exited (3) ready got-term"), "{bg:?}");
+    // A container and a VM on one user network reach each other by name; five detached VMs,
+    // removed, leave no instance, tap, socket or VMM.
+    let mixed = get("mixed");
+    assert!(mixed.out.contains("container-to-vm: HTTP/1."), "{mixed:?}");
+    assert!(mixed.out.contains("vm-to-container: HTTP/1."), "{mixed:?}");
+    assert!(mixed.out.contains("five: 5 taps 5"), "{mixed:?}");
+    assert!(mixed.out.contains("left: 0 taps 0 sockets 0 vmms 0"), "{mixed:?}");
 
     assert_eq!(get("holds").out, "", "every run released its image hold");
 }
