@@ -602,9 +602,13 @@ fn answer(state: &mut State, c: Connection) {
     let mut fds = [-1i32; MAX_FDS];
     // Into the arena past its commands, where a watch's command is to go.
     let at = state.used;
-    let (len, nfds) = match receive(c.fd as usize, &mut state.arena[at..at + MAX_REQUEST], &mut fds) {
+    let received = receive(c.fd as usize, &mut state.arena[at..at + MAX_REQUEST], &mut fds);
+    let (len, nfds) = match received {
         Ok(got) => got,
         Err(message) => {
+            // A request cut short may have filled the whole buffer: those pages are the
+            // arena's to give back like any other.
+            state.arena_top = state.arena_top.max(at + MAX_REQUEST);
             reply(c.fd, message);
             return;
         }

@@ -470,6 +470,8 @@ mod tests {
                 .collect();
         assert_eq!(pids.len(), N);
         let _reap = Reap(pids.clone());
+        // The launcher's output closes before its children are handed to the monitor.
+        monitor_of(pids[0], &program);
         let mut expected = Vec::new();
         for (i, &pid) in pids.iter().enumerate() {
             // Commands that share much, little (another first argument), or nothing but their
