@@ -341,6 +341,7 @@ fn microvm_run_matches_the_container_run() {
          twinbox rm -f c1 vm1 >/dev/null\n\
          for n in 1 2 3 4 5; do twinbox run -d --isolation microvm --name many$n hello serve 8080 >/dev/null 2>>/tmp/err; done\n\
          echo \"five: $(twinbox ps | grep -c many) taps $(ls /sys/class/net | grep -c '^tbt')\"\n\
+         for n in 1 2 3 4 5; do twinbox ps -a | grep -w many$n | grep -q Exited && {{ twinbox ps -a | grep -w many$n; twinbox logs many$n | tail -n 3; }} >>/tmp/err; done\n\
          twinbox rm -f many1 many2 many3 many4 many5 >/dev/null\n\
          twinbox network rm vnet >/dev/null\n\
          echo \"left: $(twinbox ps -aq | wc -l) taps $(ls /sys/class/net | grep -c '^tbt') sockets $(ls /run/twinbox/vm | wc -l) vmms $(ps -o args | grep -c '[m]icrovm-launch')\"\n\

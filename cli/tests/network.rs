@@ -271,8 +271,14 @@ fn containers_join_bridge_networks() {
     assert_eq!(code, 1, "the user's mistake is 1: {err}");
     assert!(err.contains("no such network: nope"), "{err}");
 
+    // A container in a's namespace loses eth0 (and a's released address) when a goes.
+    let (code, _, err) = tb(&["run", "-d", "--network", "container:a", "--name", "dep", "busybox", "sleep", "60"]);
+    assert_eq!(code, 0, "{err}");
     let (code, _, err) = tb(&["rm", "-f", "a"]);
     assert_eq!(code, 0, "{err}");
+    let (code, links, err) = tb(&["exec", "dep", "ls", "/sys/class/net"]);
+    assert_eq!((code, links.trim()), (0, "lo"), "{err}");
+    assert_eq!(tb(&["rm", "-f", "dep"]).0, 0);
     let after: serde_json::Value = serde_json::from_str(&env.ok(&["network", "inspect", "tnet"])).unwrap();
     assert_eq!(after[0]["addresses"], serde_json::json!({}));
     assert_eq!(tb(&["ps", "-aq"]).1.trim(), "");

@@ -139,14 +139,19 @@ impl TwinboxMicrovm {
     }
 
     fn twinbox(&self, workload: &Workload, verbose: bool) -> Command {
+        // Loopback only and removed when it ends, as the container backends' runs.
+        self.twinbox_with(workload, verbose, &["--rm", "--network", "none"])
+    }
+
+    /// `twinbox [-v] run FLAGS --isolation microvm …` of `workload`.
+    fn twinbox_with(&self, workload: &Workload, verbose: bool, flags: &[&str]) -> Command {
         let image = self.image.as_ref().expect("prepare() before use");
         let mut cmd = Command::new(&self.exe);
         cmd.arg("--root").arg(&image.store_root).env_remove("RUST_LOG");
         if verbose {
             cmd.arg("-v");
         }
-        // Loopback only and removed when it ends, as the container backends' runs.
-        cmd.args(["run", "--rm", "--network", "none", "--isolation", "microvm", "--kernel"]).arg(&self.kernel);
+        cmd.arg("run").args(flags).args(["--isolation", "microvm", "--kernel"]).arg(&self.kernel);
         cmd.arg("--memory").arg(format!("{DEFAULT_MEMORY_MIB}m"));
         cmd.arg(&image.reference).args(workload.args());
         own_process_group(&mut cmd);
@@ -212,8 +217,39 @@ impl Backend for TwinboxMicrovm {
     fn teardown(&self, instance: &mut Instance) -> Result<(), BackendError> {
         match instance.child.as_mut() {
             Some(child) => stop_child(child),
-            None => Ok(()),
+            // A detached server (`launch_server`).
+            None => {
+                let image = self.image.as_ref().expect("prepare() before use");
+                let mut cmd = Command::new(&self.exe);
+                cmd.arg("--root").arg(&image.store_root).args(["rm", "-f", &instance.id]);
+                super::run_quiet(cmd, "twinbox rm -f")
+            }
         }
+    }
+
+    fn serves(&self) -> bool {
+        true
+    }
+
+    fn launch_server(&self, id: &str, host_port: u16) -> Result<Option<Instance>, BackendError> {
+        let publish = format!("127.0.0.1:{host_port}:{}", super::SERVER_PORT);
+        let mut cmd =
+            self.twinbox_with(&Workload::Serve(super::SERVER_PORT), false, &["-d", "-p", &publish, "--name", id]);
+        cmd.stdin(Stdio::null());
+        super::run_quiet(cmd, "twinbox run -d -p --isolation microvm")?;
+        Ok(Some(Instance { id: id.to_owned(), child: None }))
+    }
+
+    fn serve_note(&self) -> String {
+        "`twinbox run -d -p 127.0.0.1:PORT:8080 --isolation microvm` on the default bridge network: a virtio-net \
+         card on a tap on the bridge (MTU 65520 within the host), DNAT as for containers"
+            .into()
+    }
+
+    fn run_published(&self, id: &str, host_port: u16) -> Result<Option<Duration>, BackendError> {
+        let publish = format!("127.0.0.1:{host_port}:{}", super::SERVER_PORT);
+        let cmd = self.twinbox_with(&Workload::True, false, &["--rm", "-p", &publish, "--name", id]);
+        super::timed(cmd, "twinbox run --rm -p --isolation microvm").map(Some)
     }
 }
 

@@ -745,6 +745,21 @@ impl Engine {
             }
         }
         if let Some(e) = endpoint {
+            // A container that joined this one's namespace (`--network container:`) keeps it,
+            // and with it the veth pair and the released address: the pair goes now, as Docker
+            // takes a stopped container's interface away from its dependents. (Without them
+            // the namespace and the pair go with the init, at no cost to this command.)
+            let dependent = |r: &Record| match &r.options.network {
+                NetworkMode::Container(key) => {
+                    matches!(r.phase, Phase::Running { .. }) && (key == id || self.find(key).is_ok_and(|t| t.id == id))
+                }
+                _ => false,
+            };
+            if self.records().is_ok_and(|all| all.iter().any(dependent)) {
+                if let Err(err) = crate::network::attach::disconnect(e) {
+                    tracing::warn!(id, error = %err, "cannot remove the container's veth pair");
+                }
+            }
             self.refresh_hosts(&e.network, None);
         }
     }

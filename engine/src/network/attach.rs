@@ -111,6 +111,20 @@ pub fn connect(endpoint: &Endpoint, bridge: &str, pid: i32) -> Result<(), Networ
     Ok(())
 }
 
+/// Removes the endpoint's host link if it is still there (a veth whose container end lives in
+/// a namespace something else keeps); a microVM's tap went with its VMM.
+pub fn disconnect(endpoint: &Endpoint) -> Result<(), NetworkError> {
+    let mut nl = Netlink::open()?;
+    if let Some(index) = nl.link_index(&endpoint.host_veth)? {
+        match nl.delete_link(index, &endpoint.host_veth) {
+            // Gone meanwhile, with its namespace.
+            Err(e) if e.errno() == Some(libc::ENODEV) => {}
+            other => other?,
+        }
+    }
+    Ok(())
+}
+
 /// Puts the tap of a microVM on `bridge`: the endpoint's MTU, the bridge, up. The tap is the
 /// VMM's (made when it opened it, gone when it ends), so nothing needs undoing on error.
 pub fn connect_tap(endpoint: &Endpoint, bridge: &str) -> Result<(), NetworkError> {
