@@ -215,6 +215,16 @@ pub struct RunArgs {
 }
 
 impl RunArgs {
+    /// `--network` (default: the default bridge network) and `-p`, parsed.
+    fn network_and_ports(
+        &self,
+    ) -> Result<(twinbox_engine::network::attach::NetworkMode, Vec<twinbox_engine::network::publish::PortMapping>)>
+    {
+        let network = self.network.as_deref().unwrap_or(twinbox_engine::network::DEFAULT_NETWORK).parse()?;
+        let publish = self.publish.iter().map(|p| p.parse()).collect::<Result<Vec<_>, _>>()?;
+        Ok((network, publish))
+    }
+
     /// The command, entrypoint, env, workdir and user flags, moved out (both isolation models
     /// hand them to `twinbox_image::launch` as they are).
     fn take_overrides(&mut self) -> twinbox_image::launch::Overrides {
@@ -259,13 +269,7 @@ pub fn run(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
     if a.kernel.is_some() || a.timeout.is_some() || a.irqchip.is_some() {
         return Err(UserError("--kernel, --timeout and --irqchip are for --isolation microvm".into()).into());
     }
-    let network: twinbox_engine::network::attach::NetworkMode =
-        a.network.as_deref().unwrap_or(twinbox_engine::network::DEFAULT_NETWORK).parse()?;
-    let publish = a
-        .publish
-        .iter()
-        .map(|p| p.parse::<twinbox_engine::network::publish::PortMapping>())
-        .collect::<Result<Vec<_>, _>>()?;
+    let (network, publish) = a.network_and_ports()?;
     if a.detach && a.rm {
         // Allowed, as in Docker: the monitor removes it on exit.
     }
@@ -336,13 +340,7 @@ fn run_microvm(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
     if !a.security_opt.is_empty() {
         return refuse("--security-opt");
     }
-    let network: twinbox_engine::network::attach::NetworkMode =
-        a.network.as_deref().unwrap_or(twinbox_engine::network::DEFAULT_NETWORK).parse()?;
-    let publish = a
-        .publish
-        .iter()
-        .map(|p| p.parse::<twinbox_engine::network::publish::PortMapping>())
-        .collect::<Result<Vec<_>, _>>()?;
+    let (network, publish) = a.network_and_ports()?;
     let vcpus = match a.cpus {
         None => None,
         Some(c) if c >= 1.0 && c.fract() == 0.0 && c <= f64::from(u8::MAX) => Some(c as u8),

@@ -323,7 +323,7 @@ fn microvm_run_matches_the_container_run() {
          echo \"ps: $(twinbox ps -a | grep -w bg | grep -o 'Exited ([0-9]*)')\"\n\
          twinbox rm bg >/dev/null\n\
          echo \"rm: $? $(twinbox ps -aq | wc -l) $(ls /run/twinbox/vm | wc -l)\"\n\
-         twinbox run -d --isolation microvm --name trapper busybox sh -c {}\n\
+         twinbox run -d --isolation microvm --name trapper busybox sh -c {} >/dev/null\n\
          i=0\n\
          while [ $i -lt 120 ] && ! twinbox logs trapper 2>/dev/null | grep -q ready; do i=$((i+1)); sleep 1; done\n\
          twinbox stop -t 10 trapper >/dev/null\n\

@@ -4,19 +4,17 @@
 //! output ([`crate::supervise::forward`]), so forking stays safe.
 
 use std::ffi::CString;
-use std::fs::{File, OpenOptions};
+use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
-use std::os::unix::ffi::OsStringExt;
 
 use twinbox_agent::control::{frame, merge_env, ExecRequest, CONTROL_PORT, FRAME_ERROR, FRAME_EXIT, MAX_REQUEST};
 use twinbox_agent::control::{FRAME_STDERR, FRAME_STDOUT};
-use twinbox_agent::{find_program, GuestConfig, LookupError};
+use twinbox_agent::GuestConfig;
 
-use crate::ports::IoPorts;
 use crate::setup::ROOT;
 use crate::sys;
-use crate::workload::{cstrings, probe, ChildFailure, Step};
+use crate::workload::{become_process, cstrings, ChildFailure, Step};
 
 enum State {
     /// Reading the request line.
@@ -301,29 +299,7 @@ impl ExecChild<'_> {
 
     /// In the process, up to its exec: the program's path.
     fn prepare(&self) -> Result<CString, ChildFailure> {
-        use ChildFailure as F;
-        let exec = self.exec;
-        IoPorts::revoke().map_err(F::at(Step::RevokePorts))?;
-        sys::setgroups(&exec.additional_gids).map_err(F::at(Step::Groups))?;
-        sys::setgid(exec.gid).map_err(F::at(Step::Gid))?;
-        sys::setuid(exec.uid).map_err(F::at(Step::Uid))?;
-        std::env::set_current_dir(&exec.cwd).map_err(F::at(Step::Chdir))?;
-        let path = find_program(&exec.args[0], &exec.env, probe).map_err(|e| {
-            let step = match e {
-                LookupError::NotFound(_) => Step::NotFound,
-                LookupError::NoSuchFile(_) => Step::NoSuchFile,
-                LookupError::NotExecutable(_) => Step::NotExecutable,
-            };
-            ChildFailure { step, errno: 0 }
-        })?;
-        let path = CString::new(path.into_os_string().into_vec())
-            .map_err(|_| ChildFailure { step: Step::Exec, errno: libc::EINVAL })?;
-        let null = OpenOptions::new().read(true).write(true).open("/dev/null").map_err(F::at(Step::Stdio))?;
-        sys::dup2(&null, 0).map_err(F::at(Step::Stdio))?;
-        sys::dup2(&self.out, 1).map_err(F::at(Step::Stdio))?;
-        sys::dup2(&self.err, 2).map_err(F::at(Step::Stdio))?;
-        sys::reset_signals().map_err(F::at(Step::Signals))?;
-        Ok(path)
+        become_process(self.exec, &self.out, &self.err)
     }
 }
 

@@ -205,7 +205,7 @@ pub fn spawn(config: &GuestConfig) -> Result<Started, SpawnError> {
 }
 
 /// What `find_program` needs to know of a path, from the workload's point of view.
-pub(crate) fn probe(path: &Path) -> Probe {
+fn probe(path: &Path) -> Probe {
     match std::fs::metadata(path) {
         Err(_) => Probe::Missing,
         Ok(meta) if !meta.is_file() => Probe::NotExecutable,
@@ -249,29 +249,42 @@ impl Child<'_> {
             let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY;
             sys::mount(None, "/", None, flags, None).map_err(F::at(Step::ReadOnlyRoot))?;
         }
-        // ioperm is inherited across fork and kept across execve: the workload gets none.
-        IoPorts::revoke().map_err(F::at(Step::RevokePorts))?;
-        sys::setgroups(&config.additional_gids).map_err(F::at(Step::Groups))?;
-        sys::setgid(config.gid).map_err(F::at(Step::Gid))?;
-        sys::setuid(config.uid).map_err(F::at(Step::Uid))?;
-        std::env::set_current_dir(&config.cwd).map_err(F::at(Step::Chdir))?;
-        let path = find_program(&config.args[0], &config.env, probe).map_err(|e| {
-            let step = match e {
-                LookupError::NotFound(_) => Step::NotFound,
-                LookupError::NoSuchFile(_) => Step::NoSuchFile,
-                LookupError::NotExecutable(_) => Step::NotExecutable,
-            };
-            ChildFailure { step, errno: 0 }
-        })?;
-        let path = CString::new(path.into_os_string().into_vec())
-            .map_err(|_| ChildFailure { step: Step::Exec, errno: libc::EINVAL })?;
-        let null = OpenOptions::new().read(true).write(true).open("/dev/null").map_err(F::at(Step::Stdio))?;
-        sys::dup2(&null, 0).map_err(F::at(Step::Stdio))?;
-        sys::dup2(&self.stdout, 1).map_err(F::at(Step::Stdio))?;
-        sys::dup2(&self.stderr, 2).map_err(F::at(Step::Stdio))?;
-        sys::reset_signals().map_err(F::at(Step::Signals))?;
-        Ok(path)
+        become_process(config, &self.stdout, &self.stderr)
     }
+}
+
+/// The last steps before an exec, in the workload's root, the same for the workload and for an
+/// `exec` beside it: no I/O ports, `config`'s groups, user and working directory, the program
+/// looked up in its PATH, stdin /dev/null and stdout/stderr `stdout`/`stderr`, signals reset.
+/// The program's path.
+pub(crate) fn become_process(
+    config: &GuestConfig,
+    stdout: &OwnedFd,
+    stderr: &OwnedFd,
+) -> Result<CString, ChildFailure> {
+    use ChildFailure as F;
+    // ioperm is inherited across fork and kept across execve: the process gets none.
+    IoPorts::revoke().map_err(F::at(Step::RevokePorts))?;
+    sys::setgroups(&config.additional_gids).map_err(F::at(Step::Groups))?;
+    sys::setgid(config.gid).map_err(F::at(Step::Gid))?;
+    sys::setuid(config.uid).map_err(F::at(Step::Uid))?;
+    std::env::set_current_dir(&config.cwd).map_err(F::at(Step::Chdir))?;
+    let path = find_program(&config.args[0], &config.env, probe).map_err(|e| {
+        let step = match e {
+            LookupError::NotFound(_) => Step::NotFound,
+            LookupError::NoSuchFile(_) => Step::NoSuchFile,
+            LookupError::NotExecutable(_) => Step::NotExecutable,
+        };
+        ChildFailure { step, errno: 0 }
+    })?;
+    let path = CString::new(path.into_os_string().into_vec())
+        .map_err(|_| ChildFailure { step: Step::Exec, errno: libc::EINVAL })?;
+    let null = OpenOptions::new().read(true).write(true).open("/dev/null").map_err(F::at(Step::Stdio))?;
+    sys::dup2(&null, 0).map_err(F::at(Step::Stdio))?;
+    sys::dup2(stdout, 1).map_err(F::at(Step::Stdio))?;
+    sys::dup2(stderr, 2).map_err(F::at(Step::Stdio))?;
+    sys::reset_signals().map_err(F::at(Step::Signals))?;
+    Ok(path)
 }
 
 #[cfg(test)]
