@@ -240,6 +240,13 @@ impl Backend for TwinboxMicrovm {
         Ok(Some(Instance { id: id.to_owned(), child: None }))
     }
 
+    fn exec_command(&self, id: &str) -> Option<Command> {
+        let image = self.image.as_ref().expect("prepare() before use");
+        let mut cmd = Command::new(&self.exe);
+        cmd.arg("--root").arg(&image.store_root).args(["exec", id, "/hello", "exit", "0"]);
+        Some(cmd)
+    }
+
     fn serve_note(&self) -> String {
         "`twinbox run -d -p 127.0.0.1:PORT:8080 --isolation microvm` on the default bridge network: a virtio-net \
          card on a tap on the bridge (MTU 65520 within the host), DNAT as for containers"
@@ -281,18 +288,34 @@ fn ensure_disk(image: &PreparedImage) -> Result<twinbox_image::disk::RootDisk, B
 pub struct QemuMicrovm {
     kernel: PathBuf,
     image: Option<PreparedImage>,
+    /// Servers of the net scenario: instance id → the name their address and rules are
+    /// held under.
+    served: std::sync::Mutex<std::collections::HashMap<String, String>>,
 }
 
 impl Default for QemuMicrovm {
     fn default() -> Self {
-        QemuMicrovm { kernel: default_kernel(), image: None }
+        QemuMicrovm { kernel: default_kernel(), image: None, served: Default::default() }
     }
+}
+
+/// A QEMU guest's place on a twinbox network (the net scenario's server).
+struct GuestNet {
+    tap: String,
+    mac: String,
+    network: twinbox_microvm::agent::GuestNetwork,
+    hosts: String,
 }
 
 impl QemuMicrovm {
     /// The initramfs for `workload` (written once per distinct workload) and the disk and
     /// command line, from the same preparation as twinbox's own run.
-    fn guest(&self, workload: &Workload, verbose: bool) -> Result<(PathBuf, PathBuf, String), BackendError> {
+    fn guest(
+        &self,
+        workload: &Workload,
+        verbose: bool,
+        net: Option<&GuestNet>,
+    ) -> Result<(PathBuf, PathBuf, String), BackendError> {
         let image = self.image.as_ref().expect("prepare() before use");
         let (store, resolved) = open_image(image, "a guest")?;
         let fail = failed(format!("a guest of {}", image.reference));
@@ -304,7 +327,13 @@ impl QemuMicrovm {
         };
         let mut prepared = prepare(&store, &resolved, &opts, &run_id()).map_err(|e| fail(&e))?;
         prepared.guest.verbose = verbose;
-        let name = format!("qemu-initrd-{}{}.cpio", workload.args().join("-"), if verbose { "-v" } else { "" });
+        let mut name = format!("qemu-initrd-{}{}", workload.args().join("-"), if verbose { "-v" } else { "" });
+        if let Some(n) = net {
+            prepared.guest.network = Some(n.network.clone());
+            prepared.guest.hosts = n.hosts.clone();
+            name.push_str(&format!("-net-{}", n.network.address));
+        }
+        name.push_str(".cpio");
         let initrd = image.work.join(name);
         if !initrd.exists() {
             let bytes = twinbox_microvm::initramfs::build(&prepared.guest);
@@ -314,7 +343,18 @@ impl QemuMicrovm {
     }
 
     fn qemu(&self, workload: &Workload, verbose: bool, name: &str) -> Result<Command, BackendError> {
-        let (initrd, disk, cmdline) = self.guest(workload, verbose)?;
+        self.qemu_on(workload, verbose, name, None)
+    }
+
+    /// [`qemu`](Self::qemu), with a virtio-net card on tap `net.tap` when given.
+    fn qemu_on(
+        &self,
+        workload: &Workload,
+        verbose: bool,
+        name: &str,
+        net: Option<&GuestNet>,
+    ) -> Result<Command, BackendError> {
+        let (initrd, disk, cmdline) = self.guest(workload, verbose, net)?;
         let mut cmd = Command::new("qemu-system-x86_64");
         cmd.args(["-M", "microvm,x-option-roms=off,isa-serial=on,rtc=off,acpi=off", "-accel", "kvm", "-cpu", "host"])
             .args(["-m", &format!("{DEFAULT_MEMORY_MIB}M"), "-smp", "1", "-name", name])
@@ -328,6 +368,12 @@ impl QemuMicrovm {
             .args(["-device", "virtio-blk-device,drive=root"])
             .args(["-device", "isa-debug-exit,iobase=0x501,iosize=4"])
             .args(["-append", &cmdline]);
+        if let Some(n) = net {
+            cmd.arg("-netdev")
+                .arg(format!("tap,id=n0,ifname={},script=no,downscript=no,vhost=off", n.tap))
+                .arg("-device")
+                .arg(format!("virtio-net-device,netdev=n0,mac={}", n.mac));
+        }
         own_process_group(&mut cmd);
         Ok(cmd)
     }
@@ -410,10 +456,88 @@ impl Backend for QemuMicrovm {
     }
 
     fn teardown(&self, instance: &mut Instance) -> Result<(), BackendError> {
-        match instance.child.as_mut() {
+        let stopped = match instance.child.as_mut() {
             Some(child) => stop_child(child),
             None => Ok(()),
+        };
+        let holder = self.served.lock().unwrap_or_else(|e| e.into_inner()).remove(&instance.id);
+        if let Some(holder) = holder {
+            let image = self.image.as_ref().expect("prepare() before use");
+            let _ = twinbox_engine::network::Networks::new(&image.store_root).release(&holder);
+            let _ = twinbox_engine::network::publish::unforward(&holder);
         }
+        stopped
+    }
+
+    fn serves(&self) -> bool {
+        true
+    }
+
+    /// `hello serve` in QEMU with a virtio-net card on a tap on twinbox's default bridge: an
+    /// address from the same IPAM and the same DNAT for 127.0.0.1:`host_port` as
+    /// twinbox-microvm, so the two VMMs differ only in themselves.
+    fn launch_server(&self, id: &str, host_port: u16) -> Result<Option<Instance>, BackendError> {
+        use twinbox_engine::network::{attach, publish, Networks, DEFAULT_NETWORK};
+        let image = self.image.as_ref().expect("prepare() before use");
+        let fail = |what: &str| {
+            let what = what.to_owned();
+            move |e: &dyn std::error::Error| failed(what.clone())(e)
+        };
+        let nets = Networks::new(&image.store_root);
+        let network = nets.get_or_create_default(DEFAULT_NETWORK).map_err(|e| fail("the bench's network")(&e))?;
+        nets.ensure_bridge(&network).map_err(|e| fail("the bench's network")(&e))?;
+        let holder = format!("qemu-{id}");
+        // Nothing else is gone: addresses of others are not this backend's to free.
+        let (network, ip) = nets.allocate(&network.name, &holder, |_| false).map_err(|e| fail("an address")(&e))?;
+        self.served.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_owned(), holder.clone());
+        let mut endpoint = attach::Endpoint::new(&network, ip, &holder);
+        endpoint.host_veth = format!("tbq{}", &run_id()[..8]);
+        let net = GuestNet {
+            tap: endpoint.host_veth.clone(),
+            mac: attach::mac_text(attach::mac_for(ip)),
+            network: twinbox_microvm::agent::GuestNetwork {
+                address: ip,
+                prefix_len: endpoint.prefix_len,
+                gateway: endpoint.gateway,
+                mtu: endpoint.mtu.unwrap_or(1500),
+                route_mtu: endpoint.route_mtu,
+            },
+            hosts: attach::hosts_file("qemu", Some(ip)),
+        };
+        let mut cmd = self.qemu_on(&Workload::Serve(super::SERVER_PORT), false, id, Some(&net))?;
+        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
+        let child = cmd.spawn().map_err(|source| BackendError::Spawn { what: "qemu".into(), source })?;
+        let mut instance = Instance { id: id.to_owned(), child: Some(child) };
+        // QEMU makes the tap as it starts: on the bridge once it is there.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let attached = loop {
+            match attach::connect_tap(&endpoint, &network.bridge) {
+                Ok(()) => break Ok(()),
+                Err(e) if std::time::Instant::now() > deadline => break Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let published = attached.map_err(|e| fail("the tap on the bridge")(&e)).and_then(|()| {
+            let port = twinbox_engine::network::publish::PortMapping {
+                host_ip: Some(std::net::Ipv4Addr::LOCALHOST.into()),
+                host_port,
+                container_port: super::SERVER_PORT,
+                udp: false,
+            };
+            publish::forward_ports(&image.store_root, &holder, ip, &[port], |_| false)
+                .map_err(|e| fail("forwarding the port")(&e))
+        });
+        if let Err(e) = published {
+            let _ = self.teardown(&mut instance);
+            return Err(e);
+        }
+        Ok(Some(instance))
+    }
+
+    fn serve_note(&self) -> String {
+        "QEMU `-netdev tap,vhost=off` with a `virtio-net-device` on a tap on the same twinbox bridge: an address \
+         from the same IPAM, the same DNAT for 127.0.0.1:PORT"
+            .into()
     }
 }
 

@@ -191,6 +191,11 @@ pub trait Backend {
     fn run_published(&self, _id: &str, _host_port: u16) -> Result<Option<Duration>, BackendError> {
         Ok(None)
     }
+    /// `/hello exit 0` run in the running server `id` (of [`launch_server`](Self::launch_server))
+    /// the way this backend's users run a process in an instance; None when it has no way.
+    fn exec_command(&self, _id: &str) -> Option<Command> {
+        None
+    }
     /// After the net scenario: remove what its instances shared (a network the next instance
     /// would have reused).
     fn net_cleanup(&self) {}

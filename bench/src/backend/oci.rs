@@ -255,6 +255,12 @@ impl Backend for Oci {
         Ok(Some(t0.elapsed()))
     }
 
+    fn exec_command(&self, id: &str) -> Option<Command> {
+        let mut cmd = self.base();
+        cmd.args(["exec", id, "/hello", "exit", "0"]);
+        Some(cmd)
+    }
+
     fn serve_note(&self) -> String {
         format!(
             "a network namespace attached by the CNI bridge (host-local, ipMasq, the plugin's default MTU of 1500) \

@@ -102,6 +102,12 @@ impl Backend for TwinboxContainer {
         Ok(Some(Instance { id: id.to_owned(), child: None }))
     }
 
+    fn exec_command(&self, id: &str) -> Option<Command> {
+        let mut cmd = self.twinbox();
+        cmd.args(["exec", id, "/hello", "exit", "0"]);
+        Some(cmd)
+    }
+
     fn serve_note(&self) -> String {
         "`twinbox run -d -p 127.0.0.1:PORT:8080` on the default bridge network (veth and bridge of MTU 65520, \
          the containers' default route 1500)"

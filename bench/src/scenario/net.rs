@@ -46,7 +46,11 @@ struct Samples {
     start_none_ms: Vec<f64>,
     start_published_ms: Vec<f64>,
     network_cost_ms: Vec<f64>,
+    exec_ms: Vec<f64>,
 }
+
+/// `exec`s into the server per round, where the backend has one.
+const EXECS: usize = 5;
 
 /// Foreground starts per round and backend with a network and without, in pairs.
 const START_PAIRS: usize = 5;
@@ -90,6 +94,7 @@ pub fn run(r: &mut Run<'_>) {
                     acc.start_none_ms.extend(t.start_none_ms);
                     acc.start_published_ms.extend(t.start_published_ms);
                     acc.network_cost_ms.extend(t.network_cost_ms);
+                    acc.exec_ms.extend(s.exec_ms);
                 }
                 Err(e) => {
                     r.note(format!("net: {}: {e}", b.name()));
@@ -188,6 +193,21 @@ pub fn run(r: &mut Run<'_>) {
             0,
             0,
         );
+        if !s.exec_ms.is_empty() {
+            r.record(
+                name,
+                Scenario::Net,
+                "exec_latency",
+                "ms",
+                Better::Lower,
+                &format!(
+                    "`exec` of `/hello exit 0` in the running server, command start → its exit; {EXECS} per round"
+                ),
+                s.exec_ms,
+                0,
+                0,
+            );
+        }
     }
 }
 
@@ -275,11 +295,19 @@ fn one_round(b: &dyn crate::backend::Backend, id: &str, sizes: &Sizes) -> Result
         let new_connection_us =
             net_client::latency_new_connection(addr, sizes.new_connections).map_err(io("new connections"))?;
         let throughput = net_client::throughput(addr, sizes.bytes).map_err(io("bulk transfer"))?;
+        drop(_pinned);
+        let mut exec_ms = Vec::new();
+        for _ in 0..EXECS {
+            let Some(cmd) = b.exec_command(id) else { break };
+            let took = crate::backend::timed(cmd, "exec").map_err(|e| super::error_chain(&e))?;
+            exec_ms.push(took.as_secs_f64() * 1e3);
+        }
         Ok(Samples {
             ready_ms: vec![ready_ms],
             keepalive_us,
             new_connection_us,
             throughput: vec![throughput],
+            exec_ms,
             ..Samples::default()
         })
     })();

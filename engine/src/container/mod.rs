@@ -677,30 +677,9 @@ impl Engine {
     /// Container `id`'s DNAT rules for its `ports` (see [`nft::publish_rules`]), after removing
     /// the rules this store left for containers that are gone (their twinbox was killed).
     fn forward_published(&self, id: &str, ip: std::net::Ipv4Addr, ports: &[PortMapping]) -> Result<(), nft::NftError> {
-        let store = std::path::absolute(self.store.root()).unwrap_or_else(|_| self.store.root().to_owned());
-        let store = store.as_os_str().as_encoded_bytes();
-        let mut nft = nft::Nft::open()?;
-        for (table, owner) in nft.tables()? {
-            let Some(other) = table.strip_prefix("twinbox-c-") else { continue };
-            if owner == store && other != id && !self.container_dir(other).exists() {
-                nft.delete_table(&table)?;
-            }
-        }
-        let forwards: Vec<nft::Forward> = ports
-            .iter()
-            .filter_map(|m| {
-                let host_ip = match m.host_ip {
-                    None => None,
-                    Some(std::net::IpAddr::V4(a)) if a.is_unspecified() => None,
-                    Some(std::net::IpAddr::V4(a)) => Some(a),
-                    Some(std::net::IpAddr::V6(_)) => return None,
-                };
-                Some(nft::Forward { host_ip, host_port: m.host_port, udp: m.udp, container_port: m.container_port })
-            })
-            .collect();
-        let mut batch = nft::Batch::new();
-        nft::publish_rules(&mut batch, id, store, ip, &forwards);
-        nft.apply(&batch, &format!("forward the published ports of container {id}"))
+        crate::network::publish::forward_ports(self.store.root(), id, ip, ports, |other| {
+            !self.container_dir(other).exists()
+        })
     }
 
     /// Gives back the address a container held and takes its name out of the other
@@ -737,10 +716,7 @@ impl Engine {
             // Looked up first: a removal, even of nothing, waits for the kernel's RCU grace
             // period (about 20 ms here), and `rm -f` and the monitor's exit command may both
             // get here.
-            let table = nft::container_table(id);
-            let removed =
-                nft::Nft::open().and_then(|mut n| if n.has_table(&table)? { n.delete_table(&table) } else { Ok(()) });
-            if let Err(e) = removed {
+            if let Err(e) = crate::network::publish::unforward(id) {
                 tracing::warn!(id, error = %e, "cannot remove the container's port forwarding rules");
             }
         }

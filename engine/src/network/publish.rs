@@ -296,6 +296,54 @@ fn pipe(mut from: TcpStream, mut to: TcpStream) {
     let _ = to.shutdown(Shutdown::Write);
 }
 
+/// Instance `id`'s DNAT rules for its `ports` (see [`super::nft::publish_rules`]) in the
+/// nftables table of its own, after removing the tables this store left for instances that
+/// `gone` says no longer exist (their twinbox was killed). `store` tags the tables as this
+/// store's.
+pub fn forward_ports(
+    store: &std::path::Path,
+    id: &str,
+    ip: Ipv4Addr,
+    ports: &[PortMapping],
+    gone: impl Fn(&str) -> bool,
+) -> Result<(), super::nft::NftError> {
+    use super::nft;
+    let store = std::path::absolute(store).unwrap_or_else(|_| store.to_owned());
+    let store = store.as_os_str().as_encoded_bytes();
+    let mut n = nft::Nft::open()?;
+    for (table, owner) in n.tables()? {
+        let Some(other) = table.strip_prefix("twinbox-c-") else { continue };
+        if owner == store && other != id && gone(other) {
+            n.delete_table(&table)?;
+        }
+    }
+    let forwards: Vec<nft::Forward> = ports
+        .iter()
+        .filter_map(|m| {
+            let host_ip = match m.host_ip {
+                None => None,
+                Some(std::net::IpAddr::V4(a)) if a.is_unspecified() => None,
+                Some(std::net::IpAddr::V4(a)) => Some(a),
+                Some(std::net::IpAddr::V6(_)) => return None,
+            };
+            Some(nft::Forward { host_ip, host_port: m.host_port, udp: m.udp, container_port: m.container_port })
+        })
+        .collect();
+    let mut batch = nft::Batch::new();
+    nft::publish_rules(&mut batch, id, store, ip, &forwards);
+    n.apply(&batch, &format!("forward the published ports of {id}"))
+}
+
+/// Removes instance `id`'s DNAT rules, if it has any.
+pub fn unforward(id: &str) -> Result<(), super::nft::NftError> {
+    let table = super::nft::container_table(id);
+    let mut n = super::nft::Nft::open()?;
+    if n.has_table(&table)? {
+        n.delete_table(&table)?;
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
