@@ -4,8 +4,8 @@ use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::sync::{Arc, Mutex};
 
-use virtio_queue::{DescriptorChain, Queue, QueueT};
-use vm_memory::{Bytes, GuestMemoryMmap};
+use virtio_queue::{Queue, QueueOwnedT, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
 use vm_superio::Trigger;
 use vmm_sys_util::eventfd::EventFd;
 
@@ -21,15 +21,10 @@ use crate::devices::virtio::{MmioTransport, VirtioDevice, VirtioError, VIRTIO_F_
 pub struct Net {
     tap: Tap,
     mac: Option<[u8; 6]>,
-    /// A frame read from the tap that no receive buffer has taken yet (`pending` bytes).
-    rx_frame: Vec<u8>,
-    pending: usize,
-    /// The guest had no receive buffer for `rx_frame`: stop watching the tap until it gives
-    /// some.
+    /// The guest has no receive buffer: stop watching the tap until it gives some.
     rx_starved: bool,
     /// Wakes the receive thread (the guest gave buffers).
     kick: Arc<EventFd>,
-    tx_frame: Vec<u8>,
     /// Frames dropped: too long for the guest's buffer, malformed chains, tap errors.
     dropped: u64,
 }
@@ -40,12 +35,9 @@ impl Net {
         Ok(Net {
             tap,
             mac,
-            rx_frame: vec![0; MAX_FRAME],
-            pending: 0,
             // Nothing to receive into until the driver activates the device.
             rx_starved: true,
             kick: Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC)?),
-            tx_frame: Vec::with_capacity(MAX_FRAME),
             dropped: 0,
         })
     }
@@ -66,58 +58,76 @@ impl Net {
     }
 
     /// Moves frames from the tap into receive buffers until the tap has none or the guest's
-    /// buffers run out.
+    /// buffers run out. The tap reads straight into guest memory (no copy in between).
     fn receive(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<usize, VirtioError> {
         let mut used = 0;
         loop {
-            if self.pending == 0 {
-                match self.tap.read_frame(&mut self.rx_frame) {
-                    Ok(n) if n > NET_HDR_LEN => self.pending = n,
-                    Ok(_) => continue,
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                    Err(e) => {
-                        tracing::warn!(error = %e, tap = self.tap.name(), "cannot read from the tap");
-                        break;
-                    }
-                }
-            }
             let Some(chain) = queue.pop_descriptor_chain(mem) else {
+                // Whatever waits on the tap waits for buffers.
                 self.rx_starved = true;
                 break;
             };
             self.rx_starved = false;
             let head = chain.head_index();
-            // No mergeable buffers: the frame is whole in one chain, `num_buffers` is 1.
-            self.rx_frame[10..12].copy_from_slice(&1u16.to_le_bytes());
-            let len = match write_chain(chain, mem, &self.rx_frame[..self.pending]) {
-                Some(n) => n,
-                None => {
-                    self.dropped += 1;
-                    tracing::debug!(len = self.pending, "received frame does not fit the guest's buffer, dropped");
-                    0
+            let buffers: Vec<(GuestAddress, usize)> = chain.writable().map(|d| (d.addr(), d.len() as usize)).collect();
+            let Some(iov) = iovecs(&buffers, mem) else {
+                self.dropped += 1;
+                tracing::debug!("receive buffer outside guest memory, returned empty");
+                queue.add_used(mem, head, 0).map_err(|source| VirtioError::UsedRing { queue: RX_QUEUE, source })?;
+                used += 1;
+                continue;
+            };
+            // SAFETY: `iovecs` built every entry from a slice of guest memory that `mem`
+            // maps for as long as the VM exists (the call is shorter); the guest writing those
+            // bytes at the same time only garbles the frame it is given.
+            let read = unsafe { self.tap.read_frame_into(&iov) };
+            let len = match read {
+                Ok(n) if n > NET_HDR_LEN => n,
+                Ok(_) => {
+                    queue.go_to_previous_position();
+                    continue;
+                }
+                Err(e) => {
+                    // Nothing waiting (or the tap failed): the buffer stays the guest's.
+                    queue.go_to_previous_position();
+                    if e.kind() == io::ErrorKind::Interrupted {
+                        continue;
+                    }
+                    if e.kind() != io::ErrorKind::WouldBlock {
+                        tracing::warn!(error = %e, tap = self.tap.name(), "cannot read from the tap");
+                    }
+                    break;
                 }
             };
-            self.pending = 0;
+            // No mergeable buffers: the frame is whole in one chain, `num_buffers` is 1.
+            write_at(&buffers, mem, 10, &1u16.to_le_bytes());
+            let len = u32::try_from(len).unwrap_or(u32::MAX);
             queue.add_used(mem, head, len).map_err(|source| VirtioError::UsedRing { queue: RX_QUEUE, source })?;
             used += 1;
         }
         Ok(used)
     }
 
-    /// Sends every frame the guest queued.
+    /// Sends every frame the guest queued, gathered straight from guest memory.
     fn transmit(&mut self, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<usize, VirtioError> {
         let mut used = 0;
         while let Some(chain) = queue.pop_descriptor_chain(mem) {
             let head = chain.head_index();
-            if read_chain(chain, mem, &mut self.tx_frame) && self.tx_frame.len() > NET_HDR_LEN {
-                if let Err(e) = self.tap.write_frame(&self.tx_frame) {
-                    self.dropped += 1;
-                    tracing::debug!(error = %e, tap = self.tap.name(), "cannot send a frame, dropped");
+            let buffers: Vec<(GuestAddress, usize)> = chain.readable().map(|d| (d.addr(), d.len() as usize)).collect();
+            let total: usize = buffers.iter().map(|b| b.1).sum();
+            match iovecs(&buffers, mem).filter(|_| total > NET_HDR_LEN && total <= MAX_FRAME) {
+                Some(iov) => {
+                    // SAFETY: as in `receive`: guest memory `mem` maps for the VM's life;
+                    // the guest changing it meanwhile only garbles its own frame.
+                    if let Err(e) = unsafe { self.tap.write_frame_from(&iov) } {
+                        self.dropped += 1;
+                        tracing::debug!(error = %e, tap = self.tap.name(), "cannot send a frame, dropped");
+                    }
                 }
-            } else {
-                self.dropped += 1;
-                tracing::debug!("malformed transmit chain, dropped");
+                None => {
+                    self.dropped += 1;
+                    tracing::debug!("malformed transmit chain, dropped");
+                }
             }
             queue.add_used(mem, head, 0).map_err(|source| VirtioError::UsedRing { queue: TX_QUEUE, source })?;
             used += 1;
@@ -126,37 +136,35 @@ impl Net {
     }
 }
 
-/// Copies `frame` into the device-writable buffers of `chain`; `None` when they are too small
-/// or not all in guest memory.
-fn write_chain(chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap, frame: &[u8]) -> Option<u32> {
-    let mut done = 0usize;
-    for desc in chain.writable() {
-        if done == frame.len() {
-            break;
-        }
-        let n = (desc.len() as usize).min(frame.len() - done);
-        mem.write_slice(&frame[done..done + n], desc.addr()).ok()?;
-        done += n;
-    }
-    (done == frame.len()).then(|| u32::try_from(done).unwrap_or(u32::MAX))
+/// Host addresses of guest `buffers`, as iovecs; None when one is not wholly inside one region
+/// of guest memory.
+fn iovecs(buffers: &[(GuestAddress, usize)], mem: &GuestMemoryMmap) -> Option<Vec<libc::iovec>> {
+    buffers
+        .iter()
+        .map(|&(addr, len)| {
+            let slice = mem.get_slice(addr, len).ok()?;
+            Some(libc::iovec { iov_base: slice.ptr_guard_mut().as_ptr().cast(), iov_len: slice.len() })
+        })
+        .collect()
 }
 
-/// The device-readable buffers of `chain`, one after the other, into `out`; false when they are
-/// longer than [`MAX_FRAME`] or not all in guest memory.
-fn read_chain(chain: DescriptorChain<&GuestMemoryMmap>, mem: &GuestMemoryMmap, out: &mut Vec<u8>) -> bool {
-    out.clear();
-    for desc in chain.readable() {
-        let len = desc.len() as usize;
-        if out.len() + len > MAX_FRAME {
-            return false;
+/// Writes `bytes` at `offset` into the buffers, which may split them.
+fn write_at(buffers: &[(GuestAddress, usize)], mem: &GuestMemoryMmap, offset: usize, bytes: &[u8]) {
+    let mut skip = offset;
+    let mut rest = bytes;
+    for &(addr, len) in buffers {
+        if rest.is_empty() {
+            return;
         }
-        let start = out.len();
-        out.resize(start + len, 0);
-        if mem.read_slice(&mut out[start..], desc.addr()).is_err() {
-            return false;
+        if skip >= len {
+            skip -= len;
+            continue;
         }
+        let n = rest.len().min(len - skip);
+        let _ = mem.write_slice(&rest[..n], addr.unchecked_add(skip as u64));
+        rest = &rest[n..];
+        skip = 0;
     }
-    true
 }
 
 impl VirtioDevice for Net {
@@ -213,7 +221,6 @@ impl VirtioDevice for Net {
     }
 
     fn reset(&mut self) {
-        self.pending = 0;
         self.rx_starved = true;
         if let Err(e) = self.tap.set_offload(0) {
             tracing::debug!(error = %e, "cannot reset the tap's offloads");

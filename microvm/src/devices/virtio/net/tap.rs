@@ -101,6 +101,35 @@ impl Tap {
     pub fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize> {
         self.file.write(frame)
     }
+
+    /// One frame scattered into the buffers `iov` describes; `WouldBlock` when none is
+    /// waiting. A frame longer than the buffers is cut (the tap drops the rest).
+    ///
+    /// # Safety
+    /// Every `iov` entry must describe memory that is valid for writes of its length for the
+    /// duration of the call.
+    pub unsafe fn read_frame_into(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: the caller guarantees the buffers; readv writes at most their lengths.
+        let n = unsafe { libc::readv(self.file.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
+
+    /// Sends one frame gathered from the buffers `iov` describes.
+    ///
+    /// # Safety
+    /// Every `iov` entry must describe memory that is valid for reads of its length for the
+    /// duration of the call.
+    pub unsafe fn write_frame_from(&mut self, iov: &[libc::iovec]) -> io::Result<usize> {
+        // SAFETY: the caller guarantees the buffers; writev only reads them.
+        let n = unsafe { libc::writev(self.file.as_raw_fd(), iov.as_ptr(), iov.len() as libc::c_int) };
+        if n < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        Ok(n as usize)
+    }
 }
 
 impl AsFd for Tap {
