@@ -296,7 +296,8 @@ fn microvm_run_matches_the_container_run() {
          i=0\n\
          while [ $i -lt 120 ] && ! get 127.0.0.1 18080 | grep -q twinbox; do i=$((i+1)); sleep 1; done\n\
          echo \"local: $(get 127.0.0.1 18080)\"\n\
-         vmip=$(twinbox network inspect twinbox0 | sed -n 's/^ *\"\\([0-9.]*\\)\": \".*/\\1/p' | head -n1)\n\
+         wid=$(twinbox ps | grep -w web | cut -c1-12)\n\
+         vmip=$(twinbox network inspect twinbox0 | grep \"$wid\" | sed -n 's/^ *\"\\([0-9.]*\\)\": \".*/\\1/p' | head -n1)\n\
          echo \"direct: $(get $vmip 8080)\"\n\
          echo \"port: $(twinbox port web)\"\n\
          echo \"ps: $(twinbox ps | grep -w web)\"\n\

@@ -29,9 +29,12 @@ use twinbox_microvm::vstate::vcpu::VcpuError;
 use twinbox_microvm::{ExitReason, VmBuilder, VmError};
 
 /// Kernel command line of an image run: serial console (kept for diagnostics), i8042 reset,
-/// no PCI or modules, a panic stops the guest at once, only the first UART probed.
-pub const IMAGE_CMDLINE: &str =
-    "console=ttyS0 reboot=k panic=-1 pci=off nomodule i8042.noaux i8042.nokbd i8042.nopnp 8250.nr_uarts=1 rdinit=/init";
+/// no PCI or modules, a panic stops the guest at once, only the first UART probed, and no
+/// paravirtual spinlocks (`nopvspin`: a vCPU waiting for a lock spins instead of halting with
+/// interrupts off until the holder's kick, which a slow host, a nested L1 under TCG, lost now
+/// and then, hanging two-vCPU guests).
+pub const IMAGE_CMDLINE: &str = "console=ttyS0 reboot=k panic=-1 pci=off nomodule i8042.noaux i8042.nokbd i8042.nopnp \
+     8250.nr_uarts=1 nopvspin rdinit=/init";
 
 /// What `twinbox run --isolation microvm` may set. Plain data.
 #[derive(Debug, Clone, Default)]
