@@ -3,13 +3,14 @@
 //! that `ps`, `port`, `logs`, `rm`, `kill`, `stop`, `system prune` and the names between
 //! instances treat both models alike.
 //!
-//! The VM runs in the `twinbox` process that started it (that process is its VMM): the record's
-//! pid and owner are that process. Its network card is a tap named after the instance
-//! ([`attach::tap_name`]) that the VMM makes when it opens it; the kernel removes it when the
-//! VMM ends, however it ends, so a SIGKILLed VMM leaves only its address and its forwarding
-//! rules, which `rm` or `system prune` release as for a container. What needs a channel into
-//! the running guest (exec, signals other than stop, a detached VM) waits for the agent's vsock
-//! channel and is refused by name meanwhile.
+//! The VM runs in a `twinbox` process that is its VMM and its monitor: the foreground `run`
+//! itself, or for `run -d` and `start` a launcher of its own (`microvm-launch`); the record's
+//! pid and owner are that process, which records the exit. Its network card is a tap named
+//! after the instance ([`attach::tap_name`]) that the VMM makes when it opens it; the kernel
+//! removes it when the VMM ends, however it ends, so a SIGKILLed VMM leaves only its address,
+//! its forwarding rules and its vsock socket, which `rm` or `system prune` release as for a
+//! container. `exec`, `kill` and `stop` reach the workload through the guest agent over the
+//! VM's vsock device ([`vsock_path`], `twinbox_agent::control`).
 
 use std::fs;
 use std::io::{self, Write};
