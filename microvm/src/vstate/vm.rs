@@ -67,6 +67,15 @@ pub enum KvmVmError {
     /// KVM_GET_SUPPORTED_CPUID failed.
     #[error("cannot read KVM's supported CPUID")]
     SupportedCpuid(#[source] kvm_ioctls::Error),
+    /// KVM_IOEVENTFD failed.
+    #[error("cannot register an ioeventfd at {addr:#x}")]
+    Ioeventfd {
+        /// The MMIO address.
+        addr: u64,
+        /// What KVM said.
+        #[source]
+        source: kvm_ioctls::Error,
+    },
     /// KVM_IRQFD failed.
     #[error("cannot register an irqfd for GSI {gsi}")]
     Irqfd {
@@ -106,6 +115,7 @@ impl ExitCode for KvmVmError {
             | KvmVmError::MemorySlot { .. }
             | KvmVmError::SupportedCpuid(_)
             | KvmVmError::Irqfd { .. }
+            | KvmVmError::Ioeventfd { .. }
             | KvmVmError::CreateVcpu(..) => INTERNAL,
         }
     }
@@ -274,6 +284,14 @@ impl KvmVm {
             return Err(KvmVmError::TooManyVcpus { requested: count, max });
         }
         Ok(())
+    }
+
+    /// Has KVM signal `evt` for a 4-byte guest write of `value` to MMIO address `addr`, instead
+    /// of an exit to the VMM (a virtio queue notification served by an I/O thread).
+    pub fn register_ioevent(&self, evt: &EventFd, addr: u64, value: u32) -> Result<(), KvmVmError> {
+        self.fd()
+            .register_ioevent(evt, &kvm_ioctls::IoEventAddress::Mmio(addr), value)
+            .map_err(|source| KvmVmError::Ioeventfd { addr, source })
     }
 
     /// Routes `evt` to the interrupt line `gsi` (an IOAPIC pin, in the kernel or ours).

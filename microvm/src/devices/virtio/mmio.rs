@@ -38,6 +38,8 @@ const QUEUE_DRIVER_HIGH: u64 = reg::VIRTIO_MMIO_QUEUE_AVAIL_HIGH as u64;
 const QUEUE_DEVICE_LOW: u64 = reg::VIRTIO_MMIO_QUEUE_USED_LOW as u64;
 const QUEUE_DEVICE_HIGH: u64 = reg::VIRTIO_MMIO_QUEUE_USED_HIGH as u64;
 const CONFIG_GENERATION: u64 = reg::VIRTIO_MMIO_CONFIG_GENERATION as u64;
+/// QueueNotify's offset in the window (where an ioeventfd can take a queue's kicks).
+pub const QUEUE_NOTIFY_OFFSET: u64 = QUEUE_NOTIFY;
 /// Where the device's configuration space starts in the window.
 pub const CONFIG_SPACE: u64 = reg::VIRTIO_MMIO_CONFIG as u64;
 

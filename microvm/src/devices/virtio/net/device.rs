@@ -234,13 +234,21 @@ pub struct RxLoop {
     tap: OwnedFd,
     kick: Arc<EventFd>,
     stop: Arc<EventFd>,
+    /// Signalled by KVM when the guest notifies the transmit queue (an ioeventfd), so the
+    /// thread serves it instead of the vCPU after an exit.
+    tx: Option<EventFd>,
 }
 
 impl RxLoop {
-    /// The thread's handles for the card in `transport`; `stop` ends it.
-    pub fn new<T: Trigger>(transport: &MmioTransport<Net, T>, stop: Arc<EventFd>) -> io::Result<Self> {
+    /// The thread's handles for the card in `transport`; `stop` ends it; `tx`, when given, is
+    /// the transmit queue's ioeventfd.
+    pub fn new<T: Trigger>(
+        transport: &MmioTransport<Net, T>,
+        stop: Arc<EventFd>,
+        tx: Option<EventFd>,
+    ) -> io::Result<Self> {
         let device = transport.device();
-        Ok(RxLoop { tap: device.tap.as_fd().try_clone_to_owned()?, kick: device.kick.clone(), stop })
+        Ok(RxLoop { tap: device.tap.as_fd().try_clone_to_owned()?, kick: device.kick.clone(), stop, tx })
     }
 }
 
@@ -252,11 +260,14 @@ pub fn rx_loop<T: Trigger>(transport: &Mutex<MmioTransport<Net, T>>, handles: &R
     loop {
         let starved = transport.lock().unwrap_or_else(|e| e.into_inner()).device().rx_starved();
         let tap_events = if starved { PollFlags::empty() } else { PollFlags::POLLIN };
-        let mut fds = [
+        let mut fds = vec![
             PollFd::new(event_fd(&handles.stop), PollFlags::POLLIN),
             PollFd::new(event_fd(&handles.kick), PollFlags::POLLIN),
             PollFd::new(handles.tap.as_fd(), tap_events),
         ];
+        if let Some(tx) = &handles.tx {
+            fds.push(PollFd::new(event_fd(tx), PollFlags::POLLIN));
+        }
         match poll(&mut fds, PollTimeout::NONE) {
             Ok(_) => {}
             Err(nix::errno::Errno::EINTR) => continue,
@@ -271,6 +282,12 @@ pub fn rx_loop<T: Trigger>(transport: &Mutex<MmioTransport<Net, T>>, handles: &R
         }
         if ready(&fds[1]) {
             let _ = handles.kick.read();
+        }
+        if fds.get(3).is_some_and(ready) {
+            if let Some(tx) = &handles.tx {
+                let _ = tx.read();
+            }
+            transport.lock().unwrap_or_else(|e| e.into_inner()).process(TX_QUEUE);
         }
         let tap = fds[2].revents().unwrap_or(PollFlags::empty());
         if tap.intersects(PollFlags::POLLERR | PollFlags::POLLHUP | PollFlags::POLLNVAL) {
@@ -414,7 +431,7 @@ mod tests {
             // Host → guest, through the receive thread.
             let transport = Arc::new(Mutex::new(t));
             let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
-            let handles = RxLoop::new(&transport.lock().unwrap(), stop.clone()).unwrap();
+            let handles = RxLoop::new(&transport.lock().unwrap(), stop.clone(), None).unwrap();
             let thread = {
                 let transport = transport.clone();
                 std::thread::spawn(move || rx_loop(&transport, &handles))
