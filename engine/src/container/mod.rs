@@ -112,6 +112,9 @@ pub enum EngineError {
     /// What a microVM cannot do (yet), named.
     #[error("{0}")]
     NotForMicrovm(String),
+    /// A microVM's guest agent could not be reached, or broke off.
+    #[error("{0}")]
+    Agent(String),
     /// The engine was not told what records a detached container's exit.
     #[error("detached containers need the command that records their exit; see Engine::set_on_exit")]
     NoExitCommand,
@@ -136,6 +139,7 @@ impl ExitCode for EngineError {
             | EngineError::Running(_)
             | EngineError::NotRunning(_) => USER_ERROR,
             EngineError::Io { .. }
+            | EngineError::Agent(_)
             | EngineError::Sys(..)
             | EngineError::Monitor(_)
             | EngineError::NoExitCommand
@@ -1309,9 +1313,6 @@ pub const FORWARDED: [Signal; 6] =
 /// The read ends of a foreground container's stdout and stderr pipes, and its log.
 type TeeReaders = (io::PipeReader, io::PipeReader, fs::File);
 
-/// One thread per pipe copying to our stdout or stderr and to the log. When our stream is
-/// closed (`twinbox run … | head`), that thread stops reading, so the container gets EPIPE
-/// as it would writing to the closed stream itself.
 /// The names each member answers to in the others' /etc/hosts: its name, and its hostname
 /// when that differs.
 fn member_names(members: &[(std::net::Ipv4Addr, Record)]) -> Vec<(std::net::Ipv4Addr, Vec<String>)> {
@@ -1328,6 +1329,9 @@ fn member_names(members: &[(std::net::Ipv4Addr, Record)]) -> Vec<(std::net::Ipv4
         .collect()
 }
 
+/// One thread per pipe copying to our stdout or stderr and to the log. When our stream is
+/// closed (`twinbox run … | head`), that thread stops reading, so the container gets EPIPE
+/// as it would writing to the closed stream itself.
 fn tee_threads(out: io::PipeReader, err: io::PipeReader, log: fs::File) -> Vec<std::thread::JoinHandle<()>> {
     let log = std::sync::Arc::new(std::sync::Mutex::new(log));
     let spawn = |mut rd: io::PipeReader, to_stderr: bool| {

@@ -52,7 +52,7 @@ fn image_options(opts: &RunOptions, vm: &VmOptions, id: &str) -> microvm::ImageR
 
 /// The agent of `r` could not be reached or broke off.
 fn agent_error(r: &Record, e: &io::Error) -> EngineError {
-    EngineError::NotForMicrovm(format!(
+    EngineError::Agent(format!(
         "cannot reach the guest agent of {} through {}: {e}; is the VM still booting?",
         r.name,
         vsock_path(&r.id).display()
@@ -126,7 +126,10 @@ impl Engine {
         match outcome {
             Ok(()) => self.find(&record.id),
             Err(e) => {
-                if self.stored(&record.id).is_some_and(|r| r.phase == Phase::Created) {
+                // A new VM that never ran goes; one started again stays (its launcher puts
+                // its record back as it was).
+                if record.phase == Phase::Created && self.stored(&record.id).is_some_and(|r| r.phase == Phase::Created)
+                {
                     let _ = self.remove_files(&record.id);
                 }
                 Err(e)
@@ -523,6 +526,8 @@ impl Engine {
     /// Sends `sig` to the workload of running microVM `r` through its guest agent.
     pub(super) fn signal_workload(&self, r: &Record, sig: Signal) -> Result<(), EngineError> {
         let mut conn = self.agent(r)?;
+        // A stuck agent must not hold up `stop`, which then signals the VMM.
+        conn.set_read_timeout(Some(AGENT_ANSWER)).map_err(|e| agent_error(r, &e))?;
         let request = control::ExecRequest { signal: Some(sig as i32), ..Default::default() };
         match self.agent_request(r, &mut conn, &request)? {
             0 => Ok(()),

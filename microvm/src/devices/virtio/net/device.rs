@@ -70,9 +70,10 @@ impl Net {
             self.rx_starved = false;
             let head = chain.head_index();
             let buffers: Vec<(GuestAddress, usize)> = chain.writable().map(|d| (d.addr(), d.len() as usize)).collect();
-            let Some(iov) = iovecs(&buffers, mem) else {
+            let room: usize = buffers.iter().map(|b| b.1).sum();
+            let Some(iov) = iovecs(&buffers, mem).filter(|_| room > NET_HDR_LEN) else {
                 self.dropped += 1;
-                tracing::debug!("receive buffer outside guest memory, returned empty");
+                tracing::debug!("receive buffer too small or outside guest memory, returned empty");
                 queue.add_used(mem, head, 0).map_err(|source| VirtioError::UsedRing { queue: RX_QUEUE, source })?;
                 used += 1;
                 continue;

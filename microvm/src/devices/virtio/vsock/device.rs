@@ -55,6 +55,8 @@ struct Conn {
     host_eof: bool,
     /// The guest will send nothing more: the socket's write side closes once `pending` is out.
     guest_eof: bool,
+    /// The guest shut both ways: the connection is reset once `pending` is out.
+    closing: bool,
 }
 
 impl Conn {
@@ -71,6 +73,7 @@ impl Conn {
             tx_cnt: 0,
             host_eof: false,
             guest_eof: false,
+            closing: false,
         }
     }
 
@@ -122,6 +125,8 @@ pub struct Vsock {
     cursor: (u32, u32),
     rx_starved: bool,
     active: bool,
+    /// The I/O thread is the one running the receive queue now.
+    serving: bool,
     kick: Arc<EventFd>,
     buf: Vec<u8>,
 }
@@ -146,6 +151,7 @@ impl Vsock {
             cursor: (0, 0),
             rx_starved: true,
             active: false,
+            serving: false,
             kick: Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VsockError::EventFd)?),
             buf: vec![0; MAX_PAYLOAD],
         })
@@ -202,6 +208,10 @@ impl Vsock {
         }
         if h.op == op::REQUEST {
             self.connect_to_host(key);
+            if let Some(conn) = self.conns.get_mut(&key) {
+                conn.peer_buf_alloc = h.buf_alloc;
+                conn.peer_fwd_cnt = h.fwd_cnt;
+            }
             return;
         }
         let Some(conn) = self.conns.get_mut(&key) else {
@@ -236,14 +246,16 @@ impl Vsock {
                 true
             }
             op::SHUTDOWN => {
+                if h.flags & shutdown::SEND != 0 {
+                    conn.guest_eof = true;
+                }
                 if h.flags & (shutdown::RCV | shutdown::SEND) == shutdown::RCV | shutdown::SEND {
-                    false
+                    // Both ways: reset once what the guest sent has reached the socket (the
+                    // I/O thread's flush finishes it when the socket is slow).
+                    conn.closing = true;
+                    conn.flush() && !conn.pending.is_empty()
                 } else {
-                    if h.flags & shutdown::SEND != 0 {
-                        conn.guest_eof = true;
-                        conn.flush();
-                    }
-                    true
+                    conn.flush()
                 }
             }
             op::RST => {
@@ -256,13 +268,19 @@ impl Vsock {
             self.reset(key);
             return;
         }
-        // Tell the guest about room it made, before it has to ask.
-        if let Some(conn) = self.conns.get_mut(&key) {
-            if conn.fwd_cnt.wrapping_sub(conn.told_fwd_cnt) >= CONN_BUFFER / 2 {
-                conn.told_fwd_cnt = conn.fwd_cnt;
-                let h = self.header(key, op::CREDIT_UPDATE, 0, 0);
-                self.control.push_back(h);
-            }
+        self.tell_credit(key);
+    }
+
+    /// Tells the guest about room the socket made on connection `key` (a CREDIT_UPDATE), once
+    /// it is worth a packet: a quarter of the buffer, or everything it sent passed on. Linux
+    /// waits for this rather than asking when it has run out of credit.
+    fn tell_credit(&mut self, key: (u32, u32)) {
+        let Some(conn) = self.conns.get_mut(&key) else { return };
+        let untold = conn.fwd_cnt.wrapping_sub(conn.told_fwd_cnt);
+        if untold >= CONN_BUFFER / 4 || (untold > 0 && conn.pending.len() == conn.ok_len) {
+            conn.told_fwd_cnt = conn.fwd_cnt;
+            let h = self.header(key, op::CREDIT_UPDATE, 0, 0);
+            self.control.push_back(h);
         }
     }
 
@@ -341,14 +359,23 @@ impl Vsock {
     /// Writes pending data to every socket that takes it; resets the connections whose
     /// socket failed.
     fn flush_all(&mut self) {
-        let mut failed = Vec::new();
+        let mut done = Vec::new();
+        let mut flushed = Vec::new();
         for (key, c) in self.conns.iter_mut() {
-            if !c.pending.is_empty() && !c.flush() {
-                failed.push(*key);
+            if c.pending.is_empty() {
+                continue;
+            }
+            if !c.flush() || (c.closing && c.pending.is_empty()) {
+                done.push(*key);
+            } else {
+                flushed.push(*key);
             }
         }
-        for key in failed {
+        for key in done {
             self.reset(key);
+        }
+        for key in flushed {
+            self.tell_credit(key);
         }
     }
 
@@ -441,7 +468,8 @@ impl Vsock {
             queue.add_used(mem, head, 0).map_err(|source| VirtioError::UsedRing { queue: TX_QUEUE, source })?;
             used += 1;
         }
-        if !self.control.is_empty() {
+        if used > 0 {
+            // Replies, or connections whose state changed: the I/O thread looks again.
             self.kick();
         }
         Ok(used)
@@ -561,8 +589,11 @@ impl VirtioDevice for Vsock {
         match index {
             RX_QUEUE => {
                 let used = self.receive(queue, mem)?;
-                // The thread watches the sockets again (or for the first time).
-                self.kick();
+                // The guest gave buffers: the thread watches the sockets again (it makes its
+                // set anew after each of its own rounds, so it needs no kick from those).
+                if !self.serving {
+                    self.kick();
+                }
                 Ok(used)
             }
             TX_QUEUE => self.transmit(queue, mem),
@@ -628,9 +659,11 @@ pub fn rx_loop<T: Trigger>(transport: &Mutex<MmioTransport<Vsock, T>>, handles: 
         }
         if set.iter().any(|p| p.revents != 0) {
             let mut t = transport.lock().unwrap_or_else(|e| e.into_inner());
+            t.device_mut().serving = true;
             if !t.process(RX_QUEUE) {
                 t.device_mut().rx_starved = true;
             }
+            t.device_mut().serving = false;
         }
     }
 }
@@ -724,11 +757,13 @@ mod tests {
         }
     }
 
-    /// Waits (bounded) until the guest has received packets; returns them.
+    /// Waits (bounded) until the guest has received packets other than credit updates (which
+    /// the device sends as the host side drains); returns them.
     fn wait_received(g: &mut Guest<'_>) -> Vec<(Header, Vec<u8>)> {
         let deadline = Instant::now() + Duration::from_secs(5);
         loop {
-            let got = g.received();
+            let mut got = g.received();
+            got.retain(|(h, _)| h.op != op::CREDIT_UPDATE);
             if !got.is_empty() || Instant::now() > deadline {
                 return got;
             }
@@ -798,10 +833,33 @@ mod tests {
         // Host data reaches the guest through the receive thread, with an interrupt.
         let stop = Arc::new(EventFd::new(libc::EFD_NONBLOCK).unwrap());
         let handles = RxLoop::new(&t.lock().unwrap(), stop.clone());
+        let (tid_tx, tid_rx) = std::sync::mpsc::channel();
         let thread = {
             let t = t.clone();
-            std::thread::spawn(move || rx_loop(&t, &handles))
+            std::thread::spawn(move || {
+                // SAFETY: gettid takes nothing and cannot fail.
+                tid_tx.send(unsafe { libc::gettid() }).unwrap();
+                rx_loop(&t, &handles)
+            })
         };
+        let tid = tid_rx.recv().unwrap();
+        // Idle, the thread sleeps in poll: it must not wake itself (its kick) round after round.
+        let cpu_ticks = || {
+            let stat = std::fs::read_to_string(format!("/proc/self/task/{tid}/stat")).unwrap();
+            let fields: Vec<u64> = stat
+                .rsplit_once(')')
+                .unwrap()
+                .1
+                .split_whitespace()
+                .skip(11)
+                .take(2)
+                .map(|f| f.parse().unwrap())
+                .collect();
+            fields[0] + fields[1]
+        };
+        let before = cpu_ticks();
+        std::thread::sleep(Duration::from_millis(500));
+        assert!(cpu_ticks() - before < 10, "the idle I/O thread used {} ticks in 0.5 s", cpu_ticks() - before);
         let interrupts = trigger.count();
         host.write_all(b"ping").unwrap();
         let got = wait_received(&mut g);
