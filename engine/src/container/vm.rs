@@ -233,6 +233,9 @@ impl Engine {
             let socket = vsock_path(&id);
             let dir = socket.parent().expect("a path in a directory");
             fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+            // The sockets reach the guests' agents (exec as root in them): root's only.
+            fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                .map_err(io_err("restrict", dir))?;
             // A socket left by a VMM that was killed.
             let _ = fs::remove_file(&socket);
             config.vsock = Some(twinbox_microvm::VsockConfig { guest_cid: 3, uds_path: socket });

@@ -139,6 +139,8 @@ impl Vsock {
         }
         let listen = |source| VsockError::Listen { path: uds_path.to_owned(), source };
         let listener = UnixListener::bind(uds_path).map_err(listen)?;
+        // Whoever connects runs processes in the guest as its agent does: the VMM's user only.
+        std::fs::set_permissions(uds_path, std::os::unix::fs::PermissionsExt::from_mode(0o600)).map_err(listen)?;
         listener.set_nonblocking(true).map_err(listen)?;
         Ok(Vsock {
             cid,
@@ -816,6 +818,8 @@ mod tests {
         }
         t.w(R_STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
         let t = Arc::new(Mutex::new(t));
+        use std::os::unix::fs::PermissionsExt;
+        assert_eq!(std::fs::metadata(&uds).unwrap().permissions().mode() & 0o777, 0o600, "the VMM's user only");
 
         // Host → guest: CONNECT, the guest's REQUEST, RESPONSE, OK.
         let mut host = UnixStream::connect(&uds).unwrap();
