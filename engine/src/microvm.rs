@@ -132,20 +132,6 @@ impl ExitCode for ImageRunError {
     }
 }
 
-/// Releases the image hold of a run, however it ends.
-struct Hold<'s> {
-    store: &'s Store,
-    id: String,
-}
-
-impl Drop for Hold<'_> {
-    fn drop(&mut self) {
-        if let Err(e) = self.store.release(&self.id) {
-            tracing::warn!(error = %e, id = %self.id, "cannot release the image hold");
-        }
-    }
-}
-
 /// Guest RAM when the run does not say.
 pub const DEFAULT_MEMORY_MIB: u32 = 128;
 
@@ -202,33 +188,6 @@ pub fn prepare(
     };
     let quiet = if opts.verbose { "loglevel=7" } else { "quiet loglevel=1" };
     Ok(PreparedRun { kernel, disk, guest, cmdline: format!("{IMAGE_CMDLINE} {quiet}") })
-}
-
-/// Runs `opts.image` as a microVM, the workload's stdout and stderr going to `stdout` and
-/// `stderr`. `start` is when the VMM process started (the boot timer counts from it).
-pub fn run_image(
-    store: &Store,
-    opts: &ImageRunOptions,
-    start: Instant,
-    stdout: Box<dyn Write + Send>,
-    stderr: Box<dyn Write + Send>,
-) -> Result<ImageRunExit, ImageRunError> {
-    let image = store.resolve(&opts.image)?;
-    let id = run_id();
-    store.hold(&id, &image.manifest_digest)?;
-    let _hold = Hold { store, id: id.clone() };
-
-    let prepared = prepare(store, &image, opts, &id)?;
-    let shape = VmOptions {
-        memory_mib: opts.memory_mib,
-        vcpus: opts.vcpus,
-        kernel: None,
-        timeout_ms: opts.timeout.map(|t| t.as_millis().max(1) as u64),
-        irqchip: opts.irqchip,
-        verbose: opts.verbose,
-    };
-    let (config, initrd) = vm_config(prepared, &shape, Vec::new());
-    boot(config, initrd, start, (stdout, stderr), opts.verbose, || Ok::<(), ImageRunError>(()))
 }
 
 /// The VM's shape and boot options, as a record keeps them (the rest of a run is the image's

@@ -495,13 +495,7 @@ impl Backend for QemuMicrovm {
         let net = GuestNet {
             tap: endpoint.host_veth.clone(),
             mac: attach::mac_text(attach::mac_for(ip)),
-            network: twinbox_microvm::agent::GuestNetwork {
-                address: ip,
-                prefix_len: endpoint.prefix_len,
-                gateway: endpoint.gateway,
-                mtu: endpoint.mtu.unwrap_or(1500),
-                route_mtu: endpoint.route_mtu,
-            },
+            network: endpoint.guest_network(),
             hosts: attach::hosts_file("qemu", Some(ip)),
         };
         let mut cmd = self.qemu_on(&Workload::Serve(super::SERVER_PORT), false, id, Some(&net))?;

@@ -25,7 +25,7 @@ use super::{
 use crate::microvm::{self, ImageRunError, VmOptions};
 use crate::network::attach::{self, Endpoint, NetworkMode};
 use crate::network::{publish, DEFAULT_NETWORK};
-use twinbox_microvm::agent::{control, GuestNetwork};
+use twinbox_microvm::agent::control;
 use twinbox_microvm::NetConfig;
 
 /// Where a running microVM's vsock device listens: short, as a UNIX socket's path must be
@@ -211,13 +211,7 @@ impl Engine {
                 let (network, ip) = nets.allocate(&network.name, &id, |c| !self.container_dir(c).exists())?;
                 let mut endpoint = Endpoint::new(&network, ip, &id);
                 endpoint.host_veth = attach::tap_name(&id);
-                guest.network = Some(GuestNetwork {
-                    address: ip,
-                    prefix_len: endpoint.prefix_len,
-                    gateway: endpoint.gateway,
-                    mtu: endpoint.mtu.unwrap_or(1500),
-                    route_mtu: endpoint.route_mtu,
-                });
+                guest.network = Some(endpoint.guest_network());
                 let mut others = super::member_names(&self.members(&network, None));
                 others.retain(|(other, _)| *other != ip);
                 guest.hosts = attach::network_hosts_file(&hostname, ip, &others);

@@ -81,6 +81,19 @@ impl Endpoint {
     }
 }
 
+impl Endpoint {
+    /// How a microVM's guest agent sets eth0 up for this endpoint.
+    pub fn guest_network(&self) -> twinbox_microvm::agent::GuestNetwork {
+        twinbox_microvm::agent::GuestNetwork {
+            address: self.ip,
+            prefix_len: self.prefix_len,
+            gateway: self.gateway,
+            mtu: self.mtu.unwrap_or(1500),
+            route_mtu: self.route_mtu,
+        }
+    }
+}
+
 /// Joins the network namespace of process `pid` to `bridge` through a new veth pair. On error
 /// the pair is removed again.
 pub fn connect(endpoint: &Endpoint, bridge: &str, pid: i32) -> Result<(), NetworkError> {

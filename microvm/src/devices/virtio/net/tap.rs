@@ -2,7 +2,7 @@
 //! of every frame (IFF_VNET_HDR) so checksum and segmentation offloads pass through both ways.
 
 use std::fs::File;
-use std::io::{self, Read, Write};
+use std::io;
 use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::os::unix::fs::OpenOptionsExt;
 
@@ -90,16 +90,6 @@ impl Tap {
             });
         }
         Ok(())
-    }
-
-    /// One frame (header first) into `buf`; `WouldBlock` when none is waiting.
-    pub fn read_frame(&mut self, buf: &mut [u8]) -> io::Result<usize> {
-        self.file.read(buf)
-    }
-
-    /// Sends one frame (header first).
-    pub fn write_frame(&mut self, frame: &[u8]) -> io::Result<usize> {
-        self.file.write(frame)
     }
 
     /// One frame scattered into the buffers `iov` describes; `WouldBlock` when none is
