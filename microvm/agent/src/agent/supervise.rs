@@ -46,14 +46,15 @@ pub fn forward(ports: &mut dyn Ports, streams: Vec<Stream>) -> Result<(), Superv
 }
 
 /// [`forward`], serving the control channel's exec requests meanwhile (see
-/// [`crate::control`]).
+/// [`crate::control`]), and on until the workload has ended even if it closed its output
+/// first (a service that logs nowhere still takes `exec`).
 pub fn forward_serving(
     ports: &mut dyn Ports,
     mut streams: Vec<Stream>,
     mut control: Option<&mut crate::control::Control<'_>>,
 ) -> Result<(), SuperviseError> {
     let mut buf = Box::new(Page([0; MAX_CHUNK]));
-    while !streams.is_empty() {
+    while !streams.is_empty() || control.as_deref().is_some_and(|c| c.workload_runs()) {
         let mut fds: Vec<libc::pollfd> =
             streams.iter().map(|s| libc::pollfd { fd: s.pipe.as_raw_fd(), events: libc::POLLIN, revents: 0 }).collect();
         if let Some(c) = control.as_deref() {

@@ -149,6 +149,70 @@ pub fn dup2(old: &impl AsRawFd, new: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+/// Makes `slave` (a pty) the controlling terminal of a new session led by the caller.
+pub fn controlling_terminal(slave: &impl AsRawFd) -> io::Result<()> {
+    // SAFETY: setsid takes no arguments.
+    check(unsafe { libc::setsid() })?;
+    // SAFETY: TIOCSCTTY takes an int argument by value (0: do not steal it from another session).
+    check(unsafe { libc::ioctl(slave.as_raw_fd(), libc::TIOCSCTTY, 0) })?;
+    Ok(())
+}
+
+/// A new pty of the devpts instance whose `ptmx` is at `ptmx`: its master (non-blocking) and
+/// slave, both close-on-exec, neither a controlling terminal of the agent.
+pub fn open_pty(ptmx: &str) -> io::Result<(File, OwnedFd)> {
+    let master = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .custom_flags(libc::O_NOCTTY | libc::O_NONBLOCK)
+        .open(ptmx)?;
+    let unlock: libc::c_int = 0;
+    // SAFETY: TIOCSPTLCK reads one int from a live local.
+    check(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) })?;
+    // SAFETY: TIOCGPTPEER takes the open flags by value and returns a new descriptor.
+    let slave = check(unsafe {
+        libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC)
+    })?;
+    // SAFETY: `slave` was just returned by the kernel and nothing else owns it.
+    Ok((master, unsafe { OwnedFd::from_raw_fd(slave) }))
+}
+
+/// Sets the window size of terminal `fd`.
+pub fn set_window_size(fd: &impl AsRawFd, rows: u16, cols: u16) -> io::Result<()> {
+    let size = libc::winsize { ws_row: rows, ws_col: cols, ws_xpixel: 0, ws_ypixel: 0 };
+    // SAFETY: TIOCSWINSZ reads one winsize from a live local.
+    check(unsafe { libc::ioctl(fd.as_raw_fd(), libc::TIOCSWINSZ, &size) })?;
+    Ok(())
+}
+
+/// A pidfd of child `pid`: readable once it has ended (it is not reaped by that).
+pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
+    // SAFETY: pidfd_open takes a pid and flags by value and returns a new descriptor.
+    let fd = unsafe { libc::syscall(libc::SYS_pidfd_open, pid, 0) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just returned by the kernel and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd as RawFd) })
+}
+
+/// Sets O_NONBLOCK on `fd`.
+pub fn set_nonblocking(fd: &impl AsRawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL takes no argument.
+    let flags = check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_GETFL) })?;
+    // SAFETY: F_SETFL takes the flags by value.
+    check(unsafe { libc::fcntl(fd.as_raw_fd(), libc::F_SETFL, flags | libc::O_NONBLOCK) })?;
+    Ok(())
+}
+
+/// waitpid(pid, WNOHANG): its wait status if it has ended.
+pub fn try_wait_pid(pid: libc::pid_t) -> io::Result<Option<i32>> {
+    let mut status = 0;
+    // SAFETY: waitpid writes the status into a live local.
+    let reaped = check(unsafe { libc::waitpid(pid, &mut status, libc::WNOHANG) })?;
+    Ok((reaped == pid).then_some(status))
+}
+
 /// setgroups(2).
 pub fn setgroups(gids: &[u32]) -> io::Result<()> {
     // SAFETY: the kernel reads `gids.len()` gid_t (u32) values from a live slice.

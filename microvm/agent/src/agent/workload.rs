@@ -249,7 +249,7 @@ impl Child<'_> {
             let flags = libc::MS_REMOUNT | libc::MS_BIND | libc::MS_RDONLY;
             sys::mount(None, "/", None, flags, None).map_err(F::at(Step::ReadOnlyRoot))?;
         }
-        become_process(config, &self.stdout, &self.stderr)
+        become_process(config, Stdio::Pipes { stdin: None, stdout: &self.stdout, stderr: &self.stderr })
     }
 }
 
@@ -257,11 +257,7 @@ impl Child<'_> {
 /// `exec` beside it: no I/O ports, `config`'s groups, user and working directory, the program
 /// looked up in its PATH, stdin /dev/null and stdout/stderr `stdout`/`stderr`, signals reset.
 /// The program's path.
-pub(crate) fn become_process(
-    config: &GuestConfig,
-    stdout: &OwnedFd,
-    stderr: &OwnedFd,
-) -> Result<CString, ChildFailure> {
+pub(crate) fn become_process(config: &GuestConfig, stdio: Stdio<'_>) -> Result<CString, ChildFailure> {
     use ChildFailure as F;
     // ioperm is inherited across fork and kept across execve: the process gets none.
     IoPorts::revoke().map_err(F::at(Step::RevokePorts))?;
@@ -279,12 +275,36 @@ pub(crate) fn become_process(
     })?;
     let path = CString::new(path.into_os_string().into_vec())
         .map_err(|_| ChildFailure { step: Step::Exec, errno: libc::EINVAL })?;
-    let null = OpenOptions::new().read(true).write(true).open("/dev/null").map_err(F::at(Step::Stdio))?;
-    sys::dup2(&null, 0).map_err(F::at(Step::Stdio))?;
-    sys::dup2(stdout, 1).map_err(F::at(Step::Stdio))?;
-    sys::dup2(stderr, 2).map_err(F::at(Step::Stdio))?;
+    match stdio {
+        Stdio::Pipes { stdin, stdout, stderr } => {
+            match stdin {
+                Some(fd) => sys::dup2(fd, 0).map_err(F::at(Step::Stdio))?,
+                None => {
+                    let null = OpenOptions::new().read(true).open("/dev/null").map_err(F::at(Step::Stdio))?;
+                    sys::dup2(&null, 0).map_err(F::at(Step::Stdio))?;
+                }
+            }
+            sys::dup2(stdout, 1).map_err(F::at(Step::Stdio))?;
+            sys::dup2(stderr, 2).map_err(F::at(Step::Stdio))?;
+        }
+        Stdio::Terminal(slave) => {
+            sys::controlling_terminal(slave).map_err(F::at(Step::Stdio))?;
+            for fd in 0..3 {
+                sys::dup2(slave, fd).map_err(F::at(Step::Stdio))?;
+            }
+        }
+    }
     sys::reset_signals().map_err(F::at(Step::Signals))?;
     Ok(path)
+}
+
+/// The standard streams of a process the agent starts.
+#[derive(Clone, Copy)]
+pub(crate) enum Stdio<'a> {
+    /// Its input (or /dev/null), output and error.
+    Pipes { stdin: Option<&'a OwnedFd>, stdout: &'a OwnedFd, stderr: &'a OwnedFd },
+    /// A pty's slave, made its controlling terminal in a session of its own.
+    Terminal(&'a OwnedFd),
 }
 
 #[cfg(test)]
