@@ -294,7 +294,7 @@ impl Vsock {
         }
         let mut path = self.uds_path.clone().into_os_string();
         path.push(format!("_{}", key.0));
-        match UnixStream::connect(&path).and_then(|s| s.set_nonblocking(true).map(|()| s)) {
+        match connect_nonblocking(std::path::Path::new(&path)) {
             Ok(stream) => {
                 self.conns.insert(key, Conn::new(stream, false));
                 let h = self.header(key, op::RESPONSE, 0, 0);
@@ -668,6 +668,16 @@ pub fn rx_loop<T: Trigger>(transport: &Mutex<MmioTransport<Vsock, T>>, handles: 
             t.device_mut().serving = false;
         }
     }
+}
+
+/// Connects to the UNIX socket at `path` without waiting: a listener whose backlog is full
+/// refuses (EAGAIN) instead of holding up the device, which serves every connection.
+fn connect_nonblocking(path: &std::path::Path) -> std::io::Result<UnixStream> {
+    use nix::sys::socket::{connect, socket, AddressFamily, SockFlag, SockType, UnixAddr};
+    let fd = socket(AddressFamily::Unix, SockType::Stream, SockFlag::SOCK_NONBLOCK | SockFlag::SOCK_CLOEXEC, None)?;
+    let addr = UnixAddr::new(path)?;
+    connect(std::os::fd::AsRawFd::as_raw_fd(&fd), &addr)?;
+    Ok(UnixStream::from(fd))
 }
 
 #[cfg(test)]
