@@ -14,6 +14,7 @@
 
 use std::io::Write;
 use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use twinbox_exit::ExitCode;
@@ -239,21 +240,22 @@ pub fn boot<E: From<ImageRunError>>(
     start: Instant,
     output: Output,
     verbose: bool,
-    attach: impl FnOnce() -> Result<(), E>,
+    attach: impl FnOnce(ConsoleTail) -> Result<(), E>,
 ) -> Result<ImageRunExit, E> {
     tracing::debug!(disks = ?config.disks, nets = ?config.nets, "starting microVM");
     let echo: Option<Box<dyn Write + Send>> = if verbose { Some(Box::new(std::io::stderr())) } else { None };
-    let mut console = ConsoleLog::new(echo);
+    let shared = ConsoleTail(Arc::new(Mutex::new(ConsoleLog::new(echo))));
     let mut vm = VmBuilder::new(config)
         .start_time(start)
         .initrd_bytes(initrd)
         .output(output.0, output.1)
         .build()
         .map_err(|e| E::from(ImageRunError::from(e)))?;
-    attach()?;
-    let result = vm.run(&mut console);
+    attach(shared.clone())?;
+    let result = vm.run(&mut shared.clone());
     drop(vm);
     let total = start.elapsed();
+    let console = shared.0.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(line) = console.panic_line() {
         return Err(ImageRunError::Panic { line: line.to_owned(), tail: console.tail() }.into());
     }
@@ -266,6 +268,28 @@ pub fn boot<E: From<ImageRunError>>(
     match exit.reason {
         ExitReason::Exited(code) => Ok(ImageRunExit { code, boot_time: exit.boot_time, total }),
         reason => Err(ImageRunError::NoStatus { reason, tail: console.tail() }.into()),
+    }
+}
+
+/// The console of a running VM, shared with whoever wants its last lines meanwhile (why a
+/// guest never brought its agent up).
+#[derive(Clone)]
+pub struct ConsoleTail(Arc<Mutex<ConsoleLog>>);
+
+impl ConsoleTail {
+    /// The last lines, indented for an error message.
+    pub fn tail(&self) -> String {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).tail()
+    }
+}
+
+impl Write for ConsoleTail {
+    fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).write(buf)
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        self.0.lock().unwrap_or_else(|e| e.into_inner()).flush()
     }
 }
 

@@ -622,12 +622,19 @@ impl Engine {
     /// container on network `name`, each naming all the others. `joining` is a container whose
     /// record is not saved yet.
     fn refresh_hosts(&self, name: &str, joining: Option<&Record>) {
+        let mut vms = Vec::new();
         let refreshed = self.networks().with_network(name, |n| {
             let members = self.members(n, joining);
             let names = member_names(&members);
-            for (ip, r) in members.iter().filter(|(_, r)| r.vm.is_none()) {
-                let hosts = self.container_dir(&r.id).join("hosts");
+            for (ip, r) in &members {
                 let text = attach::network_hosts_file(&spec::hostname(&r.id, &r.options), *ip, &names);
+                if r.vm.is_some() {
+                    if matches!(r.phase, Phase::Running { .. }) && joining.is_none_or(|j| j.id != r.id) {
+                        vms.push((r.clone(), text));
+                    }
+                    continue;
+                }
+                let hosts = self.container_dir(&r.id).join("hosts");
                 if let Err(e) = rewrite_in_place(&hosts, text.as_bytes()) {
                     tracing::warn!(path = %hosts.display(), error = %e, "cannot update /etc/hosts");
                 }
@@ -635,6 +642,12 @@ impl Engine {
         });
         if let Err(e) = refreshed {
             tracing::warn!(network = name, error = %e, "cannot update the containers' /etc/hosts");
+        }
+        // The microVMs' through their agents, once the network's lock is given back.
+        for (r, text) in vms {
+            if let Err(e) = self.vm_hosts(&r, text) {
+                tracing::warn!(name = r.name, error = %e, "cannot update the microVM's /etc/hosts");
+            }
         }
     }
 

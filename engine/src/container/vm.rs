@@ -14,6 +14,10 @@
 
 use std::fs;
 use std::io::{self, Write};
+use std::os::unix::net::UnixStream;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
 use nix::sys::signal::Signal;
@@ -62,9 +66,94 @@ fn agent_error(r: &Record, e: &io::Error) -> EngineError {
 /// How long the guest agent may take to answer a new control connection.
 const AGENT_ANSWER: std::time::Duration = std::time::Duration::from_secs(10);
 
+/// How long a VM's agent may take over a new /etc/hosts (others wait meanwhile).
+const HOSTS_ANSWER: std::time::Duration = std::time::Duration::from_secs(2);
+
 /// Signals `kill` passes to a microVM's VMM: they stop the VM (the workload's exit code is then
 /// 128 + N, as for a container's init killed by N), or kill the VMM.
 const VM_SIGNALS: [Signal; 4] = [Signal::SIGTERM, Signal::SIGINT, Signal::SIGHUP, Signal::SIGKILL];
+
+/// How long a detached microVM's guest agent may take to answer on the control channel after
+/// the VM starts: `TWINBOX_AGENT_TIMEOUT` seconds, else 30 s (a guest kernel boots in well
+/// under a second on hardware KVM; five at once in the nested L1's emulation take seconds).
+fn agent_timeout() -> std::time::Duration {
+    std::env::var("TWINBOX_AGENT_TIMEOUT")
+        .ok()
+        .and_then(|v| v.parse::<f64>().ok())
+        .filter(|s| s.is_finite() && *s >= 0.0)
+        .map_or(std::time::Duration::from_secs(30), std::time::Duration::from_secs_f64)
+}
+
+/// A detached VM's wait for its guest agent (see [`Engine::boot_microvm`]).
+#[derive(Default)]
+struct AgentWait {
+    /// Set once the VM has ended: the wait is over.
+    ended: AtomicBool,
+    /// Why the agent was given up on; the VM is then stopped.
+    failure: Mutex<Option<String>>,
+}
+
+impl AgentWait {
+    /// Tries the agent until it answers, the VM ends or the time is up; `ok PID` to `report`
+    /// when it answers, else the failure noted and the VM (this process) stopped.
+    fn watch(
+        &self,
+        socket: &Path,
+        name: &str,
+        console: &microvm::ConsoleTail,
+        report: &Mutex<Option<fs::File>>,
+        me: i32,
+    ) {
+        let timeout = agent_timeout();
+        let deadline = Instant::now() + timeout;
+        while !self.ended.load(Ordering::SeqCst) {
+            let last = match connect_agent(socket, AGENT_ANSWER) {
+                Ok(_) => {
+                    if let Some(mut r) = report.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                        let _ = write!(r, "ok {me}");
+                    }
+                    return;
+                }
+                Err(e) => e,
+            };
+            if Instant::now() >= deadline {
+                let why = format!(" (last try: {last})");
+                *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!(
+                    "the guest agent of {name} did not answer within {:.0?}{why}, so the VM was stopped; \
+                     the guest console's last lines:\n{}\n(run with --verbose for the kernel's messages, or set \
+                     TWINBOX_AGENT_TIMEOUT=SECONDS for a slower host)",
+                    timeout,
+                    console.tail()
+                ));
+                let _ = nix::sys::signal::kill(Pid::from_raw(me), Signal::SIGTERM);
+                return;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(20));
+        }
+    }
+}
+
+/// Connects to the guest agent behind the VM's vsock socket `path` (`CONNECT 1024`, then the
+/// VMM's `OK`), waiting at most `answer` for the VMM's word.
+fn connect_agent(path: &Path, answer: std::time::Duration) -> io::Result<UnixStream> {
+    let mut conn = UnixStream::connect(path)?;
+    conn.set_read_timeout(Some(answer))?;
+    conn.write_all(format!("CONNECT {}\n", control::CONTROL_PORT).as_bytes())?;
+    let mut line = Vec::new();
+    let mut byte = [0u8; 1];
+    while line.len() < 64 {
+        match io::Read::read(&mut conn, &mut byte)? {
+            1 if byte[0] == b'\n' => break,
+            1 => line.push(byte[0]),
+            _ => return Err(io::ErrorKind::ConnectionReset.into()),
+        }
+    }
+    if !line.starts_with(b"OK ") {
+        return Err(io::Error::other(String::from_utf8_lossy(&line).into_owned()));
+    }
+    conn.set_read_timeout(None)?;
+    Ok(conn)
+}
 
 /// Writes to both: the terminal and the instance's log.
 struct Tee<A, B>(A, B);
@@ -143,7 +232,20 @@ impl Engine {
     ///
     /// [`run_microvm_detached`]: Engine::run_microvm_detached
     pub fn launch_microvm(&self, id: &str, start: Instant, mut report: std::fs::File) -> i32 {
+        // Held while this process is the VM's VMM: a second `start` of the same VM at once
+        // finds it taken instead of booting the VM twice.
+        let mut _vmm_lock = None;
         let result = (|| {
+            let path = self.container_dir(id).join("vmm.lock");
+            let file = fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .open(&path)
+                .map_err(|_| EngineError::NoSuchContainer(id.to_owned()))?;
+            let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+                .map_err(|_| EngineError::NotForMicrovm(format!("{id} is being started by another command")))?;
+            _vmm_lock = Some(lock);
             let mut record = self.stored(id).ok_or_else(|| EngineError::NoSuchContainer(id.to_owned()))?;
             let vm = record.vm.clone().ok_or_else(|| EngineError::NotForMicrovm(format!("{id} is not a microVM")))?;
             if !matches!(record.phase, Phase::Created | Phase::Exited { .. }) {
@@ -186,13 +288,16 @@ impl Engine {
 
     /// Boots a prepared instance: its network, the VM, and when it ends the exit recorded (or
     /// everything removed with `--rm`). With `report` (a detached VM's launcher) the output
-    /// goes to the log only and `ok` or the error is written there once the VM runs or failed.
+    /// goes to the log only, and `ok` is written there once the guest's agent answers on the
+    /// control channel (so `exec` works as soon as `run -d` returns), or the error: the VM
+    /// failed, or its agent did not answer within [`agent_timeout`] (the VM is then stopped,
+    /// and the error shows the console's last lines).
     fn boot_microvm(
         &self,
         mut record: Record,
         prepared: microvm::PreparedRun,
         start: Instant,
-        mut report: Option<std::fs::File>,
+        report: Option<std::fs::File>,
         previous: Option<Phase>,
     ) -> Result<Exit, EngineError> {
         let id = record.id.clone();
@@ -200,6 +305,9 @@ impl Engine {
         let nets = self.networks();
         let mut guest = prepared.guest.clone();
         let ran = std::cell::Cell::new(false);
+        let detached = report.is_some();
+        let report = Arc::new(Mutex::new(report));
+        let waiting = Arc::new(AgentWait::default());
         let outcome = (|| {
             let mut cards = Vec::new();
             let mut joined = None;
@@ -232,10 +340,10 @@ impl Engine {
                 .map_err(io_err("restrict", dir))?;
             // A socket left by a VMM that was killed.
             let _ = fs::remove_file(&socket);
-            config.vsock = Some(twinbox_microvm::VsockConfig { guest_cid: 3, uds_path: socket });
-            let output = self.vm_output(&record, report.is_some())?;
+            config.vsock = Some(twinbox_microvm::VsockConfig { guest_cid: 3, uds_path: socket.clone() });
+            let output = self.vm_output(&record, detached)?;
             let me = std::process::id() as i32;
-            microvm::boot(config, initrd, start, output, vm.verbose, || -> Result<(), EngineError> {
+            microvm::boot(config, initrd, start, output, vm.verbose, |console| -> Result<(), EngineError> {
                 if let Some((endpoint, bridge)) = &joined {
                     attach::connect_tap(endpoint, bridge)?;
                     record.endpoint = Some(endpoint.clone());
@@ -245,14 +353,28 @@ impl Engine {
                 self.save(&record)?;
                 ran.set(true);
                 if let Some((endpoint, _)) = &joined {
-                    self.refresh_hosts(&endpoint.network, None);
+                    // The others learn its name; its own /etc/hosts came with its configuration
+                    // (its agent is not up yet to take one).
+                    self.refresh_hosts(&endpoint.network, Some(&record));
                 }
-                if let Some(mut r) = report.take() {
-                    let _ = write!(r, "ok {me}");
+                if detached {
+                    let (waiting, report, name) = (waiting.clone(), report.clone(), record.name.clone());
+                    std::thread::spawn(move || waiting.watch(&socket, &name, &console, &report, me));
                 }
                 Ok(())
             })
         })();
+        waiting.ended.store(true, Ordering::SeqCst);
+        let failure = waiting.failure.lock().unwrap_or_else(|e| e.into_inner()).take();
+        let outcome = match (failure, outcome) {
+            // The agent never answered: the VM was stopped for it.
+            (Some(message), _) => Err(Err(EngineError::Agent(message))),
+            (None, outcome) => outcome.map_err(|e| match e {
+                // Stopped by a signal (`twinbox stop`, Ctrl-C): as a container's init killed by it.
+                EngineError::Vm(ImageRunError::Interrupted(sig)) => Ok(128 + sig),
+                e => Err(e),
+            }),
+        };
         let code = match outcome {
             Ok(exit) => {
                 if let Some(t) = exit.boot_time {
@@ -264,21 +386,20 @@ impl Engine {
                 }
                 exit.code
             }
-            // Stopped by a signal (`twinbox stop`, Ctrl-C): as a container's init killed by it.
-            Err(EngineError::Vm(ImageRunError::Interrupted(sig))) => 128 + sig,
-            Err(e) if ran.get() => {
+            Err(Ok(code)) => code,
+            Err(Err(e)) if ran.get() && !matches!(e, EngineError::Agent(_)) => {
                 // It ran, then the VM failed: an exit like any other (125, twinbox's own
                 // failure), kept for `ps -a` and `logs` unless --rm.
                 let stored = self.stored(&id).unwrap_or(record);
                 self.finish_microvm(stored, twinbox_exit::INTERNAL)?;
-                return Err(e);
-            }
-            Err(e) => {
-                if let Some(mut r) = report.take() {
+                if let Some(mut r) = report.lock().unwrap_or_else(|e| e.into_inner()).take() {
                     let _ = write!(r, "{e}");
                 }
+                return Err(e);
+            }
+            Err(Err(e)) => {
                 match previous {
-                    // A new VM that never ran is removed.
+                    // A new VM that never ran (or whose agent never answered) is removed.
                     None | Some(Phase::Created) => {
                         let _ = self.remove_files(&id);
                     }
@@ -294,11 +415,20 @@ impl Engine {
                         let _ = self.save(&kept);
                     }
                 }
+                // Said once everything is undone: `run -d` returns with nothing left behind.
+                if let Some(mut r) = report.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    let _ = write!(r, "{e}");
+                }
                 return Err(e);
             }
         };
         let stored = self.stored(&id).unwrap_or(record);
         self.finish_microvm(stored, code)?;
+        // A VM that ended before its agent answered ran all the same (a workload that exits
+        // at once): `run -d` returns, and `ps -a` shows the exit.
+        if let Some(mut r) = report.lock().unwrap_or_else(|e| e.into_inner()).take() {
+            let _ = write!(r, "ok {}", std::process::id());
+        }
         Ok(Exit { code, oom_killed: false })
     }
 
@@ -425,8 +555,7 @@ impl Engine {
     }
 
     /// `twinbox exec` into a running microVM: the request to the guest agent over the vsock
-    /// control channel, its output to ours; returns the process's exit code. `user` is numeric
-    /// (`UID[:GID]`): names would need the guest's passwd, which the host does not read.
+    /// control channel, its output to ours; returns the process's exit code.
     pub(super) fn exec_vm(
         &self,
         r: &Record,
@@ -436,20 +565,15 @@ impl Engine {
         user: Option<&str>,
     ) -> Result<i32, EngineError> {
         use control::ExecRequest;
-        let (uid, gid) = match user {
-            None => (None, None),
+        // As for a container: names and ids resolved in the image's /etc/passwd and /etc/group,
+        // which the VM's root disk is made of.
+        let (uid, gid, groups) = match user {
+            None => (None, None, None),
             Some(u) => {
-                let (uid, gid) = u.split_once(':').map_or((u, None), |(a, b)| (a, Some(b)));
-                let num = |s: &str| s.parse::<u32>().ok();
-                match (num(uid), gid.map(num)) {
-                    (Some(uid), None) => (Some(uid), Some(uid)),
-                    (Some(uid), Some(Some(gid))) => (Some(uid), Some(gid)),
-                    _ => {
-                        return Err(EngineError::NotForMicrovm(format!(
-                            "-u {u}: in a microVM give a numeric UID[:GID] (the guest's user names are not read)"
-                        )))
-                    }
-                }
+                let image = self.store.resolve(&r.image_digest)?;
+                let layers = self.store.unpacked_layers(&image)?;
+                let (uid, gid, groups) = twinbox_image::launch::resolve_user(u, &layers)?;
+                (Some(uid), Some(gid), Some(groups))
             }
         };
         let mut conn = self.agent(r)?;
@@ -459,40 +583,23 @@ impl Engine {
             cwd: workdir.map(str::to_owned),
             uid,
             gid,
+            groups,
             signal: None,
+            ..Default::default()
         };
         self.agent_request(r, &mut conn, &request)
     }
 
     /// Connects to the guest agent of running microVM `r` (see `twinbox_agent::control`).
-    fn agent(&self, r: &Record) -> Result<std::os::unix::net::UnixStream, EngineError> {
-        let path = vsock_path(&r.id);
-        let unreachable = |e: io::Error| agent_error(r, &e);
-        let mut conn = std::os::unix::net::UnixStream::connect(&path).map_err(unreachable)?;
-        conn.set_read_timeout(Some(AGENT_ANSWER)).map_err(unreachable)?;
-        conn.write_all(format!("CONNECT {}\n", control::CONTROL_PORT).as_bytes()).map_err(unreachable)?;
-        let mut line = Vec::new();
-        let mut byte = [0u8; 1];
-        while line.len() < 64 {
-            match io::Read::read(&mut conn, &mut byte) {
-                Ok(1) if byte[0] == b'\n' => break,
-                Ok(1) => line.push(byte[0]),
-                Ok(_) => return Err(unreachable(io::ErrorKind::ConnectionReset.into())),
-                Err(e) => return Err(unreachable(e)),
-            }
-        }
-        if !line.starts_with(b"OK ") {
-            return Err(unreachable(io::Error::other(String::from_utf8_lossy(&line).into_owned())));
-        }
-        conn.set_read_timeout(None).map_err(unreachable)?;
-        Ok(conn)
+    fn agent(&self, r: &Record) -> Result<UnixStream, EngineError> {
+        connect_agent(&vsock_path(&r.id), AGENT_ANSWER).map_err(|e| agent_error(r, &e))
     }
 
     /// Sends `request` on `conn` and copies the answer's output to ours; the exit code.
     fn agent_request(
         &self,
         r: &Record,
-        conn: &mut std::os::unix::net::UnixStream,
+        conn: &mut UnixStream,
         request: &control::ExecRequest,
     ) -> Result<i32, EngineError> {
         let unreachable = |e: io::Error| agent_error(r, &e);
@@ -533,6 +640,17 @@ impl Engine {
                 r.name,
                 sig.as_str()
             ))),
+        }
+    }
+
+    /// Gives running microVM `r` a new /etc/hosts through its guest agent.
+    pub(super) fn vm_hosts(&self, r: &Record, text: String) -> Result<(), EngineError> {
+        let mut conn = connect_agent(&vsock_path(&r.id), HOSTS_ANSWER).map_err(|e| agent_error(r, &e))?;
+        conn.set_read_timeout(Some(HOSTS_ANSWER)).map_err(|e| agent_error(r, &e))?;
+        let request = control::ExecRequest { hosts: Some(text), ..Default::default() };
+        match self.agent_request(r, &mut conn, &request)? {
+            0 => Ok(()),
+            _ => Err(EngineError::Agent(format!("the guest agent of {} could not rewrite /etc/hosts", r.name))),
         }
     }
 
