@@ -425,18 +425,14 @@ impl Engine {
     }
 
     /// `twinbox exec` into a running microVM: the request to the guest agent over the vsock
-    /// control channel, its output to ours; returns the process's exit code. `user` is numeric
-    /// (`UID[:GID]`): names would need the guest's passwd, which the host does not read.
-    pub(super) fn exec_vm(
-        &self,
-        r: &Record,
-        argv: &[String],
-        env: &[String],
-        workdir: Option<&str>,
-        user: Option<&str>,
-    ) -> Result<i32, EngineError> {
+    /// control channel, its output to ours; returns the process's exit code. `opts.user` is
+    /// numeric (`UID[:GID]`): names would need the guest's passwd, which the host does not read.
+    pub(super) fn exec_vm(&self, r: &Record, argv: &[String], opts: &super::ExecOptions) -> Result<i32, EngineError> {
         use control::ExecRequest;
-        let (uid, gid) = match user {
+        if opts.interactive || opts.tty {
+            return Err(EngineError::NotForMicrovm("exec -i/-t into a microVM is not supported yet".into()));
+        }
+        let (uid, gid) = match opts.user.as_deref() {
             None => (None, None),
             Some(u) => {
                 let (uid, gid) = u.split_once(':').map_or((u, None), |(a, b)| (a, Some(b)));
@@ -455,8 +451,8 @@ impl Engine {
         let mut conn = self.agent(r)?;
         let request = ExecRequest {
             args: argv.to_vec(),
-            env: env.to_vec(),
-            cwd: workdir.map(str::to_owned),
+            env: opts.env.clone(),
+            cwd: opts.workdir.clone(),
             uid,
             gid,
             signal: None,
