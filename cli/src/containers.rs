@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{Context, Result};
 use clap::Args;
-use twinbox_engine::{Engine, Phase, RunOptions};
+use twinbox_engine::{Engine, ExecOptions, Phase, RunOptions};
 
 use crate::UserError;
 
@@ -577,6 +577,12 @@ pub fn logs(root: &Path, a: LogsArgs) -> Result<i32> {
 
 #[derive(Args, Debug)]
 pub struct ExecArgs {
+    /// Keep stdin attached (without it the command reads /dev/null).
+    #[arg(short = 'i', long)]
+    interactive: bool,
+    /// Give the command a terminal (a pty in the container, its size following ours).
+    #[arg(short = 't', long)]
+    tty: bool,
     /// Set an environment variable (K=V).
     #[arg(short, long = "env")]
     env: Vec<String>,
@@ -594,6 +600,15 @@ pub struct ExecArgs {
 }
 
 pub fn exec(root: &Path, a: ExecArgs) -> Result<i32> {
+    // Docker's rule: -t alone needs no terminal on our side (the pty gets no input from us),
+    // but -it copies our stdin to the pty in raw mode, so that stdin must be a terminal.
+    if a.interactive && a.tty && !std::io::IsTerminal::is_terminal(&std::io::stdin()) {
+        return Err(UserError(
+            "the input device is not a TTY: -it needs stdin to be a terminal; to pipe input in, drop -t".into(),
+        )
+        .into());
+    }
     let eng = engine(root)?;
-    Ok(eng.exec(&a.container, &a.cmd, &a.env, a.workdir.as_deref(), a.user.as_deref())?)
+    let opts = ExecOptions { env: a.env, workdir: a.workdir, user: a.user, interactive: a.interactive, tty: a.tty };
+    Ok(eng.exec(&a.container, &a.cmd, &opts)?)
 }

@@ -49,7 +49,7 @@ fn images() -> Option<Images> {
     let ctx = env.path("busybox");
     let applets = [
         "sh", "echo", "cat", "id", "hostname", "sleep", "mkdir", "touch", "ls", "head", "tail", "ip", "unshare",
-        "grep", "wc", "true", "pwd", "mknod",
+        "grep", "wc", "true", "pwd", "mknod", "tty", "stty", "readlink",
     ];
     if !busybox_rootfs(&ctx, &applets) {
         return None;
@@ -654,5 +654,176 @@ fn run_it_gives_the_workload_a_terminal() {
     let (code, _, err) = run(img, &["-d", "-t", "busybox", "true"]);
     assert_eq!(code, 1, "{err}");
     assert!(err.contains("-t with -d"), "{err}");
+    no_leaks(img);
+}
+
+/// A `twinbox` command on the test's store and runtime root, to spawn with stdio of our own.
+fn twinbox_cmd(img: &Images, args: &[&str]) -> Command {
+    let mut cmd = img.env.cmd();
+    cmd.env("TWINBOX_RUNTIME_ROOT", img.env.path("runtime")).args(args);
+    cmd
+}
+
+/// Runs `cmd` with `input` written to its stdin (then closed); exit code, stdout, stderr.
+fn with_input(mut cmd: Command, input: &[u8]) -> (i32, String, String) {
+    use std::process::Stdio;
+    let mut child = cmd.stdin(Stdio::piped()).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+    let mut stdin = child.stdin.take().unwrap();
+    // A process that does not read it may be gone already: EPIPE is not the test's concern.
+    let _ = std::io::Write::write_all(&mut stdin, input);
+    drop(stdin);
+    let o = child.wait_with_output().unwrap();
+    (
+        o.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&o.stdout).into(),
+        String::from_utf8_lossy(&o.stderr).into(),
+    )
+}
+
+/// Reads `r` line by line until a line contains `want` (or end of file, or `deadline`); the
+/// lines read.
+fn read_until(r: &mut impl std::io::BufRead, want: &str, deadline: std::time::Instant) -> String {
+    let mut out = String::new();
+    while std::time::Instant::now() < deadline && !out.contains(want) {
+        match r.read_line(&mut out) {
+            Ok(0) | Err(_) => break,
+            Ok(_) => {}
+        }
+    }
+    out
+}
+
+/// A terminal's line discipline is in canonical (cooked) mode: not raw.
+fn cooked(fd: &std::os::fd::OwnedFd) -> bool {
+    nix::sys::termios::tcgetattr(fd).unwrap().local_flags.contains(nix::sys::termios::LocalFlags::ICANON)
+}
+
+/// `exec` without `-i` gives the process /dev/null as stdin (what we pipe in is not read, and
+/// the process does not wait for it); with `-i` our stdin. `-it` with a stdin that is not a
+/// terminal is refused, as Docker refuses it.
+#[test]
+fn exec_reads_our_stdin_only_with_i() {
+    let Some(img) = images() else { return };
+    let img = &img;
+    let (code, _, err) = run(img, &["-d", "--name", "c", "--network", "none", "busybox", "sleep", "300"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = with_input(twinbox_cmd(img, &["exec", "c", "cat"]), b"hi\n");
+    assert_eq!((code, out.as_str()), (0, ""), "{err}");
+    let (code, out, err) = with_input(twinbox_cmd(img, &["exec", "c", "sh", "-c", "readlink /proc/self/fd/0"]), b"");
+    assert_eq!((code, out.trim()), (0, "/dev/null"), "{err}");
+    let (code, out, err) = with_input(twinbox_cmd(img, &["exec", "-i", "c", "cat"]), b"hi\n");
+    assert_eq!((code, out.as_str()), (0, "hi\n"), "{err}");
+    let (code, out, err) =
+        with_input(twinbox_cmd(img, &["exec", "--interactive", "c", "sh", "-c", "cat; exit 6"]), b"x\n");
+    assert_eq!((code, out.as_str()), (6, "x\n"), "{err}");
+    let (code, out, err) = with_input(twinbox_cmd(img, &["exec", "-it", "c", "cat"]), b"hi\n");
+    assert_eq!((code, out.as_str()), (1, ""), "{err}");
+    assert!(err.contains("the input device is not a TTY"), "{err}");
+    assert_eq!(twinbox(img, &["rm", "-f", "c"]).0, 0);
+    no_leaks(img);
+}
+
+/// `exec -t` gives the process a pty of its own, also when we have no terminal (Docker's rule:
+/// only `-it` needs one); its output reaches our stdout and its exit code is ours. Given a
+/// terminal (as stdin, or as stdout only), the pty has its size from the start and follows it
+/// on SIGWINCH; without `-i` our terminal is left in its modes and nothing is read from it.
+#[test]
+fn exec_t_gives_a_pty_sized_as_ours() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let Some(img) = images() else { return };
+    let img = &img;
+    let (code, _, err) = run(img, &["-d", "--name", "c", "--network", "none", "busybox", "sleep", "300"]);
+    assert_eq!(code, 0, "{err}");
+    // No terminal on our side at all.
+    let (code, out, err) = with_input(twinbox_cmd(img, &["exec", "-t", "c", "tty"]), b"");
+    assert_eq!(code, 0, "{err}");
+    let tty = out.trim();
+    assert!(tty.starts_with("/dev/pts/") && tty[9..].parse::<u32>().is_ok(), "{out:?}");
+    let (code, out, err) = with_input(twinbox_cmd(img, &["exec", "-t", "c", "sh", "-c", "tty; exit 4"]), b"");
+    assert_eq!(code, 4, "{err}");
+    assert!(out.trim().starts_with("/dev/pts/"), "{out:?}");
+    // Without -t no pty.
+    let (code, out, _) = with_input(twinbox_cmd(img, &["exec", "c", "tty"]), b"");
+    assert_eq!((code, out.trim()), (1, "not a tty"));
+
+    // Our stdin a 33x120 terminal: the pty's size from the start, then a resize followed.
+    let size = nix::pty::Winsize { ws_row: 33, ws_col: 120, ws_xpixel: 0, ws_ypixel: 0 };
+    let pty = nix::pty::openpty(Some(&size), None).unwrap();
+    // (Bounded, so that a resize that never comes fails the test instead of hanging it.)
+    let script = "trap 'stty size; exit 0' WINCH; stty size; test -t 0 && echo in-tty; \
+                  i=0; while [ $i -lt 400 ]; do sleep 0.05; i=$((i+1)); done; echo no-winch";
+    let mut child = twinbox_cmd(img, &["exec", "-t", "c", "sh", "-c", script])
+        .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let first = read_until(&mut out, "in-tty", Instant::now() + Duration::from_secs(20));
+    assert_eq!(first.split_whitespace().collect::<Vec<_>>(), ["33", "120", "in-tty"], "{first:?}");
+    assert!(cooked(&pty.slave), "-t without -i left our terminal's modes alone");
+    twinbox_runtime::terminal::set_size(std::os::fd::AsRawFd::as_raw_fd(&pty.master), 40, 100).unwrap();
+    nix::sys::signal::kill(nix::unistd::Pid::from_raw(child.id() as i32), nix::sys::signal::Signal::SIGWINCH).unwrap();
+    let resized = read_until(&mut out, "100", Instant::now() + Duration::from_secs(20));
+    assert_eq!(resized.trim(), "40 100", "{resized:?}");
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+
+    // Our stdout the terminal (stdin /dev/null): its size, its output there.
+    let pty = nix::pty::openpty(Some(&size), None).unwrap();
+    let mut child = twinbox_cmd(img, &["exec", "-t", "c", "stty", "size"])
+        .stdin(Stdio::null())
+        .stdout(Stdio::from(pty.slave.try_clone().unwrap()))
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = child.wait().unwrap();
+    drop(pty.slave);
+    let mut master = std::fs::File::from(pty.master);
+    let mut shown = Vec::new();
+    let mut buf = [0u8; 256];
+    // Ends with EIO once the slave is closed everywhere and what it held is read.
+    while let Ok(n @ 1..) = std::io::Read::read(&mut master, &mut buf) {
+        shown.extend_from_slice(&buf[..n]);
+    }
+    let shown = String::from_utf8_lossy(&shown);
+    assert_eq!(status.code(), Some(0), "{shown:?}");
+    assert_eq!(shown.trim(), "33 120");
+
+    assert_eq!(twinbox(img, &["rm", "-f", "c"]).0, 0);
+    no_leaks(img);
+}
+
+/// `exec -it`: what is typed reaches the process through its pty, our terminal is raw while it
+/// runs and cooked again after.
+#[test]
+fn exec_it_passes_what_is_typed_and_restores_the_terminal() {
+    use std::process::Stdio;
+    use std::time::{Duration, Instant};
+    let Some(img) = images() else { return };
+    let img = &img;
+    let (code, _, err) = run(img, &["-d", "--name", "c", "--network", "none", "busybox", "sleep", "300"]);
+    assert_eq!(code, 0, "{err}");
+    let pty = nix::pty::openpty(None, None).unwrap();
+    assert!(cooked(&pty.slave));
+    let mut child =
+        twinbox_cmd(img, &["exec", "-it", "c", "sh", "-c", "echo ready; read -t 20 line; echo got-$line; exit 3"])
+            .stdin(Stdio::from(pty.slave.try_clone().unwrap()))
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
+            .unwrap();
+    let mut out = std::io::BufReader::new(child.stdout.take().unwrap());
+    let ready = read_until(&mut out, "ready", Instant::now() + Duration::from_secs(20));
+    assert!(ready.contains("ready"), "{ready:?}");
+    assert!(!cooked(&pty.slave), "our terminal is raw while the process runs");
+    let mut master = std::fs::File::from(pty.master);
+    std::io::Write::write_all(&mut master, b"typed\n").unwrap();
+    let got = read_until(&mut out, "got-", Instant::now() + Duration::from_secs(20));
+    assert!(got.contains("got-typed"), "{got:?}");
+    assert_eq!(child.wait().unwrap().code(), Some(3));
+    assert!(cooked(&pty.slave), "our terminal is cooked again");
+    assert_eq!(twinbox(img, &["rm", "-f", "c"]).0, 0);
     no_leaks(img);
 }

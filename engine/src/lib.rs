@@ -15,7 +15,7 @@ pub mod container;
 pub mod microvm;
 pub mod network;
 
-pub use container::{Engine, EngineError, Phase, Record, RunOptions};
+pub use container::{Engine, EngineError, ExecOptions, Phase, Record, RunOptions};
 
 /// Docker's rule for the names of containers and networks: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`, at
 /// most `max` bytes. Such a name is also a safe file name in the store.

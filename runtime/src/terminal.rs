@@ -50,6 +50,12 @@ pub fn size(fd: RawFd) -> Option<(u16, u16)> {
     (r == 0).then_some((ws.ws_row, ws.ws_col))
 }
 
+/// The size of our own terminal: stdin's, or stdout's when stdin is not one (`exec -t` with
+/// its input redirected); `None` when neither is a terminal.
+pub fn our_size() -> Option<(u16, u16)> {
+    size(libc::STDIN_FILENO).or_else(|| size(libc::STDOUT_FILENO))
+}
+
 /// Makes the terminal `fd` the controlling terminal of this process (a session leader).
 pub fn make_controlling(fd: RawFd) -> nix::Result<()> {
     // SAFETY: TIOCSCTTY takes an integer argument (0: do not steal it from another session).
@@ -123,19 +129,31 @@ impl Drop for ConsoleSocket {
 }
 
 /// Copies between this process's stdio and a pty master, stdin in raw mode while it runs.
+/// Dropping it (on any path, [`finish`](Self::finish) included) gives our terminal back its
+/// modes.
 pub struct ConsoleProxy {
     master: Arc<std::fs::File>,
     saved: Option<nix::sys::termios::Termios>,
-    output: std::thread::JoinHandle<()>,
+    output: Option<std::thread::JoinHandle<()>>,
 }
 
 impl ConsoleProxy {
-    /// Starts copying, with the pty given our terminal's size.
+    /// Starts copying both ways, with the pty given our terminal's size.
     pub fn start(master: OwnedFd) -> ConsoleProxy {
+        Self::with_input(master, true)
+    }
+
+    /// Starts copying the pty's output only: the pty gets no input from us and our terminal
+    /// keeps its modes (Docker's `exec -t` without `-i`).
+    pub fn output_only(master: OwnedFd) -> ConsoleProxy {
+        Self::with_input(master, false)
+    }
+
+    fn with_input(master: OwnedFd, input: bool) -> ConsoleProxy {
         use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
         let master = Arc::new(std::fs::File::from(master));
         let stdin = std::io::stdin();
-        let saved = tcgetattr(&stdin).ok();
+        let saved = if input { tcgetattr(&stdin).ok() } else { None };
         if let Some(t) = &saved {
             let mut raw = t.clone();
             cfmakeraw(&mut raw);
@@ -148,28 +166,37 @@ impl ConsoleProxy {
             let _ = std::io::copy(&mut &*m, &mut out);
             let _ = out.flush();
         });
-        let m = Arc::clone(&master);
-        // Not joined: it is blocked reading our stdin when the process ends.
-        std::thread::spawn(move || {
-            let _ = std::io::copy(&mut std::io::stdin(), &mut &*m);
-        });
-        let proxy = ConsoleProxy { master, saved, output };
+        if input {
+            let m = Arc::clone(&master);
+            // Not joined: it is blocked reading our stdin when the process ends.
+            std::thread::spawn(move || {
+                let _ = std::io::copy(&mut std::io::stdin(), &mut &*m);
+            });
+        }
+        let proxy = ConsoleProxy { master, saved, output: Some(output) };
         proxy.resize();
         proxy
     }
 
-    /// Gives the pty our terminal's size (on start and on SIGWINCH).
+    /// Gives the pty our terminal's size ([`our_size`]; on start and on SIGWINCH).
     pub fn resize(&self) {
-        if let Some((rows, cols)) = size(libc::STDIN_FILENO) {
+        if let Some((rows, cols)) = our_size() {
             let _ = set_size(self.master.as_raw_fd(), rows, cols);
         }
     }
 
-    /// Drains the output and restores the terminal.
-    pub fn finish(self) {
-        let _ = self.output.join();
-        if let Some(t) = &self.saved {
-            let _ = nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, t);
+    /// Drains the output, then restores the terminal.
+    pub fn finish(mut self) {
+        if let Some(output) = self.output.take() {
+            let _ = output.join();
+        }
+    }
+}
+
+impl Drop for ConsoleProxy {
+    fn drop(&mut self) {
+        if let Some(t) = self.saved.take() {
+            let _ = nix::sys::termios::tcsetattr(std::io::stdin(), nix::sys::termios::SetArg::TCSANOW, &t);
         }
     }
 }

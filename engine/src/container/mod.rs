@@ -41,6 +41,21 @@ use twinbox_runtime::container::{CreateOptions, Runtime};
 use twinbox_runtime::state::ProcStat;
 use twinbox_runtime::RuntimeError;
 
+/// What `twinbox exec` asks for beside the command.
+#[derive(Debug, Clone, Default)]
+pub struct ExecOptions {
+    /// "K=V" added to (or replacing in) the instance's environment.
+    pub env: Vec<String>,
+    /// Working directory instead of the instance's.
+    pub workdir: Option<String>,
+    /// `USER[:GROUP]` (names or ids) instead of the instance's.
+    pub user: Option<String>,
+    /// `-i`: our stdin is the process's; without it the process reads /dev/null.
+    pub interactive: bool,
+    /// `-t`: the process gets a terminal of its own (a pty), sized as ours and resized with it.
+    pub tty: bool,
+}
+
 /// Errors from the container engine.
 #[derive(Debug, thiserror::Error)]
 pub enum EngineError {
@@ -1267,39 +1282,41 @@ impl Engine {
         self.run_detached(r)
     }
 
-    /// Run another process in a running container (`twinbox exec`), with its stdio ours;
-    /// returns its exit code. `env` adds to the container's environment; `workdir` and `user`
-    /// replace the container's.
-    pub fn exec(
-        &self,
-        key: &str,
-        argv: &[String],
-        env: &[String],
-        workdir: Option<&str>,
-        user: Option<&str>,
-    ) -> Result<i32, EngineError> {
+    /// Run another process in a running container (`twinbox exec`); returns its exit code.
+    /// `opts.env` adds to the container's environment; `workdir` and `user` replace the
+    /// container's. Its stdout and stderr are ours; its stdin ours with `interactive`, else
+    /// /dev/null. With `tty` it gets a pty of its own instead, whose output we copy to our
+    /// stdout (and our stdin to it with `interactive`, in raw mode while it runs).
+    pub fn exec(&self, key: &str, argv: &[String], opts: &ExecOptions) -> Result<i32, EngineError> {
         let r = self.find(key)?;
         if !matches!(r.phase, Phase::Running { .. }) {
             return Err(EngineError::NotRunning(r.name));
         }
         if r.vm.is_some() {
-            return self.exec_vm(&r, argv, env, workdir, user);
+            return self.exec_vm(&r, argv, opts);
         }
         let state = self.runtime.state(&r.id)?;
         let mut process = state.config.process().clone().unwrap_or_default();
         process.set_args(Some(argv.to_vec()));
-        process.set_terminal(Some(false));
+        process.set_terminal(Some(opts.tty));
+        // The pty is made with our size before the process runs (the proxy's resize comes
+        // after it started, too late for a `stty size`).
+        process.set_console_size(
+            twinbox_runtime::terminal::our_size().filter(|_| opts.tty).and_then(|(rows, cols)| {
+                oci_spec::runtime::BoxBuilder::default().height(rows).width(cols).build().ok()
+            }),
+        );
         let mut vars = process.env().clone().unwrap_or_default();
-        for kv in env {
+        for kv in &opts.env {
             let key = kv.split('=').next().unwrap_or_default();
             vars.retain(|e| e.split('=').next() != Some(key));
             vars.push(kv.clone());
         }
         process.set_env(Some(vars));
-        if let Some(w) = workdir {
+        if let Some(w) = &opts.workdir {
             process.set_cwd(w.into());
         }
-        if let Some(u) = user {
+        if let Some(u) = &opts.user {
             let image = self.store.resolve(&r.image_digest)?;
             let layers = self.store.unpacked_layers(&image)?;
             let (uid, gid, additional) = twinbox_image::launch::resolve_user(u, &layers)?;
@@ -1309,8 +1326,53 @@ impl Engine {
             user.set_additional_gids(Some(additional));
             process.set_user(user);
         }
-        let pid = self.runtime.exec(&r.id, &process, twinbox_runtime::container::ExecOptions::default())?;
+        if opts.tty {
+            return self.exec_terminal(&r, &process, opts.interactive);
+        }
+        let stdio = exec_stdio(opts.interactive)?;
+        let run = twinbox_runtime::container::ExecOptions { stdio: Some(stdio), ..Default::default() };
+        let pid = self.runtime.exec(&r.id, &process, run)?;
         Ok(wait_exit(pid))
+    }
+
+    /// `exec -t`: the process opens a pty in the container and sends us its master over a
+    /// console socket of ours; a proxy copies its output to our stdout (and our stdin to it
+    /// when `input`). Signals we receive go to the process, SIGWINCH resizes the pty.
+    fn exec_terminal(&self, r: &Record, process: &oci_spec::runtime::Process, input: bool) -> Result<i32, EngineError> {
+        use twinbox_runtime::terminal::{ConsoleProxy, ConsoleSocket};
+        let console = ConsoleSocket::listen().map_err(io_err("listen on", "a console socket"))?;
+        let mut forwarded = SigSet::empty();
+        for s in FORWARDED {
+            forwarded.add(s);
+        }
+        forwarded.add(Signal::SIGWINCH);
+        forwarded.add(Signal::SIGCHLD);
+        let old = forwarded
+            .thread_swap_mask(nix::sys::signal::SigmaskHow::SIG_BLOCK)
+            .map_err(|e| EngineError::Sys("sigprocmask", e))?;
+        let result = (|| {
+            let run = twinbox_runtime::container::ExecOptions {
+                console_socket: Some(console.path.clone()),
+                ..Default::default()
+            };
+            let pid = self.runtime.exec(&r.id, process, run)?;
+            let master = match console.receive() {
+                Ok(m) => m,
+                Err(e) => {
+                    let _ = nix::sys::signal::kill(pid, Signal::SIGKILL);
+                    wait_exit(pid);
+                    return Err(io_err("receive the terminal of an exec in", self.container_dir(&r.id))(e));
+                }
+            };
+            // Our terminal gets its modes back when the proxy is dropped, on every path.
+            let proxy = if input { ConsoleProxy::start(master) } else { ConsoleProxy::output_only(master) };
+            let code =
+                twinbox_runtime::wait_forwarding(pid, &forwarded, Some(&proxy)).unwrap_or(twinbox_exit::INTERNAL);
+            proxy.finish();
+            Ok(code)
+        })();
+        let _ = old.thread_set_mask();
+        result
     }
 
     /// Path of a container's log (absent for a foreground `--rm` run, whose output is not kept).
@@ -1380,6 +1442,28 @@ fn join_all(threads: Vec<std::thread::JoinHandle<()>>) {
     for t in threads {
         let _ = t.join();
     }
+}
+
+/// Stdio for a process `exec` starts without a terminal: our stdin when `interactive` (or
+/// /dev/null when we have none), else /dev/null; copies of our stdout and stderr.
+fn exec_stdio(interactive: bool) -> Result<[OwnedFd; 3], EngineError> {
+    let null = || -> Result<OwnedFd, EngineError> {
+        Ok(OwnedFd::from(fs::File::open("/dev/null").map_err(io_err("open", "/dev/null"))?))
+    };
+    let ours = |fd: std::os::fd::BorrowedFd<'_>| fd.try_clone_to_owned().ok();
+    let stdin = match interactive.then(|| ours(io::stdin().as_fd())).flatten() {
+        Some(fd) => fd,
+        None => null()?,
+    };
+    let stdout = match ours(io::stdout().as_fd()) {
+        Some(fd) => fd,
+        None => null()?,
+    };
+    let stderr = match ours(io::stderr().as_fd()) {
+        Some(fd) => fd,
+        None => null()?,
+    };
+    Ok([stdin, stdout, stderr])
 }
 
 fn wait_exit(pid: Pid) -> i32 {

@@ -555,19 +555,13 @@ impl Engine {
     }
 
     /// `twinbox exec` into a running microVM: the request to the guest agent over the vsock
-    /// control channel, its output to ours; returns the process's exit code.
-    pub(super) fn exec_vm(
-        &self,
-        r: &Record,
-        argv: &[String],
-        env: &[String],
-        workdir: Option<&str>,
-        user: Option<&str>,
-    ) -> Result<i32, EngineError> {
+    /// control channel, its output to ours; returns the process's exit code. `-i` sends our
+    /// stdin, `-t` gives the process a pty in the guest sized as our terminal.
+    pub(super) fn exec_vm(&self, r: &Record, argv: &[String], opts: &super::ExecOptions) -> Result<i32, EngineError> {
         use control::ExecRequest;
         // As for a container: names and ids resolved in the image's /etc/passwd and /etc/group,
         // which the VM's root disk is made of.
-        let (uid, gid, groups) = match user {
+        let (uid, gid, groups) = match opts.user.as_deref() {
             None => (None, None, None),
             Some(u) => {
                 let image = self.store.resolve(&r.image_digest)?;
@@ -579,12 +573,14 @@ impl Engine {
         let mut conn = self.agent(r)?;
         let request = ExecRequest {
             args: argv.to_vec(),
-            env: env.to_vec(),
-            cwd: workdir.map(str::to_owned),
+            env: opts.env.clone(),
+            cwd: opts.workdir.clone(),
             uid,
             gid,
             groups,
-            signal: None,
+            stdin: opts.interactive,
+            tty: opts.tty,
+            size: if opts.tty { twinbox_runtime::terminal::our_size() } else { None },
             ..Default::default()
         };
         self.agent_request(r, &mut conn, &request)
