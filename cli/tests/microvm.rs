@@ -331,12 +331,30 @@ fn microvm_run_matches_the_container_run() {
          echo \"trap: $(twinbox ps -a | grep -w trapper | grep -o 'Exited ([0-9]*)') $(twinbox logs trapper | tr '\\n' ' ')\"\n\
          twinbox rm trapper >/dev/null\n\
          echo '@@ERR@@'\ncat /tmp/err\necho '@@CODE 0@@'\n\
+         echo '@@CASE agent@@'\n\
+         twinbox run -d --isolation microvm --name svc busybox sh -c {} >/dev/null 2>/tmp/err\n\
+         echo \"at-once: $(twinbox exec svc echo up 2>&1)\"\n\
+         echo \"stdin-none: [$(echo hi | twinbox exec svc cat 2>&1)]\"\n\
+         echo \"stdin: [$(echo hi | twinbox exec -i svc cat 2>&1)]\"\n\
+         echo \"tty: $(twinbox exec -t svc tty 2>&1 | tr -d '\\r')\"\n\
+         echo \"user: $(twinbox exec -u nobody svc id 2>&1)\"\n\
+         (twinbox exec svc head -c 3000000 /dev/zero | (sleep 3; wc -c) >/tmp/slow) &\n\
+         slow=$!\n\
+         sleep 1\n\
+         echo \"parallel: $(twinbox exec svc echo ok 2>&1)\"\n\
+         wait $slow\n\
+         echo \"slow: $(tr -d ' ' </tmp/slow)\"\n\
+         twinbox run -d --name late busybox sleep 1000 >/dev/null 2>>/tmp/err\n\
+         echo \"hosts: $(twinbox exec svc grep -c late /etc/hosts 2>&1)\"\n\
+         twinbox rm -f late svc >/dev/null\n\
+         TWINBOX_AGENT_TIMEOUT=0 twinbox run -d --isolation microvm --name never hello serve 8080 >/dev/null 2>/tmp/never\n\
+         echo \"never: $? $(tr '\\n' ' ' </tmp/never)\"\n\
+         echo \"left: $(twinbox ps -aq | wc -l) taps $(ls /sys/class/net | grep -c '^tbt') sockets $(ls /run/twinbox/vm | wc -l) vmms $(ps -o args | grep -c '[m]icrovm-launch')\"\n\
+         echo '@@ERR@@'\ncat /tmp/err\necho '@@CODE 0@@'\n\
          echo '@@CASE mixed@@'\n\
          twinbox network create vnet >/dev/null\n\
          twinbox run -d --network vnet --name c1 busybox httpd -f -p 80 >/dev/null 2>/tmp/err\n\
          twinbox run -d --isolation microvm --network vnet --name vm1 busybox httpd -f -p 8080 >/dev/null 2>>/tmp/err\n\
-         i=0\n\
-         until [ $i -ge 120 ] || twinbox exec vm1 true 2>/dev/null; do i=$((i+1)); sleep 1; done\n\
          echo \"container-to-vm: $(twinbox run --rm --network vnet busybox sh -c {} 2>&1)\"\n\
          echo \"vm-to-container: $(twinbox exec vm1 sh -c {} 2>&1)\"\n\
          twinbox rm -f c1 vm1 >/dev/null\n\
@@ -349,6 +367,7 @@ fn microvm_run_matches_the_container_run() {
          echo '@@ERR@@'\ncat /tmp/err\necho '@@CODE 0@@'\n",
         shell_quote(peer),
         shell_quote("trap 'echo got-term; exit 3' TERM; echo ready; while true; do sleep 1; done"),
+        shell_quote("exec >&- 2>&-; exec sleep 1000"),
         shell_quote("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 vm1 8080 | head -n 1"),
         shell_quote("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 c1 80 | head -n 1"),
     ));
@@ -513,6 +532,27 @@ fn microvm_run_matches_the_container_run() {
     // removed, leave no instance, tap, socket or VMM.
     let mixed = get("mixed");
     assert!(mixed.out.contains("container-to-vm: HTTP/1."), "{mixed:?}");
+    // `run -d` returns once the agent answers; a workload that closed its output still takes
+    // exec; -i, -t and -u as for a container; a reader that stops reading holds up only its
+    // own exec; a container started later is in the VM's /etc/hosts; an agent that does not
+    // answer in time fails `run -d` with the console's tail and leaves nothing behind.
+    let agent = get("agent");
+    for line in [
+        "at-once: up",
+        "stdin-none: []",
+        "stdin: [hi]",
+        "tty: /dev/pts/0",
+        "user: uid=65534(nobody) gid=65534(nobody)",
+        "parallel: ok",
+        "slow: 3000000",
+        "hosts: 1",
+        "left: 0 taps 0 sockets 0 vmms 0",
+    ] {
+        assert!(agent.out.lines().any(|l| l.starts_with(line)), "{line}: {agent:?}");
+    }
+    let never = agent.out.lines().find(|l| l.starts_with("never: ")).unwrap_or_default();
+    assert!(never.starts_with("never: 125 ") && never.contains("did not answer within"), "{agent:?}");
+    assert!(never.contains("console's last lines"), "{agent:?}");
     assert!(mixed.out.contains("vm-to-container: HTTP/1."), "{mixed:?}");
     assert!(mixed.out.contains("five: 5 taps 5"), "{mixed:?}");
     assert!(mixed.out.contains("left: 0 taps 0 sockets 0 vmms 0"), "{mixed:?}");

@@ -155,6 +155,28 @@ fn connect_agent(path: &Path, answer: std::time::Duration) -> io::Result<UnixStr
     Ok(conn)
 }
 
+/// Our terminal in raw mode for `exec -it` (keys go to the guest's pty as typed); restored
+/// when dropped.
+struct RawTerminal(nix::sys::termios::Termios);
+
+impl RawTerminal {
+    /// Raw mode on our stdin, if it is a terminal.
+    fn enter() -> Option<RawTerminal> {
+        use nix::sys::termios::{cfmakeraw, tcgetattr, tcsetattr, SetArg};
+        let saved = tcgetattr(io::stdin()).ok()?;
+        let mut raw = saved.clone();
+        cfmakeraw(&mut raw);
+        tcsetattr(io::stdin(), SetArg::TCSANOW, &raw).ok()?;
+        Some(RawTerminal(saved))
+    }
+}
+
+impl Drop for RawTerminal {
+    fn drop(&mut self) {
+        let _ = nix::sys::termios::tcsetattr(io::stdin(), nix::sys::termios::SetArg::TCSANOW, &self.0);
+    }
+}
+
 /// Writes to both: the terminal and the instance's log.
 struct Tee<A, B>(A, B);
 
@@ -591,7 +613,9 @@ impl Engine {
         connect_agent(&vsock_path(&r.id), AGENT_ANSWER).map_err(|e| agent_error(r, &e))
     }
 
-    /// Sends `request` on `conn` and copies the answer's output to ours; the exit code.
+    /// Sends `request` on `conn` and copies the answer's output to ours; the exit code. With
+    /// `request.stdin`, our stdin goes to the process; with `request.tty`, our terminal's size
+    /// follows it (SIGWINCH), and with both our terminal is in raw mode meanwhile.
     fn agent_request(
         &self,
         r: &Record,
@@ -602,6 +626,61 @@ impl Engine {
         let mut json = serde_json::to_vec(request).expect("a request serializes");
         json.push(b'\n');
         conn.write_all(&json).map_err(unreachable)?;
+        let _raw = if request.stdin || request.tty {
+            self.exec_input(conn, request.stdin, request.tty).map_err(unreachable)?
+        } else {
+            None
+        };
+        self.agent_answer(r, conn)
+    }
+
+    /// The threads that feed an exec's input: our stdin as [`control::FRAME_STDIN`] frames
+    /// (`stdin`), and our terminal's new sizes (`tty`, on SIGWINCH). Neither is joined: they
+    /// wait on our stdin and on the signal for as long as this command lives. Returns what
+    /// restores our terminal when dropped, if it was put in raw mode.
+    fn exec_input(&self, conn: &UnixStream, stdin: bool, tty: bool) -> io::Result<Option<RawTerminal>> {
+        let writer = Arc::new(Mutex::new(conn.try_clone()?));
+        let send = |w: &Mutex<UnixStream>, bytes: &[u8]| w.lock().unwrap_or_else(|e| e.into_inner()).write_all(bytes);
+        let raw = if tty && stdin { RawTerminal::enter() } else { None };
+        if tty {
+            let mut winch = nix::sys::signal::SigSet::empty();
+            winch.add(Signal::SIGWINCH);
+            // Blocked here (and so in the threads made from now on); taken by the one below.
+            let _ = winch.thread_block();
+            let w = writer.clone();
+            std::thread::spawn(move || {
+                while winch.wait().is_ok() {
+                    if let Some((rows, cols)) = twinbox_runtime::terminal::our_size() {
+                        if send(&w, &control::resize_frame(rows, cols)).is_err() {
+                            return;
+                        }
+                    }
+                }
+            });
+        }
+        if stdin {
+            std::thread::spawn(move || {
+                let mut buf = vec![0u8; 16 * 1024];
+                let mut input = io::stdin().lock();
+                loop {
+                    let n = match io::Read::read(&mut input, &mut buf) {
+                        Ok(n) => n,
+                        Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                        Err(_) => 0,
+                    };
+                    // An empty frame ends the process's input.
+                    if send(&writer, &control::frame(control::FRAME_STDIN, &buf[..n])).is_err() || n == 0 {
+                        return;
+                    }
+                }
+            });
+        }
+        Ok(raw)
+    }
+
+    /// Copies the agent's answer on `conn` to our stdout and stderr; the exit code.
+    fn agent_answer(&self, r: &Record, conn: &mut UnixStream) -> Result<i32, EngineError> {
+        let unreachable = |e: io::Error| agent_error(r, &e);
         let (mut out, mut err) = (io::stdout(), io::stderr());
         loop {
             match control::read_frame(conn).map_err(unreachable)? {

@@ -167,7 +167,8 @@ impl<'a> Control<'a> {
             let mut events = 0;
             let reading_input = match &s.state {
                 State::Request => true,
-                State::Running(p) => p.input.is_some() && p.pending_input.len() < MAX_PENDING,
+                // Input, resizes, or the host hanging up.
+                State::Running(p) => p.pending_input.len() < MAX_PENDING,
             };
             if s.connected && !s.finished && reading_input {
                 events |= libc::POLLIN;
