@@ -503,6 +503,17 @@ struct ExecChild<'a> {
 impl ExecChild<'_> {
     /// In the forked child: join the workload, fork the process, wait for it. Never returns.
     fn run(mut self) -> ! {
+        // Only what this child needs: the other sessions' descriptors (their processes' input
+        // above all, which must close when the agent closes it) stay with the agent.
+        let mut keep = vec![self.mnt.as_raw_fd(), self.pidns.as_raw_fd(), self.report.as_raw_fd()];
+        match &self.stdio {
+            ChildStdio::Pipes { stdin, out, err } => {
+                keep.extend(stdin.iter().map(|f| f.as_raw_fd()));
+                keep.extend([out.as_raw_fd(), err.as_raw_fd()]);
+            }
+            ChildStdio::Terminal(slave) => keep.push(slave.as_raw_fd()),
+        }
+        sys::close_all_but(&keep);
         let joined = (|| {
             setns(&self.mnt, libc::CLONE_NEWNS).map_err(ChildFailure::at(Step::MountNamespace))?;
             std::os::unix::fs::chroot(ROOT).map_err(ChildFailure::at(Step::Chroot))?;

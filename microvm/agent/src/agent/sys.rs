@@ -185,6 +185,25 @@ pub fn set_window_size(fd: &impl AsRawFd, rows: u16, cols: u16) -> io::Result<()
     Ok(())
 }
 
+/// Closes every descriptor from 3 up except those in `keep`: a forked child that never
+/// execs (so close-on-exec does not apply) must not hold the agent's other descriptors, the
+/// write end of another process's input among them.
+pub fn close_all_but(keep: &[RawFd]) {
+    let mut keep: Vec<RawFd> = keep.iter().copied().filter(|fd| *fd >= 3).collect();
+    keep.sort_unstable();
+    let mut from: libc::c_uint = 3;
+    for fd in keep {
+        let fd = fd as libc::c_uint;
+        if fd > from {
+            // SAFETY: close_range takes plain integers; the caller owns no descriptor in it.
+            unsafe { libc::syscall(libc::SYS_close_range, from, fd - 1, 0) };
+        }
+        from = from.max(fd + 1);
+    }
+    // SAFETY: as above.
+    unsafe { libc::syscall(libc::SYS_close_range, from, libc::c_uint::MAX, 0) };
+}
+
 /// A pidfd of child `pid`: readable once it has ended (it is not reaped by that).
 pub fn pidfd_open(pid: libc::pid_t) -> io::Result<OwnedFd> {
     // SAFETY: pidfd_open takes a pid and flags by value and returns a new descriptor.
