@@ -13,7 +13,7 @@ use crate::UserError;
 /// Where the OCI runtime keeps container state for containers made by `twinbox run`.
 pub const RUNTIME_ROOT: &str = "/run/twinbox/runtime";
 
-fn engine(root: &Path) -> Result<Engine> {
+pub(crate) fn engine(root: &Path) -> Result<Engine> {
     let store = twinbox_image::Store::open(root).with_context(|| {
         format!("opening the image store at {} (set --root or TWINBOX_ROOT to use another)", root.display())
     })?;
@@ -147,6 +147,10 @@ pub struct RunArgs {
     /// Keep stdin attached (a foreground run's stdin always is; accepted for `-it`).
     #[arg(short = 'i', long)]
     interactive: bool,
+    /// Mount a host path or a named volume: SOURCE:TARGET[:ro|rw] (a microVM takes named
+    /// volumes only, each as a disk).
+    #[arg(short = 'v', long = "volume")]
+    volumes: Vec<String>,
     /// Container name.
     #[arg(long)]
     name: Option<String>,
@@ -240,6 +244,12 @@ impl RunArgs {
 
 /// Docker's memory sizes: a number with an optional b/k/m/g suffix (binary units).
 pub fn parse_memory(s: &str) -> Result<i64, String> {
+    parse_bytes(s, "memory limit", 6 << 20)
+}
+
+/// A size like `--memory`'s (b/k/m/g, binary units), of at least `min` bytes; `what` names it
+/// in errors.
+pub fn parse_bytes(s: &str, what: &str, min: i64) -> Result<i64, String> {
     let t = s.trim().to_ascii_lowercase();
     let t = t.strip_suffix('b').filter(|x| x.ends_with(['k', 'm', 'g'])).unwrap_or(&t);
     let (num, mult) = match t.chars().last() {
@@ -249,15 +259,15 @@ pub fn parse_memory(s: &str) -> Result<i64, String> {
         Some('b') => (&t[..t.len() - 1], 1),
         _ => (t, 1),
     };
-    let n: f64 = num.parse().map_err(|_| format!("invalid memory size {s:?}: use e.g. 512m or 1g"))?;
+    let n: f64 = num.parse().map_err(|_| format!("invalid {what} {s:?}: use e.g. 512m or 1g"))?;
     let bytes = n * mult as f64;
     // Beyond i64 the limit would silently become "unlimited".
     if !(bytes.is_finite() && bytes < i64::MAX as f64) {
-        return Err(format!("memory limit {s:?} is too large: give at most 8589934591g (2^63 - 1 bytes)"));
+        return Err(format!("{what} {s:?} is too large: give at most 8589934591g (2^63 - 1 bytes)"));
     }
     let bytes = bytes as i64;
-    if bytes < 6 << 20 {
-        return Err(format!("memory limit {s:?} is below the minimum of 6m"));
+    if bytes < min {
+        return Err(format!("{what} {s:?} is below the minimum of {}m", min >> 20));
     }
     Ok(bytes)
 }
@@ -270,6 +280,7 @@ pub fn run(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
         return Err(UserError("--kernel, --timeout and --irqchip are for --isolation microvm".into()).into());
     }
     let (network, publish) = a.network_and_ports()?;
+    let volumes = a.volumes.iter().map(|v| v.parse()).collect::<Result<Vec<_>, _>>()?;
     if a.detach && a.rm {
         // Allowed, as in Docker: the monitor removes it on exit.
     }
@@ -309,6 +320,7 @@ pub fn run(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
         publish,
         publish_all: a.publish_all,
         tty: a.tty,
+        volumes,
     };
     let record = eng.prepare(&opts)?;
     if a.detach {
@@ -341,6 +353,7 @@ fn run_microvm(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
         return refuse("--security-opt");
     }
     let (network, publish) = a.network_and_ports()?;
+    let volumes = a.volumes.iter().map(|v| v.parse()).collect::<Result<Vec<_>, _>>()?;
     let vcpus = match a.cpus {
         None => None,
         Some(c) if c >= 1.0 && c.fract() == 0.0 && c <= f64::from(u8::MAX) => Some(c as u8),
@@ -379,6 +392,7 @@ fn run_microvm(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
         publish,
         publish_all: a.publish_all,
         tty: false,
+        volumes,
     };
     let eng = engine(root)?;
     if a.detach {

@@ -12,6 +12,7 @@ mod images;
 mod networks;
 mod registry;
 mod vm;
+mod volumes;
 
 use std::process::ExitCode;
 
@@ -27,7 +28,7 @@ struct Cli {
     root: std::path::PathBuf,
     /// More logging (-v info, -vv debug and, for microVM runs, the guest kernel console and
     /// agent steps); RUST_LOG overrides.
-    #[arg(short, long, global = true, action = clap::ArgAction::Count)]
+    #[arg(short, long, action = clap::ArgAction::Count)]
     verbose: u8,
     #[command(subcommand)]
     command: Command,
@@ -79,6 +80,8 @@ enum Command {
     Start(containers::ContainerArgs),
     /// Manage networks (create, ls, inspect, rm, prune).
     Network(networks::NetworkArgs),
+    /// Manage named volumes (create, ls, inspect, rm).
+    Volume(volumes::VolumeArgs),
     /// Put right what killed twinbox commands left (prune).
     System(containers::SystemArgs),
     /// Boot a kernel in a KVM microVM.
@@ -174,6 +177,7 @@ fn main() -> ExitCode {
         Command::ContainerProxy(a) => containers::proxy(a),
         Command::Port(a) => containers::port(root, a),
         Command::Network(a) => networks::network(root, a),
+        Command::Volume(a) => volumes::volume(root, a),
         Command::System(a) => containers::system(root, a),
         Command::Vm(a) => vm::vm(a),
         Command::Bench(a) => bench::bench(root, *a),
@@ -267,6 +271,7 @@ fn twinbox_exit_code(cause: &(dyn std::error::Error + 'static)) -> Option<i32> {
         twinbox_engine::build_run::BuildRunError,
         twinbox_engine::microvm::ImageRunError,
         twinbox_engine::network::NetworkError,
+        twinbox_engine::volume::VolumeError,
         twinbox_engine::network::publish::PortSpecError,
         twinbox_engine::network::publish::PublishError,
         twinbox_runtime::RuntimeError,

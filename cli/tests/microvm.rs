@@ -333,23 +333,34 @@ fn microvm_run_matches_the_container_run() {
          echo '@@ERR@@'\ncat /tmp/err\necho '@@CODE 0@@'\n\
          echo '@@CASE agent@@'\n\
          twinbox run -d --isolation microvm --name svc busybox sh -c {} >/dev/null 2>/tmp/err\n\
-         echo \"at-once: $(twinbox exec svc echo up 2>&1)\"\n\
-         echo \"stdin-none: [$(echo hi | twinbox exec svc cat 2>&1)]\"\n\
-         echo \"stdin: [$(echo hi | twinbox exec -i svc cat 2>&1)]\"\n\
-         echo \"tty: $(twinbox exec -t svc tty 2>&1 | tr -d '\\r')\"\n\
-         echo \"user: $(twinbox exec -u nobody svc id 2>&1)\"\n\
-         (twinbox exec svc head -c 3000000 /dev/zero | (sleep 3; wc -c) >/tmp/slow) &\n\
+         echo \"at-once: $(timeout 120 twinbox exec svc echo up 2>&1)\"\n\
+         echo \"stdin-none: [$(echo hi | timeout 120 twinbox exec svc cat 2>&1)]\"\n\
+         echo \"stdin: [$(echo hi | timeout 120 twinbox exec -i svc cat 2>&1)]\"\n\
+         echo \"tty: $(timeout 120 twinbox exec -t svc readlink /proc/self/fd/0 2>&1 | tr -d '\\r')\"\n\
+         echo \"user: $(timeout 120 twinbox exec -u nobody svc id 2>&1)\"\n\
+         (timeout 120 twinbox exec svc head -c 3000000 /dev/zero | (sleep 3; wc -c) >/tmp/slow) &\n\
          slow=$!\n\
          sleep 1\n\
-         echo \"parallel: $(twinbox exec svc echo ok 2>&1)\"\n\
+         echo \"parallel: $(timeout 120 twinbox exec svc echo ok 2>&1)\"\n\
          wait $slow\n\
          echo \"slow: $(tr -d ' ' </tmp/slow)\"\n\
          twinbox run -d --name late busybox sleep 1000 >/dev/null 2>>/tmp/err\n\
-         echo \"hosts: $(twinbox exec svc grep -c late /etc/hosts 2>&1)\"\n\
+         echo \"hosts: $(timeout 120 twinbox exec svc grep -c late /etc/hosts 2>&1)\"\n\
          twinbox rm -f late svc >/dev/null\n\
          TWINBOX_AGENT_TIMEOUT=0 twinbox run -d --isolation microvm --name never hello serve 8080 >/dev/null 2>/tmp/never\n\
          echo \"never: $? $(tr '\\n' ' ' </tmp/never)\"\n\
          echo \"left: $(twinbox ps -aq | wc -l) taps $(ls /sys/class/net | grep -c '^tbt') sockets $(ls /run/twinbox/vm | wc -l) vmms $(ps -o args | grep -c '[m]icrovm-launch')\"\n\
+         echo '@@ERR@@'\ncat /tmp/err\necho '@@CODE 0@@'\n\
+         echo '@@CASE volumes@@'\n\
+         timeout 120 twinbox run --rm --isolation microvm -v vdata:/data busybox sh -c 'echo kept > /data/f' 2>/tmp/err\n\
+         twinbox run -d --isolation microvm --name holder -v vdata:/data busybox sleep 1000 >/dev/null 2>>/tmp/err\n\
+         echo \"read: $(timeout 120 twinbox exec holder cat /data/f 2>&1)\"\n\
+         timeout 120 twinbox run --rm --isolation microvm -v vdata:/data busybox true 2>/tmp/busy\n\
+         echo \"busy: $? $(cat /tmp/busy)\"\n\
+         twinbox rm -f holder >/dev/null\n\
+         echo \"ls: $(twinbox volume ls | grep vdata | tr -s ' ')\"\n\
+         twinbox volume rm vdata >/dev/null\n\
+         echo \"rm: $? $(twinbox volume ls -q | wc -l) $(twinbox ps -aq | wc -l)\"\n\
          echo '@@ERR@@'\ncat /tmp/err\necho '@@CODE 0@@'\n\
          echo '@@CASE mixed@@'\n\
          twinbox network create vnet >/dev/null\n\
@@ -542,13 +553,20 @@ fn microvm_run_matches_the_container_run() {
         "stdin-none: []",
         "stdin: [hi]",
         "tty: /dev/pts/0",
-        "user: uid=65534(nobody) gid=65534(nobody)",
+        "user: uid=65534(nobody) gid=65534",
         "parallel: ok",
         "slow: 3000000",
         "hosts: 1",
         "left: 0 taps 0 sockets 0 vmms 0",
     ] {
         assert!(agent.out.lines().any(|l| l.starts_with(line)), "{line}: {agent:?}");
+    }
+    // A named volume is a disk of the VM: what one VM wrote, the next reads; one VM at a time.
+    let volumes = get("volumes");
+    for line in
+        ["read: kept", "busy: 1 twinbox: volume vdata is in use by another microVM", "ls: disk 1024M ", "rm: 0 0 0"]
+    {
+        assert!(volumes.out.lines().any(|l| l.starts_with(line)), "{line}: {volumes:?}");
     }
     let never = agent.out.lines().find(|l| l.starts_with("never: ")).unwrap_or_default();
     assert!(never.starts_with("never: 125 ") && never.contains("did not answer within"), "{agent:?}");

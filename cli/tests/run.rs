@@ -827,3 +827,67 @@ fn exec_it_passes_what_is_typed_and_restores_the_terminal() {
     assert_eq!(twinbox(img, &["rm", "-f", "c"]).0, 0);
     no_leaks(img);
 }
+
+#[test]
+fn volumes_outlive_containers_and_host_paths_bind() {
+    let Some(img) = images() else { return };
+    let img = &img;
+    // A named volume, made by its first use, keeps what one container wrote for the next.
+    let (code, _, err) = run(img, &["--rm", "-v", "data:/data", "busybox", "sh", "-c", "echo kept > /data/f"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) =
+        run(img, &["--rm", "-v", "data:/data:ro", "busybox", "sh", "-c", "cat /data/f; echo x > /data/g"]);
+    assert_eq!(out, "kept\n", "{err}");
+    assert_ne!(code, 0, ":ro refuses writes");
+    assert!(err.contains("Read-only file system"), "{err}");
+    let data = img.env.root().join("volumes/data/_data");
+    assert_eq!(std::fs::read_to_string(data.join("f")).unwrap(), "kept\n", "Docker's layout: _data on the host");
+    // A host path, made if missing as `docker run -v` does; what the container writes is there.
+    let host = img.env.path("shared");
+    let bind = format!("{}:/mnt/shared", host.display());
+    let (code, _, err) =
+        run(img, &["--rm", "-v", &bind, "busybox", "sh", "-c", "echo from-container > /mnt/shared/out"]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(std::fs::read_to_string(host.join("out")).unwrap(), "from-container\n");
+    // ls, inspect, and rm refused while a container (even a stopped one) mounts it.
+    let (_, out, _) = twinbox(img, &["volume", "ls"]);
+    assert!(out.lines().any(|l| l.starts_with("local") && l.ends_with(" data")), "{out}");
+    let (code, out, err) = twinbox(img, &["volume", "inspect", "data"]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains(&format!("\"data\": \"{}\"", data.display())), "{out}");
+    let (code, _, err) = run(img, &["--name", "user", "-v", "data:/data", "busybox", "true"]);
+    assert_eq!(code, 0, "{err}");
+    let (code, _, err) = twinbox(img, &["volume", "rm", "data"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("volume data is in use by user; remove it first"), "{err}");
+    twinbox(img, &["rm", "user"]);
+    let (code, out, err) = twinbox(img, &["volume", "rm", "data"]);
+    assert_eq!((code, out.as_str()), (0, "data\n"), "{err}");
+    assert!(!img.env.root().join("volumes/data").exists());
+    // Bad input is named, exit 1, and leaves no container or volume.
+    for (spec, why) in [
+        ("data:relative", "TARGET must be an absolute path"),
+        ("/only", "give SOURCE:TARGET"),
+        ("data:/x:z", "unknown option \"z\""),
+        ("bad name:/x", "SOURCE is an absolute host path or a volume name"),
+    ] {
+        let (code, _, err) = run(img, &["--rm", "-v", spec, "busybox", "true"]);
+        assert_eq!(code, 1, "{spec}: {err}");
+        assert!(err.contains(&format!("-v {spec}: {why}")), "{spec}: {err}");
+    }
+    let (code, _, err) = twinbox(img, &["volume", "create", "--driver", "nfs", "x"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("unknown volume driver \"nfs\""), "{err}");
+    let (_, out, _) = twinbox(img, &["volume", "ls", "-q"]);
+    assert_eq!(out, "", "no volume left");
+    // Into a microVM: a host path, and a local volume, are refused by name before any boot.
+    twinbox(img, &["volume", "create", "cdir"]);
+    let (code, _, err) = run(img, &["--rm", "--isolation", "microvm", "-v", &bind, "busybox", "true"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("a host directory cannot go into a microVM"), "{err}");
+    let (code, _, err) = run(img, &["--rm", "--isolation", "microvm", "-v", "cdir:/x", "busybox", "true"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains("volume cdir is a local volume: a directory, which a microVM cannot mount"), "{err}");
+    twinbox(img, &["volume", "rm", "cdir"]);
+    no_leaks(img);
+}

@@ -8,12 +8,14 @@
 //! | [`container`] | containers over the OCI runtime: run options ([`RunOptions`]) and the spec built from them ([`container::spec`]), records and names under `<store>/containers/`, foreground runs, detached runs watched by one [`container::monitor`] per store (the freestanding `engine/monitor` program, a few KiB, installed in `<store>/bin/`, a subreaper that starts each container's launcher), mount points an image lacks in one shared lower layer (`<store>/mountpoints/`), `ps`/`logs`/`stop`/`kill`/`rm`/`start`/`exec`; microVM instances beside them ([`container::vm`]: a record, a name, a tap on a bridge network, published ports) |
 //! | [`microvm`] | an image run as a microVM: the guest agent's configuration (network included), the image's ext4 root disk, the VMM's configuration, boot and output |
 //! | [`network`] | networks shared by both models: a bridge each (made through rtnetlink, [`network::netlink`]) with its NAT in nftables ([`network::nft`]), records and address management in `<store>/networks/`, under one lock; published ports ([`network::publish`]); CNI networks ([`network::cni`]) |
+//! | [`volume`] | named volumes under `<store>/volumes/` (a directory for containers, an ext4 disk for microVMs) and the `-v` mounts of both models |
 //! | [`build_run`] | the Dockerfile `RUN` step: a throwaway container of the runtime whose upper directory becomes a layer |
 
 pub mod build_run;
 pub mod container;
 pub mod microvm;
 pub mod network;
+pub mod volume;
 
 pub use container::{Engine, EngineError, ExecOptions, Phase, Record, RunOptions};
 

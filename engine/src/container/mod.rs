@@ -62,6 +62,9 @@ pub enum EngineError {
     /// The image store failed or lacks the image.
     #[error(transparent)]
     Store(#[from] StoreError),
+    /// A volume or a `-v` mount.
+    #[error(transparent)]
+    Volume(#[from] crate::volume::VolumeError),
     /// The OCI runtime failed.
     #[error(transparent)]
     Runtime(#[from] RuntimeError),
@@ -118,6 +121,9 @@ pub enum EngineError {
     /// The detached monitor reported a failure to start the container.
     #[error("starting the container failed: {0}")]
     Monitor(String),
+    /// A detached microVM's launcher failed, with this exit code and message.
+    #[error("{message}")]
+    Relayed { code: i32, message: String },
     /// The engine was not told what starts a detached container.
     #[error("detached containers need the command that launches them; see Engine::set_launcher")]
     NoLaunchCommand,
@@ -140,12 +146,14 @@ impl ExitCode for EngineError {
         use twinbox_exit::{INTERNAL, USER_ERROR};
         match self {
             EngineError::Store(e) => e.exit_code(),
+            EngineError::Volume(e) => e.exit_code(),
             EngineError::Runtime(e) => e.exit_code(),
             EngineError::Launch(e) => e.exit_code(),
             EngineError::Network(e) => e.exit_code(),
             EngineError::Publish(e) => e.exit_code(),
             EngineError::PublishNeedsBridge(_) | EngineError::NotForMicrovm(_) => USER_ERROR,
             EngineError::Vm(e) => e.exit_code(),
+            EngineError::Relayed { code, .. } => *code,
             EngineError::SeccompProfile(..)
             | EngineError::BadCpus { .. }
             | EngineError::NoSuchContainer(_)
@@ -396,6 +404,12 @@ impl Engine {
         }
         let net = self.net_setup(&id, &cdir, opts)?;
         let mut spec = spec::build_spec(&id, &image.config, &layers, &overlay, opts, &net)?;
+        let binds = self.volume_binds(opts)?;
+        if !binds.is_empty() {
+            let mut mounts = spec.mounts().clone().unwrap_or_default();
+            mounts.extend(binds);
+            spec.set_mounts(Some(mounts));
+        }
         let missing = spec::missing_mount_points(&spec, &layers);
         if !missing.is_empty() {
             let mut overlay = overlay;
@@ -430,6 +444,60 @@ impl Engine {
         std::mem::forget(guard);
         _name.keep();
         Ok(record)
+    }
+
+    /// The bind mounts of a container's `-v`s: a host path (made as a directory if missing,
+    /// as `docker run -v` does) or a local volume's data (the volume made if missing).
+    fn volume_binds(&self, opts: &RunOptions) -> Result<Vec<oci_spec::runtime::Mount>, EngineError> {
+        use crate::volume::VolumeSource;
+        let volumes = self.volumes();
+        let mut out = Vec::new();
+        for m in &opts.volumes {
+            let source = match &m.source {
+                VolumeSource::Host(path) => {
+                    if !path.exists() {
+                        fs::create_dir_all(path).map_err(io_err("create directory", path))?;
+                    }
+                    path.clone()
+                }
+                VolumeSource::Named(name) => {
+                    volumes.for_mount(name, false)?;
+                    volumes.data_dir(name)
+                }
+            };
+            let mut options = vec!["rbind".to_string(), "rprivate".to_string()];
+            if m.read_only {
+                options.push("ro".into());
+            }
+            out.push(
+                oci_spec::runtime::MountBuilder::default()
+                    .destination(PathBuf::from(&m.target))
+                    .typ("bind")
+                    .source(source)
+                    .options(options)
+                    .build()
+                    .expect("mount fields set"),
+            );
+        }
+        Ok(out)
+    }
+
+    /// The store's named volumes.
+    pub fn volumes(&self) -> crate::volume::Volumes {
+        crate::volume::Volumes::new(self.store.root())
+    }
+
+    /// Removes named volume `name`, unless an instance (running or not) mounts it.
+    pub fn remove_volume(&self, name: &str) -> Result<(), EngineError> {
+        let users: Vec<String> = self
+            .records()?
+            .into_iter()
+            .filter(|r| {
+                r.options.volumes.iter().any(|m| m.source == crate::volume::VolumeSource::Named(name.to_owned()))
+            })
+            .map(|r| r.name)
+            .collect();
+        Ok(self.volumes().remove(name, &users)?)
     }
 
     /// Claims `name` for container `id`: a file `<store>/names/NAME` holding the id, made

@@ -76,6 +76,9 @@ pub struct RunOptions {
     /// `-t`: the workload's stdio is a terminal (a pty of the container's, proxied to ours).
     #[serde(default)]
     pub tty: bool,
+    /// `-v`: host paths and named volumes mounted into the instance.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<crate::volume::VolumeMount>,
 }
 
 /// The network namespace a container gets, and the files bound over its `/etc` (hosts,

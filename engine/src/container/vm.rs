@@ -29,6 +29,7 @@ use super::{
 use crate::microvm::{self, ImageRunError, VmOptions};
 use crate::network::attach::{self, Endpoint, NetworkMode};
 use crate::network::{publish, DEFAULT_NETWORK};
+use crate::volume::VolumeSource;
 use twinbox_microvm::agent::control;
 use twinbox_microvm::NetConfig;
 
@@ -65,6 +66,15 @@ fn agent_error(r: &Record, e: &io::Error) -> EngineError {
 
 /// How long the guest agent may take to answer a new control connection.
 const AGENT_ANSWER: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// What a launcher writes to its report for `e`: `err CODE MESSAGE`, the command that
+/// started it then ends with the same code and message.
+fn relay(e: &EngineError) -> String {
+    format!("err {} {e}", twinbox_exit::ExitCode::exit_code(e))
+}
+
+/// Named volumes a microVM takes: a virtio-blk disk each, beside its root disk, card and vsock.
+const MAX_VOLUMES: usize = 8;
 
 /// How long a VM's agent may take over a new /etc/hosts (others wait meanwhile).
 const HOSTS_ANSWER: std::time::Duration = std::time::Duration::from_secs(2);
@@ -119,10 +129,9 @@ impl AgentWait {
             if Instant::now() >= deadline {
                 let why = format!(" (last try: {last})");
                 *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!(
-                    "the guest agent of {name} did not answer within {:.0?}{why}, so the VM was stopped; \
-                     the guest console's last lines:\n{}\n(run with --verbose for the kernel's messages, or set \
-                     TWINBOX_AGENT_TIMEOUT=SECONDS for a slower host)",
-                    timeout,
+                    "the guest agent of {name} did not answer within {} s{why}, so the VM was stopped (set \
+                     TWINBOX_AGENT_TIMEOUT=SECONDS for a slower host); the guest console's last lines:\n{}",
+                    timeout.as_secs_f64(),
                     console.tail()
                 ));
                 let _ = nix::sys::signal::kill(Pid::from_raw(me), Signal::SIGTERM);
@@ -228,8 +237,14 @@ impl Engine {
             drop(wr);
             let mut msg = String::new();
             io::Read::read_to_string(&mut rd, &mut msg).map_err(io_err("read from the launcher of", &cdir))?;
-            match msg.strip_prefix("ok") {
-                Some(_) => Ok(()),
+            if msg.starts_with("ok") {
+                return Ok(());
+            }
+            match msg.strip_prefix("err ").and_then(|m| m.split_once(' ')) {
+                Some((code, message)) => Err(EngineError::Relayed {
+                    code: code.parse().unwrap_or(twinbox_exit::INTERNAL),
+                    message: message.to_owned(),
+                }),
                 None if msg.is_empty() => Err(EngineError::Monitor("the VM's launcher ended without a word".into())),
                 None => Err(EngineError::Monitor(msg)),
             }
@@ -285,7 +300,7 @@ impl Engine {
         let (record, prepared, previous) = match result {
             Ok(r) => r,
             Err(e) => {
-                let _ = write!(report, "{e}");
+                let _ = write!(report, "{}", relay(&e));
                 return twinbox_exit::ExitCode::exit_code(&e);
             }
         };
@@ -330,6 +345,7 @@ impl Engine {
         let detached = report.is_some();
         let report = Arc::new(Mutex::new(report));
         let waiting = Arc::new(AgentWait::default());
+        let mut volume_locks = Vec::new();
         let outcome = (|| {
             let mut cards = Vec::new();
             let mut joined = None;
@@ -352,8 +368,31 @@ impl Engine {
                 });
                 joined = Some((endpoint, network.bridge.clone()));
             }
+            // Named volumes: a disk each after the root disk (vdb, vdc, …), held by this VMM.
+            let mut disks = Vec::new();
+            for (i, m) in record.options.volumes.iter().enumerate() {
+                let VolumeSource::Named(name) = &m.source else { continue };
+                let path = self.volumes().for_mount(name, true)?;
+                let path = self.volumes().disk_path(&path.name);
+                let file = fs::OpenOptions::new().read(true).write(true).open(&path).map_err(io_err("open", &path))?;
+                let lock =
+                    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
+                        EngineError::NotForMicrovm(format!(
+                            "volume {name} is in use by another microVM; a disk volume goes into one VM at a time"
+                        ))
+                    })?;
+                volume_locks.push(lock);
+                let letter = char::from(b'b' + i as u8);
+                guest.volumes.push(twinbox_microvm::agent::GuestVolume {
+                    device: format!("/dev/vd{letter}"),
+                    target: m.target.clone(),
+                    read_only: m.read_only,
+                });
+                disks.push(twinbox_microvm::config::DiskConfig { path, read_only: m.read_only });
+            }
             let prepared = microvm::PreparedRun { guest: guest.clone(), ..prepared.clone() };
             let (mut config, initrd) = microvm::vm_config(prepared, &vm, cards);
+            config.disks.extend(disks);
             let socket = vsock_path(&id);
             let dir = socket.parent().expect("a path in a directory");
             fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
@@ -415,7 +454,7 @@ impl Engine {
                 let stored = self.stored(&id).unwrap_or(record);
                 self.finish_microvm(stored, twinbox_exit::INTERNAL)?;
                 if let Some(mut r) = report.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                    let _ = write!(r, "{e}");
+                    let _ = write!(r, "{}", relay(&e));
                 }
                 return Err(e);
             }
@@ -439,7 +478,7 @@ impl Engine {
                 }
                 // Said once everything is undone: `run -d` returns with nothing left behind.
                 if let Some(mut r) = report.lock().unwrap_or_else(|e| e.into_inner()).take() {
-                    let _ = write!(r, "{e}");
+                    let _ = write!(r, "{}", relay(&e));
                 }
                 return Err(e);
             }
@@ -481,6 +520,23 @@ impl Engine {
         if let NetworkMode::Bridge(name) = &opts.network {
             if name != DEFAULT_NETWORK {
                 self.networks().get(name)?;
+            }
+        }
+        if opts.volumes.len() > MAX_VOLUMES {
+            return refuse(&format!("a microVM takes at most {MAX_VOLUMES} volumes (a disk each)"));
+        }
+        for m in &opts.volumes {
+            match &m.source {
+                VolumeSource::Host(_) => {
+                    return refuse(&format!(
+                        "-v {m}: a host directory cannot go into a microVM (it has no shared-filesystem device); \
+                         use a named volume, which the VM gets as a disk of its own: -v NAME:{}",
+                        m.target
+                    ))
+                }
+                VolumeSource::Named(name) => {
+                    self.volumes().for_mount(name, true)?;
+                }
             }
         }
         let _gc = self.store.writer_guard()?;

@@ -44,6 +44,21 @@ pub struct GuestConfig {
     /// The workload's /etc/resolv.conf, written over the image's when not empty.
     #[serde(skip_serializing_if = "String::is_empty")]
     pub resolv_conf: String,
+    /// Disks mounted into the workload's root (named volumes), after the root disk.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub volumes: Vec<GuestVolume>,
+}
+
+/// A disk of the VM mounted at a path of the workload's root.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GuestVolume {
+    /// Its device node, e.g. /dev/vdb.
+    pub device: String,
+    /// An ext4 file system's mount point, absolute, made if missing.
+    pub target: String,
+    #[serde(default)]
+    pub read_only: bool,
 }
 
 /// How the agent sets up eth0 (the first virtio-net card): an address, the default route via a
@@ -81,6 +96,7 @@ impl Default for GuestConfig {
             network: None,
             hosts: String::new(),
             resolv_conf: String::new(),
+            volumes: Vec::new(),
         }
     }
 }
@@ -109,6 +125,9 @@ pub enum GuestConfigError {
     /// The network set-up is not one Linux takes.
     #[error("network: {0}")]
     Network(String),
+    /// A volume's device is not under /dev or its target is not an absolute path.
+    #[error("volume {0}: the device must be under /dev and the target an absolute path without `..`")]
+    Volume(String),
     /// A string holds a NUL byte, which no system call can take.
     #[error("{field} holds a NUL byte")]
     Nul {
@@ -147,6 +166,11 @@ impl GuestConfig {
         }
         if self.hostname.len() > MAX_HOSTNAME_LEN {
             return Err(GuestConfigError::HostnameTooLong(self.hostname.len()));
+        }
+        for v in &self.volumes {
+            if !v.device.starts_with("/dev/") || !v.target.starts_with('/') || v.target.split('/').any(|c| c == "..") {
+                return Err(GuestConfigError::Volume(format!("{} at {}", v.device, v.target)));
+            }
         }
         if let Some(n) = &self.network {
             if n.prefix_len > 32 {

@@ -23,7 +23,7 @@ pub mod control;
 pub mod path;
 pub mod status;
 
-pub use config::{GuestConfig, GuestConfigError, GuestNetwork};
+pub use config::{GuestConfig, GuestConfigError, GuestNetwork, GuestVolume};
 pub use path::{find_program, path_var, LookupError, Probe, DEFAULT_PATH};
 pub use status::{exit_code, EXIT_NOT_EXECUTABLE, EXIT_NOT_FOUND, EXIT_SETUP_FAILED};
 

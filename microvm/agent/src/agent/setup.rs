@@ -109,20 +109,24 @@ pub fn read_config() -> Result<GuestConfig, SetupError> {
     GuestConfig::from_json(json).map_err(SetupError::Config)
 }
 
-/// Mounts the root disk at [`LOWER`], waiting a little for the device node if the disk is
-/// still being probed.
+/// Mounts the root disk at [`LOWER`].
 fn mount_lower(config: &GuestConfig) -> Result<(), SetupError> {
+    mount_device(&config.root_device, LOWER, &config.root_fstype, libc::MS_RDONLY)
+}
+
+/// Mounts disk `device` at `target`, waiting a little for the device node if the disk is
+/// still being probed.
+fn mount_device(device: &str, target: &str, fstype: &str, flags: libc::c_ulong) -> Result<(), SetupError> {
     let start = Instant::now();
     loop {
-        let result = sys::mount(Some(&config.root_device), LOWER, Some(&config.root_fstype), libc::MS_RDONLY, None);
-        match result {
+        match sys::mount(Some(device), target, Some(fstype), flags, None) {
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENXIO)) && start.elapsed() < DEVICE_WAIT => {
                 std::thread::sleep(Duration::from_millis(5));
             }
             result => {
                 return result.map_err(|source| SetupError::Mount {
-                    fstype: format!("{} {}", config.root_fstype, config.root_device),
-                    target: LOWER.to_string(),
+                    fstype: format!("{fstype} {device}"),
+                    target: target.to_string(),
                     source,
                 })
             }
@@ -153,6 +157,12 @@ pub fn root(config: &GuestConfig) -> Result<(), SetupError> {
     dev(&format!("{ROOT}/dev"))?;
     let sys_flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mount(Some("sysfs"), &format!("{ROOT}/sys"), "sysfs", sys_flags, None)?;
+    for v in &config.volumes {
+        let target = format!("{ROOT}{}", v.target);
+        std::fs::create_dir_all(&target).map_err(|source| SetupError::Node { path: target.clone(), source })?;
+        let flags = if v.read_only { libc::MS_RDONLY } else { 0 };
+        mount_device(&v.device, &target, "ext4", flags)?;
+    }
     Ok(())
 }
 
