@@ -1290,6 +1290,8 @@ impl Engine {
     /// and removed when it was run with `--rm`. What it did, one line each.
     pub fn reconcile(&self) -> Result<Vec<String>, EngineError> {
         let mut done = Vec::new();
+        // Volumes half made or half removed by a killed command.
+        self.volumes().reconcile();
         let monitor_runs = monitor::running(self.store.root());
         for r in self.records()? {
             let Some(stored) = self.stored(&r.id) else { continue };
