@@ -842,9 +842,14 @@ fn volumes_outlive_containers_and_host_paths_bind() {
     assert!(err.contains("Read-only file system"), "{err}");
     let data = img.env.root().join("volumes/data/_data");
     assert_eq!(std::fs::read_to_string(data.join("f")).unwrap(), "kept\n", "Docker's layout: _data on the host");
-    // A host path, made if missing as `docker run -v` does; what the container writes is there.
+    // A host path must exist (a typo is not bound as an empty directory); what the container
+    // writes is there.
     let host = img.env.path("shared");
     let bind = format!("{}:/mnt/shared", host.display());
+    let (code, _, err) = run(img, &["--rm", "-v", &bind, "busybox", "true"]);
+    assert_eq!(code, 1, "{err}");
+    assert!(err.contains(&format!("the host path {} does not exist; create it first", host.display())), "{err}");
+    std::fs::create_dir(&host).unwrap();
     let (code, _, err) =
         run(img, &["--rm", "-v", &bind, "busybox", "sh", "-c", "echo from-container > /mnt/shared/out"]);
     assert_eq!(code, 0, "{err}");

@@ -446,8 +446,8 @@ impl Engine {
         Ok(record)
     }
 
-    /// The bind mounts of a container's `-v`s: a host path (made as a directory if missing,
-    /// as `docker run -v` does) or a local volume's data (the volume made if missing).
+    /// The bind mounts of a container's `-v`s: a host path (which must exist) or a local
+    /// volume's data (the volume made if missing).
     fn volume_binds(&self, opts: &RunOptions) -> Result<Vec<oci_spec::runtime::Mount>, EngineError> {
         use crate::volume::VolumeSource;
         let volumes = self.volumes();
@@ -455,8 +455,14 @@ impl Engine {
         for m in &opts.volumes {
             let source = match &m.source {
                 VolumeSource::Host(path) => {
+                    // A typo must not become an empty directory bound over the image's files
+                    // (what `docker run -v` does; `--mount` refuses it, as here).
                     if !path.exists() {
-                        fs::create_dir_all(path).map_err(io_err("create directory", path))?;
+                        return Err(crate::volume::VolumeError::BadMount {
+                            spec: m.to_string(),
+                            why: format!("the host path {} does not exist; create it first", path.display()),
+                        }
+                        .into());
                     }
                     path.clone()
                 }
