@@ -36,7 +36,8 @@ pub enum Driver {
 
 impl fmt::Display for Driver {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(match self {
+        // pad: `{:<8}` in a table lines up.
+        f.pad(match self {
             Driver::Local => "local",
             Driver::Disk => "disk",
         })

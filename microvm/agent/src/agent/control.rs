@@ -11,6 +11,7 @@ use std::ffi::CString;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 
 use twinbox_agent::control::{frame, merge_env, take_frame, ExecRequest, CONTROL_PORT, FRAME_ERROR, FRAME_EXIT};
 use twinbox_agent::control::{FRAME_RESIZE, FRAME_STDERR, FRAME_STDIN, FRAME_STDOUT, MAX_REQUEST};
@@ -422,7 +423,7 @@ fn start(req: &ExecRequest, config: &GuestConfig, workload: libc::pid_t) -> Resu
     let (streams, mut process) = if req.tty {
         // The workload's own devpts instance, so that the process sees its terminal as
         // /dev/pts/N of its root.
-        let (master, slave) =
+        let (master, number) =
             sys::open_pty(&format!("{ROOT}/dev/pts/ptmx")).map_err(|e| setup("open a terminal", e))?;
         if let Some((rows, cols)) = req.size {
             let _ = sys::set_window_size(&master, rows, cols);
@@ -430,7 +431,7 @@ fn start(req: &ExecRequest, config: &GuestConfig, workload: libc::pid_t) -> Resu
         let dup = |f: &File| f.try_clone().map_err(|e| setup("set up a terminal", e));
         let input = if req.stdin { Some(dup(&master)?) } else { None };
         let process = Process::new(Some(dup(&master)?), None, input, Some(master));
-        (ChildStdio::Terminal(slave), process)
+        (ChildStdio::Terminal(number), process)
     } else {
         let (out_r, out_w) = sys::pipe().map_err(|e| setup("make a pipe", e))?;
         let (err_r, err_w) = sys::pipe().map_err(|e| setup("make a pipe", e))?;
@@ -486,7 +487,9 @@ impl Process {
 /// The streams the exec's process gets.
 enum ChildStdio {
     Pipes { stdin: Option<OwnedFd>, out: OwnedFd, err: OwnedFd },
-    Terminal(OwnedFd),
+    /// The number of the pty (in the workload's devpts) whose slave the process opens, once
+    /// in the workload's root, so that its terminal is `/dev/pts/N` there (ttyname works).
+    Terminal(u32),
 }
 
 /// What the exec's child needs, made before the fork.
@@ -511,7 +514,7 @@ impl ExecChild<'_> {
                 keep.extend(stdin.iter().map(|f| f.as_raw_fd()));
                 keep.extend([out.as_raw_fd(), err.as_raw_fd()]);
             }
-            ChildStdio::Terminal(slave) => keep.push(slave.as_raw_fd()),
+            ChildStdio::Terminal(_) => {}
         }
         sys::close_all_but(&keep);
         let joined = (|| {
@@ -545,11 +548,20 @@ impl ExecChild<'_> {
 
     /// In the process, up to its exec: the program's path.
     fn prepare(&self) -> Result<CString, ChildFailure> {
-        let stdio = match &self.stdio {
-            ChildStdio::Pipes { stdin, out, err } => Stdio::Pipes { stdin: stdin.as_ref(), stdout: out, stderr: err },
-            ChildStdio::Terminal(slave) => Stdio::Terminal(slave),
-        };
-        become_process(self.exec, stdio)
+        match &self.stdio {
+            ChildStdio::Pipes { stdin, out, err } => {
+                become_process(self.exec, Stdio::Pipes { stdin: stdin.as_ref(), stdout: out, stderr: err })
+            }
+            ChildStdio::Terminal(number) => {
+                let slave = std::fs::OpenOptions::new()
+                    .read(true)
+                    .write(true)
+                    .custom_flags(libc::O_NOCTTY)
+                    .open(format!("/dev/pts/{number}"))
+                    .map_err(ChildFailure::at(Step::Stdio))?;
+                become_process(self.exec, Stdio::Terminal(&OwnedFd::from(slave)))
+            }
+        }
     }
 }
 

@@ -174,6 +174,12 @@ mod agent {
         }
         supervise::forward_serving(&mut agent.ports, spawned.streams, Some(&mut control))?;
         let status = supervise::wait_for(spawned.pid)?;
+        if !config.volumes.is_empty() {
+            // The VM ends at the exit port: what the workload wrote to its volumes must be on
+            // their disks by then.
+            sys::sync();
+            agent.log(format_args!("volumes synced"));
+        }
         Ok(exit_code(status).unwrap_or(EXIT_SETUP_FAILED))
     }
 

@@ -158,9 +158,10 @@ pub fn controlling_terminal(slave: &impl AsRawFd) -> io::Result<()> {
     Ok(())
 }
 
-/// A new pty of the devpts instance whose `ptmx` is at `ptmx`: its master (non-blocking) and
-/// slave, both close-on-exec, neither a controlling terminal of the agent.
-pub fn open_pty(ptmx: &str) -> io::Result<(File, OwnedFd)> {
+/// A new pty of the devpts instance whose `ptmx` is at `ptmx`: its master (non-blocking,
+/// close-on-exec, not a controlling terminal of the agent) and its number, the slave being
+/// `pts/N` of that instance.
+pub fn open_pty(ptmx: &str) -> io::Result<(File, u32)> {
     let master = std::fs::OpenOptions::new()
         .read(true)
         .write(true)
@@ -169,12 +170,16 @@ pub fn open_pty(ptmx: &str) -> io::Result<(File, OwnedFd)> {
     let unlock: libc::c_int = 0;
     // SAFETY: TIOCSPTLCK reads one int from a live local.
     check(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCSPTLCK, &unlock) })?;
-    // SAFETY: TIOCGPTPEER takes the open flags by value and returns a new descriptor.
-    let slave = check(unsafe {
-        libc::ioctl(master.as_raw_fd(), libc::TIOCGPTPEER, libc::O_RDWR | libc::O_NOCTTY | libc::O_CLOEXEC)
-    })?;
-    // SAFETY: `slave` was just returned by the kernel and nothing else owns it.
-    Ok((master, unsafe { OwnedFd::from_raw_fd(slave) }))
+    let mut number: libc::c_uint = 0;
+    // SAFETY: TIOCGPTN writes one unsigned int into a live local.
+    check(unsafe { libc::ioctl(master.as_raw_fd(), libc::TIOCGPTN, &mut number) })?;
+    Ok((master, number))
+}
+
+/// Flushes every file system's dirty data to its disk (the volumes, before the VM ends).
+pub fn sync() {
+    // SAFETY: sync takes no arguments.
+    unsafe { libc::sync() };
 }
 
 /// Sets the window size of terminal `fd`.
