@@ -85,6 +85,8 @@ impl Options {
             density_passes: if self.memory_budget_mib.is_some() { 1 } else { 6 },
             memory_budget_mib: self.memory_budget_mib,
             cpu_target_ms: if q { 50 } else { 200 },
+            disk_runs: self.runs.map(|r| r.clamp(1, 10)).unwrap_or(if q { 3 } else { 5 }),
+            disk_mib: if q { 32 } else { 128 },
         }
     }
 }
@@ -210,6 +212,7 @@ pub fn run(opts: &Options) -> Result<Results, BenchError> {
                 Scenario::Density => scenario::density::run(&mut run),
                 Scenario::Cpu => scenario::cpu::run(&mut run),
                 Scenario::Net => scenario::net::run(&mut run),
+                Scenario::Disk => scenario::disk::run(&mut run),
             }
         }
     }

@@ -84,6 +84,12 @@ pub struct Settings {
     pub memory_budget_mib: Option<u64>,
     /// Target duration of the bare process's compute and syscall loops, ms.
     pub cpu_target_ms: u64,
+    /// Rounds of the disk scenario over every backend and place. Absent in older results: 0.
+    #[serde(default)]
+    pub disk_runs: usize,
+    /// Size of the disk scenario's file, MiB.
+    #[serde(default)]
+    pub disk_mib: u32,
 }
 
 fn one() -> usize {

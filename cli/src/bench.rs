@@ -21,8 +21,8 @@ pub struct BenchArgs {
     /// A short run (< 1 min): fewer rounds, 10 instances.
     #[arg(long)]
     quick: bool,
-    /// Scenarios, comma-separated: start, memory, density, cpu, net.
-    #[arg(long, value_delimiter = ',', default_value = "start,memory,density,cpu,net")]
+    /// Scenarios, comma-separated: start, memory, density, cpu, net, disk.
+    #[arg(long, value_delimiter = ',', default_value = "start,memory,density,cpu,net,disk")]
     scenario: Vec<String>,
     /// Backends, comma-separated (default: all; the ones that cannot run here are listed with the reason).
     #[arg(long, value_delimiter = ',')]
@@ -157,7 +157,7 @@ pub fn bench(root: &Path, a: BenchArgs) -> Result<i32> {
         .iter()
         .map(|s| {
             Scenario::parse(s.trim()).ok_or_else(|| {
-                UserError(format!("unknown scenario {s:?}; scenarios: start, memory, density, cpu, net"))
+                UserError(format!("unknown scenario {s:?}; scenarios: start, memory, density, cpu, net, disk"))
             })
         })
         .collect::<Result<_, _>>()?;

@@ -318,6 +318,57 @@ fn net_scenario_end_to_end() {
     env.ok(&["network", "prune"]);
 }
 
+/// The disk scenario in the root and in a volume of each backend, and the volumes gone after.
+#[test]
+fn disk_scenario_end_to_end() {
+    let Some((_serial, env)) = hello_store() else { return };
+    if !common::require_tool("runc") {
+        return;
+    }
+    let out = env.path("report");
+    let o = env.run(&[
+        "bench",
+        "--quick",
+        "--scenario",
+        "disk",
+        "--backends",
+        "process,twinbox-container,runc",
+        "--runs",
+        "2",
+        "--out",
+        &out.display().to_string(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "bench failed: {}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let samples = |b: &str, m: &str| -> Vec<f64> {
+        r["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["backend"] == b && x["metric"] == m)
+            .unwrap_or_else(|| panic!("no {b} {m} record; notes: {}", r["notes"]))["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
+    for b in ["process", "twinbox-container", "runc"] {
+        for place in ["root", "volume"] {
+            for m in ["seq_write", "seq_read", "rand_write_iops", "rand_write_p99", "rand_read_iops", "rand_read_p99"] {
+                let s = samples(b, &format!("{place}_{m}"));
+                assert_eq!(s.len(), 2, "{b} {place}_{m}: one per round");
+                assert!(s.iter().all(|&v| v > 0.0), "{b} {place}_{m}: {s:?}");
+            }
+        }
+    }
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("## Disk I/O") && md.contains("**Disk.**"), "{md}");
+    assert_eq!(env.ok(&["volume", "ls", "-q"]).trim(), "", "the bench's volume is removed");
+    assert_eq!(env.ok(&["ps", "-aq"]).trim(), "", "no container left");
+}
+
 #[test]
 fn density_stops_at_the_memory_budget() {
     let Some((_serial, env)) = hello_store() else { return };

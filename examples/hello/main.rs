@@ -10,7 +10,11 @@
 //! signal a kernel delivers even to a pid-namespace init; `hello serve PORT` is a tiny HTTP/1.1
 //! server on 0.0.0.0:PORT (the `net` scenario's workload): `GET /bytes/N` answers N bytes,
 //! any other `GET` a greeting, and it prints `listening on PORT` once the socket is bound; UDP
-//! datagrams to the same port are echoed back.
+//! datagrams to the same port are echoed back. `hello disk DIR MIB` measures file I/O in DIR
+//! (the `disk` scenario's workload): a MIB-MiB file written sequentially and synced, read back,
+//! then random 4 KiB writes each made durable (fdatasync) and random 4 KiB reads, printing
+//! `seq_write_mbps=`, `seq_read_mbps=`, `rand_write_iops=`, `rand_write_p99_us=`,
+//! `rand_read_iops=` and `rand_read_p99_us=`; the file is removed at the end.
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
@@ -31,9 +35,16 @@ fn main() -> ExitCode {
         Some("syscalls") => timed(&args, syscalls),
         Some("crash") => crash(),
         Some("serve") => serve(&args),
+        Some("disk") => match disk(&args) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("hello: disk: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Some(other) => {
             eprintln!(
-                "hello: unknown mode {other:?}; use greet, true, exit N, sleep SECS, spin N, syscalls N, crash or serve PORT"
+                "hello: unknown mode {other:?}; use greet, true, exit N, sleep SECS, spin N, syscalls N, crash, serve PORT or disk DIR MIB"
             );
             ExitCode::from(2)
         }
@@ -60,6 +71,79 @@ fn timed(args: &[String], work: fn(u64) -> u64) -> ExitCode {
         println!("loop_ns={ns}");
     }
     ExitCode::SUCCESS
+}
+
+/// Random 4 KiB writes (each followed by fdatasync) and reads of `hello disk`.
+const RANDOM_WRITES: usize = 400;
+const RANDOM_READS: usize = 20_000;
+
+/// `hello disk DIR MIB`: see the crate doc.
+fn disk(args: &[String]) -> io::Result<()> {
+    use std::os::unix::fs::FileExt;
+    use std::time::Instant;
+    let dir = args.get(1).map(String::as_str).unwrap_or("/");
+    let mib: u64 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(64).max(1);
+    let path = std::path::Path::new(dir).join(format!("hello-disk-{}.bin", std::process::id()));
+    let result = (|| {
+        let mut chunk = vec![0x5au8; 1 << 20];
+        let mbps = |bytes: u64, t: Duration| bytes as f64 / 1e6 / t.as_secs_f64().max(1e-9);
+        let mut f = std::fs::File::create(&path)?;
+        let start = Instant::now();
+        for i in 0..mib {
+            chunk[0] = i as u8;
+            f.write_all(&chunk)?;
+        }
+        f.sync_all()?;
+        println!("seq_write_mbps={:.1}", mbps(mib << 20, start.elapsed()));
+        let mut f = std::fs::File::open(&path)?;
+        let start = Instant::now();
+        let mut read = 0u64;
+        loop {
+            match f.read(&mut chunk)? {
+                0 => break,
+                n => read += n as u64,
+            }
+        }
+        println!("seq_read_mbps={:.1}", mbps(read, start.elapsed()));
+        let f = std::fs::OpenOptions::new().read(true).write(true).open(&path)?;
+        let blocks = mib * 256;
+        // xorshift64: the same offsets in every backend.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            (state % blocks) * 4096
+        };
+        let mut block = [0xa5u8; 4096];
+        let report = |what: &str, lat: &mut Vec<Duration>, total: Duration| {
+            lat.sort();
+            let p99 = lat[(lat.len() * 99).div_ceil(100).saturating_sub(1)];
+            println!("{what}_iops={:.0}", lat.len() as f64 / total.as_secs_f64().max(1e-9));
+            println!("{what}_p99_us={:.1}", p99.as_secs_f64() * 1e6);
+        };
+        let mut lat = Vec::with_capacity(RANDOM_WRITES);
+        let start = Instant::now();
+        for i in 0..RANDOM_WRITES {
+            block[0] = i as u8;
+            let t = Instant::now();
+            f.write_all_at(&block, next())?;
+            f.sync_data()?;
+            lat.push(t.elapsed());
+        }
+        report("rand_write", &mut lat, start.elapsed());
+        let mut lat = Vec::with_capacity(RANDOM_READS);
+        let start = Instant::now();
+        for _ in 0..RANDOM_READS {
+            let t = Instant::now();
+            f.read_exact_at(&mut block, next())?;
+            lat.push(t.elapsed());
+        }
+        report("rand_read", &mut lat, start.elapsed());
+        Ok(())
+    })();
+    let _ = std::fs::remove_file(&path);
+    result
 }
 
 fn arg_num(args: &[String], default: u64) -> u64 {

@@ -16,6 +16,7 @@ use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
+use twinbox_engine::volume::{Driver, Volumes};
 
 use twinbox_engine::microvm::{default_kernel, prepare, run_id, ImageRunOptions, DEFAULT_MEMORY_MIB};
 use twinbox_image::launch::Overrides;
@@ -152,6 +153,9 @@ impl TwinboxMicrovm {
             cmd.arg("-v");
         }
         cmd.arg("run").args(flags).args(["--isolation", "microvm", "--kernel"]).arg(&self.kernel);
+        if let Workload::Disk { volume: true, .. } = workload {
+            cmd.arg("-v").arg(format!("{VM_DISK_VOLUME}:{}", super::DISK_VOLUME_PATH));
+        }
         cmd.arg("--memory").arg(format!("{DEFAULT_MEMORY_MIB}m"));
         cmd.arg(&image.reference).args(workload.args());
         own_process_group(&mut cmd);
@@ -199,7 +203,23 @@ impl Backend for TwinboxMicrovm {
     }
 
     fn run_command(&self, workload: &Workload, _id: &str) -> Result<Command, BackendError> {
+        if let Workload::Disk { volume: true, .. } = workload {
+            let image = self.image.as_ref().expect("prepare() before use");
+            vm_disk_volume(&image.store_root)?;
+        }
         Ok(self.twinbox(workload, false))
+    }
+
+    fn disk_note(&self) -> String {
+        "the guest's root: the image's disk under a tmpfs overlay, so in the guest's memory; a named disk volume \
+         (a sparse ext4 file of the host, a virtio-blk disk of the VM)"
+            .into()
+    }
+
+    fn disk_cleanup(&self) {
+        if let Some(image) = &self.image {
+            let _ = Volumes::new(&image.store_root).remove(VM_DISK_VOLUME, &[]);
+        }
     }
 
     fn launch(&self, workload: &Workload, id: &str) -> Result<Instance, BackendError> {
@@ -299,6 +319,17 @@ impl Default for QemuMicrovm {
     }
 }
 
+/// The disk volume the microVM backends mount for the `disk` scenario (one VM at a time).
+const VM_DISK_VOLUME: &str = "twinbox-bench-disk";
+
+/// Its ext4 file, the volume made (sparse, [`super::DISK_VOLUME_SIZE`]) if missing.
+fn vm_disk_volume(store_root: &std::path::Path) -> Result<PathBuf, BackendError> {
+    let vols = Volumes::new(store_root);
+    vols.create(VM_DISK_VOLUME, Driver::Disk, Some(super::DISK_VOLUME_SIZE))
+        .map_err(|e| failed("the disk scenario's volume".into())(&e))?;
+    Ok(vols.disk_path(VM_DISK_VOLUME))
+}
+
 /// A QEMU guest's place on a twinbox network (the net scenario's server).
 struct GuestNet {
     tap: String,
@@ -327,7 +358,15 @@ impl QemuMicrovm {
         };
         let mut prepared = prepare(&store, &resolved, &opts, &run_id()).map_err(|e| fail(&e))?;
         prepared.guest.verbose = verbose;
-        let mut name = format!("qemu-initrd-{}{}", workload.args().join("-"), if verbose { "-v" } else { "" });
+        if let Workload::Disk { volume: true, .. } = workload {
+            prepared.guest.volumes.push(twinbox_microvm::agent::GuestVolume {
+                device: "/dev/vdb".into(),
+                target: super::DISK_VOLUME_PATH.into(),
+                read_only: false,
+            });
+        }
+        let args = workload.args().join("-").replace('/', "_");
+        let mut name = format!("qemu-initrd-{args}{}", if verbose { "-v" } else { "" });
         if let Some(n) = net {
             prepared.guest.network = Some(n.network.clone());
             prepared.guest.hosts = n.hosts.clone();
@@ -368,6 +407,12 @@ impl QemuMicrovm {
             .args(["-device", "virtio-blk-device,drive=root"])
             .args(["-device", "isa-debug-exit,iobase=0x501,iosize=4"])
             .args(["-append", &cmdline]);
+        if let Workload::Disk { volume: true, .. } = workload {
+            let image = self.image.as_ref().expect("prepare() before use");
+            let disk = vm_disk_volume(&image.store_root)?;
+            cmd.arg("-drive").arg(format!("id=vol,file={},format=raw,if=none", disk.display()));
+            cmd.args(["-device", "virtio-blk-device,drive=vol"]);
+        }
         if let Some(n) = net {
             cmd.arg("-netdev")
                 .arg(format!("tap,id=n0,ifname={},script=no,downscript=no,vhost=off", n.tap))
@@ -526,6 +571,18 @@ impl Backend for QemuMicrovm {
             return Err(e);
         }
         Ok(Some(instance))
+    }
+
+    fn disk_note(&self) -> String {
+        "the guest's root: the image's disk under a tmpfs overlay, so in the guest's memory; the same ext4 disk \
+         volume as twinbox-microvm's, a second virtio-blk disk"
+            .into()
+    }
+
+    fn disk_cleanup(&self) {
+        if let Some(image) = &self.image {
+            let _ = Volumes::new(&image.store_root).remove(VM_DISK_VOLUME, &[]);
+        }
     }
 
     fn serve_note(&self) -> String {

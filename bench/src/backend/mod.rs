@@ -76,7 +76,18 @@ pub enum Workload {
     Syscalls(u64),
     /// `hello serve PORT`: an HTTP server.
     Serve(u16),
+    /// `hello disk DIR MIB`: file I/O in the instance's writable root (`/`), or with `volume`
+    /// in a volume the backend mounts at [`DISK_VOLUME_PATH`].
+    Disk { volume: bool, mib: u32 },
 }
+
+/// Where a backend mounts its volume for the `disk` scenario.
+pub const DISK_VOLUME_PATH: &str = "/vol";
+/// The named volume the twinbox backends use for it (a local one for containers, a disk one
+/// for microVMs), made when first used and removed by [`Backend::disk_cleanup`].
+pub const DISK_VOLUME: &str = "twinbox-bench";
+/// Its size for microVMs (a sparse file).
+pub const DISK_VOLUME_SIZE: u64 = 1 << 30;
 
 impl Workload {
     pub fn args(&self) -> Vec<String> {
@@ -87,6 +98,9 @@ impl Workload {
             Workload::Spin(n) => vec!["spin".into(), n.to_string(), "timed".into()],
             Workload::Syscalls(n) => vec!["syscalls".into(), n.to_string(), "timed".into()],
             Workload::Serve(port) => vec!["serve".into(), port.to_string()],
+            Workload::Disk { volume, mib } => {
+                vec!["disk".into(), if *volume { DISK_VOLUME_PATH } else { "/" }.into(), mib.to_string()]
+            }
         }
     }
 }
@@ -199,6 +213,15 @@ pub trait Backend {
     /// After the net scenario: remove what its instances shared (a network the next instance
     /// would have reused).
     fn net_cleanup(&self) {}
+
+    /// Where the `disk` scenario's files lie for this backend: the writable root, then the
+    /// volume.
+    fn disk_note(&self) -> String {
+        String::new()
+    }
+
+    /// Removes what the `disk` scenario's volume runs made (a named volume, a directory).
+    fn disk_cleanup(&self) {}
 }
 
 /// Runs `cmd` to completion with no stdio; how long it took. A failure is an error, with the

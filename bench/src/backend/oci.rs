@@ -67,6 +67,11 @@ impl Oci {
         cmd
     }
 
+    /// The host directory bound in as the `disk` scenario's volume.
+    fn disk_volume_dir(&self, work: &Path) -> PathBuf {
+        work.join(format!("disk-{}-volume", self.runtime.name()))
+    }
+
     /// A bundle per instance: config.json only; the root is the shared flattened rootfs. With
     /// `netns`, the container joins that network namespace instead of a new one.
     fn bundle(&self, workload: &Workload, id: &str, netns: Option<&Path>) -> Result<PathBuf, BackendError> {
@@ -77,6 +82,28 @@ impl Oci {
         let mut spec = bundle_spec(&image.rootfs, &image.argv(workload));
         if let Some(path) = netns {
             join_netns(&mut spec, path);
+        }
+        if let Workload::Disk { volume, .. } = workload {
+            // The root writable (the shared flattened directory, written in place: no overlay),
+            // and for the volume a directory of the host bound in, as a volume is.
+            if let Some(root) = spec.root_mut() {
+                root.set_readonly(Some(false));
+            }
+            if *volume {
+                let host = self.disk_volume_dir(&image.work);
+                std::fs::create_dir_all(&host).map_err(|source| BackendError::Write { path: host.clone(), source })?;
+                let mut mounts = spec.mounts().clone().unwrap_or_default();
+                mounts.push(
+                    oci_spec::runtime::MountBuilder::default()
+                        .destination(super::DISK_VOLUME_PATH)
+                        .typ("bind")
+                        .source(host)
+                        .options(vec!["rbind".to_string(), "rw".to_string()])
+                        .build()
+                        .expect("mount fields set"),
+                );
+                spec.set_mounts(Some(mounts));
+            }
         }
         let json = serde_json::to_vec_pretty(&spec).expect("a runtime spec always serializes");
         std::fs::write(dir.join("config.json"), json).map_err(write_err)?;
@@ -259,6 +286,18 @@ impl Backend for Oci {
         let mut cmd = self.base();
         cmd.args(["exec", id, "/hello", "exit", "0"]);
         Some(cmd)
+    }
+
+    fn disk_note(&self) -> String {
+        "the shared flattened root directory itself, written in place (no overlay); a directory of the host bound \
+         in"
+        .into()
+    }
+
+    fn disk_cleanup(&self) {
+        if let Some(image) = &self.image {
+            let _ = std::fs::remove_dir_all(self.disk_volume_dir(&image.work));
+        }
     }
 
     fn serve_note(&self) -> String {

@@ -14,9 +14,31 @@ impl Process {
     fn command(&self, workload: &Workload) -> Command {
         let image = self.image.as_ref().expect("prepare() before use");
         let mut cmd = Command::new(image.workload_on_host());
-        cmd.args(workload.args());
+        match workload {
+            // The host's own file system: a scratch directory stands for both the root and the
+            // volume (both are a directory of the host here).
+            Workload::Disk { volume, mib } => {
+                let dir = disk_dir(&image.work, *volume);
+                let _ = std::fs::create_dir_all(&dir);
+                cmd.arg("disk").arg(dir).arg(mib.to_string());
+            }
+            _ => {
+                cmd.args(workload.args());
+            }
+        }
         own_process_group(&mut cmd);
         cmd
+    }
+}
+
+fn disk_dir(work: &std::path::Path, volume: bool) -> std::path::PathBuf {
+    work.join(if volume { "disk-process-volume" } else { "disk-process-root" })
+}
+
+impl Process {
+    fn scratch_dirs(&self) -> Vec<std::path::PathBuf> {
+        let image = self.image.as_ref().expect("prepare() before use");
+        vec![disk_dir(&image.work, false), disk_dir(&image.work, true)]
     }
 }
 
@@ -64,6 +86,16 @@ impl Backend for Process {
 
     fn serve_note(&self) -> String {
         "listening on the port itself: loopback, the floor".into()
+    }
+
+    fn disk_note(&self) -> String {
+        "a directory of the host's file system for both (the floor)".into()
+    }
+
+    fn disk_cleanup(&self) {
+        for d in self.scratch_dirs() {
+            let _ = std::fs::remove_dir_all(d);
+        }
     }
 
     fn teardown(&self, instance: &mut Instance) -> Result<(), BackendError> {

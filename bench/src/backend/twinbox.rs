@@ -69,8 +69,24 @@ impl Backend for TwinboxContainer {
         let image = self.image.as_ref().expect("prepare() before use");
         let mut cmd = self.twinbox();
         // Loopback only, as runc's and crun's containers here: like for like.
-        cmd.args(["run", "--rm", "--network", "none", "--name", id, &image.reference]).args(workload.args());
+        cmd.args(["run", "--rm", "--network", "none", "--name", id]);
+        if let Workload::Disk { volume: true, .. } = workload {
+            cmd.arg("-v").arg(format!("{}:{}", super::DISK_VOLUME, super::DISK_VOLUME_PATH));
+        }
+        cmd.arg(&image.reference).args(workload.args());
         Ok(cmd)
+    }
+
+    fn disk_note(&self) -> String {
+        "the overlay's upper directory on the host's file system; a named volume (`-v`, a directory of the host \
+         bound in)"
+            .into()
+    }
+
+    fn disk_cleanup(&self) {
+        let mut cmd = self.twinbox();
+        cmd.args(["volume", "rm", super::DISK_VOLUME]).stdin(Stdio::null());
+        let _ = run_quiet(cmd, "twinbox volume rm");
     }
 
     fn cleanup_run(&self, id: &str) {

@@ -11,6 +11,7 @@
 
 pub mod cpu;
 pub mod density;
+pub mod disk;
 pub mod memory;
 pub mod net;
 pub mod net_client;
@@ -38,10 +39,12 @@ pub enum Scenario {
     Density,
     Cpu,
     Net,
+    Disk,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 5] = [Scenario::Start, Scenario::Memory, Scenario::Density, Scenario::Cpu, Scenario::Net];
+    pub const ALL: [Scenario; 6] =
+        [Scenario::Start, Scenario::Memory, Scenario::Density, Scenario::Cpu, Scenario::Net, Scenario::Disk];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -50,6 +53,7 @@ impl Scenario {
             Scenario::Density => "density",
             Scenario::Cpu => "cpu",
             Scenario::Net => "net",
+            Scenario::Disk => "disk",
         }
     }
 

@@ -113,6 +113,8 @@ pub fn results(seed: u64, slow: f64) -> Results {
             density_passes: 1,
             memory_budget_mib: None,
             cpu_target_ms: 150,
+            disk_runs: 3,
+            disk_mib: 32,
         },
         interrupted: false,
         backends: vec![
