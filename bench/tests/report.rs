@@ -70,7 +70,7 @@ fn writes_every_file_and_names_every_backend() {
         assert!(html.contains(&b.name));
     }
     if w.charts_skipped.is_none() {
-        assert_eq!(html.matches("<svg").count(), 6, "every chart inlined once");
+        assert_eq!(html.matches("<svg").count(), 7, "every chart inlined once (the glance chart first)");
         assert!(!html.contains("<img"), "self-contained: no external images");
     }
 
@@ -189,4 +189,46 @@ fn parts_of_a_run_made_scenario_by_scenario_merge_into_one() {
     elsewhere.context.virtualization.kind = twinbox_bench::host::VirtKind::NestedTcg;
     assert!(Results::merge(vec![start, elsewhere]).unwrap_err().to_string().contains("virtualization"));
     assert!(matches!(Results::merge(vec![]), Err(MergeError::Empty)));
+}
+
+/// The report opens with the trade-off: its first table has every backend of the run and the
+/// nested run's microVMs, each metric as a cost relative to its own run's bare process.
+#[test]
+fn the_first_table_puts_containers_and_nested_microvms_side_by_side() {
+    use twinbox_bench::results::Better;
+    let mut nested = common::results(2, 1.0);
+    for b in nested.backends.iter_mut().filter(|b| b.name == "twinbox-microvm") {
+        (b.available, b.reason) = (true, None);
+    }
+    // Ten times the process's start and memory there: the VM's ratios.
+    for (metric, scenario, v) in
+        [("time_to_workload", "start", 10.0), ("total_per_instance", "memory", 10.0), ("end_to_end", "start", 5.0)]
+    {
+        let base = nested.record("process", scenario, metric).unwrap().samples.clone();
+        let mid = twinbox_bench::stats::median(&base);
+        let samples = vec![mid * v];
+        nested.records.push(common::record("twinbox-microvm", scenario, metric, "ms", Better::Lower, samples));
+    }
+    let mut r = common::results(1, 1.0);
+    r.nested = Some(Box::new(nested));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    twinbox_bench::report::write(&r, &out).unwrap();
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let first_table = md.lines().find(|l| l.starts_with('|')).unwrap();
+    assert!(md.find("## The trade-off at a glance").unwrap() < md.find("## What this shows").unwrap(), "{md}");
+    assert_eq!(
+        first_table,
+        "| cost ÷ the bare process's (more is worse) | process | twinbox-container | runc | twinbox-microvm (nested, emulated) |"
+    );
+    let row = |label: &str| md.lines().find(|l| l.starts_with(&format!("| {label} |"))).unwrap_or_default().to_owned();
+    assert!(row("start (time to workload)").ends_with("| 10.0× |"), "{}", row("start (time to workload)"));
+    assert!(row("memory per idle instance").ends_with("| 10.0× |"), "{}", row("memory per idle instance"));
+    assert!(row("start (time to workload)").starts_with("| start (time to workload) | 1.00× |"));
+    assert!(
+        md.contains("A microVM (twinbox-microvm (nested, emulated)) costs: 10.0× start (time to workload)"),
+        "{md}"
+    );
+    assert!(md.contains("So the VM's own kernel costs, against the container:"), "{md}");
+    assert!(out.join("glance.svg").is_file() || md.contains("No charts"), "the chart, unless no font");
 }

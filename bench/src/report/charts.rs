@@ -411,6 +411,72 @@ fn ratios<DB: DrawingBackend>(
     Ok(())
 }
 
+/// Costs relative to the bare process, one group of bars per backend and one bar per metric,
+/// on a log scale (a VM's start is a hundred times the process's, its compute loop the same).
+fn costs<DB: DrawingBackend>(
+    root: &DrawingArea<DB, Shift>,
+    title: &str,
+    sub: &str,
+    names: &[String],
+    series: &[(String, RGBColor, Vec<Option<f64>>)],
+) -> DrawResult {
+    let body = header(root, title, sub)?;
+    let k = names.len();
+    let values = series.iter().flat_map(|s| s.2.iter().flatten().copied());
+    let (lo, hi) = values.fold((1.0_f64, 1.0_f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
+    let (ymin, ymax) = (lo * 0.5, hi * 4.0);
+    let mut chart = ChartBuilder::on(&body)
+        .margin(16)
+        .x_label_area_size(36)
+        .y_label_area_size(64)
+        .build_cartesian_2d(Categories(names.to_vec()), (ymin..ymax).log_scale())
+        .map_err(e2s)?;
+    chart
+        .configure_mesh()
+        .disable_x_mesh()
+        .light_line_style(RGBColor(245, 245, 245))
+        .y_desc("cost ÷ the bare process's (log scale; more is worse)")
+        .y_label_formatter(&|v| format!("{v}×"))
+        .label_style(("sans-serif", 14))
+        .axis_desc_style(("sans-serif", 14))
+        .draw()
+        .map_err(e2s)?;
+    let m = series.len().max(1) as f64;
+    let width = 0.84 / m;
+    for (si, (label, c, per_backend)) in series.iter().enumerate() {
+        let c = *c;
+        let off = -0.42 + width * si as f64;
+        let bars: Vec<_> = per_backend
+            .iter()
+            .enumerate()
+            .filter_map(|(i, v)| {
+                let v = (*v)?;
+                let x0 = i as f64 + off + 0.005;
+                Some(Rectangle::new([(x0, ymin), (x0 + width - 0.01, v)], c.filled()))
+            })
+            .collect();
+        chart
+            .draw_series(bars)
+            .map_err(e2s)?
+            .label(label.clone())
+            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], c.filled()));
+    }
+    chart
+        .draw_series([PathElement::new(vec![(-0.5, 1.0), (k as f64 - 0.5, 1.0)], BLACK.mix(0.6).stroke_width(1))])
+        .map_err(e2s)?
+        .label("bare process = 1×")
+        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.stroke_width(1)));
+    chart
+        .configure_series_labels()
+        .position(SeriesLabelPosition::UpperLeft)
+        .background_style(WHITE.mix(0.9))
+        .border_style(BLACK)
+        .label_font(("sans-serif", 12))
+        .draw()
+        .map_err(e2s)?;
+    Ok(())
+}
+
 /// Draw one chart into `<dir>/<stem>.svg` and `<stem>.png` with the same drawing code.
 macro_rules! emit {
     ($dir:expr, $stem:expr, |$root:ident| $draw:expr) => {{
@@ -459,6 +525,44 @@ pub fn draw_all(r: &Results, dir: &Path) -> Result<Vec<Chart>, ChartError> {
     let mut out = Vec::new();
     let s = &r.settings;
     let at = where_(r);
+
+    let g = super::glance::glance(r);
+    if !g.rows.is_empty() {
+        let names: Vec<String> =
+            g.columns.iter().skip(1).map(|c| c.label().replace(" (nested, emulated)", " (nested)")).collect();
+        const PALETTE: [RGBColor; 10] = [
+            RGBColor(31, 119, 180),
+            RGBColor(174, 199, 232),
+            RGBColor(148, 103, 189),
+            RGBColor(255, 127, 14),
+            RGBColor(44, 160, 44),
+            RGBColor(152, 223, 138),
+            RGBColor(214, 39, 40),
+            RGBColor(255, 152, 150),
+            RGBColor(140, 86, 75),
+            RGBColor(196, 156, 148),
+        ];
+        let series: Vec<(String, RGBColor, Vec<Option<f64>>)> = g
+            .rows
+            .iter()
+            .enumerate()
+            .map(|(i, (label, costs))| {
+                (label.to_string(), PALETTE[i % PALETTE.len()], costs.iter().skip(1).copied().collect())
+            })
+            .collect();
+        let title = "The trade-off at a glance: each backend's cost against the bare process";
+        let sub = format!(
+            "each metric's median ÷ the bare process's in the same run; throughput, IOPS and launch rate turned round\n{}{at}",
+            if g.columns.iter().any(|c| c.nested) {
+                "(nested): microVMs measured under emulation in a nested L1, ÷ that run's own process\n"
+            } else {
+                ""
+            }
+        );
+        let stem = "glance";
+        emit!(dir, stem, |root| costs(&root, title, &sub, &names, &series));
+        out.push(Chart { stem: stem.into(), title: title.into(), caption: sub });
+    }
 
     for (metric, title, what) in [
         ("time_to_workload", "Start latency: time to workload", "launch → first byte from `hello spin 0`"),

@@ -3,6 +3,7 @@
 //! model ([`Block`]), so they always say the same thing.
 
 pub mod charts;
+pub mod glance;
 
 use std::fmt::Write as _;
 use std::path::{Path, PathBuf};
@@ -367,6 +368,16 @@ pub fn document(r: &Results, charts: &[charts::Chart], charts_skipped: Option<&s
     let c = &r.context;
     let s = &r.settings;
     let mut d = vec![Block::Heading(1, title(r))];
+    let figs = |stems: &[&str]| -> Vec<Block> {
+        charts
+            .iter()
+            .filter(|c| stems.contains(&c.stem.as_str()))
+            .map(|c| Block::Figure {
+                stem: c.stem.clone(),
+                caption: format!("{}. {}", c.title, c.caption.replace('\n', "; ")),
+            })
+            .collect()
+    };
     d.push(Block::Para(format!(
         "Image `{}`, revision `{}`{}, {} run{}. Raw samples: `results.json`.",
         s.image,
@@ -375,6 +386,26 @@ pub fn document(r: &Results, charts: &[charts::Chart], charts_skipped: Option<&s
         if s.quick { "a `--quick`" } else { "a full" },
         if r.interrupted { ", interrupted" } else { "" }
     )));
+    let g = glance::glance(r);
+    if !g.rows.is_empty() {
+        d.push(Block::Heading(2, "The trade-off at a glance".into()));
+        let mut head = vec!["cost ÷ the bare process's (more is worse)".to_string()];
+        head.extend(g.columns.iter().map(glance::Column::label));
+        d.push(Block::Table {
+            head,
+            rows: g
+                .rows
+                .iter()
+                .map(|(label, costs)| {
+                    let mut row = vec![label.to_string()];
+                    row.extend(costs.iter().map(|c| glance::cell(*c)));
+                    row
+                })
+                .collect(),
+        });
+        d.extend(figs(&["glance"]));
+        d.push(Block::Para(glance::in_words(&g).join(" ")));
+    }
     d.push(Block::Heading(2, "What this shows".into()));
     d.push(Block::List(what_this_shows(r)));
 
@@ -414,16 +445,6 @@ pub fn document(r: &Results, charts: &[charts::Chart], charts_skipped: Option<&s
     d.push(Block::Heading(2, "Backends".into()));
     d.push(backends_table(&r.backends, true));
 
-    let figs = |stems: &[&str]| -> Vec<Block> {
-        charts
-            .iter()
-            .filter(|c| stems.contains(&c.stem.as_str()))
-            .map(|c| Block::Figure {
-                stem: c.stem.clone(),
-                caption: format!("{}. {}", c.title, c.caption.replace('\n', "; ")),
-            })
-            .collect()
-    };
     let section = |scenario: &str| -> Vec<&Record> { r.records.iter().filter(|x| x.scenario == scenario).collect() };
     let method = |recs: &[&Record]| -> Block {
         let mut seen: Vec<String> = Vec::new();

@@ -486,7 +486,11 @@ impl Process {
 
 /// The streams the exec's process gets.
 enum ChildStdio {
-    Pipes { stdin: Option<OwnedFd>, out: OwnedFd, err: OwnedFd },
+    Pipes {
+        stdin: Option<OwnedFd>,
+        out: OwnedFd,
+        err: OwnedFd,
+    },
     /// The number of the pty (in the workload's devpts) whose slave the process opens, once
     /// in the workload's root, so that its terminal is `/dev/pts/N` there (ttyname works).
     Terminal(u32),

@@ -1,0 +1,177 @@
+//! The trade-off at a glance: every headline metric of every backend as a cost relative to the
+//! bare process of the same run (1 = what the process pays, 2 = twice that), containers and
+//! microVMs side by side. A metric where more is better (throughput, IOPS, launch rate) is
+//! turned round (process ÷ backend), so that in every row more is worse. MicroVMs measured in a
+//! nested L1 (`--nested`) are divided by that run's own bare process and marked as emulated.
+
+use crate::results::Results;
+use crate::stats::median;
+
+/// (label, scenario, metric, the metric is already a ratio to the process, more is better).
+pub const METRICS: [(&str, &str, &str, bool, bool); 10] = [
+    ("start (time to workload)", "start", "time_to_workload", false, false),
+    ("start (end to end)", "start", "end_to_end", false, false),
+    ("memory per idle instance", "memory", "total_per_instance", false, false),
+    ("launch rate (density)", "density", "launch_rate", false, true),
+    ("compute loop", "cpu", "compute_ratio", true, false),
+    ("syscall loop", "cpu", "syscalls_ratio", true, false),
+    ("request latency (kept-alive)", "net", "latency_keepalive", false, false),
+    ("network throughput", "net", "throughput", false, true),
+    ("durable 4 KiB writes (volume)", "disk", "volume_rand_write_iops", false, true),
+    ("sequential writes (volume)", "disk", "volume_seq_write", false, true),
+];
+
+/// One column: a backend of this run, or a microVM of the nested run.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Column {
+    pub backend: String,
+    /// "process", "container" or "microvm".
+    pub isolation: String,
+    /// Measured in the nested L1 (emulated).
+    pub nested: bool,
+}
+
+impl Column {
+    /// The column's heading.
+    pub fn label(&self) -> String {
+        if self.nested {
+            format!("{} (nested, emulated)", self.backend)
+        } else {
+            self.backend.clone()
+        }
+    }
+}
+
+/// The table: columns, and per metric (in [`METRICS`] order) a cost per column.
+#[derive(Debug, Clone)]
+pub struct Glance {
+    pub columns: Vec<Column>,
+    pub rows: Vec<(&'static str, Vec<Option<f64>>)>,
+}
+
+fn med(r: &Results, backend: &str, scenario: &str, metric: &str) -> Option<f64> {
+    r.record(backend, scenario, metric).filter(|x| !x.samples.is_empty()).map(|x| median(&x.samples))
+}
+
+/// `backend`'s cost in `r` relative to `r`'s bare process for metric `m` of [`METRICS`].
+fn cost(r: &Results, backend: &str, m: &(&str, &str, &str, bool, bool)) -> Option<f64> {
+    let &(_, scenario, metric, is_ratio, higher_better) = m;
+    let v = med(r, backend, scenario, metric)?;
+    if is_ratio {
+        return (v > 0.0).then_some(v);
+    }
+    let base = med(r, "process", scenario, metric)?;
+    let c = if higher_better { base / v } else { v / base };
+    (c.is_finite() && c > 0.0).then_some(c)
+}
+
+/// The measured backends of `r` (in its order), then the microVMs of its nested run.
+pub fn glance(r: &Results) -> Glance {
+    let measured = |res: &Results, name: &str| res.records.iter().any(|x| x.backend == name && !x.samples.is_empty());
+    let mut columns: Vec<Column> = r
+        .backends
+        .iter()
+        .filter(|b| measured(r, &b.name))
+        .map(|b| Column { backend: b.name.clone(), isolation: b.isolation.clone(), nested: false })
+        .collect();
+    if let Some(n) = &r.nested {
+        columns.extend(
+            n.backends.iter().filter(|b| b.isolation == "microvm" && measured(n, &b.name)).map(|b| Column {
+                backend: b.name.clone(),
+                isolation: b.isolation.clone(),
+                nested: true,
+            }),
+        );
+    }
+    let rows = METRICS
+        .iter()
+        .map(|m| {
+            let costs = columns
+                .iter()
+                .map(|c| {
+                    let run = if c.nested { r.nested.as_deref()? } else { r };
+                    if c.backend == "process" {
+                        return med(run, "process", m.1, m.2).map(|_| 1.0).or(if m.3 { Some(1.0) } else { None });
+                    }
+                    cost(run, &c.backend, m)
+                })
+                .collect();
+            (m.0, costs)
+        })
+        .filter(|(_, costs): &(_, Vec<Option<f64>>)| costs.iter().skip(1).any(Option::is_some))
+        .collect();
+    Glance { columns, rows }
+}
+
+/// "1.25×", "–" when not measured.
+pub fn cell(c: Option<f64>) -> String {
+    match c {
+        Some(v) if v >= 100.0 => format!("{v:.0}×"),
+        Some(v) if v >= 10.0 => format!("{v:.1}×"),
+        Some(v) => format!("{v:.2}×"),
+        None => "–".into(),
+    }
+}
+
+/// Two or three sentences that say the table's ratios in words: the twinbox container and
+/// the twinbox microVM (or the first of each kind measured) against the process, and the VM
+/// against the container.
+pub fn in_words(g: &Glance) -> Vec<String> {
+    let pick = |iso: &str| {
+        let twin = format!("twinbox-{iso}");
+        g.columns.iter().position(|c| c.backend == twin).or_else(|| g.columns.iter().position(|c| c.isolation == iso))
+    };
+    let (ct, vm) = (pick("container"), pick("microvm"));
+    let get = |row: &str, col: usize| g.rows.iter().find(|(l, _)| *l == row).and_then(|(_, v)| v[col]);
+    let describe = |col: usize| -> String {
+        let mut parts = Vec::new();
+        for (label, _) in &g.rows {
+            if let Some(v) = get(label, col) {
+                parts.push(format!("{} {}", cell(Some(v)), label));
+            }
+        }
+        parts.join(", ")
+    };
+    let mut out = Vec::new();
+    if let Some(c) = ct {
+        out.push(format!("A container ({}) costs, against the bare process: {}.", g.columns[c].label(), describe(c)));
+    }
+    if let Some(v) = vm {
+        out.push(format!("A microVM ({}) costs: {}.", g.columns[v].label(), describe(v)));
+    }
+    if let (Some(c), Some(v)) = (ct, vm) {
+        let mut versus = Vec::new();
+        for row in ["start (time to workload)", "memory per idle instance", "request latency (kept-alive)"] {
+            if let (Some(a), Some(b)) = (get(row, c), get(row, v)) {
+                versus.push(format!("{} its {row}", cell(Some(b / a))));
+            }
+        }
+        if !versus.is_empty() {
+            out.push(format!(
+                "So the VM's own kernel costs, against the container: {}{}.",
+                versus.join(", "),
+                if g.columns[v].nested {
+                    " (the VM measured under emulation in a nested L1, each side divided by its own run's process)"
+                } else {
+                    ""
+                }
+            ));
+        }
+    } else if vm.is_none() {
+        out.push("No microVM was measured in this run (see the notes), so the table has containers only.".into());
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::cell;
+
+    #[test]
+    fn cells_have_the_digits_they_deserve() {
+        assert_eq!(cell(Some(1.234)), "1.23×");
+        assert_eq!(cell(Some(12.34)), "12.3×");
+        assert_eq!(cell(Some(123.4)), "123×");
+        assert_eq!(cell(None), "–");
+    }
+}
