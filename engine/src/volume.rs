@@ -108,8 +108,8 @@ impl std::str::FromStr for VolumeMount {
             Some("ro") => true,
             Some(m) => return Err(bad(&format!("unknown option {m:?}; only ro and rw are supported"))),
         };
-        if !target.starts_with('/') || target.split('/').any(|c| c == "..") {
-            return Err(bad("TARGET must be an absolute path without `..`"));
+        if !target.starts_with('/') || target.split('/').any(|c| c == ".." || c == ".") {
+            return Err(bad("TARGET must be an absolute path without `.` or `..`"));
         }
         if target.trim_end_matches('/').is_empty() {
             return Err(bad("TARGET cannot be the root"));
@@ -209,6 +209,22 @@ impl Volumes {
             path,
             source: e.into(),
         })
+    }
+
+    /// Held shared by a command from checking its `-v` volumes until its instance's record
+    /// (which names them) is saved, and exclusively by `volume rm` while it looks for users and
+    /// removes: a volume is never removed between a run's check and its record.
+    pub fn users_lock(&self, exclusive: bool) -> Result<nix::fcntl::Flock<fs::File>, VolumeError> {
+        fs::create_dir_all(&self.dir).map_err(io_err("create directory", &self.dir))?;
+        let path = self.dir.join(".users.lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(io_err("open", &path))?;
+        let how = if exclusive { nix::fcntl::FlockArg::LockExclusive } else { nix::fcntl::FlockArg::LockShared };
+        nix::fcntl::Flock::lock(file, how).map_err(|(_, e)| VolumeError::Io { op: "lock", path, source: e.into() })
     }
 
     fn check_name(name: &str) -> Result<(), VolumeError> {
@@ -346,6 +362,36 @@ impl Volumes {
         }
     }
 
+    /// Whether volume `name` (made or not) suits an instance of the given model: an existing
+    /// one of the other model's driver is refused with the reason. Nothing is made.
+    pub fn check_mount(&self, name: &str, microvm: bool) -> Result<(), VolumeError> {
+        match self.get(name) {
+            Ok(v) => self.suits(&v, microvm),
+            Err(VolumeError::NoSuchVolume(_)) => Ok(()),
+            Err(e) => Err(e),
+        }
+    }
+
+    fn suits(&self, v: &Volume, microvm: bool) -> Result<(), VolumeError> {
+        let name = &v.name;
+        let wanted = if microvm { Driver::Disk } else { Driver::Local };
+        if v.driver == wanted {
+            return Ok(());
+        }
+        let why = if microvm {
+            format!(
+                "a directory, which a microVM cannot mount (it has no shared-filesystem device); give it a disk \
+                 volume: twinbox volume create --driver disk {name}-disk"
+            )
+        } else {
+            format!(
+                "an ext4 disk for microVMs, which a container does not mount; give it a local volume: \
+                 twinbox volume create {name}-dir"
+            )
+        };
+        Err(VolumeError::WrongDriver { name: name.to_owned(), driver: v.driver, why })
+    }
+
     /// The volume a mount of an instance of the given model uses, made if it does not exist
     /// (a local volume for a container, a disk volume for a microVM), checked to suit it.
     pub fn for_mount(&self, name: &str, microvm: bool) -> Result<Volume, VolumeError> {
@@ -358,20 +404,7 @@ impl Volumes {
             },
             Err(e) => return Err(e),
         };
-        if v.driver != wanted {
-            let why = if microvm {
-                format!(
-                    "a directory, which a microVM cannot mount (it has no shared-filesystem device); give it a disk \
-                     volume: twinbox volume create --driver disk {name}-disk"
-                )
-            } else {
-                format!(
-                    "an ext4 disk for microVMs, which a container does not mount; give it a local volume: \
-                     twinbox volume create {name}-dir"
-                )
-            };
-            return Err(VolumeError::WrongDriver { name: name.to_owned(), driver: v.driver, why });
-        }
+        self.suits(&v, microvm)?;
         Ok(v)
     }
 }
@@ -417,7 +450,7 @@ mod tests {
         assert_eq!(m.source, VolumeSource::Host("/srv/www".into()));
         assert!(m.read_only);
         assert_eq!(m.to_string(), "/srv/www:/usr/share/www:ro");
-        for bad in ["/only", "data:relative", "data:/x:z", "a:b:c:d", "da ta:/x", "data:/", "data:/a/../b"] {
+        for bad in ["/only", "data:relative", "data:/x:z", "a:b:c:d", "da ta:/x", "data:/", "data:/a/../b", "data:/."] {
             let e = bad.parse::<VolumeMount>().unwrap_err();
             assert!(e.to_string().starts_with(&format!("-v {bad}: ")), "{bad}: {e}");
         }

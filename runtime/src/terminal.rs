@@ -191,6 +191,21 @@ impl ConsoleProxy {
             let _ = output.join();
         }
     }
+
+    /// [`finish`](Self::finish) for a process that has ended but whose children may keep the
+    /// pty open (an exec's `cmd &`): what it wrote is drained for at most `grace`, then the
+    /// copier is left behind instead of waiting for them (as `docker exec -t` returns).
+    pub fn finish_within(mut self, grace: std::time::Duration) {
+        if let Some(output) = self.output.take() {
+            let deadline = std::time::Instant::now() + grace;
+            while !output.is_finished() && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(5));
+            }
+            if output.is_finished() {
+                let _ = output.join();
+            }
+        }
+    }
 }
 
 impl Drop for ConsoleProxy {

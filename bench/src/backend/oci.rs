@@ -67,9 +67,10 @@ impl Oci {
         cmd
     }
 
-    /// The host directory bound in as the `disk` scenario's volume.
-    fn disk_volume_dir(&self, work: &Path) -> PathBuf {
-        work.join(format!("disk-{}-volume", self.runtime.name()))
+    /// The host directory bound in as the `disk` scenario's volume: on the store's file
+    /// system, as twinbox's volumes are (the scratch directory may be a tmpfs).
+    fn disk_volume_dir(&self, store: &Path) -> PathBuf {
+        store.join(".bench-disk").join(format!("{}-volume", self.runtime.name()))
     }
 
     /// A bundle per instance: config.json only; the root is the shared flattened rootfs. With
@@ -90,7 +91,7 @@ impl Oci {
                 root.set_readonly(Some(false));
             }
             if *volume {
-                let host = self.disk_volume_dir(&image.work);
+                let host = self.disk_volume_dir(&image.store_root);
                 std::fs::create_dir_all(&host).map_err(|source| BackendError::Write { path: host.clone(), source })?;
                 let mut mounts = spec.mounts().clone().unwrap_or_default();
                 mounts.push(
@@ -289,14 +290,18 @@ impl Backend for Oci {
     }
 
     fn disk_note(&self) -> String {
-        "the shared flattened root directory itself, written in place (no overlay); a directory of the host bound \
-         in"
-        .into()
+        "the shared flattened root directory itself (in the bench's scratch directory), written in place (no \
+         overlay); a directory on the store's file system bound in"
+            .into()
     }
 
     fn disk_cleanup(&self) {
         if let Some(image) = &self.image {
-            let _ = std::fs::remove_dir_all(self.disk_volume_dir(&image.work));
+            let dir = self.disk_volume_dir(&image.store_root);
+            let _ = std::fs::remove_dir_all(&dir);
+            if let Some(parent) = dir.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
         }
     }
 

@@ -18,7 +18,7 @@ impl Process {
             // The host's own file system: a scratch directory stands for both the root and the
             // volume (both are a directory of the host here).
             Workload::Disk { volume, mib } => {
-                let dir = disk_dir(&image.work, *volume);
+                let dir = disk_dir(&image.store_root, *volume);
                 let _ = std::fs::create_dir_all(&dir);
                 cmd.arg("disk").arg(dir).arg(mib.to_string());
             }
@@ -31,14 +31,16 @@ impl Process {
     }
 }
 
-fn disk_dir(work: &std::path::Path, volume: bool) -> std::path::PathBuf {
-    work.join(if volume { "disk-process-volume" } else { "disk-process-root" })
+/// On the store's file system, where the containers' layers and volumes are (the scratch
+/// directory may be a tmpfs).
+fn disk_dir(store: &std::path::Path, volume: bool) -> std::path::PathBuf {
+    store.join(".bench-disk").join(if volume { "process-volume" } else { "process-root" })
 }
 
 impl Process {
     fn scratch_dirs(&self) -> Vec<std::path::PathBuf> {
         let image = self.image.as_ref().expect("prepare() before use");
-        vec![disk_dir(&image.work, false), disk_dir(&image.work, true)]
+        vec![disk_dir(&image.store_root, false), disk_dir(&image.store_root, true)]
     }
 }
 
@@ -89,12 +91,17 @@ impl Backend for Process {
     }
 
     fn disk_note(&self) -> String {
-        "a directory of the host's file system for both (the floor)".into()
+        "a directory on the file system of the store (where containers' layers and volumes lie) for both (the \
+         floor)"
+            .into()
     }
 
     fn disk_cleanup(&self) {
         for d in self.scratch_dirs() {
-            let _ = std::fs::remove_dir_all(d);
+            let _ = std::fs::remove_dir_all(&d);
+            if let Some(parent) = d.parent() {
+                let _ = std::fs::remove_dir(parent);
+            }
         }
     }
 

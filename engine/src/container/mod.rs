@@ -404,6 +404,8 @@ impl Engine {
         }
         let net = self.net_setup(&id, &cdir, opts)?;
         let mut spec = spec::build_spec(&id, &image.config, &layers, &overlay, opts, &net)?;
+        // Until the record naming them is saved, no `volume rm` of these.
+        let _volume_users = if opts.volumes.is_empty() { None } else { Some(self.volumes().users_lock(false)?) };
         let binds = self.volume_binds(opts)?;
         if !binds.is_empty() {
             let mut mounts = spec.mounts().clone().unwrap_or_default();
@@ -451,21 +453,26 @@ impl Engine {
     fn volume_binds(&self, opts: &RunOptions) -> Result<Vec<oci_spec::runtime::Mount>, EngineError> {
         use crate::volume::VolumeSource;
         let volumes = self.volumes();
+        // Everything checked before any volume is made.
+        for m in &opts.volumes {
+            match &m.source {
+                VolumeSource::Host(path) if !path.exists() => {
+                    return Err(crate::volume::VolumeError::BadMount {
+                        spec: m.to_string(),
+                        why: format!("the host path {} does not exist; create it first", path.display()),
+                    }
+                    .into())
+                }
+                VolumeSource::Host(_) => {}
+                VolumeSource::Named(name) => volumes.check_mount(name, false)?,
+            }
+        }
         let mut out = Vec::new();
         for m in &opts.volumes {
             let source = match &m.source {
-                VolumeSource::Host(path) => {
-                    // A typo must not become an empty directory bound over the image's files
-                    // (what `docker run -v` does; `--mount` refuses it, as here).
-                    if !path.exists() {
-                        return Err(crate::volume::VolumeError::BadMount {
-                            spec: m.to_string(),
-                            why: format!("the host path {} does not exist; create it first", path.display()),
-                        }
-                        .into());
-                    }
-                    path.clone()
-                }
+                // A typo is not made an empty directory bound over the image's files (what
+                // `docker run -v` does; `--mount` refuses it, as here): checked above.
+                VolumeSource::Host(path) => path.clone(),
                 VolumeSource::Named(name) => {
                     volumes.for_mount(name, false)?;
                     volumes.data_dir(name)
@@ -495,6 +502,7 @@ impl Engine {
 
     /// Removes named volume `name`, unless an instance (running or not) mounts it.
     pub fn remove_volume(&self, name: &str) -> Result<(), EngineError> {
+        let _users_lock = self.volumes().users_lock(true)?;
         let users: Vec<String> = self
             .records()?
             .into_iter()
@@ -1444,7 +1452,8 @@ impl Engine {
             let proxy = if input { ConsoleProxy::start(master) } else { ConsoleProxy::output_only(master) };
             let code =
                 twinbox_runtime::wait_forwarding(pid, &forwarded, Some(&proxy)).unwrap_or(twinbox_exit::INTERNAL);
-            proxy.finish();
+            // A child it left in the background may hold the pty for as long as it likes.
+            proxy.finish_within(std::time::Duration::from_millis(500));
             Ok(code)
         })();
         let _ = old.thread_set_mask();

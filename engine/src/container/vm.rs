@@ -90,8 +90,8 @@ fn agent_timeout() -> std::time::Duration {
     std::env::var("TWINBOX_AGENT_TIMEOUT")
         .ok()
         .and_then(|v| v.parse::<f64>().ok())
-        .filter(|s| s.is_finite() && *s >= 0.0)
-        .map_or(std::time::Duration::from_secs(30), std::time::Duration::from_secs_f64)
+        .and_then(|s| std::time::Duration::try_from_secs_f64(s).ok())
+        .unwrap_or(std::time::Duration::from_secs(30))
 }
 
 /// A detached VM's wait for its guest agent (see [`Engine::boot_microvm`]).
@@ -104,29 +104,35 @@ struct AgentWait {
 }
 
 impl AgentWait {
-    /// Tries the agent until it answers, the VM ends or the time is up; `ok PID` to `report`
-    /// when it answers, else the failure noted and the VM (this process) stopped.
+    /// Tries the agent until it answers (true), the VM ends or the time is up; `ok PID` to
+    /// `report` when it answers; with a report (a detached VM), a timeout notes the failure
+    /// and stops the VM (this process).
     fn watch(
         &self,
         socket: &Path,
         name: &str,
         console: &microvm::ConsoleTail,
-        report: &Mutex<Option<fs::File>>,
+        report: Option<&Mutex<Option<fs::File>>>,
         me: i32,
-    ) {
+    ) -> bool {
         let timeout = agent_timeout();
         let deadline = Instant::now() + timeout;
         while !self.ended.load(Ordering::SeqCst) {
-            let last = match connect_agent(socket, AGENT_ANSWER) {
+            let left = deadline.saturating_duration_since(Instant::now()).max(std::time::Duration::from_millis(100));
+            let last = match connect_agent(socket, AGENT_ANSWER.min(left)) {
                 Ok(_) => {
-                    if let Some(mut r) = report.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                    if let Some(mut r) = report.and_then(|r| r.lock().unwrap_or_else(|e| e.into_inner()).take()) {
                         let _ = write!(r, "ok {me}");
                     }
-                    return;
+                    return true;
                 }
                 Err(e) => e,
             };
             if Instant::now() >= deadline {
+                // A foreground run (no report) is not stopped for it: its output says the rest.
+                if report.is_none() {
+                    return false;
+                }
                 let why = format!(" (last try: {last})");
                 *self.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!(
                     "the guest agent of {name} did not answer within {} s{why}, so the VM was stopped (set \
@@ -135,10 +141,11 @@ impl AgentWait {
                     console.tail()
                 ));
                 let _ = nix::sys::signal::kill(Pid::from_raw(me), Signal::SIGTERM);
-                return;
+                return false;
             }
             std::thread::sleep(std::time::Duration::from_millis(20));
         }
+        false
     }
 }
 
@@ -211,8 +218,22 @@ impl Engine {
     ///
     /// [`run_foreground`]: Engine::run_foreground
     pub fn run_microvm(&self, opts: &RunOptions, vm: &VmOptions, start: Instant) -> Result<Exit, EngineError> {
-        let (record, prepared) = self.prepare_microvm(opts, vm)?;
+        let (record, prepared, _vmm) = self.prepare_microvm(opts, vm)?;
         self.boot_microvm(record, prepared, start, None, None)
+    }
+
+    /// The lock the VMM of microVM `id` holds while it runs (`<dir>/vmm.lock`): a second
+    /// `start` of the same VM at once finds it taken instead of booting the VM twice.
+    fn vmm_lock(&self, id: &str) -> Result<nix::fcntl::Flock<fs::File>, EngineError> {
+        let path = self.container_dir(id).join("vmm.lock");
+        let file = fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|_| EngineError::NoSuchContainer(id.to_owned()))?;
+        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
+            .map_err(|_| EngineError::NotForMicrovm(format!("{id} is being started by another command")))
     }
 
     /// `run -d --isolation microvm`: the instance made here, its VM run by a launcher of its own
@@ -220,7 +241,8 @@ impl Engine {
     /// which is then its VMM and monitor: it records the exit when the VM ends. Returns once
     /// the VM runs (its network and ports ready) or failed to start.
     pub fn run_microvm_detached(&self, opts: &RunOptions, vm: &VmOptions) -> Result<Record, EngineError> {
-        let (record, _) = self.prepare_microvm(opts, vm)?;
+        // Its lock goes with this process's hold: the launcher takes it.
+        let (record, _, _) = self.prepare_microvm(opts, vm)?;
         self.launch_detached(record)
     }
 
@@ -252,9 +274,14 @@ impl Engine {
         match outcome {
             Ok(()) => self.find(&record.id),
             Err(e) => {
-                // A new VM that never ran goes; one started again stays (its launcher puts
-                // its record back as it was).
-                if record.phase == Phase::Created && self.stored(&record.id).is_some_and(|r| r.phase == Phase::Created)
+                // A launcher that said why has undone what it made itself (and one that lost
+                // the VMM lock to another must leave that one's VM alone). One that died
+                // without a word leaves a new VM that never ran: it goes; one started again
+                // stays.
+                let relayed = matches!(e, EngineError::Relayed { .. });
+                if !relayed
+                    && record.phase == Phase::Created
+                    && self.stored(&record.id).is_some_and(|r| r.phase == Phase::Created)
                 {
                     let _ = self.remove_files(&record.id);
                 }
@@ -269,20 +296,10 @@ impl Engine {
     ///
     /// [`run_microvm_detached`]: Engine::run_microvm_detached
     pub fn launch_microvm(&self, id: &str, start: Instant, mut report: std::fs::File) -> i32 {
-        // Held while this process is the VM's VMM: a second `start` of the same VM at once
-        // finds it taken instead of booting the VM twice.
+        // Held while this process is the VM's VMM.
         let mut _vmm_lock = None;
         let result = (|| {
-            let path = self.container_dir(id).join("vmm.lock");
-            let file = fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .open(&path)
-                .map_err(|_| EngineError::NoSuchContainer(id.to_owned()))?;
-            let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-                .map_err(|_| EngineError::NotForMicrovm(format!("{id} is being started by another command")))?;
-            _vmm_lock = Some(lock);
+            _vmm_lock = Some(self.vmm_lock(id)?);
             let mut record = self.stored(id).ok_or_else(|| EngineError::NoSuchContainer(id.to_owned()))?;
             let vm = record.vm.clone().ok_or_else(|| EngineError::NotForMicrovm(format!("{id} is not a microVM")))?;
             if !matches!(record.phase, Phase::Created | Phase::Exited { .. }) {
@@ -346,85 +363,102 @@ impl Engine {
         let report = Arc::new(Mutex::new(report));
         let waiting = Arc::new(AgentWait::default());
         let mut volume_locks = Vec::new();
-        let outcome = (|| {
-            let mut cards = Vec::new();
-            let mut joined = None;
-            let hostname = spec::hostname(&id, &record.options);
-            guest.hosts = attach::hosts_file(&hostname, None);
-            if let NetworkMode::Bridge(name) = &record.options.network {
-                let network = nets.get_or_create_default(name)?;
-                nets.ensure_bridge(&network)?;
-                let (network, ip) = nets.allocate(&network.name, &id, |c| !self.container_dir(c).exists())?;
-                let mut endpoint = Endpoint::new(&network, ip, &id);
-                endpoint.host_veth = attach::tap_name(&id);
-                guest.network = Some(endpoint.guest_network());
-                let mut others = super::member_names(&self.members(&network, None));
-                others.retain(|(other, _)| *other != ip);
-                guest.hosts = attach::network_hosts_file(&hostname, ip, &others);
-                guest.resolv_conf = attach::resolv_conf(&fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
-                cards.push(NetConfig {
-                    tap: endpoint.host_veth.clone(),
-                    mac: Some(attach::mac_text(attach::mac_for(ip))),
-                });
-                joined = Some((endpoint, network.bridge.clone()));
-            }
-            // Named volumes: a disk each after the root disk (vdb, vdc, …), held by this VMM.
-            let mut disks = Vec::new();
-            for (i, m) in record.options.volumes.iter().enumerate() {
-                let VolumeSource::Named(name) = &m.source else { continue };
-                let path = self.volumes().for_mount(name, true)?;
-                let path = self.volumes().disk_path(&path.name);
-                let file = fs::OpenOptions::new().read(true).write(true).open(&path).map_err(io_err("open", &path))?;
-                let lock =
-                    nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
-                        EngineError::NotForMicrovm(format!(
-                            "volume {name} is in use by another microVM; a disk volume goes into one VM at a time"
-                        ))
-                    })?;
-                volume_locks.push(lock);
-                let letter = char::from(b'b' + i as u8);
-                guest.volumes.push(twinbox_microvm::agent::GuestVolume {
-                    device: format!("/dev/vd{letter}"),
-                    target: m.target.clone(),
-                    read_only: m.read_only,
-                });
-                disks.push(twinbox_microvm::config::DiskConfig { path, read_only: m.read_only });
-            }
-            let prepared = microvm::PreparedRun { guest: guest.clone(), ..prepared.clone() };
-            let (mut config, initrd) = microvm::vm_config(prepared, &vm, cards);
-            config.disks.extend(disks);
-            let socket = vsock_path(&id);
-            let dir = socket.parent().expect("a path in a directory");
-            fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
-            // The sockets reach the guests' agents (exec as root in them): root's only.
-            fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
-                .map_err(io_err("restrict", dir))?;
-            // A socket left by a VMM that was killed.
-            let _ = fs::remove_file(&socket);
-            config.vsock = Some(twinbox_microvm::VsockConfig { guest_cid: 3, uds_path: socket.clone() });
-            let output = self.vm_output(&record, detached)?;
-            let me = std::process::id() as i32;
-            microvm::boot(config, initrd, start, output, vm.verbose, |console| -> Result<(), EngineError> {
-                if let Some((endpoint, bridge)) = &joined {
-                    attach::connect_tap(endpoint, bridge)?;
-                    record.endpoint = Some(endpoint.clone());
-                    self.publish(&mut record, endpoint.ip, me)?;
+        let outcome = std::thread::scope(|sc| {
+            (|| {
+                let mut cards = Vec::new();
+                let mut joined = None;
+                let hostname = spec::hostname(&id, &record.options);
+                guest.hosts = attach::hosts_file(&hostname, None);
+                if let NetworkMode::Bridge(name) = &record.options.network {
+                    let network = nets.get_or_create_default(name)?;
+                    nets.ensure_bridge(&network)?;
+                    let (network, ip) = nets.allocate(&network.name, &id, |c| !self.container_dir(c).exists())?;
+                    let mut endpoint = Endpoint::new(&network, ip, &id);
+                    endpoint.host_veth = attach::tap_name(&id);
+                    guest.network = Some(endpoint.guest_network());
+                    let mut others = super::member_names(&self.members(&network, None));
+                    others.retain(|(other, _)| *other != ip);
+                    guest.hosts = attach::network_hosts_file(&hostname, ip, &others);
+                    guest.resolv_conf =
+                        attach::resolv_conf(&fs::read_to_string("/etc/resolv.conf").unwrap_or_default());
+                    cards.push(NetConfig {
+                        tap: endpoint.host_veth.clone(),
+                        mac: Some(attach::mac_text(attach::mac_for(ip))),
+                    });
+                    joined = Some((endpoint, network.bridge.clone()));
                 }
-                record.phase = Phase::Running { pid: me };
-                self.save(&record)?;
-                ran.set(true);
-                if let Some((endpoint, _)) = &joined {
-                    // The others learn its name; its own /etc/hosts came with its configuration
-                    // (its agent is not up yet to take one).
-                    self.refresh_hosts(&endpoint.network, Some(&record));
+                // Named volumes: a disk each after the root disk (vdb, vdc, …), held by this VMM.
+                let mut disks = Vec::new();
+                for (i, m) in record.options.volumes.iter().enumerate() {
+                    let VolumeSource::Named(name) = &m.source else { continue };
+                    let path = self.volumes().for_mount(name, true)?;
+                    let path = self.volumes().disk_path(&path.name);
+                    let file =
+                        fs::OpenOptions::new().read(true).write(true).open(&path).map_err(io_err("open", &path))?;
+                    let lock =
+                        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|_| {
+                            EngineError::NotForMicrovm(format!(
+                                "volume {name} is in use by another microVM; a disk volume goes into one VM at a time"
+                            ))
+                        })?;
+                    volume_locks.push(lock);
+                    let letter = char::from(b'b' + i as u8);
+                    guest.volumes.push(twinbox_microvm::agent::GuestVolume {
+                        device: format!("/dev/vd{letter}"),
+                        target: m.target.clone(),
+                        read_only: m.read_only,
+                    });
+                    disks.push(twinbox_microvm::config::DiskConfig { path, read_only: m.read_only });
                 }
-                if detached {
-                    let (waiting, report, name) = (waiting.clone(), report.clone(), record.name.clone());
-                    std::thread::spawn(move || waiting.watch(&socket, &name, &console, &report, me));
-                }
-                Ok(())
-            })
-        })();
+                let prepared = microvm::PreparedRun { guest: guest.clone(), ..prepared.clone() };
+                let (mut config, initrd) = microvm::vm_config(prepared, &vm, cards);
+                config.disks.extend(disks);
+                let socket = vsock_path(&id);
+                let dir = socket.parent().expect("a path in a directory");
+                fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
+                // The sockets reach the guests' agents (exec as root in them): root's only.
+                fs::set_permissions(dir, std::os::unix::fs::PermissionsExt::from_mode(0o700))
+                    .map_err(io_err("restrict", dir))?;
+                // A socket left by a VMM that was killed.
+                let _ = fs::remove_file(&socket);
+                config.vsock = Some(twinbox_microvm::VsockConfig { guest_cid: 3, uds_path: socket.clone() });
+                let output = self.vm_output(&record, detached)?;
+                let me = std::process::id() as i32;
+                let booted =
+                    microvm::boot(config, initrd, start, output, vm.verbose, |console| -> Result<(), EngineError> {
+                        if let Some((endpoint, bridge)) = &joined {
+                            attach::connect_tap(endpoint, bridge)?;
+                            record.endpoint = Some(endpoint.clone());
+                            self.publish(&mut record, endpoint.ip, me)?;
+                        }
+                        record.phase = Phase::Running { pid: me };
+                        self.save(&record)?;
+                        ran.set(true);
+                        if let Some((endpoint, _)) = &joined {
+                            // The others learn its name; its own /etc/hosts came with its configuration
+                            // (its agent is not up yet to take one).
+                            self.refresh_hosts(&endpoint.network, Some(&record));
+                        }
+                        // Wait for the agent: a detached VM's `run -d` returns once it answers; a VM on
+                        // a network then gets the names of whoever joined while it booted.
+                        let network = joined.as_ref().map(|(e, _)| e.network.clone());
+                        if detached || network.is_some() {
+                            let (waiting, report, name) = (waiting.clone(), report.clone(), record.name.clone());
+                            sc.spawn(move || {
+                                let report = detached.then_some(&*report);
+                                if waiting.watch(&socket, &name, &console, report, me) {
+                                    if let Some(n) = network {
+                                        self.refresh_hosts(&n, None);
+                                    }
+                                }
+                            });
+                        }
+                        Ok(())
+                    });
+                waiting.ended.store(true, Ordering::SeqCst);
+                booted
+            })()
+        });
         waiting.ended.store(true, Ordering::SeqCst);
         let failure = waiting.failure.lock().unwrap_or_else(|e| e.into_inner()).take();
         let outcome = match (failure, outcome) {
@@ -500,7 +534,7 @@ impl Engine {
         &self,
         opts: &RunOptions,
         vm: &VmOptions,
-    ) -> Result<(Record, microvm::PreparedRun), EngineError> {
+    ) -> Result<(Record, microvm::PreparedRun, nix::fcntl::Flock<fs::File>), EngineError> {
         let refuse = |what: &str| Err(EngineError::NotForMicrovm(what.to_owned()));
         match &opts.network {
             NetworkMode::None | NetworkMode::Bridge(_) => {}
@@ -522,6 +556,8 @@ impl Engine {
                 self.networks().get(name)?;
             }
         }
+        // Until the record naming them is saved, no `volume rm` of these.
+        let _volume_users = if opts.volumes.is_empty() { None } else { Some(self.volumes().users_lock(false)?) };
         if opts.volumes.len() > MAX_VOLUMES {
             return refuse(&format!("a microVM takes at most {MAX_VOLUMES} volumes (a disk each)"));
         }
@@ -535,7 +571,12 @@ impl Engine {
                     ))
                 }
                 VolumeSource::Named(name) => {
-                    self.volumes().for_mount(name, true)?;
+                    // Made when the VM boots, once everything else checked out.
+                    self.volumes().check_mount(name, true)?;
+                    let twice = opts.volumes.iter().filter(|o| o.source == m.source).count() > 1;
+                    if twice {
+                        return refuse(&format!("volume {name} is given twice: a disk volume goes into a VM once"));
+                    }
                 }
             }
         }
@@ -564,6 +605,8 @@ impl Engine {
         let cdir = self.container_dir(&id);
         let guard = DirGuard(cdir.clone());
         fs::create_dir_all(&cdir).map_err(io_err("create directory", &cdir))?;
+        // Before the record exists: a `start` that finds it waits for this command's VMM.
+        let lock = self.vmm_lock(&id)?;
         let claim = self.reserve_name(&name, &id)?;
         let record = Record {
             id: id.clone(),
@@ -583,7 +626,7 @@ impl Engine {
         self.store.hold(&id, &image.manifest_digest)?;
         std::mem::forget(guard);
         claim.keep();
-        Ok((record, prepared))
+        Ok((record, prepared, lock))
     }
 
     /// Where the workload's output goes: ours, and the log unless the instance goes with `--rm`;
@@ -699,13 +742,25 @@ impl Engine {
         let send = |w: &Mutex<UnixStream>, bytes: &[u8]| w.lock().unwrap_or_else(|e| e.into_inner()).write_all(bytes);
         let raw = if tty && stdin { RawTerminal::enter() } else { None };
         if tty {
-            let mut winch = nix::sys::signal::SigSet::empty();
-            winch.add(Signal::SIGWINCH);
+            let mut signals = nix::sys::signal::SigSet::empty();
+            signals.add(Signal::SIGWINCH);
+            // In raw mode a signal that ends us must give the terminal back first.
+            let saved = raw.as_ref().map(|r| r.0.clone());
+            if saved.is_some() {
+                signals.add(Signal::SIGTERM);
+                signals.add(Signal::SIGHUP);
+            }
             // Blocked here (and so in the threads made from now on); taken by the one below.
-            let _ = winch.thread_block();
+            let _ = signals.thread_block();
             let w = writer.clone();
             std::thread::spawn(move || {
-                while winch.wait().is_ok() {
+                while let Ok(sig) = signals.wait() {
+                    if sig != Signal::SIGWINCH {
+                        if let Some(t) = &saved {
+                            let _ = nix::sys::termios::tcsetattr(io::stdin(), nix::sys::termios::SetArg::TCSANOW, t);
+                        }
+                        std::process::exit(128 + sig as i32);
+                    }
                     if let Some((rows, cols)) = twinbox_runtime::terminal::our_size() {
                         if send(&w, &control::resize_frame(rows, cols)).is_err() {
                             return;

@@ -99,6 +99,8 @@ impl Session {
 /// The listener and its sessions.
 pub struct Control<'a> {
     listener: Option<OwnedFd>,
+    /// accept failed for want of descriptors: not polled until a session ends.
+    listener_paused: bool,
     config: &'a GuestConfig,
     workload: libc::pid_t,
     /// Readable once the workload has ended.
@@ -144,7 +146,7 @@ impl<'a> Control<'a> {
     pub fn new(config: &'a GuestConfig, workload: libc::pid_t) -> Self {
         let listener = listen(CONTROL_PORT).ok();
         let workload_fd = listener.as_ref().and_then(|_| sys::pidfd_open(workload).ok());
-        Control { listener, config, workload, workload_fd, sessions: Vec::new() }
+        Control { listener, listener_paused: false, config, workload, workload_fd, sessions: Vec::new() }
     }
 
     /// Whether a listener is up.
@@ -163,7 +165,7 @@ impl<'a> Control<'a> {
     pub fn poll_fds(&self) -> Vec<libc::pollfd> {
         let mut fds: Vec<libc::pollfd> = Vec::new();
         fds.extend(self.workload_fd.iter().map(|f| entry(f.as_raw_fd(), libc::POLLIN)));
-        fds.extend(self.listener.iter().map(|l| entry(l.as_raw_fd(), libc::POLLIN)));
+        fds.extend(self.listener.iter().filter(|_| !self.listener_paused).map(|l| entry(l.as_raw_fd(), libc::POLLIN)));
         for s in &self.sessions {
             let mut events = 0;
             let reading_input = match &s.state {
@@ -195,10 +197,14 @@ impl<'a> Control<'a> {
     /// Handles what `poll` reported on [`poll_fds`](Self::poll_fds)'s descriptors.
     pub fn service(&mut self, fds: &[libc::pollfd]) {
         let ready = |fd: libc::c_int| fds.iter().any(|p| p.fd == fd && p.revents != 0);
+        // Readable, or hung up: worth a read (a connection polled only for POLLOUT is not).
+        let readable = |fd: libc::c_int| {
+            fds.iter().any(|p| p.fd == fd && p.revents & (libc::POLLIN | libc::POLLHUP | libc::POLLERR) != 0)
+        };
         if self.workload_fd.as_ref().is_some_and(|f| ready(f.as_raw_fd())) {
             self.workload_fd = None;
         }
-        if let Some(l) = &self.listener {
+        if let Some(l) = self.listener.as_ref().filter(|_| !self.listener_paused) {
             if ready(l.as_raw_fd()) {
                 // SAFETY: accept4 with null address pointers writes no memory.
                 let fd = unsafe {
@@ -209,6 +215,12 @@ impl<'a> Control<'a> {
                         libc::SOCK_CLOEXEC | libc::SOCK_NONBLOCK,
                     )
                 };
+                let err = std::io::Error::last_os_error().raw_os_error();
+                if fd < 0 && matches!(err, Some(libc::EMFILE | libc::ENFILE)) {
+                    // Out of descriptors: the listener stays readable, and polling it would
+                    // spin; it rests until a session ends.
+                    self.listener_paused = true;
+                }
                 if fd >= 0 {
                     // SAFETY: `fd` was just returned by accept4 and nothing else owns it.
                     let conn = File::from(unsafe { OwnedFd::from_raw_fd(fd) });
@@ -224,17 +236,31 @@ impl<'a> Control<'a> {
             }
         }
         let (config, workload) = (self.config, self.workload);
+        let before = self.sessions.len();
         self.sessions.retain_mut(|s| {
-            step(s, config, workload, &ready);
+            step(s, config, workload, &ready, &readable);
             s.flush();
             !s.done()
         });
+        if self.sessions.len() < before {
+            self.listener_paused = false;
+        }
     }
 }
 
 /// Moves session `s` on as far as its ready descriptors allow.
-fn step(s: &mut Session, config: &GuestConfig, workload: libc::pid_t, ready: &dyn Fn(libc::c_int) -> bool) {
-    if s.connected && !s.finished && ready(s.conn.as_raw_fd()) {
+fn step(
+    s: &mut Session,
+    config: &GuestConfig,
+    workload: libc::pid_t,
+    ready: &dyn Fn(libc::c_int) -> bool,
+    readable: &dyn Fn(libc::c_int) -> bool,
+) {
+    let taking_input = match &s.state {
+        State::Request => true,
+        State::Running(p) => p.pending_input.len() < MAX_PENDING,
+    };
+    if s.connected && !s.finished && taking_input && readable(s.conn.as_raw_fd()) {
         let mut buf = [0u8; 16 * 1024];
         match s.conn.read(&mut buf) {
             Ok(0) => hang_up(s),
@@ -263,11 +289,19 @@ fn step(s: &mut Session, config: &GuestConfig, workload: libc::pid_t, ready: &dy
             Ok(ExecRequest { hosts: Some(text), .. }) => {
                 // In place: the workload's mount namespace sees the same file.
                 let path = format!("{ROOT}/etc/hosts");
+                // Not through a link the workload made, and never waiting on a FIFO it put
+                // there: only a regular file is rewritten.
                 let written = std::fs::OpenOptions::new()
                     .write(true)
-                    .truncate(true)
+                    .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK)
                     .open(&path)
-                    .and_then(|mut f| f.write_all(text.as_bytes()));
+                    .and_then(|mut f| {
+                        if !f.metadata()?.is_file() {
+                            return Err(std::io::Error::from_raw_os_error(libc::EINVAL));
+                        }
+                        f.set_len(0)?;
+                        f.write_all(text.as_bytes())
+                    });
                 match written {
                     Ok(()) => s.finish(0),
                     Err(e) => fail(s, &format!("cannot rewrite {path}: {}", sys::errno_text(&e)), 1),

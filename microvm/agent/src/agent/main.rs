@@ -172,14 +172,15 @@ mod agent {
         if control.listening() {
             agent.log(format_args!("serving exec on vsock port {}", twinbox_agent::control::CONTROL_PORT));
         }
-        supervise::forward_serving(&mut agent.ports, spawned.streams, Some(&mut control))?;
-        let status = supervise::wait_for(spawned.pid)?;
+        let forwarded = supervise::forward_serving(&mut agent.ports, spawned.streams, Some(&mut control));
+        let status = forwarded.and_then(|()| supervise::wait_for(spawned.pid));
         if !config.volumes.is_empty() {
-            // The VM ends at the exit port: what the workload wrote to its volumes must be on
-            // their disks by then.
-            sys::sync();
-            agent.log(format_args!("volumes synced"));
+            // The VM ends at the exit port: the volumes' file systems must be clean on their
+            // disks by then (whatever ended the workload).
+            setup::unmount_volumes(&setup::volume_targets(&config));
+            agent.log(format_args!("volumes unmounted"));
         }
+        let status = status?;
         Ok(exit_code(status).unwrap_or(EXIT_SETUP_FAILED))
     }
 

@@ -158,12 +158,83 @@ pub fn root(config: &GuestConfig) -> Result<(), SetupError> {
     let sys_flags = libc::MS_RDONLY | libc::MS_NOSUID | libc::MS_NODEV | libc::MS_NOEXEC;
     mount(Some("sysfs"), &format!("{ROOT}/sys"), "sysfs", sys_flags, None)?;
     for v in &config.volumes {
-        let target = format!("{ROOT}{}", v.target);
-        std::fs::create_dir_all(&target).map_err(|source| SetupError::Node { path: target.clone(), source })?;
+        let target = in_root(ROOT, &v.target)
+            .map_err(|source| SetupError::Node { path: format!("{ROOT}{}", v.target), source })?;
         let flags = if v.read_only { libc::MS_RDONLY } else { 0 };
-        mount_device(&v.device, &target, "ext4", flags)?;
+        mount_device(&v.device, &target.to_string_lossy(), "ext4", flags)?;
     }
     Ok(())
+}
+
+/// Where the volumes were mounted, for [`unmount_volumes`].
+pub fn volume_targets(config: &GuestConfig) -> Vec<String> {
+    config
+        .volumes
+        .iter()
+        .filter_map(|v| in_root(ROOT, &v.target).ok())
+        .map(|p| p.to_string_lossy().into_owned())
+        .collect()
+}
+
+/// Unmounts the volumes (last first) once the workload is gone, so that their file systems are
+/// clean on their disks when the VM ends; one still busy is made read-only instead.
+pub fn unmount_volumes(targets: &[String]) {
+    for t in targets.iter().rev() {
+        if sys::umount(t).is_err() {
+            let _ = sys::mount(None, t, None, libc::MS_REMOUNT | libc::MS_RDONLY, None);
+        }
+    }
+    sys::sync();
+}
+
+/// Absolute `target` under `root` with its symlinks resolved as the workload sees them (an
+/// absolute link starts again at `root`, `..` stops at it), the missing directories made:
+/// a volume lands where the workload looks, never outside its root.
+fn in_root(root: &str, target: &str) -> io::Result<std::path::PathBuf> {
+    use std::collections::VecDeque;
+    use std::path::{Path, PathBuf};
+    let top = Path::new(root);
+    let mut done = PathBuf::from(root);
+    let mut todo: VecDeque<String> = target.split('/').filter(|c| !c.is_empty()).map(str::to_owned).collect();
+    let mut links = 0;
+    while let Some(c) = todo.pop_front() {
+        match c.as_str() {
+            "." => continue,
+            ".." => {
+                if done != top {
+                    done.pop();
+                }
+                continue;
+            }
+            _ => {}
+        }
+        let next = done.join(&c);
+        match std::fs::symlink_metadata(&next) {
+            Ok(m) if m.file_type().is_symlink() => {
+                links += 1;
+                if links > 40 {
+                    return Err(io::Error::from_raw_os_error(libc::ELOOP));
+                }
+                let link = std::fs::read_link(&next)?;
+                if link.is_absolute() {
+                    done = PathBuf::from(root);
+                }
+                let parts: Vec<String> =
+                    link.to_string_lossy().split('/').filter(|c| !c.is_empty()).map(str::to_owned).collect();
+                for p in parts.into_iter().rev() {
+                    todo.push_front(p);
+                }
+            }
+            Ok(m) if m.is_dir() => done = next,
+            Ok(_) => return Err(io::Error::from_raw_os_error(libc::ENOTDIR)),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                std::fs::create_dir(&next)?;
+                done = next;
+            }
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(done)
 }
 
 /// runc's default devices: (name, major, minor), all mode 0666.
@@ -233,6 +304,36 @@ mod tests {
             SetupError::ReadConfig(io::Error::from_raw_os_error(2)).to_string(),
             "cannot read /twinbox/config.json"
         );
+    }
+
+    #[test]
+    fn volume_targets_resolve_links_inside_the_root() {
+        let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos();
+        let path = std::env::temp_dir().join(format!("in-root-{}-{nanos}", std::process::id()));
+        std::fs::create_dir(&path).unwrap();
+        struct Gone(std::path::PathBuf);
+        impl Drop for Gone {
+            fn drop(&mut self) {
+                let _ = std::fs::remove_dir_all(&self.0);
+            }
+        }
+        let dir = Gone(path);
+        let dir = &dir;
+        let root = dir.0.to_str().unwrap();
+        std::fs::create_dir_all(dir.0.as_path().join("run")).unwrap();
+        std::os::unix::fs::symlink("/run", dir.0.as_path().join("var-run")).unwrap();
+        std::os::unix::fs::symlink("../../..", dir.0.as_path().join("run/up")).unwrap();
+        assert_eq!(
+            in_root(root, "/var-run/app").unwrap(),
+            dir.0.as_path().join("run/app"),
+            "absolute link from the root"
+        );
+        assert!(dir.0.as_path().join("run/app").is_dir(), "made");
+        assert_eq!(in_root(root, "/run/up/x").unwrap(), dir.0.as_path().join("x"), "`..` stops at the root");
+        std::fs::write(dir.0.as_path().join("file"), "").unwrap();
+        assert_eq!(in_root(root, "/file/x").unwrap_err().raw_os_error(), Some(libc::ENOTDIR));
+        std::os::unix::fs::symlink("/loop", dir.0.as_path().join("loop")).unwrap();
+        assert_eq!(in_root(root, "/loop").unwrap_err().raw_os_error(), Some(libc::ELOOP));
     }
 
     #[test]

@@ -48,6 +48,14 @@ pub fn mount(
     Ok(())
 }
 
+/// umount(2).
+pub fn umount(target: &str) -> io::Result<()> {
+    let target = cstring(target)?;
+    // SAFETY: `target` is a NUL-terminated string that outlives the call.
+    check(unsafe { libc::umount(target.as_ptr()) })?;
+    Ok(())
+}
+
 /// mknod(2) of a character device.
 pub fn mknod_char(path: &str, mode: u32, major: u32, minor: u32) -> io::Result<()> {
     let path = cstring(path)?;
