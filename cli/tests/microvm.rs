@@ -360,6 +360,7 @@ fn microvm_run_matches_the_container_run() {
          timeout 120 twinbox run --rm --isolation microvm -v vdata:/data busybox true 2>/tmp/busy\n\
          echo \"busy: $? $(cat /tmp/busy)\"\n\
          twinbox rm -f holder >/dev/null\n\
+         echo \"ro: $(timeout 120 twinbox run --rm --isolation microvm -v vdata:/data:ro busybox sh -c 'cat /data/f; echo x > /data/g' 2>&1)\"\n\
          echo \"ls: $(twinbox volume ls | grep vdata | tr -s ' ')\"\n\
          twinbox volume rm vdata >/dev/null\n\
          echo \"rm: $? $(twinbox volume ls -q | wc -l) $(twinbox ps -aq | wc -l)\"\n\
@@ -565,11 +566,16 @@ fn microvm_run_matches_the_container_run() {
     }
     // A named volume is a disk of the VM: what one VM wrote, the next reads; one VM at a time.
     let volumes = get("volumes");
-    for line in
-        ["read: kept", "busy: 1 twinbox: volume vdata is in use by another microVM", "ls: disk 64M ", "rm: 0 0 0"]
-    {
+    for line in [
+        "read: kept",
+        "ro: kept",
+        "busy: 1 twinbox: volume vdata is in use by another microVM",
+        "ls: disk 64M ",
+        "rm: 0 0 0",
+    ] {
         assert!(volumes.out.lines().any(|l| l.starts_with(line)), "{line}: {volumes:?}");
     }
+    assert!(volumes.out.contains("/data/g: Read-only file system"), ":ro refuses writes: {volumes:?}");
     let never = agent.out.lines().find(|l| l.starts_with("never: ")).unwrap_or_default();
     assert!(never.starts_with("never: 125 ") && never.contains("did not answer within"), "{agent:?}");
     assert!(never.contains("console's last lines"), "{agent:?}");

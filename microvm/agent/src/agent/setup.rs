@@ -111,15 +111,21 @@ pub fn read_config() -> Result<GuestConfig, SetupError> {
 
 /// Mounts the root disk at [`LOWER`].
 fn mount_lower(config: &GuestConfig) -> Result<(), SetupError> {
-    mount_device(&config.root_device, LOWER, &config.root_fstype, libc::MS_RDONLY)
+    mount_device(&config.root_device, LOWER, &config.root_fstype, libc::MS_RDONLY, None)
 }
 
 /// Mounts disk `device` at `target`, waiting a little for the device node if the disk is
 /// still being probed.
-fn mount_device(device: &str, target: &str, fstype: &str, flags: libc::c_ulong) -> Result<(), SetupError> {
+fn mount_device(
+    device: &str,
+    target: &str,
+    fstype: &str,
+    flags: libc::c_ulong,
+    data: Option<&str>,
+) -> Result<(), SetupError> {
     let start = Instant::now();
     loop {
-        match sys::mount(Some(device), target, Some(fstype), flags, None) {
+        match sys::mount(Some(device), target, Some(fstype), flags, data) {
             Err(e) if matches!(e.raw_os_error(), Some(libc::ENOENT | libc::ENXIO)) && start.elapsed() < DEVICE_WAIT => {
                 std::thread::sleep(Duration::from_millis(5));
             }
@@ -160,8 +166,10 @@ pub fn root(config: &GuestConfig) -> Result<(), SetupError> {
     for v in &config.volumes {
         let target = in_root(ROOT, &v.target)
             .map_err(|source| SetupError::Node { path: format!("{ROOT}{}", v.target), source })?;
-        let flags = if v.read_only { libc::MS_RDONLY } else { 0 };
-        mount_device(&v.device, &target.to_string_lossy(), "ext4", flags)?;
+        // A read-only volume is a read-only disk, so a journal left by a VM that was killed
+        // cannot be replayed: it is not loaded (what was last written cleanly is seen).
+        let (flags, data) = if v.read_only { (libc::MS_RDONLY, Some("noload")) } else { (0, None) };
+        mount_device(&v.device, &target.to_string_lossy(), "ext4", flags, data)?;
     }
     Ok(())
 }
