@@ -53,6 +53,10 @@ pub struct BenchArgs {
     /// scenario (same revision and machine); they are shown as one run.
     #[arg(long)]
     nested: Vec<PathBuf>,
+    /// On a host whose KVM cannot boot Linux (PVM, or no /dev/kvm), do not measure the
+    /// microVMs in a nested L1 (scripts/nested-bench.sh, which this run otherwise starts).
+    #[arg(long)]
+    no_nested: bool,
 }
 
 #[derive(Subcommand, Debug)]
@@ -173,6 +177,35 @@ pub fn bench(root: &Path, a: BenchArgs) -> Result<i32> {
     };
     twinbox_bench::signal::install().context("cannot install the Ctrl-C handler")?;
     let mut results = twinbox_bench::run(&opts)?;
+    let nested = match nested {
+        Some(n) => Some(n),
+        None if a.no_nested || results.interrupted || !needs_nested(&results) => None,
+        None if opts.image != twinbox_bench::DEFAULT_IMAGE => {
+            results.notes.push(format!(
+                "the microVMs were not measured in a nested L1: scripts/nested-bench.sh measures the default image \
+                 only, not {}",
+                opts.image
+            ));
+            None
+        }
+        None => match nested_script(&twinbox) {
+            None => {
+                results.notes.push(
+                    "the microVMs were not measured in a nested L1: scripts/nested-bench.sh (in the source checkout \
+                     twinbox was built from) was not found; run it there and pass its output with --nested"
+                        .into(),
+                );
+                None
+            }
+            Some(script) => match run_nested(&script, &twinbox, &opts) {
+                Ok(r) => Some(Box::new(r)),
+                Err(e) => {
+                    results.notes.push(format!("the nested L1 run of the microVMs failed: {e:#}"));
+                    None
+                }
+            },
+        },
+    };
     results.nested = nested;
     let dir = a.out.unwrap_or_else(|| report::default_dir(Path::new("reports"), &results));
     let written =
@@ -189,6 +222,103 @@ pub fn bench(root: &Path, a: BenchArgs) -> Result<i32> {
     }
     eprintln!("report: {}", written.dir.join("report.html").display());
     Ok(if results.interrupted { 130 } else { 0 })
+}
+
+/// Whether a microVM backend of the run could not run for want of a KVM that boots Linux
+/// (what the nested L1 has).
+fn needs_nested(r: &twinbox_bench::results::Results) -> bool {
+    r.backends.iter().any(|b| {
+        matches!(b.name.as_str(), "twinbox-microvm" | "qemu-microvm")
+            && !b.available
+            && b.reason.as_deref().is_some_and(|why| why.contains("no hardware KVM") || why.contains("no /dev/kvm"))
+    })
+}
+
+/// scripts/nested-bench.sh of the source tree `twinbox` was built in (target/*/twinbox).
+fn nested_script(twinbox: &Path) -> Option<PathBuf> {
+    twinbox.ancestors().skip(1).map(|d| d.join("scripts/nested-bench.sh")).find(|p| p.is_file())
+}
+
+/// Runs scripts/nested-bench.sh with this run's settings (the same scenarios, `--quick`,
+/// rounds) and returns its results; its progress lines feed a spinner with the phase, the
+/// time so far and an estimate of the whole.
+fn run_nested(script: &Path, twinbox: &Path, opts: &Options) -> Result<twinbox_bench::results::Results> {
+    use std::io::BufRead as _;
+    let mut args: Vec<String> =
+        vec!["--scenario".into(), opts.scenarios.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",")];
+    if opts.quick {
+        args.push("--quick".into());
+    }
+    for (flag, v) in [("--runs", opts.runs), ("--instances", opts.instances), ("--max", opts.max)] {
+        if let Some(v) = v {
+            args.extend([flag.to_owned(), v.to_string()]);
+        }
+    }
+    // Rough times in the L1 under TCG, from runs on this kind of host: what the estimate says.
+    let per_scenario = |s: &Scenario| match s {
+        Scenario::Start => 40,
+        Scenario::Memory => 50,
+        Scenario::Density => 45,
+        Scenario::Cpu => 30,
+        Scenario::Net => 60,
+        Scenario::Disk => 60,
+    };
+    let estimate = 40 + opts.scenarios.iter().map(per_scenario).sum::<u64>() * if opts.quick { 1 } else { 3 };
+    let bar = indicatif::ProgressBar::new_spinner();
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{spinner} nested L1 (microVMs, emulated) {elapsed} of ≈{msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
+    );
+    bar.enable_steady_tick(std::time::Duration::from_millis(200));
+    let eta = move |phase: &str| format!("{} min: {phase}", estimate.div_ceil(60));
+    bar.set_message(eta("starting"));
+    let mut child = std::process::Command::new("bash")
+        .arg(script)
+        .arg("--twinbox")
+        .arg(twinbox)
+        .arg("--")
+        .args(&args)
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .with_context(|| format!("cannot start {}", script.display()))?;
+    let stderr = child.stderr.take().expect("piped");
+    let progress = bar.clone();
+    let log = std::thread::spawn(move || {
+        let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
+        for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            let phase = if line.contains("build-guest-kernel") {
+                Some("building the guest kernel (once)".to_owned())
+            } else if line.contains("nested-kvm") && line.contains("boot") {
+                Some("booting the L1".to_owned())
+            } else {
+                line.split("scenario=\"").nth(1).and_then(|r| r.split('"').next()).map(|s| format!("scenario {s}"))
+            };
+            if let Some(p) = phase {
+                progress.set_message(eta(&p));
+            }
+            tail.push_back(line);
+            if tail.len() > 30 {
+                tail.pop_front();
+            }
+        }
+        tail.into_iter().collect::<Vec<_>>().join("\n")
+    });
+    let mut json = Vec::new();
+    std::io::Read::read_to_end(child.stdout.as_mut().expect("piped"), &mut json)?;
+    let status = child.wait()?;
+    let tail = log.join().unwrap_or_default();
+    bar.finish_and_clear();
+    if !status.success() {
+        anyhow::bail!("{} exited with {status}; its last lines:\n{tail}", script.display());
+    }
+    let r: twinbox_bench::results::Results = serde_json::from_slice(&json)
+        .with_context(|| format!("{} printed no results; its last lines:\n{tail}", script.display()))?;
+    if r.schema != twinbox_bench::results::SCHEMA {
+        anyhow::bail!("{} printed results of schema {:?}", script.display(), r.schema);
+    }
+    Ok(r)
 }
 
 /// Medians per backend and metric, for the terminal.

@@ -369,6 +369,50 @@ fn disk_scenario_end_to_end() {
     assert_eq!(env.ok(&["ps", "-aq"]).trim(), "", "no container left");
 }
 
+/// Where this host's KVM cannot boot Linux (PVM here; on a hardware-KVM host /dev/kvm is hidden
+/// in a private mount namespace first), `twinbox bench` measures the microVMs in the nested L1
+/// by itself, and the report's first table has both models.
+#[test]
+fn bench_measures_microvms_in_a_nested_l1_by_itself() {
+    let Some((_serial, env)) = hello_store() else { return };
+    // scripts/nested-bench.sh builds (or finds cached) the guest kernel and the L1's.
+    if !common::require_tool("qemu-system-x86_64") {
+        return;
+    }
+    let out = env.path("report");
+    let pvm = std::path::Path::new("/sys/module/kvm_pvm").exists() || !std::path::Path::new("/dev/kvm").exists();
+    let bench = format!(
+        "exec {} --root {} bench --quick --scenario start --backends process,twinbox-container,twinbox-microvm \
+         --runs 3 --out {} --json",
+        env!("CARGO_BIN_EXE_twinbox"),
+        env.root().display(),
+        out.display()
+    );
+    // Hardware KVM: a /dev of its own without kvm, as a host without it has.
+    let hide = "mount --make-rprivate / && mount -t tmpfs -o mode=755 tmpfs /dev && \
+                for n in 'null 1 3' 'zero 1 5' 'full 1 7' 'random 1 8' 'urandom 1 9' 'tty 5 0'; do \
+                set -- $n; mknod -m 666 /dev/$1 c $2 $3; done && ";
+    let script = if pvm { bench } else { format!("{hide}{bench}") };
+    let o = std::process::Command::new("unshare").args(["-m", "bash", "-c", &script]).output().unwrap();
+    assert!(o.status.success(), "bench failed: {}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let nested = &r["nested"];
+    assert_eq!(nested["context"]["virtualization"]["kind"], "nested-tcg", "{}", r["notes"]);
+    let vm_start = nested["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["backend"] == "twinbox-microvm" && x["metric"] == "time_to_workload")
+        .unwrap_or_else(|| panic!("no nested microVM start figure: {}", nested["notes"]));
+    assert!(!vm_start["samples"].as_array().unwrap().is_empty());
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let first_table = md.lines().find(|l| l.starts_with('|')).unwrap();
+    assert!(
+        first_table.contains("twinbox-container") && first_table.contains("twinbox-microvm (nested, emulated)"),
+        "{first_table}"
+    );
+}
+
 #[test]
 fn density_stops_at_the_memory_budget() {
     let Some((_serial, env)) = hello_store() else { return };
