@@ -249,7 +249,12 @@ fn run_nested(script: &Path, twinbox: &Path, opts: &Options) -> Result<twinbox_b
     if opts.quick {
         args.push("--quick".into());
     }
-    for (flag, v) in [("--runs", opts.runs), ("--instances", opts.instances), ("--max", opts.max)] {
+    // Under emulation a VM takes seconds to start: a quick run asks the L1 for a few rounds
+    // and instances only, so that the whole `--quick` stays within minutes.
+    let quick = |given: Option<usize>, few: usize| given.or(opts.quick.then_some(few));
+    for (flag, v) in
+        [("--runs", quick(opts.runs, 5)), ("--instances", quick(opts.instances, 4)), ("--max", quick(opts.max, 5))]
+    {
         if let Some(v) = v {
             args.extend([flag.to_owned(), v.to_string()]);
         }
