@@ -12,6 +12,7 @@
 pub mod backend;
 pub mod compare;
 pub mod host;
+pub mod ready;
 pub mod report;
 pub mod results;
 pub mod scenario;

@@ -291,9 +291,10 @@ fn one_round(b: &dyn crate::backend::Backend, id: &str, sizes: &Sizes) -> Result
         let ready_ms = t0.elapsed().as_secs_f64() * 1e3;
         let _pinned = Pinned::server_and_client();
         let io = |what: &'static str| move |e: std::io::Error| format!("{what} on {addr}: {e}");
-        let keepalive_us = net_client::latency_keepalive(addr, sizes.keepalive).map_err(io("kept-alive requests"))?;
+        let keepalive_us =
+            net_client::latency_keepalive(addr, "/", sizes.keepalive).map_err(io("kept-alive requests"))?;
         let new_connection_us =
-            net_client::latency_new_connection(addr, sizes.new_connections).map_err(io("new connections"))?;
+            net_client::latency_new_connection(addr, "/", sizes.new_connections).map_err(io("new connections"))?;
         let throughput = net_client::throughput(addr, sizes.bytes).map_err(io("bulk transfer"))?;
         drop(_pinned);
         let mut exec_ms = Vec::new();
