@@ -351,6 +351,69 @@ pub fn instance_processes(procs: &[Proc], markers: &[String]) -> Vec<(usize, u32
     out
 }
 
+/// The processes each instance leaves running, as [`instance_processes`] gives them, for
+/// instances found not by a marker in their arguments but by the processes their backend
+/// knows them by (`roots[i]`: instance i's container init, VMM, port proxy: see
+/// [`crate::backend::Backend::instance_pids`]), as the user's own image has no marker to give:
+/// each root and all its descendants (share 1), and a root's parent when it is a launcher's
+/// process that watches it (not pid 1, not the harness, not itself one of an instance's
+/// processes), shared as there among the instances under it.
+pub fn instance_trees(procs: &[Proc], roots: &[Vec<u32>]) -> Vec<(usize, u32, f64)> {
+    let mut children: std::collections::BTreeMap<u32, Vec<u32>> = Default::default();
+    for p in procs {
+        children.entry(p.ppid).or_default().push(p.pid);
+    }
+    let exists: std::collections::BTreeSet<u32> = procs.iter().map(|p| p.pid).collect();
+    let mut owner: std::collections::BTreeMap<u32, usize> = Default::default();
+    for (i, r) in roots.iter().enumerate() {
+        let mut todo: Vec<u32> = r.iter().copied().filter(|p| exists.contains(p)).collect();
+        while let Some(pid) = todo.pop() {
+            // A process belongs to the first instance that reaches it.
+            if owner.contains_key(&pid) {
+                continue;
+            }
+            owner.insert(pid, i);
+            todo.extend(children.get(&pid).into_iter().flatten());
+        }
+    }
+    let ppid: std::collections::BTreeMap<u32, u32> = procs.iter().map(|p| (p.pid, p.ppid)).collect();
+    let mut parents: std::collections::BTreeMap<u32, std::collections::BTreeSet<usize>> = Default::default();
+    for (i, r) in roots.iter().enumerate() {
+        for pid in r {
+            if let Some(&pp) = ppid.get(pid) {
+                if pp > 1 && pp != std::process::id() && !owner.contains_key(&pp) {
+                    parents.entry(pp).or_default().insert(i);
+                }
+            }
+        }
+    }
+    let mut out: Vec<(usize, u32, f64)> = owner.into_iter().map(|(pid, i)| (i, pid, 1.0)).collect();
+    for (pp, instances) in parents {
+        let share = 1.0 / instances.len() as f64;
+        out.extend(instances.into_iter().map(|i| (i, pp, share)));
+    }
+    out
+}
+
+/// `roots` (those that exist in `procs`) and all their descendants.
+pub fn tree(procs: &[Proc], roots: &[u32]) -> Vec<u32> {
+    let mut out: Vec<u32> = procs.iter().map(|p| p.pid).filter(|p| roots.contains(p)).collect();
+    let mut i = 0;
+    while i < out.len() {
+        let parent = out[i];
+        out.extend(
+            procs.iter().filter(|p| p.ppid == parent && !out.contains(&p.pid)).map(|p| p.pid).collect::<Vec<_>>(),
+        );
+        i += 1;
+    }
+    out
+}
+
+/// Whether `pid` runs: it exists and is not a zombie.
+pub fn running(pid: u32) -> bool {
+    crate::backend::stat_fields(&format!("/proc/{pid}/stat")).first().is_some_and(|s| s != "Z")
+}
+
 /// Every process with its command line.
 pub fn scan() -> Vec<Proc> {
     let Ok(rd) = std::fs::read_dir("/proc") else { return Vec::new() };
@@ -429,6 +492,44 @@ mod tests {
                 (4, 40, 1.0)
             ]
         );
+    }
+
+    #[test]
+    fn an_instance_owns_the_tree_under_its_roots_and_a_share_of_their_watcher() {
+        let p =
+            |pid: u32, ppid: u32, args: &[&str]| Proc { pid, ppid, args: args.iter().map(|a| a.to_string()).collect() };
+        let me = std::process::id();
+        let procs = [
+            p(9, 1, &["twinbox-monitor"]),         // watches both containers' inits
+            p(10, 9, &["nginx: master process"]),  // instance 0's init…
+            p(11, 10, &["nginx: worker process"]), // …and its worker
+            p(12, 11, &["sh", "-c", "x"]),         // and a grandchild
+            p(20, 9, &["httpd", "-f"]),            // instance 1's init
+            p(21, 1, &["twinbox", "container-proxy", "10.89.0.3", "8080"]), // instance 1's port proxy
+            p(30, me, &["qemu-system-x86_64"]),    // instance 2, a child of the harness
+            p(40, 9, &["unrelated"]),
+        ];
+        let roots = vec![vec![10], vec![20, 21], vec![30], vec![99]];
+        let mut found = instance_trees(&procs, &roots);
+        found.sort_by(|a, b| a.partial_cmp(b).unwrap());
+        assert_eq!(
+            found,
+            [
+                (0, 9, 0.5),
+                (0, 10, 1.0),
+                (0, 11, 1.0),
+                (0, 12, 1.0),
+                (1, 9, 0.5),
+                (1, 20, 1.0),
+                (1, 21, 1.0),
+                (2, 30, 1.0)
+            ]
+        );
+        let mut t = tree(&procs, &[10, 21]);
+        t.sort_unstable();
+        assert_eq!(t, [10, 11, 12, 21]);
+        assert!(running(std::process::id()));
+        assert!(!running(u32::MAX));
     }
 
     #[test]

@@ -4,14 +4,20 @@
 //!
 //! ```text
 //! Options ─► run() ─► backend::Backend (prepare → launch → ready → measure → teardown)
-//!                       × scenario::{start, memory, density, cpu, net}, interleaved round by round
+//!                       × scenario::{start, memory, density, cpu, net, disk}, interleaved round by round
 //!         ─► results::Results { context, backends (with reasons), records (raw samples) }
 //!         ─► report::write() (md, html, PNG + SVG charts)     compare::compare(base, new)
 //! ```
+//!
+//! The image is the default `hello` (whose modes are the workloads), or the user's own with
+//! `--ready SPEC` ([`ready`]): then each instance runs the image's own entrypoint and cmd and is
+//! measured until ready, and what needs `hello` is listed as not applicable
+//! ([`scenario::not_applicable`]).
 
 pub mod backend;
 pub mod compare;
 pub mod host;
+pub mod ready;
 pub mod report;
 pub mod results;
 pub mod scenario;
@@ -44,6 +50,9 @@ pub struct Options {
     pub max: Option<usize>,
     /// Density: stop a backend once its instances hold this much host memory (MiB).
     pub memory_budget_mib: Option<u64>,
+    /// When an instance of the image is ready: given for an image other than hello, whose
+    /// own entrypoint and cmd then run.
+    pub ready: Option<ready::ReadySpec>,
 }
 
 impl Options {
@@ -59,6 +68,7 @@ impl Options {
             instances: None,
             max: None,
             memory_budget_mib: None,
+            ready: None,
         }
     }
 
@@ -73,6 +83,10 @@ impl Options {
             // Start rounds are cheap (≈ 0.1 s for all container backends): enough of them that
             // a run's median does not hinge on a few slow samples.
             start_runs: self.runs.unwrap_or(if q { 60 } else { 100 }).max(1),
+            // A service takes longer to be ready than `hello` to start, and each round keeps an
+            // instance until it is.
+            ready_runs: self.runs.unwrap_or(if q { 10 } else { 30 }).max(1),
+            ready: self.ready.as_ref().map(ToString::to_string),
             cpu_runs: self.runs.map(|r| r.clamp(1, 30)).unwrap_or(if q { 15 } else { 20 }),
             warmup: if q { 2 } else { 5 },
             instances: self.instances.unwrap_or(if q { 10 } else { 20 }).max(1),
@@ -107,8 +121,18 @@ pub enum BenchError {
         #[source]
         source: twinbox_image::StoreError,
     },
-    #[error("image {0} has no entrypoint to run")]
-    NoEntrypoint(String),
+    #[error(
+        "image {image} is not the hello image (it runs {command:?}, not hello's modes); give --ready \
+         http://:PORT/PATH, tcp:PORT or log:TEXT to say when an instance of it is ready, and it is measured \
+         running its own command"
+    )]
+    NeedsReady { image: String, command: Vec<String> },
+    #[error("cannot tell what image {image} runs")]
+    Launch {
+        image: String,
+        #[source]
+        source: twinbox_image::launch::LaunchError,
+    },
     #[error("cannot make a scratch directory")]
     Scratch(#[source] std::io::Error),
 }
@@ -116,9 +140,10 @@ pub enum BenchError {
 impl ExitCode for BenchError {
     fn exit_code(&self) -> i32 {
         match self {
-            BenchError::NoImage { .. } | BenchError::UnknownBackend(_) | BenchError::NoEntrypoint(_) => {
+            BenchError::NoImage { .. } | BenchError::UnknownBackend(_) | BenchError::NeedsReady { .. } => {
                 twinbox_exit::USER_ERROR
             }
+            BenchError::Launch { source, .. } => source.exit_code(),
             BenchError::Store(e) | BenchError::Flatten { source: e, .. } => e.exit_code(),
             BenchError::Scratch(_) => twinbox_exit::INTERNAL,
         }
@@ -136,6 +161,13 @@ pub fn run(opts: &Options) -> Result<Results, BenchError> {
         }
         Err(e) => return Err(BenchError::Store(e)),
     };
+    let cfg = image.config.config().clone().unwrap_or_default();
+    let entrypoint = cfg.entrypoint().clone().unwrap_or_default();
+    if opts.ready.is_none() && !is_hello(&entrypoint) {
+        let mut command = entrypoint;
+        command.extend(cfg.cmd().clone().unwrap_or_default());
+        return Err(BenchError::NeedsReady { image: opts.image.clone(), command });
+    }
     let mut all: Vec<Box<dyn Backend>> = Vec::new();
     for name in &opts.backends {
         all.push(backend::by_name(name, &opts.twinbox).ok_or_else(|| BenchError::UnknownBackend(name.clone()))?);
@@ -152,18 +184,28 @@ pub fn run(opts: &Options) -> Result<Results, BenchError> {
     let rootfs = scratch.path().join("rootfs");
     twinbox_image::rootfs::flatten(&store, &image, &rootfs)
         .map_err(|source| BenchError::Flatten { image: opts.image.clone(), source })?;
-    let cfg = image.config.config().clone().unwrap_or_default();
-    let entrypoint = cfg
-        .entrypoint()
-        .clone()
-        .filter(|e| !e.is_empty())
-        .ok_or_else(|| BenchError::NoEntrypoint(opts.image.clone()))?;
+    let foreign = match &opts.ready {
+        Some(ready) => {
+            let process = twinbox_image::launch::resolve(
+                &opts.image,
+                &image.config,
+                std::slice::from_ref(&rootfs),
+                &Default::default(),
+                "bench",
+            )
+            .map_err(|source| BenchError::Launch { image: opts.image.clone(), source })?;
+            Some(backend::Foreign { ready: ready.clone(), process })
+        }
+        None => None,
+    };
+    let mut not_applicable = foreign.as_ref().map(|f| scenario::not_applicable(&f.ready)).unwrap_or_default();
     let prepared = PreparedImage {
         reference: opts.image.clone(),
         store_root: opts.store_root.clone(),
         rootfs,
         entrypoint,
         work: scratch.path().to_owned(),
+        foreign,
     };
 
     let mut statuses = Vec::new();
@@ -178,9 +220,18 @@ pub fn run(opts: &Options) -> Result<Results, BenchError> {
             version: None,
             note: b.note(),
         };
-        match b.available() {
-            Err(u) => status.reason = Some(u.reason),
-            Ok(()) => match b.prepare(&prepared) {
+        match (b.available(), b.not_applicable(&prepared)) {
+            (Err(u), _) => status.reason = Some(u.reason),
+            (Ok(()), Some(why)) => {
+                status.reason = Some(format!("not applicable to {}: {why}", opts.image));
+                not_applicable.push(results::NotApplicable {
+                    scenario: "*".into(),
+                    metrics: Vec::new(),
+                    backend: Some(b.name().to_owned()),
+                    reason: why,
+                });
+            }
+            (Ok(()), None) => match b.prepare(&prepared) {
                 Ok(()) => {
                     status.available = true;
                     status.version = b.version();
@@ -208,6 +259,9 @@ pub fn run(opts: &Options) -> Result<Results, BenchError> {
                 break;
             }
             tracing::info!(scenario = s.as_str(), "scenario");
+            if not_applicable.iter().any(|n| n.scenario == s.as_str() && n.metrics.is_empty()) {
+                continue;
+            }
             match s {
                 Scenario::Start => scenario::start::run(&mut run),
                 Scenario::Memory => scenario::memory::run(&mut run),
@@ -229,8 +283,15 @@ pub fn run(opts: &Options) -> Result<Results, BenchError> {
         backends: statuses,
         records,
         notes,
+        not_applicable,
         nested: None,
     })
+}
+
+/// Whether an image whose entrypoint is `entrypoint` is a hello image, whose modes are the
+/// workloads (`/hello`, or `hello` elsewhere).
+fn is_hello(entrypoint: &[String]) -> bool {
+    entrypoint.len() == 1 && Path::new(&entrypoint[0]).file_name().is_some_and(|n| n == "hello")
 }
 
 #[cfg(test)]
@@ -242,5 +303,17 @@ mod tests {
         assert_eq!(BenchError::UnknownBackend("x".into()).exit_code(), 1);
         assert_eq!(BenchError::Store(twinbox_image::StoreError::NoSuchImage("x:1".into())).exit_code(), 1);
         assert_eq!(BenchError::Scratch(std::io::Error::other("disk full")).exit_code(), 125);
+        let e = BenchError::NeedsReady { image: "web:latest".into(), command: vec!["httpd".into(), "-f".into()] };
+        assert_eq!(e.exit_code(), 1);
+        assert!(e.to_string().contains("give --ready http://:PORT/PATH, tcp:PORT or log:TEXT"), "{e}");
+    }
+
+    #[test]
+    fn hello_images_by_their_entrypoint() {
+        assert!(is_hello(&["/hello".into()]));
+        assert!(is_hello(&["/usr/local/bin/hello".into()]));
+        assert!(!is_hello(&[]), "busybox: a CMD and no entrypoint");
+        assert!(!is_hello(&["/docker-entrypoint.sh".into()]));
+        assert!(!is_hello(&["/hello".into(), "serve".into()]), "its modes are given as the workload's arguments");
     }
 }

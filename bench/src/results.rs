@@ -10,7 +10,8 @@
 //!                                     //   the filesystem of the store's containers/ directory
 //!                                     //   (absent in results from before it was recorded)
 //!   "settings": Settings,             // what was asked: scenarios, backends, runs, warm-up, instances, max,
-//!                                     // density_passes (absent: 1), image
+//!                                     // density_passes (absent: 1), image, ready (the user's own image's
+//!                                     // readiness check, absent for hello), ready_runs
 //!   "interrupted": bool,              // Ctrl-C: what is here is what was measured until then
 //!   "backends": [ { "name", "isolation", "available", "reason"?, "version"?, "note"? } ],
 //!   "records":  [ {
@@ -21,7 +22,13 @@
 //!       "summary": { n, min, max, mean, p50, p90, p99 } | null,   // p50/p90/p99 from an HDR histogram
 //!       "context": Context            // a copy, so a record stands on its own
 //!   } ],
-//!   "notes": [string]
+//!   "notes": [string],
+//!   "not_applicable": [ {             // what does not apply to the user's own image (absent: none)
+//!       "scenario",                   // e.g. "cpu"; "*" for every scenario of one backend
+//!       "metrics"?: [string],         // only these metrics of it (absent: the whole scenario)
+//!       "backend"?: string,           // only this backend (absent: every one)
+//!       "reason"
+//!   } ]
 //! }
 //! ```
 //!
@@ -47,6 +54,9 @@ pub struct Results {
     pub backends: Vec<BackendStatus>,
     pub records: Vec<Record>,
     pub notes: Vec<String>,
+    /// What does not apply to the image measured (the user's own: what needs `hello`), and why.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_applicable: Vec<NotApplicable>,
     /// A run made elsewhere and shown beside this one, never mixed with it: the microVM
     /// backends measured in the nested L1 of scripts/nested-bench.sh on a host without
     /// hardware KVM (`twinbox bench --nested FILE`).
@@ -63,6 +73,13 @@ pub struct Settings {
     pub quick: bool,
     /// Measured rounds of the start scenario.
     pub start_runs: usize,
+    /// Measured rounds of the start scenario's `time_to_ready` (the user's own image). Absent
+    /// in older results: 0.
+    #[serde(default)]
+    pub ready_runs: usize,
+    /// When an instance of the user's own image counts as ready (`--ready`); absent for hello.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ready: Option<String>,
     /// Measured rounds of the CPU scenario.
     pub cpu_runs: usize,
     pub warmup: usize,
@@ -94,6 +111,35 @@ pub struct Settings {
 
 fn one() -> usize {
     1
+}
+
+/// A scenario, some of its metrics, or a backend that does not apply to the image measured.
+#[derive(Serialize, Deserialize, Clone, Debug, PartialEq)]
+pub struct NotApplicable {
+    /// The scenario (`cpu`), or `*` for a backend that runs none of them.
+    pub scenario: String,
+    /// Only these of its metrics; empty: all of it.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub metrics: Vec<String>,
+    /// Only this backend; none: every backend.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub backend: Option<String>,
+    pub reason: String,
+}
+
+impl std::fmt::Display for NotApplicable {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let what = match (&self.backend, self.scenario.as_str(), self.metrics.as_slice()) {
+            (Some(b), "*", _) => format!("backend {b}"),
+            (_, s, []) => format!("scenario {s}"),
+            (_, s, m) => m.iter().map(|m| format!("{s}/{m}")).collect::<Vec<_>>().join(", "),
+        };
+        let whose = match (&self.backend, self.scenario.as_str()) {
+            (Some(b), s) if s != "*" => format!(" ({b})"),
+            _ => String::new(),
+        };
+        write!(f, "{what}{whose}: {}", self.reason)
+    }
 }
 
 /// Whether a backend was measured, and if not why.
@@ -176,6 +222,11 @@ impl Results {
                 ("kernel", a.kernel.clone(), b.kernel.clone()),
                 ("virtualization", a.virtualization.kind.to_string(), b.virtualization.kind.to_string()),
                 ("image", out.settings.image.clone(), p.settings.image.clone()),
+                (
+                    "readiness check",
+                    out.settings.ready.clone().unwrap_or_default(),
+                    p.settings.ready.clone().unwrap_or_default(),
+                ),
             ] {
                 if x != y {
                     return Err(MergeError::Differ { what, a: x, b: y });
@@ -195,6 +246,7 @@ impl Results {
             let (to, from) = (&mut out.settings, &p.settings);
             if has("start") {
                 to.start_runs = from.start_runs;
+                to.ready_runs = from.ready_runs;
             }
             if has("cpu") {
                 to.cpu_runs = from.cpu_runs;
@@ -219,6 +271,11 @@ impl Results {
             out.interrupted |= p.interrupted;
             out.records.extend(p.records);
             out.notes.extend(p.notes);
+            for n in p.not_applicable {
+                if !out.not_applicable.contains(&n) {
+                    out.not_applicable.push(n);
+                }
+            }
         }
         // Scenarios in the order a full run takes them.
         let order = |s: &String| crate::scenario::Scenario::parse(s).map_or(usize::MAX, |x| x as usize);

@@ -39,9 +39,17 @@ pub struct BenchArgs {
     /// Density: stop a backend early once its instances hold this much host memory (e.g. 2g).
     #[arg(long, value_parser = crate::containers::parse_memory)]
     memory_budget: Option<i64>,
-    /// The image to run (its entrypoint must be the default image's `hello`).
+    /// The image to run: the default `hello` image (its modes are the workloads), or your own
+    /// with --ready.
     #[arg(long, default_value = twinbox_bench::DEFAULT_IMAGE)]
     image: String,
+    /// With an image of your own: when an instance of it is ready. `http://:PORT/PATH` (an
+    /// HTTP GET to its PORT, published on 127.0.0.1, answers), `tcp:PORT` (a connection to it
+    /// is accepted) or `log:TEXT` (TEXT in its output). The image then runs its own command,
+    /// measured for time to ready, memory per ready instance, density and (http) request
+    /// latency; what needs hello (cpu, disk, …) is listed as not applicable.
+    #[arg(long, value_name = "SPEC", value_parser = parse_ready)]
+    ready: Option<twinbox_bench::ready::ReadySpec>,
     /// Report directory (default: reports/<date>-<rev>).
     #[arg(long)]
     out: Option<PathBuf>,
@@ -151,6 +159,7 @@ pub fn bench(root: &Path, a: BenchArgs) -> Result<i32> {
     let twinbox = std::env::current_exe().context("cannot find the running twinbox binary")?;
     let mut opts = Options::new(root, &twinbox);
     opts.image = a.image;
+    opts.ready = a.ready;
     opts.quick = a.quick;
     opts.runs = a.runs;
     opts.instances = a.instances;
@@ -349,9 +358,16 @@ fn print_summary(r: &twinbox_bench::results::Results) {
             );
         }
     }
+    for n in &r.not_applicable {
+        println!("  not applicable: {n}");
+    }
     for n in &r.notes {
         println!("  note: {n}");
     }
+}
+
+fn parse_ready(s: &str) -> Result<twinbox_bench::ready::ReadySpec, twinbox_bench::ready::ReadySpecError> {
+    s.parse()
 }
 
 fn compare_cmd(c: CompareArgs) -> Result<i32> {

@@ -186,14 +186,18 @@ fn hello_processes() -> usize {
 /// networks: one at a time.
 static SERIAL: std::sync::Mutex<()> = std::sync::Mutex::new(());
 
-/// As root, a temporary store with the default image built in it, and the harness to itself
-/// while the guard lives; None (skip) otherwise.
-fn hello_store() -> Option<(std::sync::MutexGuard<'static, ()>, Env)> {
+/// As root, a temporary store, and the harness to itself while the guard lives; None (skip)
+/// otherwise.
+fn root_store() -> Option<(std::sync::MutexGuard<'static, ()>, Env)> {
     if !require_root() {
         return None;
     }
-    let serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
-    let env = Env::new();
+    Some((SERIAL.lock().unwrap_or_else(|e| e.into_inner()), Env::new()))
+}
+
+/// [`root_store`] with the default image built in it.
+fn hello_store() -> Option<(std::sync::MutexGuard<'static, ()>, Env)> {
+    let (serial, env) = root_store()?;
     let ctx = env.path("hello");
     if !hello_context(&ctx) {
         return None;
@@ -512,4 +516,161 @@ fn journaled_state_moves_container_files_to_a_journaled_ext4() {
     assert_eq!(leftovers(), before, "temporary image or loop device left behind");
     // Outside the namespace the store's containers/ is where it was, and empty.
     assert_eq!(std::fs::read_dir(env.root().join("containers")).unwrap().count(), 0);
+}
+
+/// Processes of busybox httpd on the host that run (zombies left for pid 1 to reap do not).
+fn httpd_processes() -> usize {
+    let Ok(rd) = std::fs::read_dir("/proc") else { return 0 };
+    rd.flatten()
+        .filter(|e| {
+            let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let state = stat.rsplit_once(") ").and_then(|(_, rest)| rest.chars().next());
+            comm.trim() == "httpd" && state.is_some_and(|s| s != 'Z')
+        })
+        .count()
+}
+
+/// The user's own image, not hello: examples/web (busybox httpd serving a page, `FROM busybox`)
+/// built in the test's store and measured with `--ready http://:8080/`: time to ready, memory
+/// per ready instance and request latency for each container backend; the bare process, cpu,
+/// disk and hello's own metrics listed as not applicable with the reason; nothing left running.
+#[test]
+fn own_image_with_a_readiness_check_end_to_end() {
+    let Some((_serial, env)) = root_store() else { return };
+    if !common::require(
+        Path::new("/usr/lib/cni/portmap").exists(),
+        "the CNI plugins are not installed (apt-get install containernetworking-plugins)",
+    ) || !common::require_tool("runc")
+    {
+        return;
+    }
+    // busybox:latest as scripts/default-images.sh makes it (with the applets used here), then
+    // the web image from its Dockerfile.
+    let bb = env.path("busybox");
+    if !common::busybox_rootfs(&bb, &["httpd", "sh"]) {
+        return;
+    }
+    let examples = common::workspace().join("examples");
+    std::fs::copy(examples.join("busybox/Dockerfile"), bb.join("Dockerfile")).unwrap();
+    env.ok(&["build", "-q", "-t", "busybox:latest", &bb.display().to_string()]);
+    env.ok(&["build", "-q", "-t", "web", &examples.join("web").display().to_string()]);
+
+    // Without --ready, an image that is not hello is refused, saying what to give.
+    let o = env.run(&["bench", "--quick", "--image", "web", "--out", &env.path("refused").display().to_string()]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(1), "{err}");
+    assert!(err.contains("is not the hello image") && err.contains("--ready http://:PORT/PATH, tcp:PORT or log:TEXT"));
+    let o = env.run(&["bench", "--quick", "--image", "web", "--ready", "http://localhost:8080/"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("give none (http://:PORT/PATH)"));
+
+    let mut backends = vec!["twinbox-container", "runc"];
+    if common::have_tool("crun") {
+        backends.push("crun");
+    }
+    let listed = format!("process,{}", backends.join(","));
+    let before = httpd_processes();
+    let out = env.path("report");
+    let o = env.run(&[
+        "bench",
+        "--quick",
+        "--image",
+        "web",
+        "--ready",
+        "http://:8080/",
+        "--scenario",
+        "start,memory,net",
+        "--backends",
+        &listed,
+        "--out",
+        &out.display().to_string(),
+        "--json",
+    ]);
+    assert!(o.status.success(), "bench failed: {}", String::from_utf8_lossy(&o.stderr));
+    let r: Value = serde_json::from_slice(&o.stdout).unwrap();
+    let samples = |b: &str, s: &str, m: &str| -> Vec<f64> {
+        r["records"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|x| x["backend"] == b && x["scenario"] == s && x["metric"] == m)
+            .unwrap_or_else(|| panic!("no {b} {s}/{m} record; notes: {}", r["notes"]))["samples"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v.as_f64().unwrap())
+            .collect()
+    };
+    for b in &backends {
+        let ready = samples(b, "start", "time_to_ready");
+        assert_eq!(ready.len(), 10, "{b}: the quick run's rounds: {ready:?}");
+        assert!(ready.iter().all(|&t| t > 0.0 && t < 60_000.0), "{b}: {ready:?}");
+        let pss = samples(b, "memory", "pss_per_instance");
+        assert_eq!(pss.len(), 30, "{b}: 10 instances × 3 rounds");
+        assert!(pss.iter().all(|&k| k > 0.0), "{b}: every ready instance holds memory: {pss:?}");
+        assert!(samples(b, "memory", "processes_per_instance").iter().all(|&n| n >= 1.0), "{b}");
+        assert_eq!(samples(b, "memory", "total_per_instance").len(), 3, "{b}");
+        assert_eq!(samples(b, "net", "time_to_ready").len(), 3, "{b}");
+        let latency = samples(b, "net", "latency_new_connection");
+        assert_eq!(latency.len(), 300, "{b}");
+        assert!(latency.iter().all(|&us| us > 0.0), "{b}");
+        // hello's own metrics are not there, not made up.
+        for (s, m) in [("start", "end_to_end"), ("net", "throughput"), ("net", "exec_latency")] {
+            assert!(
+                !r["records"]
+                    .as_array()
+                    .unwrap()
+                    .iter()
+                    .any(|x| x["backend"] == *b && x["scenario"] == s && x["metric"] == m),
+                "{b}: no {s}/{m} for a foreign image"
+            );
+        }
+    }
+    // What does not apply, with the reason, cpu and disk included though not asked for.
+    let na = r["not_applicable"].as_array().expect("a not_applicable list");
+    let whole = |s: &str| na.iter().find(|n| n["scenario"] == s && n["metrics"].is_null() && n["backend"].is_null());
+    for s in ["cpu", "disk"] {
+        let n = whole(s).unwrap_or_else(|| panic!("{s} is not listed as not applicable: {na:?}"));
+        assert!(n["reason"].as_str().is_some_and(|why| why.contains("hello")), "{n}");
+    }
+    let start = na.iter().find(|n| n["scenario"] == "start").expect("start's hello metrics listed");
+    assert!(start["metrics"].as_array().unwrap().contains(&json!("end_to_end")), "{start}");
+    assert!(na.iter().any(|n| n["backend"] == "process"), "{na:?}");
+    let process = r["backends"].as_array().unwrap().iter().find(|b| b["name"] == "process").unwrap();
+    assert_eq!(process["available"], false);
+    assert!(process["reason"].as_str().unwrap().starts_with("not applicable to web: "), "{process}");
+    assert_eq!(r["settings"]["ready"], "http://:8080/");
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    assert!(md.contains("## Not applicable to this image") && md.contains("- scenario cpu: "), "{md}");
+    assert!(md.contains("**Time to ready.**") && md.contains("--image web --ready 'http://:8080/'"), "{md}");
+    // Summary figures for the lead's report.
+    for b in &backends {
+        let med = |s: &str, m: &str| {
+            let mut v = samples(b, s, m);
+            v.sort_by(f64::total_cmp);
+            v[v.len() / 2]
+        };
+        eprintln!(
+            "{b}: time_to_ready {:.1} ms, memory total_per_instance {:.0} KiB (pss {:.0} KiB), net time_to_ready {:.1} ms, \
+             latency_new_connection {:.0} µs",
+            med("start", "time_to_ready"),
+            med("memory", "total_per_instance"),
+            med("memory", "pss_per_instance"),
+            med("net", "time_to_ready"),
+            med("net", "latency_new_connection")
+        );
+    }
+    // Nothing left: no server, no container, no CNI bridge or per-container forwarding table.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    while httpd_processes() > before && std::time::Instant::now() < deadline {
+        std::thread::sleep(std::time::Duration::from_millis(100));
+    }
+    assert!(httpd_processes() <= before, "httpd processes left behind");
+    assert_eq!(env.ok(&["ps", "-aq"]).trim(), "", "no container left");
+    assert!(!Path::new("/sys/class/net/tb-bench-cni").exists(), "the CNI bridge is removed");
+    let mut nft = twinbox_engine::network::nft::Nft::open().unwrap();
+    let tables: Vec<String> = nft.tables().unwrap().into_iter().map(|(n, _)| n).collect();
+    assert!(!tables.iter().any(|t| t.starts_with("twinbox-c-")), "{tables:?}");
+    env.ok(&["network", "prune"]);
 }

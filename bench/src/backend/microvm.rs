@@ -22,7 +22,9 @@ use twinbox_engine::microvm::{default_kernel, prepare, run_id, ImageRunOptions, 
 use twinbox_image::launch::Overrides;
 use twinbox_image::Store;
 
-use super::{own_process_group, Backend, BackendError, Instance, Isolation, PreparedImage, Unavailable, Workload};
+use super::{
+    own_process_group, Backend, BackendError, Instance, Isolation, PreparedImage, Publish, Unavailable, Workload,
+};
 use crate::host::{detect_virtualization, which, VirtKind};
 
 /// How long a background microVM may take to start its workload (nested TCG is slow).
@@ -267,6 +269,28 @@ impl Backend for TwinboxMicrovm {
         Some(cmd)
     }
 
+    fn launch_image(&self, id: &str, publish: Option<Publish>) -> Result<Option<Instance>, BackendError> {
+        let mut flags = vec!["-d".to_owned(), "--name".to_owned(), id.to_owned()];
+        flags.extend(super::twinbox::publish_flags(publish));
+        let flags: Vec<&str> = flags.iter().map(String::as_str).collect();
+        let mut cmd = self.twinbox_with(&Workload::Own, false, &flags);
+        cmd.stdin(Stdio::null());
+        super::run_quiet(cmd, "twinbox run -d --isolation microvm")?;
+        Ok(Some(Instance { id: id.to_owned(), child: None }))
+    }
+
+    fn output_path(&self, instance: &Instance) -> Option<PathBuf> {
+        super::twinbox::log_path(&self.image.as_ref()?.store_root, &instance.id)
+    }
+
+    fn instance_pids(&self, instance: &Instance) -> Vec<u32> {
+        match (&instance.child, &self.image) {
+            (Some(c), _) => [c.id()].into_iter().filter(|&p| crate::host::running(p)).collect(),
+            (None, Some(image)) => super::twinbox::record_pids(&image.store_root, &instance.id),
+            (None, None) => Vec::new(),
+        }
+    }
+
     fn serve_note(&self) -> String {
         "`twinbox run -d -p 127.0.0.1:PORT:8080 --isolation microvm` on the default bridge network: a virtio-net \
          card on a tap on the bridge (MTU 65520 within the host), DNAT as for containers"
@@ -379,6 +403,81 @@ impl QemuMicrovm {
             std::fs::write(&initrd, bytes).map_err(|source| BackendError::Write { path: initrd.clone(), source })?;
         }
         Ok((initrd, prepared.disk.path, format!("{} twinbox.console", prepared.cmdline)))
+    }
+
+    /// `workload` in QEMU with a virtio-net card on a tap on twinbox's default bridge: an
+    /// address from the same IPAM and the same DNAT for 127.0.0.1:`publish.host` as
+    /// twinbox-microvm, so the two VMMs differ only in themselves. The serial console (the
+    /// workload's output, mirrored by the agent) and QEMU's complaints go to `output`, else
+    /// nowhere.
+    fn serve(
+        &self,
+        workload: &Workload,
+        id: &str,
+        publish: Publish,
+        output: Option<std::fs::File>,
+    ) -> Result<Instance, BackendError> {
+        use twinbox_engine::network::{attach, publish, Networks, DEFAULT_NETWORK};
+        let image = self.image.as_ref().expect("prepare() before use");
+        let fail = |what: &str| {
+            let what = what.to_owned();
+            move |e: &dyn std::error::Error| failed(what.clone())(e)
+        };
+        let nets = Networks::new(&image.store_root);
+        let network = nets.get_or_create_default(DEFAULT_NETWORK).map_err(|e| fail("the bench's network")(&e))?;
+        nets.ensure_bridge(&network).map_err(|e| fail("the bench's network")(&e))?;
+        let holder = format!("qemu-{id}");
+        // Nothing else is gone: addresses of others are not this backend's to free.
+        let (network, ip) = nets.allocate(&network.name, &holder, |_| false).map_err(|e| fail("an address")(&e))?;
+        self.served.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_owned(), holder.clone());
+        let mut endpoint = attach::Endpoint::new(&network, ip, &holder);
+        endpoint.host_veth = format!("tbq{}", &run_id()[..8]);
+        let net = GuestNet {
+            tap: endpoint.host_veth.clone(),
+            mac: attach::mac_text(attach::mac_for(ip)),
+            network: endpoint.guest_network(),
+            hosts: attach::hosts_file("qemu", Some(ip)),
+        };
+        let mut cmd = self.qemu_on(workload, false, id, Some(&net))?;
+        let spawn_err = |source| BackendError::Spawn { what: "qemu".into(), source };
+        let (out, err) = match output {
+            Some(f) => (Stdio::from(f.try_clone().map_err(spawn_err)?), Stdio::from(f)),
+            None => (Stdio::null(), Stdio::null()),
+        };
+        cmd.stdin(Stdio::null()).stdout(out).stderr(err);
+        let child = cmd.spawn().map_err(spawn_err)?;
+        let mut instance = Instance { id: id.to_owned(), child: Some(child) };
+        // QEMU makes the tap as it starts: on the bridge once it is there.
+        let deadline = std::time::Instant::now() + Duration::from_secs(30);
+        let attached = loop {
+            match attach::connect_tap(&endpoint, &network.bridge) {
+                Ok(()) => break Ok(()),
+                Err(e) if std::time::Instant::now() > deadline => break Err(e),
+                Err(_) => std::thread::sleep(Duration::from_millis(20)),
+            }
+        };
+        let published = attached.map_err(|e| fail("the tap on the bridge")(&e)).and_then(|()| {
+            let port = twinbox_engine::network::publish::PortMapping {
+                host_ip: Some(std::net::Ipv4Addr::LOCALHOST.into()),
+                host_port: publish.host,
+                container_port: publish.port,
+                udp: false,
+            };
+            publish::forward_ports(&image.store_root, &holder, ip, &[port], |_| false)
+                .map_err(|e| fail("forwarding the port")(&e))
+        });
+        if let Err(e) = published {
+            let _ = self.teardown(&mut instance);
+            return Err(e);
+        }
+        Ok(instance)
+    }
+
+    /// Where the serial console of instance `id` of [`launch_image`](Backend::launch_image)
+    /// goes.
+    fn output_file(&self, id: &str) -> PathBuf {
+        let image = self.image.as_ref().expect("prepare() before use");
+        image.work.join(format!("qemu-{id}.out"))
     }
 
     fn qemu(&self, workload: &Workload, verbose: bool, name: &str) -> Result<Command, BackendError> {
@@ -518,59 +617,26 @@ impl Backend for QemuMicrovm {
         true
     }
 
-    /// `hello serve` in QEMU with a virtio-net card on a tap on twinbox's default bridge: an
-    /// address from the same IPAM and the same DNAT for 127.0.0.1:`host_port` as
-    /// twinbox-microvm, so the two VMMs differ only in themselves.
     fn launch_server(&self, id: &str, host_port: u16) -> Result<Option<Instance>, BackendError> {
-        use twinbox_engine::network::{attach, publish, Networks, DEFAULT_NETWORK};
-        let image = self.image.as_ref().expect("prepare() before use");
-        let fail = |what: &str| {
-            let what = what.to_owned();
-            move |e: &dyn std::error::Error| failed(what.clone())(e)
-        };
-        let nets = Networks::new(&image.store_root);
-        let network = nets.get_or_create_default(DEFAULT_NETWORK).map_err(|e| fail("the bench's network")(&e))?;
-        nets.ensure_bridge(&network).map_err(|e| fail("the bench's network")(&e))?;
-        let holder = format!("qemu-{id}");
-        // Nothing else is gone: addresses of others are not this backend's to free.
-        let (network, ip) = nets.allocate(&network.name, &holder, |_| false).map_err(|e| fail("an address")(&e))?;
-        self.served.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_owned(), holder.clone());
-        let mut endpoint = attach::Endpoint::new(&network, ip, &holder);
-        endpoint.host_veth = format!("tbq{}", &run_id()[..8]);
-        let net = GuestNet {
-            tap: endpoint.host_veth.clone(),
-            mac: attach::mac_text(attach::mac_for(ip)),
-            network: endpoint.guest_network(),
-            hosts: attach::hosts_file("qemu", Some(ip)),
-        };
-        let mut cmd = self.qemu_on(&Workload::Serve(super::SERVER_PORT), false, id, Some(&net))?;
-        cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(Stdio::null());
-        let child = cmd.spawn().map_err(|source| BackendError::Spawn { what: "qemu".into(), source })?;
-        let mut instance = Instance { id: id.to_owned(), child: Some(child) };
-        // QEMU makes the tap as it starts: on the bridge once it is there.
-        let deadline = std::time::Instant::now() + Duration::from_secs(30);
-        let attached = loop {
-            match attach::connect_tap(&endpoint, &network.bridge) {
-                Ok(()) => break Ok(()),
-                Err(e) if std::time::Instant::now() > deadline => break Err(e),
-                Err(_) => std::thread::sleep(Duration::from_millis(20)),
-            }
-        };
-        let published = attached.map_err(|e| fail("the tap on the bridge")(&e)).and_then(|()| {
-            let port = twinbox_engine::network::publish::PortMapping {
-                host_ip: Some(std::net::Ipv4Addr::LOCALHOST.into()),
-                host_port,
-                container_port: super::SERVER_PORT,
-                udp: false,
-            };
-            publish::forward_ports(&image.store_root, &holder, ip, &[port], |_| false)
-                .map_err(|e| fail("forwarding the port")(&e))
-        });
-        if let Err(e) = published {
-            let _ = self.teardown(&mut instance);
-            return Err(e);
+        let publish = Publish { host: host_port, port: super::SERVER_PORT };
+        self.serve(&Workload::Serve(super::SERVER_PORT), id, publish, None).map(Some)
+    }
+
+    fn launch_image(&self, id: &str, publish: Option<Publish>) -> Result<Option<Instance>, BackendError> {
+        let path = self.output_file(id);
+        let output = std::fs::File::create(&path).map_err(|source| BackendError::Write { path, source })?;
+        if let Some(p) = publish {
+            return self.serve(&Workload::Own, id, p, Some(output)).map(Some);
         }
-        Ok(Some(instance))
+        let spawn_err = |source| BackendError::Spawn { what: "qemu".into(), source };
+        let mut cmd = self.qemu(&Workload::Own, false, id)?;
+        cmd.stdin(Stdio::null()).stdout(output.try_clone().map_err(spawn_err)?).stderr(output);
+        let child = cmd.spawn().map_err(spawn_err)?;
+        Ok(Some(Instance { id: id.to_owned(), child: Some(child) }))
+    }
+
+    fn output_path(&self, instance: &Instance) -> Option<PathBuf> {
+        self.image.as_ref().map(|_| self.output_file(&instance.id))
     }
 
     fn disk_note(&self) -> String {

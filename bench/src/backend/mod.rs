@@ -11,6 +11,10 @@
 //! | `twinbox-microvm` | `twinbox run --isolation microvm hello:latest …` |
 //! | `qemu-microvm` | QEMU `-M microvm` with the same kernel, agent initramfs and root disk |
 //! | `firecracker` | not yet: reported with the reason |
+//!
+//! The user's own image (`--image IMAGE --ready SPEC`) runs its own entrypoint and cmd
+//! ([`Workload::Own`], [`Backend::launch_image`]) in every backend but the bare process, which
+//! can only run the hello image's static binary ([`Backend::not_applicable`]).
 
 pub mod cni;
 mod microvm;
@@ -79,6 +83,9 @@ pub enum Workload {
     /// `hello disk DIR MIB`: file I/O in the instance's writable root (`/`), or with `volume`
     /// in a volume the backend mounts at [`DISK_VOLUME_PATH`].
     Disk { volume: bool, mib: u32 },
+    /// The image's own entrypoint and cmd, as a run that gives no command starts it (the
+    /// user's own image: [`PreparedImage::foreign`]).
+    Own,
 }
 
 /// Where a backend mounts its volume for the `disk` scenario.
@@ -101,8 +108,18 @@ impl Workload {
             Workload::Disk { volume, mib } => {
                 vec!["disk".into(), if *volume { DISK_VOLUME_PATH } else { "/" }.into(), mib.to_string()]
             }
+            Workload::Own => Vec::new(),
         }
     }
+}
+
+/// The user's own image: how it starts and when an instance of it is ready.
+#[derive(Debug, Clone)]
+pub struct Foreign {
+    pub ready: crate::ready::ReadySpec,
+    /// The process a run of the image without a command starts (entrypoint + cmd, env,
+    /// working directory, user), for the bundles of runc and crun.
+    pub process: twinbox_image::launch::Launch,
 }
 
 /// The image, ready for every backend: flattened once into a scratch directory.
@@ -114,10 +131,12 @@ pub struct PreparedImage {
     pub store_root: PathBuf,
     /// The flattened root filesystem.
     pub rootfs: PathBuf,
-    /// The image's entrypoint (`["/hello"]`).
+    /// The image's entrypoint (`["/hello"]`; for a foreign image as it is, maybe empty).
     pub entrypoint: Vec<String>,
     /// Scratch space for bundles and runtime state.
     pub work: PathBuf,
+    /// Set for an image other than hello (`--ready`): its own process and readiness.
+    pub foreign: Option<Foreign>,
 }
 
 impl PreparedImage {
@@ -126,12 +145,23 @@ impl PreparedImage {
         self.rootfs.join(self.entrypoint[0].trim_start_matches('/'))
     }
 
-    /// Entrypoint followed by the workload's arguments.
+    /// Entrypoint followed by the workload's arguments; for [`Workload::Own`] the image's own
+    /// argv.
     pub fn argv(&self, w: &Workload) -> Vec<String> {
+        if let (Workload::Own, Some(f)) = (w, &self.foreign) {
+            return f.process.args.clone();
+        }
         let mut v = self.entrypoint.clone();
         v.extend(w.args());
         v
     }
+}
+
+/// A port published for an instance: `host` on 127.0.0.1 to the instance's `port`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Publish {
+    pub host: u16,
+    pub port: u16,
 }
 
 /// A running instance a backend started; give it back to [`Backend::teardown`].
@@ -222,6 +252,33 @@ pub trait Backend {
 
     /// Removes what the `disk` scenario's volume runs made (a named volume, a directory).
     fn disk_cleanup(&self) {}
+
+    /// Why this backend cannot run `image` at all, when it cannot (then it is listed as not
+    /// applicable with this reason, and not measured).
+    fn not_applicable(&self, _image: &PreparedImage) -> Option<String> {
+        None
+    }
+
+    /// The image's own process ([`Workload::Own`]) in a new detached instance, started the way
+    /// [`launch_server`](Self::launch_server) starts a server: with `publish`, its port
+    /// published on 127.0.0.1 as the net scenario publishes one; without, loopback only. Its
+    /// stdout and stderr go where [`output_path`](Self::output_path) finds them. Returns once
+    /// the launcher says it is started; None when the backend cannot run it.
+    fn launch_image(&self, _id: &str, _publish: Option<Publish>) -> Result<Option<Instance>, BackendError> {
+        Ok(None)
+    }
+
+    /// The file an instance of [`launch_image`](Self::launch_image) writes its output to.
+    fn output_path(&self, _instance: &Instance) -> Option<PathBuf> {
+        None
+    }
+
+    /// The host processes an instance stands on, found through the backend's own id of it:
+    /// a container's init (and a process that serves its published port), a microVM's VMM.
+    /// [`crate::host::instance_trees`] adds their descendants. Empty once the instance is gone.
+    fn instance_pids(&self, instance: &Instance) -> Vec<u32> {
+        instance.child.as_ref().map(|c| c.id()).filter(|&p| crate::host::running(p)).into_iter().collect()
+    }
 }
 
 /// Runs `cmd` to completion with no stdio; how long it took. A failure is an error, with the
@@ -253,12 +310,32 @@ pub fn by_name(name: &str, twinbox: &Path) -> Option<Box<dyn Backend>> {
 /// Run a control command (launch -d, teardown, delete) to completion; its stderr on failure.
 /// Stderr goes to an unnamed file, not a pipe: a detached instance inherits it and would
 /// hold a pipe open for as long as it lives.
-pub(crate) fn run_quiet(mut cmd: Command, what: &str) -> Result<(), BackendError> {
+pub(crate) fn run_quiet(cmd: Command, what: &str) -> Result<(), BackendError> {
+    let spawn_err = |source| BackendError::Spawn { what: what.to_owned(), source };
+    let log = tempfile::tempfile().map_err(spawn_err)?;
+    run_into(cmd, what, Stdio::null(), log)
+}
+
+/// [`run_quiet`] with stdout and stderr appended to `path` (made if missing): what a
+/// detached instance that inherits them writes goes there too, for
+/// [`Backend::output_path`]. On failure the error quotes what the file holds.
+pub(crate) fn run_logged(cmd: Command, what: &str, path: &Path) -> Result<(), BackendError> {
+    let log = std::fs::File::options()
+        .create(true)
+        .append(true)
+        .read(true)
+        .open(path)
+        .map_err(|source| BackendError::Write { path: path.to_owned(), source })?;
+    let out = log.try_clone().map_err(|source| BackendError::Write { path: path.to_owned(), source })?;
+    run_into(cmd, what, out.into(), log)
+}
+
+/// Runs `cmd` with no stdin, `stdout`, and stderr to `log`, which is read back for the error.
+fn run_into(mut cmd: Command, what: &str, stdout: Stdio, mut log: std::fs::File) -> Result<(), BackendError> {
     use std::io::{Read, Seek};
     let spawn_err = |source| BackendError::Spawn { what: what.to_owned(), source };
-    let mut log = tempfile::tempfile().map_err(spawn_err)?;
     let err = log.try_clone().map_err(spawn_err)?;
-    cmd.stdin(Stdio::null()).stdout(Stdio::null()).stderr(err);
+    cmd.stdin(Stdio::null()).stdout(stdout).stderr(err);
     let mut child = cmd.spawn().map_err(spawn_err)?;
     // A launcher that never returns (a stuck teardown, a guest that never comes up) must not
     // stall the bench.

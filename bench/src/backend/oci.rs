@@ -10,8 +10,8 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use super::{
-    is_root, own_process_group, run_quiet, Backend, BackendError, Instance, Isolation, PreparedImage, Unavailable,
-    Workload,
+    is_root, own_process_group, run_quiet, Backend, BackendError, Instance, Isolation, PreparedImage, Publish,
+    Unavailable, Workload,
 };
 use crate::host::{tool_version, which};
 
@@ -73,16 +73,25 @@ impl Oci {
         store.join(".bench-disk").join(format!("{}-volume", self.runtime.name()))
     }
 
+    /// Instance `id`'s bundle directory.
+    fn bundle_dir(&self, id: &str) -> PathBuf {
+        let image = self.image.as_ref().expect("prepare() before use");
+        image.work.join("bundles").join(format!("{}-{id}", self.runtime.name()))
+    }
+
     /// A bundle per instance: config.json only; the root is the shared flattened rootfs. With
     /// `netns`, the container joins that network namespace instead of a new one.
     fn bundle(&self, workload: &Workload, id: &str, netns: Option<&Path>) -> Result<PathBuf, BackendError> {
         let image = self.image.as_ref().expect("prepare() before use");
-        let dir = image.work.join("bundles").join(format!("{}-{id}", self.runtime.name()));
+        let dir = self.bundle_dir(id);
         let write_err = |source| BackendError::Write { path: dir.clone(), source };
         std::fs::create_dir_all(&dir).map_err(write_err)?;
         let mut spec = bundle_spec(&image.rootfs, &image.argv(workload));
         if let Some(path) = netns {
             join_netns(&mut spec, path);
+        }
+        if let (Workload::Own, Some(f)) = (workload, &image.foreign) {
+            own_process(&mut spec, &f.process);
         }
         if let Workload::Disk { volume, .. } = workload {
             // The root writable (the shared flattened directory, written in place: no overlay),
@@ -125,6 +134,25 @@ pub fn bundle_spec(rootfs: &Path, args: &[String]) -> oci_spec::runtime::Spec {
     root.set_path(rootfs.to_owned());
     spec.set_root(Some(root));
     spec
+}
+
+/// The image's own process in `spec`, as a container engine makes it from the image's config
+/// (umoci, containerd): its environment, working directory and user, and a writable root, as
+/// a service expects its root to be (a pid file, a cache); the root is the shared flattened
+/// directory, written in place.
+fn own_process(spec: &mut oci_spec::runtime::Spec, launch: &twinbox_image::launch::Launch) {
+    let mut p = spec.process().clone().unwrap_or_default();
+    p.set_env(Some(launch.env.clone()));
+    p.set_cwd(launch.cwd.clone().into());
+    let mut user = p.user().clone();
+    user.set_uid(launch.uid);
+    user.set_gid(launch.gid);
+    user.set_additional_gids((!launch.additional_gids.is_empty()).then(|| launch.additional_gids.clone()));
+    p.set_user(user);
+    spec.set_process(Some(p));
+    if let Some(root) = spec.root_mut() {
+        root.set_readonly(Some(false));
+    }
 }
 
 /// Makes `spec`'s network namespace the one at `path`.
@@ -263,6 +291,49 @@ impl Backend for Oci {
         }
         self.attached.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_owned(), a);
         Ok(Some(Instance { id: id.to_owned(), child: None }))
+    }
+
+    fn launch_image(&self, id: &str, publish: Option<Publish>) -> Result<Option<Instance>, BackendError> {
+        let image = self.image.as_ref().expect("prepare() before use");
+        let a = match publish {
+            Some(p) if super::cni::available().is_ok() => Some(super::cni::attach(&image.work, id, p.host, p.port)?),
+            Some(_) => return Ok(None),
+            None => None,
+        };
+        let launched = (|| {
+            let bundle = self.bundle(&Workload::Own, id, a.as_ref().map(|a| a.netns.as_path()))?;
+            let mut cmd = self.base();
+            cmd.arg("run").arg("-d").arg("-b").arg(&bundle).arg(id);
+            // Detached, the container's stdio is the runtime's own (pass-through): its output.
+            super::run_logged(cmd, &format!("{} run -d", self.runtime.name()), &bundle.join("output"))
+        })();
+        if let Err(e) = launched {
+            if let Some(a) = a {
+                super::cni::detach(a);
+            }
+            return Err(e);
+        }
+        if let Some(a) = a {
+            self.attached.lock().unwrap_or_else(|e| e.into_inner()).insert(id.to_owned(), a);
+        }
+        Ok(Some(Instance { id: id.to_owned(), child: None }))
+    }
+
+    fn output_path(&self, instance: &Instance) -> Option<PathBuf> {
+        self.image.as_ref().map(|_| self.bundle_dir(&instance.id).join("output"))
+    }
+
+    /// The init's pid from `runc state` (crun's likewise), while it runs.
+    fn instance_pids(&self, instance: &Instance) -> Vec<u32> {
+        let mut cmd = self.base();
+        cmd.args(["state", &instance.id]).stdin(Stdio::null()).stderr(Stdio::null());
+        let Ok(out) = cmd.output() else { return Vec::new() };
+        let state: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        let running = state["status"].as_str().is_some_and(|s| s == "running" || s == "created");
+        match state["pid"].as_u64() {
+            Some(pid) if running && pid > 0 => vec![pid as u32],
+            _ => Vec::new(),
+        }
     }
 
     fn run_published(&self, id: &str, host_port: u16) -> Result<Option<std::time::Duration>, BackendError> {

@@ -61,6 +61,14 @@ impl Backend for Process {
         Some("the image's /hello executed directly on the host: no isolation (the floor)".into())
     }
 
+    fn not_applicable(&self, image: &PreparedImage) -> Option<String> {
+        image.foreign.as_ref().map(|_| {
+            "it runs the image's entrypoint as a program of the host, outside any root filesystem of the image: \
+             only the hello image's static binary runs that way"
+                .into()
+        })
+    }
+
     fn prepare(&mut self, image: &PreparedImage) -> Result<(), BackendError> {
         self.image = Some(image.clone());
         Ok(())

@@ -5,9 +5,49 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
 use super::{
-    is_root, own_process_group, run_quiet, Backend, BackendError, Instance, Isolation, PreparedImage, Unavailable,
-    Workload,
+    is_root, own_process_group, run_quiet, Backend, BackendError, Instance, Isolation, PreparedImage, Publish,
+    Unavailable, Workload,
 };
+
+/// The engine of the store at `root`, to look instances up by name (their records and logs).
+/// The runtime root plays no part in that; it is the CLI's all the same.
+fn engine(root: &Path) -> Option<twinbox_engine::Engine> {
+    let store = twinbox_image::Store::open(root).ok()?;
+    let runtime = std::env::var_os("TWINBOX_RUNTIME_ROOT").unwrap_or_else(|| "/run/twinbox/runtime".into());
+    twinbox_engine::Engine::new(store, PathBuf::from(runtime)).ok()
+}
+
+/// Where the twinbox instance `name` of the store at `root` writes its output (`twinbox logs`).
+pub(crate) fn log_path(root: &Path, name: &str) -> Option<PathBuf> {
+    engine(root)?.log_path(name).ok()
+}
+
+/// The host processes of the running twinbox instance `name` (a container or a detached
+/// microVM) of the store at `root`: the pid its record holds (a container's init, a microVM's
+/// VMM) and the proxy that holds its published ports (`twinbox container-proxy IP PORT…`,
+/// found by the instance's address).
+pub(crate) fn record_pids(root: &Path, name: &str) -> Vec<u32> {
+    let Some(record) = engine(root).and_then(|e| e.find(name).ok()) else { return Vec::new() };
+    let twinbox_engine::Phase::Running { pid } = record.phase else { return Vec::new() };
+    let mut pids = vec![pid as u32];
+    if let Some(ip) = record.endpoint.as_ref().filter(|_| !record.ports.is_empty()).map(|e| e.ip.to_string()) {
+        pids.extend(
+            crate::host::scan()
+                .into_iter()
+                .filter(|p| p.args.iter().any(|a| a == "container-proxy") && p.args.contains(&ip))
+                .map(|p| p.pid),
+        );
+    }
+    pids
+}
+
+/// `run` flags that publish `publish` on 127.0.0.1, or give loopback only without one.
+pub(crate) fn publish_flags(publish: Option<Publish>) -> Vec<String> {
+    match publish {
+        Some(p) => vec!["-p".into(), format!("127.0.0.1:{}:{}", p.host, p.port)],
+        None => vec!["--network".into(), "none".into()],
+    }
+}
 
 #[derive(Debug)]
 pub struct TwinboxContainer {
@@ -128,6 +168,22 @@ impl Backend for TwinboxContainer {
         "`twinbox run -d -p 127.0.0.1:PORT:8080` on the default bridge network (veth and bridge of MTU 65520, \
          the containers' default route 1500)"
             .into()
+    }
+
+    fn launch_image(&self, id: &str, publish: Option<Publish>) -> Result<Option<Instance>, BackendError> {
+        let image = self.image.as_ref().expect("prepare() before use");
+        let mut cmd = self.twinbox();
+        cmd.args(["run", "-d", "--name", id]).args(publish_flags(publish)).arg(&image.reference);
+        run_quiet(cmd, "twinbox run -d")?;
+        Ok(Some(Instance { id: id.to_owned(), child: None }))
+    }
+
+    fn output_path(&self, instance: &Instance) -> Option<PathBuf> {
+        log_path(&self.image.as_ref()?.store_root, &instance.id)
+    }
+
+    fn instance_pids(&self, instance: &Instance) -> Vec<u32> {
+        self.image.as_ref().map(|i| record_pids(&i.store_root, &instance.id)).unwrap_or_default()
     }
 
     fn run_published(&self, id: &str, host_port: u16) -> Result<Option<std::time::Duration>, BackendError> {

@@ -564,9 +564,25 @@ pub fn draw_all(r: &Results, dir: &Path) -> Result<Vec<Chart>, ChartError> {
         out.push(Chart { stem: stem.into(), title: title.into(), caption: sub });
     }
 
+    // The user's own image (`--ready`): what its instances are, and the path its requests ask for.
+    let ready: Option<crate::ready::ReadySpec> = s.ready.as_deref().and_then(|t| t.parse().ok());
+    let path = match &ready {
+        Some(crate::ready::ReadySpec::Http { path, .. }) => path.clone(),
+        _ => "/".to_owned(),
+    };
+    let own = ready.as_ref().map(|_| format!("{}'s own command", s.image));
     for (metric, title, what) in [
-        ("time_to_workload", "Start latency: time to workload", "launch → first byte from `hello spin 0`"),
-        ("end_to_end", "Start latency: end to end", "launch → exit of `hello true`, instance removed"),
+        ("time_to_workload", "Start latency: time to workload", "launch → first byte from `hello spin 0`".to_owned()),
+        ("end_to_end", "Start latency: end to end", "launch → exit of `hello true`, instance removed".to_owned()),
+        (
+            "time_to_ready",
+            "Start latency: time to ready",
+            format!(
+                "launch of {} → ready ({})",
+                own.as_deref().unwrap_or("the image"),
+                ready.as_ref().map(ToString::to_string).unwrap_or_default()
+            ),
+        ),
     ] {
         let recs = measured(r, "start", metric);
         if recs.is_empty() {
@@ -597,22 +613,23 @@ pub fn draw_all(r: &Results, dir: &Path) -> Result<Vec<Chart>, ChartError> {
         ];
         let title = "Memory per idle instance";
         let sub = format!(
-            "{} idle `hello sleep` instances per backend; PSS median per instance + kernel growth / N (median of {} \
+            "{} idle {} instances per backend; PSS median per instance + kernel growth / N (median of {} \
              rounds)\n{at}",
-            s.instances, s.memory_rounds
+            s.instances,
+            own.as_ref().map_or_else(|| "`hello sleep`".to_owned(), |_| format!("ready {}", s.image)),
+            s.memory_rounds
         );
         let stem = "memory";
         emit!(dir, stem, |root| bars(&root, title, &sub, "KiB", &names, &parts));
         out.push(Chart { stem: stem.into(), title: title.into(), caption: sub });
     }
 
+    let nth = match &own {
+        Some(_) => format!("launch of the N-th instance of {} until it is ready", s.image),
+        None => "launch of the N-th `hello sleep` instance".to_owned(),
+    };
     for (metric, title, unit, what) in [
-        (
-            "launch_latency",
-            "Density: launch latency vs instances running",
-            "ms",
-            "launch of the N-th `hello sleep` instance",
-        ),
+        ("launch_latency", "Density: launch latency vs instances running", "ms", nth.as_str()),
         (
             "host_memory",
             "Density: host memory vs instances running",
@@ -639,18 +656,31 @@ pub fn draw_all(r: &Results, dir: &Path) -> Result<Vec<Chart>, ChartError> {
         (
             "latency_keepalive",
             "Network: request latency through a published port",
-            "GET / over one kept-alive connection to 127.0.0.1:PORT, each backend published the way its users do",
+            format!(
+                "GET {path} over one kept-alive connection to 127.0.0.1:PORT, each backend published the way its users do"
+            ),
+            "µs",
+        ),
+        (
+            // Only for a server that closes every connection (no kept-alive figure).
+            "latency_new_connection",
+            "Network: request latency through a published port, a new connection each",
+            format!("connect + GET {path} + close to 127.0.0.1:PORT, each backend published the way its users do"),
             "µs",
         ),
         (
             "time_to_ready",
             "Network: time to ready",
-            "launch of `hello serve` → first HTTP response through the port",
+            format!(
+                "launch of {} → first HTTP response through the port",
+                own.as_deref().unwrap_or("`hello serve`")
+            ),
             "ms",
         ),
     ] {
         let recs = measured(r, "net", metric);
-        if recs.is_empty() {
+        if recs.is_empty() || (metric == "latency_new_connection" && !measured(r, "net", "latency_keepalive").is_empty())
+        {
             continue;
         }
         let stem = format!("net-{}", metric.replace('_', "-"));

@@ -163,6 +163,14 @@ fn what_this_shows(r: &Results) -> Vec<String> {
             list_medians(r, "start", "time_to_workload", "ms", &[])
         ));
     }
+    let ready = list_medians(r, "start", "time_to_ready", "ms", &[]);
+    if !ready.is_empty() {
+        out.push(format!(
+            "**Time to ready.** From launching {}'s own command (detached) until it is ready ({}), median: {ready}.",
+            r.settings.image,
+            r.settings.ready.as_deref().unwrap_or("?")
+        ));
+    }
     let e2e = list_medians(r, "start", "end_to_end", "ms", &[]);
     if !e2e.is_empty() {
         out.push(format!("**End to end** (launch → `hello true` exited and the instance removed, median): {e2e}."));
@@ -247,6 +255,19 @@ fn what_this_shows(r: &Results) -> Vec<String> {
              from launch to the first answer {ready}. A container's packets cross a veth pair and a bridge and are \
              rewritten by NAT; what that adds over loopback is the difference to the process."
         ));
+    } else if r.settings.ready.is_some() {
+        let fresh = list_medians(r, "net", "latency_new_connection", "µs", &[]);
+        if !fresh.is_empty() {
+            out.push(format!(
+                "**Network.** {} reached on 127.0.0.1 through a published port, each backend published the way its \
+                 users publish one: request latency with a new connection per request {fresh}{}.",
+                r.settings.image,
+                match list_medians(r, "net", "latency_keepalive", "µs", &[]) {
+                    k if k.is_empty() => String::new(),
+                    k => format!("; over a kept-alive connection {k}"),
+                }
+            ));
+        }
     }
     let durable = list_medians(r, "disk", "volume_rand_write_iops", "IOPS", &[]);
     if !durable.is_empty() {
@@ -289,6 +310,24 @@ fn what_this_shows(r: &Results) -> Vec<String> {
     }
     if !missing.is_empty() {
         out.push(format!("**Not measured:** {}.", missing.join("; ")));
+    }
+    if !r.not_applicable.is_empty() {
+        let scenarios: Vec<String> = r
+            .not_applicable
+            .iter()
+            .filter(|n| n.metrics.is_empty() && n.backend.is_none())
+            .map(|n| n.scenario.clone())
+            .collect();
+        out.push(format!(
+            "**Not applicable to {}:** {}; they need the hello image's workloads (the list with the reasons: \
+             \"Not applicable to this image\" below).",
+            r.settings.image,
+            if scenarios.is_empty() {
+                "some metrics".to_owned()
+            } else {
+                format!("the {} scenarios and some metrics", scenarios.join(", "))
+            }
+        ));
     }
     let drifts: Vec<String> = r
         .records
@@ -427,10 +466,22 @@ pub fn document(r: &Results, charts: &[charts::Chart], charts_skipped: Option<&s
             ],
             vec!["scenarios".into(), s.scenarios.join(", ")],
             vec![
+                "image".into(),
+                match &s.ready {
+                    Some(spec) => format!("`{}`, its own command, ready when `{spec}` holds", s.image),
+                    None => format!("`{}`, the hello image's modes", s.image),
+                },
+            ],
+            vec![
                 "rounds".into(),
                 format!(
-                    "start {} measured + {} warm-up dropped; cpu {} + 1; memory {} instances; density up to {}",
-                    s.start_runs, s.warmup, s.cpu_runs, s.instances, s.max
+                    "start {} measured + {} warm-up dropped{}; cpu {} + 1; memory {} instances; density up to {}",
+                    if s.ready.is_some() { s.ready_runs } else { s.start_runs },
+                    s.warmup,
+                    if s.ready.is_some() { " (time to ready)" } else { "" },
+                    s.cpu_runs,
+                    s.instances,
+                    s.max
                 ),
             ],
         ],
@@ -457,14 +508,14 @@ pub fn document(r: &Results, charts: &[charts::Chart], charts_skipped: Option<&s
         Block::List(seen)
     };
     for (scenario, heading, stems) in [
-        ("start", "Start latency", &["start-time-to-workload", "start-end-to-end"][..]),
+        ("start", "Start latency", &["start-time-to-workload", "start-end-to-end", "start-time-to-ready"][..]),
         ("memory", "Memory per idle instance", &["memory"][..]),
         ("density", "Density", &["density-launch-latency", "density-host-memory"][..]),
         ("cpu", "CPU cost", &["cpu"][..]),
         (
             "net",
             "Network through a published port",
-            &["net-latency-keepalive", "net-throughput", "net-time-to-ready"][..],
+            &["net-latency-keepalive", "net-latency-new-connection", "net-throughput", "net-time-to-ready"][..],
         ),
         ("disk", "Disk I/O", &[][..]),
     ] {
@@ -476,6 +527,14 @@ pub fn document(r: &Results, charts: &[charts::Chart], charts_skipped: Option<&s
         d.extend(figs(stems));
         d.push(stats_table(&recs));
         d.push(method(&recs));
+    }
+    if !r.not_applicable.is_empty() {
+        d.push(Block::Heading(2, "Not applicable to this image".into()));
+        d.push(Block::Para(format!(
+            "`{}` runs its own command, not the hello image's modes, so these are not measured for it:",
+            s.image
+        )));
+        d.push(Block::List(r.not_applicable.iter().map(ToString::to_string).collect()));
     }
     if let Some(why) = charts_skipped {
         d.push(Block::Para(format!("No charts: {why}.")));
@@ -489,13 +548,21 @@ pub fn document(r: &Results, charts: &[charts::Chart], charts_skipped: Option<&s
     }
     d.push(Block::Heading(2, "Reproduce".into()));
     d.push(Block::Para(format!(
-        "`sudo twinbox bench{}{}` (store with `hello:latest`: `scripts/default-images.sh`); compare two runs with \
-         `twinbox bench compare BASE/results.json NEW/results.json --max-regression 10%`.",
+        "`sudo twinbox bench{}{}{}` ({}); compare two runs with `twinbox bench compare BASE/results.json \
+         NEW/results.json --max-regression 10%`.",
         if s.quick { " --quick" } else { "" },
+        match &s.ready {
+            Some(spec) => format!(" --image {} --ready '{spec}'", s.image),
+            None => String::new(),
+        },
         if s.scenarios.len() < crate::Scenario::ALL.len() {
             format!(" --scenario {}", s.scenarios.join(","))
         } else {
             String::new()
+        },
+        match &s.ready {
+            Some(_) => format!("store with `{}`, built or pulled there", s.image),
+            None => "store with `hello:latest`: `scripts/default-images.sh`".to_owned(),
         }
     )));
     d

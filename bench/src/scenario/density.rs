@@ -13,12 +13,16 @@
 //!
 //! then the launch rate (instances / sum of launch latencies) and the teardown time per
 //! instance. Each backend starts from nothing running.
+//!
+//! The user's own image (`--ready SPEC`): each instance runs the image's own entrypoint and cmd
+//! and is waited for until ready before the next is launched; its launch latency runs to then
+//! (launch → ready), and its processes are found through the backend's id of it.
 
 use std::time::{Duration, Instant};
 
-use super::{children_cpu, leftovers, marker_base, ms, Fleet, Run, Scenario};
-use crate::backend::Workload;
-use crate::host::{instance_processes, kernel_kib, pss_kib, scan, settled_kernel_kib};
+use super::{children_cpu, launch_ready, leftovers, marker_base, ms, Fleet, Run, Scenario};
+use crate::backend::{Instance, Workload};
+use crate::host::{instance_processes, instance_trees, kernel_kib, pss_kib, scan, settled_kernel_kib};
 use crate::results::Better;
 
 /// One backend's pass: launch up to `max` instances, then tear them all down.
@@ -64,13 +68,17 @@ pub fn run(r: &mut Run<'_>) {
         let count = latency.len();
         let total_s: f64 = latency.iter().sum::<f64>() / 1000.0;
         let rate = if total_s > 0.0 { vec![count as f64 / total_s] } else { Vec::new() };
+        let until = match &r.image.foreign {
+            Some(f) => format!("until it is ready ({})", f.ready),
+            None => "until the launcher returns".to_owned(),
+        };
         r.record(
             name,
             Scenario::Density,
             "launch_latency",
             "ms",
             Better::Lower,
-            "launch of instance i (sample i−1) with i−1 already running: until the launcher returns; the median over the passes",
+            &format!("launch of instance i (sample i−1) with i−1 already running: {until}; the median over the passes"),
             latency,
             0,
             0,
@@ -138,7 +146,10 @@ fn one_pass(r: &mut Run<'_>, k: usize, max: usize, bar: &indicatif::ProgressBar)
     let name = b.name();
     bar.set_message(name);
     let base = marker_base();
-    let markers: Vec<String> = (0..max as u64).map(|i| (base + i).to_string()).collect();
+    let foreign = r.image.foreign.as_ref().map(|f| f.ready.clone());
+    let markers: Vec<String> =
+        if foreign.is_some() { Vec::new() } else { (0..max as u64).map(|i| (base + i).to_string()).collect() };
+    let mut roots: Vec<Vec<u32>> = Vec::new();
     let mut fleet = Fleet::new(b);
     let k0 = settled_kernel_kib(Duration::from_secs(5)) as f64;
     let mut latency = Vec::new();
@@ -151,17 +162,31 @@ fn one_pass(r: &mut Run<'_>, k: usize, max: usize, bar: &indicatif::ProgressBar)
         }
         let cpu0 = children_cpu();
         let t = Instant::now();
-        match b.launch(&Workload::Sleep(base + i as u64), &format!("{}-d{name}-{base}-{i}", r.tag)) {
-            Ok(inst) => {
-                latency.push(ms(t.elapsed()));
+        let id = format!("{}-d{name}-{base}-{i}", r.tag);
+        let launched: Result<(Instance, Duration), String> = match &foreign {
+            Some(spec) => launch_ready(b, spec, &id).map(|ready| (ready.instance, ready.took)),
+            None => b
+                .launch(&Workload::Sleep(base + i as u64), &id)
+                .map(|inst| (inst, t.elapsed()))
+                .map_err(|e| super::error_chain(&e)),
+        };
+        match launched {
+            Ok((inst, took)) => {
+                latency.push(ms(took));
                 if inst.child.is_none() {
                     cpu.push(ms(children_cpu().saturating_sub(cpu0)));
                 }
+                if foreign.is_some() {
+                    roots.push(b.instance_pids(&inst));
+                }
                 fleet.instances.push(inst);
-                let pss: f64 = instance_processes(&scan(), &markers[..=i])
-                    .into_iter()
-                    .filter_map(|(_, pid, share)| Some(pss_kib(pid)? as f64 * share))
-                    .sum();
+                let procs = scan();
+                let found = if foreign.is_some() {
+                    instance_trees(&procs, &roots)
+                } else {
+                    instance_processes(&procs, &markers[..=i])
+                };
+                let pss: f64 = found.into_iter().filter_map(|(_, pid, share)| Some(pss_kib(pid)? as f64 * share)).sum();
                 let held = (pss + kernel_kib() as f64 - k0) / 1024.0;
                 memory.push(held);
                 if let Some(budget) = r.settings.memory_budget_mib.filter(|&b| held >= b as f64) {
@@ -174,7 +199,7 @@ fn one_pass(r: &mut Run<'_>, k: usize, max: usize, bar: &indicatif::ProgressBar)
                 }
             }
             Err(e) => {
-                failure = Some(format!("density: {name}: launch {} failed: {}", i + 1, super::error_chain(&e)));
+                failure = Some(format!("density: {name}: launch {} failed: {e}", i + 1));
                 break;
             }
         }
@@ -189,7 +214,7 @@ fn one_pass(r: &mut Run<'_>, k: usize, max: usize, bar: &indicatif::ProgressBar)
         r.note(format!("density: teardown: {e}"));
     }
     std::thread::sleep(Duration::from_millis(200));
-    let left = leftovers(&markers);
+    let left = leftovers(&markers) + roots.iter().flatten().filter(|&&p| crate::host::running(p)).count();
     if left > 0 {
         r.note(format!("density: {name}: {left} processes still running after teardown"));
     }

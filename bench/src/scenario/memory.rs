@@ -11,12 +11,17 @@
 //!
 //! One backend after the other, in rounds (the order reversed on odd ones); each starts from
 //! nothing running and must leave nothing behind.
+//!
+//! The user's own image (`--ready SPEC`): N instances of its own entrypoint and cmd, each
+//! waited for until ready (its port published as the net scenario publishes one, so the
+//! published port's cost is in the figures), their processes found through the backend's id
+//! of each instance ([`Backend::instance_pids`], [`instance_trees`]) instead of a marker.
 
 use std::time::Duration;
 
-use super::{leftovers, marker_base, Fleet, Run, Scenario};
+use super::{launch_ready, leftovers, marker_base, Fleet, Run, Scenario};
 use crate::backend::{wait_for_marker, Backend, Workload};
-use crate::host::{instance_processes, pss_kib, scan, settled_kernel_kib, shrunk_kernel_kib};
+use crate::host::{instance_processes, instance_trees, pss_kib, scan, settled_kernel_kib, shrunk_kernel_kib};
 use crate::results::Better;
 
 /// How long a kernel memory reading may wait for the kernel to finish freeing.
@@ -29,27 +34,42 @@ struct Reading {
 }
 
 fn idle(r: &Run<'_>, b: &dyn Backend, n: usize, base: u64, bar: &indicatif::ProgressBar) -> Result<Reading, String> {
-    let markers: Vec<String> = (0..n as u64).map(|i| (base + i).to_string()).collect();
+    let foreign = r.image.foreign.as_ref().map(|f| &f.ready);
+    let markers: Vec<String> =
+        if foreign.is_some() { Vec::new() } else { (0..n as u64).map(|i| (base + i).to_string()).collect() };
+    let mut roots: Vec<Vec<u32>> = Vec::new();
     let mut fleet = Fleet::new(b);
     settled_kernel_kib(SETTLE);
     let k0 = shrunk_kernel_kib();
-    for (i, m) in markers.iter().enumerate() {
+    for i in 0..n {
         if crate::signal::interrupted() {
             return Err("interrupted".into());
         }
         let id = format!("{}-m{}-{i}", r.tag, b.name());
-        let inst = b.launch(&Workload::Sleep(base + i as u64), &id).map_err(|e| super::error_chain(&e))?;
-        fleet.instances.push(inst);
-        if !wait_for_marker(m, Duration::from_secs(5)) {
-            return Err(format!("instance {id} did not show its workload within 5 s"));
+        match foreign {
+            Some(spec) => {
+                let ready = launch_ready(b, spec, &id)?;
+                roots.push(b.instance_pids(&ready.instance));
+                fleet.instances.push(ready.instance);
+                if roots[i].is_empty() {
+                    return Err(format!("instance {id} is ready but {} shows no process of it", b.name()));
+                }
+            }
+            None => {
+                let inst = b.launch(&Workload::Sleep(base + i as u64), &id).map_err(|e| super::error_chain(&e))?;
+                fleet.instances.push(inst);
+                if !wait_for_marker(&markers[i], Duration::from_secs(5)) {
+                    return Err(format!("instance {id} did not show its workload within 5 s"));
+                }
+            }
         }
         bar.inc(1);
     }
-    // Instances are idle once their workload runs; the kernel has finished with their
-    // launchers' short-lived processes once its memory stops moving.
+    // Instances are idle once their workload runs (is ready); the kernel has finished with
+    // their launchers' short-lived processes once its memory stops moving.
     settled_kernel_kib(SETTLE);
     let k1 = shrunk_kernel_kib();
-    let found = instance_processes(&scan(), &markers);
+    let found = if foreign.is_some() { instance_trees(&scan(), &roots) } else { instance_processes(&scan(), &markers) };
     let mut pss = vec![0.0; n];
     let mut count = vec![0.0; n];
     for &(i, pid, share) in &found {
@@ -64,7 +84,8 @@ fn idle(r: &Run<'_>, b: &dyn Backend, n: usize, base: u64, bar: &indicatif::Prog
     }
     std::thread::sleep(Duration::from_millis(200));
     // The workloads, and the processes that watched them (a monitor ends soon after).
-    let alive = |pid: u32| std::path::Path::new(&format!("/proc/{pid}")).exists();
+    // A zombie is gone: its parent (pid 1, for an init reparented there) may take its time to reap it.
+    let alive = crate::host::running;
     let deadline = std::time::Instant::now() + Duration::from_secs(5);
     while found.iter().any(|&(_, pid, _)| alive(pid)) && std::time::Instant::now() < deadline {
         std::thread::sleep(Duration::from_millis(50));
@@ -122,7 +143,20 @@ pub fn run(r: &mut Run<'_>) {
     for (k, reading) in readings.into_iter().enumerate() {
         let Some(Samples { pss, procs, kernel, total }) = reading.filter(|x| !x.kernel.is_empty()) else { continue };
         let name = r.backends[k].name();
-        let desc = format!("{n} idle instances of `hello sleep`, {} rounds over the backends", kernel.len());
+        let idle = match &r.image.foreign {
+            Some(f) => format!(
+                "{n} ready, idle instances of {} ({}{})",
+                r.image.reference,
+                f.ready,
+                if f.ready.port().is_some() {
+                    ", each with its port published: a process that holds it, where the backend keeps one, counts"
+                } else {
+                    ""
+                }
+            ),
+            None => format!("{n} idle instances of `hello sleep`"),
+        };
+        let desc = format!("{idle}, {} rounds over the backends", kernel.len());
         r.record(
             name,
             Scenario::Memory,

@@ -3,11 +3,18 @@
 //!
 //! | scenario | metrics |
 //! |---|---|
-//! | [`start`] | `time_to_workload`, `end_to_end`, `launch_cpu` (ms) |
+//! | [`start`] | `time_to_workload`, `end_to_end`, `launch_cpu` (ms); the user's own image: `time_to_ready` (ms) |
 //! | [`memory`] | `pss_per_instance`, `kernel_per_instance`, `total_per_instance` (KiB), `processes_per_instance` |
 //! | [`density`] | `launch_latency`, `launch_cpu` (ms) and `host_memory` (MiB) vs N, `launch_rate` (instances/s), `teardown` (ms) |
 //! | [`cpu`] | `compute`, `syscalls` (ms of work), `compute_ratio`, `syscalls_ratio` (vs the bare process) |
 //! | [`net`] | `time_to_ready` (ms), `latency_keepalive`, `latency_new_connection` (µs), `throughput` (MB/s) through a published port |
+//! | [`disk`] | throughput, IOPS and p99 of sequential and random I/O in the root and in a volume |
+//!
+//! The user's own image (`--ready SPEC`) is measured where that means something without
+//! `hello`: time to ready, memory per ready instance, density, and request latency when SPEC is
+//! HTTP; the rest is listed as [`not_applicable`] with the reason. Its instances are launched
+//! and waited for by [`launch_ready`], and their processes found through the backend's own id
+//! of them ([`crate::host::instance_trees`]).
 
 pub mod cpu;
 pub mod density;
@@ -26,9 +33,10 @@ use std::time::{Duration, Instant};
 
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::backend::{kill_run, run_failed, Backend, BackendError, Instance, Watchdog, Workload};
+use crate::backend::{kill_run, run_failed, Backend, BackendError, Instance, Publish, Watchdog, Workload};
 use crate::host::Context;
-use crate::results::{Better, Record, Settings};
+use crate::ready::{ReadySpec, WaitEnd};
+use crate::results::{Better, NotApplicable, Record, Settings};
 use crate::stats::Summary;
 
 /// A scenario's name as `--scenario` takes it.
@@ -217,6 +225,110 @@ fn run_once_within(
         return Err(run_failed(what, status, stall, timeout, &stderr));
     }
     Ok(RunTiming { first_byte, exit, cpu, stdout })
+}
+
+/// What does not apply to the user's own image, ready by `spec`, and why: whatever needs the
+/// hello image's modes, whether or not this run asked for it (a reader of the report should
+/// know what an image of theirs cannot be measured by).
+pub fn not_applicable(spec: &ReadySpec) -> Vec<NotApplicable> {
+    let na = |scenario: &str, metrics: &[&str], reason: &str| NotApplicable {
+        scenario: scenario.to_owned(),
+        metrics: metrics.iter().map(|m| m.to_string()).collect(),
+        backend: None,
+        reason: reason.to_owned(),
+    };
+    let mut v = vec![
+        na(
+            "start",
+            &["time_to_workload", "end_to_end", "launch_cpu"],
+            "they time hello's `spin 0` (its first write marks the workload's start) and `true` (which exits at \
+             once); a service does neither: its time to ready is measured instead",
+        ),
+        na("cpu", &[], "it times the hello image's own loops (`hello spin N timed`, `hello syscalls N timed`)"),
+        na("disk", &[], "it runs the hello image's file I/O workload (`hello disk DIR MIB`) and reads its figures"),
+    ];
+    v.push(match spec {
+        ReadySpec::Http { .. } => na(
+            "net",
+            &["throughput", "exec_latency", "start_without_network", "start_published", "network_start_cost"],
+            "throughput asks `hello serve` for `GET /bytes/N`, exec_latency runs `/hello exit 0` in the instance, \
+             and the start costs run `hello true` in the foreground",
+        ),
+        _ => na("net", &[], "it sends HTTP requests to the instance's port: give --ready http://:PORT/PATH"),
+    });
+    v
+}
+
+/// A free port on 127.0.0.1 now (bound and let go; the launch binds it right after).
+pub(crate) fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// How long an instance of the user's own image may take from launch to ready.
+pub const READY_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// An instance of the user's own image, ready.
+pub struct ReadyInstance {
+    pub instance: Instance,
+    /// Launch → ready.
+    pub took: Duration,
+    /// Where its port is published, when `--ready` names one.
+    pub addr: Option<std::net::SocketAddr>,
+}
+
+/// Launches instance `id` of the image's own process on `b` (the port `spec` names published
+/// on a free port of 127.0.0.1, as the net scenario publishes a server; with `log:`, loopback
+/// only) and waits until `spec` holds, at most [`READY_TIMEOUT`] from the launch. On failure
+/// the instance is torn down and the error says what was waited for and what the instance
+/// wrote last.
+pub fn launch_ready(b: &dyn Backend, spec: &ReadySpec, id: &str) -> Result<ReadyInstance, String> {
+    let publish = match spec.port() {
+        Some(port) => Some(Publish { host: free_port().map_err(|e| format!("no free port: {e}"))?, port }),
+        None => None,
+    };
+    let addr = publish.map(|p| std::net::SocketAddr::from((std::net::Ipv4Addr::LOCALHOST, p.host)));
+    let t0 = Instant::now();
+    let mut inst = match b.launch_image(id, publish) {
+        Ok(Some(i)) => i,
+        Ok(None) => return Err("cannot run the image's own command here".into()),
+        Err(e) => return Err(error_chain(&e)),
+    };
+    let output = match spec {
+        ReadySpec::Log { .. } => b.output_path(&inst),
+        _ => None,
+    };
+    let waited = if matches!(spec, ReadySpec::Log { .. }) && output.is_none() {
+        Err(None)
+    } else {
+        let left = READY_TIMEOUT.saturating_sub(t0.elapsed());
+        crate::ready::wait(spec, addr, output.as_deref(), left, || b.instance_pids(&inst).is_empty()).map_err(Some)
+    };
+    let took = t0.elapsed();
+    let end = match waited {
+        Ok(_) => return Ok(ReadyInstance { instance: inst, took, addr }),
+        Err(end) => end,
+    };
+    let said = b
+        .output_path(&inst)
+        .map(|p| crate::ready::tail(&p, 8))
+        .filter(|t| !t.is_empty())
+        .map_or_else(|| "it wrote nothing".to_owned(), |t| format!("its last output: {t}"));
+    let _ = b.teardown(&mut inst);
+    Err(match end {
+        None => format!("instance {id}: the backend keeps no output to look for the text in"),
+        Some(WaitEnd::Timeout) => format!(
+            "instance {id} was not ready within {} s of its launch (waited for {}); {said}",
+            READY_TIMEOUT.as_secs(),
+            spec.describe(addr)
+        ),
+        Some(WaitEnd::Gone) => {
+            format!(
+                "instance {id} ended {:.1} s after its launch, before {}; {said}",
+                took.as_secs_f64(),
+                spec.describe(addr)
+            )
+        }
+    })
 }
 
 /// CPU time of all waited-for children so far.

@@ -14,12 +14,18 @@
 //! one CPU (see [`Pinned`]); and what attaching the network and publishing a port adds to a
 //! foreground start (`network_start_cost`, in pairs with and without). Rounds interleave the
 //! backends, the order reversed on odd rounds.
+//!
+//! The user's own image with `--ready http://:PORT/PATH`: its own entrypoint and cmd, PORT
+//! published the same way; `time_to_ready` (launch → the first answer to `GET PATH`, any
+//! status) and the two request latencies against PATH (a success or redirect wanted), the
+//! kept-alive one only where the server keeps connections open. Throughput (`/bytes/N`), exec
+//! (`/hello`) and the start costs (`hello true`) need hello: listed as not applicable.
 
 use std::net::{Ipv4Addr, SocketAddr, SocketAddrV4};
 use std::time::{Duration, Instant};
 
 use super::net_client;
-use super::{Run, Scenario};
+use super::{free_port, Run, Scenario};
 use crate::results::Better;
 
 /// How long an instance may take to answer its first request.
@@ -30,11 +36,6 @@ struct Sizes {
     keepalive: usize,
     new_connections: usize,
     bytes: u64,
-}
-
-/// A free port on 127.0.0.1 now (bound and let go; the launch binds it right after).
-fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
 }
 
 #[derive(Default)]
@@ -67,8 +68,15 @@ pub fn run(r: &mut Run<'_>) {
     if servers.is_empty() {
         return;
     }
+    // The user's own image: its check and the path its requests ask for (only HTTP has one).
+    let own = match r.image.foreign.as_ref().map(|f| &f.ready) {
+        Some(spec @ crate::ready::ReadySpec::Http { path, .. }) => Some((spec.clone(), path.clone())),
+        Some(_) => return,
+        None => None,
+    };
     let bar = r.progress((servers.len() * sizes.rounds) as u64, "net");
     let mut samples: Vec<Option<Samples>> = r.backends.iter().map(|_| Some(Samples::default())).collect();
+    let mut closes = vec![false; r.backends.len()];
     'rounds: for round in 0..sizes.rounds {
         let mut order = servers.clone();
         if round % 2 == 1 {
@@ -84,7 +92,14 @@ pub fn run(r: &mut Run<'_>) {
             let b = r.backends[k].as_ref();
             bar.set_message(b.name());
             let id = format!("{}-n{}-{round}", r.tag, b.name());
-            match one_round(b, &id, &sizes).and_then(|s| starts(b, &id, &r.image.work).map(|t| (s, t))) {
+            let measured = match &own {
+                Some((spec, path)) => one_round_own(b, spec, path, &id, &sizes).map(|(s, closed)| {
+                    closes[k] |= closed;
+                    (s, Samples::default())
+                }),
+                None => one_round(b, &id, &sizes).and_then(|s| starts(b, &id, &r.image.work).map(|t| (s, t))),
+            };
+            match measured {
                 Ok((s, t)) => {
                     let acc = samples[k].as_mut().expect("checked above");
                     acc.ready_ms.push(s.ready_ms[0]);
@@ -108,40 +123,57 @@ pub fn run(r: &mut Run<'_>) {
     for &k in &servers {
         r.backends[k].net_cleanup();
     }
+    let (launched, path) = match &own {
+        Some((spec, path)) => (
+            format!("{}'s own entrypoint and cmd (its port {})", r.image.reference, spec.port().unwrap_or_default()),
+            path.clone(),
+        ),
+        None => ("`hello serve`".to_owned(), "/".to_owned()),
+    };
     for (k, s) in samples.into_iter().enumerate() {
         let Some(s) = s.filter(|s| !s.ready_ms.is_empty()) else { continue };
         let name = r.backends[k].name();
         let how = r.backends[k].serve_note();
         let rounds = s.ready_ms.len();
+        if closes[k] {
+            r.note(format!(
+                "net: {name}: the server closes the connection after each answer to GET {path}: no kept-alive latency"
+            ));
+        }
         r.record(
             name,
             Scenario::Net,
             "time_to_ready",
             "ms",
             Better::Lower,
-            &format!("launch of `hello serve` → first HTTP response through the published port ({how}); one per round"),
+            &format!("launch of {launched} → first HTTP response to GET {path} through the published port ({how}); one per round"),
             s.ready_ms,
             0,
             0,
         );
-        r.record(
-            name,
-            Scenario::Net,
-            "latency_keepalive",
-            "µs",
-            Better::Lower,
-            &format!("GET / round trip over one kept-alive connection, {} per round, {rounds} rounds", sizes.keepalive),
-            s.keepalive_us,
-            0,
-            0,
-        );
+        if !s.keepalive_us.is_empty() {
+            r.record(
+                name,
+                Scenario::Net,
+                "latency_keepalive",
+                "µs",
+                Better::Lower,
+                &format!(
+                    "GET {path} round trip over one kept-alive connection, {} per round, {rounds} rounds",
+                    sizes.keepalive
+                ),
+                s.keepalive_us,
+                0,
+                0,
+            );
+        }
         r.record(
             name,
             Scenario::Net,
             "latency_new_connection",
             "µs",
             Better::Lower,
-            &format!("connect + GET / + close, {} per round, {rounds} rounds", sizes.new_connections),
+            &format!("connect + GET {path} + close, {} per round, {rounds} rounds", sizes.new_connections),
             s.new_connection_us,
             0,
             0,
@@ -182,17 +214,19 @@ pub fn run(r: &mut Run<'_>) {
                 0,
             );
         }
-        r.record(
-            name,
-            Scenario::Net,
-            "throughput",
-            "MB/s",
-            Better::Higher,
-            &format!("one {} MiB response through the port, one per round", sizes.bytes >> 20),
-            s.throughput,
-            0,
-            0,
-        );
+        if !s.throughput.is_empty() {
+            r.record(
+                name,
+                Scenario::Net,
+                "throughput",
+                "MB/s",
+                Better::Higher,
+                &format!("one {} MiB response through the port, one per round", sizes.bytes >> 20),
+                s.throughput,
+                0,
+                0,
+            );
+        }
         if !s.exec_ms.is_empty() {
             r.record(
                 name,
@@ -222,7 +256,18 @@ struct Pinned {
 }
 
 impl Pinned {
-    fn server_and_client() -> Pinned {
+    /// The processes of `hello serve` (found by their arguments) and the caller.
+    fn hello_and_client() -> Pinned {
+        let servers: Vec<u32> = crate::host::scan()
+            .into_iter()
+            .filter(|p| p.args.len() >= 2 && p.args[0].ends_with("hello") && p.args[1] == "serve")
+            .map(|p| p.pid)
+            .collect();
+        Pinned::server_and_client(&servers)
+    }
+
+    /// The threads of the `servers` processes and the caller.
+    fn server_and_client(servers: &[u32]) -> Pinned {
         use nix::sched::{sched_getaffinity, sched_setaffinity, CpuSet};
         use nix::unistd::Pid;
         let Ok(before) = sched_getaffinity(Pid::from_raw(0)) else { return Pinned { before: None } };
@@ -233,13 +278,11 @@ impl Pinned {
         if one.set(cpu).is_err() {
             return Pinned { before: None };
         }
-        for p in crate::host::scan() {
-            if p.args.len() >= 2 && p.args[0].ends_with("hello") && p.args[1] == "serve" {
-                let tasks = std::fs::read_dir(format!("/proc/{}/task", p.pid)).into_iter().flatten().flatten();
-                for t in tasks {
-                    if let Some(tid) = t.file_name().to_str().and_then(|n| n.parse().ok()) {
-                        let _ = sched_setaffinity(Pid::from_raw(tid), &one);
-                    }
+        for pid in servers {
+            let tasks = std::fs::read_dir(format!("/proc/{pid}/task")).into_iter().flatten().flatten();
+            for t in tasks {
+                if let Some(tid) = t.file_name().to_str().and_then(|n| n.parse().ok()) {
+                    let _ = sched_setaffinity(Pid::from_raw(tid), &one);
                 }
             }
         }
@@ -289,11 +332,12 @@ fn one_round(b: &dyn crate::backend::Backend, id: &str, sizes: &Sizes) -> Result
         let left = READY_DEADLINE.saturating_sub(t0.elapsed());
         net_client::wait_ready(addr, left).ok_or(format!("no answer on {addr} within {READY_DEADLINE:?}"))?;
         let ready_ms = t0.elapsed().as_secs_f64() * 1e3;
-        let _pinned = Pinned::server_and_client();
+        let _pinned = Pinned::hello_and_client();
         let io = |what: &'static str| move |e: std::io::Error| format!("{what} on {addr}: {e}");
-        let keepalive_us = net_client::latency_keepalive(addr, sizes.keepalive).map_err(io("kept-alive requests"))?;
+        let keepalive_us =
+            net_client::latency_keepalive(addr, "/", sizes.keepalive).map_err(io("kept-alive requests"))?;
         let new_connection_us =
-            net_client::latency_new_connection(addr, sizes.new_connections).map_err(io("new connections"))?;
+            net_client::latency_new_connection(addr, "/", sizes.new_connections).map_err(io("new connections"))?;
         let throughput = net_client::throughput(addr, sizes.bytes).map_err(io("bulk transfer"))?;
         drop(_pinned);
         let mut exec_ms = Vec::new();
@@ -310,6 +354,46 @@ fn one_round(b: &dyn crate::backend::Backend, id: &str, sizes: &Sizes) -> Result
             exec_ms,
             ..Samples::default()
         })
+    })();
+    let down = b.teardown(&mut inst).map_err(|e| super::error_chain(&e));
+    let s = measured?;
+    down?;
+    Ok(s)
+}
+
+/// One round for the user's own image: an instance launched and waited for until it answers
+/// `GET path` ([`super::launch_ready`]), then the request latencies against `path`; and whether
+/// the server closed the connection after an answer (then there is no kept-alive figure).
+fn one_round_own(
+    b: &dyn crate::backend::Backend,
+    spec: &crate::ready::ReadySpec,
+    path: &str,
+    id: &str,
+    sizes: &Sizes,
+) -> Result<(Samples, bool), String> {
+    let ready = super::launch_ready(b, spec, id)?;
+    let mut inst = ready.instance;
+    let addr = ready.addr.expect("an http check publishes a port");
+    let measured = (|| -> Result<(Samples, bool), String> {
+        // The instance's processes on the client's CPU, as `hello serve`'s are: a container's
+        // (a microVM's server runs in its guest, as hello's does).
+        let servers = match b.isolation() {
+            crate::backend::Isolation::MicroVm => Vec::new(),
+            _ => crate::host::tree(&crate::host::scan(), &b.instance_pids(&inst)),
+        };
+        let _pinned = Pinned::server_and_client(&servers);
+        let io = |what: &'static str| move |e: std::io::Error| format!("{what} to GET {path} on {addr}: {e}");
+        let kept = net_client::keeps_alive(addr, path).map_err(io("a request"))?;
+        let keepalive_us = if kept {
+            net_client::latency_keepalive(addr, path, sizes.keepalive).map_err(io("kept-alive requests"))?
+        } else {
+            Vec::new()
+        };
+        let new_connection_us =
+            net_client::latency_new_connection(addr, path, sizes.new_connections).map_err(io("new connections"))?;
+        let s =
+            Samples { ready_ms: vec![super::ms(ready.took)], keepalive_us, new_connection_us, ..Samples::default() };
+        Ok((s, !kept))
     })();
     let down = b.teardown(&mut inst).map_err(|e| super::error_chain(&e));
     let s = measured?;

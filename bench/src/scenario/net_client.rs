@@ -1,10 +1,12 @@
 //! The client side of the `net` scenario: HTTP/1.1 requests to `hello serve PORT` (or any
-//! server speaking the same small protocol: `GET /` and `GET /bytes/N`), timed on the host.
+//! server speaking the same small protocol: `GET /` and `GET /bytes/N`), or `GET PATH` to the
+//! user's own image's server (`--ready http://:PORT/PATH`), timed on the host.
 //!
 //! Every socket gets read and write timeouts and every loop a bound, so a server that stops
 //! answering ends a measurement with an error instead of hanging it. Responses are parsed
 //! (status line, headers, `Content-Length`) and exactly their body is read, so one connection
-//! carries request after request.
+//! carries request after request; a response that announces no length is read to the end of
+//! its connection when the server closes it after (HTTP/1.0 servers, busybox httpd).
 
 use std::io::{self, BufRead, BufReader, Read, Write};
 use std::net::{SocketAddr, TcpStream};
@@ -20,6 +22,8 @@ const RETRY_PAUSE: Duration = Duration::from_millis(1);
 const MAX_LINE: u64 = 16 * 1024;
 /// The most header lines accepted in one response.
 const MAX_HEADERS: usize = 100;
+/// The longest body without a `Content-Length` read to the connection's end.
+const MAX_UNSIZED_BODY: u64 = 64 << 20;
 /// The read buffer of [`throughput`].
 const BULK_BUFFER: usize = 1 << 20;
 
@@ -48,15 +52,34 @@ fn ready_once(addr: SocketAddr, timeout: Duration) -> io::Result<()> {
     conn.skip_body(&head)
 }
 
-/// `requests` sequential `GET /` on one kept-alive connection (TCP_NODELAY); each sample is a
-/// round trip, from writing the request to the last byte of the response, in µs. The connect
-/// is not part of any sample.
-pub fn latency_keepalive(addr: SocketAddr, requests: usize) -> io::Result<Vec<f64>> {
+/// Whether `GET path` on `addr` gets an answer, with any status: connect, the request, the
+/// response's head, each within about `timeout`. The status.
+pub fn answers(addr: SocketAddr, path: &str, timeout: Duration) -> io::Result<u16> {
+    let mut conn = connect(addr, timeout)?;
+    conn.request(path, true)?;
+    Ok(conn.response()?.status)
+}
+
+/// Whether the server at `addr` keeps a connection open after answering `GET path` (asked
+/// for by HTTP/1.1's default), so that [`latency_keepalive`] can measure it.
+pub fn keeps_alive(addr: SocketAddr, path: &str) -> io::Result<bool> {
+    let mut conn = connect(addr, IO_TIMEOUT)?;
+    conn.request(path, false)?;
+    let head = conn.response()?;
+    expect_ok(&head)?;
+    conn.skip_body(&head)?;
+    Ok(!head.close)
+}
+
+/// `requests` sequential `GET path` on one kept-alive connection (TCP_NODELAY); each sample is
+/// a round trip, from writing the request to the last byte of the response, in µs. The
+/// connect is not part of any sample.
+pub fn latency_keepalive(addr: SocketAddr, path: &str, requests: usize) -> io::Result<Vec<f64>> {
     let mut conn = connect(addr, IO_TIMEOUT)?;
     let mut samples = Vec::with_capacity(requests);
     for i in 0..requests {
         let start = Instant::now();
-        conn.request("/", false)?;
+        conn.request(path, false)?;
         let head = conn.response()?;
         expect_ok(&head)?;
         conn.skip_body(&head)?;
@@ -68,17 +91,17 @@ pub fn latency_keepalive(addr: SocketAddr, requests: usize) -> io::Result<Vec<f6
     Ok(samples)
 }
 
-/// `requests` times: a new connection (TCP_NODELAY), `GET /` with `Connection: close`, the whole
-/// response; each sample from before the connect to the last byte of the response, in µs.
+/// `requests` times: a new connection (TCP_NODELAY), `GET path` with `Connection: close`, the
+/// whole response; each sample from before the connect to the last byte of the response, in µs.
 /// After each sample the client waits (untimed) for the server to close first, so the
 /// server's side of the connection, not the client's, waits out TIME_WAIT and many samples do
 /// not use up the client's ephemeral ports.
-pub fn latency_new_connection(addr: SocketAddr, requests: usize) -> io::Result<Vec<f64>> {
+pub fn latency_new_connection(addr: SocketAddr, path: &str, requests: usize) -> io::Result<Vec<f64>> {
     let mut samples = Vec::with_capacity(requests);
     for _ in 0..requests {
         let start = Instant::now();
         let mut conn = connect(addr, IO_TIMEOUT)?;
-        conn.request("/", true)?;
+        conn.request(path, true)?;
         let head = conn.response()?;
         expect_ok(&head)?;
         conn.skip_body(&head)?;
@@ -147,10 +170,18 @@ impl Conn {
         read_head(&mut self.reader)
     }
 
-    /// Reads and drops the body `head` announced: exactly `Content-Length` bytes (a response
-    /// without one, its end unknown until the connection's, is refused).
+    /// Reads and drops the body `head` announced: exactly `Content-Length` bytes; without one,
+    /// nothing for a status that has no body (1xx, 204, 304), else up to the end of a
+    /// connection the server closes after this response (one it keeps open, its body's end
+    /// unknown, is refused).
     fn skip_body(&mut self, head: &Head) -> io::Result<()> {
-        let mut left = head.length.ok_or_else(|| invalid("a response without Content-Length"))?;
+        let no_body = head.status < 200 || head.status == 204 || head.status == 304;
+        let mut left = match head.length {
+            Some(n) => n,
+            None if no_body => 0,
+            None if head.close => return self.read_to_close(),
+            None => return Err(invalid("a kept-alive response without Content-Length")),
+        };
         let mut buf = vec![0u8; usize::try_from(left).unwrap_or(usize::MAX).min(BULK_BUFFER)];
         while left > 0 {
             let want = buf.len().min(usize::try_from(left).unwrap_or(usize::MAX));
@@ -165,6 +196,28 @@ impl Conn {
             left -= n as u64;
         }
         Ok(())
+    }
+
+    /// Reads and drops everything until the server closes the connection.
+    fn read_to_close(&mut self) -> io::Result<()> {
+        let mut buf = vec![0u8; 64 * 1024];
+        let mut read = 0u64;
+        loop {
+            match self.reader.read(&mut buf) {
+                Ok(0) => return Ok(()),
+                Ok(n) => {
+                    read += n as u64;
+                    if read > MAX_UNSIZED_BODY {
+                        return Err(invalid(format!(
+                            "a response without Content-Length went on past {} MiB",
+                            MAX_UNSIZED_BODY >> 20
+                        )));
+                    }
+                }
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
     }
 
     /// Waits (bounded by the read timeout and a few reads) for the server to close.
@@ -231,11 +284,13 @@ fn read_line(r: &mut impl BufRead) -> io::Result<String> {
     }
 }
 
+/// A success or a redirect: what a request that is measured must get (an error page would
+/// measure the server's error path).
 fn expect_ok(head: &Head) -> io::Result<()> {
-    if head.status == 200 {
+    if (200..400).contains(&head.status) {
         Ok(())
     } else {
-        Err(invalid(format!("status {}, not 200", head.status)))
+        Err(invalid(format!("status {}, not 2xx or 3xx", head.status)))
     }
 }
 
@@ -342,7 +397,7 @@ mod tests {
     #[test]
     fn keepalive_uses_one_connection() {
         let (addr, counts) = server(0);
-        let samples = latency_keepalive(addr, 50).unwrap();
+        let samples = latency_keepalive(addr, "/", 50).unwrap();
         assert_eq!(samples.len(), 50);
         assert!(samples.iter().all(|&us| us > 0.0), "{samples:?}");
         assert_eq!(counts.connections.load(Ordering::SeqCst), 1);
@@ -352,11 +407,48 @@ mod tests {
     #[test]
     fn new_connection_per_request() {
         let (addr, counts) = server(0);
-        let samples = latency_new_connection(addr, 20).unwrap();
+        let samples = latency_new_connection(addr, "/", 20).unwrap();
         assert_eq!(samples.len(), 20);
         assert!(samples.iter().all(|&us| us > 0.0), "{samples:?}");
         assert_eq!(counts.connections.load(Ordering::SeqCst), 20);
         assert_eq!(counts.requests.load(Ordering::SeqCst), 20);
+    }
+
+    /// A server that answers every request as an HTTP/1.0 one: `status`, no Content-Length,
+    /// the body up to the connection's end, which it closes (as busybox httpd and other small
+    /// servers do).
+    fn closing_server(status: &'static str) -> SocketAddr {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = listener.local_addr().unwrap();
+        std::thread::spawn(move || {
+            for stream in listener.incoming() {
+                let Ok(mut stream) = stream else { continue };
+                let mut reader = BufReader::new(stream.try_clone().unwrap());
+                let mut line = String::new();
+                while reader.read_line(&mut line).unwrap_or(0) > 0 && line != "\r\n" {
+                    line.clear();
+                }
+                let _ = write!(stream, "HTTP/1.0 {status}\r\nContent-Type: text/html\r\n\r\n<p>hi</p>\n");
+                let _ = stream.shutdown(Shutdown::Both);
+            }
+        });
+        addr
+    }
+
+    #[test]
+    fn a_server_that_closes_every_connection() {
+        let addr = closing_server("200 OK");
+        assert_eq!(answers(addr, "/", IO_TIMEOUT).unwrap(), 200);
+        assert!(!keeps_alive(addr, "/index.html").unwrap());
+        let samples = latency_new_connection(addr, "/index.html", 5).unwrap();
+        assert_eq!(samples.len(), 5, "bodies read to the connection's end");
+        let e = latency_keepalive(addr, "/", 3).unwrap_err();
+        assert!(e.to_string().contains("closed a kept-alive connection"), "{e}");
+        // Readiness takes any answer; a measurement wants a success.
+        let missing = closing_server("404 Not Found");
+        assert_eq!(answers(missing, "/nothing", IO_TIMEOUT).unwrap(), 404);
+        let e = latency_new_connection(missing, "/nothing", 1).unwrap_err();
+        assert!(e.to_string().contains("status 404, not 2xx or 3xx"), "{e}");
     }
 
     #[test]

@@ -6,12 +6,21 @@
 //!   pipe write;
 //! - end to end: launch → exit of the launcher running `hello true` (instance removed), and the
 //!   CPU time (user + system) the launcher and everything it waited for used.
+//!
+//! For the user's own image (`--ready SPEC`), which neither marks its start nor exits: time to
+//! ready, launch (detached, its image's own entrypoint and cmd, published as the net scenario
+//! publishes a server) → SPEC holds, the instance removed after each round.
 
-use super::{ms, run_once, Run, Scenario};
+use super::{launch_ready, ms, run_once, Fleet, Run, Scenario};
 use crate::backend::Workload;
+use crate::ready::ReadySpec;
 use crate::results::Better;
 
 pub fn run(r: &mut Run<'_>) {
+    if let Some(f) = &r.image.foreign {
+        let spec = f.ready.clone();
+        return time_to_ready(r, &spec);
+    }
     let n = r.backends.len();
     let (warmup, runs) = (r.settings.warmup, r.settings.start_runs);
     let mut ttw: Vec<Vec<f64>> = vec![Vec::new(); n];
@@ -97,6 +106,72 @@ pub fn run(r: &mut Run<'_>) {
             std::mem::take(&mut cpu[i]),
             dropped,
             failures[i],
+        );
+    }
+}
+
+/// Per round and backend: launch an instance of the user's own image, wait until `spec` holds,
+/// tear it down. A backend whose instance fails once is not tried again (each failure can cost
+/// the whole [`super::READY_TIMEOUT`]).
+fn time_to_ready(r: &mut Run<'_>, spec: &ReadySpec) {
+    let n = r.backends.len();
+    let (warmup, runs) = (r.settings.warmup, r.settings.ready_runs);
+    let mut ready: Vec<Vec<f64>> = vec![Vec::new(); n];
+    let mut failed: Vec<Option<String>> = vec![None; n];
+    let bar = r.progress(((warmup + runs) * n) as u64, "start");
+    'rounds: for round in 0..warmup + runs {
+        for k in 0..n {
+            if crate::signal::interrupted() {
+                break 'rounds;
+            }
+            let i = (k + round) % n;
+            bar.inc(1);
+            if failed[i].is_some() {
+                continue;
+            }
+            let b = r.backends[i].as_ref();
+            bar.set_message(b.name());
+            let mut fleet = Fleet::new(b);
+            match launch_ready(b, spec, &format!("{}-r{round}i{i}", r.tag)) {
+                Ok(inst) => {
+                    if round >= warmup {
+                        ready[i].push(ms(inst.took));
+                    }
+                    fleet.instances.push(inst.instance);
+                }
+                Err(e) => failed[i] = Some(e),
+            }
+            let (_, errors) = fleet.teardown();
+            if let Some(e) = errors.into_iter().next() {
+                failed[i].get_or_insert(format!("teardown: {e}"));
+            }
+        }
+    }
+    bar.finish_and_clear();
+    let publish = match spec.port() {
+        Some(port) => format!("its port {port} published on 127.0.0.1 as in the net scenario"),
+        None => "loopback only".to_owned(),
+    };
+    for (i, samples) in ready.into_iter().enumerate() {
+        let name = r.backends[i].name();
+        if let Some(e) = failed[i].take() {
+            r.note(format!("start: {name}: {e}"));
+        }
+        let failures = runs.saturating_sub(samples.len());
+        r.record(
+            name,
+            Scenario::Start,
+            "time_to_ready",
+            "ms",
+            Better::Lower,
+            &format!(
+                "launch of the image's own entrypoint and cmd, detached ({publish}) → ready: {}; the instance \
+                 removed after each round",
+                spec.describe(None)
+            ),
+            samples,
+            warmup,
+            failures,
         );
     }
 }

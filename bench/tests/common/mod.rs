@@ -105,6 +105,8 @@ pub fn results(seed: u64, slow: f64) -> Results {
             backends: vec![],
             quick: true,
             start_runs: 30,
+            ready_runs: 0,
+            ready: None,
             cpu_runs: 5,
             warmup: 2,
             instances: 10,
@@ -127,6 +129,7 @@ pub fn results(seed: u64, slow: f64) -> Results {
         ],
         records,
         notes: vec!["synthetic".into()],
+        not_applicable: Vec::new(),
         nested: None,
     }
 }
