@@ -299,9 +299,15 @@ fn run_nested(script: &Path, twinbox: &Path, opts: &Options) -> Result<twinbox_b
         .with_context(|| format!("cannot start {}", script.display()))?;
     let stderr = child.stderr.take().expect("piped");
     let progress = bar.clone();
+    // Every line of the nested run, for when it is slow or fails: the path is in the notes.
+    let log_path = std::env::temp_dir().join(format!("twinbox-nested-{}.log", std::process::id()));
+    let mut log_file = std::fs::File::create(&log_path).ok();
     let log = std::thread::spawn(move || {
         let mut tail: std::collections::VecDeque<String> = std::collections::VecDeque::new();
         for line in std::io::BufReader::new(stderr).lines().map_while(Result::ok) {
+            if let Some(f) = log_file.as_mut() {
+                let _ = writeln!(f, "{line}");
+            }
             let phase = if line.contains("build-guest-kernel") {
                 Some("building the guest kernel (once)".to_owned())
             } else if line.contains("nested-kvm") && line.contains("boot") {
@@ -325,8 +331,9 @@ fn run_nested(script: &Path, twinbox: &Path, opts: &Options) -> Result<twinbox_b
     let tail = log.join().unwrap_or_default();
     bar.finish_and_clear();
     if !status.success() {
-        anyhow::bail!("{} exited with {status}; its last lines:\n{tail}", script.display());
+        anyhow::bail!("{} exited with {status} (log: {}); its last lines:\n{tail}", script.display(), log_path.display());
     }
+    let _ = std::fs::remove_file(&log_path);
     let r: twinbox_bench::results::Results = serde_json::from_slice(&json)
         .with_context(|| format!("{} printed no results; its last lines:\n{tail}", script.display()))?;
     if r.schema != twinbox_bench::results::SCHEMA {
