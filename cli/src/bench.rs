@@ -331,7 +331,11 @@ fn run_nested(script: &Path, twinbox: &Path, opts: &Options) -> Result<twinbox_b
     let tail = log.join().unwrap_or_default();
     bar.finish_and_clear();
     if !status.success() {
-        anyhow::bail!("{} exited with {status} (log: {}); its last lines:\n{tail}", script.display(), log_path.display());
+        anyhow::bail!(
+            "{} exited with {status} (log: {}); its last lines:\n{tail}",
+            script.display(),
+            log_path.display()
+        );
     }
     let _ = std::fs::remove_file(&log_path);
     let r: twinbox_bench::results::Results = serde_json::from_slice(&json)
