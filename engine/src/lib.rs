@@ -19,6 +19,16 @@ pub mod volume;
 
 pub use container::{Engine, EngineError, ExecOptions, Phase, Record, RunOptions};
 
+/// An flock on the file at `path` (made, empty, if missing): `how` says shared or exclusive,
+/// waiting or not. The store's lock files (names, volumes, a VM's VMM) all go through here.
+pub(crate) fn lock_file(
+    path: &std::path::Path,
+    how: nix::fcntl::FlockArg,
+) -> std::io::Result<nix::fcntl::Flock<std::fs::File>> {
+    let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(path)?;
+    nix::fcntl::Flock::lock(file, how).map_err(|(_, e)| e.into())
+}
+
 /// Docker's rule for the names of containers and networks: `[a-zA-Z0-9][a-zA-Z0-9_.-]*`, at
 /// most `max` bytes. Such a name is also a safe file name in the store.
 pub(crate) fn valid_name(name: &str, max: usize) -> bool {

@@ -196,35 +196,21 @@ impl Volumes {
     }
 
     fn lock(&self) -> Result<nix::fcntl::Flock<fs::File>, VolumeError> {
-        fs::create_dir_all(&self.dir).map_err(io_err("create directory", &self.dir))?;
-        let path = self.dir.join(".lock");
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io_err("open", &path))?;
-        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive).map_err(|(_, e)| VolumeError::Io {
-            op: "lock",
-            path,
-            source: e.into(),
-        })
+        self.lock_at(".lock", nix::fcntl::FlockArg::LockExclusive)
     }
 
     /// Held shared by a command from checking its `-v` volumes until its instance's record
     /// (which names them) is saved, and exclusively by `volume rm` while it looks for users and
     /// removes: a volume is never removed between a run's check and its record.
     pub fn users_lock(&self, exclusive: bool) -> Result<nix::fcntl::Flock<fs::File>, VolumeError> {
-        fs::create_dir_all(&self.dir).map_err(io_err("create directory", &self.dir))?;
-        let path = self.dir.join(".users.lock");
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io_err("open", &path))?;
         let how = if exclusive { nix::fcntl::FlockArg::LockExclusive } else { nix::fcntl::FlockArg::LockShared };
-        nix::fcntl::Flock::lock(file, how).map_err(|(_, e)| VolumeError::Io { op: "lock", path, source: e.into() })
+        self.lock_at(".users.lock", how)
+    }
+
+    fn lock_at(&self, name: &str, how: nix::fcntl::FlockArg) -> Result<nix::fcntl::Flock<fs::File>, VolumeError> {
+        fs::create_dir_all(&self.dir).map_err(io_err("create directory", &self.dir))?;
+        let path = self.dir.join(name);
+        crate::lock_file(&path, how).map_err(io_err("lock", &path))
     }
 
     fn check_name(name: &str) -> Result<(), VolumeError> {

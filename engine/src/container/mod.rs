@@ -536,14 +536,7 @@ impl Engine {
     fn names_lock(&self, dir: &Path) -> Result<nix::fcntl::Flock<fs::File>, EngineError> {
         fs::create_dir_all(dir).map_err(io_err("create directory", dir))?;
         let path = dir.join(".lock");
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(io_err("open", &path))?;
-        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
-            .map_err(|(_, e)| EngineError::Sys("locking the container names", e))
+        crate::lock_file(&path, nix::fcntl::FlockArg::LockExclusive).map_err(io_err("lock", &path))
     }
 
     /// Gives back the name container `id` holds, if it holds it.

@@ -226,14 +226,12 @@ impl Engine {
     /// `start` of the same VM at once finds it taken instead of booting the VM twice.
     fn vmm_lock(&self, id: &str) -> Result<nix::fcntl::Flock<fs::File>, EngineError> {
         let path = self.container_dir(id).join("vmm.lock");
-        let file = fs::OpenOptions::new()
-            .create(true)
-            .truncate(false)
-            .write(true)
-            .open(&path)
-            .map_err(|_| EngineError::NoSuchContainer(id.to_owned()))?;
-        nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusiveNonblock)
-            .map_err(|_| EngineError::NotForMicrovm(format!("{id} is being started by another command")))
+        crate::lock_file(&path, nix::fcntl::FlockArg::LockExclusiveNonblock).map_err(|e| match e.kind() {
+            io::ErrorKind::WouldBlock => {
+                EngineError::NotForMicrovm(format!("{id} is being started by another command"))
+            }
+            _ => EngineError::NoSuchContainer(id.to_owned()),
+        })
     }
 
     /// `run -d --isolation microvm`: the instance made here, its VM run by a launcher of its own
