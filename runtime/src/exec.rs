@@ -9,7 +9,7 @@
 //! error message tells it why not.
 
 use std::convert::Infallible;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsFd, AsRawFd, RawFd};
 use std::path::{Path, PathBuf};
 
 use nix::sys::signal::{kill, Signal};
@@ -41,6 +41,15 @@ pub(crate) fn exec(rt: &Runtime, id: &str, process: &Process, opts: ExecOptions)
     let types: Vec<LinuxNamespaceType> = linux.namespaces().as_deref().unwrap_or(&[]).iter().map(|n| n.typ()).collect();
     let init_pid = Pid::from_raw(st.pid);
     let joins = OpenNamespaces::of_process(init_pid, &types)?;
+    // The init's root, entered after the mount namespace: joining a mount namespace puts a
+    // process at the namespace's root, which is the container's only if the init could
+    // pivot_root; without pivot (an initramfs, a chroot) the rootfs is a mount on top of it.
+    let root = nix::fcntl::open(
+        format!("/proc/{init_pid}/root").as_str(),
+        nix::fcntl::OFlag::O_PATH | nix::fcntl::OFlag::O_DIRECTORY | nix::fcntl::OFlag::O_CLOEXEC,
+        nix::sys::stat::Mode::empty(),
+    )
+    .map_err(|source| RuntimeError::Sys { what: "opening the container's root", source })?;
     let pid_ns = PathBuf::from(format!("/proc/{init_pid}/ns/pid"));
     let enter_pid_ns =
         types.contains(&LinuxNamespaceType::Pid) && !namespaces::same_file(&pid_ns, Path::new("/proc/self/ns/pid"));
@@ -55,6 +64,7 @@ pub(crate) fn exec(rt: &Runtime, id: &str, process: &Process, opts: ExecOptions)
         process,
         prepared: &prepared,
         joins: &joins,
+        root: root.as_fd(),
         sync: &child_sync,
         stdio: stdio_raw,
         console: console.as_ref().map(|c| c.as_raw_fd()),
@@ -101,6 +111,8 @@ struct ExecChild<'a> {
     process: &'a Process,
     prepared: &'a Prepared,
     joins: &'a OpenNamespaces,
+    /// The init's root directory (O_PATH).
+    root: std::os::fd::BorrowedFd<'a>,
     sync: &'a SyncChannel,
     stdio: Option<[RawFd; 3]>,
     console: Option<RawFd>,
@@ -129,6 +141,8 @@ impl ExecChild<'_> {
             Some(_) => return Err(InitError::SyncProtocol),
         }
         self.joins.join()?;
+        nix::unistd::fchdir(self.root).map_err(InitError::EnterRoot)?;
+        nix::unistd::chroot(".").map_err(InitError::EnterRoot)?;
         let p = self.process;
         if p.terminal().unwrap_or(false) {
             if let Some(sock) = self.console {

@@ -177,6 +177,8 @@ pub enum InitError {
         #[source]
         source: Errno,
     },
+    #[error("entering the container's root")]
+    EnterRoot(#[source] Errno),
     #[error("exec: {0:?}: executable file not found in $PATH")]
     NotFound(String),
     #[error("exec: {0:?}: permission denied")]
@@ -216,6 +218,7 @@ impl ExitCode for InitError {
             | InitError::Domainname(..)
             | InitError::Sysctl { .. }
             | InitError::Console(_)
+            | InitError::EnterRoot(_)
             | InitError::Fifo(_) => INTERNAL,
         }
     }

@@ -489,6 +489,35 @@ fn exec_ps_and_list() {
     env.assert_no_leaks();
 }
 
+/// Without pivot_root the rootfs is a mount moved over the runtime's root: exec must land in
+/// the container's root. (Here the runtime's root is the namespace's, which joining it finds
+/// anyway; the case where it is a chroot, as in the nested L1's bench, is what exec entering
+/// the init's own root fixes, and the nested bench's exec figure for containers shows.)
+#[test]
+fn exec_lands_in_the_root_of_a_container_made_without_pivot() {
+    let mut env = env_or_skip!("exec_no_pivot");
+    env.args(&["sleep", "1000"]);
+    env.write();
+    let rootfs = env.spec["root"]["path"].as_str().map(|p| env.bundle.join(p)).unwrap();
+    std::fs::write(rootfs.join("no-pivot-marker"), "inside the container\n").unwrap();
+    let b = env.bundle.display().to_string();
+    // The container keeps our stdio: files, not pipes, or this would wait for its end.
+    let err_path = env.bundle.join("create.err");
+    let status = env
+        .cmd(&["create", "--no-pivot", "-b", &b, &env.id])
+        .stdin(std::process::Stdio::null())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(&err_path).unwrap())
+        .status()
+        .unwrap();
+    assert!(status.success(), "{}", std::fs::read_to_string(&err_path).unwrap_or_default());
+    assert!(env.runc(&["start", &env.id]).status.success());
+    let out = env.runc(&["exec", &env.id, "cat", "/no-pivot-marker"]);
+    assert_eq!((out.status.code(), stdout(&out).as_str()), (Some(0), "inside the container\n"), "{}", stderr(&out));
+    assert!(env.runc(&["delete", "--force", &env.id]).status.success());
+    env.assert_no_leaks();
+}
+
 #[test]
 fn kill_all_reaches_every_process() {
     let mut env = env_or_skip!("kill_all");
