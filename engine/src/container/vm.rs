@@ -143,7 +143,7 @@ impl AgentWait {
                 let _ = nix::sys::signal::kill(Pid::from_raw(me), Signal::SIGTERM);
                 return false;
             }
-            std::thread::sleep(std::time::Duration::from_millis(20));
+            std::thread::sleep(std::time::Duration::from_millis(50));
         }
         false
     }
@@ -437,10 +437,12 @@ impl Engine {
                             // (its agent is not up yet to take one).
                             self.refresh_hosts(&endpoint.network, Some(&record));
                         }
-                        // Wait for the agent: a detached VM's `run -d` returns once it answers; a VM on
-                        // a network then gets the names of whoever joined while it booted.
+                        // Wait for the agent: a detached VM's `run -d` returns once it answers, and
+                        // on a network it then gets the names of whoever joined while it booted.
+                        // (Not for a foreground run: probing a guest through its boot made the
+                        // nested L1's emulation stall now and then.)
                         let network = joined.as_ref().map(|(e, _)| e.network.clone());
-                        if detached || network.is_some() {
+                        if detached {
                             let (waiting, report, name) = (waiting.clone(), report.clone(), record.name.clone());
                             sc.spawn(move || {
                                 let report = detached.then_some(&*report);
