@@ -172,6 +172,24 @@ fn a_missing_default_image_says_how_to_build_it() {
     assert!(!env.path("r").exists(), "no report without an image");
 }
 
+/// The samples of backend `b`'s metric `m` (in scenario `s`, when given) in results `r`; a
+/// missing record fails the test with the run's notes.
+fn record_samples(r: &Value, b: &str, s: Option<&str>, m: &str) -> Vec<f64> {
+    r["records"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|x| x["backend"] == b && x["metric"] == m && s.is_none_or(|s| x["scenario"] == s))
+        .unwrap_or_else(|| {
+            panic!("no {b} {}{m} record; notes: {}", s.map(|s| format!("{s}/")).unwrap_or_default(), r["notes"])
+        })["samples"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|v| v.as_f64().unwrap())
+        .collect()
+}
+
 fn hello_processes() -> usize {
     let Ok(rd) = std::fs::read_dir("/proc") else { return 0 };
     rd.flatten()
@@ -288,19 +306,7 @@ fn net_scenario_end_to_end() {
     ]);
     assert!(o.status.success(), "bench failed: {}", String::from_utf8_lossy(&o.stderr));
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
-    let samples = |b: &str, m: &str| -> Vec<f64> {
-        r["records"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|x| x["backend"] == b && x["metric"] == m)
-            .unwrap_or_else(|| panic!("no {b} {m} record; notes: {}", r["notes"]))["samples"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect()
-    };
+    let samples = |b: &str, m: &str| record_samples(&r, b, None, m);
     for b in ["process", "twinbox-container", "runc"] {
         assert_eq!(samples(b, "time_to_ready").len(), 3, "{b}: one per round");
         assert_eq!(samples(b, "latency_keepalive").len(), 900, "{b}");
@@ -345,19 +351,7 @@ fn disk_scenario_end_to_end() {
     ]);
     assert!(o.status.success(), "bench failed: {}", String::from_utf8_lossy(&o.stderr));
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
-    let samples = |b: &str, m: &str| -> Vec<f64> {
-        r["records"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|x| x["backend"] == b && x["metric"] == m)
-            .unwrap_or_else(|| panic!("no {b} {m} record; notes: {}", r["notes"]))["samples"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect()
-    };
+    let samples = |b: &str, m: &str| record_samples(&r, b, None, m);
     for b in ["process", "twinbox-container", "runc"] {
         for place in ["root", "volume"] {
             for m in ["seq_write", "seq_read", "rand_write_iops", "rand_write_p99", "rand_read_iops", "rand_read_p99"] {
@@ -589,19 +583,7 @@ fn own_image_with_a_readiness_check_end_to_end() {
     ]);
     assert!(o.status.success(), "bench failed: {}", String::from_utf8_lossy(&o.stderr));
     let r: Value = serde_json::from_slice(&o.stdout).unwrap();
-    let samples = |b: &str, s: &str, m: &str| -> Vec<f64> {
-        r["records"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|x| x["backend"] == b && x["scenario"] == s && x["metric"] == m)
-            .unwrap_or_else(|| panic!("no {b} {s}/{m} record; notes: {}", r["notes"]))["samples"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .map(|v| v.as_f64().unwrap())
-            .collect()
-    };
+    let samples = |b: &str, s: &str, m: &str| record_samples(&r, b, Some(s), m);
     for b in &backends {
         let ready = samples(b, "start", "time_to_ready");
         assert_eq!(ready.len(), 10, "{b}: the quick run's rounds: {ready:?}");
