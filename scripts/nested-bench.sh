@@ -20,7 +20,18 @@ while [ $# -gt 0 ]; do
 done
 bench_args=("$@")
 [ ${#bench_args[@]} -gt 0 ] || bench_args=(--quick)
-bench_args=(--backends "process,twinbox-container,twinbox-microvm,qemu-microvm" "${bench_args[@]}")
+# Every backend this host has, so the two models compare on one machine (the L1).
+backends=process,twinbox-container
+for peer in runc crun; do command -v "$peer" >/dev/null && backends=$backends,$peer; done
+bench_args=(--backends "$backends,twinbox-microvm,qemu-microvm" "${bench_args[@]}")
+# The user's own image (`--image X`) goes into the L1's store from the host's.
+image=""
+for ((i = 0; i < ${#bench_args[@]}; i++)); do
+  case "${bench_args[i]}" in
+    --image) image=${bench_args[i + 1]:-} ;;
+    --image=*) image=${bench_args[i]#--image=} ;;
+  esac
+done
 [ -x "$twinbox" ] || { echo "nested-bench: $twinbox is not built (cargo build --release)" >&2; exit 1; }
 
 kernel=$("$here/build-guest-kernel.sh" | tail -n1)
@@ -40,6 +51,25 @@ pack() {
 pack "$twinbox"
 pack "$(command -v mkfs.ext4 || echo /usr/sbin/mkfs.ext4)"
 pack "$(command -v qemu-system-x86_64)"
+for peer in runc crun; do
+  if command -v "$peer" >/dev/null; then pack "$(command -v "$peer")"; fi
+done
+# The CNI plugins the runc and crun backends' network is made with (bench/src/backend/cni.rs),
+# and the iptables they call (iptables-nft: one binary named as each of its commands, and its
+# extensions, which L1 finds where the host keeps them).
+if [ -d /usr/lib/cni ]; then
+  mkdir -p "$p/cni"
+  for plugin in loopback bridge host-local portmap; do
+    [ ! -x "/usr/lib/cni/$plugin" ] || cp "/usr/lib/cni/$plugin" "$p/cni/"
+  done
+  xtables=$(readlink -f "$(command -v iptables || echo /usr/sbin/iptables)")
+  if [ "$(basename "$xtables")" = xtables-nft-multi ]; then
+    pack "$xtables"
+    # Debian's XTABLES_LIBDIR (compiled in; /lib is a real directory in L1, not /usr/lib).
+    xt_dir=/usr/lib/$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)/xtables
+    [ ! -d "$xt_dir" ] || { mkdir -p "$p/xtables" && cp "$xt_dir"/*.so "$p/xtables/" && echo "$xt_dir" >"$p/xtables/where"; }
+  fi
+fi
 # QEMU looks for its firmware in ../share/qemu next to its binary.
 cp -L /usr/share/qemu/qboot.rom /usr/share/qemu/bios-microvm.bin "$p/share/qemu/"
 cp "$kernel" "$p/vmlinux"
@@ -51,45 +81,54 @@ now=$(date -u +%s)
 
 # The default images, in a store of their own.
 TWINBOX_ROOT=$p/store scripts/default-images.sh "$twinbox" >/dev/null
+if [ -n "$image" ]; then
+  "$twinbox" save -o "$work/image.tar" "$image" ||
+    { echo "nested-bench: cannot take $image from the store at ${TWINBOX_ROOT:-/var/lib/twinbox}" >&2; exit 1; }
+  TWINBOX_ROOT=$p/store "$twinbox" load -i "$work/image.tar" >/dev/null
+  rm -f "$work/image.tar"
+fi
 
 printf 'export TWINBOX_REV=%s\ndate -u -s @%s >/dev/null 2>&1 || true\n' "$rev" "$now" >"$p/env.sh"
-# L1's root is its initramfs (rootfs), where pivot_root(2) is impossible and the container
-# runtime needs it: everything moves to a tmpfs, and the bench runs chrooted there.
+# L1 runs on a tmpfs (nested-kvm.sh's init moved it off the initramfs), where the container
+# runtimes can pivot_root: the bench runs there as it would on any host.
 cat >"$p/run.sh" <<'EOF'
 set -e
 . /payload/tb/env.sh
 # A name for the results' context (L1's initramfs leaves it "(none)").
 hostname twinbox-l1 2>/dev/null || true
-mkdir -p /lib/x86_64-linux-gnu /lib64
+mkdir -p /lib/x86_64-linux-gnu /lib64 /usr/lib/cni
 cp /payload/tb/lib/* /lib/x86_64-linux-gnu/
 ln -sf /lib/x86_64-linux-gnu/ld-linux-x86-64.so.2 /lib64/ld-linux-x86-64.so.2
-mkdir /newroot
-mount -t tmpfs -o size=90% tmpfs /newroot
-cp -a /bin /sbin /usr /lib /lib64 /payload /newroot/
-mkdir -p /newroot/dev /newroot/proc /newroot/sys /newroot/tmp /newroot/run
-mount -o rbind /dev /newroot/dev
-mount -t proc proc /newroot/proc
-mount -t sysfs sysfs /newroot/sys
-mount -t cgroup2 none /newroot/sys/fs/cgroup
-exec chroot /newroot /bin/sh /payload/tb/bench.sh "$@"
+[ ! -d /payload/tb/cni ] || cp /payload/tb/cni/* /usr/lib/cni/
+if [ -f /payload/tb/xtables/where ]; then
+  xt_dir=$(cat /payload/tb/xtables/where)
+  mkdir -p "$xt_dir" && cp /payload/tb/xtables/*.so "$xt_dir/"
+  # Where the CNI plugins look for it (they run with a PATH of the system's directories).
+  for cmd in iptables iptables-save iptables-restore; do ln -sf /payload/tb/bin/xtables-nft-multi "/usr/sbin/$cmd"; done
+fi
+mount -t cgroup2 none /sys/fs/cgroup
+exec /bin/sh /payload/tb/bench.sh "$@"
 EOF
 cat >"$p/bench.sh" <<'EOF'
 . /payload/tb/env.sh
 export PATH=/payload/tb/bin:/bin:/sbin:/usr/bin:/usr/sbin TWINBOX_ROOT=/payload/tb/store TWINBOX_KERNEL=/payload/tb/vmlinux
 cd /tmp
-# The bench runs in the background; a line every 30 s shows L1 is alive (progress bars are
-# hidden off a terminal); results.json follows the marker line.
+# The bench runs in the background (progress bars are hidden off a terminal): each scenario's
+# start and every warning (a hung run's kernel stacks among them) reach the host as they come,
+# even when the run never finishes, and a line every 30 s shows L1 is alive; results.json
+# follows the marker line.
 twinbox -v bench --out /tmp/report "$@" >/tmp/bench.out 2>&1 &
 bench=$!
-seen=0
+seen=0 ticks=0
 while kill -0 "$bench" 2>/dev/null; do
-  sleep 30
-  # Warnings as they come (a hung run's kernel stacks among them), so they reach the host even
-  # when the run never finishes.
+  sleep 2
   n=$(wc -l </tmp/bench.out)
-  sed -n "$((seen + 1)),${n}p" /tmp/bench.out | grep -A24 ' WARN ' | sed 's/^/nested-bench: | /'
+  sed -n "$((seen + 1)),${n}p" /tmp/bench.out |
+    awk '/ WARN / { n = 25 } / INFO scenario/ || n > 0 { print "nested-bench: | " $0; if (n > 0) n-- }'
   seen=$n
-  echo "nested-bench: measuring, $(cut -d' ' -f1 /proc/uptime) s since L1 boot; last: $(grep INFO /tmp/bench.out | tail -n1 | cut -c1-200)"
+  ticks=$((ticks + 1))
+  [ $((ticks % 15)) -ne 0 ] ||
+    echo "nested-bench: measuring, $(cut -d' ' -f1 /proc/uptime) s since L1 boot; last: $(grep INFO /tmp/bench.out | tail -n1 | cut -c1-200)"
 done
 if ! wait "$bench"; then
   echo "nested-bench: twinbox bench failed:"; cat /tmp/bench.out; exit 1

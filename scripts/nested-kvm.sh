@@ -17,8 +17,11 @@ set -euo pipefail
 META_PKG=linux-image-cloud-amd64
 # Loaded in L1 with their dependencies (kvm, irqbypass, ...), found from .modinfo: KVM,
 # overlayfs for the container runtime measured beside the microVMs, and what twinbox networks
-# need: taps, bridges, veth pairs, nftables' NAT (names as the cache keeps them, '-' for '_').
-KVM_MODULES=(kvm-amd overlay tun bridge veth nf-tables nft-chain-nat nft-nat nft-masq nft-fib-ipv4)
+# need: taps, bridges, veth pairs, nftables' NAT, and the iptables matches and targets the CNI
+# plugins of the runc and crun backends use through iptables-nft (names as the cache keeps
+# them, '-' for '_').
+KVM_MODULES=(kvm-amd overlay tun bridge veth nf-tables nft-chain-nat nft-nat nft-masq nft-fib-ipv4
+  nft-compat xt-nat xt-MASQUERADE xt-mark xt-addrtype xt-multiport xt-comment xt-conntrack)
 HOST_PACKAGES=(qemu-system-x86 busybox-static cpio gzip binutils socat)
 START_MARK=@@TWINBOX-START@@
 EXIT_MARK=@@TWINBOX-EXIT    # followed by " <code>@@"

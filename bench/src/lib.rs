@@ -72,37 +72,48 @@ impl Options {
         }
     }
 
-    /// The numbers a run uses.
-    pub fn settings(&self) -> Settings {
+    /// The numbers a run uses. `emulated`: the run is in the nested L1 (QEMU TCG), where a
+    /// microVM takes seconds to boot: there a run is lean (see [`Settings::lean`]).
+    pub fn settings(&self, emulated: bool) -> Settings {
         let q = self.quick;
+        let lean = emulated;
+        // The count for this run: emulated quick, emulated full, quick, full.
+        let pick = |lean_quick: usize, lean_full: usize, quick: usize, full: usize| match (lean, q) {
+            (true, true) => lean_quick,
+            (true, false) => lean_full,
+            (false, true) => quick,
+            (false, false) => full,
+        };
         Settings {
             image: self.image.clone(),
             scenarios: self.scenarios.iter().map(|s| s.as_str().to_owned()).collect(),
             backends: self.backends.clone(),
             quick: q,
+            lean,
             // Start rounds are cheap (≈ 0.1 s for all container backends): enough of them that
             // a run's median does not hinge on a few slow samples.
-            start_runs: self.runs.unwrap_or(if q { 60 } else { 100 }).max(1),
+            start_runs: self.runs.unwrap_or(pick(3, 15, 60, 100)).max(1),
             // A service takes longer to be ready than `hello` to start, and each round keeps an
             // instance until it is.
-            ready_runs: self.runs.unwrap_or(if q { 10 } else { 30 }).max(1),
+            ready_runs: self.runs.unwrap_or(pick(3, 10, 10, 30)).max(1),
             ready: self.ready.as_ref().map(ToString::to_string),
-            cpu_runs: self.runs.map(|r| r.clamp(1, 30)).unwrap_or(if q { 15 } else { 20 }),
-            warmup: if q { 2 } else { 5 },
-            instances: self.instances.unwrap_or(if q { 10 } else { 20 }).max(1),
+            cpu_runs: self.runs.map(|r| r.clamp(1, 30)).unwrap_or(pick(2, 5, 15, 20)),
+            // In the L1 everything runs from its tmpfs root: no cold disk for a warm-up to hide.
+            warmup: pick(0, 1, 2, 5),
+            instances: self.instances.unwrap_or(pick(3, 6, 10, 20)).max(1),
             // The kernel's growth over a backend's instances moves by ±15 KiB per instance from
             // one reading to the next: several interleaved readings, and their median.
-            memory_rounds: if q { 3 } else { 5 },
-            max: self.max.unwrap_or(if q { 10 } else { 50 }).max(1),
+            memory_rounds: pick(1, 2, 2, 5),
+            max: self.max.unwrap_or(pick(3, 10, 10, 50)).max(1),
             // A memory budget asks how many instances fit: one pass, so the curve ends where
             // that pass hit the budget.
-            density_passes: if self.memory_budget_mib.is_some() { 1 } else { 6 },
+            density_passes: if self.memory_budget_mib.is_some() { 1 } else { pick(1, 2, 3, 6) },
             memory_budget_mib: self.memory_budget_mib,
             cpu_target_ms: if q { 50 } else { 200 },
-            disk_runs: self.runs.map(|r| r.clamp(1, 10)).unwrap_or(if q { 3 } else { 5 }),
+            disk_runs: self.runs.map(|r| r.clamp(1, 10)).unwrap_or(pick(1, 2, 3, 5)),
             // A microVM's root is a tmpfs of half its 128 MiB: the file must fit there, and in
             // the guest's page cache for the read figures to mean the same as elsewhere.
-            disk_mib: 32,
+            disk_mib: if lean { 16 } else { 32 },
         }
     }
 }
@@ -172,13 +183,13 @@ pub fn run(opts: &Options) -> Result<Results, BenchError> {
     for name in &opts.backends {
         all.push(backend::by_name(name, &opts.twinbox).ok_or_else(|| BenchError::UnknownBackend(name.clone()))?);
     }
-    let settings = opts.settings();
     // Where twinbox-container makes and removes each container's files (overlay upper and work
     // directories, bundle); the store's root before it has any.
     let containers = opts.store_root.join("containers");
     let store_fs = host::store_fs(if containers.is_dir() { &containers } else { &opts.store_root });
     let context = host::Context { store_fs, ..host::Context::detect(opts.twinbox.parent()) };
     tracing::info!(rev = %context.rev, host = %context.host, virt = %context.virtualization.kind, "bench starting");
+    let settings = opts.settings(context.virtualization.kind == host::VirtKind::NestedTcg);
 
     let scratch = tempfile::Builder::new().prefix("twinbox-bench-").tempdir().map_err(BenchError::Scratch)?;
     let rootfs = scratch.path().join("rootfs");
@@ -306,6 +317,25 @@ mod tests {
         let e = BenchError::NeedsReady { image: "web:latest".into(), command: vec!["httpd".into(), "-f".into()] };
         assert_eq!(e.exit_code(), 1);
         assert!(e.to_string().contains("give --ready http://:PORT/PATH, tcp:PORT or log:TEXT"), "{e}");
+    }
+
+    #[test]
+    fn a_run_in_the_nested_l1_is_lean_but_keeps_what_was_asked() {
+        let mut o = Options::new(Path::new("/store"), Path::new("/twinbox"));
+        o.quick = true;
+        let host = o.settings(false);
+        let l1 = o.settings(true);
+        assert!(!host.lean && l1.lean);
+        assert!(l1.start_runs < host.start_runs && l1.instances < host.instances && l1.max < host.max);
+        assert_eq!((l1.warmup, l1.density_passes, l1.memory_rounds), (0, 1, 1));
+        o.quick = false;
+        let full = o.settings(true);
+        assert!(full.start_runs > l1.start_runs && full.start_runs < o.settings(false).start_runs);
+        // What the user set goes to the L1 as given.
+        o.quick = true;
+        (o.runs, o.instances, o.max) = (Some(7), Some(5), Some(9));
+        let l1 = o.settings(true);
+        assert_eq!((l1.start_runs, l1.cpu_runs, l1.instances, l1.max), (7, 7, 5, 9));
     }
 
     #[test]

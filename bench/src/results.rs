@@ -71,6 +71,12 @@ pub struct Settings {
     pub scenarios: Vec<String>,
     pub backends: Vec<String>,
     pub quick: bool,
+    /// A run in the nested L1, where every microVM boot takes seconds under emulation: fewer
+    /// rounds and instances; quick, a few of everything (3 starts without warm-up, 2 CPU
+    /// rounds, 3 instances, one pass, one net round with one start pair), enough to show each
+    /// figure's size, not to tell small differences apart.
+    #[serde(default)]
+    pub lean: bool,
     /// Measured rounds of the start scenario.
     pub start_runs: usize,
     /// Measured rounds of the start scenario's `time_to_ready` (the user's own image). Absent

@@ -189,14 +189,6 @@ pub fn bench(root: &Path, a: BenchArgs) -> Result<i32> {
     let nested = match nested {
         Some(n) => Some(n),
         None if a.no_nested || results.interrupted || !needs_nested(&results) => None,
-        None if opts.image != twinbox_bench::DEFAULT_IMAGE => {
-            results.notes.push(format!(
-                "the microVMs were not measured in a nested L1: scripts/nested-bench.sh measures the default image \
-                 only, not {}",
-                opts.image
-            ));
-            None
-        }
         None => match nested_script(&twinbox) {
             None => {
                 results.notes.push(
@@ -255,39 +247,42 @@ fn run_nested(script: &Path, twinbox: &Path, opts: &Options) -> Result<twinbox_b
     use std::io::BufRead as _;
     let mut args: Vec<String> =
         vec!["--scenario".into(), opts.scenarios.iter().map(|s| s.as_str()).collect::<Vec<_>>().join(",")];
+    if opts.image != twinbox_bench::DEFAULT_IMAGE {
+        args.extend(["--image".into(), opts.image.clone()]);
+    }
+    if let Some(ready) = &opts.ready {
+        args.extend(["--ready".into(), ready.to_string()]);
+    }
     if opts.quick {
         args.push("--quick".into());
     }
-    // Under emulation a VM takes seconds to start: a quick run asks the L1 for a few rounds
-    // and instances only, so that the whole `--quick` stays within minutes.
-    let quick = |given: Option<usize>, few: usize| given.or(opts.quick.then_some(few));
-    for (flag, v) in
-        [("--runs", quick(opts.runs, 5)), ("--instances", quick(opts.instances, 4)), ("--max", quick(opts.max, 5))]
-    {
+    // A quick run in the L1 is lean by itself (a few rounds and instances: under emulation a
+    // VM takes seconds to start); what the user set explicitly goes there as given.
+    for (flag, v) in [("--runs", opts.runs), ("--instances", opts.instances), ("--max", opts.max)] {
         if let Some(v) = v {
             args.extend([flag.to_owned(), v.to_string()]);
         }
     }
-    // Rough times in the L1 under TCG, from runs on this kind of host: what the estimate says.
+    // Rough times of each scenario in the L1 under TCG with every backend, from runs on this
+    // kind of host (2 cores), quick and full: what the estimate says.
     let per_scenario = |s: &Scenario| match s {
-        Scenario::Start => 40,
-        Scenario::Memory => 50,
-        Scenario::Density => 45,
-        Scenario::Cpu => 30,
-        Scenario::Net => 60,
-        Scenario::Disk => 60,
+        Scenario::Start => (30, 125),
+        Scenario::Memory => (20, 60),
+        Scenario::Density => (17, 80),
+        Scenario::Cpu => (21, 55),
+        Scenario::Net => (37, 70),
+        Scenario::Disk => (16, 30),
     };
-    let estimate = 40 + opts.scenarios.iter().map(per_scenario).sum::<u64>() * if opts.quick { 1 } else { 3 };
-    let bar = indicatif::ProgressBar::new_spinner();
-    bar.set_style(
-        indicatif::ProgressStyle::with_template("{spinner} nested L1 (microVMs, emulated) {elapsed} of ≈{msg}")
-            .unwrap_or_else(|_| indicatif::ProgressStyle::default_spinner()),
-    );
-    bar.enable_steady_tick(std::time::Duration::from_millis(200));
-    let eta = move |phase: &str| format!("{} min: {phase}", estimate.div_ceil(60));
-    bar.set_message(eta("starting"));
+    let mut phases = vec![("booting the L1".to_owned(), 15)];
+    phases.extend(opts.scenarios.iter().map(|s| {
+        let (quick, full) = per_scenario(s);
+        (format!("scenario {}", s.as_str()), if opts.quick { quick } else { full })
+    }));
+    let progress = NestedProgress::start(phases);
     let mut child = std::process::Command::new("bash")
         .arg(script)
+        // The store the image is taken from (the user's own image goes into the L1's).
+        .env("TWINBOX_ROOT", &opts.store_root)
         .arg("--twinbox")
         .arg(twinbox)
         .arg("--")
@@ -298,7 +293,7 @@ fn run_nested(script: &Path, twinbox: &Path, opts: &Options) -> Result<twinbox_b
         .spawn()
         .with_context(|| format!("cannot start {}", script.display()))?;
     let stderr = child.stderr.take().expect("piped");
-    let progress = bar.clone();
+    let phases = progress.clone();
     // Every line of the nested run, for when it is slow or fails: the path is in the notes.
     let log_path = std::env::temp_dir().join(format!("twinbox-nested-{}.log", std::process::id()));
     let mut log_file = std::fs::File::create(&log_path).ok();
@@ -308,15 +303,11 @@ fn run_nested(script: &Path, twinbox: &Path, opts: &Options) -> Result<twinbox_b
             if let Some(f) = log_file.as_mut() {
                 let _ = writeln!(f, "{line}");
             }
-            let phase = if line.contains("build-guest-kernel") {
-                Some("building the guest kernel (once)".to_owned())
-            } else if line.contains("nested-kvm") && line.contains("boot") {
-                Some("booting the L1".to_owned())
-            } else {
-                line.split("scenario=\"").nth(1).and_then(|r| r.split('"').next()).map(|s| format!("scenario {s}"))
-            };
-            if let Some(p) = phase {
-                progress.set_message(eta(&p));
+            if line.contains("build-guest-kernel: building") {
+                // Only when it is not cached: about ten minutes on two cores.
+                phases.insert("building the guest kernel (once)", 600);
+            } else if let Some(s) = line.split("INFO scenario scenario=\"").nth(1).and_then(|r| r.split('"').next()) {
+                phases.enter(&format!("scenario {s}"));
             }
             tail.push_back(line);
             if tail.len() > 30 {
@@ -329,7 +320,7 @@ fn run_nested(script: &Path, twinbox: &Path, opts: &Options) -> Result<twinbox_b
     std::io::Read::read_to_end(child.stdout.as_mut().expect("piped"), &mut json)?;
     let status = child.wait()?;
     let tail = log.join().unwrap_or_default();
-    bar.finish_and_clear();
+    progress.finish();
     if !status.success() {
         anyhow::bail!(
             "{} exited with {status} (log: {}); its last lines:\n{tail}",
@@ -344,6 +335,88 @@ fn run_nested(script: &Path, twinbox: &Path, opts: &Options) -> Result<twinbox_b
         anyhow::bail!("{} printed results of schema {:?}", script.display(), r.schema);
     }
     Ok(r)
+}
+
+/// The nested run's progress bar: its phases (L1 boot, then each scenario) with their
+/// estimated seconds; the bar moves with the time spent in the current phase, never past its
+/// estimate, and jumps to the next phase when the L1 says it began; the message names the
+/// phase and the time left.
+#[derive(Clone)]
+struct NestedProgress {
+    bar: indicatif::ProgressBar,
+    state: std::sync::Arc<std::sync::Mutex<PhaseState>>,
+}
+
+struct PhaseState {
+    phases: Vec<(String, u64)>,
+    current: usize,
+    since: std::time::Instant,
+    done: bool,
+}
+
+impl NestedProgress {
+    fn start(phases: Vec<(String, u64)>) -> NestedProgress {
+        let bar = indicatif::ProgressBar::new(phases.iter().map(|p| p.1).sum());
+        bar.set_style(
+            indicatif::ProgressStyle::with_template("nested L1 (microVMs, emulated) [{bar:24}] {elapsed} · {msg}")
+                .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
+        let state = PhaseState { phases, current: 0, since: std::time::Instant::now(), done: false };
+        let p = NestedProgress { bar, state: std::sync::Arc::new(std::sync::Mutex::new(state)) };
+        let ticker = p.clone();
+        std::thread::spawn(move || loop {
+            if !ticker.tick() {
+                break;
+            }
+            std::thread::sleep(std::time::Duration::from_millis(500));
+        });
+        p
+    }
+
+    /// Redraws; false once finished.
+    fn tick(&self) -> bool {
+        let Ok(s) = self.state.lock() else { return false };
+        if s.done {
+            return false;
+        }
+        let total: u64 = s.phases.iter().map(|p| p.1).sum();
+        let before: u64 = s.phases[..s.current].iter().map(|p| p.1).sum();
+        let (name, estimate) = &s.phases[s.current];
+        let in_phase = s.since.elapsed().as_secs().min(estimate.saturating_sub(1));
+        let done = before + in_phase;
+        self.bar.set_length(total);
+        self.bar.set_position(done);
+        let left = total - done;
+        self.bar.set_message(format!("{name} · about {}:{:02} left", left / 60, left % 60));
+        true
+    }
+
+    /// A phase the estimate lacked (the kernel build), as the current one.
+    fn insert(&self, name: &str, seconds: u64) {
+        if let Ok(mut s) = self.state.lock() {
+            if !s.phases.iter().any(|p| p.0 == name) {
+                let at = s.current;
+                s.phases.insert(at, (name.to_owned(), seconds));
+                s.since = std::time::Instant::now();
+            }
+        }
+    }
+
+    fn enter(&self, name: &str) {
+        if let Ok(mut s) = self.state.lock() {
+            if let Some(i) = s.phases.iter().position(|p| p.0 == name).filter(|&i| i > s.current) {
+                s.current = i;
+                s.since = std::time::Instant::now();
+            }
+        }
+    }
+
+    fn finish(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.done = true;
+        }
+        self.bar.finish_and_clear();
+    }
 }
 
 /// Medians per backend and metric, for the terminal.

@@ -422,7 +422,12 @@ pub fn document(r: &Results, charts: &[charts::Chart], charts_skipped: Option<&s
         s.image,
         c.rev,
         if c.dirty { " with uncommitted changes" } else { "" },
-        if s.quick { "a `--quick`" } else { "a full" },
+        match (s.quick, s.lean) {
+            (true, true) => "a lean `--quick` (emulated: a few rounds of each)",
+            (false, true) => "a lean (emulated: fewer rounds)",
+            (true, false) => "a `--quick`",
+            (false, false) => "a full",
+        },
         if r.interrupted { ", interrupted" } else { "" }
     )));
     let g = glance::glance(r);
@@ -577,8 +582,23 @@ fn nested_section(n: &Results) -> Vec<Block> {
     d.push(Block::Para(format!(
         "Measured on another machine than the figures above, so never compared with them: {} ({}), kernel {}, \
          {} × {}, revision `{}`, {}. Every backend below ran there, interleaved as above, so they compare with \
-         each other. Full report with charts: `nested/report.html`.",
-        c.virtualization.detail, kind, c.kernel, c.cpus, c.cpu_model, c.rev, c.date
+         each other.{} Full report with charts: `nested/report.html`.",
+        c.virtualization.detail,
+        kind,
+        c.kernel,
+        c.cpus,
+        c.cpu_model,
+        c.rev,
+        c.date,
+        if n.settings.lean {
+            format!(
+                " Every microVM boot takes seconds there, so the run is lean: {} start rounds, {} idle instances, {} \
+                 per density pass — each figure's size, not small differences.",
+                n.settings.start_runs, n.settings.instances, n.settings.max
+            )
+        } else {
+            String::new()
+        }
     )));
     let mut shows = Vec::new();
     let start = list_medians(n, "start", "end_to_end", "ms", &[]);

@@ -36,6 +36,10 @@ struct Sizes {
     keepalive: usize,
     new_connections: usize,
     bytes: u64,
+    /// Foreground starts per round and backend without a network and with one, in pairs.
+    start_pairs: usize,
+    /// `exec`s into the server per round, where the backend has one.
+    execs: usize,
 }
 
 #[derive(Default)]
@@ -50,19 +54,16 @@ struct Samples {
     exec_ms: Vec<f64>,
 }
 
-/// `exec`s into the server per round, where the backend has one.
-const EXECS: usize = 5;
-
-/// Foreground starts per round and backend with a network and without, in pairs.
-const START_PAIRS: usize = 5;
-
 pub fn run(r: &mut Run<'_>) {
-    let q = r.settings.quick;
-    let sizes = Sizes {
-        rounds: if q { 3 } else { 5 },
-        keepalive: if q { 300 } else { 1000 },
-        new_connections: if q { 100 } else { 300 },
-        bytes: if q { 256 << 20 } else { 1 << 30 },
+    let (q, lean) = (r.settings.quick, r.settings.lean);
+    let sizes = if lean && q {
+        Sizes { rounds: 1, keepalive: 200, new_connections: 50, bytes: 64 << 20, start_pairs: 1, execs: 2 }
+    } else if lean {
+        Sizes { rounds: 2, keepalive: 300, new_connections: 100, bytes: 128 << 20, start_pairs: 2, execs: 3 }
+    } else if q {
+        Sizes { rounds: 3, keepalive: 300, new_connections: 100, bytes: 256 << 20, start_pairs: 3, execs: 5 }
+    } else {
+        Sizes { rounds: 5, keepalive: 1000, new_connections: 300, bytes: 1 << 30, start_pairs: 5, execs: 5 }
     };
     let servers: Vec<usize> = (0..r.backends.len()).filter(|&k| r.backends[k].serves()).collect();
     if servers.is_empty() {
@@ -97,7 +98,8 @@ pub fn run(r: &mut Run<'_>) {
                     closes[k] |= closed;
                     (s, Samples::default())
                 }),
-                None => one_round(b, &id, &sizes).and_then(|s| starts(b, &id, &r.image.work).map(|t| (s, t))),
+                None => one_round(b, &id, &sizes)
+                    .and_then(|s| starts(b, &id, &r.image.work, sizes.start_pairs).map(|t| (s, t))),
             };
             match measured {
                 Ok((s, t)) => {
@@ -235,7 +237,8 @@ pub fn run(r: &mut Run<'_>) {
                 "ms",
                 Better::Lower,
                 &format!(
-                    "`exec` of `/hello exit 0` in the running server, command start → its exit; {EXECS} per round"
+                    "`exec` of `/hello exit 0` in the running server, command start → its exit; {} per round",
+                    sizes.execs
                 ),
                 s.exec_ms,
                 0,
@@ -299,11 +302,16 @@ impl Drop for Pinned {
     }
 }
 
-/// [`START_PAIRS`] foreground starts without a network then with one published port, in
-/// pairs; nothing for a backend with no network to attach (the process).
-fn starts(b: &dyn crate::backend::Backend, id: &str, scratch: &std::path::Path) -> Result<Samples, String> {
+/// `pairs` foreground starts without a network then with one published port, in pairs;
+/// nothing for a backend with no network to attach (the process).
+fn starts(
+    b: &dyn crate::backend::Backend,
+    id: &str,
+    scratch: &std::path::Path,
+    pairs: usize,
+) -> Result<Samples, String> {
     let mut s = Samples::default();
-    for i in 0..START_PAIRS {
+    for i in 0..pairs {
         let port = free_port().map_err(|e| format!("no free port: {e}"))?;
         let t0 = Instant::now();
         super::run_once(b, &crate::backend::Workload::True, &format!("{id}-a{i}"), scratch)
@@ -341,7 +349,7 @@ fn one_round(b: &dyn crate::backend::Backend, id: &str, sizes: &Sizes) -> Result
         let throughput = net_client::throughput(addr, sizes.bytes).map_err(io("bulk transfer"))?;
         drop(_pinned);
         let mut exec_ms = Vec::new();
-        for _ in 0..EXECS {
+        for _ in 0..sizes.execs {
             let Some(cmd) = b.exec_command(id) else { break };
             let took = crate::backend::timed(cmd, "exec").map_err(|e| super::error_chain(&e))?;
             exec_ms.push(took.as_secs_f64() * 1e3);

@@ -104,6 +104,7 @@ pub fn results(seed: u64, slow: f64) -> Results {
             scenarios: ["start", "memory", "density", "cpu"].map(String::from).to_vec(),
             backends: vec![],
             quick: true,
+            lean: false,
             start_runs: 30,
             ready_runs: 0,
             ready: None,
