@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # `twinbox bench` inside the nested L1 of scripts/nested-kvm.sh, where KVM can boot the guest
 # kernel: the microVM backends (twinbox-microvm, qemu-microvm) and, like for like, the bare
-# process and twinbox containers in the same L1. Prints the results.json of that run on stdout;
-# `twinbox bench --nested FILE` puts it in the report as its own, labelled section.
+# process and the containers (twinbox, runc, crun) in the same L1. Prints the results.json of
+# that run on stdout; `twinbox bench` on a host without hardware KVM runs it by itself, and
+# `twinbox bench --nested FILE` puts a saved one in the report as its own, labelled section.
 #   scripts/nested-bench.sh [--twinbox BIN] [-- BENCH-ARGS...]   (default: --quick)
 # Timings under TCG emulation show the mechanics, not representative speed.
 set -euo pipefail
@@ -14,16 +15,21 @@ while [ $# -gt 0 ]; do
   case "$1" in
     --twinbox) twinbox=$2; shift 2 ;;
     --) shift; break ;;
-    -h|--help) sed -n '2,7s/^# \{0,1\}//p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,8s/^# \{0,1\}//p' "$0"; exit 0 ;;
     *) echo "nested-bench: unknown argument '$1'" >&2; exit 1 ;;
   esac
 done
 bench_args=("$@")
 [ ${#bench_args[@]} -gt 0 ] || bench_args=(--quick)
-# Every backend this host has, so the two models compare on one machine (the L1).
-backends=process,twinbox-container
-for peer in runc crun; do command -v "$peer" >/dev/null && backends=$backends,$peer; done
-bench_args=(--backends "$backends,twinbox-microvm,qemu-microvm" "${bench_args[@]}")
+# Unless told which: every backend this host has, so the two models compare on one machine
+# (the L1).
+case " ${bench_args[*]} " in
+  *" --backends "* | *" --backends="*) ;;
+  *)
+    backends=process,twinbox-container
+    for peer in runc crun; do command -v "$peer" >/dev/null && backends=$backends,$peer; done
+    bench_args=(--backends "$backends,twinbox-microvm,qemu-microvm" "${bench_args[@]}") ;;
+esac
 # The user's own image (`--image X`) goes into the L1's store from the host's.
 image=""
 for ((i = 0; i < ${#bench_args[@]}; i++)); do

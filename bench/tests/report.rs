@@ -232,3 +232,44 @@ fn the_first_table_puts_containers_and_nested_microvms_side_by_side() {
     assert!(md.contains("So the VM's own kernel costs, against the container:"), "{md}");
     assert!(out.join("glance.svg").is_file() || md.contains("No charts"), "the chart, unless no font");
 }
+
+/// The user's own image has no bare process (it is not applicable): the first table divides
+/// by the twinbox container, in each run its own, and says so.
+#[test]
+fn an_image_without_the_bare_process_is_shown_against_the_container() {
+    use twinbox_bench::results::Better;
+    let own = |r: &mut twinbox_bench::results::Results| {
+        r.records.retain(|x| x.backend != "process" && x.scenario != "cpu");
+        for b in r.backends.iter_mut().filter(|b| b.name == "process") {
+            (b.available, b.reason) = (false, Some("not applicable to web: …".into()));
+        }
+        r.settings.image = "web".into();
+    };
+    let mut nested = common::results(2, 1.0);
+    own(&mut nested);
+    for b in nested.backends.iter_mut().filter(|b| b.name == "twinbox-microvm") {
+        (b.available, b.reason) = (true, None);
+    }
+    let base = nested.record("twinbox-container", "memory", "total_per_instance").unwrap().samples.clone();
+    let vm = vec![twinbox_bench::stats::median(&base) * 20.0];
+    nested.records.push(common::record("twinbox-microvm", "memory", "total_per_instance", "KiB", Better::Lower, vm));
+    let mut r = common::results(1, 1.0);
+    own(&mut r);
+    r.nested = Some(Box::new(nested));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    twinbox_bench::report::write(&r, &out).unwrap();
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let first_table = md.lines().find(|l| l.starts_with('|')).unwrap();
+    assert_eq!(
+        first_table,
+        "| cost ÷ twinbox-container's (more is worse) | twinbox-container | runc | twinbox-microvm (nested, emulated) |"
+    );
+    let row = md.lines().find(|l| l.starts_with("| memory per idle instance |")).unwrap();
+    assert!(row.starts_with("| memory per idle instance | 1.00× |") && row.ends_with("| 20.0× |"), "{row}");
+    assert!(!md.contains("| compute loop |"), "no ratios to a process that did not run: {md}");
+    assert!(
+        md.contains("A microVM (twinbox-microvm (nested, emulated)) costs, against a container (twinbox-container"),
+        "{md}"
+    );
+}

@@ -253,6 +253,10 @@ fn run_nested(script: &Path, twinbox: &Path, opts: &Options) -> Result<twinbox_b
     if let Some(ready) = &opts.ready {
         args.extend(["--ready".into(), ready.to_string()]);
     }
+    // The backends asked for, where the user chose; else every one the L1 has.
+    if opts.backends.iter().map(String::as_str).ne(twinbox_bench::backend::ALL.iter().copied()) {
+        args.extend(["--backends".into(), opts.backends.join(",")]);
+    }
     if opts.quick {
         args.push("--quick".into());
     }

@@ -417,6 +417,7 @@ fn costs<DB: DrawingBackend>(
     root: &DrawingArea<DB, Shift>,
     title: &str,
     sub: &str,
+    reference: &str,
     names: &[String],
     series: &[(String, RGBColor, Vec<Option<f64>>)],
 ) -> DrawResult {
@@ -435,7 +436,7 @@ fn costs<DB: DrawingBackend>(
         .configure_mesh()
         .disable_x_mesh()
         .light_line_style(RGBColor(245, 245, 245))
-        .y_desc("cost ÷ the bare process's (log scale; more is worse)")
+        .y_desc(format!("cost ÷ {reference}'s (log scale; more is worse)"))
         .y_label_formatter(&|v| format!("{v}×"))
         .label_style(("sans-serif", 14))
         .axis_desc_style(("sans-serif", 14))
@@ -464,7 +465,7 @@ fn costs<DB: DrawingBackend>(
     chart
         .draw_series([PathElement::new(vec![(-0.5, 1.0), (k as f64 - 0.5, 1.0)], BLACK.mix(0.6).stroke_width(1))])
         .map_err(e2s)?
-        .label("bare process = 1×")
+        .label(format!("{reference} = 1×"))
         .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.stroke_width(1)));
     chart
         .configure_series_labels()
@@ -530,38 +531,43 @@ pub fn draw_all(r: &Results, dir: &Path) -> Result<Vec<Chart>, ChartError> {
     if !g.rows.is_empty() {
         let names: Vec<String> =
             g.columns.iter().skip(1).map(|c| c.label().replace(" (nested, emulated)", " (nested)")).collect();
-        const PALETTE: [RGBColor; 10] = [
+        // One colour per metric of glance::METRICS (in its order), pairs of a scenario in shades.
+        const PALETTE: [RGBColor; 12] = [
             RGBColor(31, 119, 180),
             RGBColor(174, 199, 232),
+            RGBColor(23, 190, 207),
             RGBColor(148, 103, 189),
             RGBColor(255, 127, 14),
             RGBColor(44, 160, 44),
             RGBColor(152, 223, 138),
             RGBColor(214, 39, 40),
             RGBColor(255, 152, 150),
+            RGBColor(227, 119, 194),
             RGBColor(140, 86, 75),
             RGBColor(196, 156, 148),
         ];
+        let colour = |label: &str| {
+            let i = super::glance::METRICS.iter().position(|m| m.0 == label).unwrap_or(0);
+            PALETTE[i % PALETTE.len()]
+        };
         let series: Vec<(String, RGBColor, Vec<Option<f64>>)> = g
             .rows
             .iter()
-            .enumerate()
-            .map(|(i, (label, costs))| {
-                (label.to_string(), PALETTE[i % PALETTE.len()], costs.iter().skip(1).copied().collect())
-            })
+            .map(|(label, costs)| (label.to_string(), colour(label), costs.iter().skip(1).copied().collect()))
             .collect();
-        let title = "The trade-off at a glance: each backend's cost against the bare process";
+        let reference = g.reference_label();
+        let title = format!("The trade-off at a glance: each backend's cost against {reference}");
         let sub = format!(
-            "each metric's median ÷ the bare process's in the same run; throughput, IOPS and launch rate turned round\n{}{at}",
+            "each metric's median ÷ {reference}'s in the same run; throughput, IOPS and launch rate turned round\n{}{at}",
             if g.columns.iter().any(|c| c.nested) {
-                "(nested): microVMs measured under emulation in a nested L1, ÷ that run's own process\n"
+                format!("(nested): microVMs measured under emulation in a nested L1, ÷ that run's own {}\n", g.reference)
             } else {
-                ""
+                String::new()
             }
         );
         let stem = "glance";
-        emit!(dir, stem, |root| costs(&root, title, &sub, &names, &series));
-        out.push(Chart { stem: stem.into(), title: title.into(), caption: sub });
+        emit!(dir, stem, |root| costs(&root, &title, &sub, &reference, &names, &series));
+        out.push(Chart { stem: stem.into(), title, caption: sub });
     }
 
     // The user's own image (`--ready`): what its instances are, and the path its requests ask for.

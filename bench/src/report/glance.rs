@@ -3,19 +3,23 @@
 //! microVMs side by side. A metric where more is better (throughput, IOPS, launch rate) is
 //! turned round (process ÷ backend), so that in every row more is worse. MicroVMs measured in a
 //! nested L1 (`--nested`) are divided by that run's own bare process and marked as emulated.
+//! The user's own image has no bare process (only hello's static binary runs outside a root
+//! filesystem): there the twinbox container (else the first container measured) is the 1×.
 
 use crate::results::Results;
 use crate::stats::median;
 
 /// (label, scenario, metric, the metric is already a ratio to the process, more is better).
-pub const METRICS: [(&str, &str, &str, bool, bool); 10] = [
+pub const METRICS: [(&str, &str, &str, bool, bool); 12] = [
     ("start (time to workload)", "start", "time_to_workload", false, false),
     ("start (end to end)", "start", "end_to_end", false, false),
+    ("time to ready", "start", "time_to_ready", false, false),
     ("memory per idle instance", "memory", "total_per_instance", false, false),
     ("launch rate (density)", "density", "launch_rate", false, true),
     ("compute loop", "cpu", "compute_ratio", true, false),
     ("syscall loop", "cpu", "syscalls_ratio", true, false),
     ("request latency (kept-alive)", "net", "latency_keepalive", false, false),
+    ("request latency (new connection)", "net", "latency_new_connection", false, false),
     ("network throughput", "net", "throughput", false, true),
     ("durable 4 KiB writes (volume)", "disk", "volume_rand_write_iops", false, true),
     ("sequential writes (volume)", "disk", "volume_seq_write", false, true),
@@ -42,45 +46,78 @@ impl Column {
     }
 }
 
-/// The table: columns, and per metric (in [`METRICS`] order) a cost per column.
+/// The table: columns (the reference, 1×, first), and per metric (in [`METRICS`] order) a cost
+/// per column.
 #[derive(Debug, Clone)]
 pub struct Glance {
+    /// The backend every cost is divided by (in each run, that run's own): `process`, or for
+    /// an image without one a container.
+    pub reference: String,
     pub columns: Vec<Column>,
     pub rows: Vec<(&'static str, Vec<Option<f64>>)>,
+}
+
+impl Glance {
+    /// What the costs are divided by, in words: "the bare process" or the backend's name.
+    pub fn reference_label(&self) -> String {
+        if self.reference == "process" {
+            "the bare process".into()
+        } else {
+            self.reference.clone()
+        }
+    }
 }
 
 fn med(r: &Results, backend: &str, scenario: &str, metric: &str) -> Option<f64> {
     r.record(backend, scenario, metric).filter(|x| !x.samples.is_empty()).map(|x| median(&x.samples))
 }
 
-/// `backend`'s cost in `r` relative to `r`'s bare process for metric `m` of [`METRICS`].
-fn cost(r: &Results, backend: &str, m: &(&str, &str, &str, bool, bool)) -> Option<f64> {
+fn measured(r: &Results, name: &str) -> bool {
+    r.records.iter().any(|x| x.backend == name && !x.samples.is_empty())
+}
+
+/// The 1× of run `r`: its bare process, else its twinbox container, else its first container.
+fn reference_of(r: &Results) -> Option<String> {
+    ["process", "twinbox-container"].into_iter().map(String::from).find(|b| measured(r, b)).or_else(|| {
+        r.backends.iter().find(|b| b.isolation == "container" && measured(r, &b.name)).map(|b| b.name.clone())
+    })
+}
+
+/// `backend`'s cost in `r` relative to `r`'s `reference` for metric `m` of [`METRICS`].
+fn cost(r: &Results, reference: &str, backend: &str, m: &(&str, &str, &str, bool, bool)) -> Option<f64> {
     let &(_, scenario, metric, is_ratio, higher_better) = m;
+    if backend == reference {
+        let ratio_to_itself = is_ratio && reference == "process";
+        return (ratio_to_itself || med(r, backend, scenario, metric).is_some()).then_some(1.0);
+    }
     let v = med(r, backend, scenario, metric)?;
     if is_ratio {
-        return (v > 0.0).then_some(v);
+        // A ratio to the process: meaningful only where the process is the reference.
+        return (v > 0.0 && reference == "process").then_some(v);
     }
-    let base = med(r, "process", scenario, metric)?;
+    let base = med(r, reference, scenario, metric)?;
     let c = if higher_better { base / v } else { v / base };
     (c.is_finite() && c > 0.0).then_some(c)
 }
 
-/// The measured backends of `r` (in its order), then the microVMs of its nested run.
+/// The reference of `r` first, its other measured backends (in its order), then the microVMs
+/// of its nested run, each divided by that run's own reference.
 pub fn glance(r: &Results) -> Glance {
-    let measured = |res: &Results, name: &str| res.records.iter().any(|x| x.backend == name && !x.samples.is_empty());
-    let mut columns: Vec<Column> = r
-        .backends
-        .iter()
-        .filter(|b| measured(r, &b.name))
-        .map(|b| Column { backend: b.name.clone(), isolation: b.isolation.clone(), nested: false })
-        .collect();
-    if let Some(n) = &r.nested {
+    let Some(reference) = reference_of(r) else {
+        return Glance { reference: "process".into(), columns: Vec::new(), rows: Vec::new() };
+    };
+    let column = |b: &crate::results::BackendStatus, nested| Column {
+        backend: b.name.clone(),
+        isolation: b.isolation.clone(),
+        nested,
+    };
+    let mut columns: Vec<Column> =
+        r.backends.iter().filter(|b| b.name == reference).map(|b| column(b, false)).collect();
+    columns.extend(r.backends.iter().filter(|b| b.name != reference && measured(r, &b.name)).map(|b| column(b, false)));
+    let nested_reference = r.nested.as_deref().and_then(reference_of);
+    if let Some(n) = r.nested.as_deref().filter(|_| nested_reference.is_some()) {
         columns.extend(
-            n.backends.iter().filter(|b| b.isolation == "microvm" && measured(n, &b.name)).map(|b| Column {
-                backend: b.name.clone(),
-                isolation: b.isolation.clone(),
-                nested: true,
-            }),
+            n.backends.iter().filter(|b| b.isolation == "microvm" && measured(n, &b.name)).map(|b| column(b, true)),
         );
     }
     let rows = METRICS
@@ -88,19 +125,17 @@ pub fn glance(r: &Results) -> Glance {
         .map(|m| {
             let costs = columns
                 .iter()
-                .map(|c| {
-                    let run = if c.nested { r.nested.as_deref()? } else { r };
-                    if c.backend == "process" {
-                        return med(run, "process", m.1, m.2).map(|_| 1.0).or(if m.3 { Some(1.0) } else { None });
-                    }
-                    cost(run, &c.backend, m)
+                .map(|c| match (c.nested, r.nested.as_deref(), nested_reference.as_deref()) {
+                    (false, _, _) => cost(r, &reference, &c.backend, m),
+                    (true, Some(n), Some(nref)) => cost(n, nref, &c.backend, m),
+                    (true, _, _) => None,
                 })
                 .collect();
             (m.0, costs)
         })
         .filter(|(_, costs): &(_, Vec<Option<f64>>)| costs.iter().skip(1).any(Option::is_some))
         .collect();
-    Glance { columns, rows }
+    Glance { reference, columns, rows }
 }
 
 /// "1.25×", "–" when not measured.
@@ -133,6 +168,20 @@ pub fn in_words(g: &Glance) -> Vec<String> {
         parts.join(", ")
     };
     let mut out = Vec::new();
+    if g.reference != "process" {
+        // The container is the 1×: the VM's costs against it say it all.
+        if let Some(v) = vm {
+            out.push(format!(
+                "A microVM ({}) costs, against a container ({}, each divided by its own run's): {}.",
+                g.columns[v].label(),
+                g.reference,
+                describe(v)
+            ));
+        } else {
+            out.push("No microVM was measured in this run (see the notes), so the table has containers only.".into());
+        }
+        return out;
+    }
     if let Some(c) = ct {
         out.push(format!("A container ({}) costs, against the bare process: {}.", g.columns[c].label(), describe(c)));
     }

@@ -433,7 +433,7 @@ pub fn document(r: &Results, charts: &[charts::Chart], charts_skipped: Option<&s
     let g = glance::glance(r);
     if !g.rows.is_empty() {
         d.push(Block::Heading(2, "The trade-off at a glance".into()));
-        let mut head = vec!["cost ÷ the bare process's (more is worse)".to_string()];
+        let mut head = vec![format!("cost ÷ {}'s (more is worse)", g.reference_label())];
         head.extend(g.columns.iter().map(glance::Column::label));
         d.push(Block::Table {
             head,
