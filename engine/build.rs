@@ -2,7 +2,9 @@
 //! freestanding static executable and leaves it at `$OUT_DIR/twinbox-monitor` for
 //! `container::monitor`'s `include_bytes!`: a nested `cargo build` (scripts/lib/nested_build.rs;
 //! the monitor is a workspace of its own, with `panic = "abort"`), no C runtime or libc
-//! (`-nostartfiles -nostdlib`: it starts at its own `_start`), position-dependent.
+//! (`-nostartfiles -nostdlib`: it starts at its own `_start`), position-dependent; and the port
+//! proxy (`engine/proxy`) as a static, position-dependent std executable at
+//! `$OUT_DIR/twinbox-proxy` for `network::publish`.
 
 #[path = "../scripts/lib/nested_build.rs"]
 mod nested_build;
@@ -25,4 +27,16 @@ fn main() {
     };
     let bytes = monitor.build(&out_dir.join("monitor-target"));
     nested_build::write_if_changed(&out_dir.join("twinbox-monitor"), &bytes);
+    // The port proxy: std, static and position-dependent, so its code is shared clean pages
+    // (a position-independent executable dirties its relocated data in every process).
+    println!("cargo:rerun-if-changed=proxy");
+    let proxy = nested_build::Nested {
+        manifest: &manifest_dir.join("proxy/Cargo.toml"),
+        package: "twinbox-proxy",
+        target: "x86_64-unknown-linux-gnu",
+        rustflags: "-C\x1frelocation-model=static\x1f-C\x1ftarget-feature=+crt-static",
+        what: "the port proxy",
+    };
+    let bytes = proxy.build(&out_dir.join("proxy-target"));
+    nested_build::write_if_changed(&out_dir.join("twinbox-proxy"), &bytes);
 }

@@ -51,7 +51,8 @@ mkdir -p "$p/bin" "$p/lib" "$p/share/qemu"
 # /proc/self/exe stays the binary itself (the container runtime re-executes it).
 pack() {
   cp -L "$1" "$p/bin/$(basename "$1")"
-  ldd "$1" | awk '/=> \// { print $3 } /^\t\/.*ld-linux/ { print $1 }' |
+  # A static binary (ldd says so and fails) needs nothing more.
+  { ldd "$1" 2>/dev/null || true; } | awk '/=> \// { print $3 } /^\t\/.*ld-linux/ { print $1 }' |
     while read -r lib; do cp -Ln "$lib" "$p/lib/" 2>/dev/null || true; done
 }
 pack "$twinbox"
@@ -64,16 +65,19 @@ done
 # and the iptables they call (iptables-nft: one binary named as each of its commands, and its
 # extensions, which L1 finds where the host keeps them).
 if [ -d /usr/lib/cni ]; then
-  mkdir -p "$p/cni"
   for plugin in loopback bridge host-local portmap; do
-    [ ! -x "/usr/lib/cni/$plugin" ] || cp "/usr/lib/cni/$plugin" "$p/cni/"
+    [ ! -x "/usr/lib/cni/$plugin" ] || { mkdir -p "$p/cni" && cp "/usr/lib/cni/$plugin" "$p/cni/"; }
   done
   xtables=$(readlink -f "$(command -v iptables || echo /usr/sbin/iptables)")
   if [ "$(basename "$xtables")" = xtables-nft-multi ]; then
     pack "$xtables"
-    # Debian's XTABLES_LIBDIR (compiled in; /lib is a real directory in L1, not /usr/lib).
-    xt_dir=/usr/lib/$(gcc -print-multiarch 2>/dev/null || echo x86_64-linux-gnu)/xtables
-    [ ! -d "$xt_dir" ] || { mkdir -p "$p/xtables" && cp "$xt_dir"/*.so "$p/xtables/" && echo "$xt_dir" >"$p/xtables/where"; }
+    # XTABLES_LIBDIR, compiled in: xtables/ beside libxtables, its path resolved (Debian's
+    # /lib is /usr/lib; in L1 /lib is a real directory, so the resolved one is made there).
+    libxt=$(ldd "$xtables" | awk '/libxtables/ { print $3 }')
+    xt_dir=$(dirname "$(readlink -f "$libxt")")/xtables
+    if [ -n "$libxt" ] && compgen -G "$xt_dir/*.so" >/dev/null; then
+      mkdir -p "$p/xtables" && cp "$xt_dir"/*.so "$p/xtables/" && echo "$xt_dir" >"$p/xtables/where"
+    fi
   fi
 fi
 # QEMU looks for its firmware in ../share/qemu next to its binary.
@@ -125,16 +129,21 @@ cd /tmp
 # follows the marker line.
 twinbox -v bench --out /tmp/report "$@" >/tmp/bench.out 2>&1 &
 bench=$!
-seen=0 ticks=0
+seen=0 ticks=0 left=0
 while kill -0 "$bench" 2>/dev/null; do
   sleep 2
-  n=$(wc -l </tmp/bench.out)
-  sed -n "$((seen + 1)),${n}p" /tmp/bench.out |
-    awk '/ WARN / { n = 25 } / INFO scenario/ || n > 0 { print "nested-bench: | " $0; if (n > 0) n-- }'
-  seen=$n
   ticks=$((ticks + 1))
   [ $((ticks % 15)) -ne 0 ] ||
     echo "nested-bench: measuring, $(cut -d' ' -f1 /proc/uptime) s since L1 boot; last: $(grep INFO /tmp/bench.out | tail -n1 | cut -c1-200)"
+  n=$(wc -l </tmp/bench.out)
+  [ "$n" -ne "$seen" ] || continue
+  # A warning with the 24 lines after it (kernel stacks of a hung run), also when they come
+  # in the next round: `left` carries the count over.
+  sed -n "$((seen + 1)),${n}p" /tmp/bench.out |
+    awk -v n="$left" '/ WARN / { n = 25 } / INFO scenario/ || n > 0 { print "nested-bench: | " $0; if (n > 0) n-- }
+      END { print n > "/tmp/warn-left" }'
+  left=$(cat /tmp/warn-left)
+  seen=$n
 done
 if ! wait "$bench"; then
   echo "nested-bench: twinbox bench failed:"; cat /tmp/bench.out; exit 1

@@ -214,9 +214,10 @@ cat >"$root/init" <<EOF
 export PATH=/sbin:/bin:/usr/sbin:/usr/bin
 fail() { echo "$FAIL_MARK \$*@@"; poweroff -f; reboot -f; sleep 60; }
 # Off the initramfs first, onto a tmpfs: pivot_root (what a container runtime enters a
-# container's root with) cannot move the initramfs away.
+# container's root with) cannot move the initramfs away. Most of L1's memory may go there
+# (the payload, a store, images and container files).
 if [ ! -e /.on-tmpfs ]; then
-  mkdir /newroot && mount -t tmpfs -o mode=0755 tmpfs /newroot || fail "cannot mount a tmpfs root"
+  mkdir /newroot && mount -t tmpfs -o mode=0755,size=90% tmpfs /newroot || fail "cannot mount a tmpfs root"
   for f in /* /.[!.]*; do [ "\$f" = /newroot ] || [ ! -e "\$f" ] || cp -a "\$f" /newroot/; done
   touch /newroot/.on-tmpfs
   exec switch_root /newroot /init

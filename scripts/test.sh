@@ -25,6 +25,9 @@ cargo clippy -q --workspace --all-targets -- -D warnings
 # The container monitor is a workspace of its own (no_std, panic = abort), built by engine/build.rs.
 cargo fmt --manifest-path engine/monitor/Cargo.toml -- --check
 cargo clippy -q --manifest-path engine/monitor/Cargo.toml --release --target-dir target/monitor -- -D warnings
+# So is the port proxy (std, built static by engine/build.rs).
+cargo fmt --manifest-path engine/proxy/Cargo.toml -- --check
+cargo clippy -q --manifest-path engine/proxy/Cargo.toml --release --target-dir target/proxy -- -D warnings
 # The default-image example is built static here; the CLI tests use it.
 cargo rustc -q -p twinbox-hello --release -- -C target-feature=+crt-static -C strip=symbols
 cargo test -q --workspace -- --test-threads="${TEST_THREADS:-2}"

@@ -505,8 +505,8 @@ mod tests {
             p(11, 10, &["nginx: worker process"]), // …and its worker
             p(12, 11, &["sh", "-c", "x"]),         // and a grandchild
             p(20, 9, &["httpd", "-f"]),            // instance 1's init
-            p(21, 1, &["twinbox", "container-proxy", "10.89.0.3", "8080"]), // instance 1's port proxy
-            p(30, me, &["qemu-system-x86_64"]),    // instance 2, a child of the harness
+            p(21, 1, &["twinbox-proxy-0123456789abcdef", "container-proxy", "10.89.0.3", "8080"]), // instance 1's port proxy
+            p(30, me, &["qemu-system-x86_64"]), // instance 2, a child of the harness
             p(40, 9, &["unrelated"]),
         ];
         let roots = vec![vec![10], vec![20, 21], vec![30], vec![99]];

@@ -92,19 +92,22 @@ impl Options {
             lean,
             // Start rounds are cheap (≈ 0.1 s for all container backends): enough of them that
             // a run's median does not hinge on a few slow samples.
-            start_runs: self.runs.unwrap_or(pick(3, 15, 60, 100)).max(1),
+            start_runs: self.runs.unwrap_or(pick(3, 10, 60, 100)).max(1),
             // A service takes longer to be ready than `hello` to start, and each round keeps an
             // instance until it is.
-            ready_runs: self.runs.unwrap_or(pick(3, 10, 10, 30)).max(1),
+            ready_runs: self.runs.unwrap_or(pick(3, 5, 10, 30)).max(1),
             ready: self.ready.as_ref().map(ToString::to_string),
-            cpu_runs: self.runs.map(|r| r.clamp(1, 30)).unwrap_or(pick(2, 5, 15, 20)),
+            cpu_runs: self.runs.map(|r| r.clamp(1, 30)).unwrap_or(pick(2, 4, 15, 20)),
             // In the L1 everything runs from its tmpfs root: no cold disk for a warm-up to hide.
             warmup: pick(0, 1, 2, 5),
-            instances: self.instances.unwrap_or(pick(3, 6, 10, 20)).max(1),
+            instances: self.instances.unwrap_or(pick(3, 5, 10, 20)).max(1),
             // The kernel's growth over a backend's instances moves by ±15 KiB per instance from
-            // one reading to the next: several interleaved readings, and their median.
+            // one reading to the next: several interleaved readings (a quick run's two give
+            // their mean, a full run's five their median).
             memory_rounds: pick(1, 2, 2, 5),
-            max: self.max.unwrap_or(pick(3, 10, 10, 50)).max(1),
+            // Ten microVMs at once in the L1 (3 GiB, 2 emulated CPUs) slowed its clock to a
+            // crawl (30 s of L1 time in 8 minutes): five there.
+            max: self.max.unwrap_or(pick(3, 5, 10, 50)).max(1),
             // A memory budget asks how many instances fit: one pass, so the curve ends where
             // that pass hit the budget.
             density_passes: if self.memory_budget_mib.is_some() { 1 } else { pick(1, 2, 3, 6) },

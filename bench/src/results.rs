@@ -11,7 +11,8 @@
 //!                                     //   (absent in results from before it was recorded)
 //!   "settings": Settings,             // what was asked: scenarios, backends, runs, warm-up, instances, max,
 //!                                     // density_passes (absent: 1), image, ready (the user's own image's
-//!                                     // readiness check, absent for hello), ready_runs
+//!                                     // readiness check, absent for hello), ready_runs, lean (a run in
+//!                                     // the nested L1 with its fewer rounds; absent: false)
 //!   "interrupted": bool,              // Ctrl-C: what is here is what was measured until then
 //!   "backends": [ { "name", "isolation", "available", "reason"?, "version"?, "note"? } ],
 //!   "records":  [ {
@@ -72,7 +73,8 @@ pub struct Settings {
     pub backends: Vec<String>,
     pub quick: bool,
     /// A run in the nested L1, where every microVM boot takes seconds under emulation: fewer
-    /// rounds and instances; quick, a few of everything (3 starts without warm-up, 2 CPU
+    /// rounds and instances (full: 10 starts, 5 instances, 5 per density pass); quick, a few of
+    /// everything (3 starts without warm-up, 2 CPU
     /// rounds, 3 instances, one pass, one net round with one start pair), enough to show each
     /// figure's size, not to tell small differences apart.
     #[serde(default)]
@@ -237,6 +239,13 @@ impl Results {
                 if x != y {
                     return Err(MergeError::Differ { what, a: x, b: y });
                 }
+            }
+            if out.settings.lean != p.settings.lean {
+                return Err(MergeError::Differ {
+                    what: "lean (nested L1) sizes",
+                    a: out.settings.lean.to_string(),
+                    b: p.settings.lean.to_string(),
+                });
             }
             if a.dirty != b.dirty || out.settings.warmup != p.settings.warmup {
                 return Err(MergeError::Differ {

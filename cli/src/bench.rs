@@ -18,7 +18,8 @@ pub const REGRESSED: i32 = 2;
 pub struct BenchArgs {
     #[command(subcommand)]
     command: Option<BenchCommand>,
-    /// A short run (< 1 min): fewer rounds, 10 instances.
+    /// A short run: fewer rounds, 10 instances (about 1 min; with the microVMs in a nested L1
+    /// where KVM cannot boot Linux, about 3.5 min in all).
     #[arg(long)]
     quick: bool,
     /// Scenarios, comma-separated: start, memory, density, cpu, net, disk.
@@ -240,9 +241,9 @@ fn nested_script(twinbox: &Path) -> Option<PathBuf> {
     twinbox.ancestors().skip(1).map(|d| d.join("scripts/nested-bench.sh")).find(|p| p.is_file())
 }
 
-/// Runs scripts/nested-bench.sh with this run's settings (the same scenarios, `--quick`,
-/// rounds) and returns its results; its progress lines feed a spinner with the phase, the
-/// time so far and an estimate of the whole.
+/// Runs scripts/nested-bench.sh with this run's settings (the same scenarios, `--quick`, the
+/// rounds, instances and backends the user chose, the image and its readiness check) and
+/// returns its results; its progress lines move a bar of its phases with the time left.
 fn run_nested(script: &Path, twinbox: &Path, opts: &Options) -> Result<twinbox_bench::results::Results> {
     use std::io::BufRead as _;
     let mut args: Vec<String> =
@@ -271,9 +272,9 @@ fn run_nested(script: &Path, twinbox: &Path, opts: &Options) -> Result<twinbox_b
     // kind of host (2 cores), quick and full: what the estimate says.
     let per_scenario = |s: &Scenario| match s {
         Scenario::Start => (30, 125),
-        Scenario::Memory => (20, 60),
-        Scenario::Density => (17, 80),
-        Scenario::Cpu => (21, 55),
+        Scenario::Memory => (20, 90),
+        Scenario::Density => (17, 50),
+        Scenario::Cpu => (21, 45),
         Scenario::Net => (37, 70),
         Scenario::Disk => (16, 30),
     };
@@ -282,11 +283,11 @@ fn run_nested(script: &Path, twinbox: &Path, opts: &Options) -> Result<twinbox_b
         let (quick, full) = per_scenario(s);
         (format!("scenario {}", s.as_str()), if opts.quick { quick } else { full })
     }));
-    let progress = NestedProgress::start(phases);
     let mut child = std::process::Command::new("bash")
         .arg(script)
-        // The store the image is taken from (the user's own image goes into the L1's).
-        .env("TWINBOX_ROOT", &opts.store_root)
+        // The store the image is taken from (the user's own image goes into the L1's); the
+        // script works from its checkout, so the path must not be relative.
+        .env("TWINBOX_ROOT", std::path::absolute(&opts.store_root).unwrap_or_else(|_| opts.store_root.clone()))
         .arg("--twinbox")
         .arg(twinbox)
         .arg("--")
@@ -296,6 +297,9 @@ fn run_nested(script: &Path, twinbox: &Path, opts: &Options) -> Result<twinbox_b
         .stderr(std::process::Stdio::piped())
         .spawn()
         .with_context(|| format!("cannot start {}", script.display()))?;
+    let progress = NestedProgress::start(phases);
+    // The bar goes (and its ticker ends) however this returns.
+    let _bar = BarGuard(progress.clone());
     let stderr = child.stderr.take().expect("piped");
     let phases = progress.clone();
     // Every line of the nested run, for when it is slow or fails: the path is in the notes.
@@ -307,7 +311,10 @@ fn run_nested(script: &Path, twinbox: &Path, opts: &Options) -> Result<twinbox_b
             if let Some(f) = log_file.as_mut() {
                 let _ = writeln!(f, "{line}");
             }
-            if line.contains("build-guest-kernel: building") {
+            if line.contains("trying again") {
+                // A stalled L1 is booted again: the phases start over.
+                phases.restart();
+            } else if line.contains("build-guest-kernel: building") {
                 // Only when it is not cached: about ten minutes on two cores.
                 phases.insert("building the guest kernel (once)", 600);
             } else if let Some(s) = line.split("INFO scenario scenario=\"").nth(1).and_then(|r| r.split('"').next()) {
@@ -321,7 +328,11 @@ fn run_nested(script: &Path, twinbox: &Path, opts: &Options) -> Result<twinbox_b
         tail.into_iter().collect::<Vec<_>>().join("\n")
     });
     let mut json = Vec::new();
-    std::io::Read::read_to_end(child.stdout.as_mut().expect("piped"), &mut json)?;
+    if let Err(e) = std::io::Read::read_to_end(child.stdout.as_mut().expect("piped"), &mut json) {
+        let _ = child.kill();
+        let _ = child.wait();
+        return Err(anyhow::Error::new(e).context(format!("reading what {} printed", script.display())));
+    }
     let status = child.wait()?;
     let tail = log.join().unwrap_or_default();
     progress.finish();
@@ -385,7 +396,7 @@ impl NestedProgress {
         }
         let total: u64 = s.phases.iter().map(|p| p.1).sum();
         let before: u64 = s.phases[..s.current].iter().map(|p| p.1).sum();
-        let (name, estimate) = &s.phases[s.current];
+        let Some((name, estimate)) = s.phases.get(s.current) else { return false };
         let in_phase = s.since.elapsed().as_secs().min(estimate.saturating_sub(1));
         let done = before + in_phase;
         self.bar.set_length(total);
@@ -415,11 +426,28 @@ impl NestedProgress {
         }
     }
 
+    /// Back to the first phase (the L1 boots again after a stall).
+    fn restart(&self) {
+        if let Ok(mut s) = self.state.lock() {
+            s.current = 0;
+            s.since = std::time::Instant::now();
+        }
+    }
+
     fn finish(&self) {
         if let Ok(mut s) = self.state.lock() {
             s.done = true;
         }
         self.bar.finish_and_clear();
+    }
+}
+
+/// Clears the nested run's bar when dropped.
+struct BarGuard(NestedProgress);
+
+impl Drop for BarGuard {
+    fn drop(&mut self) {
+        self.0.finish();
     }
 }
 

@@ -27,9 +27,7 @@ pub(crate) fn engine(root: &Path) -> Result<Engine> {
     let root = std::path::absolute(root).with_context(|| format!("finding the absolute path of {}", root.display()))?;
     engine.set_launcher(vec![exe.clone().into(), "--root".into(), root.clone().into(), "container-launch".into()]);
     engine.set_vm_launcher(vec![exe.clone().into(), "--root".into(), root.clone().into(), "microvm-launch".into()]);
-    engine.set_on_exit(vec![exe.clone().into(), "--root".into(), root.into(), "container-exited".into()]);
-    // Published ports are forwarded by `twinbox container-proxy IP PORT…`.
-    engine.set_proxy(vec![exe.into(), "container-proxy".into()]);
+    engine.set_on_exit(vec![exe.into(), "--root".into(), root.into(), "container-exited".into()]);
     Ok(engine)
 }
 
@@ -97,19 +95,6 @@ pub fn launch_microvm(root: &Path, a: LaunchArgs) -> Result<i32> {
     twinbox_microvm::vstate::watchdog::stop_on_signals()?;
     let started = *crate::STARTED.get_or_init(std::time::Instant::now);
     Ok(engine(root)?.launch_microvm(&a.id, started, report))
-}
-
-#[derive(Args, Debug)]
-pub struct ProxyArgs {
-    /// The container's address.
-    ip: std::net::Ipv4Addr,
-    /// Its ports, one per listening socket passed as descriptor 4, 5, … (3: the init's pidfd).
-    ports: Vec<u16>,
-}
-
-pub fn proxy(a: ProxyArgs) -> Result<i32> {
-    twinbox_engine::network::publish::run_proxy(a.ip, &a.ports).context("forwarding published ports")?;
-    Ok(0)
 }
 
 #[derive(Args, Debug)]

@@ -90,9 +90,6 @@ enum Command {
     Bench(Box<bench::BenchArgs>),
     /// Show a container's published ports.
     Port(containers::PortArgs),
-    /// Forwards a container's published ports until its init ends (started by run, not by hand).
-    #[command(hide = true)]
-    ContainerProxy(containers::ProxyArgs),
     /// Run by the store's container monitor to create and start a detached container (started
     /// by run -d and start, not by hand).
     #[command(hide = true)]
@@ -174,7 +171,6 @@ fn main() -> ExitCode {
         Command::ContainerExited(a) => containers::exited(root, a),
         Command::ContainerLaunch(a) => containers::launch(root, a),
         Command::MicrovmLaunch(a) => containers::launch_microvm(root, a),
-        Command::ContainerProxy(a) => containers::proxy(a),
         Command::Port(a) => containers::port(root, a),
         Command::Network(a) => networks::network(root, a),
         Command::Volume(a) => volumes::volume(root, a),

@@ -1,6 +1,6 @@
 //! Shared by the build scripts that build a program of the workspace as a static x86_64 Linux
 //! executable and embed it (microvm/build.rs: the guest agent; engine/build.rs: the container
-//! monitor). Included with `#[path]`; std only.
+//! monitor and the port proxy). Included with `#[path]`; std only.
 //!
 //! The program is built by a nested `cargo build` into a target directory under `OUT_DIR`, so
 //! it never waits on the outer build's lock. The outer cargo's environment that would leak

@@ -24,7 +24,7 @@ pub(crate) fn log_path(root: &Path, name: &str) -> Option<PathBuf> {
 
 /// The host processes of the running twinbox instance `name` (a container or a detached
 /// microVM) of the store at `root`: the pid its record holds (a container's init, a microVM's
-/// VMM) and the proxy that holds its published ports (`twinbox container-proxy IP PORT…`,
+/// VMM) and the proxy that holds its published ports (`twinbox-proxy-HASH container-proxy IP PORT…`,
 /// found by the instance's address).
 pub(crate) fn record_pids(root: &Path, name: &str) -> Vec<u32> {
     let Some(record) = engine(root).and_then(|e| e.find(name).ok()) else { return Vec::new() };

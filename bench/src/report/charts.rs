@@ -560,7 +560,7 @@ pub fn draw_all(r: &Results, dir: &Path) -> Result<Vec<Chart>, ChartError> {
         let sub = format!(
             "each metric's median ÷ {reference}'s in the same run; throughput, IOPS and launch rate turned round\n{}{at}",
             if g.columns.iter().any(|c| c.nested) {
-                format!("(nested): microVMs measured under emulation in a nested L1, ÷ that run's own {}\n", g.reference)
+                format!("(nested): microVMs measured under emulation in a nested L1, ÷ that run's own {reference}\n")
             } else {
                 String::new()
             }

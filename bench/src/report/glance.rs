@@ -2,7 +2,8 @@
 //! bare process of the same run (1 = what the process pays, 2 = twice that), containers and
 //! microVMs side by side. A metric where more is better (throughput, IOPS, launch rate) is
 //! turned round (process ÷ backend), so that in every row more is worse. MicroVMs measured in a
-//! nested L1 (`--nested`) are divided by that run's own bare process and marked as emulated.
+//! nested L1 (`--nested`) are divided by that run's own bare process (the same reference as
+//! this run's, or they are left out) and marked as emulated.
 //! The user's own image has no bare process (only hello's static binary runs outside a root
 //! filesystem): there the twinbox container (else the first container measured) is the 1×.
 
@@ -114,7 +115,9 @@ pub fn glance(r: &Results) -> Glance {
     let mut columns: Vec<Column> =
         r.backends.iter().filter(|b| b.name == reference).map(|b| column(b, false)).collect();
     columns.extend(r.backends.iter().filter(|b| b.name != reference && measured(r, &b.name)).map(|b| column(b, false)));
-    let nested_reference = r.nested.as_deref().and_then(reference_of);
+    // The nested run's microVMs are divided by its own run's reference: the same backend as
+    // here, or the header would name the wrong one.
+    let nested_reference = r.nested.as_deref().and_then(reference_of).filter(|n| *n == reference);
     if let Some(n) = r.nested.as_deref().filter(|_| nested_reference.is_some()) {
         columns.extend(
             n.backends.iter().filter(|b| b.isolation == "microvm" && measured(n, &b.name)).map(|b| column(b, true)),
@@ -172,9 +175,10 @@ pub fn in_words(g: &Glance) -> Vec<String> {
         // The container is the 1×: the VM's costs against it say it all.
         if let Some(v) = vm {
             out.push(format!(
-                "A microVM ({}) costs, against a container ({}, each divided by its own run's): {}.",
+                "A microVM ({}) costs, against a container ({}{}): {}.",
                 g.columns[v].label(),
                 g.reference,
+                if g.columns[v].nested { ", each divided by its own run's" } else { "" },
                 describe(v)
             ));
         } else {

@@ -121,7 +121,7 @@ impl Run<'_> {
     pub fn progress(&self, len: u64, what: &str) -> ProgressBar {
         let bar = if std::io::stderr().is_terminal() { ProgressBar::new(len) } else { ProgressBar::hidden() };
         bar.set_style(
-            ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg}")
+            ProgressStyle::with_template("{prefix:>8} [{bar:30}] {pos}/{len} {msg} · about {eta} left")
                 .expect("a valid template")
                 .progress_chars("=> "),
         );

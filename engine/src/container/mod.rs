@@ -112,9 +112,6 @@ pub enum EngineError {
     /// A port could not be published.
     #[error(transparent)]
     Publish(#[from] crate::network::publish::PublishError),
-    /// The engine was not told what forwards published ports.
-    #[error("published ports need the command that forwards them; see Engine::set_proxy")]
-    NoProxyCommand,
     /// `-p` with a network mode that has no address of its own to forward to.
     #[error("ports can be published only from a bridge network, not with --network {0}; drop -p, or use a network")]
     PublishNeedsBridge(String),
@@ -166,8 +163,7 @@ impl ExitCode for EngineError {
             | EngineError::Sys(..)
             | EngineError::Monitor(_)
             | EngineError::NoExitCommand
-            | EngineError::NoLaunchCommand
-            | EngineError::NoProxyCommand => INTERNAL,
+            | EngineError::NoLaunchCommand => INTERNAL,
         }
     }
 }
@@ -279,7 +275,6 @@ pub struct Engine {
     on_exit: Option<Vec<std::ffi::OsString>>,
     launcher: Option<Vec<std::ffi::OsString>>,
     vm_launcher: Option<Vec<std::ffi::OsString>>,
-    proxy: Option<Vec<std::ffi::OsString>>,
 }
 
 /// How a foreground container ended.
@@ -297,15 +292,7 @@ impl Engine {
     pub fn new(store: Store, runtime_root: impl Into<PathBuf>) -> Result<Self, EngineError> {
         let dir = store.root().join("containers");
         fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
-        Ok(Self {
-            store,
-            runtime: Runtime::new(runtime_root),
-            dir,
-            on_exit: None,
-            launcher: None,
-            vm_launcher: None,
-            proxy: None,
-        })
+        Ok(Self { store, runtime: Runtime::new(runtime_root), dir, on_exit: None, launcher: None, vm_launcher: None })
     }
 
     /// The command a detached container's monitor runs, with the container's id and exit code
@@ -327,14 +314,6 @@ impl Engine {
     /// `microvm-launch`).
     pub fn set_vm_launcher(&mut self, command: Vec<std::ffi::OsString>) {
         self.vm_launcher = Some(command);
-    }
-
-    /// The command that forwards a container's published ports, with the container's address
-    /// and its ports appended, the init's pidfd as descriptor 3 and the listening sockets as
-    /// 4, 5, …: one that calls [`crate::network::publish::run_proxy`] (the CLI's hidden
-    /// `container-proxy`). Needed by containers with `-p`.
-    pub fn set_proxy(&mut self, command: Vec<std::ffi::OsString>) {
-        self.proxy = Some(command);
     }
 
     /// The image store.
@@ -757,14 +736,14 @@ impl Engine {
         if record.options.publish.is_empty() {
             return Ok(());
         }
-        let command = self.proxy.as_deref().filter(|c| !c.is_empty()).ok_or(EngineError::NoProxyCommand)?;
+        let proxy = publish::install_proxy(&self.store.root().join("bin"))?;
         let (listeners, bound) = publish::bind(&record.options.publish)?;
         let pidfd = publish::pidfd(pid).map_err(publish::PublishError::Proxy)?;
         // The pidfd then the listeners, as descriptors 3, 4, …
         let mut fds = vec![std::os::fd::AsRawFd::as_raw_fd(&pidfd)];
         fds.extend(listeners.iter().map(std::os::fd::AsRawFd::as_raw_fd));
-        let mut cmd = std::process::Command::new(&command[0]);
-        cmd.args(&command[1..]).arg(ip.to_string());
+        let mut cmd = std::process::Command::new(proxy);
+        cmd.arg("container-proxy").arg(ip.to_string());
         cmd.args(bound.iter().map(|m| m.container_port.to_string()));
         monitor::spawn_orphan(cmd, &fds).map_err(|e| EngineError::Publish(publish::PublishError::Proxy(e)))?;
         drop((listeners, pidfd));

@@ -15,8 +15,8 @@
 //! is reserved and a taken one refused alike) and forwarded by DNAT only.
 
 use std::io;
-use std::net::{IpAddr, Ipv4Addr, Shutdown, SocketAddr, TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr, TcpListener};
+use std::os::fd::{FromRawFd, OwnedFd};
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
@@ -188,112 +188,15 @@ pub fn pidfd(pid: i32) -> io::Result<OwnedFd> {
     Ok(unsafe { OwnedFd::from_raw_fd(fd as i32) })
 }
 
-/// The proxy's main: with the init's pidfd as descriptor 3 and the listeners as 4, 5, … (in
-/// `ports` order), forwards each listener to `target`:its port until the init ends.
-pub fn run_proxy(target: Ipv4Addr, ports: &[u16]) -> io::Result<()> {
-    // SAFETY: the engine passed the pidfd as descriptor 3; it is taken over once.
-    let pidfd = unsafe { OwnedFd::from_raw_fd(3) };
-    let mut held = Vec::new();
-    for (i, &port) in ports.iter().enumerate() {
-        // SAFETY: the engine passed the sockets as descriptors 4.. in this order; each is
-        // taken over once.
-        let fd = unsafe { OwnedFd::from_raw_fd(4 + i as i32) };
-        if socket_type(&fd)? == libc::SOCK_DGRAM {
-            // A UDP port: held, forwarded by DNAT.
-            held.push(fd);
-            continue;
-        }
-        let listener = TcpListener::from(fd);
-        let to = SocketAddr::new(IpAddr::V4(target), port);
-        std::thread::Builder::new().spawn(move || accept_loop(listener, to))?;
-    }
-    // Until the init is gone (the pidfd becomes readable).
-    let mut fds = [libc::pollfd { fd: pidfd.as_raw_fd(), events: libc::POLLIN, revents: 0 }];
-    loop {
-        // SAFETY: poll reads and writes the one pollfd of a live array.
-        let r = unsafe { libc::poll(fds.as_mut_ptr(), 1, -1) };
-        if r > 0 {
-            return Ok(());
-        }
-        let e = io::Error::last_os_error();
-        if e.kind() != io::ErrorKind::Interrupted {
-            return Err(e);
-        }
-    }
-}
+/// The port proxy (`engine/proxy`, built by engine/build.rs into a small static executable
+/// and embedded here): `PROXY container-proxy IP PORT…` with the init's pidfd as descriptor 3
+/// and the listeners as 4, 5, … (in PORT order) forwards each listener to IP:its port until
+/// the init ends.
+pub const PROXY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/twinbox-proxy"));
 
-/// SO_TYPE of socket `fd`.
-fn socket_type(fd: &OwnedFd) -> io::Result<i32> {
-    let mut kind: libc::c_int = 0;
-    let mut len = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `kind`, a live c_int, and the length
-    // into `len`.
-    let r = unsafe {
-        libc::getsockopt(
-            fd.as_raw_fd(),
-            libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut kind as *mut libc::c_int).cast(),
-            &mut len,
-        )
-    };
-    if r < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(kind)
-}
-
-/// Connections one published port carries at once; more wait in the listen queue.
-const MAX_CONNECTIONS: usize = 512;
-
-fn accept_loop(listener: TcpListener, to: SocketAddr) {
-    let open = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
-    loop {
-        if open.load(std::sync::atomic::Ordering::Relaxed) >= MAX_CONNECTIONS {
-            std::thread::sleep(std::time::Duration::from_millis(10));
-            continue;
-        }
-        let client = match listener.accept() {
-            Ok((c, _)) => c,
-            // Out of descriptors or memory: wait for connections to end, not spin.
-            Err(e) if matches!(e.raw_os_error(), Some(libc::EMFILE | libc::ENFILE | libc::ENOBUFS | libc::ENOMEM)) => {
-                std::thread::sleep(std::time::Duration::from_millis(50));
-                continue;
-            }
-            Err(_) => continue,
-        };
-        let open = std::sync::Arc::clone(&open);
-        open.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-        let spawned = std::thread::Builder::new().spawn({
-            let open = std::sync::Arc::clone(&open);
-            move || {
-                forward(client, to);
-                open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-            }
-        });
-        if spawned.is_err() {
-            // The connection (moved into the closure) is closed; the count goes back.
-            open.fetch_sub(1, std::sync::atomic::Ordering::Relaxed);
-        }
-    }
-}
-
-/// One connection: to the container's port, then both directions until both end.
-fn forward(client: TcpStream, to: SocketAddr) {
-    let Ok(server) = TcpStream::connect_timeout(&to, std::time::Duration::from_secs(5)) else { return };
-    let _ = client.set_nodelay(true);
-    let _ = server.set_nodelay(true);
-    let (Ok(c2), Ok(s2)) = (client.try_clone(), server.try_clone()) else { return };
-    if let Ok(up) = std::thread::Builder::new().spawn(move || pipe(c2, s2)) {
-        pipe(server, client);
-        let _ = up.join();
-    }
-}
-
-/// Copies `from` to `to` until `from` ends, then half-closes `to`.
-fn pipe(mut from: TcpStream, mut to: TcpStream) {
-    let _ = io::copy(&mut from, &mut to);
-    let _ = to.shutdown(Shutdown::Write);
+/// The proxy installed under `dir` (the store's `bin/`), as `twinbox-proxy-HASH`.
+pub fn install_proxy(dir: &std::path::Path) -> Result<std::path::PathBuf, crate::container::EngineError> {
+    crate::container::monitor::install_program(dir, "twinbox-proxy", PROXY, "install the port proxy at")
 }
 
 /// Instance `id`'s DNAT rules for its `ports` (see [`super::nft::publish_rules`]) in the
@@ -402,6 +305,7 @@ mod tests {
         let (mut socks, bound) = bind(&["127.0.0.1::53/udp".parse().unwrap()]).unwrap();
         let udp = std::net::UdpSocket::from(socks.remove(0));
         assert_eq!(udp.local_addr().unwrap().port(), bound[0].host_port);
-        assert_eq!(socket_type(&OwnedFd::from(udp)).unwrap(), libc::SOCK_DGRAM);
+        let kind = nix::sys::socket::getsockopt(&OwnedFd::from(udp), nix::sys::socket::sockopt::SockType).unwrap();
+        assert_eq!(kind, nix::sys::socket::SockType::Datagram);
     }
 }
