@@ -422,11 +422,13 @@ fn costs<DB: DrawingBackend>(
     series: &[(String, RGBColor, Vec<Option<f64>>)],
 ) -> DrawResult {
     let body = header(root, title, sub)?;
+    // The legend in a column of its own at the right: inside the plot it would hide bars.
+    let (plot, legend) = body.split_horizontally(body.dim_in_pixel().0.saturating_sub(250));
     let k = names.len();
     let values = series.iter().flat_map(|s| s.2.iter().flatten().copied());
     let (lo, hi) = values.fold((1.0_f64, 1.0_f64), |(lo, hi), v| (lo.min(v), hi.max(v)));
     let (ymin, ymax) = (lo * 0.5, hi * 4.0);
-    let mut chart = ChartBuilder::on(&body)
+    let mut chart = ChartBuilder::on(&plot)
         .margin(16)
         .x_label_area_size(36)
         .y_label_area_size(64)
@@ -444,7 +446,7 @@ fn costs<DB: DrawingBackend>(
         .map_err(e2s)?;
     let m = series.len().max(1) as f64;
     let width = 0.84 / m;
-    for (si, (label, c, per_backend)) in series.iter().enumerate() {
+    for (si, (_, c, per_backend)) in series.iter().enumerate() {
         let c = *c;
         let off = -0.42 + width * si as f64;
         let bars: Vec<_> = per_backend
@@ -456,25 +458,20 @@ fn costs<DB: DrawingBackend>(
                 Some(Rectangle::new([(x0, ymin), (x0 + width - 0.01, v)], c.filled()))
             })
             .collect();
-        chart
-            .draw_series(bars)
-            .map_err(e2s)?
-            .label(label.clone())
-            .legend(move |(x, y)| Rectangle::new([(x, y - 6), (x + 14, y + 6)], c.filled()));
+        chart.draw_series(bars).map_err(e2s)?;
     }
     chart
         .draw_series([PathElement::new(vec![(-0.5, 1.0), (k as f64 - 0.5, 1.0)], BLACK.mix(0.6).stroke_width(1))])
-        .map_err(e2s)?
-        .label(format!("{reference} = 1×"))
-        .legend(|(x, y)| PathElement::new(vec![(x, y), (x + 18, y)], BLACK.stroke_width(1)));
-    chart
-        .configure_series_labels()
-        .position(SeriesLabelPosition::UpperLeft)
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .label_font(("sans-serif", 12))
-        .draw()
         .map_err(e2s)?;
+    let font = ("sans-serif", 13).into_font();
+    let row = |i: usize| 40 + 22 * i as i32;
+    for (i, (label, c, _)) in series.iter().enumerate() {
+        legend.draw(&Rectangle::new([(8, row(i) - 6), (22, row(i) + 6)], c.filled())).map_err(e2s)?;
+        legend.draw(&Text::new(label.clone(), (30, row(i) - 7), font.clone())).map_err(e2s)?;
+    }
+    let last = row(series.len());
+    legend.draw(&PathElement::new(vec![(6, last), (24, last)], BLACK.stroke_width(1))).map_err(e2s)?;
+    legend.draw(&Text::new(format!("{reference} = 1×"), (30, last - 7), font)).map_err(e2s)?;
     Ok(())
 }
 
@@ -530,7 +527,7 @@ pub fn draw_all(r: &Results, dir: &Path) -> Result<Vec<Chart>, ChartError> {
     let g = super::glance::glance(r);
     if !g.rows.is_empty() {
         let names: Vec<String> =
-            g.columns.iter().skip(1).map(|c| c.label().replace(" (nested, emulated)", " (nested)")).collect();
+            g.columns.iter().skip(1).map(|c| c.label().replace(" (nested, emulated)", "*")).collect();
         // One colour per metric of glance::METRICS (in its order), pairs of a scenario in shades.
         const PALETTE: [RGBColor; 12] = [
             RGBColor(31, 119, 180),
@@ -560,7 +557,8 @@ pub fn draw_all(r: &Results, dir: &Path) -> Result<Vec<Chart>, ChartError> {
         let sub = format!(
             "each metric's median ÷ {reference}'s in the same run; throughput, IOPS and launch rate turned round\n{}{at}",
             if g.columns.iter().any(|c| c.nested) {
-                format!("(nested): microVMs measured under emulation in a nested L1, ÷ that run's own {reference}\n")
+                let own = if g.reference == "process" { "bare process" } else { g.reference.as_str() };
+                format!("*: microVMs measured under emulation in a nested L1, ÷ that run's own {own}\n")
             } else {
                 String::new()
             }
