@@ -4,6 +4,7 @@
 //! here; the architecture set-up of a vCPU is in [`crate::arch::x86_64`].
 
 pub mod memory;
+pub mod snapshot;
 pub mod vcpu;
 pub mod vm;
 pub mod watchdog;

@@ -98,6 +98,15 @@ pub enum VcpuError {
     /// [`stop_on_signals`](super::watchdog::stop_on_signals)) and stopped the guest.
     #[error("stopped by signal {0}")]
     Interrupted(i32),
+    /// Saving or restoring the vCPU's state (a snapshot) failed.
+    #[error("vCPU {id}: snapshot state")]
+    State {
+        /// vCPU index.
+        id: u8,
+        /// What failed.
+        #[source]
+        source: super::snapshot::StateError,
+    },
 }
 
 impl ExitCode for VcpuError {
@@ -114,7 +123,8 @@ impl ExitCode for VcpuError {
             | VcpuError::InternalError { .. }
             | VcpuError::UnexpectedExit { .. }
             | VcpuError::Timeout(_)
-            | VcpuError::Watchdog(_) => twinbox_exit::INTERNAL,
+            | VcpuError::Watchdog(_)
+            | VcpuError::State { .. } => twinbox_exit::INTERNAL,
         }
     }
 }
@@ -163,6 +173,22 @@ impl Vcpu {
     /// vCPU index.
     pub fn id(&self) -> u8 {
         self.id
+    }
+
+    /// Its state for a snapshot; only between two runs (the vCPU stopped).
+    pub fn save_state(&self) -> Result<super::snapshot::VcpuState, VcpuError> {
+        super::snapshot::VcpuState::save(&self.fd).map_err(|source| VcpuError::State { id: self.id, source })
+    }
+
+    /// Gives this new vCPU (CPUID set, not yet run) a saved state.
+    pub fn restore_state(&self, state: &super::snapshot::VcpuState) -> Result<(), VcpuError> {
+        state.restore(&self.fd).map_err(|source| VcpuError::State { id: self.id, source })
+    }
+
+    /// The KVM vCPU, for tests that drive KVM_RUN themselves.
+    #[cfg(test)]
+    pub(crate) fn fd_mut(&mut self) -> &mut VcpuFd {
+        &mut self.fd
     }
 
     /// Runs one set-up step of [`crate::arch::x86_64`] on this vCPU.
