@@ -8,12 +8,15 @@
 //! KVM needs: the MP state first, then the registers, XSAVE and XCRs, the LAPIC (whose timer
 //! depends on the MSRs set after it, TSC deadline among them), the MSRs, and last the pending
 //! events, which must land on the final register state.
+//!
+//! Beside the vCPUs, KVM holds one thing of the VM: its clock ([`VmClock`]), set in the new
+//! VM before any of its vCPUs runs.
 
 use kvm_bindings::{
-    kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events, kvm_xcrs,
-    kvm_xsave, Msrs,
+    kvm_clock_data, kvm_debugregs, kvm_lapic_state, kvm_mp_state, kvm_msr_entry, kvm_regs, kvm_sregs, kvm_vcpu_events,
+    kvm_xcrs, kvm_xsave, Msrs,
 };
-use kvm_ioctls::VcpuFd;
+use kvm_ioctls::{VcpuFd, VmFd};
 use serde::{Deserialize, Serialize};
 
 /// One vCPU's state (see the module's documentation). Serialized as part of a VM's state.
@@ -113,6 +116,30 @@ impl VcpuState {
         write_msrs(fd, &self.msrs)?;
         fd.set_vcpu_events(&self.events).map_err(err("set the pending events"))?;
         Ok(())
+    }
+}
+
+/// The VM-wide state KVM holds beside its vCPUs': the KVM clock (the guest's kvmclock time).
+/// The rest of the VM is the VMM's own (the split irqchip's IOAPIC, the devices).
+#[derive(Debug, Serialize, Deserialize)]
+pub struct VmClock {
+    pub clock: kvm_clock_data,
+}
+
+impl VmClock {
+    /// The clock of the paused VM `vm`.
+    pub fn save(vm: &VmFd) -> Result<VmClock, StateError> {
+        let mut clock = vm.get_clock().map_err(err("get the KVM clock"))?;
+        // What KVM says about the host's TSC at the time is no instruction for another VM
+        // (KVM_SET_CLOCK refuses flags it does not take): the guest's time goes on from the
+        // saved value, the time it spent saved not counted, as Firecracker restores it.
+        clock.flags = 0;
+        Ok(VmClock { clock })
+    }
+
+    /// Sets the clock of the new VM `vm` (before its vCPUs run).
+    pub fn restore(&self, vm: &VmFd) -> Result<(), StateError> {
+        vm.set_clock(&self.clock).map_err(err("set the KVM clock"))
     }
 }
 
@@ -245,5 +272,20 @@ mod tests {
         let e = vcpu.restore_state(&state).unwrap_err();
         let chain = format!("{e}: {}", std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default());
         assert!(chain.contains("MSR 0xdeadbeef"), "{chain}");
+    }
+
+    #[test]
+    fn the_kvm_clock_goes_on_from_the_saved_value() {
+        let Some((vm, _vcpu)) = counting_vm("the_kvm_clock_goes_on_from_the_saved_value") else { return };
+        let mut saved = super::VmClock::save(vm.fd()).unwrap();
+        // An hour ahead of anything a VM made just now reads, so the restored value shows.
+        const HOUR_NS: u64 = 3_600_000_000_000;
+        saved.clock.clock += HOUR_NS;
+        let json = serde_json::to_vec(&saved).unwrap();
+        let saved: super::VmClock = serde_json::from_slice(&json).unwrap();
+        let (copy, _restored) = counting_vm("restore").unwrap();
+        saved.restore(copy.fd()).unwrap();
+        let now = copy.fd().get_clock().unwrap().clock;
+        assert!(now >= saved.clock.clock && now < saved.clock.clock + 10_000_000_000, "{now} vs {}", saved.clock.clock);
     }
 }
