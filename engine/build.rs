@@ -27,6 +27,7 @@ fn main() {
     };
     let bytes = monitor.build(&out_dir.join("monitor-target"));
     nested_build::write_if_changed(&out_dir.join("twinbox-monitor"), &bytes);
+    println!("cargo:rustc-env=TWINBOX_MONITOR_FILE={}", hashed_name("twinbox-monitor", &bytes));
     // The port proxy: std, static and position-dependent, so its code is shared clean pages
     // (a position-independent executable dirties its relocated data in every process).
     println!("cargo:rerun-if-changed=proxy");
@@ -39,4 +40,16 @@ fn main() {
     };
     let bytes = proxy.build(&out_dir.join("proxy-target"));
     nested_build::write_if_changed(&out_dir.join("twinbox-proxy"), &bytes);
+    println!("cargo:rustc-env=TWINBOX_PROXY_FILE={}", hashed_name("twinbox-proxy", &bytes));
+}
+
+/// `PREFIX-HASH`, the name a program is installed under in the store: the FNV-1a hash of its
+/// bytes, so a twinbox with another build of it never runs a stale one, and concurrent
+/// installs write the same bytes. Here, once per build, not at every run (the proxy is 1 MiB).
+fn hashed_name(prefix: &str, program: &[u8]) -> String {
+    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
+    for b in program {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    format!("{prefix}-{h:016x}")
 }

@@ -74,9 +74,9 @@ pub struct Settings {
     pub quick: bool,
     /// A run in the nested L1, where every microVM boot takes seconds under emulation: fewer
     /// rounds and instances (full: 10 starts, 5 instances, 5 per density pass); quick, a few of
-    /// everything (3 starts without warm-up, 2 CPU
-    /// rounds, 3 instances, one pass, one net round with one start pair), enough to show each
-    /// figure's size, not to tell small differences apart.
+    /// everything (3 starts without warm-up, 2 CPU rounds, 3 instances, one pass, one net round
+    /// with one start pair), enough to show each figure's size, not to tell small differences
+    /// apart.
     #[serde(default)]
     pub lean: bool,
     /// Measured rounds of the start scenario.

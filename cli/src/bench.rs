@@ -298,10 +298,10 @@ fn run_nested(script: &Path, twinbox: &Path, opts: &Options) -> Result<twinbox_b
         .spawn()
         .with_context(|| format!("cannot start {}", script.display()))?;
     let progress = NestedProgress::start(phases);
-    // The bar goes (and its ticker ends) however this returns.
-    let _bar = BarGuard(progress.clone());
     let stderr = child.stderr.take().expect("piped");
     let phases = progress.clone();
+    // The bar goes (and its ticker ends) however this returns.
+    let _bar = BarGuard(progress);
     // Every line of the nested run, for when it is slow or fails: the path is in the notes.
     let log_path = std::env::temp_dir().join(format!("twinbox-nested-{}.log", std::process::id()));
     let mut log_file = std::fs::File::create(&log_path).ok();
@@ -335,7 +335,6 @@ fn run_nested(script: &Path, twinbox: &Path, opts: &Options) -> Result<twinbox_b
     }
     let status = child.wait()?;
     let tail = log.join().unwrap_or_default();
-    progress.finish();
     if !status.success() {
         anyhow::bail!(
             "{} exited with {status} (log: {}); its last lines:\n{tail}",

@@ -557,8 +557,7 @@ pub fn draw_all(r: &Results, dir: &Path) -> Result<Vec<Chart>, ChartError> {
         let sub = format!(
             "each metric's median ÷ {reference}'s in the same run; throughput, IOPS and launch rate turned round\n{}{at}",
             if g.columns.iter().any(|c| c.nested) {
-                let own = if g.reference == "process" { "bare process" } else { g.reference.as_str() };
-                format!("*: microVMs measured under emulation in a nested L1, ÷ that run's own {own}\n")
+                format!("*: microVMs measured under emulation in a nested L1, ÷ {reference}'s of that run\n")
             } else {
                 String::new()
             }

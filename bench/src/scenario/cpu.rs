@@ -80,9 +80,9 @@ pub fn run(r: &mut Run<'_>) {
         }
     }
     let nb = r.backends.len();
-    // The loop times itself, so a cold first start does not reach its figure: a quick run in
-    // the nested L1, where each microVM round costs seconds, skips the warm-up round.
-    let (warmup, runs) = (usize::from(!(r.settings.lean && r.settings.quick)), r.settings.cpu_runs);
+    // The loop times itself, so a cold first start does not reach its figure: one warm-up
+    // round at most (none where the run has none: a quick one in the nested L1).
+    let (warmup, runs) = (r.settings.warmup.min(1), r.settings.cpu_runs);
     let floor = r.backends.iter().position(|b| b.name() == "process");
     if floor.is_none() {
         r.note("cpu: no ratios: the `process` backend (the bare floor) was not part of the run".into());

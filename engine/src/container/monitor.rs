@@ -21,39 +21,30 @@ use super::{io_err, EngineError};
 /// The monitor executable.
 pub const PROGRAM: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/twinbox-monitor"));
 
-/// The file name it is installed under: its content's FNV-1a hash, so a twinbox with another
-/// monitor never runs a stale one, and concurrent installs write the same bytes.
+/// The file name it is installed under: `twinbox-monitor-HASH`, its content's FNV-1a hash
+/// (made by engine/build.rs), so a twinbox with another monitor never runs a stale one, and
+/// concurrent installs write the same bytes.
 pub fn file_name() -> String {
-    hashed_name("twinbox-monitor", PROGRAM)
-}
-
-/// `PREFIX-HASH`: the FNV-1a hash of `program`.
-pub(crate) fn hashed_name(prefix: &str, program: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in program {
-        h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{prefix}-{h:016x}")
+    env!("TWINBOX_MONITOR_FILE").to_owned()
 }
 
 /// The installed monitor under `dir` (made when missing), written atomically when it is not
 /// there yet; older monitors in `dir` are removed (running
 /// ones keep their executable).
 pub fn install(dir: &Path) -> Result<PathBuf, EngineError> {
-    install_program(dir, "twinbox-monitor", PROGRAM, "install the container monitor at")
+    install_program(dir, env!("TWINBOX_MONITOR_FILE"), PROGRAM, "install the container monitor at")
 }
 
-/// `program` installed under `dir` as `PREFIX-HASH` (see [`hashed_name`]), written atomically
-/// when it is not there yet; older builds of it in `dir` are removed (running ones keep their
-/// executable).
+/// `program` installed under `dir` as `name` (`PREFIX-HASH`, see engine/build.rs), written
+/// atomically when it is not there yet; older builds of it in `dir` (the same prefix, another
+/// hash) are removed (running ones keep their executable).
 pub(crate) fn install_program(
     dir: &Path,
-    prefix: &str,
+    name: &str,
     program: &[u8],
     op: &'static str,
 ) -> Result<PathBuf, EngineError> {
-    let name = hashed_name(prefix, program);
-    let path = dir.join(&name);
+    let path = dir.join(name);
     if fs::metadata(&path).is_ok_and(|m| m.len() == program.len() as u64) {
         return Ok(path);
     }
@@ -63,7 +54,7 @@ pub(crate) fn install_program(
         path: path.clone(),
         source,
     })?;
-    let older = format!("{prefix}-");
+    let older = name.rsplit_once('-').map_or(name, |(prefix, _)| prefix).to_owned() + "-";
     for e in fs::read_dir(dir).into_iter().flatten().flatten() {
         let n = e.file_name().to_string_lossy().into_owned();
         if n.starts_with(&older) && n != name && n.len() == name.len() {

@@ -196,7 +196,7 @@ pub const PROXY: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/twinbox-proxy
 
 /// The proxy installed under `dir` (the store's `bin/`), as `twinbox-proxy-HASH`.
 pub fn install_proxy(dir: &std::path::Path) -> Result<std::path::PathBuf, crate::container::EngineError> {
-    crate::container::monitor::install_program(dir, "twinbox-proxy", PROXY, "install the port proxy at")
+    crate::container::monitor::install_program(dir, env!("TWINBOX_PROXY_FILE"), PROXY, "install the port proxy at")
 }
 
 /// Instance `id`'s DNAT rules for its `ports` (see [`super::nft::publish_rules`]) in the

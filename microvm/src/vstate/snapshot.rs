@@ -143,8 +143,8 @@ impl VmClock {
     }
 }
 
-/// Every MSR of [`SAVED_MSRS`] KVM reads for this vCPU (one it does not know ends the batch
-/// there: the rest are read one by one, so an unknown one is skipped, not fatal).
+/// Every MSR of [`SAVED_MSRS`] KVM reads for this vCPU, each asked alone: KVM ends a batch at
+/// the first MSR it does not know, and an unknown one is left out, not fatal.
 fn read_msrs(fd: &VcpuFd) -> Result<Vec<(u32, u64)>, StateError> {
     let mut out = Vec::with_capacity(SAVED_MSRS.len());
     for &index in &SAVED_MSRS {
