@@ -47,9 +47,5 @@ fn main() {
 /// bytes, so a twinbox with another build of it never runs a stale one, and concurrent
 /// installs write the same bytes. Here, once per build, not at every run (the proxy is 1 MiB).
 fn hashed_name(prefix: &str, program: &[u8]) -> String {
-    let mut h: u64 = 0xcbf2_9ce4_8422_2325;
-    for b in program {
-        h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
-    }
-    format!("{prefix}-{h:016x}")
+    format!("{prefix}-{:016x}", nested_build::fnv1a(nested_build::FNV_START, program))
 }

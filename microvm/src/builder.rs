@@ -1,6 +1,7 @@
 //! From `VmConfig` to a running `Vm`.
 
 use std::io::Write;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -22,10 +23,12 @@ use crate::devices::virtio::{mmio_slot, MmioTransport, VIRTIO_MMIO_SIZE};
 use crate::devices::Bus;
 use crate::loader::Initrd;
 use crate::mptable::{ioapic_id, setup_mptable, IO_APIC_DEFAULT_BASE};
+use crate::snapshot::{self, CpuIdentity, DeviceStates, Shape, SnapshotError, SnapshotState};
 use crate::stub::{STUB_LOAD_ADDR, STUB_STACK};
 use crate::vstate::memory::create_guest_memory;
+use crate::vstate::snapshot::VmClock;
 use crate::vstate::vcpu::{Vcpu, VcpuError};
-use crate::vstate::vm::KvmVm;
+use crate::vstate::vm::{KvmVm, MsiRoutes};
 use crate::vstate::watchdog::{RunControl, Watchdog};
 use crate::{ExitReason, IrqChip, VmConfig, VmError, VmExit};
 
@@ -33,6 +36,10 @@ use crate::{ExitReason, IrqChip, VmConfig, VmError, VmExit};
 type NetTransport = Arc<Mutex<MmioTransport<Net, EventFdTrigger>>>;
 /// The socket device's transport, likewise.
 type VsockTransport = Arc<Mutex<MmioTransport<Vsock, EventFdTrigger>>>;
+/// A disk's transport.
+type DiskTransport = Arc<Mutex<MmioTransport<Block, EventFdTrigger>>>;
+/// The console UART.
+type Serial = Arc<Mutex<SerialDevice<EventFdTrigger, SharedBuffer>>>;
 
 /// Where the workload-output ports write: stdout and stderr.
 type OutputWriters = (Box<dyn Write + Send>, Box<dyn Write + Send>);
@@ -45,6 +52,8 @@ pub struct VmBuilder {
     irqchip: bool,
     initrd: Option<Vec<u8>>,
     output: Option<OutputWriters>,
+    restore: Option<PathBuf>,
+    pause_when_ready: bool,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -54,6 +63,8 @@ impl std::fmt::Debug for VmBuilder {
             .field("stub", &self.stub.as_ref().map(Vec::len))
             .field("irqchip", &self.irqchip)
             .field("initrd", &self.initrd.as_ref().map(Vec::len))
+            .field("restore", &self.restore)
+            .field("pause_when_ready", &self.pause_when_ready)
             .finish_non_exhaustive()
     }
 }
@@ -61,7 +72,32 @@ impl std::fmt::Debug for VmBuilder {
 impl VmBuilder {
     /// A builder for `config`.
     pub fn new(config: VmConfig) -> Self {
-        VmBuilder { config, start: None, stub: None, irqchip: true, initrd: None, output: None }
+        VmBuilder {
+            config,
+            start: None,
+            stub: None,
+            irqchip: true,
+            initrd: None,
+            output: None,
+            restore: None,
+            pause_when_ready: false,
+        }
+    }
+
+    /// Instead of booting: restores the snapshot in `dir` (see [`crate::snapshot`]), which
+    /// must be of a VM of this configuration's shape, made by this VMM build on this CPU. The
+    /// configuration's kernel, initrd and command line are not used; its disks, taps, MACs and
+    /// socket are the new VM's.
+    pub fn restore(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.restore = Some(dir.into());
+        self
+    }
+
+    /// When the guest agent says it waits for its workload, stop every vCPU and return
+    /// [`ExitReason::Ready`] from [`Vm::run`]: the VM can then be snapshotted.
+    pub fn pause_when_ready(mut self, pause: bool) -> Self {
+        self.pause_when_ready = pause;
+        self
     }
 
     /// An initramfs built in memory; it replaces `config.initrd`.
@@ -98,8 +134,8 @@ impl VmBuilder {
 
     /// Creates the VM: memory, KVM VM and vCPUs, devices, the guest loaded. A failure drops
     /// whatever was built so far, which closes its fds and unmaps its memory.
-    pub fn build(self) -> Result<Vm, VmError> {
-        let config = self.config;
+    pub fn build(mut self) -> Result<Vm, VmError> {
+        let config = std::mem::take(&mut self.config);
         config.validate()?;
         // Disks first: a missing image is the likeliest mistake and the cheapest to report.
         let disks = config
@@ -122,9 +158,26 @@ impl VmBuilder {
             .collect::<Result<Vec<_>, _>>()?;
         let vsock_device = config.vsock.as_ref().map(|v| Vsock::new(v.guest_cid, &v.uds_path)).transpose()?;
         let start = self.start.unwrap_or_else(process_start_estimate);
-        let memory = create_guest_memory(u64::from(config.memory_mib))?;
+        let saved = match &self.restore {
+            Some(dir) => {
+                let state = snapshot::load(dir)?;
+                state.check_shape(dir, &config)?;
+                Some((dir.as_path(), state))
+            }
+            None => None,
+        };
+        let memory = match &saved {
+            Some((dir, state)) => snapshot::map_memory(dir, state)?,
+            None => create_guest_memory(u64::from(config.memory_mib))?,
+        };
         let kvm_vm = KvmVm::new(memory, self.irqchip.then_some(config.irqchip))?;
         kvm_vm.check_vcpu_count(usize::from(config.vcpus))?;
+        if let Some((dir, state)) = &saved {
+            if kvm_vm.irqchip() != Some(IrqChip::Split) {
+                return Err(SnapshotError::KernelIrqChip.into());
+            }
+            state.check_cpu(dir, &CpuIdentity::of(&kvm_vm.supported_cpuid()?))?;
+        }
 
         let console = SharedBuffer::new();
         let serial_evt = if self.irqchip {
@@ -134,21 +187,28 @@ impl VmBuilder {
         } else {
             None
         };
-        let serial = SerialDevice::new(EventFdTrigger(serial_evt), console.clone());
+        let serial_restore = match (&saved, &serial_evt) {
+            (Some(_), Some(evt)) => Some(evt.try_clone().map_err(VmError::EventFd)?),
+            _ => None,
+        };
+        let serial: Serial = Arc::new(Mutex::new(SerialDevice::new(EventFdTrigger(serial_evt), console.clone())));
         let boot_timer = Arc::new(Mutex::new(BootTimer::new(start)));
         let mut pio = Bus::new();
-        pio.insert(Arc::new(Mutex::new(serial)), COM1_PORT, SERIAL_PORT_LEN)?;
+        pio.insert(serial.clone(), COM1_PORT, SERIAL_PORT_LEN)?;
         pio.insert(Arc::new(Mutex::new(I8042Device::new())), I8042_PORT, I8042_PORT_LEN)?;
         pio.insert(Arc::new(Mutex::new(ExitPort)), EXIT_PORT, EXIT_PORT_LEN)?;
         let (stdout, stderr) =
-            self.output.unwrap_or_else(|| (Box::new(std::io::stdout()), Box::new(std::io::stderr())));
+            self.output.take().unwrap_or_else(|| (Box::new(std::io::stdout()), Box::new(std::io::stderr())));
         pio.insert(Arc::new(Mutex::new(OutputPort::new(stdout, stderr))), OUTPUT_PORT, OUTPUT_PORT_LEN)?;
         let mut mmio = Bus::new();
         mmio.insert(boot_timer.clone(), BOOT_TIMER_ADDR, BOOT_TIMER_LEN)?;
-        if kvm_vm.irqchip() == Some(IrqChip::Split) {
-            let ioapic = IoApic::new(ioapic_id(config.vcpus), kvm_vm.msi_routes());
-            mmio.insert(Arc::new(Mutex::new(ioapic)), u64::from(IO_APIC_DEFAULT_BASE), IOAPIC_MMIO_LEN)?;
-        }
+        let ioapic = if kvm_vm.irqchip() == Some(IrqChip::Split) {
+            let ioapic = Arc::new(Mutex::new(IoApic::new(ioapic_id(config.vcpus), kvm_vm.msi_routes())));
+            mmio.insert(ioapic.clone(), u64::from(IO_APIC_DEFAULT_BASE), IOAPIC_MMIO_LEN)?;
+            Some(ioapic)
+        } else {
+            None
+        };
         let irq = |gsi: u32| -> Result<EventFdTrigger, VmError> {
             if !self.irqchip {
                 return Ok(EventFdTrigger(None));
@@ -158,10 +218,13 @@ impl VmBuilder {
             Ok(EventFdTrigger(Some(evt)))
         };
         let disk_count = disks.len();
+        let mut disk_transports = Vec::with_capacity(disk_count);
         for (i, disk) in disks.into_iter().enumerate() {
             let (base, gsi) = mmio_slot(i);
-            let transport = MmioTransport::new(disk, irq(gsi)?, kvm_vm.memory().clone());
-            mmio.insert(Arc::new(Mutex::new(transport)), base, VIRTIO_MMIO_SIZE)?;
+            let transport: DiskTransport =
+                Arc::new(Mutex::new(MmioTransport::new(disk, irq(gsi)?, kvm_vm.memory().clone())));
+            mmio.insert(transport.clone(), base, VIRTIO_MMIO_SIZE)?;
+            disk_transports.push(transport);
         }
         let mut net_transports = Vec::with_capacity(nets.len());
         for (i, net) in nets.into_iter().enumerate() {
@@ -198,12 +261,71 @@ impl VmBuilder {
         let vcpus = (0..config.vcpus)
             .map(|id| Vcpu::new(&kvm_vm, &supported, id, config.vcpus))
             .collect::<Result<Vec<_>, _>>()?;
-        if self.irqchip {
-            for vcpu in &vcpus {
-                vcpu.set_lint()?;
+        if let Some((dir, state)) = &saved {
+            // The clock, the vCPUs, then the devices: a device restored with an interrupt
+            // pending raises it into LAPICs that already hold their saved state.
+            state.clock.restore(kvm_vm.fd()).map_err(VmError::Clock)?;
+            for (vcpu, saved) in vcpus.iter().zip(&state.vcpus) {
+                vcpu.restore_state(saved)?;
             }
+            let invalid = |problem: String| VmError::from(SnapshotError::Invalid { dir: dir.to_path_buf(), problem });
+            let d = &state.devices;
+            if let Some(evt) = serial_restore {
+                let restored = SerialDevice::from_state(&d.serial, EventFdTrigger(Some(evt)), console.clone());
+                *serial.lock().unwrap_or_else(|e| e.into_inner()) = restored.map_err(invalid)?;
+            }
+            if let Some(ioapic) = &ioapic {
+                ioapic.lock().unwrap_or_else(|e| e.into_inner()).restore(&d.ioapic).map_err(invalid)?;
+            }
+            let transports = disk_transports
+                .iter()
+                .zip(&d.disks)
+                .map(|(t, s)| t.lock().unwrap_or_else(|e| e.into_inner()).restore(s))
+                .chain(
+                    net_transports
+                        .iter()
+                        .zip(&d.nets)
+                        .map(|((t, _), s)| t.lock().unwrap_or_else(|e| e.into_inner()).restore(s)),
+                )
+                .chain(
+                    vsock_transport
+                        .iter()
+                        .zip(&d.vsock)
+                        .map(|(t, s)| t.lock().unwrap_or_else(|e| e.into_inner()).restore(s)),
+                );
+            for restored in transports {
+                restored.map_err(invalid)?;
+            }
+        } else {
+            if self.irqchip {
+                for vcpu in &vcpus {
+                    vcpu.set_lint()?;
+                }
+            }
+            self.load_guest(&kvm_vm, &vcpus, &config)?;
         }
 
+        Ok(Vm {
+            shape: Shape::of(&config),
+            pause_when_ready: self.pause_when_ready,
+            vcpus,
+            pio,
+            mmio,
+            serial,
+            ioapic,
+            disks: disk_transports,
+            nets: net_transports,
+            vsock: vsock_transport,
+            console,
+            boot_timer,
+            timeout: config.timeout(),
+            kvm_vm,
+        })
+    }
+
+    /// Loads the stub or the kernel (with its initrd, command line and MP table) and points
+    /// the boot vCPU at its entry.
+    fn load_guest(&self, kvm_vm: &KvmVm, vcpus: &[Vcpu], config: &VmConfig) -> Result<(), VmError> {
         match &self.stub {
             Some(code) => {
                 kvm_vm
@@ -224,27 +346,21 @@ impl VmBuilder {
                 vcpus[0].setup_long_mode(kvm_vm.memory(), boot.entry, boot.boot_params)?;
             }
         }
-
-        Ok(Vm {
-            vcpus,
-            pio,
-            mmio,
-            nets: net_transports,
-            vsock: vsock_transport,
-            console,
-            boot_timer,
-            timeout: config.timeout(),
-            kvm_vm,
-        })
+        Ok(())
     }
 }
 
 /// A built microVM. Dropping it closes the vCPU and VM fds and unmaps guest memory.
 pub struct Vm {
+    shape: Shape,
+    pause_when_ready: bool,
     // Field order is drop order: vCPUs before the VM, the VM before its memory (inside).
     vcpus: Vec<Vcpu>,
     pio: Bus,
     mmio: Bus,
+    serial: Serial,
+    ioapic: Option<Arc<Mutex<IoApic<MsiRoutes>>>>,
+    disks: Vec<DiskTransport>,
     nets: Vec<(NetTransport, Option<EventFd>)>,
     vsock: Option<VsockTransport>,
     console: SharedBuffer,
@@ -277,7 +393,7 @@ impl Vm {
     /// for the guest's INIT/SIPI in the in-kernel LAPIC); whichever vCPU ends the VM stops the
     /// others.
     pub fn run(&mut self, console: &mut dyn Write) -> Result<VmExit, VmError> {
-        let control = Arc::new(RunControl::new(self.timeout));
+        let control = Arc::new(RunControl::new(self.timeout).with_pause_when_ready(self.pause_when_ready));
         let stop_io = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VmError::EventFd)?);
         let receivers = self
             .nets
@@ -366,6 +482,45 @@ impl Vm {
         let timer = self.boot_timer.lock().unwrap_or_else(|e| e.into_inner());
         tracing::debug!(%reason, "VM stopped");
         Ok(VmExit { reason, boot_time: timer.boot_time(), boot_signals: timer.signals() })
+    }
+
+    /// Writes a snapshot of this VM to the new directory `dir` (see [`crate::snapshot`]): only
+    /// while it is stopped, after [`Vm::run`] returned ([`ExitReason::Ready`], for a template).
+    /// The snapshot appears whole or not at all.
+    pub fn snapshot(&mut self, dir: &Path) -> Result<(), VmError> {
+        let (Some(IrqChip::Split), Some(ioapic)) = (self.kvm_vm.irqchip(), &self.ioapic) else {
+            return Err(SnapshotError::KernelIrqChip.into());
+        };
+        let tmp = snapshot::start(dir)?;
+        let mut vcpus = Vec::with_capacity(self.vcpus.len());
+        for vcpu in &mut self.vcpus {
+            vcpu.settle()?;
+            vcpus.push(vcpu.save_state()?);
+        }
+        let clock = VmClock::save(self.kvm_vm.fd()).map_err(VmError::Clock)?;
+        let lock = |t: &DiskTransport| t.lock().unwrap_or_else(|e| e.into_inner()).state();
+        let devices = DeviceStates {
+            serial: self.serial.lock().unwrap_or_else(|e| e.into_inner()).state(),
+            ioapic: ioapic.lock().unwrap_or_else(|e| e.into_inner()).state(),
+            disks: self.disks.iter().map(lock).collect(),
+            nets: self.nets.iter().map(|(t, _)| t.lock().unwrap_or_else(|e| e.into_inner()).state()).collect(),
+            vsock: self.vsock.as_ref().map(|t| t.lock().unwrap_or_else(|e| e.into_inner()).state()),
+        };
+        let (memory_sha256, memory) =
+            snapshot::write_memory(self.kvm_vm.memory(), &tmp.path().join(snapshot::MEMORY_FILE))?;
+        let state = SnapshotState {
+            format: snapshot::FORMAT_VERSION,
+            vmm: snapshot::VMM_BUILD.to_owned(),
+            cpu: CpuIdentity::of(&self.kvm_vm.supported_cpuid()?),
+            shape: self.shape.clone(),
+            memory,
+            clock,
+            vcpus,
+            devices,
+        };
+        snapshot::finish(tmp.path(), dir, &state, &memory_sha256)?;
+        tmp.into_done();
+        Ok(())
     }
 
     /// The guest memory size in bytes.

@@ -27,6 +27,7 @@ pub mod devices;
 pub mod initramfs;
 pub mod loader;
 pub mod mptable;
+pub mod snapshot;
 pub mod stub;
 pub mod vstate;
 
@@ -53,6 +54,10 @@ pub enum ExitReason {
     Shutdown,
     /// The guest agent reported its workload's exit status on the exit port.
     Exited(i32),
+    /// The guest agent of a template VM waits for its workload, and the VM was built to pause
+    /// then ([`VmBuilder::pause_when_ready`]): every vCPU has stopped, and the VM can be
+    /// snapshotted ([`Vm::snapshot`]).
+    Ready,
     /// The boot vCPU halted with interrupts disabled (a `hlt` exit without an in-kernel LAPIC,
     /// or found halted when kicked): nothing can wake it again.
     Halted {
@@ -67,6 +72,7 @@ impl std::fmt::Display for ExitReason {
             ExitReason::Reset => write!(f, "guest reset (clean stop)"),
             ExitReason::Shutdown => write!(f, "guest powered off"),
             ExitReason::Exited(s) => write!(f, "guest reported exit status {s}"),
+            ExitReason::Ready => write!(f, "paused: the guest agent waits for its workload"),
             ExitReason::Halted { rip } => {
                 write!(f, "guest halted with interrupts disabled at rip {rip:#x}")
             }
@@ -91,7 +97,7 @@ impl VmExit {
     pub fn exit_code(&self) -> i32 {
         match self.reason {
             ExitReason::Exited(s) => s,
-            ExitReason::Reset | ExitReason::Shutdown => 0,
+            ExitReason::Reset | ExitReason::Shutdown | ExitReason::Ready => 0,
             ExitReason::Halted { .. } => 1,
         }
     }
@@ -148,6 +154,12 @@ pub enum VmError {
         #[source]
         source: std::io::Error,
     },
+    /// A snapshot could not be written or restored, or was refused.
+    #[error(transparent)]
+    Snapshot(#[from] snapshot::SnapshotError),
+    /// The KVM clock could not be saved or restored.
+    #[error("cannot save or restore the VM's clock")]
+    Clock(#[source] vstate::snapshot::StateError),
     /// A vCPU failed or the guest stopped abnormally.
     #[error("the guest did not stop cleanly")]
     Vcpu(#[from] vstate::vcpu::VcpuError),
@@ -172,6 +184,8 @@ impl ExitCode for VmError {
             VmError::Vsock(e) => e.exit_code(),
             VmError::Vcpu(e) => e.exit_code(),
             VmError::MpTable(e) => e.exit_code(),
+            VmError::Snapshot(e) => e.exit_code(),
+            VmError::Clock(_) => twinbox_exit::INTERNAL,
             VmError::StubTooLarge { .. }
             | VmError::EventFd(_)
             | VmError::InterruptEventFd { .. }

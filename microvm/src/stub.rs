@@ -59,6 +59,21 @@ impl StubAsm {
         self
     }
 
+    /// `mov dx, 0x502; out dx, al`: the guest agent's ready signal (a template waits for its
+    /// workload).
+    pub fn ready(mut self) -> Self {
+        self.code.extend([0x66, 0xba]);
+        self.code.extend(twinbox_agent::READY_PORT.to_le_bytes());
+        self.code.push(0xee);
+        self
+    }
+
+    /// Machine code of the caller's, as is.
+    pub fn raw(mut self, code: &[u8]) -> Self {
+        self.code.extend_from_slice(code);
+        self
+    }
+
     /// `cli; hlt`: stop for good.
     pub fn cli_hlt(mut self) -> Self {
         self.code.extend([0xfa, 0xf4]);

@@ -112,3 +112,17 @@ pub fn write_if_changed(path: &Path, bytes: &[u8]) {
     }
     std::fs::write(path, bytes).unwrap_or_else(|e| panic!("cannot write {}: {e}", path.display()));
 }
+
+/// The 64-bit FNV-1a hash of `bytes`, continuing from `h` (start with [`FNV_START`]): what build
+/// scripts name a build of a program by.
+#[allow(dead_code)] // each build script uses what it needs
+pub fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
+    for b in bytes {
+        h = (h ^ u64::from(*b)).wrapping_mul(0x0000_0100_0000_01b3);
+    }
+    h
+}
+
+/// FNV-1a's offset basis.
+#[allow(dead_code)]
+pub const FNV_START: u64 = 0xcbf2_9ce4_8422_2325;

@@ -82,9 +82,12 @@ impl Endpoint {
 }
 
 impl Endpoint {
-    /// How a microVM's guest agent sets eth0 up for this endpoint.
+    /// How a microVM's guest agent sets eth0 up for this endpoint: with the MAC its card has
+    /// (which a VM restored from a template's snapshot must be told; the card kept the
+    /// template's).
     pub fn guest_network(&self) -> twinbox_microvm::agent::GuestNetwork {
         twinbox_microvm::agent::GuestNetwork {
+            mac: Some(mac_text(mac_for(self.ip))),
             address: self.ip,
             prefix_len: self.prefix_len,
             gateway: self.gateway,

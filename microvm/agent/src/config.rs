@@ -47,6 +47,11 @@ pub struct GuestConfig {
     /// Disks mounted into the workload's root (named volumes), after the root disk.
     #[serde(skip_serializing_if = "Vec::is_empty")]
     pub volumes: Vec<GuestVolume>,
+    /// Boot as a warm template: no workload in this configuration (`args` may be empty and is
+    /// not run); wait for a `start` request on the control channel
+    /// ([`StartRequest`](crate::control::StartRequest)), which brings the workload's own.
+    #[serde(default)]
+    pub template: bool,
 }
 
 /// A disk of the VM mounted at a path of the workload's root.
@@ -77,6 +82,26 @@ pub struct GuestNetwork {
     /// The default route's MTU, when below eth0's (what leaves the host's bridge).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub route_mtu: Option<u32>,
+    /// eth0's MAC address, "aa:bb:cc:dd:ee:ff", set before eth0 comes up (a VM restored from a
+    /// template's snapshot still has the template's card and its address); without it the
+    /// card keeps the one the VMM gave it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub mac: Option<String>,
+}
+
+/// The six bytes of a MAC address written "aa:bb:cc:dd:ee:ff" (hex digits of either case);
+/// None for any other text.
+pub fn parse_mac(text: &str) -> Option<[u8; 6]> {
+    let mut mac = [0u8; 6];
+    let mut parts = text.split(':');
+    for byte in &mut mac {
+        let part = parts.next()?;
+        if part.len() != 2 || !part.bytes().all(|b| b.is_ascii_hexdigit()) {
+            return None;
+        }
+        *byte = u8::from_str_radix(part, 16).ok()?;
+    }
+    parts.next().is_none().then_some(mac)
 }
 
 impl Default for GuestConfig {
@@ -97,6 +122,7 @@ impl Default for GuestConfig {
             hosts: String::new(),
             resolv_conf: String::new(),
             volumes: Vec::new(),
+            template: false,
         }
     }
 }
@@ -107,7 +133,7 @@ pub enum GuestConfigError {
     /// Not JSON, or not this schema.
     #[error("cannot parse the guest configuration")]
     Json(#[source] serde_json::Error),
-    /// `args` is empty.
+    /// `args` is empty (and the configuration is not a template's).
     #[error("no command to run (args is empty)")]
     NoArgs,
     /// `cwd` is not absolute.
@@ -152,7 +178,7 @@ impl GuestConfig {
 
     /// Checks what the agent would otherwise only find out in the guest.
     pub fn validate(&self) -> Result<(), GuestConfigError> {
-        if self.args.is_empty() {
+        if self.args.is_empty() && !self.template {
             return Err(GuestConfigError::NoArgs);
         }
         if !self.cwd.starts_with('/') {
@@ -179,6 +205,20 @@ impl GuestConfig {
             for mtu in std::iter::once(n.mtu).chain(n.route_mtu) {
                 if !(68..=65535).contains(&mtu) {
                     return Err(GuestConfigError::Network(format!("MTU {mtu} is outside 68..=65535")));
+                }
+            }
+            if let Some(mac) = &n.mac {
+                // Linux refuses a multicast or all-zero address for an Ethernet card.
+                match parse_mac(mac) {
+                    None => {
+                        return Err(GuestConfigError::Network(format!(
+                            "MAC address {mac:?} is not of the form aa:bb:cc:dd:ee:ff"
+                        )))
+                    }
+                    Some(bytes) if bytes[0] & 1 == 1 || bytes == [0; 6] => {
+                        return Err(GuestConfigError::Network(format!("MAC address {mac} is not a unicast address")))
+                    }
+                    Some(_) => {}
                 }
             }
         }
@@ -220,6 +260,7 @@ mod tests {
                 gateway: Ipv4Addr::new(10, 89, 0, 1),
                 mtu: 65520,
                 route_mtu: Some(1500),
+                mac: Some("02:42:0A:59:00:05".into()),
             }),
             hosts: "127.0.0.1\tlocalhost\n10.89.0.5\tbox\n".into(),
             resolv_conf: "nameserver 10.89.0.1\n".into(),
@@ -240,7 +281,8 @@ mod tests {
         assert_eq!(config.cwd, "/");
         assert_eq!(config.root_device, "/dev/vda");
         assert_eq!(config.root_fstype, "ext4");
-        assert!(!config.read_only && !config.verbose);
+        assert!(!config.read_only && !config.verbose && !config.template);
+        assert!(!config.to_json().contains("mac"), "no MAC, no field");
         assert_eq!((config.uid, config.gid), (0, 0));
     }
 
@@ -273,5 +315,49 @@ mod tests {
             "network: MTU 40 is outside 68..=65535"
         );
         assert!(sample().validate().is_ok());
+    }
+
+    #[test]
+    fn macs_are_checked_when_the_configuration_is() {
+        let with_mac = |mac: &str| {
+            let mut c = sample();
+            c.network.as_mut().unwrap().mac = Some(mac.into());
+            c.validate().map_err(|e| e.to_string())
+        };
+        assert_eq!(with_mac("02:00:0a:59:00:05"), Ok(()));
+        assert_eq!(
+            with_mac("02:00:0a:59:00"),
+            Err(r#"network: MAC address "02:00:0a:59:00" is not of the form aa:bb:cc:dd:ee:ff"#.into())
+        );
+        for bad in
+            ["02-00-0a-59-00-05", "2:00:0a:59:00:05", "02:00:0a:59:00:05:", "02:00:0a:59:00:0g", "+2:00:0a:59:00:05"]
+        {
+            assert!(with_mac(bad).unwrap_err().contains("is not of the form"), "{bad}");
+        }
+        assert_eq!(
+            with_mac("01:00:5e:00:00:01"),
+            Err("network: MAC address 01:00:5e:00:00:01 is not a unicast address".into())
+        );
+        assert!(with_mac("00:00:00:00:00:00").is_err());
+        let json = sample().to_json().replace(r#""02:42:0A:59:00:05""#, r#""02:42:0a:59""#);
+        assert!(matches!(GuestConfig::from_json(json), Err(GuestConfigError::Network(_))), "refused when parsed");
+    }
+
+    #[test]
+    fn mac_text_parses_to_six_bytes() {
+        assert_eq!(parse_mac("02:42:0A:59:00:ff"), Some([2, 0x42, 0x0a, 0x59, 0, 0xff]));
+        assert_eq!(parse_mac(""), None);
+        assert_eq!(parse_mac("02:42:0a:59:00:ff:01"), None);
+        assert_eq!(parse_mac("0242:0a:59:00:ff"), None);
+    }
+
+    #[test]
+    fn a_template_needs_no_command() {
+        let template = GuestConfig::from_json(r#"{"template": true}"#).unwrap();
+        assert!(template.template && template.args.is_empty());
+        assert_eq!(GuestConfig::from_json(template.to_json()).unwrap(), template);
+        let err = GuestConfig::from_json(r#"{"template": false}"#).unwrap_err();
+        assert!(matches!(err, GuestConfigError::NoArgs), "{err:?}");
+        assert!(matches!(GuestConfig::from_json(r#"{"template": 1}"#), Err(GuestConfigError::Json(_))));
     }
 }

@@ -10,10 +10,19 @@
 //! After its request line the host may send frames too: [`FRAME_STDIN`] (bytes for the
 //! process's standard input when the request asked for it; an empty one closes it) and
 //! [`FRAME_RESIZE`] (the terminal's new size, when the request asked for one).
+//!
+//! A warm template's agent (see [`GuestConfig::template`]) has no workload yet: it answers
+//! only a request with [`start`](ExecRequest::start), which gives it one, with a
+//! [`FRAME_EXIT`] of 0 once the workload's process was spawned, or a [`FRAME_ERROR`] and a
+//! [`FRAME_EXIT`] of 1. Any other request gets [`FRAME_ERROR`] "no workload yet: …" and 1; a
+//! `start` sent to an agent that has its workload gets "this VM already runs its workload"
+//! and 1.
 
 use std::io::{self, Read};
 
 use serde::{Deserialize, Serialize};
+
+use crate::GuestConfig;
 
 /// The agent's vsock port.
 pub const CONTROL_PORT: u32 = 1024;
@@ -62,6 +71,26 @@ pub struct ExecRequest {
     /// Instead of running a process: the workload's new /etc/hosts (an instance joined or left
     /// its network), rewritten in place; answered as `signal` is.
     pub hosts: Option<String>,
+    /// Instead of running a process: the workload of a VM restored from a warm template's
+    /// snapshot, which the agent then starts as a cold boot would; the answer is an exit frame
+    /// of 0 once its process was spawned, or an error frame and 1.
+    pub start: Option<StartRequest>,
+}
+
+/// What a VM restored from a template's snapshot needs to become a workload's own VM.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StartRequest {
+    /// The workload's full configuration, as a cold boot reads it from
+    /// [`CONFIG_PATH`](crate::CONFIG_PATH) (`template` false): its own hostname, network and
+    /// eth0 MAC address.
+    pub config: GuestConfig,
+    /// Fresh entropy from the host (64 bytes), added to the kernel's pool, credited, before the
+    /// pool is reseeded: every copy of the snapshot would otherwise draw the same numbers.
+    pub entropy: Vec<u8>,
+    /// The host's CLOCK_REALTIME, nanoseconds since the Unix epoch, to which the guest's wall
+    /// clock is set (it stopped with the snapshot).
+    pub realtime_ns: u64,
 }
 
 /// One frame's bytes.
@@ -167,5 +196,73 @@ mod tests {
         assert_eq!((r.cwd, r.uid, r.gid, r.groups), (None, None, None, None));
         assert!(!r.stdin && !r.tty && r.size.is_none());
         assert!(serde_json::from_str::<ExecRequest>(r#"{"argz":[]}"#).is_err());
+        assert!(r.start.is_none());
+    }
+
+    fn start() -> StartRequest {
+        StartRequest {
+            config: GuestConfig {
+                args: vec!["/hello".into()],
+                hostname: "web-1".into(),
+                network: Some(crate::GuestNetwork {
+                    address: std::net::Ipv4Addr::new(10, 89, 0, 7),
+                    prefix_len: 16,
+                    gateway: std::net::Ipv4Addr::new(10, 89, 0, 1),
+                    mtu: 1500,
+                    route_mtu: None,
+                    mac: Some("02:42:0a:59:00:07".into()),
+                }),
+                ..GuestConfig::default()
+            },
+            entropy: (0..64).collect(),
+            realtime_ns: 1_700_000_000_123_456_789,
+        }
+    }
+
+    #[test]
+    fn start_requests_round_trip_through_json() {
+        let request = ExecRequest { start: Some(start()), ..ExecRequest::default() };
+        let line = serde_json::to_string(&request).unwrap();
+        assert!(!line.contains('\n'), "one line: {line}");
+        let back: ExecRequest = serde_json::from_str(&line).unwrap();
+        assert_eq!(back, request);
+        let start = back.start.unwrap();
+        assert_eq!(start.entropy.len(), 64);
+        assert!(start.config.validate().is_ok());
+        assert_eq!(start.config.network.unwrap().mac.as_deref(), Some("02:42:0a:59:00:07"));
+    }
+
+    #[test]
+    fn start_requests_refuse_unknown_and_missing_fields() {
+        let json = serde_json::to_value(start()).unwrap();
+        let with = |edit: &dyn Fn(&mut serde_json::Value)| {
+            let mut v = serde_json::json!({ "start": json.clone() });
+            edit(&mut v);
+            serde_json::from_value::<ExecRequest>(v).map_err(|e| e.to_string())
+        };
+        assert!(with(&|_| {}).is_ok());
+        let err = with(&|v| v["start"]["realtime"] = 1.into()).unwrap_err();
+        assert!(err.contains("realtime"), "{err}");
+        let err = with(&|v| v["start"]["config"]["argz"] = serde_json::json!([])).unwrap_err();
+        assert!(err.contains("argz"), "{err}");
+        let err = with(&|v| v["start"]["config"]["network"]["macaddr"] = "x".into()).unwrap_err();
+        assert!(err.contains("macaddr"), "{err}");
+        let err = with(&|v| drop(v["start"].as_object_mut().unwrap().remove("entropy"))).unwrap_err();
+        assert!(err.contains("entropy"), "{err}");
+        assert!(with(&|v| v["start"]["entropy"] = serde_json::json!([256])).is_err(), "bytes only");
+        assert!(with(&|v| v["start"]["realtime_ns"] = (-1).into()).is_err());
+    }
+
+    #[test]
+    fn a_start_configuration_is_validated_like_a_cold_boots() {
+        let mut bad_mac = start();
+        bad_mac.config.network.as_mut().unwrap().mac = Some("02:42:0a:59:00".into());
+        let line = serde_json::to_string(&ExecRequest { start: Some(bad_mac), ..ExecRequest::default() }).unwrap();
+        let parsed: ExecRequest = serde_json::from_str(&line).unwrap();
+        let err = parsed.start.unwrap().config.validate().unwrap_err();
+        assert_eq!(err.to_string(), r#"network: MAC address "02:42:0a:59:00" is not of the form aa:bb:cc:dd:ee:ff"#);
+        let mut no_args = start();
+        no_args.config.args.clear();
+        assert!(matches!(no_args.config.validate(), Err(crate::GuestConfigError::NoArgs)));
     }
 }

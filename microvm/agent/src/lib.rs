@@ -9,9 +9,17 @@
 //!  workload stderr ─pipe─► agent ─rep outsb (≤ 4096 B)─► STDERR_PORT 0x511 ─► VMM
 //!  just before execve:     workload ─byte 123─► MMIO BOOT_TIMER_ADDR (Firecracker's boot timer)
 //!  at the end:             agent ─out (LE i32)─► EXIT_PORT 0x501 ─► VMM ends the VM
+//!  a template, waiting:    agent ─out (1 B)─► READY_PORT 0x502 ─► VMM pauses and snapshots the VM
 //! ```
 //!
 //! While the workload runs, the agent also serves `exec` on vsock port 1024 ([`control`]).
+//!
+//! A warm *template* ([`GuestConfig::template`]) stops short of a workload: its agent mounts
+//! /proc /sys /dev, listens on the control port, writes [`READY_PORT`] and waits; the VMM
+//! snapshots the VM there. Every VM restored from that snapshot gets its workload in a `start`
+//! request on the control channel ([`control::StartRequest`]), with fresh entropy for the
+//! kernel's random pool and the host's wall-clock time; it then goes on as a cold boot does,
+//! with its own hostname, address and eth0 MAC address from the request's configuration.
 //!
 //! The exit status is the workload's exit code, 128 + N when signal N killed it,
 //! [`EXIT_SETUP_FAILED`] (125) when the agent could not start it, [`EXIT_NOT_EXECUTABLE`] (126)
@@ -39,6 +47,11 @@ pub const MAX_CHUNK: usize = 4096;
 pub const EXIT_PORT: u16 = 0x501;
 /// Ports decoded at [`EXIT_PORT`] (one 32-bit register).
 pub const EXIT_PORT_LEN: u16 = 4;
+/// I/O port of a template VM's readiness: its agent writes one byte (any value) here once it
+/// listens on the control port and waits for its workload; the VMM then pauses and snapshots
+/// the VM. It lies within the [`EXIT_PORT_LEN`] ports from [`EXIT_PORT`], where the exit port
+/// itself takes only writes at offset 0.
+pub const READY_PORT: u16 = 0x502;
 /// Guest-physical address of the Firecracker-compatible boot timer.
 pub const BOOT_TIMER_ADDR: u64 = 0xc000_0000;
 /// The byte the workload's process writes there just before it execs the workload.

@@ -17,4 +17,6 @@ pub enum VmEvent {
     Reset,
     /// The guest reported its workload's exit status on the exit port.
     Exit(i32),
+    /// The guest agent of a template VM waits for its workload (a write to the ready port).
+    Ready,
 }

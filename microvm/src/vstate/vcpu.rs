@@ -180,6 +180,20 @@ impl Vcpu {
         super::snapshot::VcpuState::save(&self.fd).map_err(|source| VcpuError::State { id: self.id, source })
     }
 
+    /// Completes what the last exit left to KVM (the guest's port or MMIO instruction, whose
+    /// data KVM takes at the next KVM_RUN) without entering the guest again, so that a saved
+    /// state is past it: KVM_RUN with `immediate_exit` set, as Firecracker pauses a vCPU.
+    pub fn settle(&mut self) -> Result<(), VcpuError> {
+        self.fd.set_kvm_immediate_exit(1);
+        let result = self.fd.run().map(|_| ());
+        self.fd.set_kvm_immediate_exit(0);
+        match result {
+            Err(e) if e.errno() == libc::EINTR => Ok(()),
+            Err(e) => Err(self.ioctl("complete the last exit", e)),
+            Ok(()) => Ok(()),
+        }
+    }
+
     /// Gives this new vCPU (CPUID set, not yet run) a saved state.
     pub fn restore_state(&self, state: &super::snapshot::VcpuState) -> Result<(), VcpuError> {
         state.restore(&self.fd).map_err(|source| VcpuError::State { id: self.id, source })
@@ -306,6 +320,8 @@ impl Vcpu {
             match event {
                 Some(VmEvent::Reset) => return Ok(Some(ExitReason::Reset)),
                 Some(VmEvent::Exit(status)) => return Ok(Some(ExitReason::Exited(status))),
+                Some(VmEvent::Ready) if control.pause_when_ready() => return Ok(Some(ExitReason::Ready)),
+                Some(VmEvent::Ready) => {}
                 None => {}
             }
         }

@@ -58,6 +58,7 @@ pub struct RunControl {
     stopping: AtomicBool,
     timed_out: AtomicBool,
     timeout: Option<Duration>,
+    pause_when_ready: bool,
     threads: Mutex<Vec<libc::pthread_t>>,
 }
 
@@ -84,8 +85,20 @@ impl RunControl {
             stopping: AtomicBool::new(false),
             timed_out: AtomicBool::new(false),
             timeout,
+            pause_when_ready: false,
             threads: Mutex::default(),
         }
+    }
+
+    /// The VM stops (every vCPU) when the guest agent says it waits for its workload.
+    pub fn with_pause_when_ready(mut self, pause: bool) -> Self {
+        self.pause_when_ready = pause;
+        self
+    }
+
+    /// Whether the agent's ready signal stops the VM.
+    pub(super) fn pause_when_ready(&self) -> bool {
+        self.pause_when_ready
     }
 
     /// Registers the calling thread as a vCPU thread to kick.

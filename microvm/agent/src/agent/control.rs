@@ -1,5 +1,7 @@
 //! The agent's side of the control channel (see the library's `control`): a vsock listener on
-//! port 1024 whose connections each run one `exec` in the workload's namespaces and root.
+//! port 1024 whose connections each run one `exec` in the workload's namespaces and root. (A
+//! template's agent makes the listener before it has a workload and waits for its `start` on
+//! it, see [`crate::template`]; this server then takes the listener over.)
 //! Everything runs in the agent's one thread, inside the loop that forwards the workload's
 //! output ([`crate::supervise::forward_serving`]), so forking stays safe; every descriptor of a
 //! session is non-blocking, so a host that stops reading, or a process that keeps its output
@@ -23,6 +25,9 @@ use crate::workload::{become_process, cstrings, ChildFailure, Stdio, Step};
 
 /// Output (to the host) or input (to the process) a session holds before it stops reading more.
 const MAX_PENDING: usize = 256 * 1024;
+
+/// The answer to a `start` once the workload runs.
+pub const ALREADY_STARTED: &str = "this VM already runs its workload";
 
 /// A running process of a session.
 struct Process {
@@ -116,8 +121,9 @@ fn check(ret: libc::c_int) -> io::Result<libc::c_int> {
     }
 }
 
-/// A vsock stream socket listening on `port` of any CID.
-fn listen(port: u32) -> io::Result<OwnedFd> {
+/// A vsock stream socket listening on `port` of any CID; its connections are accepted
+/// blocking, the server makes each non-blocking itself.
+pub fn listen(port: u32) -> io::Result<OwnedFd> {
     // SAFETY: socket takes no pointers.
     let fd = check(unsafe { libc::socket(libc::AF_VSOCK, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) })?;
     // SAFETY: `fd` was just returned by socket and nothing else owns it.
@@ -144,7 +150,12 @@ impl<'a> Control<'a> {
     /// Listens for exec requests for `workload`, run as `config` says; without a vsock device
     /// (a VM made without one) there is no listener and nothing to serve.
     pub fn new(config: &'a GuestConfig, workload: libc::pid_t) -> Self {
-        let listener = listen(CONTROL_PORT).ok();
+        Self::with_listener(listen(CONTROL_PORT).ok(), config, workload)
+    }
+
+    /// [`new`](Self::new) on a listener made before (a template's, on [`CONTROL_PORT`]);
+    /// None serves nothing.
+    pub fn with_listener(listener: Option<OwnedFd>, config: &'a GuestConfig, workload: libc::pid_t) -> Self {
         let workload_fd = listener.as_ref().and_then(|_| sys::pidfd_open(workload).ok());
         Control { listener, listener_paused: false, config, workload, workload_fd, sessions: Vec::new() }
     }
@@ -279,6 +290,7 @@ fn step(
         let line: Vec<u8> = s.received.drain(..=end).collect();
         match serde_json::from_slice::<ExecRequest>(&line[..end]) {
             Err(e) => fail(s, &format!("bad exec request: {e}"), 125),
+            Ok(ExecRequest { start: Some(_), .. }) => fail(s, ALREADY_STARTED, 1),
             Ok(ExecRequest { signal: Some(sig), .. }) => {
                 // SAFETY: kill takes no pointers.
                 match check(unsafe { libc::kill(workload, sig) }) {
@@ -606,4 +618,47 @@ impl ExecChild<'_> {
 fn setns(ns: &File, kind: libc::c_int) -> io::Result<()> {
     // SAFETY: setns takes a descriptor and a flag, no pointers.
     check(unsafe { libc::setns(ns.as_raw_fd(), kind) }).map(drop)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::os::unix::net::{UnixListener, UnixStream};
+    use twinbox_agent::control::read_frame;
+
+    /// The server on a UNIX listener (accepted as a vsock one is), for a workload that is a
+    /// `sleep`: a `start` is refused, the workload having started long ago.
+    #[test]
+    fn a_start_is_refused_once_the_workload_runs() {
+        let dir = std::env::temp_dir().join(format!("twinbox-agent-control-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("control.sock");
+        let _ = std::fs::remove_file(&path);
+        let listener = OwnedFd::from(UnixListener::bind(&path).unwrap());
+        let mut workload = std::process::Command::new("sleep").arg("30").spawn().unwrap();
+        let config = GuestConfig { args: vec!["sleep".into()], ..GuestConfig::default() };
+        let mut control = Control::with_listener(Some(listener), &config, workload.id() as libc::pid_t);
+        assert!(control.listening() && control.workload_runs());
+        let mut host = UnixStream::connect(&path).unwrap();
+        host.write_all(b"{\"start\":{\"config\":{\"args\":[\"/x\"]},\"entropy\":[1],\"realtime_ns\":1}}\n").unwrap();
+        host.shutdown(std::net::Shutdown::Write).unwrap();
+        // Accept, read and answer: a few rounds, each waiting at most a second.
+        let mut accepted = false;
+        for _ in 0..10 {
+            let mut fds = control.poll_fds();
+            // SAFETY: poll reads and writes `fds.len()` entries of a live vector.
+            unsafe { libc::poll(fds.as_mut_ptr(), fds.len() as libc::nfds_t, 1000) };
+            control.service(&fds);
+            accepted |= !control.sessions.is_empty();
+            if accepted && control.sessions.is_empty() {
+                break;
+            }
+        }
+        let _ = workload.kill();
+        let _ = workload.wait();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(read_frame(&mut host).unwrap(), Some((FRAME_ERROR, ALREADY_STARTED.as_bytes().to_vec())));
+        assert_eq!(read_frame(&mut host).unwrap(), Some((FRAME_EXIT, 1i32.to_le_bytes().to_vec())));
+        assert_eq!(read_frame(&mut host).unwrap(), None);
+    }
 }

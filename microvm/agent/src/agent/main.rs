@@ -11,8 +11,19 @@
 //! 4. forwards its stdout and stderr to the ports until both close, reaps it, and writes its
 //!    status to the exit port, which ends the VM.
 //!
+//! A warm template (`template: true`) stops after step 1 for as long as it takes:
+//! 1. it listens on the control port (vsock 1024), writes one byte to the ready port, where the
+//!    VMM snapshots the VM, and takes connections one at a time until one brings a valid
+//!    `start`, answering the others with an error;
+//! 2. in the restored copy that received it: adds the request's entropy to the kernel's pool and
+//!    reseeds the CRNG, sets the wall clock to the host's time;
+//! 3. goes on from step 2 above with the request's configuration (its root, hostname, network
+//!    with eth0's MAC address), answers the `start` once the workload is spawned (an exit frame
+//!    of 0, or an error and 1), and serves exec on the same listener.
+//!
 //! Anything that fails before the workload runs ends the VM with status 125 and a message on
-//! the stderr port. Nothing else is ever written to the ports unless `verbose` asks for it.
+//! the stderr port (and, after a `start`, on its connection too). Nothing else is ever written
+//! to the ports unless `verbose` asks for it.
 
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod control;
@@ -26,6 +37,8 @@ mod setup;
 mod supervise;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod sys;
+#[cfg(all(target_os = "linux", target_arch = "x86_64"))]
+mod template;
 #[cfg(all(target_os = "linux", target_arch = "x86_64"))]
 mod workload;
 
@@ -45,14 +58,17 @@ mod agent {
     use std::error::Error;
     use std::fmt;
     use std::io::{self, Write};
+    use std::os::fd::OwnedFd;
     use std::time::Duration;
 
-    use twinbox_agent::{exit_code, EXIT_SETUP_FAILED, STDERR_PORT};
+    use twinbox_agent::control::CONTROL_PORT;
+    use twinbox_agent::{exit_code, GuestConfig, EXIT_SETUP_FAILED, READY_PORT, STDERR_PORT};
 
     use crate::ports::{IoPorts, Ports, Tee};
     use crate::setup::{self, SetupError};
     use crate::supervise::{self, SuperviseError};
     use crate::sys;
+    use crate::template::{self, StartAnswer, TemplateError};
     use crate::workload::{self, SpawnError};
 
     /// Everything that can stop the agent before it has a status to report.
@@ -66,6 +82,8 @@ mod agent {
         Spawn(#[from] SpawnError),
         #[error(transparent)]
         Supervise(#[from] SuperviseError),
+        #[error(transparent)]
+        Template(#[from] TemplateError),
     }
 
     struct Agent {
@@ -150,7 +168,85 @@ mod agent {
         let config = setup::read_config()?;
         agent.verbose = config.verbose;
         agent.log(format_args!("started at {started:.3} ms; /proc /sys /dev mounted, configuration read"));
-        setup::root(&config)?;
+        if !config.template {
+            return boot(agent, &config, None, None);
+        }
+        let listener = template::listen()?;
+        agent.log(format_args!("template: listening on vsock port {CONTROL_PORT}; ready (port {READY_PORT:#x})"));
+        template::ready(&mut agent.ports);
+        // From here on, in each copy restored from the VMM's snapshot.
+        let (start, answer) = template::wait_for_start(&listener, &mut |line| agent.log(line))?;
+        agent.verbose = start.config.verbose;
+        agent.log(format_args!("start: {:?}", start.config.args[0]));
+        if let Err(e) = template::refresh(&start) {
+            let e = AgentError::from(e);
+            answer.failed(&chain(&e));
+            return Err(e);
+        }
+        agent.log(format_args!(
+            "start: {} bytes of entropy added, CRNG reseeded; clock set to {}.{:09} s since the epoch",
+            start.entropy.len(),
+            start.realtime_ns / 1_000_000_000,
+            start.realtime_ns % 1_000_000_000
+        ));
+        boot(agent, &start.config, Some(listener), Some(answer))
+    }
+
+    /// A cold boot from step 2 on (a template's copy once started): the root, the hostname and
+    /// the network, the workload, then its output and status. `listener` is the control port's,
+    /// when one was made already; `answer`, the `start` to answer once the workload is spawned.
+    fn boot(
+        agent: &mut Agent,
+        config: &GuestConfig,
+        listener: Option<OwnedFd>,
+        mut answer: Option<StartAnswer>,
+    ) -> Result<i32, AgentError> {
+        let spawned = match spawn(agent, config) {
+            Ok(spawned) => spawned,
+            Err(e) => {
+                if let Some(answer) = answer.take() {
+                    answer.failed(&chain(&e));
+                }
+                return Err(e);
+            }
+        };
+        match spawned.failure {
+            Some(failure) => {
+                let message = failure.message(config);
+                if let Some(answer) = answer.take() {
+                    answer.failed(&message);
+                }
+                agent.say(&message);
+            }
+            None => {
+                if let Some(answer) = answer.take() {
+                    answer.started();
+                }
+                agent.log(format_args!("exec'd {:?} (pid {})", config.args[0], spawned.pid));
+            }
+        }
+        let mut control = match listener {
+            Some(listener) => crate::control::Control::with_listener(Some(listener), config, spawned.pid),
+            None => crate::control::Control::new(config, spawned.pid),
+        };
+        if control.listening() {
+            agent.log(format_args!("serving exec on vsock port {CONTROL_PORT}"));
+        }
+        let forwarded = supervise::forward_serving(&mut agent.ports, spawned.streams, Some(&mut control));
+        let status = forwarded.and_then(|()| supervise::wait_for(spawned.pid));
+        if !config.volumes.is_empty() {
+            // The VM ends at the exit port: the volumes' file systems must be clean on their
+            // disks by then (whatever ended the workload).
+            setup::unmount_volumes(&setup::volume_targets(config));
+            agent.log(format_args!("volumes unmounted"));
+        }
+        let status = status?;
+        Ok(exit_code(status).unwrap_or(EXIT_SETUP_FAILED))
+    }
+
+    /// The workload's root, the hostname, the network, and the workload forked.
+    fn spawn(agent: &mut Agent, config: &GuestConfig) -> Result<workload::Started, AgentError> {
+        setup::root(config)?;
         agent.log(format_args!(
             "root ready: {} ({}) under an overlay at {}{}",
             config.root_device,
@@ -158,30 +254,13 @@ mod agent {
             setup::ROOT,
             if config.read_only { ", read-only" } else { "" }
         ));
-        setup::hostname(&config)?;
-        crate::net::setup(&config, setup::ROOT)?;
+        setup::hostname(config)?;
+        crate::net::setup(config, setup::ROOT)?;
         if let Some(n) = &config.network {
-            agent.log(format_args!("eth0 {}/{} via {}, MTU {}", n.address, n.prefix_len, n.gateway, n.mtu));
+            let mac = n.mac.as_deref().map(|m| format!(", MAC {m}")).unwrap_or_default();
+            agent.log(format_args!("eth0 {}/{} via {}, MTU {}{mac}", n.address, n.prefix_len, n.gateway, n.mtu));
         }
-        let spawned = workload::spawn(&config)?;
-        match spawned.failure {
-            Some(failure) => agent.say(&failure.message(&config)),
-            None => agent.log(format_args!("exec'd {:?} (pid {})", config.args[0], spawned.pid)),
-        }
-        let mut control = crate::control::Control::new(&config, spawned.pid);
-        if control.listening() {
-            agent.log(format_args!("serving exec on vsock port {}", twinbox_agent::control::CONTROL_PORT));
-        }
-        let forwarded = supervise::forward_serving(&mut agent.ports, spawned.streams, Some(&mut control));
-        let status = forwarded.and_then(|()| supervise::wait_for(spawned.pid));
-        if !config.volumes.is_empty() {
-            // The VM ends at the exit port: the volumes' file systems must be clean on their
-            // disks by then (whatever ended the workload).
-            setup::unmount_volumes(&setup::volume_targets(&config));
-            agent.log(format_args!("volumes unmounted"));
-        }
-        let status = status?;
-        Ok(exit_code(status).unwrap_or(EXIT_SETUP_FAILED))
+        Ok(workload::spawn(config)?)
     }
 
     /// After the exit port: the VMM has stopped the VM. In case it did not, reboot, which
@@ -209,6 +288,11 @@ mod agent {
             assert_eq!(
                 chain(&AgentError::from(SetupError::Config(bad))),
                 "invalid /twinbox/config.json: no command to run (args is empty)"
+            );
+            let clock = TemplateError::Clock(io::Error::from_raw_os_error(libc::EPERM));
+            assert_eq!(
+                chain(&AgentError::from(clock)),
+                "cannot set the wall clock to the host's time: Operation not permitted"
             );
         }
     }

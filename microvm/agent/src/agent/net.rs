@@ -1,11 +1,12 @@
-//! The guest's network: lo up always; with a configuration, eth0's MTU, address and link, the
-//! default route (with its own MTU, through rtnetlink: the route ioctl cannot set one), and
+//! The guest's network: lo up always; with a configuration, eth0's MAC address (while it is
+//! still down), MTU, address and link, the default route (with its own MTU, through rtnetlink: the route ioctl cannot set one), and
 //! the workload's /etc/hosts and /etc/resolv.conf.
 
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
 
+use twinbox_agent::config::parse_mac;
 use twinbox_agent::{GuestConfig, GuestNetwork};
 
 /// A step of the network set-up failed.
@@ -22,7 +23,8 @@ fn fail(what: impl Into<String>) -> impl FnOnce(io::Error) -> NetError {
     move |source| NetError { what, source }
 }
 
-/// `struct ifreq` with the union as an int (flags, MTU) or an IPv4 `sockaddr_in`.
+/// `struct ifreq` with the union as an int (flags, MTU), an IPv4 `sockaddr_in` or a hardware
+/// address's `sockaddr`.
 #[repr(C)]
 struct IfReq {
     name: [u8; libc::IFNAMSIZ],
@@ -51,6 +53,13 @@ impl IfReq {
         self.data[..2].copy_from_slice(&(libc::AF_INET as u16).to_ne_bytes());
         self.data[4..8].copy_from_slice(&addr.octets());
     }
+
+    /// A `sockaddr` for Ethernet address `mac` (family ARPHRD_ETHER, the six bytes).
+    fn set_hwaddr(&mut self, mac: [u8; 6]) {
+        self.data = [0; 24];
+        self.data[..2].copy_from_slice(&libc::ARPHRD_ETHER.to_ne_bytes());
+        self.data[2..8].copy_from_slice(&mac);
+    }
 }
 
 fn socket(domain: libc::c_int, kind: libc::c_int, protocol: libc::c_int) -> io::Result<OwnedFd> {
@@ -65,7 +74,8 @@ fn socket(domain: libc::c_int, kind: libc::c_int, protocol: libc::c_int) -> io::
 
 fn ioctl(sock: &OwnedFd, request: libc::c_ulong, req: &mut IfReq) -> io::Result<()> {
     // SAFETY: every request used here (SIOC[GS]IFFLAGS, SIOCSIFMTU, SIOCSIFADDR,
-    // SIOCSIFNETMASK) reads or writes one `struct ifreq`, which `req` is, exclusively borrowed.
+    // SIOCSIFNETMASK, SIOCSIFHWADDR) reads or writes one `struct ifreq`, which `req` is,
+    // exclusively borrowed.
     let rc = unsafe { libc::ioctl(sock.as_raw_fd(), request as _, req as *mut IfReq) };
     if rc < 0 {
         return Err(io::Error::last_os_error());
@@ -109,6 +119,15 @@ pub fn setup(config: &GuestConfig, root: &str) -> Result<(), NetError> {
 }
 
 fn eth0(sock: &OwnedFd, n: &GuestNetwork) -> Result<(), NetError> {
+    if let Some(mac) = &n.mac {
+        // Before the link is up: most drivers take a new address only while it is down.
+        let what = format!("set eth0's MAC address to {mac}");
+        // The configuration's validation refused any other text.
+        let bytes = parse_mac(mac).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL)).map_err(fail(&what))?;
+        let mut req = IfReq::new("eth0");
+        req.set_hwaddr(bytes);
+        ioctl(sock, libc::SIOCSIFHWADDR, &mut req).map_err(fail(what))?;
+    }
     let mut req = IfReq::new("eth0");
     req.set_int(i32::try_from(n.mtu).unwrap_or(i32::MAX));
     ioctl(sock, libc::SIOCSIFMTU, &mut req).map_err(fail(format!("set eth0's MTU to {}", n.mtu)))?;
@@ -223,6 +242,18 @@ mod tests {
         assert_eq!(netmask(0), Ipv4Addr::new(0, 0, 0, 0));
     }
 
+    #[test]
+    fn hardware_addresses_are_ethernet_sockaddrs() {
+        let mut req = IfReq::new("eth0");
+        req.set_int(-1);
+        req.set_hwaddr([0x02, 0x42, 0x0a, 0x59, 0x00, 0x05]);
+        assert_eq!(&req.name[..5], b"eth0\0");
+        assert_eq!(&req.data[..2], &1u16.to_ne_bytes(), "ARPHRD_ETHER");
+        assert_eq!(&req.data[2..8], &[0x02, 0x42, 0x0a, 0x59, 0x00, 0x05]);
+        assert!(req.data[8..].iter().all(|b| *b == 0));
+        assert_eq!(std::mem::size_of::<IfReq>(), 40, "struct ifreq");
+    }
+
     /// The message is what `ip route add default via 10.89.0.1 dev <7> mtu 1500` sends, laid
     /// out by hand: header, rtmsg, gateway, oif, and the metrics nest.
     #[test]
@@ -251,8 +282,8 @@ mod tests {
     }
 
     /// The whole set-up for real, in a network namespace of the test's own with a veth end
-    /// named eth0: lo and eth0 up, eth0's address, prefix and MTU, the default route with its
-    /// MTU, and the two files.
+    /// named eth0: lo and eth0 up, eth0's MAC address, address, prefix and MTU, the default
+    /// route with its MTU, and the two files.
     #[test]
     fn sets_up_eth0_in_a_private_namespace() {
         let test = "sets_up_eth0_in_a_private_namespace";
@@ -281,6 +312,7 @@ mod tests {
                     gateway: Ipv4Addr::new(10, 89, 0, 1),
                     mtu: 9000,
                     route_mtu: Some(1500),
+                    mac: Some("02:42:0A:59:00:05".into()),
                 }),
                 hosts: "10.89.0.5\tweb\n".into(),
                 resolv_conf: "nameserver 10.89.0.1\n".into(),
@@ -302,6 +334,7 @@ mod tests {
         assert!(out[0].contains("UP"), "{}", out[0]);
         assert!(out[1].contains("inet 10.89.0.5/16"), "{}", out[1]);
         assert!(out[2].contains("mtu 9000") && out[2].contains(",UP"), "{}", out[2]);
+        assert!(out[2].contains("link/ether 02:42:0a:59:00:05 "), "{}", out[2]);
         assert!(out[3].contains("default via 10.89.0.1 dev eth0") && out[3].contains("mtu 1500"), "{}", out[3]);
         assert_eq!(hosts.unwrap(), "10.89.0.5\tweb\n");
         assert_eq!(resolv.unwrap(), "nameserver 10.89.0.1\n");

@@ -4,7 +4,7 @@
 use std::fs::File;
 use std::io::{self, Write};
 
-use twinbox_agent::{EXIT_PORT, EXIT_PORT_LEN, MAX_CHUNK, STDERR_PORT, STDOUT_PORT};
+use twinbox_agent::{EXIT_PORT, EXIT_PORT_LEN, MAX_CHUNK, READY_PORT, STDERR_PORT, STDOUT_PORT};
 
 use crate::sys;
 
@@ -14,6 +14,8 @@ pub trait Ports {
     fn write_bytes(&mut self, port: u16, data: &[u8]);
     /// One 32-bit `out` of `value` to `port`.
     fn write_u32(&mut self, port: u16, value: u32);
+    /// One 8-bit `out` of `value` to `port`.
+    fn write_u8(&mut self, port: u16, value: u8);
 }
 
 /// The real ports; only [`IoPorts::grant`] makes one, so holding it (or a copy) means
@@ -22,9 +24,11 @@ pub trait Ports {
 pub struct IoPorts(());
 
 impl IoPorts {
-    /// Asks the kernel for the exit port and the two output ports.
+    /// Asks the kernel for the exit port, the ready port (within the exit port's range today,
+    /// asked for on its own all the same) and the two output ports.
     pub fn grant() -> io::Result<Self> {
         sys::ioperm(EXIT_PORT, EXIT_PORT_LEN, true)?;
+        sys::ioperm(READY_PORT, 1, true)?;
         sys::ioperm(STDOUT_PORT, 2, true)?;
         Ok(IoPorts(()))
     }
@@ -32,12 +36,16 @@ impl IoPorts {
     /// Gives the ports back (in a forked child, so the workload cannot write them).
     pub fn revoke() -> io::Result<()> {
         sys::ioperm(EXIT_PORT, EXIT_PORT_LEN, false)?;
+        sys::ioperm(READY_PORT, 1, false)?;
         sys::ioperm(STDOUT_PORT, 2, false)
     }
 }
 
 fn granted(port: u16) -> bool {
-    (EXIT_PORT..EXIT_PORT + EXIT_PORT_LEN).contains(&port) || port == STDOUT_PORT || port == STDERR_PORT
+    (EXIT_PORT..EXIT_PORT + EXIT_PORT_LEN).contains(&port)
+        || port == READY_PORT
+        || port == STDOUT_PORT
+        || port == STDERR_PORT
 }
 
 impl Ports for IoPorts {
@@ -67,6 +75,15 @@ impl Ports for IoPorts {
         // neither memory nor flags.
         unsafe {
             core::arch::asm!("out dx, eax", in("dx") port, in("eax") value, options(nomem, nostack, preserves_flags));
+        }
+    }
+
+    fn write_u8(&mut self, port: u16, value: u8) {
+        assert!(granted(port), "port {port:#x} was not granted");
+        // SAFETY: as above, `port` is granted and owned by the VMM; an 8-bit `out` touches
+        // neither memory nor flags.
+        unsafe {
+            core::arch::asm!("out dx, al", in("dx") port, in("al") value, options(nomem, nostack, preserves_flags));
         }
     }
 }
@@ -110,6 +127,13 @@ impl<P: Ports> Ports for Tee<P> {
         }
         self.inner.write_u32(port, value);
     }
+
+    fn write_u8(&mut self, port: u16, value: u8) {
+        if let Some(console) = &mut self.console {
+            let _ = writeln!(console, "twinbox-agent: wrote {value} to port {port:#x}");
+        }
+        self.inner.write_u8(port, value);
+    }
 }
 
 #[cfg(test)]
@@ -121,6 +145,7 @@ pub mod fake {
     pub enum Write {
         Bytes(u16, Vec<u8>),
         U32(u16, u32),
+        U8(u16, u8),
     }
 
     /// Ports that record every write.
@@ -152,6 +177,10 @@ pub mod fake {
         fn write_u32(&mut self, port: u16, value: u32) {
             self.writes.push(Write::U32(port, value));
         }
+
+        fn write_u8(&mut self, port: u16, value: u8) {
+            self.writes.push(Write::U8(port, value));
+        }
     }
 }
 
@@ -168,17 +197,19 @@ mod tests {
         tee.write_bytes(STDOUT_PORT, b"quiet ");
         tee.mirror_to(File::from(w));
         tee.write_bytes(STDOUT_PORT, b"hello\n");
+        tee.write_u8(READY_PORT, 1);
         tee.write_u32(EXIT_PORT, 3);
         let Tee { inner, console } = tee;
         drop(console);
         let mut copied = String::new();
         r.read_to_string(&mut copied).unwrap();
-        assert_eq!(copied, "hello\ntwinbox-agent: wrote 3 to port 0x501\n");
+        assert_eq!(copied, "hello\ntwinbox-agent: wrote 1 to port 0x502\ntwinbox-agent: wrote 3 to port 0x501\n");
         assert_eq!(
             inner.writes,
             [
                 Write::Bytes(STDOUT_PORT, b"quiet ".to_vec()),
                 Write::Bytes(STDOUT_PORT, b"hello\n".to_vec()),
+                Write::U8(READY_PORT, 1),
                 Write::U32(EXIT_PORT, 3)
             ]
         );
@@ -187,6 +218,7 @@ mod tests {
     #[test]
     fn only_the_protocol_ports_count_as_granted() {
         assert!(granted(0x501) && granted(0x504) && granted(0x510) && granted(0x511));
+        assert!(granted(READY_PORT), "the template's ready port");
         assert!(!granted(0x500) && !granted(0x505) && !granted(0x512) && !granted(0x3f8));
     }
 }

@@ -318,6 +318,55 @@ pub fn reboot() -> io::Error {
     io::Error::last_os_error()
 }
 
+/// `RNDADDENTROPY` of linux/random.h, `_IOW('R', 0x03, int[2])` (libc has no RND* constants).
+const RNDADDENTROPY: libc::c_ulong = 0x4008_5203;
+/// `RNDRESEEDCRNG` of linux/random.h, `_IO('R', 0x07)`.
+const RNDRESEEDCRNG: libc::c_ulong = 0x5207;
+
+/// A `struct rand_pool_info` holding `entropy`, in 32-bit words as the kernel lays it out:
+/// `entropy_count` (the bits credited: all of them), `buf_size` (bytes), then the bytes.
+pub fn rand_pool_info(entropy: &[u8]) -> io::Result<Vec<u32>> {
+    let too_big = || io::Error::from_raw_os_error(libc::E2BIG);
+    let bytes = i32::try_from(entropy.len()).map_err(|_| too_big())?;
+    let bits = bytes.checked_mul(8).ok_or_else(too_big)?;
+    let mut words = vec![bits as u32, bytes as u32];
+    words.extend(entropy.chunks(4).map(|c| {
+        let mut word = [0u8; 4];
+        word[..c.len()].copy_from_slice(c);
+        u32::from_ne_bytes(word)
+    }));
+    Ok(words)
+}
+
+/// Adds `entropy` to the kernel's random pool, credited in full (RNDADDENTROPY on
+/// /dev/urandom), then makes the CRNG reseed from the pool at once (RNDRESEEDCRNG): what a
+/// VM restored from a snapshot needs before anything draws random numbers.
+pub fn add_entropy(entropy: &[u8]) -> io::Result<()> {
+    let info = rand_pool_info(entropy)?;
+    let urandom = std::fs::OpenOptions::new().write(true).open("/dev/urandom")?;
+    // SAFETY: RNDADDENTROPY reads one rand_pool_info: two ints and then `buf_size` bytes, all
+    // within `info`, which is alive for the call and 4-byte aligned.
+    check(unsafe { libc::ioctl(urandom.as_raw_fd(), RNDADDENTROPY as _, info.as_ptr()) })?;
+    // SAFETY: RNDRESEEDCRNG takes no argument.
+    check(unsafe { libc::ioctl(urandom.as_raw_fd(), RNDRESEEDCRNG as _) })?;
+    Ok(())
+}
+
+/// The `timespec` of `ns` nanoseconds.
+pub fn timespec(ns: u64) -> libc::timespec {
+    const NS: u64 = 1_000_000_000;
+    // Seconds of a u64 of nanoseconds (< 2^35) fit a time_t, and the rest is below 10^9.
+    libc::timespec { tv_sec: (ns / NS) as libc::time_t, tv_nsec: (ns % NS) as libc::c_long }
+}
+
+/// Sets CLOCK_REALTIME to `ns` nanoseconds since the Unix epoch.
+pub fn set_realtime(ns: u64) -> io::Result<()> {
+    let ts = timespec(ns);
+    // SAFETY: clock_settime reads one timespec from a live local.
+    check(unsafe { libc::clock_settime(libc::CLOCK_REALTIME, &ts) })?;
+    Ok(())
+}
+
 /// Milliseconds since boot (CLOCK_BOOTTIME).
 pub fn ms_since_boot() -> f64 {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
@@ -381,6 +430,37 @@ mod tests {
     fn errno_text_drops_the_os_error_suffix() {
         assert_eq!(errno_text(&io::Error::from_raw_os_error(libc::ENOENT)), "No such file or directory");
         assert_eq!(errno_text(&io::Error::other("plain")), "plain");
+    }
+
+    #[test]
+    fn rand_pool_info_counts_bits_then_bytes_then_holds_them() {
+        let entropy: Vec<u8> = (1..=6).collect();
+        let info = rand_pool_info(&entropy).unwrap();
+        let bytes: Vec<u8> = info.iter().flat_map(|w| w.to_ne_bytes()).collect();
+        assert_eq!(&bytes[..4], &48i32.to_ne_bytes(), "entropy_count: bits");
+        assert_eq!(&bytes[4..8], &6i32.to_ne_bytes(), "buf_size: bytes");
+        assert_eq!(&bytes[8..], &[1, 2, 3, 4, 5, 6, 0, 0], "the bytes, padded to a word");
+        let info = rand_pool_info(&[0xab; 64]).unwrap();
+        assert_eq!((info.len(), info[0], info[1]), (2 + 16, 512, 64), "what the host sends");
+        assert_eq!(rand_pool_info(&[]).unwrap(), [0, 0]);
+    }
+
+    #[test]
+    fn ioctl_numbers_are_linuxs() {
+        // _IOC(dir, type, nr, size) = dir << 30 | size << 16 | type << 8 | nr; _IOC_WRITE = 1.
+        let ioc = |dir: libc::c_ulong, nr: libc::c_ulong, size: libc::c_ulong| {
+            dir << 30 | size << 16 | (b'R' as libc::c_ulong) << 8 | nr
+        };
+        assert_eq!(RNDADDENTROPY, ioc(1, 0x03, 2 * std::mem::size_of::<libc::c_int>() as libc::c_ulong));
+        assert_eq!(RNDRESEEDCRNG, ioc(0, 0x07, 0));
+    }
+
+    #[test]
+    fn nanoseconds_split_into_a_timespec() {
+        let ts = timespec(1_700_000_000_123_456_789);
+        assert_eq!((ts.tv_sec, ts.tv_nsec), (1_700_000_000, 123_456_789));
+        let ts = timespec(u64::MAX);
+        assert_eq!((ts.tv_sec, ts.tv_nsec), (18_446_744_073, 709_551_615));
     }
 
     #[test]

@@ -10,6 +10,8 @@
 //! that programs a pin level-triggered gets a level MSI, and KVM then reports the EOI
 //! (`KVM_EXIT_IOAPIC_EOI`), which the vCPU loop acknowledges with nothing left to re-deliver.
 
+use serde::{Deserialize, Serialize};
+
 use crate::devices::{BusDevice, VmEvent};
 use crate::mptable::IOAPIC_PINS;
 use crate::vstate::vm::{MsiMessage, RouteTable};
@@ -28,6 +30,16 @@ const MASKED: u64 = 1 << 16;
 /// Delivery status (12) and remote IRR (14) are read-only; both stay 0 here.
 const READ_ONLY_BITS: u64 = (1 << 12) | (1 << 14);
 const MSI_ADDRESS_BASE: u64 = 0xfee0_0000;
+
+/// An IOAPIC's registers as a snapshot keeps them: its id register, the selected register and
+/// the redirection table, one 64-bit entry per pin.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IoApicState {
+    pub id: u32,
+    pub select: u8,
+    pub table: Vec<u64>,
+}
 
 /// The redirection-table half of an IOAPIC, programming routes into `R`.
 #[derive(Debug)]
@@ -49,6 +61,22 @@ impl<R: RouteTable> IoApic<R> {
             routes,
             programmed: Vec::new(),
         }
+    }
+
+    /// Its registers, for a snapshot.
+    pub fn state(&self) -> IoApicState {
+        IoApicState { id: self.id, select: self.select, table: self.table.to_vec() }
+    }
+
+    /// Takes the registers of a snapshot and programs KVM's routes to match them.
+    pub fn restore(&mut self, state: &IoApicState) -> Result<(), String> {
+        self.table = state.table.as_slice().try_into().map_err(|_| {
+            format!("the IOAPIC's saved state has {} pins, this one has {IOAPIC_PINS}", state.table.len())
+        })?;
+        self.id = state.id & 0x0f00_0000;
+        self.select = state.select;
+        self.update_routes();
+        Ok(())
     }
 
     /// The MSI a redirection entry sends, or `None` when the pin is masked.
@@ -221,6 +249,23 @@ mod tests {
         assert_eq!(rec.0.lock().unwrap().len(), calls);
         write_reg(&mut io, REG_TABLE + 2 * 4, 0x24 | MASKED as u32);
         assert_eq!(rec.0.lock().unwrap().last().unwrap(), &vec![(5, level)]);
+    }
+
+    #[test]
+    fn a_restored_ioapic_programs_the_routes_of_its_snapshot() {
+        let mut io = IoApic::new(1, Recorder::default());
+        write_reg(&mut io, REG_TABLE + 2 * 4 + 1, 1 << 24);
+        write_reg(&mut io, REG_TABLE + 2 * 4, 0x24);
+        let state: IoApicState = serde_json::from_str(&serde_json::to_string(&io.state()).unwrap()).unwrap();
+        assert_eq!(state, io.state());
+        let rec = Recorder::default();
+        let mut copy = IoApic::new(1, rec.clone());
+        copy.restore(&state).unwrap();
+        let msg = MsiMessage { address: 0xfee0_1000, data: 0x24 };
+        assert_eq!(rec.0.lock().unwrap().as_slice(), &[vec![(4, msg)]], "the route is in KVM again");
+        assert_eq!(read_reg(&mut copy, REG_TABLE + 2 * 4 + 1), 1 << 24);
+        let short = IoApicState { table: vec![0; 3], ..state };
+        assert!(copy.restore(&short).unwrap_err().contains("3 pins"));
     }
 
     #[test]

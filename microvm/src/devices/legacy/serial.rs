@@ -6,6 +6,8 @@
 use std::io::Write;
 use std::sync::{Arc, Mutex};
 
+use serde::{Deserialize, Serialize};
+use vm_superio::serial::SerialState;
 use vm_superio::{Serial, Trigger};
 
 use crate::devices::{BusDevice, VmEvent};
@@ -22,6 +24,42 @@ impl<T: Trigger, W: Write> SerialDevice<T, W> {
     /// A UART writing to `out` and signalling through `trigger`.
     pub fn new(trigger: T, out: W) -> Self {
         SerialDevice { serial: Serial::new(trigger, out) }
+    }
+
+    /// A UART as a snapshot left it ([`SerialDevice::state`]).
+    pub fn from_state(state: &UartState, trigger: T, out: W) -> Result<Self, String> {
+        let state = SerialState {
+            baud_divisor_low: state.baud_divisor_low,
+            baud_divisor_high: state.baud_divisor_high,
+            interrupt_enable: state.interrupt_enable,
+            interrupt_identification: state.interrupt_identification,
+            line_control: state.line_control,
+            line_status: state.line_status,
+            modem_control: state.modem_control,
+            modem_status: state.modem_status,
+            scratch: state.scratch,
+            in_buffer: state.in_buffer.clone(),
+        };
+        let serial = Serial::from_state(&state, trigger, vm_superio::serial::NoEvents, out)
+            .map_err(|e| format!("the serial port's saved state is invalid: {e:?}"))?;
+        Ok(SerialDevice { serial })
+    }
+
+    /// Its registers and unread input, for a snapshot.
+    pub fn state(&self) -> UartState {
+        let s = self.serial.state();
+        UartState {
+            baud_divisor_low: s.baud_divisor_low,
+            baud_divisor_high: s.baud_divisor_high,
+            interrupt_enable: s.interrupt_enable,
+            interrupt_identification: s.interrupt_identification,
+            line_control: s.line_control,
+            line_status: s.line_status,
+            modem_control: s.modem_control,
+            modem_status: s.modem_status,
+            scratch: s.scratch,
+            in_buffer: s.in_buffer,
+        }
     }
 
     /// The output writer.
@@ -55,6 +93,23 @@ where
         }
         None
     }
+}
+
+/// The UART's registers and the input the guest has not read, as a snapshot keeps them
+/// (vm-superio's `SerialState`, field for field).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UartState {
+    pub baud_divisor_low: u8,
+    pub baud_divisor_high: u8,
+    pub interrupt_enable: u8,
+    pub interrupt_identification: u8,
+    pub line_control: u8,
+    pub line_status: u8,
+    pub modem_control: u8,
+    pub modem_status: u8,
+    pub scratch: u8,
+    pub in_buffer: Vec<u8>,
 }
 
 /// A byte buffer several owners write to, drained by whoever forwards the console.
@@ -165,6 +220,32 @@ mod tests {
         let mut b = [0u8];
         uart.read(THR, &mut b);
         assert_eq!(b[0], b'o');
+    }
+
+    #[test]
+    fn registers_and_pending_input_survive_a_snapshot() {
+        let trigger = FakeTrigger::default();
+        let mut uart = SerialDevice::new(trigger.clone(), Vec::new());
+        uart.write(IER, &[0x01]);
+        uart.write(7, &[0x5a]); // scratch
+        uart.write(3, &[0x83]); // LCR: 8N1 with DLAB set
+        uart.write(0, &[0x0c]); // divisor low: 9600 baud
+        uart.write(3, &[0x03]); // DLAB off again
+        uart.enqueue_input(b"hi");
+        let state = uart.state();
+        let json = serde_json::to_string(&state).unwrap();
+        let state: UartState = serde_json::from_str(&json).unwrap();
+        let mut copy = SerialDevice::from_state(&state, trigger.clone(), Vec::new()).unwrap();
+        assert_eq!(copy.state(), uart.state(), "field by field");
+        let mut b = [0u8];
+        copy.read(7, &mut b);
+        assert_eq!(b[0], 0x5a);
+        copy.read(THR, &mut b);
+        assert_eq!(b[0], b'h', "input the guest had not read yet is still there");
+        // A buffer larger than the FIFO is refused, named.
+        let too_much = UartState { in_buffer: vec![0; 1000], ..state };
+        let err = SerialDevice::from_state(&too_much, trigger, Vec::new()).err().unwrap();
+        assert!(err.contains("serial"), "{err}");
     }
 
     #[test]

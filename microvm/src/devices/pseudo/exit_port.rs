@@ -3,6 +3,9 @@
 //! 16/32-bit value, and the VM ends with that status. 0x501 is the port QEMU's
 //! `isa-debug-exit` device uses by default, so the same guest also stops under
 //! `qemu -device isa-debug-exit` (which exits with `(status << 1) | 1`).
+//!
+//! A byte written to the port after it (0x502, the agent's `READY_PORT`) says that the agent
+//! of a template VM waits for its workload: [`VmEvent::Ready`].
 
 use crate::devices::{BusDevice, VmEvent};
 
@@ -10,6 +13,9 @@ use crate::devices::{BusDevice, VmEvent};
 pub const EXIT_PORT: u64 = twinbox_agent::EXIT_PORT as u64;
 /// Ports decoded (one 32-bit register).
 pub const EXIT_PORT_LEN: u64 = twinbox_agent::EXIT_PORT_LEN as u64;
+
+/// The ready port's offset from the exit port.
+const READY_OFFSET: u64 = twinbox_agent::READY_PORT as u64 - EXIT_PORT;
 
 /// Turns a guest write into [`VmEvent::Exit`].
 #[derive(Debug, Default)]
@@ -21,6 +27,9 @@ impl BusDevice for ExitPort {
     }
 
     fn write(&mut self, offset: u64, data: &[u8]) -> Option<VmEvent> {
+        if offset == READY_OFFSET && data.len() == 1 {
+            return Some(VmEvent::Ready);
+        }
         if offset != 0 || data.is_empty() || data.len() > 4 {
             return None;
         }
@@ -39,6 +48,12 @@ mod tests {
         assert_eq!(ExitPort.write(0, &[3]), Some(VmEvent::Exit(3)));
         assert_eq!(ExitPort.write(0, &[0x89, 0]), Some(VmEvent::Exit(137)));
         assert_eq!(ExitPort.write(0, &[0, 1, 0, 0]), Some(VmEvent::Exit(256)));
-        assert_eq!(ExitPort.write(1, &[3]), None);
+        assert_eq!(ExitPort.write(2, &[3]), None);
+        assert_eq!(ExitPort.write(1, &[0, 0]), None, "a word over the ready port is no signal");
+    }
+
+    #[test]
+    fn a_byte_on_the_ready_port_says_the_agent_waits() {
+        assert_eq!(ExitPort.write(READY_OFFSET, &[1]), Some(VmEvent::Ready));
     }
 }

@@ -4,8 +4,9 @@
 //! Queue notifications are handled synchronously on the vCPU thread that wrote QueueNotify:
 //! the device processes the queue, then InterruptStatus bit 0 is set and the interrupt raised.
 
+use serde::{Deserialize, Serialize};
 use virtio_bindings::virtio_mmio as reg;
-use virtio_queue::{Queue, QueueT};
+use virtio_queue::{Queue, QueueState, QueueT};
 use vm_memory::GuestMemoryMmap;
 use vm_superio::Trigger;
 
@@ -42,6 +43,70 @@ const CONFIG_GENERATION: u64 = reg::VIRTIO_MMIO_CONFIG_GENERATION as u64;
 pub const QUEUE_NOTIFY_OFFSET: u64 = QUEUE_NOTIFY;
 /// Where the device's configuration space starts in the window.
 pub const CONFIG_SPACE: u64 = reg::VIRTIO_MMIO_CONFIG as u64;
+
+/// One queue as a snapshot keeps it (virtio-queue's `QueueState`, field for field): its
+/// addresses and size as the driver set them and where the device had got to in its rings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct QueueSnapshot {
+    pub max_size: u16,
+    pub next_avail: u16,
+    pub next_used: u16,
+    pub event_idx_enabled: bool,
+    pub size: u16,
+    pub ready: bool,
+    pub desc_table: u64,
+    pub avail_ring: u64,
+    pub used_ring: u64,
+}
+
+impl From<QueueState> for QueueSnapshot {
+    fn from(q: QueueState) -> Self {
+        QueueSnapshot {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+impl From<&QueueSnapshot> for QueueState {
+    fn from(q: &QueueSnapshot) -> Self {
+        QueueState {
+            max_size: q.max_size,
+            next_avail: q.next_avail,
+            next_used: q.next_used,
+            event_idx_enabled: q.event_idx_enabled,
+            size: q.size,
+            ready: q.ready,
+            desc_table: q.desc_table,
+            avail_ring: q.avail_ring,
+            used_ring: q.used_ring,
+        }
+    }
+}
+
+/// A transport's registers and queues as a snapshot keeps them; the device behind it is made
+/// anew from the VM's configuration (its disk, tap or socket) and takes up this state.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TransportState {
+    /// The virtio device id (2 block, 1 net, 19 vsock), checked on restore.
+    pub device_type: u32,
+    pub status: u32,
+    pub driver_features: u64,
+    pub device_features_sel: u32,
+    pub driver_features_sel: u32,
+    pub queue_sel: u32,
+    pub interrupt_status: u32,
+    pub queues: Vec<QueueSnapshot>,
+}
 
 /// A virtio device as the guest sees it on the MMIO bus.
 pub struct MmioTransport<D: VirtioDevice, T: Trigger> {
@@ -125,6 +190,66 @@ impl<D: VirtioDevice, T: Trigger> MmioTransport<D, T> {
     /// The interrupt trigger.
     pub fn trigger(&self) -> &T {
         &self.trigger
+    }
+
+    /// Its registers and queues, for a snapshot (the VM paused).
+    pub fn state(&self) -> TransportState {
+        TransportState {
+            device_type: self.device.device_type(),
+            status: self.status,
+            driver_features: self.driver_features,
+            device_features_sel: self.device_features_sel,
+            driver_features_sel: self.driver_features_sel,
+            queue_sel: self.queue_sel,
+            interrupt_status: self.interrupt_status,
+            queues: self.queues.iter().map(|q| q.state().into()).collect(),
+        }
+    }
+
+    /// Takes up a snapshot's `state` on a transport made for the same device. An active device
+    /// is activated with the features the driver had accepted and told it was restored
+    /// ([`VirtioDevice::restored`]); the interrupt is raised again when one was pending.
+    pub fn restore(&mut self, state: &TransportState) -> Result<(), String> {
+        let kind = self.device.device_type();
+        if state.device_type != kind {
+            return Err(format!("the snapshot has virtio device type {} where this VM has {kind}", state.device_type));
+        }
+        let maxes = self.device.queue_max_sizes();
+        let saved: Vec<u16> = state.queues.iter().map(|q| q.max_size).collect();
+        if saved != maxes {
+            return Err(format!(
+                "virtio device type {kind}: the snapshot's queues {saved:?} are not this device's {maxes:?}"
+            ));
+        }
+        let queues = state
+            .queues
+            .iter()
+            .map(|q| Queue::try_from(QueueState::from(q)))
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|e| format!("virtio device type {kind}: a saved queue is invalid: {e}"))?;
+        if state.driver_features & !self.device.features() != 0 {
+            return Err(format!("virtio device type {kind}: the snapshot's features are more than this device offers"));
+        }
+        self.queues = queues;
+        self.status = state.status;
+        self.driver_features = state.driver_features;
+        self.device_features_sel = state.device_features_sel;
+        self.driver_features_sel = state.driver_features_sel;
+        self.queue_sel = state.queue_sel;
+        self.interrupt_status = state.interrupt_status;
+        if self.active() {
+            if let Some(index) = self.queues.iter().position(|q| q.ready() && !q.is_valid(&self.mem)) {
+                return Err(format!("virtio device type {kind}: saved queue {index} lies outside guest memory"));
+            }
+            self.device.activate(self.driver_features);
+            if self.device.restored(&mut self.queues, &self.mem) {
+                self.interrupt_status |= INTERRUPT_USED_BUFFER;
+            }
+        }
+        if self.interrupt_status != 0 {
+            self.raise(0);
+        }
+        Ok(())
     }
 
     fn selected_queue(&mut self) -> Option<&mut Queue> {
@@ -539,6 +664,38 @@ pub(crate) mod tests {
         let mut cfg = [0u8; 3];
         t.read(CONFIG_SPACE + 5, &mut cfg);
         assert_eq!(cfg, [5, 6, 7]);
+    }
+
+    #[test]
+    fn a_restored_transport_has_the_registers_and_queues_of_its_snapshot_and_is_active() {
+        let mut t = transport();
+        negotiate(&mut t, VIRTIO_F_VERSION_1 | 1 << 3);
+        setup_queue(&mut t, 1, 4, 0x1000, 0x2000, 0x3000);
+        t.w(R_STATUS, status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK | status::DRIVER_OK);
+        t.w(R_QUEUE_SEL, 1);
+        let state = t.state();
+        let json = serde_json::to_string(&state).unwrap();
+        let state: TransportState = serde_json::from_str(&json).unwrap();
+        assert_eq!(state, t.state(), "field by field");
+        let mut copy = transport();
+        copy.restore(&state).unwrap();
+        assert_eq!(copy.state(), state);
+        assert_eq!(copy.device().activated, Some(VIRTIO_F_VERSION_1 | 1 << 3), "activated with the saved features");
+        assert_eq!(copy.r(R_QUEUE_NUM), 4, "queue 1 selected, as it was");
+        assert_eq!(copy.trigger().count(), 0, "no interrupt was pending");
+        // Another device, other queues or features beyond the device's are refused, named.
+        let mut other = TransportState { device_type: 2, ..state.clone() };
+        assert!(copy.restore(&other).unwrap_err().contains("device type 2 where this VM has 42"));
+        other = TransportState { queues: state.queues[..1].to_vec(), ..state.clone() };
+        assert!(copy.restore(&other).unwrap_err().contains("queues"));
+        other = TransportState { driver_features: 1 << 20, ..state.clone() };
+        assert!(copy.restore(&other).unwrap_err().contains("features"));
+        // A pending interrupt is raised again.
+        let pending = TransportState { interrupt_status: INTERRUPT_USED_BUFFER, ..state };
+        let mut copy = transport();
+        copy.restore(&pending).unwrap();
+        assert_eq!(copy.trigger().count(), 1);
+        assert_eq!(copy.r(R_INTERRUPT_STATUS), INTERRUPT_USED_BUFFER);
     }
 
     #[test]

@@ -93,6 +93,12 @@ pub trait VirtioDevice: Send {
     fn process_queue(&mut self, index: usize, queue: &mut Queue, mem: &GuestMemoryMmap) -> Result<usize, VirtioError>;
     /// The driver reset the device (status 0): forget everything negotiated.
     fn reset(&mut self) {}
+    /// The VM was restored from a snapshot with this device active (after
+    /// [`VirtioDevice::activate`]): whatever the device must tell the driver about it, it puts
+    /// in `queues` now; true when it used buffers (the transport raises the interrupt).
+    fn restored(&mut self, _queues: &mut [Queue], _mem: &GuestMemoryMmap) -> bool {
+        false
+    }
 }
 
 /// A queue that cannot be used any more until the driver resets the device.

@@ -17,6 +17,7 @@ use super::{
     op, parse_connect, shutdown, Header, VsockError, CONN_BUFFER, HEADER_LEN, HOST_CID, MAX_CONNECTIONS,
     MAX_CONNECT_LINE, QUEUE_SIZES, RX_QUEUE, TX_QUEUE, TYPE_STREAM, VIRTIO_ID_VSOCK,
 };
+use super::{EVENT_QUEUE, EVENT_TRANSPORT_RESET};
 use crate::devices::virtio::{MmioTransport, VirtioDevice, VirtioError, VIRTIO_F_VERSION_1};
 
 /// The largest payload of one packet to the guest.
@@ -603,6 +604,29 @@ impl VirtioDevice for Vsock {
         }
     }
 
+    /// After a restore no connection of the snapshot exists on this side: the driver is told
+    /// with a transport reset on the event queue (as Firecracker does), which resets the
+    /// guest's connected sockets; its listening ones stay.
+    fn restored(&mut self, queues: &mut [Queue], mem: &GuestMemoryMmap) -> bool {
+        let Some(queue) = queues.get_mut(EVENT_QUEUE) else { return false };
+        let Some(chain) = queue.pop_descriptor_chain(mem) else {
+            tracing::warn!("vsock: no event buffer after a restore; the guest keeps its dead connections");
+            return false;
+        };
+        let head = chain.head_index();
+        let written = chain
+            .writable()
+            .next()
+            .filter(|d| d.len() >= 4)
+            .and_then(|d| mem.write_slice(&EVENT_TRANSPORT_RESET.to_le_bytes(), d.addr()).ok())
+            .map_or(0, |()| 4);
+        if let Err(e) = queue.add_used(mem, head, written) {
+            tracing::warn!(error = %e, "vsock: cannot hand the transport reset to the guest");
+            return false;
+        }
+        true
+    }
+
     fn reset(&mut self) {
         self.conns.clear();
         self.handshakes.clear();
@@ -804,6 +828,28 @@ mod tests {
     /// temporary directory: a host process's CONNECT, the guest's RESPONSE and the `OK` line,
     /// data both ways (the host's through the receive thread), a guest connection to a host
     /// listener, a refused one, the host closing its end, and the socket gone with the device.
+    #[test]
+    fn a_restored_device_tells_the_guest_its_connections_are_gone() {
+        let dir = tempfile::tempdir().unwrap();
+        let mem = GuestMemoryMmap::from_ranges(&[(GuestAddress(0), 0x10_0000)]).unwrap();
+        let evq = MockSplitQueue::create(&mem, GuestAddress(EVQ_AT), LEN);
+        let event_buf = 0x3_0000;
+        mem.write_slice(&[0xff; 8], GuestAddress(event_buf)).unwrap();
+        let desc = RawDescriptor::from(Descriptor::new(event_buf, 8, VRING_DESC_F_WRITE as u16, 0));
+        evq.add_desc_chains(&[desc], 0).unwrap();
+        let mut queues = [Queue::new(LEN).unwrap(), Queue::new(LEN).unwrap(), evq.create_queue().unwrap()];
+        let mut dev = Vsock::new(CID, &dir.path().join("v.sock")).unwrap();
+        assert!(dev.restored(&mut queues, &mem), "it used a buffer");
+        assert_eq!(evq.used().idx().load(), 1);
+        let used = evq.used().ring().ref_at(0).unwrap().load();
+        assert_eq!((used.id(), used.len()), (0, 4));
+        let mut event = [0u8; 8];
+        mem.read_slice(&mut event, GuestAddress(event_buf)).unwrap();
+        assert_eq!(event, [0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff], "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, 4 bytes");
+        // No buffer left: nothing used, nothing raised.
+        assert!(!dev.restored(&mut queues, &mem));
+    }
+
     #[test]
     fn host_and_guest_connections() {
         let dir = tempfile::tempdir().unwrap();

@@ -31,6 +31,11 @@ pub const QUEUE_SIZES: [u16; 3] = [256, 256, 16];
 pub const RX_QUEUE: usize = 0;
 /// The transmit queue's index.
 pub const TX_QUEUE: usize = 1;
+/// The event queue's index: the device's news for the driver.
+pub const EVENT_QUEUE: usize = 2;
+/// The event that tells the driver every connection is gone and the CID may have changed
+/// (`VIRTIO_VSOCK_EVENT_TRANSPORT_RESET`), sent after a restore.
+pub const EVENT_TRANSPORT_RESET: u32 = 0;
 /// How much of the guest's data the device holds per connection before the UNIX socket takes
 /// it (the `buf_alloc` it advertises).
 pub const CONN_BUFFER: u32 = 256 * 1024;
