@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # `twinbox bench` inside the nested L1 of scripts/nested-kvm.sh, where KVM can boot the guest
-# kernel: the microVM backends (twinbox-microvm, qemu-microvm) and, like for like, the bare
+# kernel: the microVM backends (twinbox-microvm, twinbox-microvm-snapshot, qemu-microvm) and, like for like, the bare
 # process and the containers (twinbox, runc, crun) in the same L1. Prints the results.json of
 # that run on stdout; `twinbox bench` on a host without hardware KVM runs it by itself, and
 # `twinbox bench --nested FILE` puts a saved one in the report as its own, labelled section.
@@ -28,7 +28,7 @@ case " ${bench_args[*]} " in
   *)
     backends=process,twinbox-container
     for peer in runc crun; do command -v "$peer" >/dev/null && backends=$backends,$peer; done
-    bench_args=(--backends "$backends,twinbox-microvm,qemu-microvm" "${bench_args[@]}") ;;
+    bench_args=(--backends "$backends,twinbox-microvm,twinbox-microvm-snapshot,qemu-microvm" "${bench_args[@]}") ;;
 esac
 # The user's own image (`--image X`) goes into the L1's store from the host's.
 image=""

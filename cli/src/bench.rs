@@ -230,7 +230,7 @@ pub fn bench(root: &Path, a: BenchArgs) -> Result<i32> {
 /// (what the nested L1 has).
 fn needs_nested(r: &twinbox_bench::results::Results) -> bool {
     r.backends.iter().any(|b| {
-        matches!(b.name.as_str(), "twinbox-microvm" | "qemu-microvm")
+        matches!(b.name.as_str(), "twinbox-microvm" | "twinbox-microvm-snapshot" | "qemu-microvm")
             && !b.available
             && b.reason.as_deref().is_some_and(|why| why.contains("no hardware KVM") || why.contains("no /dev/kvm"))
     })

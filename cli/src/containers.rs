@@ -196,6 +196,11 @@ pub struct RunArgs {
     /// `kernel` (PIC, IOAPIC and PIT in KVM, as Firecracker).
     #[arg(long, value_name = "split|kernel")]
     irqchip: Option<twinbox_microvm::IrqChip>,
+    /// MicroVM only: restore the image's warm template (a snapshot of its VM booted to where
+    /// the guest agent waits for a workload; made at the first such run, kept in the store)
+    /// instead of booting the kernel. `twinbox snapshot ls` lists the templates.
+    #[arg(long)]
+    snapshot: bool,
     /// The image.
     image: String,
     /// Command and arguments (replace the image's CMD).
@@ -261,8 +266,10 @@ pub fn run(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
     if a.isolation == "microvm" {
         return run_microvm(root, a, verbose);
     }
-    if a.kernel.is_some() || a.timeout.is_some() || a.irqchip.is_some() {
-        return Err(UserError("--kernel, --timeout and --irqchip are for --isolation microvm".into()).into());
+    if a.kernel.is_some() || a.timeout.is_some() || a.irqchip.is_some() || a.snapshot {
+        return Err(
+            UserError("--kernel, --timeout, --irqchip and --snapshot are for --isolation microvm".into()).into()
+        );
     }
     let (network, publish) = a.network_and_ports()?;
     let volumes = a.volumes.iter().map(|v| v.parse()).collect::<Result<Vec<_>, _>>()?;
@@ -339,6 +346,16 @@ fn run_microvm(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
     }
     let (network, publish) = a.network_and_ports()?;
     let volumes = a.volumes.iter().map(|v| v.parse()).collect::<Result<Vec<_>, _>>()?;
+    if a.snapshot && !volumes.is_empty() {
+        return Err(UserError(
+            "--snapshot with -v: a template VM has no volume disks, so it cannot take them; run without --snapshot"
+                .into(),
+        )
+        .into());
+    }
+    if a.snapshot && a.irqchip == Some(twinbox_microvm::IrqChip::Kernel) {
+        return Err(UserError("--snapshot needs the split irqchip (the default): drop --irqchip kernel".into()).into());
+    }
     let vcpus = match a.cpus {
         None => None,
         Some(c) if c >= 1.0 && c.fract() == 0.0 && c <= f64::from(u8::MAX) => Some(c as u8),
@@ -360,6 +377,7 @@ fn run_microvm(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
         timeout_ms,
         irqchip: a.irqchip.unwrap_or_default(),
         verbose,
+        snapshot: a.snapshot,
     };
     let opts = RunOptions {
         seccomp: None,

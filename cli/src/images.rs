@@ -10,7 +10,7 @@ use twinbox_image::{archive, build, rootfs, Reference, Store};
 
 use crate::UserError;
 
-fn open(root: &Path) -> Result<Store> {
+pub fn open(root: &Path) -> Result<Store> {
     Store::open(root).with_context(|| {
         format!("opening the image store at {} (set --root or TWINBOX_ROOT to use another)", root.display())
     })
@@ -329,14 +329,18 @@ pub fn prune(root: &Path, a: PruneArgs) -> Result<()> {
         }
     }
     let r = store.gc(!a.keep_build_cache)?;
+    // Templates of images no longer here, and what killed template makers left.
+    let digests: std::collections::HashSet<String> = store.images()?.into_iter().map(|i| i.digest).collect();
+    let templates = twinbox_engine::template::prune(&store, |d| digests.contains(d));
     println!(
-        "Deleted {} blobs ({}), {} layer dirs, {} VM root disks, {} temp files, {} build cache records",
+        "Deleted {} blobs ({}), {} layer dirs, {} VM root disks, {} temp files, {} build cache records, {} microVM templates",
         r.blobs,
         human_size(r.bytes),
         r.layer_dirs,
         r.disks,
         r.temp,
-        r.cache_records
+        r.cache_records,
+        templates.len()
     );
     Ok(())
 }

@@ -11,6 +11,7 @@ mod containers;
 mod images;
 mod networks;
 mod registry;
+mod snapshots;
 mod vm;
 mod volumes;
 
@@ -86,6 +87,8 @@ enum Command {
     System(containers::SystemArgs),
     /// Boot a kernel in a KVM microVM.
     Vm(vm::VmArgs),
+    /// Manage the microVM templates `run --snapshot` restores (ls, rm).
+    Snapshot(snapshots::SnapshotArgs),
     /// Measure the image as a container and as a microVM beside runc, crun, QEMU and Firecracker; write a report.
     Bench(Box<bench::BenchArgs>),
     /// Show a container's published ports.
@@ -176,6 +179,7 @@ fn main() -> ExitCode {
         Command::Volume(a) => volumes::volume(root, a),
         Command::System(a) => containers::system(root, a),
         Command::Vm(a) => vm::vm(a),
+        Command::Snapshot(a) => ok(snapshots::snapshot(root, a)),
         Command::Bench(a) => bench::bench(root, *a),
         Command::Runtime { .. } => unreachable!("handled above"),
     };

@@ -37,11 +37,26 @@ fn container_only_flags_are_refused_by_name_and_nothing_is_left() {
         assert_eq!(o.status.code(), Some(1), "the user's mistake is 1: {args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
     }
-    for flags in [["--kernel", "/k"], ["--irqchip", "kernel"]] {
-        let o = env.run(&[&["run"][..], &flags, &["x"]].concat());
+    for flags in [&["--kernel", "/k"][..], &["--irqchip", "kernel"], &["--snapshot"]] {
+        let o = env.run(&[&["run"][..], flags, &["x"]].concat());
         let err = String::from_utf8_lossy(&o.stderr);
-        assert!(err.contains("--kernel, --timeout and --irqchip are for --isolation microvm"), "{flags:?}: {err}");
+        assert!(
+            err.contains("--kernel, --timeout, --irqchip and --snapshot are for --isolation microvm"),
+            "{flags:?}: {err}"
+        );
     }
+    for (flags, needle) in [
+        (&["--snapshot", "-v", "vol:/data"][..], "--snapshot with -v: a template VM has no volume disks"),
+        (&["--snapshot", "--irqchip", "kernel"], "--snapshot needs the split irqchip"),
+    ] {
+        let o = env.run(&[&["run", "--isolation", "microvm"][..], flags, &["x"]].concat());
+        assert_eq!(o.status.code(), Some(1));
+        assert!(String::from_utf8_lossy(&o.stderr).contains(needle), "{flags:?}");
+    }
+    let o = env.run(&["snapshot", "rm", "nothing"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("no template for nothing"));
+    assert_eq!(env.run(&["snapshot", "ls", "-q"]).stdout, b"");
     let o = env.run(&["run", "--isolation", "microvm", "--irqchip", "pic", "x"]);
     assert!(String::from_utf8_lossy(&o.stderr).contains("use split or kernel"));
 }
@@ -182,7 +197,7 @@ fn microvm_run_matches_the_container_run() {
     let bb = env.path("busybox");
     let applets = [
         "sh", "echo", "cat", "id", "pwd", "kill", "sleep", "true", "grep", "nc", "printf", "tail", "ping", "ip", "sed",
-        "httpd", "head", "readlink",
+        "httpd", "head", "readlink", "od", "tr", "hostname",
     ];
     if !hello_context(&hello) || !busybox_rootfs(&bb, &applets) {
         return;
@@ -385,6 +400,37 @@ fn microvm_run_matches_the_container_run() {
         shell_quote("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 vm1 8080 | head -n 1"),
         shell_quote("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 c1 80 | head -n 1"),
     ));
+    // Warm templates: the first --snapshot run makes the image's template, ten runs restored
+    // from it print what the cold-booted "streams" case printed; two restored VMs differ in
+    // randomness, hostname, MAC and address; a tampered template is refused; rm removes it.
+    let probe =
+        "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; hostname; cat /sys/class/net/eth0/address; \
+                 ip -4 -o addr show eth0 | tr -s ' ' | cut -d' ' -f4";
+    script.push_str(&format!(
+        "echo '@@CASE snapshot@@'\n\
+         : >/tmp/err\n\
+         for i in 1 2 3 4 5 6 7 8 9 10; do\n\
+         \x20 o=$(timeout 240 twinbox run --rm --isolation microvm --snapshot busybox sh -c {} 2>/tmp/serr); c=$?\n\
+         \x20 echo \"run: $o|$c|$(tr '\\n' ' ' </tmp/serr)\"\n\
+         done\n\
+         echo \"templates: $(twinbox snapshot ls -q | wc -l)\"\n\
+         twinbox run -d --isolation microvm --snapshot --name s1 busybox sleep 1000 >/dev/null 2>>/tmp/err\n\
+         twinbox run -d --isolation microvm --snapshot --name s2 busybox sleep 1000 >/dev/null 2>>/tmp/err\n\
+         echo \"s1: $(timeout 120 twinbox exec s1 sh -c {} 2>&1 | tr '\\n' ' ')\"\n\
+         echo \"s2: $(timeout 120 twinbox exec s2 sh -c {} 2>&1 | tr '\\n' ' ')\"\n\
+         twinbox rm -f s1 s2 >/dev/null\n\
+         key=$(twinbox snapshot ls -q | head -n 1)\n\
+         printf 'X' | dd of=\"$TWINBOX_ROOT/snapshots/$key/memory\" bs=1 seek=1048576 conv=notrunc 2>/dev/null\n\
+         timeout 240 twinbox run --rm --isolation microvm --snapshot busybox true 2>/tmp/tamper\n\
+         echo \"tampered: $? $(tr '\\n' ' ' </tmp/tamper)\"\n\
+         twinbox snapshot rm \"$key\" >/dev/null\n\
+         echo \"snapshot-rm: $? $(twinbox snapshot ls -q | wc -l) $(ls \"$TWINBOX_ROOT/snapshots\" | wc -l)\"\n\
+         echo \"left: $(twinbox ps -aq | wc -l) taps $(ls /sys/class/net | grep -c '^tb[ts]') sockets $(ls /run/twinbox/vm | wc -l)\"\n\
+         echo '@@ERR@@'\ncat /tmp/err\necho '@@CODE 0@@'\n",
+        shell_quote("echo out; echo err >&2; exit 5"),
+        shell_quote(probe),
+        shell_quote(probe),
+    ));
     script.push_str("echo '@@CASE holds@@'\nls \"$TWINBOX_ROOT/holds\"\necho '@@CODE 0@@'\n");
 
     let started = std::time::Instant::now();
@@ -582,6 +628,33 @@ fn microvm_run_matches_the_container_run() {
     assert!(mixed.out.contains("vm-to-container: HTTP/1."), "{mixed:?}");
     assert!(mixed.out.contains("five: 5 taps 5"), "{mixed:?}");
     assert!(mixed.out.contains("left: 0 taps 0 sockets 0 vmms 0"), "{mixed:?}");
+
+    let snap = get("snapshot");
+    let cold = get("streams");
+    let cold_line = format!("run: {}|{}|{}", cold.out.trim_end(), cold.code, cold.err.replace('\n', " "));
+    let runs: Vec<&str> = snap.out.lines().filter(|l| l.starts_with("run: ")).collect();
+    assert_eq!(runs.len(), 10, "{snap:?}");
+    for run in &runs {
+        assert_eq!(*run, cold_line, "a restored run prints what the cold-booted one did: {snap:?}");
+    }
+    assert!(snap.out.contains("templates: 1\n"), "{snap:?}");
+    let probe = |name: &str| -> Vec<String> {
+        let line = snap.out.lines().find(|l| l.starts_with(name)).unwrap_or_default();
+        line[name.len()..].split_whitespace().map(String::from).collect()
+    };
+    let (s1, s2) = (probe("s1: "), probe("s2: "));
+    assert_eq!((s1.len(), s2.len()), (4, 4), "random bytes, hostname, MAC, address each: {snap:?}");
+    for (i, what) in ["random bytes", "hostname", "MAC address", "IP address"].iter().enumerate() {
+        assert_ne!(s1[i], s2[i], "two VMs restored from one template differ in their {what}: {snap:?}");
+    }
+    assert_eq!(s1[0].len(), 32, "16 random bytes in hex: {snap:?}");
+    let tampered = snap.out.lines().find(|l| l.starts_with("tampered: ")).unwrap_or_default();
+    assert!(
+        tampered.starts_with("tampered: 1 ") && tampered.contains("memory does not match its checksum"),
+        "{snap:?}"
+    );
+    assert!(snap.out.contains("snapshot-rm: 0 0 0"), "{snap:?}");
+    assert!(snap.out.contains("left: 0 taps 0 sockets 0"), "{snap:?}");
 
     assert_eq!(get("holds").out, "", "every run released its image hold");
 }

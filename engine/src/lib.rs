@@ -15,6 +15,7 @@ pub mod build_run;
 pub mod container;
 pub mod microvm;
 pub mod network;
+pub mod template;
 pub mod volume;
 
 pub use container::{Engine, EngineError, ExecOptions, Phase, Record, RunOptions};

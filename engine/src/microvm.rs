@@ -107,6 +107,9 @@ pub enum ImageRunError {
     /// The VMM was asked to stop (SIGINT, SIGTERM, SIGHUP) and stopped the guest.
     #[error("stopped the VM on signal {0}")]
     Interrupted(i32),
+    /// A warm template could not be made or read.
+    #[error("microVM template: {0}")]
+    Template(String),
     /// The guest stopped without the agent's exit status.
     #[error("the guest stopped ({reason}) without reporting the workload's exit status\nlast console lines:\n{tail}")]
     NoStatus {
@@ -126,9 +129,10 @@ impl ExitCode for ImageRunError {
             ImageRunError::Vm(e) => e.exit_code(),
             ImageRunError::NoKernel(_) => twinbox_exit::USER_ERROR,
             ImageRunError::Interrupted(signal) => twinbox_exit::signalled(*signal),
-            ImageRunError::Panic { .. } | ImageRunError::Timeout(..) | ImageRunError::NoStatus { .. } => {
-                twinbox_exit::INTERNAL
-            }
+            ImageRunError::Panic { .. }
+            | ImageRunError::Timeout(..)
+            | ImageRunError::NoStatus { .. }
+            | ImageRunError::Template(_) => twinbox_exit::INTERNAL,
         }
     }
 }
@@ -209,6 +213,9 @@ pub struct VmOptions {
     /// Show the kernel console and the agent's steps on stderr.
     #[serde(default)]
     pub verbose: bool,
+    /// Restore the image's warm template (see [`crate::template`]) instead of booting.
+    #[serde(default)]
+    pub snapshot: bool,
 }
 
 /// The VMM's configuration and the initramfs for a prepared run, with network cards `nets`.
@@ -232,11 +239,14 @@ pub fn vm_config(prepared: PreparedRun, shape: &VmOptions, nets: Vec<NetConfig>)
 /// Where the workload's stdout and stderr go.
 pub type Output = (Box<dyn Write + Send>, Box<dyn Write + Send>);
 
-/// Builds the VM, calls `attach` (its taps exist from then on, until the VM is dropped), runs
-/// it with the workload's output going to `output`, and tells how it ended.
+/// Builds the VM (booting `initrd`, or restoring the snapshot `restore`), calls `attach` (its
+/// taps exist from then on, until the VM is dropped), runs it with the workload's output going
+/// to `output`, and tells how it ended.
+#[allow(clippy::too_many_arguments)] // one call site each; a struct would only rename them
 pub fn boot<E: From<ImageRunError>>(
     config: VmConfig,
     initrd: Vec<u8>,
+    restore: Option<&std::path::Path>,
     start: Instant,
     output: Output,
     verbose: bool,
@@ -245,12 +255,12 @@ pub fn boot<E: From<ImageRunError>>(
     tracing::debug!(disks = ?config.disks, nets = ?config.nets, "starting microVM");
     let echo: Option<Box<dyn Write + Send>> = if verbose { Some(Box::new(std::io::stderr())) } else { None };
     let shared = ConsoleTail(Arc::new(Mutex::new(ConsoleLog::new(echo))));
-    let mut vm = VmBuilder::new(config)
-        .start_time(start)
-        .initrd_bytes(initrd)
-        .output(output.0, output.1)
-        .build()
-        .map_err(|e| E::from(ImageRunError::from(e)))?;
+    let builder = VmBuilder::new(config).start_time(start).output(output.0, output.1);
+    let builder = match restore {
+        Some(dir) => builder.restore(dir),
+        None => builder.initrd_bytes(initrd),
+    };
+    let mut vm = builder.build().map_err(|e| E::from(ImageRunError::from(e)))?;
     attach(shared.clone())?;
     let result = vm.run(&mut shared.clone());
     drop(vm);

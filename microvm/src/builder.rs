@@ -265,8 +265,9 @@ impl VmBuilder {
             // The clock, the vCPUs, then the devices: a device restored with an interrupt
             // pending raises it into LAPICs that already hold their saved state.
             state.clock.restore(kvm_vm.fd()).map_err(VmError::Clock)?;
+            let amd = state.cpu.model.starts_with("AuthenticAMD");
             for (vcpu, saved) in vcpus.iter().zip(&state.vcpus) {
-                vcpu.restore_state(saved)?;
+                vcpu.restore_state(saved, amd)?;
             }
             let invalid = |problem: String| VmError::from(SnapshotError::Invalid { dir: dir.to_path_buf(), problem });
             let d = &state.devices;

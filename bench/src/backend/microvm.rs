@@ -3,6 +3,9 @@
 //! configuration, and the image's ext4 root disk (all from `twinbox_engine::microvm`).
 //!
 //! - `twinbox-microvm`: `twinbox run --isolation microvm IMAGE …`, the CLI being measured.
+//! - `twinbox-microvm-snapshot`: the same with `--snapshot`: each run restores the image's
+//!   warm template (a snapshot of its VM booted to where the agent waits for a workload, made
+//!   while preparing, not measured) instead of booting the kernel.
 //! - `qemu-microvm`: QEMU `-M microvm` with KVM, the same kernel, initramfs and disk; the agent's
 //!   exit status ends QEMU through `isa-debug-exit` at the same port (QEMU exits with
 //!   `status * 2 + 1`), and the workload's output reaches QEMU's serial console through the
@@ -127,18 +130,24 @@ fn launch_failed(what: &str, child: &mut Child, output: String) -> BackendError 
     }
 }
 
-/// `twinbox run --isolation microvm`.
+/// `twinbox run --isolation microvm`, booted or (`snapshot`) restored from a template.
 #[derive(Debug)]
 pub struct TwinboxMicrovm {
     exe: PathBuf,
     kernel: PathBuf,
     image: Option<PreparedImage>,
+    snapshot: bool,
 }
 
 impl TwinboxMicrovm {
     /// `exe`: the `twinbox` binary to measure.
     pub fn new(exe: &Path) -> Self {
-        TwinboxMicrovm { exe: exe.to_owned(), kernel: default_kernel(), image: None }
+        TwinboxMicrovm { exe: exe.to_owned(), kernel: default_kernel(), image: None, snapshot: false }
+    }
+
+    /// Runs restored from the image's warm template (`run --snapshot`).
+    pub fn snapshot(exe: &Path) -> Self {
+        TwinboxMicrovm { snapshot: true, ..TwinboxMicrovm::new(exe) }
     }
 
     fn twinbox(&self, workload: &Workload, verbose: bool) -> Command {
@@ -155,6 +164,9 @@ impl TwinboxMicrovm {
             cmd.arg("-v");
         }
         cmd.arg("run").args(flags).args(["--isolation", "microvm", "--kernel"]).arg(&self.kernel);
+        if self.snapshot {
+            cmd.arg("--snapshot");
+        }
         if let Workload::Disk { volume: true, .. } = workload {
             cmd.arg("-v").arg(format!("{VM_DISK_VOLUME}:{}", super::DISK_VOLUME_PATH));
         }
@@ -167,7 +179,11 @@ impl TwinboxMicrovm {
 
 impl Backend for TwinboxMicrovm {
     fn name(&self) -> &'static str {
-        "twinbox-microvm"
+        if self.snapshot {
+            "twinbox-microvm-snapshot"
+        } else {
+            "twinbox-microvm"
+        }
     }
 
     fn isolation(&self) -> Isolation {
@@ -189,6 +205,14 @@ impl Backend for TwinboxMicrovm {
     }
 
     fn note(&self) -> Option<String> {
+        if self.snapshot {
+            return Some(format!(
+                "`twinbox run --rm --network none --isolation microvm --snapshot --memory {DEFAULT_MEMORY_MIB}m IMAGE …`: \
+                 the VM of twinbox-microvm restored from the image's warm template (its memory file mapped \
+                 privately, pages loaded on first touch and shared between VMs; the agent handed the workload \
+                 over vsock); the templates (with and without a network card) made once, before measuring"
+            ));
+        }
         Some(format!(
             "`twinbox run --rm --network none --isolation microvm --memory {DEFAULT_MEMORY_MIB}m IMAGE …`: 1 vCPU, kernel {}, \
              the agent's initramfs, the image's ext4 disk (made once, before measuring)",
@@ -201,6 +225,16 @@ impl Backend for TwinboxMicrovm {
         // pays for mkfs.
         ensure_disk(image)?;
         self.image = Some(image.clone());
+        if self.snapshot {
+            // The templates, so no measured run pays for one: without a network card (the
+            // foreground runs) and with one (the servers, on the default network).
+            for flags in [&["--rm", "--network", "none"][..], &["--rm"]] {
+                super::run_quiet(
+                    self.twinbox_with(&Workload::True, false, flags),
+                    "twinbox run --snapshot (template)",
+                )?;
+            }
+        }
         Ok(())
     }
 
@@ -213,6 +247,11 @@ impl Backend for TwinboxMicrovm {
     }
 
     fn disk_note(&self) -> String {
+        if self.snapshot {
+            return "the guest's root: the image's disk under a tmpfs overlay, so in the guest's memory; no volume: \
+                    a template VM has no volume disks, so `--snapshot` refuses -v"
+                .into();
+        }
         "the guest's root: the image's disk under a tmpfs overlay, so in the guest's memory; a named disk volume \
          (a sparse ext4 file of the host, a virtio-blk disk of the VM)"
             .into()

@@ -9,6 +9,7 @@
 //! | `twinbox-container` | `twinbox run --rm hello:latest …`, the CLI being measured |
 //! | `runc`, `crun` | an OCI bundle (the flattened image + a default config.json) |
 //! | `twinbox-microvm` | `twinbox run --isolation microvm hello:latest …` |
+//! | `twinbox-microvm-snapshot` | the same with `--snapshot`: restored from the image's warm template |
 //! | `qemu-microvm` | QEMU `-M microvm` with the same kernel, agent initramfs and root disk |
 //! | `firecracker` | not yet: reported with the reason |
 //!
@@ -32,8 +33,16 @@ pub use process::Process;
 pub use twinbox::TwinboxContainer;
 
 /// Names of every backend, in report order.
-pub const ALL: [&str; 7] =
-    ["process", "twinbox-container", "runc", "crun", "twinbox-microvm", "qemu-microvm", "firecracker"];
+pub const ALL: [&str; 8] = [
+    "process",
+    "twinbox-container",
+    "runc",
+    "crun",
+    "twinbox-microvm",
+    "twinbox-microvm-snapshot",
+    "qemu-microvm",
+    "firecracker",
+];
 
 /// Why a backend cannot run on this host.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -301,6 +310,7 @@ pub fn by_name(name: &str, twinbox: &Path) -> Option<Box<dyn Backend>> {
         "runc" => Box::new(Oci::new(OciRuntime::Runc)),
         "crun" => Box::new(Oci::new(OciRuntime::Crun)),
         "twinbox-microvm" => Box::new(TwinboxMicrovm::new(twinbox)),
+        "twinbox-microvm-snapshot" => Box::new(TwinboxMicrovm::snapshot(twinbox)),
         "qemu-microvm" => Box::new(QemuMicrovm::default()),
         "firecracker" => Box::new(Firecracker),
         _ => return None,

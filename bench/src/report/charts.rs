@@ -84,6 +84,7 @@ pub fn color(backend: &str) -> RGBColor {
         "runc" => RGBColor(255, 127, 14),
         "crun" => RGBColor(44, 160, 44),
         "twinbox-microvm" => RGBColor(148, 103, 189),
+        "twinbox-microvm-snapshot" => RGBColor(227, 119, 194),
         "qemu-microvm" => RGBColor(214, 39, 40),
         "firecracker" => RGBColor(140, 86, 75),
         _ => RGBColor(23, 190, 207),

@@ -171,6 +171,73 @@ fn connect_agent(path: &Path, answer: std::time::Duration) -> io::Result<UnixStr
     Ok(conn)
 }
 
+/// Hands a VM restored from its template its workload: the agent behind `socket` gets `guest`
+/// with fresh entropy and the time (`twinbox_agent::control::StartRequest`) and answers once
+/// the workload runs.
+fn start_workload(socket: &Path, guest: twinbox_microvm::agent::GuestConfig) -> Result<(), String> {
+    let mut entropy = vec![0u8; 64];
+    fs::File::open("/dev/urandom")
+        .and_then(|mut f| io::Read::read_exact(&mut f, &mut entropy))
+        .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
+    let realtime_ns = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
+    let mut guest = guest;
+    guest.template = false;
+    let request = control::ExecRequest {
+        start: Some(control::StartRequest { config: guest, entropy, realtime_ns }),
+        ..Default::default()
+    };
+    let mut json = serde_json::to_vec(&request).expect("a request serializes");
+    json.push(b'\n');
+    // A connection made before the guest took in the restore's transport reset is reset by it
+    // (the guest drops every connection it had then): the agent, still waiting, takes the next.
+    let mut tries = 0;
+    loop {
+        tries += 1;
+        match start_once(socket, &json) {
+            Err(StartFailure::Reset(_)) if tries < START_TRIES => {
+                std::thread::sleep(std::time::Duration::from_millis(20))
+            }
+            // The try before was taken after all, and its answer lost with the connection.
+            Err(StartFailure::Refused(why)) if tries > 1 && why.contains("already runs its workload") => return Ok(()),
+            Err(StartFailure::Reset(why) | StartFailure::Refused(why)) => return Err(why),
+            Ok(()) => return Ok(()),
+        }
+    }
+}
+
+/// How many connections a start may take (see [`start_workload`]).
+const START_TRIES: u32 = 10;
+
+/// Why one try to start the workload failed.
+enum StartFailure {
+    /// The connection broke before any answer: try again.
+    Reset(String),
+    /// The agent answered no.
+    Refused(String),
+}
+
+fn start_once(socket: &Path, request: &[u8]) -> Result<(), StartFailure> {
+    let reset = |e: io::Error| StartFailure::Reset(e.to_string());
+    let mut conn = connect_agent(socket, agent_timeout()).map_err(reset)?;
+    conn.set_read_timeout(Some(agent_timeout())).map_err(reset)?;
+    conn.write_all(request).map_err(reset)?;
+    let mut said = String::new();
+    loop {
+        match control::read_frame(&mut conn) {
+            Ok(Some((control::FRAME_ERROR, b))) => said.push_str(&String::from_utf8_lossy(&b)),
+            Ok(Some((control::FRAME_EXIT, b))) if b == [0; 4] => return Ok(()),
+            Ok(Some((control::FRAME_EXIT, _))) => return Err(StartFailure::Refused(said)),
+            Ok(Some(_)) => {}
+            Ok(None) if said.is_empty() => return Err(StartFailure::Reset("the agent hung up".into())),
+            Ok(None) => return Err(StartFailure::Refused(format!("the agent hung up: {said}"))),
+            Err(e) if said.is_empty() => return Err(reset(e)),
+            Err(e) => return Err(StartFailure::Refused(format!("{e}: {said}"))),
+        }
+    }
+}
+
 /// Our terminal in raw mode for `exec -it` (keys go to the guest's pty as typed); restored
 /// when dropped.
 struct RawTerminal(nix::sys::termios::Termios);
@@ -409,6 +476,17 @@ impl Engine {
                     disks.push(twinbox_microvm::config::DiskConfig { path, read_only: m.read_only });
                 }
                 let prepared = microvm::PreparedRun { guest: guest.clone(), ..prepared.clone() };
+                let template = match vm.snapshot {
+                    true => Some(crate::template::ensure(
+                        &self.store,
+                        &record.image,
+                        &record.image_digest,
+                        &prepared,
+                        &vm,
+                        joined.is_some(),
+                    )?),
+                    false => None,
+                };
                 let (mut config, initrd) = microvm::vm_config(prepared, &vm, cards);
                 config.disks.extend(disks);
                 let socket = vsock_path(&id);
@@ -419,11 +497,20 @@ impl Engine {
                     .map_err(io_err("restrict", dir))?;
                 // A socket left by a VMM that was killed.
                 let _ = fs::remove_file(&socket);
-                config.vsock = Some(twinbox_microvm::VsockConfig { guest_cid: 3, uds_path: socket.clone() });
+                config.vsock = Some(twinbox_microvm::VsockConfig {
+                    guest_cid: crate::template::GUEST_CID,
+                    uds_path: socket.clone(),
+                });
                 let output = self.vm_output(&record, detached)?;
                 let me = std::process::id() as i32;
-                let booted =
-                    microvm::boot(config, initrd, start, output, vm.verbose, |console| -> Result<(), EngineError> {
+                let booted = microvm::boot(
+                    config,
+                    initrd,
+                    template.as_deref(),
+                    start,
+                    output,
+                    vm.verbose,
+                    |console| -> Result<(), EngineError> {
                         if let Some((endpoint, bridge)) = &joined {
                             attach::connect_tap(endpoint, bridge)?;
                             record.endpoint = Some(endpoint.clone());
@@ -442,7 +529,30 @@ impl Engine {
                         // (Not for a foreground run: probing a guest through its boot made the
                         // nested L1's emulation stall now and then.)
                         let network = joined.as_ref().map(|(e, _)| e.network.clone());
-                        if detached {
+                        if template.is_some() {
+                            // Restored where its agent waits: hand it the workload (and, for a
+                            // detached VM, `ok` once it runs).
+                            let (waiting, report, name, guest) =
+                                (waiting.clone(), report.clone(), record.name.clone(), guest.clone());
+                            sc.spawn(move || match start_workload(&socket, guest) {
+                                Ok(()) => {
+                                    if let Some(mut r) = report.lock().unwrap_or_else(|e| e.into_inner()).take() {
+                                        let _ = write!(r, "ok {me}");
+                                    }
+                                    if let Some(n) = network {
+                                        self.refresh_hosts(&n, None);
+                                    }
+                                }
+                                Err(why) => {
+                                    *waiting.failure.lock().unwrap_or_else(|e| e.into_inner()) = Some(format!(
+                                        "cannot hand the workload to the guest agent of {name}, restored from its \
+                                         template: {why}; the VM was stopped. The guest console's last lines:\n{}",
+                                        console.tail()
+                                    ));
+                                    let _ = nix::sys::signal::kill(Pid::from_raw(me), Signal::SIGTERM);
+                                }
+                            });
+                        } else if detached {
                             let (waiting, report, name) = (waiting.clone(), report.clone(), record.name.clone());
                             sc.spawn(move || {
                                 let report = detached.then_some(&*report);
@@ -454,7 +564,8 @@ impl Engine {
                             });
                         }
                         Ok(())
-                    });
+                    },
+                );
                 waiting.ended.store(true, Ordering::SeqCst);
                 booted
             })()

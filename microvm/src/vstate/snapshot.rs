@@ -62,6 +62,10 @@ pub const SAVED_MSRS: [u32; 20] = [
     0x4b56_4d04, // KVM PV EOI
 ];
 
+/// A 64-bit TSS descriptor's type, busy and available.
+const TSS_BUSY: u8 = 11;
+const TSS_AVAILABLE: u8 = 9;
+
 /// Saving or restoring a vCPU's state failed.
 #[derive(Debug, thiserror::Error)]
 pub enum StateError {
@@ -103,10 +107,21 @@ impl VcpuState {
 
     /// Puts this state into `fd`, a new vCPU (its CPUID already set) of a VM whose memory
     /// holds what the saved one's did.
-    pub fn restore(&self, fd: &VcpuFd) -> Result<(), StateError> {
+    ///
+    /// On an AMD host (`amd`) the task register goes back as an available TSS (type 9): KVM on
+    /// SVM cannot tell a busy TSS from an available one and always reports it busy (11), which
+    /// an AMD CPU ignores in long mode, but QEMU's emulation of SVM (the nested L1 where the
+    /// Linux guests are tested) then refuses every I/O permission check against the TSS: the
+    /// guest agent's first string write to a port after a restore faulted. Intel's VM entry
+    /// needs the busy type, which stays.
+    pub fn restore(&self, fd: &VcpuFd, amd: bool) -> Result<(), StateError> {
         fd.set_mp_state(self.mp_state).map_err(err("set the MP state"))?;
         fd.set_regs(&self.regs).map_err(err("set the registers"))?;
-        fd.set_sregs(&self.sregs).map_err(err("set the special registers"))?;
+        let mut sregs = self.sregs;
+        if amd && sregs.tr.type_ == TSS_BUSY {
+            sregs.tr.type_ = TSS_AVAILABLE;
+        }
+        fd.set_sregs(&sregs).map_err(err("set the special registers"))?;
         // SAFETY: `xsave` was read from KVM by get_xsave (the legacy 4 KiB region, no
         // trailing dynamic part), so it is as large as KVM_SET_XSAVE reads.
         unsafe { fd.set_xsave(&self.xsave) }.map_err(err("set the XSAVE state"))?;
@@ -248,7 +263,7 @@ mod tests {
             vm.memory().read_slice(&mut bytes, region.start_addr()).unwrap();
             copy.memory().write_slice(&bytes, region.start_addr()).unwrap();
         }
-        restored.restore_state(&state).unwrap();
+        restored.restore_state(&state, false).unwrap();
         let now = restored.save_state().unwrap();
         assert_eq!(now.regs, state.regs);
         assert_eq!(now.sregs, state.sregs);
@@ -269,7 +284,7 @@ mod tests {
         let Some((_vm, vcpu)) = counting_vm("an_msr_this_kvm_refuses_is_named_not_skipped") else { return };
         let mut state = vcpu.save_state().unwrap();
         state.msrs.push((0xdead_beef, 1));
-        let e = vcpu.restore_state(&state).unwrap_err();
+        let e = vcpu.restore_state(&state, false).unwrap_err();
         let chain = format!("{e}: {}", std::error::Error::source(&e).map(ToString::to_string).unwrap_or_default());
         assert!(chain.contains("MSR 0xdeadbeef"), "{chain}");
     }

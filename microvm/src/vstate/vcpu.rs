@@ -194,9 +194,10 @@ impl Vcpu {
         }
     }
 
-    /// Gives this new vCPU (CPUID set, not yet run) a saved state.
-    pub fn restore_state(&self, state: &super::snapshot::VcpuState) -> Result<(), VcpuError> {
-        state.restore(&self.fd).map_err(|source| VcpuError::State { id: self.id, source })
+    /// Gives this new vCPU (CPUID set, not yet run) a saved state; `amd`: the host's CPU is
+    /// AMD's (see [`super::snapshot::VcpuState::restore`]).
+    pub fn restore_state(&self, state: &super::snapshot::VcpuState, amd: bool) -> Result<(), VcpuError> {
+        state.restore(&self.fd, amd).map_err(|source| VcpuError::State { id: self.id, source })
     }
 
     /// The KVM vCPU, for tests that drive KVM_RUN themselves.
