@@ -46,6 +46,12 @@ pub struct Template {
     pub image_digest: String,
     /// The guest kernel.
     pub kernel: PathBuf,
+    /// The kernel file's identity when the template was made (path, size, change time).
+    #[serde(default)]
+    pub kernel_id: String,
+    /// The image's root disk file's identity then.
+    #[serde(default)]
+    pub disk_id: String,
     /// Guest RAM in MiB.
     pub memory_mib: u32,
     /// vCPUs.
@@ -139,6 +145,8 @@ pub fn ensure(
         image: image.to_owned(),
         image_digest: image_digest.to_owned(),
         kernel: prepared.kernel.clone(),
+        kernel_id: file_identity(&prepared.kernel)?,
+        disk_id: file_identity(&prepared.disk.path)?,
         memory_mib: shape.memory_mib.unwrap_or(microvm::DEFAULT_MEMORY_MIB),
         vcpus: shape.vcpus.unwrap_or(1),
         network,
@@ -237,12 +245,23 @@ pub fn remove(store: &Store, key: &str) -> Result<(), ImageRunError> {
         .map_err(io_err("remove", &snapshot))
 }
 
+/// Whether `t` can be restored again: made by this VMM, of files that are still as they were
+/// (a kernel rebuilt or a root disk made again gets a template of its own).
+fn current(t: &Template) -> bool {
+    let same = |id: &str| {
+        let path = id.rsplitn(3, ' ').nth(2).unwrap_or_default();
+        file_identity(Path::new(path)).is_ok_and(|now| now == id)
+    };
+    t.vmm == VMM_BUILD && same(&t.kernel_id) && same(&t.disk_id)
+}
+
 /// Removes the templates whose image is not in the store any more (`in_store` says which
-/// digests are), and what killed makers left; returns the keys removed.
+/// digests are) or that can never be restored again (another VMM build, a kernel or root disk
+/// file that changed), and what killed makers left; returns the keys removed.
 pub fn prune(store: &Store, in_store: impl Fn(&str) -> bool) -> Vec<String> {
     let mut removed = Vec::new();
     for (t, _) in list(store) {
-        if (!in_store(&t.image_digest) || t.vmm != VMM_BUILD) && remove(store, &t.key).is_ok() {
+        if (!in_store(&t.image_digest) || !current(&t)) && remove(store, &t.key).is_ok() {
             removed.push(t.key);
         }
     }
@@ -251,8 +270,8 @@ pub fn prune(store: &Store, in_store: impl Fn(&str) -> bool) -> Vec<String> {
     for entry in fs::read_dir(&dir).into_iter().flatten().flatten() {
         let name = entry.file_name().to_string_lossy().into_owned();
         let path = entry.path();
-        let orphan = path.is_dir() && !dir.join(format!("{name}.json")).exists();
         let stale_tmp = name.starts_with('.');
+        let orphan = !stale_tmp && path.is_dir() && !dir.join(format!("{name}.json")).exists();
         if !(orphan || stale_tmp) {
             continue;
         }
@@ -273,4 +292,82 @@ pub fn prune(store: &Store, in_store: impl Fn(&str) -> bool) -> Vec<String> {
         let _ = fs::remove_file(&lock_path);
     }
     removed
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A template's files as `ensure` leaves them, without booting anything; its kernel and
+    /// disk are files of the store's directory.
+    fn fake(store: &Store, key: &str, digest: &str, vmm: &str) {
+        let dir = templates_dir(store);
+        let (kernel, disk) = (store.root().join("vmlinux"), store.root().join("root disk.ext4"));
+        for f in [&kernel, &disk] {
+            if !f.exists() {
+                fs::write(f, b"x").unwrap();
+            }
+        }
+        fs::create_dir_all(dir.join(key)).unwrap();
+        fs::write(dir.join(key).join("memory"), vec![1u8; 8192]).unwrap();
+        let t = Template {
+            key: key.into(),
+            image: format!("img-{key}:latest"),
+            image_digest: digest.into(),
+            kernel: kernel.clone(),
+            kernel_id: file_identity(&kernel).unwrap(),
+            disk_id: file_identity(&disk).unwrap(),
+            memory_mib: 128,
+            vcpus: 1,
+            network: false,
+            vmm: vmm.into(),
+            created: format!("2026-12-07T00:00:0{}Z", key.len() % 10),
+        };
+        fs::write(dir.join(format!("{key}.json")), serde_json::to_vec(&t).unwrap()).unwrap();
+    }
+
+    #[test]
+    fn prune_removes_templates_of_images_gone_other_builds_and_leftovers_of_killed_makers() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        fake(&store, "aaaa", "sha256:kept", VMM_BUILD);
+        fake(&store, "bbbb", "sha256:gone", VMM_BUILD);
+        fake(&store, "cccc", "sha256:kept", "0.0.1+old");
+        let dir = templates_dir(&store);
+        // A maker killed after its snapshot, before its metadata; and one killed mid-write.
+        fs::create_dir_all(dir.join("dddd")).unwrap();
+        fs::create_dir_all(dir.join(".eeee.tmp-99")).unwrap();
+        let listed: Vec<String> = list(&store).into_iter().map(|(t, _)| t.key).collect();
+        assert_eq!(listed.len(), 3, "{listed:?}");
+        assert!(list(&store).iter().all(|(_, bytes)| *bytes >= 8192), "disk use is counted");
+        let mut removed = prune(&store, |d| d == "sha256:kept");
+        removed.sort();
+        assert_eq!(removed, ["bbbb", "cccc", "dddd"]);
+        let left: Vec<String> =
+            fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().into_string().unwrap()).collect();
+        let mut left = left;
+        left.sort();
+        assert_eq!(left, ["aaaa", "aaaa.json"]);
+        remove(&store, "aaaa").unwrap();
+        assert_eq!(fs::read_dir(&dir).unwrap().count(), 0);
+        assert!(remove(&store, "aaaa").is_err(), "removing what is not there says so");
+        // A kernel built again: its templates go.
+        fake(&store, "gggg", "sha256:kept", VMM_BUILD);
+        assert!(prune(&store, |_| true).is_empty(), "nothing changed");
+        std::thread::sleep(std::time::Duration::from_millis(20));
+        fs::write(store.root().join("vmlinux"), b"rebuilt").unwrap();
+        assert_eq!(prune(&store, |_| true), ["gggg"]);
+    }
+
+    #[test]
+    fn a_maker_at_work_is_left_alone() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path()).unwrap();
+        let dir = templates_dir(&store);
+        fs::create_dir_all(dir.join("ffff")).unwrap();
+        let lock = fs::File::create(dir.join("ffff.lock")).unwrap();
+        let _held = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive).unwrap();
+        assert!(prune(&store, |_| true).is_empty());
+        assert!(dir.join("ffff").is_dir());
+    }
 }

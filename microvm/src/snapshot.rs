@@ -16,6 +16,8 @@
 //!   with their queues).
 //! - `SHA256SUMS`: the SHA-256 of the other two in `sha256sum`'s format (`sha256sum -c
 //!   SHA256SUMS` checks a snapshot by hand).
+//! - `verified` (not part of the format): the stamp of the last full check of `memory`, see
+//!   below.
 //!
 //! A restore refuses, with the reason, a snapshot whose checksum does not match (truncated or
 //! altered), of another format or VMM build, made on a CPU with another identity, or of
@@ -340,6 +342,10 @@ pub(crate) fn finish(tmp: &Path, dir: &Path, state: &SnapshotState, memory_sha25
     write_synced(&state_path, &json)?;
     let sums = format!("{}  {STATE_FILE}\n{memory_sha256}  {MEMORY_FILE}\n", hex::encode(Sha256::digest(&json)));
     write_synced(&tmp.join(CHECKSUMS_FILE), sums.as_bytes())?;
+    // The memory file was hashed as it was written: its first restore need not read it again.
+    if let Ok(meta) = fs::metadata(tmp.join(MEMORY_FILE)) {
+        write_stamp(tmp, &stamp_text(&meta, memory_sha256));
+    }
     fs::rename(tmp, dir).map_err(io_err("move the finished snapshot to", dir))?;
     if let Some(parent) = dir.parent() {
         if let Ok(d) = File::open(parent) {
@@ -435,28 +441,38 @@ pub fn load(dir: &Path) -> Result<SnapshotState, SnapshotError> {
     if meta.len() != expected {
         return Err(damaged(MEMORY_FILE, format!("has {} bytes where the state says {expected}", meta.len())));
     }
-    let stamp = format!(
-        "{} {} {} {} {}.{} {memory_sum}\n",
-        meta.dev(),
-        meta.ino(),
-        meta.len(),
-        meta.mtime_nsec() + meta.mtime() * 1_000_000_000,
-        meta.ctime(),
-        meta.ctime_nsec()
-    );
-    let stamp_path = dir.join(VERIFIED_FILE);
-    if fs::read_to_string(&stamp_path).ok().as_deref() != Some(stamp.as_str()) {
+    let stamp = stamp_text(&meta, &memory_sum);
+    if fs::read_to_string(dir.join(VERIFIED_FILE)).ok().as_deref() != Some(stamp.as_str()) {
         let found = hash_file(&path)?;
         if found != memory_sum {
             return Err(damaged(MEMORY_FILE, "does not match its checksum".into()));
         }
-        // Best effort: without the stamp the next restore hashes again.
-        let tmp = dir.join(format!(".{VERIFIED_FILE}.{}", std::process::id()));
-        if fs::write(&tmp, &stamp).and_then(|()| fs::rename(&tmp, &stamp_path)).is_err() {
-            let _ = fs::remove_file(&tmp);
-        }
+        write_stamp(dir, &stamp);
     }
     Ok(state)
+}
+
+/// What the stamp of a memory file `meta` that hashed to `sum` says: its device, inode, size,
+/// modification and change times, and the hash.
+fn stamp_text(meta: &fs::Metadata, sum: &str) -> String {
+    format!(
+        "{} {} {} {}.{} {}.{} {sum}\n",
+        meta.dev(),
+        meta.ino(),
+        meta.len(),
+        meta.mtime(),
+        meta.mtime_nsec(),
+        meta.ctime(),
+        meta.ctime_nsec()
+    )
+}
+
+/// Best effort: without the stamp the next restore hashes again.
+fn write_stamp(dir: &Path, stamp: &str) {
+    let tmp = dir.join(format!(".{VERIFIED_FILE}.{}", std::process::id()));
+    if fs::write(&tmp, stamp).and_then(|()| fs::rename(&tmp, dir.join(VERIFIED_FILE))).is_err() {
+        let _ = fs::remove_file(&tmp);
+    }
 }
 
 fn parse_sums(text: &str) -> BTreeMap<&str, String> {

@@ -72,7 +72,7 @@ fn a_guest_paused_when_ready_goes_on_from_there_in_every_restored_vm() {
     let mut names: Vec<String> =
         std::fs::read_dir(&dir).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     names.sort();
-    assert_eq!(names, [CHECKSUMS_FILE, MEMORY_FILE, STATE_FILE]);
+    assert_eq!(names, [CHECKSUMS_FILE, MEMORY_FILE, STATE_FILE, "verified"]);
     // Holes where the guest's pages are zero: 16 MiB of RAM, a few pages written.
     let meta = std::fs::metadata(dir.join(MEMORY_FILE)).unwrap();
     assert_eq!(meta.len(), 16 << 20);
@@ -127,10 +127,17 @@ fn damaged_snapshots_and_snapshots_of_another_vm_build_or_cpu_are_refused_with_t
         err.to_string()
     };
 
-    // One byte of guest memory altered after a restore checked (and stamped) it.
+    // One byte of guest memory altered after a restore checked (and stamped) it, and one
+    // altered in the snapshot that was stamped when it was made.
     let altered = tmp.path().join("altered");
     copy_dir(&good, &altered);
     restore(&altered, config()).unwrap();
+    let memory = std::fs::OpenOptions::new().write(true).open(good.join(MEMORY_FILE)).unwrap();
+    memory.write_all_at(&[0xcc], 0x10_0000).unwrap();
+    let e = refused(&good, config());
+    assert!(e.contains("memory does not match its checksum"), "{e}");
+    std::fs::remove_dir_all(&good).unwrap();
+    copy_dir(&altered, &good);
     let memory = std::fs::OpenOptions::new().write(true).open(altered.join(MEMORY_FILE)).unwrap();
     memory.write_all_at(&[0xcc], 0x10_0000).unwrap();
     let e = refused(&altered, config());

@@ -220,7 +220,8 @@ enum StartFailure {
 
 fn start_once(socket: &Path, request: &[u8]) -> Result<(), StartFailure> {
     let reset = |e: io::Error| StartFailure::Reset(e.to_string());
-    let mut conn = connect_agent(socket, agent_timeout()).map_err(reset)?;
+    let mut conn = connect_agent(socket, agent_timeout())
+        .map_err(|e| StartFailure::Reset(format!("cannot connect to {}: {e}", socket.display())))?;
     conn.set_read_timeout(Some(agent_timeout())).map_err(reset)?;
     conn.write_all(request).map_err(reset)?;
     let mut said = String::new();

@@ -127,8 +127,13 @@ fn accept(listener: &OwnedFd) -> Result<File, TemplateError> {
             return Ok(File::from(unsafe { OwnedFd::from_raw_fd(fd) }));
         }
         let err = io::Error::last_os_error();
-        // Interrupted, or a connection that went away before it was taken: the next one.
-        if !matches!(err.raw_os_error(), Some(libc::EINTR | libc::ECONNABORTED)) {
+        // Only a broken listener ends the wait. Anything else was one connection's: interrupted,
+        // gone before it was taken, or reset by the transport reset a restore sends (vsock's
+        // accept then says ECONNRESET), which is why the host tries again.
+        if matches!(
+            err.raw_os_error(),
+            Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EOPNOTSUPP | libc::EFAULT)
+        ) {
             return Err(TemplateError::Accept(err));
         }
     }
