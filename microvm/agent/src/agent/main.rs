@@ -11,13 +11,13 @@
 //! 4. forwards its stdout and stderr to the ports until both close, reaps it, and writes its
 //!    status to the exit port, which ends the VM.
 //!
-//! A warm template (`template: true`) stops after step 1 for as long as it takes:
+//! A warm template (`template: true`) stops after the root of step 2 for as long as it takes:
 //! 1. it listens on the control port (vsock 1024), writes one byte to the ready port, where the
 //!    VMM snapshots the VM, and takes connections one at a time until one brings a valid
 //!    `start`, answering the others with an error;
 //! 2. in the restored copy that received it: adds the request's entropy to the kernel's pool and
 //!    reseeds the CRNG, sets the wall clock to the host's time;
-//! 3. goes on from step 2 above with the request's configuration (its root, hostname, network
+//! 3. goes on from step 2 above with the request's configuration (its hostname, network
 //!    with eth0's MAC address), answers the `start` once the workload is spawned (an exit frame
 //!    of 0, or an error and 1), and serves exec on the same listener.
 //!
@@ -169,8 +169,11 @@ mod agent {
         agent.verbose = config.verbose;
         agent.log(format_args!("started at {started:.3} ms; /proc /sys /dev mounted, configuration read"));
         if !config.template {
-            return boot(agent, &config, None, None);
+            return boot(agent, &config, None, None, false);
         }
+        // The image's root is the same in every copy: made once, before the snapshot.
+        setup::root(&config)?;
+        agent.log(format_args!("template: root ready under an overlay at {}", setup::ROOT));
         let listener = template::listen()?;
         agent.log(format_args!("template: listening on vsock port {CONTROL_PORT}; ready (port {READY_PORT:#x})"));
         template::ready(&mut agent.ports);
@@ -178,6 +181,14 @@ mod agent {
         let (start, answer) = template::wait_for_start(&listener, &mut |line| agent.log(line))?;
         agent.verbose = start.config.verbose;
         agent.log(format_args!("start: {:?}", start.config.args[0]));
+        let same_root = start.config.root_device == config.root_device
+            && start.config.root_fstype == config.root_fstype
+            && start.config.volumes.is_empty();
+        if !same_root {
+            let e = AgentError::from(template::TemplateError::OtherRoot);
+            answer.failed(&chain(&e));
+            return Err(e);
+        }
         if let Err(e) = template::refresh(&start) {
             let e = AgentError::from(e);
             answer.failed(&chain(&e));
@@ -189,19 +200,21 @@ mod agent {
             start.realtime_ns / 1_000_000_000,
             start.realtime_ns % 1_000_000_000
         ));
-        boot(agent, &start.config, Some(listener), Some(answer))
+        boot(agent, &start.config, Some(listener), Some(answer), true)
     }
 
-    /// A cold boot from step 2 on (a template's copy once started): the root, the hostname and
-    /// the network, the workload, then its output and status. `listener` is the control port's,
-    /// when one was made already; `answer`, the `start` to answer once the workload is spawned.
+    /// A cold boot from step 2 on (a template's copy once started): the root (unless
+    /// `root_ready`), the hostname and the network, the workload, then its output and status.
+    /// `listener` is the control port's, when one was made already; `answer`, the `start` to
+    /// answer once the workload is spawned.
     fn boot(
         agent: &mut Agent,
         config: &GuestConfig,
         listener: Option<OwnedFd>,
         mut answer: Option<StartAnswer>,
+        root_ready: bool,
     ) -> Result<i32, AgentError> {
-        let spawned = match spawn(agent, config) {
+        let spawned = match spawn(agent, config, root_ready) {
             Ok(spawned) => spawned,
             Err(e) => {
                 if let Some(answer) = answer.take() {
@@ -245,15 +258,17 @@ mod agent {
     }
 
     /// The workload's root, the hostname, the network, and the workload forked.
-    fn spawn(agent: &mut Agent, config: &GuestConfig) -> Result<workload::Started, AgentError> {
-        setup::root(config)?;
-        agent.log(format_args!(
-            "root ready: {} ({}) under an overlay at {}{}",
-            config.root_device,
-            config.root_fstype,
-            setup::ROOT,
-            if config.read_only { ", read-only" } else { "" }
-        ));
+    fn spawn(agent: &mut Agent, config: &GuestConfig, root_ready: bool) -> Result<workload::Started, AgentError> {
+        if !root_ready {
+            setup::root(config)?;
+            agent.log(format_args!(
+                "root ready: {} ({}) under an overlay at {}{}",
+                config.root_device,
+                config.root_fstype,
+                setup::ROOT,
+                if config.read_only { ", read-only" } else { "" }
+            ));
+        }
         setup::hostname(config)?;
         crate::net::setup(config, setup::ROOT)?;
         if let Some(n) = &config.network {

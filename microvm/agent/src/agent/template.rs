@@ -33,6 +33,9 @@ pub enum TemplateError {
     /// clock_settime(CLOCK_REALTIME) failed.
     #[error("cannot set the wall clock to the host's time")]
     Clock(#[source] io::Error),
+    /// The workload's root disk is not the one the template mounted (or it has volumes).
+    #[error("start: the workload's root disk or volumes are not the template's (its root is mounted already); make a template for it")]
+    OtherRoot,
 }
 
 /// The connection a `start` came on, answered once the workload's process is spawned or the
