@@ -261,6 +261,7 @@ pub fn boot<E: From<ImageRunError>>(
         None => builder.initrd_bytes(initrd),
     };
     let mut vm = builder.build().map_err(|e| E::from(ImageRunError::from(e)))?;
+    tracing::debug!(restored = restore.is_some(), "VM built");
     attach(shared.clone())?;
     let result = vm.run(&mut shared.clone());
     drop(vm);

@@ -162,6 +162,7 @@ impl VmBuilder {
             Some(dir) => {
                 let state = snapshot::load(dir)?;
                 state.check_shape(dir, &config)?;
+                tracing::debug!(dir = %dir.display(), "snapshot read and checked");
                 Some((dir.as_path(), state))
             }
             None => None,
@@ -269,6 +270,7 @@ impl VmBuilder {
             for (vcpu, saved) in vcpus.iter().zip(&state.vcpus) {
                 vcpu.restore_state(saved, amd)?;
             }
+            tracing::debug!("vCPUs restored");
             let invalid = |problem: String| VmError::from(SnapshotError::Invalid { dir: dir.to_path_buf(), problem });
             let d = &state.devices;
             if let Some(evt) = serial_restore {

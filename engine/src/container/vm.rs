@@ -195,9 +195,11 @@ fn start_workload(socket: &Path, guest: twinbox_microvm::agent::GuestConfig) -> 
     let mut tries = 0;
     loop {
         tries += 1;
-        match start_once(socket, &json) {
+        let result = start_once(socket, &json);
+        tracing::debug!(tries, ok = result.is_ok(), "start request to the agent");
+        match result {
             Err(StartFailure::Reset(_)) if tries < START_TRIES => {
-                std::thread::sleep(std::time::Duration::from_millis(20))
+                std::thread::sleep(std::time::Duration::from_millis(2))
             }
             // The try before was taken after all, and its answer lost with the connection.
             Err(StartFailure::Refused(why)) if tries > 1 && why.contains("already runs its workload") => return Ok(()),
@@ -207,8 +209,8 @@ fn start_workload(socket: &Path, guest: twinbox_microvm::agent::GuestConfig) -> 
     }
 }
 
-/// How many connections a start may take (see [`start_workload`]).
-const START_TRIES: u32 = 10;
+/// How many connections a start may take (see [`start_workload`]), 2 ms apart.
+const START_TRIES: u32 = 100;
 
 /// Why one try to start the workload failed.
 enum StartFailure {

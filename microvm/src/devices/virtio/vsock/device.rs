@@ -130,6 +130,10 @@ pub struct Vsock {
     serving: bool,
     kick: Arc<EventFd>,
     buf: Vec<u8>,
+    /// After a restore, until the driver has taken the transport reset in (it reads the CID
+    /// again when it does): host processes wait before their `CONNECT` goes to the guest,
+    /// which would otherwise reset their new connection along with the old ones.
+    reset_pending: std::sync::atomic::AtomicBool,
 }
 
 impl Vsock {
@@ -157,6 +161,7 @@ impl Vsock {
             serving: false,
             kick: Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VsockError::EventFd)?),
             buf: vec![0; MAX_PAYLOAD],
+            reset_pending: std::sync::atomic::AtomicBool::new(false),
         })
     }
 
@@ -321,6 +326,9 @@ impl Vsock {
                 Err(_) => break,
             }
         }
+        if self.reset_pending.load(std::sync::atomic::Ordering::SeqCst) {
+            return;
+        }
         let mut i = 0;
         while i < self.handshakes.len() {
             let hs = &mut self.handshakes[i];
@@ -482,7 +490,9 @@ impl Vsock {
     fn poll_set(&self) -> Vec<libc::pollfd> {
         let fd = |fd: RawFd, events: libc::c_short| libc::pollfd { fd, events, revents: 0 };
         let mut set = vec![fd(self.listener.as_raw_fd(), libc::POLLIN)];
-        set.extend(self.handshakes.iter().map(|h| fd(h.stream.as_raw_fd(), libc::POLLIN)));
+        if !self.reset_pending.load(std::sync::atomic::Ordering::SeqCst) {
+            set.extend(self.handshakes.iter().map(|h| fd(h.stream.as_raw_fd(), libc::POLLIN)));
+        }
         for c in self.conns.values() {
             let mut events = 0;
             if c.readable() && !self.rx_starved {
@@ -574,6 +584,10 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
+        if self.reset_pending.swap(false, std::sync::atomic::Ordering::SeqCst) {
+            // The driver took the transport reset in: the waiting host processes go ahead.
+            self.kick();
+        }
         // guest_cid, le64; nothing else.
         let cid = self.cid.to_le_bytes();
         for (i, byte) in data.iter_mut().enumerate() {
@@ -624,10 +638,12 @@ impl VirtioDevice for Vsock {
             tracing::warn!(error = %e, "vsock: cannot hand the transport reset to the guest");
             return false;
         }
+        self.reset_pending.store(true, std::sync::atomic::Ordering::SeqCst);
         true
     }
 
     fn reset(&mut self) {
+        self.reset_pending.store(false, std::sync::atomic::Ordering::SeqCst);
         self.conns.clear();
         self.handshakes.clear();
         self.control.clear();
@@ -846,6 +862,14 @@ mod tests {
         let mut event = [0u8; 8];
         mem.read_slice(&mut event, GuestAddress(event_buf)).unwrap();
         assert_eq!(event, [0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff], "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, 4 bytes");
+        // Host processes wait until the driver read the CID again, as it does on the event.
+        assert!(dev.reset_pending.load(std::sync::atomic::Ordering::SeqCst));
+        let _host = std::os::unix::net::UnixStream::connect(dir.path().join("v.sock")).unwrap();
+        assert_eq!(dev.poll_set().len(), 1, "only the listener is watched");
+        dev.accept();
+        assert_eq!(dev.handshakes.len(), 1);
+        dev.read_config(0, &mut [0u8; 8]);
+        assert_eq!(dev.poll_set().len(), 2, "the handshake is watched again");
         // No buffer left: nothing used, nothing raised.
         assert!(!dev.restored(&mut queues, &mem));
     }
