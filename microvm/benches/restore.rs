@@ -156,8 +156,19 @@ fn smaps_rollup_kib(pid: u32) -> (u64, u64) {
 fn idle_memory(mode: &str, dir: &Path, n: usize) -> Vec<(u64, u64)> {
     let mut children: Vec<_> =
         (0..n).map(|_| command(mode, dir).stdout(Stdio::null()).spawn().expect("spawn")).collect();
-    std::thread::sleep(Duration::from_millis(1500));
-    let mem = children.iter().map(|c| smaps_rollup_kib(c.id())).collect();
+    // Settled once no guest's RSS grew for a second (a booted one first fills its 32 MiB,
+    // which under PVM's shadow paging takes seconds), at most 60 s.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut last: Vec<(u64, u64)> = Vec::new();
+    let mem = loop {
+        std::thread::sleep(Duration::from_secs(1));
+        let now: Vec<(u64, u64)> = children.iter().map(|c| smaps_rollup_kib(c.id())).collect();
+        let grew = now.iter().zip(&last).any(|(n, l)| n.0 > l.0) || last.is_empty();
+        if !grew || Instant::now() >= deadline {
+            break now;
+        }
+        last = now;
+    };
     for c in &mut children {
         let _ = c.kill();
         let _ = c.wait();
