@@ -363,6 +363,7 @@ fn init(a: &InitArgs<'_>, ready: &mut bool) -> Result<Infallible, InitError> {
     }
 
     rootfs::pivot(&LinuxSyscall, a.rootfs, a.no_pivot)?;
+    rootfs::root_propagation(&LinuxSyscall, cfg.propagation)?;
     // Like runc, make the working directory if the image lacks it (Docker's WORKDIR of a
     // directory no layer has). After pivot_root, so symlinks resolve inside the container; and
     // before finalize, which may make the root read-only.

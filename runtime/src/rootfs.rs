@@ -413,10 +413,11 @@ pub fn prepare<E: From<RootfsError>>(
 ) -> Result<(), E> {
     let mut join = Some(join_cgroups);
     let mut binds = None;
-    // 1. Nothing we mount may propagate back to the host.
+    // 1. Nothing we mount may propagate back to the host. A shared root is made shared
+    //    after pivot_root ([`root_propagation`]): pivot_root refuses a shared new root or
+    //    parent, and until then the namespace stays private.
     let prop = match cfg.propagation {
-        None | Some("") => MsFlags::MS_REC | MsFlags::MS_PRIVATE,
-        Some(p @ ("shared" | "rshared")) => return Err(RootfsError::RootPropagation { value: p.to_string() }.into()),
+        None | Some("") | Some("shared" | "rshared") => MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         Some(p) => propagation_flags(p).ok_or_else(|| RootfsError::RootPropagation { value: p.to_string() })?,
     };
     sys.mount(None, Path::new("/"), None, prop, None)
@@ -736,6 +737,17 @@ pub fn pivot(sys: &dyn Syscall, rootfs: &Path, no_pivot: bool) -> Result<(), Roo
     sys.chdir(Path::new("/")).map_err(err)
 }
 
+/// After pivot_root: a `rootfsPropagation` of `shared` or `rshared` applied to the new `/`
+/// (as runc applies the root's propagation once it is the root). Its peers are the
+/// container's own mounts: the namespace was made private before, so nothing it mounts
+/// reaches the host, nor the host's its mounts.
+pub fn root_propagation(sys: &dyn Syscall, propagation: Option<&str>) -> Result<(), RootfsError> {
+    let Some(p @ ("shared" | "rshared")) = propagation else { return Ok(()) };
+    let flags = propagation_flags(p).ok_or_else(|| RootfsError::RootPropagation { value: p.to_string() })?;
+    sys.mount(None, Path::new("/"), None, flags, None)
+        .map_err(|source| RootfsError::Propagation { dest: PathBuf::from("/"), source })
+}
+
 /// After pivot_root: masked paths, read-only paths, read-only root. `root` is where the
 /// container's `/` is seen (`/` for real; a directory in unit tests).
 pub fn finalize(sys: &dyn Syscall, cfg: &RootfsConfig<'_>, root: &Path) -> Result<(), RootfsError> {
@@ -1001,6 +1013,37 @@ mod tests {
                 Call::Chdir("/".into()),
             ]
         );
+    }
+
+    #[test]
+    fn a_shared_root_is_made_shared_only_after_pivot_root() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("rootfs");
+        std::fs::create_dir_all(&root).unwrap();
+        for p in ["shared", "rshared"] {
+            let mut c = cfg(&root, &[]);
+            c.propagation = Some(p);
+            let sys = RecordingSyscall::new();
+            prepare(&sys, &c, no_cgroups).unwrap();
+            let first = Call::Mount {
+                source: None,
+                target: "/".into(),
+                fstype: None,
+                flags: MsFlags::MS_REC | MsFlags::MS_PRIVATE,
+                data: None,
+            };
+            assert_eq!(sys.calls()[0], first, "{p}: private until pivot_root");
+            let sys = RecordingSyscall::new();
+            root_propagation(&sys, c.propagation).unwrap();
+            let shared = if p == "rshared" { MsFlags::MS_SHARED | MsFlags::MS_REC } else { MsFlags::MS_SHARED };
+            let after = Call::Mount { source: None, target: "/".into(), fstype: None, flags: shared, data: None };
+            assert_eq!(sys.calls(), vec![after], "{p}");
+        }
+        // Any other propagation was applied before, and nothing is done after.
+        let sys = RecordingSyscall::new();
+        root_propagation(&sys, Some("rslave")).unwrap();
+        root_propagation(&sys, None).unwrap();
+        assert!(sys.calls().is_empty());
     }
 
     #[test]

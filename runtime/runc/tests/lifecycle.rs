@@ -251,6 +251,39 @@ fn relative_cwd_and_unusable_root_paths_are_refused() {
     env.assert_no_leaks();
 }
 
+/// runtime-tools' rootfsPropagation case, which runc passes: a `shared` root is accepted (it
+/// used to be refused at create) and the container's `/` is a shared mount in its own
+/// mountinfo; `slave` is applied too.
+#[test]
+fn shared_and_slave_root_propagation() {
+    for propagation in ["rshared", "shared", "rslave"] {
+        let mut env = env_or_skip!("root_propagation");
+        env.spec["linux"]["rootfsPropagation"] = json!(propagation);
+        env.args(&["cat", "/proc/self/mountinfo"]);
+        let out = env.run();
+        assert_eq!(out.status.code(), Some(0), "{propagation}: {}", stderr(&out));
+        let info = stdout(&out);
+        // The optional fields of the mount at `target`: "shared:N", "master:N" or none.
+        let tags = |target: &str| {
+            let line = info.lines().find(|l| l.split(' ').nth(4) == Some(target)).unwrap_or_default();
+            line.split(" - ").next().unwrap_or_default().split(' ').skip(6).collect::<Vec<_>>().join(" ")
+        };
+        match propagation {
+            "rshared" => {
+                assert!(tags("/").starts_with("shared:"), "{info}");
+                assert!(tags("/proc").starts_with("shared:"), "recursively: {info}");
+            }
+            "shared" => {
+                assert!(tags("/").starts_with("shared:"), "{info}");
+                assert_eq!(tags("/proc"), "", "not recursively: {info}");
+            }
+            // A slave of a private mount is private, as under runc.
+            _ => assert_eq!(tags("/"), "", "{info}"),
+        }
+        env.assert_no_leaks();
+    }
+}
+
 #[test]
 fn mount_failing_before_the_cgroups_are_made_is_reported() {
     // The init mounts what comes before the first cgroup mount while the runtime is still
