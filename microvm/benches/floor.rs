@@ -11,9 +11,12 @@
 //! twinbox gives the raw stub. QEMU microvm has no i8042, so the stub falls through to the
 //! exit port 0x501, where `-device isa-debug-exit,iobase=0x501` ends QEMU with status 1.
 
+mod common;
+
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{median, percentile, smaps_rollup_kib};
 use twinbox_microvm::stub::{floor_stub, pvh_elf, StubAsm};
 use twinbox_microvm::{ExitReason, IrqChip, VmBuilder, VmConfig};
 
@@ -105,35 +108,6 @@ fn time_run(mut cmd: Command, want_status: i32) -> (Duration, String) {
     let elapsed = t.elapsed();
     assert_eq!(out.status.code(), Some(want_status), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
     (elapsed, String::from_utf8_lossy(&out.stdout).trim().to_string())
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
-fn percentile(v: &[f64], p: f64) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    s[((s.len() - 1) as f64 * p).round() as usize]
-}
-
-fn smaps_rollup_kib(pid: u32) -> (u64, u64) {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("Rss:"), field("Pss:"))
 }
 
 /// RSS/PSS of a process running an idle guest, read after it settled.

@@ -15,10 +15,13 @@
 //! `cargo bench -p twinbox-microvm --bench restore` (needs /dev/kvm). Env: RESTORE_ROUNDS
 //! (default 30), RESTORE_WARMUP (default 3).
 
+mod common;
+
 use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
+use common::{median, smaps_rollup_kib};
 use twinbox_microvm::stub::StubAsm;
 use twinbox_microvm::{ExitReason, VmBuilder, VmConfig};
 
@@ -127,29 +130,6 @@ fn time_run(mut cmd: Command) -> (f64, f64) {
     assert_eq!(out.status.code(), Some(0), "{cmd:?}: {}", String::from_utf8_lossy(&out.stderr));
     let us: f64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap_or(f64::NAN);
     (elapsed, us / 1e3)
-}
-
-fn median(v: &[f64]) -> f64 {
-    let mut s = v.to_vec();
-    s.sort_by(|a, b| a.total_cmp(b));
-    let n = s.len();
-    if n % 2 == 1 {
-        s[n / 2]
-    } else {
-        (s[n / 2 - 1] + s[n / 2]) / 2.0
-    }
-}
-
-fn smaps_rollup_kib(pid: u32) -> (u64, u64) {
-    let text = std::fs::read_to_string(format!("/proc/{pid}/smaps_rollup")).unwrap_or_default();
-    let field = |name: &str| {
-        text.lines()
-            .find(|l| l.starts_with(name))
-            .and_then(|l| l.split_whitespace().nth(1))
-            .and_then(|n| n.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("Rss:"), field("Pss:"))
 }
 
 /// RSS and PSS (KiB) of each of `n` idle guests of `mode` running at once, once settled.
