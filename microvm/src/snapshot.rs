@@ -418,19 +418,27 @@ pub fn load(dir: &Path) -> Result<SnapshotState, SnapshotError> {
     if hex::encode(Sha256::digest(&json)) != state_sum {
         return Err(damaged(STATE_FILE, "does not match its checksum".into()));
     }
-    // The version first, from whatever fields parse: a later format may have others.
+    // Parsed once on the way of every restore. Only when the whole state does not parse are
+    // its version fields read alone: a snapshot of another format is named as such, not as
+    // damaged.
     #[derive(Deserialize)]
     struct Version {
         format: u32,
         vmm: String,
     }
-    let version: Version =
-        serde_json::from_slice(&json).map_err(|e| damaged(STATE_FILE, format!("is not a snapshot's state: {e}")))?;
-    if version.format != FORMAT_VERSION || version.vmm != VMM_BUILD {
-        return Err(SnapshotError::OtherBuild { dir: dir.to_owned(), found: version.vmm, format: version.format });
+    let other_build = |v: Version| SnapshotError::OtherBuild { dir: dir.to_owned(), found: v.vmm, format: v.format };
+    let state: SnapshotState = match serde_json::from_slice(&json) {
+        Ok(state) => state,
+        Err(e) => {
+            return Err(match serde_json::from_slice::<Version>(&json) {
+                Ok(v) if v.format != FORMAT_VERSION || v.vmm != VMM_BUILD => other_build(v),
+                _ => damaged(STATE_FILE, format!("is not a snapshot's state: {e}")),
+            })
+        }
+    };
+    if state.format != FORMAT_VERSION || state.vmm != VMM_BUILD {
+        return Err(other_build(Version { format: state.format, vmm: state.vmm }));
     }
-    let state: SnapshotState =
-        serde_json::from_slice(&json).map_err(|e| damaged(STATE_FILE, format!("is not a snapshot's state: {e}")))?;
     let expected: u64 = state.memory.iter().map(|r| r.1).sum();
     let path = dir.join(MEMORY_FILE);
     let meta = match fs::metadata(&path) {

@@ -6,6 +6,7 @@ use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 
 use virtio_queue::{DescriptorChain, Queue, QueueOwnedT, QueueT};
@@ -133,7 +134,7 @@ pub struct Vsock {
     /// After a restore, until the driver has taken the transport reset in (it reads the CID
     /// again when it does): host processes wait before their `CONNECT` goes to the guest,
     /// which would otherwise reset their new connection along with the old ones.
-    reset_pending: std::sync::atomic::AtomicBool,
+    reset_pending: AtomicBool,
 }
 
 impl Vsock {
@@ -161,7 +162,7 @@ impl Vsock {
             serving: false,
             kick: Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VsockError::EventFd)?),
             buf: vec![0; MAX_PAYLOAD],
-            reset_pending: std::sync::atomic::AtomicBool::new(false),
+            reset_pending: AtomicBool::new(false),
         })
     }
 
@@ -326,7 +327,7 @@ impl Vsock {
                 Err(_) => break,
             }
         }
-        if self.reset_pending.load(std::sync::atomic::Ordering::SeqCst) {
+        if self.reset_pending.load(Ordering::SeqCst) {
             return;
         }
         let mut i = 0;
@@ -490,7 +491,7 @@ impl Vsock {
     fn poll_set(&self) -> Vec<libc::pollfd> {
         let fd = |fd: RawFd, events: libc::c_short| libc::pollfd { fd, events, revents: 0 };
         let mut set = vec![fd(self.listener.as_raw_fd(), libc::POLLIN)];
-        if !self.reset_pending.load(std::sync::atomic::Ordering::SeqCst) {
+        if !self.reset_pending.load(Ordering::SeqCst) {
             set.extend(self.handshakes.iter().map(|h| fd(h.stream.as_raw_fd(), libc::POLLIN)));
         }
         for c in self.conns.values() {
@@ -584,7 +585,7 @@ impl VirtioDevice for Vsock {
     }
 
     fn read_config(&self, offset: u64, data: &mut [u8]) {
-        if self.reset_pending.swap(false, std::sync::atomic::Ordering::SeqCst) {
+        if self.reset_pending.swap(false, Ordering::SeqCst) {
             // The driver took the transport reset in: the waiting host processes go ahead.
             self.kick();
         }
@@ -638,12 +639,12 @@ impl VirtioDevice for Vsock {
             tracing::warn!(error = %e, "vsock: cannot hand the transport reset to the guest");
             return false;
         }
-        self.reset_pending.store(true, std::sync::atomic::Ordering::SeqCst);
+        self.reset_pending.store(true, Ordering::SeqCst);
         true
     }
 
     fn reset(&mut self) {
-        self.reset_pending.store(false, std::sync::atomic::Ordering::SeqCst);
+        self.reset_pending.store(false, Ordering::SeqCst);
         self.conns.clear();
         self.handshakes.clear();
         self.control.clear();
@@ -863,7 +864,7 @@ mod tests {
         mem.read_slice(&mut event, GuestAddress(event_buf)).unwrap();
         assert_eq!(event, [0, 0, 0, 0, 0xff, 0xff, 0xff, 0xff], "VIRTIO_VSOCK_EVENT_TRANSPORT_RESET, 4 bytes");
         // Host processes wait until the driver read the CID again, as it does on the event.
-        assert!(dev.reset_pending.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(dev.reset_pending.load(Ordering::SeqCst));
         let _host = std::os::unix::net::UnixStream::connect(dir.path().join("v.sock")).unwrap();
         assert_eq!(dev.poll_set().len(), 1, "only the listener is watched");
         dev.accept();
