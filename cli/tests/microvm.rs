@@ -401,7 +401,9 @@ fn microvm_run_matches_the_container_run() {
         shell_quote("printf 'GET / HTTP/1.0\\r\\n\\r\\n' | nc -w 10 c1 80 | head -n 1"),
     ));
     // Warm templates: the first --snapshot run makes the image's template, ten runs restored
-    // from it print what the cold-booted "streams" case printed; two restored VMs differ in
+    // from it print what the cold-booted "streams" case printed (their start in the guest's
+    // mailbox); a start too large for it (an env var of 70 000 bytes) comes on the control port;
+    // a program that is not there exits 127 as in a cold boot; two restored VMs differ in
     // randomness, hostname, MAC and address; a tampered template is refused; rm removes it.
     let probe =
         "head -c 16 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; hostname; cat /sys/class/net/eth0/address; \
@@ -414,6 +416,9 @@ fn microvm_run_matches_the_container_run() {
          \x20 echo \"run: $o|$c|$(tr '\\n' ' ' </tmp/serr)\"\n\
          done\n\
          echo \"templates: $(twinbox snapshot ls -q | wc -l)\"\n\
+         big=$(head -c 70000 /dev/zero | tr '\\0' x)\n\
+         o=$(timeout 240 twinbox run --rm --isolation microvm --snapshot -e BIG=$big busybox sh -c {} 2>&1); echo \"big: $o|$?\"\n\
+         o=$(timeout 240 twinbox run --rm --isolation microvm --snapshot busybox nosuchcmd 2>&1); echo \"missing: $?|$o\" | tr '\\n' ' '; echo\n\
          twinbox run -d --isolation microvm --snapshot --name s1 busybox sleep 1000 >/dev/null 2>>/tmp/err\n\
          twinbox run -d --isolation microvm --snapshot --name s2 busybox sleep 1000 >/dev/null 2>>/tmp/err\n\
          echo \"s1: $(timeout 120 twinbox exec s1 sh -c {} 2>&1 | tr '\\n' ' ')\"\n\
@@ -428,6 +433,7 @@ fn microvm_run_matches_the_container_run() {
          echo \"left: $(twinbox ps -aq | wc -l) taps $(ls /sys/class/net | grep -c '^tb[ts]') sockets $(ls /run/twinbox/vm | wc -l)\"\n\
          echo '@@ERR@@'\ncat /tmp/err\necho '@@CODE 0@@'\n",
         shell_quote("echo out; echo err >&2; exit 5"),
+        shell_quote("echo ${#BIG}"),
         shell_quote(probe),
         shell_quote(probe),
     ));
@@ -638,6 +644,9 @@ fn microvm_run_matches_the_container_run() {
         assert_eq!(*run, cold_line, "a restored run prints what the cold-booted one did: {snap:?}");
     }
     assert!(snap.out.contains("templates: 1\n"), "{snap:?}");
+    assert!(snap.out.contains("big: 70000|0\n"), "a start larger than the mailbox: {snap:?}");
+    let missing = snap.out.lines().find(|l| l.starts_with("missing: ")).unwrap_or_default();
+    assert!(missing.starts_with("missing: 127|") && missing.contains("nosuchcmd"), "{snap:?}");
     let probe = |name: &str| -> Vec<String> {
         let line = snap.out.lines().find(|l| l.starts_with(name)).unwrap_or_default();
         line[name.len()..].split_whitespace().map(String::from).collect()

@@ -239,6 +239,16 @@ pub fn vm_config(prepared: PreparedRun, shape: &VmOptions, nets: Vec<NetConfig>)
 /// Where the workload's stdout and stderr go.
 pub type Output = (Box<dyn Write + Send>, Box<dyn Write + Send>);
 
+/// A template's snapshot to restore instead of booting.
+#[derive(Debug)]
+pub struct Restore<'a> {
+    /// The snapshot's directory.
+    pub dir: &'a std::path::Path,
+    /// The workload's `start` in mailbox bytes (see [`twinbox_microvm::agent::MAILBOX_ADDR`]),
+    /// when it fits there; else it goes on the control port once the VM runs.
+    pub mailbox: Option<Vec<u8>>,
+}
+
 /// Builds the VM (booting `initrd`, or restoring the snapshot `restore`), calls `attach` (its
 /// taps exist from then on, until the VM is dropped), runs it with the workload's output going
 /// to `output`, and tells how it ended.
@@ -246,7 +256,7 @@ pub type Output = (Box<dyn Write + Send>, Box<dyn Write + Send>);
 pub fn boot<E: From<ImageRunError>>(
     config: VmConfig,
     initrd: Vec<u8>,
-    restore: Option<&std::path::Path>,
+    restore: Option<Restore<'_>>,
     start: Instant,
     output: Output,
     verbose: bool,
@@ -256,12 +266,14 @@ pub fn boot<E: From<ImageRunError>>(
     let echo: Option<Box<dyn Write + Send>> = if verbose { Some(Box::new(std::io::stderr())) } else { None };
     let shared = ConsoleTail(Arc::new(Mutex::new(ConsoleLog::new(echo))));
     let builder = VmBuilder::new(config).start_time(start).output(output.0, output.1);
+    let restored = restore.is_some();
     let builder = match restore {
-        Some(dir) => builder.restore(dir),
+        Some(Restore { dir, mailbox: Some(bytes) }) => builder.restore(dir).mailbox(bytes),
+        Some(Restore { dir, mailbox: None }) => builder.restore(dir),
         None => builder.initrd_bytes(initrd),
     };
     let mut vm = builder.build().map_err(|e| E::from(ImageRunError::from(e)))?;
-    tracing::debug!(restored = restore.is_some(), "VM built");
+    tracing::debug!(restored, "VM built");
     attach(shared.clone())?;
     let result = vm.run(&mut shared.clone());
     drop(vm);

@@ -53,6 +53,7 @@ pub struct VmBuilder {
     initrd: Option<Vec<u8>>,
     output: Option<OutputWriters>,
     restore: Option<PathBuf>,
+    mailbox: Option<Vec<u8>>,
     pause_when_ready: bool,
 }
 
@@ -80,6 +81,7 @@ impl VmBuilder {
             initrd: None,
             output: None,
             restore: None,
+            mailbox: None,
             pause_when_ready: false,
         }
     }
@@ -90,6 +92,15 @@ impl VmBuilder {
     /// socket are the new VM's.
     pub fn restore(mut self, dir: impl Into<PathBuf>) -> Self {
         self.restore = Some(dir.into());
+        self
+    }
+
+    /// With [`restore`](Self::restore): `bytes` (a `start` request, see
+    /// [`twinbox_agent::control::mailbox`]) go into the restored memory at
+    /// [`twinbox_agent::MAILBOX_ADDR`] before any vCPU runs, where the template's agent reads
+    /// them as it resumes.
+    pub fn mailbox(mut self, bytes: Vec<u8>) -> Self {
+        self.mailbox = Some(bytes);
         self
     }
 
@@ -298,6 +309,16 @@ impl VmBuilder {
                 );
             for restored in transports {
                 restored.map_err(invalid)?;
+            }
+            if let Some(bytes) = self.mailbox.take() {
+                if bytes.len() > twinbox_agent::MAILBOX_LEN {
+                    return Err(VmError::MailboxTooLarge { len: bytes.len() });
+                }
+                let at = GuestAddress(twinbox_agent::MAILBOX_ADDR);
+                kvm_vm
+                    .memory()
+                    .write_slice(&bytes, at)
+                    .map_err(|e| invalid(format!("cannot fill the mailbox: {e}")))?;
             }
         } else {
             if self.irqchip {

@@ -124,6 +124,12 @@ pub enum VmError {
         /// Its size.
         len: usize,
     },
+    /// A restored VM's mailbox bytes are more than it holds.
+    #[error("a start request of {len} bytes does not fit the guest's mailbox ({} bytes)", twinbox_agent::MAILBOX_LEN)]
+    MailboxTooLarge {
+        /// Their size.
+        len: usize,
+    },
     /// Devices could not be placed on the buses.
     #[error("cannot place devices")]
     Bus(#[from] devices::BusError),
@@ -187,6 +193,7 @@ impl ExitCode for VmError {
             VmError::Snapshot(e) => e.exit_code(),
             VmError::Clock(_) => twinbox_exit::INTERNAL,
             VmError::StubTooLarge { .. }
+            | VmError::MailboxTooLarge { .. }
             | VmError::EventFd(_)
             | VmError::InterruptEventFd { .. }
             | VmError::Console(_) => twinbox_exit::INTERNAL,

@@ -316,6 +316,12 @@ mod tests {
         assert_eq!(params.e820_entries, 2);
         let e = params.e820_table[1];
         assert_eq!(({ e.addr }, { e.size }), (HIMEM_START, (16 << 20) - HIMEM_START));
+        // A restored template's mailbox is guest memory the kernel is not given as RAM.
+        let mailbox = twinbox_agent::MAILBOX_ADDR..twinbox_agent::MAILBOX_ADDR + twinbox_agent::MAILBOX_LEN as u64;
+        for e in &params.e820_table[..usize::from(params.e820_entries)] {
+            assert!(e.addr + e.size <= mailbox.start || e.addr >= mailbox.end, "e820 RAM over the mailbox");
+        }
+        assert!(m.address_in_range(GuestAddress(mailbox.end - 1)), "the mailbox is in guest memory");
         let (ramdisk, size) = ({ hdr.ramdisk_image }, { hdr.ramdisk_size });
         assert_eq!(size, 10);
         assert_eq!(ramdisk % 0x1000, 0);

@@ -171,14 +171,14 @@ fn connect_agent(path: &Path, answer: std::time::Duration) -> io::Result<UnixStr
     Ok(conn)
 }
 
-/// Hands a VM restored from its template its workload: the agent behind `socket` gets `guest`
-/// with fresh entropy and the time (`twinbox_agent::control::StartRequest`) and answers once
-/// the workload runs.
-fn start_workload(socket: &Path, guest: twinbox_microvm::agent::GuestConfig) -> Result<(), String> {
+/// The `start` request line (no newline) that makes a VM restored from its template the
+/// workload's own: `guest` with fresh entropy and the time (`twinbox_agent::control::StartRequest`).
+fn start_line(guest: twinbox_microvm::agent::GuestConfig) -> Result<Vec<u8>, EngineError> {
     let mut entropy = vec![0u8; 64];
-    fs::File::open("/dev/urandom")
+    let urandom = Path::new("/dev/urandom");
+    fs::File::open(urandom)
         .and_then(|mut f| io::Read::read_exact(&mut f, &mut entropy))
-        .map_err(|e| format!("cannot read /dev/urandom: {e}"))?;
+        .map_err(io_err("read", urandom))?;
     let realtime_ns = std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX));
@@ -188,8 +188,15 @@ fn start_workload(socket: &Path, guest: twinbox_microvm::agent::GuestConfig) -> 
         start: Some(control::StartRequest { config: guest, entropy, realtime_ns }),
         ..Default::default()
     };
-    let mut json = serde_json::to_vec(&request).expect("a request serializes");
-    json.push(b'\n');
+    Ok(serde_json::to_vec(&request).expect("a request serializes"))
+}
+
+/// Hands a VM restored from its template the workload's `start` request `line` (see
+/// [`start_line`]) on the control port, when it did not fit the mailbox: the agent behind
+/// `socket` answers once the workload runs.
+fn start_workload(socket: &Path, mut line: Vec<u8>) -> Result<(), String> {
+    line.push(b'\n');
+    let json = line;
     // A connection made before the guest took in the restore's transport reset is reset by it
     // (the guest drops every connection it had then): the agent, still waiting, takes the next.
     let mut tries = 0;
@@ -490,6 +497,17 @@ impl Engine {
                     )?),
                     false => None,
                 };
+                // The workload's start, in the restored memory when it fits (the agent has it as
+                // it resumes), else on the control port once the VM runs.
+                let (mut mailbox, mut start_later) = (None, None);
+                if template.is_some() {
+                    let line = start_line(guest.clone())?;
+                    match control::mailbox(&line) {
+                        Some(bytes) => mailbox = Some(bytes),
+                        None => start_later = Some(line),
+                    }
+                }
+                let restore = template.as_deref().map(|dir| microvm::Restore { dir, mailbox: mailbox.take() });
                 let (mut config, initrd) = microvm::vm_config(prepared, &vm, cards);
                 config.disks.extend(disks);
                 let socket = vsock_path(&id);
@@ -509,7 +527,7 @@ impl Engine {
                 let booted = microvm::boot(
                     config,
                     initrd,
-                    template.as_deref(),
+                    restore,
                     start,
                     output,
                     vm.verbose,
@@ -532,12 +550,12 @@ impl Engine {
                         // (Not for a foreground run: probing a guest through its boot made the
                         // nested L1's emulation stall now and then.)
                         let network = joined.as_ref().map(|(e, _)| e.network.clone());
-                        if template.is_some() {
-                            // Restored where its agent waits: hand it the workload (and, for a
-                            // detached VM, `ok` once it runs).
-                            let (waiting, report, name, guest) =
-                                (waiting.clone(), report.clone(), record.name.clone(), guest.clone());
-                            sc.spawn(move || match start_workload(&socket, guest) {
+                        if let Some(line) = start_later.take() {
+                            // Restored where its agent waits, its start too large for the
+                            // mailbox: hand it the workload (and, for a detached VM, `ok` once
+                            // it runs).
+                            let (waiting, report, name) = (waiting.clone(), report.clone(), record.name.clone());
+                            sc.spawn(move || match start_workload(&socket, line) {
                                 Ok(()) => {
                                     if let Some(mut r) = report.lock().unwrap_or_else(|e| e.into_inner()).take() {
                                         let _ = write!(r, "ok {me}");

@@ -93,6 +93,31 @@ pub struct StartRequest {
     pub realtime_ns: u64,
 }
 
+/// The mailbox bytes (see [`MAILBOX_ADDR`](crate::MAILBOX_ADDR)) that carry the request line
+/// `line` (JSON, no newline), or None when they would not fit.
+pub fn mailbox(line: &[u8]) -> Option<Vec<u8>> {
+    let len = u32::try_from(line.len()).ok()?;
+    let mut bytes = Vec::with_capacity(MAILBOX_HEADER + line.len());
+    bytes.extend_from_slice(&crate::MAILBOX_MAGIC);
+    bytes.extend_from_slice(&len.to_le_bytes());
+    bytes.extend_from_slice(line);
+    (bytes.len() <= crate::MAILBOX_LEN).then_some(bytes)
+}
+
+/// The mailbox's header: its magic and the length of the line.
+pub const MAILBOX_HEADER: usize = crate::MAILBOX_MAGIC.len() + 4;
+
+/// How many line bytes follow a mailbox `header` ([`MAILBOX_HEADER`] bytes); None when it holds
+/// no request (no magic: a template, or a VM never restored) or announces more than fits.
+pub fn mailbox_len(header: &[u8]) -> Option<usize> {
+    let (magic, len) = header.split_at_checked(crate::MAILBOX_MAGIC.len())?;
+    if magic != crate::MAILBOX_MAGIC {
+        return None;
+    }
+    let len = usize::try_from(u32::from_le_bytes(len.get(..4)?.try_into().ok()?)).ok()?;
+    (len <= crate::MAILBOX_LEN - MAILBOX_HEADER).then_some(len)
+}
+
 /// One frame's bytes.
 pub fn frame(kind: u8, payload: &[u8]) -> Vec<u8> {
     let mut f = Vec::with_capacity(5 + payload.len());
@@ -156,6 +181,24 @@ pub fn merge_env(base: &[String], extra: &[String]) -> Vec<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_mailbox_holds_one_line_that_fits() {
+        let bytes = mailbox(b"{\"start\":1}").unwrap();
+        assert_eq!(&bytes[..8], b"TBSTART1");
+        assert_eq!(mailbox_len(&bytes[..MAILBOX_HEADER]), Some(11));
+        assert_eq!(&bytes[MAILBOX_HEADER..], b"{\"start\":1}");
+        // A template's mailbox is zero; a cut or foreign header holds nothing.
+        assert_eq!(mailbox_len(&[0; MAILBOX_HEADER]), None);
+        assert_eq!(mailbox_len(&bytes[..6]), None);
+        // The largest line that fits, and one byte more.
+        let most = crate::MAILBOX_LEN - MAILBOX_HEADER;
+        assert_eq!(mailbox(&vec![b'x'; most]).map(|b| b.len()), Some(crate::MAILBOX_LEN));
+        assert_eq!(mailbox(&vec![b'x'; most + 1]), None);
+        let mut too_long = bytes[..MAILBOX_HEADER].to_vec();
+        too_long[8..].copy_from_slice(&(most as u32 + 1).to_le_bytes());
+        assert_eq!(mailbox_len(&too_long), None);
+    }
 
     #[test]
     fn frames_round_trip() {

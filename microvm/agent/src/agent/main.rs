@@ -173,12 +173,20 @@ mod agent {
         }
         // The image's root is the same in every copy: made once, before the snapshot.
         setup::root(&config)?;
-        agent.log(format_args!("template: root ready under an overlay at {}", setup::ROOT));
+        crate::net::prepare_template(setup::ROOT)?;
+        agent.log(format_args!("template: root ready under an overlay at {}, lo up", setup::ROOT));
         let listener = template::listen()?;
         agent.log(format_args!("template: listening on vsock port {CONTROL_PORT}; ready (port {READY_PORT:#x})"));
         template::ready(&mut agent.ports);
         // From here on, in each copy restored from the VMM's snapshot.
-        let (start, answer) = template::wait_for_start(&listener, &mut |line| agent.log(line))?;
+        let (start, answer) = match template::from_mailbox() {
+            Some(Ok(taken)) => taken,
+            Some(Err((message, code))) => {
+                agent.say(&message);
+                return Ok(code);
+            }
+            None => template::wait_for_start(&listener, &mut |line| agent.log(line))?,
+        };
         agent.verbose = start.config.verbose;
         agent.log(format_args!("start: {:?}", start.config.args[0]));
         let same_root = start.config.root_device == config.root_device

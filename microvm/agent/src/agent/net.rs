@@ -5,6 +5,7 @@
 use std::io;
 use std::net::Ipv4Addr;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::OpenOptionsExt;
 
 use twinbox_agent::config::parse_mac;
 use twinbox_agent::{GuestConfig, GuestNetwork};
@@ -86,6 +87,10 @@ fn ioctl(sock: &OwnedFd, request: libc::c_ulong, req: &mut IfReq) -> io::Result<
 fn link_up(sock: &OwnedFd, name: &str) -> Result<(), NetError> {
     let mut req = IfReq::new(name);
     ioctl(sock, libc::SIOCGIFFLAGS, &mut req).map_err(fail(format!("read {name}'s flags")))?;
+    if req.int() & libc::IFF_UP != 0 {
+        // Up already (a template brought lo up before its snapshot).
+        return Ok(());
+    }
     req.set_int(req.int() | libc::IFF_UP);
     ioctl(sock, libc::SIOCSIFFLAGS, &mut req).map_err(fail(format!("bring {name} up")))
 }
@@ -94,6 +99,20 @@ fn link_up(sock: &OwnedFd, name: &str) -> Result<(), NetError> {
 pub fn netmask(prefix_len: u8) -> Ipv4Addr {
     let bits = u32::MAX.checked_shl(32 - u32::from(prefix_len.min(32))).unwrap_or(0);
     Ipv4Addr::from(bits)
+}
+
+/// What a template does of [`setup`] before its snapshot, the same for every copy: lo up, and
+/// `root`'s /etc/hosts and /etc/resolv.conf copied up into the overlay's upper layer (opened for
+/// writing, unchanged), so that a copy's own are rewrites of a file in memory.
+pub fn prepare_template(root: &str) -> Result<(), NetError> {
+    let sock = socket(libc::AF_INET, libc::SOCK_DGRAM, 0).map_err(fail("open a socket for interface ioctls"))?;
+    link_up(&sock, "lo")?;
+    for name in ["hosts", "resolv.conf"] {
+        // Not there, or a symlink (which a copy replaces): nothing to copy up.
+        let _ =
+            std::fs::OpenOptions::new().write(true).custom_flags(libc::O_NOFOLLOW).open(format!("{root}/etc/{name}"));
+    }
+    Ok(())
 }
 
 /// lo up, and eth0 as `config.network` says; then /etc/hosts and /etc/resolv.conf under
@@ -111,8 +130,11 @@ pub fn setup(config: &GuestConfig, root: &str) -> Result<(), NetError> {
         }
         std::fs::create_dir_all(&etc).map_err(fail(format!("create {etc}")))?;
         let path = format!("{etc}/{name}");
-        // A symlink in the image (resolv.conf → /run/...) is replaced, not followed.
-        let _ = std::fs::remove_file(&path);
+        // A symlink in the image (resolv.conf → /run/...) is replaced, not followed; a file is
+        // rewritten in place.
+        if std::fs::symlink_metadata(&path).is_ok_and(|m| !m.is_file()) {
+            let _ = std::fs::remove_file(&path);
+        }
         std::fs::write(&path, text).map_err(fail(format!("write {path}")))?;
     }
     Ok(())

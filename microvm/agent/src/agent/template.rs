@@ -8,9 +8,12 @@ use std::fmt;
 use std::fs::File;
 use std::io::{self, Read, Write};
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd};
+use std::os::unix::fs::FileExt;
 
-use twinbox_agent::control::{frame, ExecRequest, StartRequest, CONTROL_PORT, FRAME_ERROR, FRAME_EXIT, MAX_REQUEST};
-use twinbox_agent::READY_PORT;
+use twinbox_agent::control::{
+    frame, mailbox_len, ExecRequest, StartRequest, CONTROL_PORT, FRAME_ERROR, FRAME_EXIT, MAILBOX_HEADER, MAX_REQUEST,
+};
+use twinbox_agent::{MAILBOX_ADDR, READY_PORT};
 
 use crate::ports::Ports;
 use crate::sys;
@@ -39,21 +42,26 @@ pub enum TemplateError {
 }
 
 /// The connection a `start` came on, answered once the workload's process is spawned or the
-/// start failed.
+/// start failed; none for a start from the mailbox (the VMM waits for nothing, as for a cold
+/// boot).
 #[derive(Debug)]
 pub struct StartAnswer {
-    conn: File,
+    conn: Option<File>,
 }
 
 impl StartAnswer {
     /// The workload's process was spawned: an exit frame of 0.
-    pub fn started(mut self) {
-        let _ = self.conn.write_all(&frame(FRAME_EXIT, &0i32.to_le_bytes()));
+    pub fn started(self) {
+        if let Some(mut conn) = self.conn {
+            let _ = conn.write_all(&frame(FRAME_EXIT, &0i32.to_le_bytes()));
+        }
     }
 
     /// The start failed: `message` in an error frame, then an exit frame of 1.
     pub fn failed(self, message: &str) {
-        answer(self.conn, message, 1);
+        if let Some(conn) = self.conn {
+            answer(conn, message, 1);
+        }
     }
 }
 
@@ -72,6 +80,25 @@ pub fn listen() -> Result<OwnedFd, TemplateError> {
 /// Tells the VMM the template is ready to be snapshotted.
 pub fn ready(ports: &mut dyn Ports) {
     ports.write_u8(READY_PORT, 1);
+}
+
+/// The `start` the VMM left in the mailbox (see [`MAILBOX_ADDR`]) before this restored copy
+/// ran: None when there is none (it comes on the control port then), else the request or the
+/// message and exit code it is refused with.
+pub fn from_mailbox() -> Option<Result<(StartRequest, StartAnswer), (String, i32)>> {
+    let line = read_mailbox().ok()??;
+    Some(judge(&line).map(|start| (start, StartAnswer { conn: None })))
+}
+
+/// The mailbox's line, read through /dev/mem (which maps RAM outside the e820 map write-back).
+fn read_mailbox() -> io::Result<Option<Vec<u8>>> {
+    let mem = File::open("/dev/mem")?;
+    let mut header = [0u8; MAILBOX_HEADER];
+    mem.read_exact_at(&mut header, MAILBOX_ADDR)?;
+    let Some(len) = mailbox_len(&header) else { return Ok(None) };
+    let mut line = vec![0u8; len];
+    mem.read_exact_at(&mut line, MAILBOX_ADDR + MAILBOX_HEADER as u64)?;
+    Ok(Some(line))
 }
 
 /// What a request line asks of a template: a `start` it can run, or the message and exit code
@@ -153,7 +180,7 @@ pub fn wait_for_start(
         let mut conn = accept(listener)?;
         let Some(line) = read_line(&mut conn) else { continue };
         match judge(&line) {
-            Ok(start) => return Ok((start, StartAnswer { conn })),
+            Ok(start) => return Ok((start, StartAnswer { conn: Some(conn) })),
             Err((message, code)) => {
                 log(format_args!("refused a request: {message}"));
                 answer(conn, &message, code);
@@ -261,7 +288,7 @@ mod tests {
     #[test]
     fn a_failed_start_says_why_then_exits_1() {
         let (ours, theirs) = UnixStream::pair().unwrap();
-        StartAnswer { conn: File::from(OwnedFd::from(ours)) }.failed("cannot mount ext4 /dev/vda on /mnt/lower");
+        StartAnswer { conn: Some(File::from(OwnedFd::from(ours))) }.failed("cannot mount ext4 /dev/vda on /mnt/lower");
         let mut theirs = theirs;
         assert_eq!(
             read_frame(&mut theirs).unwrap(),
