@@ -34,12 +34,15 @@ struct CreateGuard {
     creation: Option<CgroupCreation>,
     cgroup: Option<CgroupManager>,
     child: Option<Pid>,
+    /// A container in the host's mount namespace: its root, and the mounts stacked there
+    /// before it.
+    host_mounts: Option<(PathBuf, usize)>,
     armed: bool,
 }
 
 impl CreateGuard {
     fn new(dir: PathBuf) -> Self {
-        CreateGuard { dir, creation: None, cgroup: None, child: None, armed: true }
+        CreateGuard { dir, creation: None, cgroup: None, child: None, host_mounts: None, armed: true }
     }
 
     fn disarm(mut self) {
@@ -55,6 +58,11 @@ impl Drop for CreateGuard {
         if let Some(pid) = self.child {
             let _ = kill(pid, Signal::SIGKILL);
             let _ = waitpid(pid, None);
+        }
+        if let Some((root, below)) = &self.host_mounts {
+            if let Err(e) = crate::rootfs::unmount_host_mounts(root, *below) {
+                tracing::warn!(error = %e, "unmounting what a failed create mounted");
+            }
         }
         // Only now that the init has left them can its cgroup directories go.
         drop(self.creation.take());
@@ -189,9 +197,6 @@ pub(crate) fn create(rt: &Runtime, id: &str, bundle: &Path, opts: CreateOptions)
             linux.gid_mappings().as_deref().unwrap_or(&[]),
         )?;
     }
-    if !ns.contains(LinuxNamespaceType::Mount) {
-        return Err(RuntimeError::InvalidSpec { reason: "a mount namespace is required" });
-    }
     if spec.hostname().as_deref().is_some_and(|h| !h.is_empty()) && !ns.contains(LinuxNamespaceType::Uts) {
         return Err(RuntimeError::InvalidSpec { reason: "unable to set hostname without a private UTS namespace" });
     }
@@ -217,6 +222,9 @@ pub(crate) fn create(rt: &Runtime, id: &str, bundle: &Path, opts: CreateOptions)
         Err(source) => return Err(RuntimeError::Sys { what: "creating the state directory", source }),
     }
     let mut guard = CreateGuard::new(dir.clone());
+    // Without a mount namespace its mounts are the host's (see `RootfsConfig::host_mounts`).
+    let host_mounts_below = (!ns.contains(LinuxNamespaceType::Mount)).then(|| crate::rootfs::stacked_at(&rootfs));
+    guard.host_mounts = host_mounts_below.map(|below| (rootfs.clone(), below));
     // 0622 so that the init can open it for writing after dropping to its user.
     nix::unistd::mkfifo(&dir.join(EXEC_FIFO), Mode::from_bits_truncate(0o622))
         .map_err(|source| RuntimeError::Sys { what: "creating exec.fifo", source })?;
@@ -277,6 +285,7 @@ pub(crate) fn create(rt: &Runtime, id: &str, bundle: &Path, opts: CreateOptions)
         cgroup: cgroup.clone(),
         config: spec.clone(),
         paused: false,
+        host_mounts_below,
     };
 
     let hooks = spec.hooks().clone().unwrap_or_default();

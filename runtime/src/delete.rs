@@ -40,6 +40,9 @@ fn delete_locked(rt: &Runtime, id: &str, mut st: State, force: bool) -> Result<(
         }
     }
     st.cgroup.destroy()?;
+    if let Some(below) = st.host_mounts_below {
+        crate::rootfs::unmount_host_mounts(&st.rootfs, below)?;
+    }
     st.status = Status::Stopped;
     if let Some(list) = st.config.hooks().as_ref().and_then(|h| h.poststop().clone()) {
         // Poststop failures are warnings: the container is gone either way.

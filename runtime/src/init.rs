@@ -332,6 +332,7 @@ fn init(a: &InitArgs<'_>, ready: &mut bool) -> Result<Infallible, InitError> {
         masked_paths: &masked,
         readonly_paths: &readonly,
         user_ns: a.ns.is_new(LinuxNamespaceType::User),
+        host_mounts: !a.ns.contains(LinuxNamespaceType::Mount),
     };
     let mut state_json = Vec::new();
     rootfs::prepare(&LinuxSyscall, &cfg, || -> Result<_, InitError> {
@@ -362,8 +363,12 @@ fn init(a: &InitArgs<'_>, ready: &mut bool) -> Result<Infallible, InitError> {
         crate::hooks::run("createContainer", list, &state_json)?;
     }
 
-    rootfs::pivot(&LinuxSyscall, a.rootfs, a.no_pivot)?;
-    rootfs::root_propagation(&LinuxSyscall, cfg.propagation)?;
+    if cfg.host_mounts {
+        rootfs::chroot_into(&LinuxSyscall, a.rootfs)?;
+    } else {
+        rootfs::pivot(&LinuxSyscall, a.rootfs, a.no_pivot)?;
+        rootfs::root_propagation(&LinuxSyscall, cfg.propagation)?;
+    }
     // Like runc, make the working directory if the image lacks it (Docker's WORKDIR of a
     // directory no layer has). After pivot_root, so symlinks resolve inside the container; and
     // before finalize, which may make the root read-only.

@@ -107,6 +107,12 @@ pub enum RootfsError {
         #[source]
         source: Errno,
     },
+    #[error("unmounting what the container mounted at {path} in the host's mount namespace")]
+    Unmount {
+        path: PathBuf,
+        #[source]
+        source: Errno,
+    },
     #[error("masking {path}")]
     Mask {
         path: PathBuf,
@@ -141,6 +147,7 @@ impl ExitCode for RootfsError {
             | RootfsError::Device { .. }
             | RootfsError::Symlink { .. }
             | RootfsError::Pivot { .. }
+            | RootfsError::Unmount { .. }
             | RootfsError::Mask { .. }
             | RootfsError::Readonly { .. } => INTERNAL,
         }
@@ -193,6 +200,11 @@ pub struct RootfsConfig<'a> {
     pub readonly_paths: &'a [String],
     /// In a new user namespace: devices are bind-mounted from the host instead of mknod.
     pub user_ns: bool,
+    /// No mount namespace of its own (none in the spec, as runc allows): the mounts are made
+    /// in the host's, under a bind of the root that is made private (nothing mounted under it
+    /// reaches the host's other mounts), and the init chroots instead of pivot_root, which
+    /// would move the host's root. `delete` unmounts them ([`unmount_host_mounts`]).
+    pub host_mounts: bool,
 }
 
 /// Parsed mount options.
@@ -416,12 +428,15 @@ pub fn prepare<E: From<RootfsError>>(
     // 1. Nothing we mount may propagate back to the host. A shared root is made shared
     //    after pivot_root ([`root_propagation`]): pivot_root refuses a shared new root or
     //    parent, and until then the namespace stays private.
+    //    In the host's mount namespace the host's propagation stays as it is.
     let prop = match cfg.propagation {
         None | Some("") | Some("shared" | "rshared") => MsFlags::MS_REC | MsFlags::MS_PRIVATE,
         Some(p) => propagation_flags(p).ok_or_else(|| RootfsError::RootPropagation { value: p.to_string() })?,
     };
-    sys.mount(None, Path::new("/"), None, prop, None)
-        .map_err(|source| RootfsError::Propagation { dest: PathBuf::from("/"), source })?;
+    if !cfg.host_mounts {
+        sys.mount(None, Path::new("/"), None, prop, None)
+            .map_err(|source| RootfsError::Propagation { dest: PathBuf::from("/"), source })?;
+    }
 
     // 2. The root itself must be a mount point for pivot_root.
     let root = cfg.rootfs;
@@ -437,6 +452,12 @@ pub fn prepare<E: From<RootfsError>>(
                 RootfsError::Mount { source_name: root.display().to_string(), dest: PathBuf::from("/"), source }
             })?;
         }
+    }
+
+    if cfg.host_mounts {
+        // Only this mount: what is mounted under it stays under it.
+        sys.mount(None, root, None, MsFlags::MS_PRIVATE, None)
+            .map_err(|source| RootfsError::Propagation { dest: PathBuf::from("/"), source })?;
     }
 
     // 3. The spec's mounts, in order.
@@ -737,6 +758,37 @@ pub fn pivot(sys: &dyn Syscall, rootfs: &Path, no_pivot: bool) -> Result<(), Roo
     sys.chdir(Path::new("/")).map_err(err)
 }
 
+/// Make `rootfs` the root of a container in the host's mount namespace
+/// ([`RootfsConfig::host_mounts`]): chroot, as runc does there.
+pub fn chroot_into(sys: &dyn Syscall, rootfs: &Path) -> Result<(), RootfsError> {
+    let err = |source| RootfsError::Pivot { path: rootfs.to_path_buf(), source };
+    sys.chdir(rootfs).map_err(err)?;
+    sys.chroot(Path::new(".")).map_err(err)?;
+    sys.chdir(Path::new("/")).map_err(err)
+}
+
+/// How many mounts are stacked at `root` in this process's mount namespace.
+pub fn stacked_at(root: &Path) -> usize {
+    let text = std::fs::read_to_string("/proc/self/mountinfo").unwrap_or_default();
+    crate::mountinfo::parse(&text).iter().filter(|m| m.mount_point == root).count()
+}
+
+/// Detaches what a container in the host's mount namespace mounted ([`RootfsConfig::host_mounts`]):
+/// the mounts stacked at `root` above the `below` that were there before it was created (its
+/// bind of the root, with everything under it).
+pub fn unmount_host_mounts(root: &Path, below: usize) -> Result<(), RootfsError> {
+    // Bounded: the init stacks one (two with a read-only root remounted in place, which is
+    // the same mount).
+    for _ in 0..8 {
+        if stacked_at(root) <= below {
+            return Ok(());
+        }
+        nix::mount::umount2(root, MntFlags::MNT_DETACH)
+            .map_err(|source| RootfsError::Unmount { path: root.to_path_buf(), source })?;
+    }
+    Ok(())
+}
+
 /// After pivot_root: a `rootfsPropagation` of `shared` or `rshared` applied to the new `/`
 /// (as runc applies the root's propagation once it is the root). Its peers are the
 /// container's own mounts: the namespace was made private before, so nothing it mounts
@@ -862,6 +914,7 @@ mod tests {
             masked_paths: &[],
             readonly_paths: &[],
             user_ns: false,
+            host_mounts: false,
         }
     }
 
@@ -1013,6 +1066,38 @@ mod tests {
                 Call::Chdir("/".into()),
             ]
         );
+    }
+
+    #[test]
+    fn in_the_hosts_mount_namespace_only_the_roots_own_bind_changes_propagation() {
+        let tmp = tempfile::tempdir().unwrap();
+        let root = tmp.path().join("rootfs");
+        std::fs::create_dir_all(&root).unwrap();
+        let mut c = cfg(&root, &[]);
+        c.host_mounts = true;
+        let sys = RecordingSyscall::new();
+        prepare(&sys, &c, no_cgroups).unwrap();
+        let calls = sys.calls();
+        let bind = MsFlags::MS_BIND | MsFlags::MS_REC;
+        assert_eq!(
+            calls[..2],
+            [
+                Call::Mount { source: Some(root.clone()), target: root.clone(), fstype: None, flags: bind, data: None },
+                Call::Mount {
+                    source: None,
+                    target: root.clone(),
+                    fstype: None,
+                    flags: MsFlags::MS_PRIVATE,
+                    data: None
+                },
+            ],
+            "the host's / is left as it is: {calls:?}"
+        );
+        assert!(!calls.iter().any(|c| matches!(c, Call::Mount { target, .. } if target == Path::new("/"))));
+        let sys = RecordingSyscall::new();
+        chroot_into(&sys, &root).unwrap();
+        assert!(sys.calls().contains(&Call::Chroot(".".into())), "{:?}", sys.calls());
+        assert!(!sys.calls().iter().any(|c| matches!(c, Call::PivotRoot { .. })), "{:?}", sys.calls());
     }
 
     #[test]

@@ -100,6 +100,11 @@ pub struct State {
     /// `pause` froze the container's cgroup (and `resume` has not thawed it).
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
+    /// A container without a mount namespace of its own mounts in the host's: how many mounts
+    /// were stacked at `rootfs` before it, so that `delete` detaches its own and no others
+    /// (see `rootfs::unmount_host_mounts`).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub host_mounts_below: Option<usize>,
 }
 
 /// The OCI state document printed by `state` and given to hooks on stdin.

@@ -284,6 +284,52 @@ fn shared_and_slave_root_propagation() {
     }
 }
 
+/// A spec without a mount namespace runs the container in the host's, as runc does
+/// (runtime-tools' "inherit namespace … without type" cases): its mount namespace is this
+/// test's, its root is the bundle's (a chroot), its mounts are made under that root, `exec`
+/// finds the same root, and `delete` (or a failed create) leaves no mount behind.
+#[test]
+fn no_mount_namespace_shares_the_hosts() {
+    let drop_mount_ns = |env: &mut Env| {
+        let list = env.spec["linux"]["namespaces"].as_array_mut().unwrap();
+        list.retain(|n| n["type"] != "mount");
+    };
+    let mut env = env_or_skip!("host_mount_ns");
+    drop_mount_ns(&mut env);
+    env.args(&["sh", "-c", "readlink /proc/self/ns/mnt; test -x /bin/busybox && echo chrooted; grep -c ' /proc ' /proc/self/mountinfo; sleep 1000"]);
+    let (code, err) = env.create();
+    assert_eq!(code, 0, "{err}");
+    // Its mounts are in this namespace, under its root.
+    let rootfs = std::fs::canonicalize(&env.rootfs).unwrap().display().to_string();
+    let ours = std::fs::read_to_string("/proc/self/mountinfo").unwrap();
+    assert!(ours.lines().any(|l| l.split(' ').nth(4) == Some(&format!("{rootfs}/proc"))), "{ours}");
+    assert!(env.runc(&["start", &env.id]).status.success());
+    let exec = env.runc(&[
+        "exec",
+        &env.id,
+        "sh",
+        "-c",
+        "readlink /proc/self/ns/mnt; test -x /bin/busybox && echo exec-chrooted",
+    ]);
+    assert!(exec.status.success(), "{}", stderr(&exec));
+    let host_ns = std::fs::read_link("/proc/self/ns/mnt").unwrap().display().to_string();
+    assert_eq!(stdout(&exec), format!("{host_ns}\nexec-chrooted\n"));
+    let out = env.runc(&["delete", "--force", &env.id]);
+    assert!(out.status.success(), "{}", stderr(&out));
+    let said = env.container_out();
+    assert!(said.starts_with(&format!("{host_ns}\nchrooted\n1\n")), "{said}");
+    env.assert_no_leaks();
+
+    // A create that fails after its first mounts takes them down too.
+    let mut env = env_or_skip!("host_mount_ns_failed");
+    drop_mount_ns(&mut env);
+    let bad = json!({"destination": "/mnt", "type": "nosuchfs", "source": "none"});
+    env.spec["mounts"].as_array_mut().unwrap().push(bad);
+    let (code, err) = env.create();
+    assert_eq!(code, 1, "{err}");
+    env.assert_no_leaks();
+}
+
 #[test]
 fn mount_failing_before_the_cgroups_are_made_is_reported() {
     // The init mounts what comes before the first cgroup mount while the runtime is still
