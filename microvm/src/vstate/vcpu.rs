@@ -54,12 +54,13 @@ pub enum VcpuError {
         source: kvm_ioctls::Error,
     },
     /// The guest triple-faulted (KVM_EXIT_SHUTDOWN).
-    #[error("guest triple fault on vCPU {id} (last rip {rip:#x})")]
+    #[error("guest triple fault on vCPU {id} ({})", last_rip(*rip))]
     TripleFault {
         /// vCPU index.
         id: u8,
-        /// Instruction pointer when KVM reported the shutdown, if readable.
-        rip: u64,
+        /// Instruction pointer when KVM reported the shutdown; None on AMD, where KVM resets
+        /// a vCPU that shut down (its registers then show the reset vector, not the fault).
+        rip: Option<u64>,
     },
     /// The guest kernel reported a crash (KVM_SYSTEM_EVENT_CRASH, e.g. pvpanic).
     #[error("guest crashed (system event crash) on vCPU {0}")]
@@ -145,6 +146,8 @@ pub struct Vcpu {
     id: u8,
     /// vCPUs of the VM.
     count: u8,
+    /// KVM runs it on AMD SVM (from the supported CPUID's vendor).
+    amd: bool,
     /// Since when, and where, the boot vCPU has been seen halted with interrupts off.
     halted_since: Option<(std::time::Instant, u64)>,
 }
@@ -153,6 +156,14 @@ pub struct Vcpu {
 /// paravirtual spinlocks wait so (`kvm_wait`) for the lock holder's kick, which can take a while
 /// on a slow host (a nested L1 under TCG). Only one that lasts this long counts as dead.
 const DEAD_HALT_GRACE: std::time::Duration = std::time::Duration::from_secs(3);
+
+/// What a triple fault's message says of where it happened.
+fn last_rip(rip: Option<u64>) -> String {
+    match rip {
+        Some(rip) => format!("last rip {rip:#x}"),
+        None => "KVM on AMD resets a vCPU that shuts down, so where it faulted is lost".to_owned(),
+    }
+}
 
 impl std::fmt::Debug for Vcpu {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -164,7 +175,11 @@ impl Vcpu {
     /// Creates vCPU `id` of `count` with CPUID and the basic MSRs set.
     pub fn new(vm: &KvmVm, supported: &CpuId, id: u8, count: u8) -> Result<Self, VcpuError> {
         let fd = vm.fd().create_vcpu(u64::from(id)).map_err(|e| VcpuError::Create(KvmVmError::CreateVcpu(id, e)))?;
-        let vcpu = Vcpu { fd, id, count, halted_since: None };
+        let amd = supported
+            .as_slice()
+            .iter()
+            .any(|e| e.function == 0 && [e.ebx, e.edx, e.ecx].map(u32::to_le_bytes).concat() == b"AuthenticAMD");
+        let vcpu = Vcpu { fd, id, count, amd, halted_since: None };
         vcpu.setup(|fd| cpuid::setup_cpuid(fd, supported, id, count, vm.tsc_deadline()))?;
         vcpu.setup(msr::setup_msrs)?;
         Ok(vcpu)
@@ -283,7 +298,7 @@ impl Vcpu {
                     return Ok(Some(ExitReason::Halted { rip }));
                 }
                 Ok(VcpuExit::Shutdown) => {
-                    let rip = self.fd.get_regs().map(|r| r.rip).unwrap_or(0);
+                    let rip = if self.amd { None } else { self.fd.get_regs().ok().map(|r| r.rip) };
                     return Err(VcpuError::TripleFault { id, rip });
                 }
                 Ok(VcpuExit::SystemEvent(kind, _)) => {
@@ -381,5 +396,21 @@ fn exit_name(exit: &VcpuExit<'_>) -> &'static str {
         VcpuExit::Hyperv => "hyperv",
         VcpuExit::MemoryFault { .. } => "memory fault",
         _ => "other",
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_triple_fault_says_where_when_it_can() {
+        let intel = VcpuError::TripleFault { id: 0, rip: Some(0xffff_ffff_8100_0000) };
+        assert_eq!(intel.to_string(), "guest triple fault on vCPU 0 (last rip 0xffffffff81000000)");
+        // On AMD the registers after the exit are the reset state's (rip 0xfff0): not shown as
+        // if the guest had been there.
+        let amd = VcpuError::TripleFault { id: 1, rip: None };
+        assert!(amd.to_string().contains("resets a vCPU that shuts down"), "{amd}");
+        assert!(!amd.to_string().contains("0xfff0"));
     }
 }
