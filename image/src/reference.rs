@@ -215,12 +215,7 @@ impl FromStr for Reference {
             check_tag(t)?;
         }
         let (mut domain, mut path) = match name.split_once('/') {
-            Some((first, rest))
-                if first.contains('.')
-                    || first.contains(':')
-                    || first == "localhost"
-                    || first.bytes().any(|b| b.is_ascii_uppercase()) =>
-            {
+            Some((first, rest)) if looks_like_domain(first) => {
                 if !valid_domain(first) {
                     return Err(ReferenceError::Domain(first.to_owned()));
                 }
@@ -231,8 +226,12 @@ impl FromStr for Reference {
         if path.is_empty() || !path.split('/').all(valid_component) {
             return Err(ReferenceError::Name(name.to_owned()));
         }
-        // Keep the familiar form: docker.io/library/x is x.
-        if matches!(domain.as_deref(), Some("docker.io" | "index.docker.io")) {
+        // Keep the familiar form: docker.io/library/x is x, unless the path would then read
+        // as a reference to another registry (docker.io/ghcr.io/x is not ghcr.io/x).
+        let first_is_domain = path.split_once('/').is_some_and(|(first, _)| looks_like_domain(first));
+        if matches!(domain.as_deref(), Some("docker.io" | "index.docker.io")) && first_is_domain {
+            domain = Some(DEFAULT_REGISTRY.to_owned());
+        } else if matches!(domain.as_deref(), Some("docker.io" | "index.docker.io")) {
             domain = None;
             if let Some(p) = path.strip_prefix("library/") {
                 if !p.contains('/') {
@@ -245,6 +244,12 @@ impl FromStr for Reference {
         }
         Ok(Self { domain, path, tag: tag.map(str::to_owned), digest })
     }
+}
+
+/// Whether the first component of a name is a registry (as Docker decides): it has a dot or a
+/// port, is `localhost`, or has capitals (which a repository path may not).
+fn looks_like_domain(first: &str) -> bool {
+    first.contains('.') || first.contains(':') || first == "localhost" || first.bytes().any(|b| b.is_ascii_uppercase())
 }
 
 impl fmt::Display for Reference {
@@ -299,6 +304,12 @@ mod tests {
         let r = p("127.0.0.1:5000/x:y");
         assert_eq!(r.registry(), "127.0.0.1:5000");
         assert_eq!(p("a__b-c---d/e.f_g").name(), "a__b-c---d/e.f_g");
+        // Found by the reference fuzz target: Docker Hub's repository `ler.io/x` keeps its
+        // registry, or it would print as (and mean) the registry ler.io's `x`.
+        let r = p("docker.io/ler.io/x");
+        assert_eq!((r.registry(), r.repository().as_str()), ("docker.io", "ler.io/x"));
+        assert_eq!(r.to_string(), "docker.io/ler.io/x:latest");
+        assert_eq!(p(&r.to_string()).to_string(), r.to_string());
     }
 
     #[test]
