@@ -28,6 +28,9 @@ cargo clippy -q --manifest-path engine/monitor/Cargo.toml --release --target-dir
 # So is the port proxy (std, built static by engine/build.rs).
 cargo fmt --manifest-path engine/proxy/Cargo.toml -- --check
 cargo clippy -q --manifest-path engine/proxy/Cargo.toml --release --target-dir target/proxy -- -D warnings
+# The cargo-fuzz crate (nightly, run by scripts/fuzz.sh); its targets are the workspace's
+# twinbox-fuzz-targets, whose test replays the corpora.
+cargo fmt --manifest-path fuzz/Cargo.toml -- --check
 # The default-image example is built static here; the CLI tests use it.
 cargo rustc -q -p twinbox-hello --release -- -C target-feature=+crt-static -C strip=symbols
 cargo test -q --workspace -- --test-threads="${TEST_THREADS:-2}"
