@@ -228,14 +228,15 @@ impl FromStr for Reference {
         }
         // Keep the familiar form: docker.io/library/x is x, unless the path would then read
         // as a reference to another registry (docker.io/ghcr.io/x is not ghcr.io/x).
-        let first_is_domain = path.split_once('/').is_some_and(|(first, _)| looks_like_domain(first));
-        if matches!(domain.as_deref(), Some("docker.io" | "index.docker.io")) && first_is_domain {
-            domain = Some(DEFAULT_REGISTRY.to_owned());
-        } else if matches!(domain.as_deref(), Some("docker.io" | "index.docker.io")) {
-            domain = None;
-            if let Some(p) = path.strip_prefix("library/") {
-                if !p.contains('/') {
-                    path = p.to_owned();
+        if matches!(domain.as_deref(), Some("docker.io" | "index.docker.io")) {
+            if path.split_once('/').is_some_and(|(first, _)| looks_like_domain(first)) {
+                domain = Some(DEFAULT_REGISTRY.to_owned());
+            } else {
+                domain = None;
+                if let Some(p) = path.strip_prefix("library/") {
+                    if !p.contains('/') {
+                        path = p.to_owned();
+                    }
                 }
             }
         }
