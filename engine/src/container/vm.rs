@@ -499,15 +499,18 @@ impl Engine {
                 };
                 // The workload's start, in the restored memory when it fits (the agent has it as
                 // it resumes), else on the control port once the VM runs.
-                let (mut mailbox, mut start_later) = (None, None);
-                if template.is_some() {
-                    let line = start_line(guest.clone())?;
-                    match control::mailbox(&line) {
-                        Some(bytes) => mailbox = Some(bytes),
-                        None => start_later = Some(line),
+                let mut start_later = None;
+                let restore = match template.as_deref() {
+                    Some(dir) => {
+                        let line = start_line(guest.clone())?;
+                        let mailbox = control::mailbox(&line);
+                        if mailbox.is_none() {
+                            start_later = Some(line);
+                        }
+                        Some(microvm::Restore { dir, mailbox })
                     }
-                }
-                let restore = template.as_deref().map(|dir| microvm::Restore { dir, mailbox: mailbox.take() });
+                    None => None,
+                };
                 let (mut config, initrd) = microvm::vm_config(prepared, &vm, cards);
                 config.disks.extend(disks);
                 let socket = vsock_path(&id);
