@@ -101,7 +101,7 @@ pub enum RootfsError {
         #[source]
         source: Errno,
     },
-    #[error("pivot_root to {path}")]
+    #[error("making {path} the root (pivot_root or chroot)")]
     Pivot {
         path: PathBuf,
         #[source]
@@ -457,7 +457,7 @@ pub fn prepare<E: From<RootfsError>>(
     if cfg.host_mounts {
         // Only this mount: what is mounted under it stays under it.
         sys.mount(None, root, None, MsFlags::MS_PRIVATE, None)
-            .map_err(|source| RootfsError::Propagation { dest: PathBuf::from("/"), source })?;
+            .map_err(|source| RootfsError::Propagation { dest: root.to_path_buf(), source })?;
     }
 
     // 3. The spec's mounts, in order.
