@@ -22,7 +22,10 @@ pub fn write(path: &Path, bytes: &[u8], mode: u32, durable: bool) -> io::Result<
     if durable {
         tmp.as_file().sync_all()?;
     }
-    tmp.persist(path).map_err(|e| e.error)?;
+    // Closed before the rename: an executable (the container monitor, the port proxy) another
+    // process finds at `path` and runs at once must have no writer left, or exec fails with
+    // ETXTBSY ("Text file busy", seen with twenty concurrent `run -p`).
+    tmp.into_temp_path().persist(path).map_err(|e| e.error)?;
     if durable {
         if let Ok(d) = File::open(dir) {
             let _ = d.sync_all();
