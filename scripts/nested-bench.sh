@@ -153,8 +153,9 @@ cat /tmp/report/results.json; echo
 EOF
 
 # Everything before the marker is progress (to stderr, as it comes: awk would buffer it), the
-# rest is the JSON (to stdout). A stalled L1 boot or run (see nested-kvm.sh) is tried again, twice at
-# most.
+# rest is the JSON (to stdout). An L1 that did not finish booting (see nested-kvm.sh) is booted
+# again, twice at most: nothing was measured yet. One that stalled or stopped while the bench
+# ran is reported as such at once and the run fails: it is never started over silently.
 split_output() {
   local line json=0
   while IFS= read -r line || [ -n "$line" ]; do
@@ -173,7 +174,11 @@ for attempt in 1 2 3; do
   code=${PIPESTATUS[0]}
   set -e
   cat "$work/l1.err" >&2
-  grep -q -e "L1 did not finish booting" -e "L1 stalled" "$work/l1.err" || exit "$code"
-  echo "nested-bench: attempt $attempt: L1 did not boot or stalled; trying again" >&2
+  if grep -q -e "L1 stalled" -e "L1 stopped while CMD was running" -e "timed out after" "$work/l1.err"; then
+    echo "nested-bench: the L1 stalled or stopped in the middle of the bench (above); its results are lost, and it is not run again" >&2
+    exit "$code"
+  fi
+  grep -q -e "L1 did not finish booting" "$work/l1.err" || exit "$code"
+  echo "nested-bench: attempt $attempt: L1 did not finish booting; booting it again" >&2
 done
 exit "$code"
