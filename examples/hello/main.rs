@@ -1,5 +1,6 @@
-//! The workload of twinbox's built-in default image. Static, no dependencies, so the same
-//! binary runs as a container's pid 1 on the host kernel and as a VM guest's workload.
+//! The workload of twinbox's built-in default image. Static, with no dependency but the
+//! workspace's own probe crate, so the same binary runs as a container's pid 1 on the host
+//! kernel and as a VM guest's workload.
 //!
 //! `hello` greets and says where it runs; `hello true` exits 0 at once; `hello exit N`
 //! exits N; `hello sleep SECS` idles; `hello spin N` does N rounds of integer work and
@@ -14,7 +15,10 @@
 //! (the `disk` scenario's workload): a MIB-MiB file written sequentially and synced, read back,
 //! then random 4 KiB writes each made durable (fdatasync) and random 4 KiB reads, printing
 //! `seq_write_mbps=`, `seq_read_mbps=`, `rand_write_iops=`, `rand_write_p99_us=`,
-//! `rand_read_iops=` and `rand_read_p99_us=`; the file is removed at the end.
+//! `rand_read_iops=` and `rand_read_p99_us=`; the file is removed at the end. `hello isolation`
+//! prints one JSON line of what it can reach of the kernel it runs on (`twinbox_probe`: system
+//! calls that run, capabilities, device nodes, /proc/sys and /sys/class entries): the
+//! `isolation` figures of `twinbox bench`.
 
 use std::io::{self, Read, Write};
 use std::net::{Ipv4Addr, Shutdown, TcpListener, TcpStream};
@@ -34,6 +38,10 @@ fn main() -> ExitCode {
         Some("spin") => timed(&args, spin),
         Some("syscalls") => timed(&args, syscalls),
         Some("crash") => crash(),
+        Some("isolation") => {
+            println!("{}", twinbox_probe::Surface::measure(&|| false).to_json());
+            ExitCode::SUCCESS
+        }
         Some("serve") => serve(&args),
         Some("disk") => match disk(&args) {
             Ok(()) => ExitCode::SUCCESS,
