@@ -6,6 +6,9 @@
 //! `cargo bench -p twinbox-microvm --bench floor` (needs /dev/kvm; QEMU optional).
 //! Env: FLOOR_ROUNDS (default 30), FLOOR_WARMUP (default 3).
 //!
+//! The same floor guest also runs in a jailed VMM (`floor-jail`: see `twinbox_microvm::jail`),
+//! interleaved with the others; the difference of the medians is what the jail costs.
+//!
 //! QEMU gets the stub through `-kernel stub.elf`: an ELF64 with a Xen PHYS32_ENTRY note, which
 //! QEMU's microvm firmware enters through PVH in flat 32-bit protected mode, the same state
 //! twinbox gives the raw stub. QEMU microvm has no i8042, so the stub falls through to the
@@ -40,6 +43,8 @@ fn main() {
 }
 
 fn child(mode: &str, start: Instant) -> i32 {
+    let jail = mode.ends_with("-jail").then(twinbox_microvm::jail::JailConfig::default);
+    let mode = mode.trim_end_matches("-jail");
     let (code, timeout_ms, irqchip) = match mode {
         "floor" => (floor_stub(), None, Some(IrqChip::Split)),
         "floor-kernel-irqchip" => (floor_stub(), None, Some(IrqChip::Kernel)),
@@ -49,10 +54,12 @@ fn child(mode: &str, start: Instant) -> i32 {
     };
     let config = VmConfig { memory_mib: 128, timeout_ms, irqchip: irqchip.unwrap_or_default(), ..VmConfig::default() };
     let result =
-        VmBuilder::new(config).start_time(start).interrupts(irqchip.is_some()).stub(code).build().and_then(|mut vm| {
-            let exit = vm.run(&mut std::io::sink())?;
-            Ok((exit, start.elapsed()))
-        });
+        VmBuilder::new(config).start_time(start).interrupts(irqchip.is_some()).stub(code).jail(jail).build().and_then(
+            |mut vm| {
+                let exit = vm.run(&mut std::io::sink())?;
+                Ok((exit, start.elapsed()))
+            },
+        );
     match result {
         Ok((exit, ran)) if exit.reason == ExitReason::Reset => {
             let us = exit.boot_time.map_or(0, |d| d.as_micros());
@@ -156,6 +163,7 @@ fn parent() {
     let (mut tb, mut tb_boot, mut tb_ran, mut qemu) = (vec![], vec![], vec![], vec![]);
     let (mut bare, mut bare_boot) = (vec![], vec![]);
     let (mut kern, mut kern_boot) = (vec![], vec![]);
+    let (mut jailed, mut jailed_boot) = (vec![], vec![]);
     let inner = |out: &str, i: usize| {
         out.split_whitespace().nth(i).and_then(|s| s.parse::<f64>().ok()).map_or(f64::NAN, |us| us / 1e3)
     };
@@ -165,18 +173,22 @@ fn parent() {
         let mut b = None;
         let mut k_ = None;
         let mut q = None;
-        for k in 0..4 {
-            match (round + k) % 4 {
+        let mut j = None;
+        for k in 0..5 {
+            match (round + k) % 5 {
                 0 => t = Some(time_run(twinbox_command("floor"), 0)),
                 1 => b = Some(time_run(twinbox_command("floor-noirqchip"), 0)),
                 2 => k_ = Some(time_run(twinbox_command("floor-kernel-irqchip"), 0)),
+                3 => j = Some(time_run(twinbox_command("floor-jail"), 0)),
                 _ => q = have_qemu.then(|| time_run(qemu_command(&floor_elf), 1).0),
             }
         }
         if round < warmup {
             continue;
         }
-        let (t, b, k_) = (t.unwrap(), b.unwrap(), k_.unwrap());
+        let (t, b, k_, j) = (t.unwrap(), b.unwrap(), k_.unwrap(), j.unwrap());
+        jailed.push(j.0.as_secs_f64() * 1e3);
+        jailed_boot.push(inner(&j.1, 0));
         kern.push(k_.0.as_secs_f64() * 1e3);
         kern_boot.push(inner(&k_.1, 0));
         tb.push(t.0.as_secs_f64() * 1e3);
@@ -200,6 +212,8 @@ fn parent() {
     line("twinbox (split irqchip) spawn→exit", &tb);
     line("  start→boot timer (in the VMM)", &tb_boot);
     line("  start→run returned (pre-teardown)", &tb_ran);
+    line("twinbox jailed (split) spawn→exit", &jailed);
+    line("  start→boot timer (in the VMM)", &jailed_boot);
     line("twinbox in-kernel irqchip+PIT", &kern);
     line("  start→boot timer (in the VMM)", &kern_boot);
     line("twinbox no irqchip/PIT spawn→exit", &bare);
@@ -215,10 +229,21 @@ fn parent() {
     } else {
         println!("qemu-system-x86_64 not installed: no comparison");
     }
+    println!(
+        "the jail adds {:.3} ms spawn→exit, {:.3} ms start→boot timer (medians; goal ≤ 1 ms)",
+        median(&jailed) - median(&tb),
+        median(&jailed_boot) - median(&tb_boot)
+    );
 
     let (rss, pss) = idle_memory(twinbox_command("idle"));
     println!(
         "twinbox VMM, idle 128 MiB guest: RSS {:.2} MiB, PSS {:.2} MiB (goal RSS ≤ 3 MiB)",
+        rss as f64 / 1024.0,
+        pss as f64 / 1024.0
+    );
+    let (rss, pss) = idle_memory(twinbox_command("idle-jail"));
+    println!(
+        "twinbox VMM jailed, idle 128 MiB guest: RSS {:.2} MiB, PSS {:.2} MiB",
         rss as f64 / 1024.0,
         pss as f64 / 1024.0
     );
@@ -231,8 +256,11 @@ fn parent() {
         );
     }
 
+    // The network namespace the jailed runs shared, unpinned again.
+    let _ = twinbox_microvm::jail::remove_shared_netns(std::path::Path::new(twinbox_microvm::jail::SHARED_NETNS));
+
     let raw = format!(
-        "{{\"context\":{:?},\"twinbox_ms\":{tb:?},\"twinbox_boot_timer_ms\":{tb_boot:?},\"twinbox_run_end_ms\":{tb_ran:?},\"twinbox_kernel_irqchip_ms\":{kern:?},\"twinbox_noirqchip_ms\":{bare:?},\"twinbox_noirqchip_boot_timer_ms\":{bare_boot:?},\"qemu_ms\":{qemu:?}}}\n",
+        "{{\"context\":{:?},\"twinbox_ms\":{tb:?},\"twinbox_boot_timer_ms\":{tb_boot:?},\"twinbox_run_end_ms\":{tb_ran:?},\"twinbox_kernel_irqchip_ms\":{kern:?},\"twinbox_jailed_ms\":{jailed:?},\"twinbox_jailed_boot_timer_ms\":{jailed_boot:?},\"twinbox_noirqchip_ms\":{bare:?},\"twinbox_noirqchip_boot_timer_ms\":{bare_boot:?},\"qemu_ms\":{qemu:?}}}\n",
         context()
     );
     let out = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../target/microvm-floor.json");

@@ -21,6 +21,7 @@ use crate::devices::virtio::net::{self, parse_mac, Net, Tap};
 use crate::devices::virtio::vsock::{self, Vsock};
 use crate::devices::virtio::{mmio_slot, MmioTransport, VIRTIO_MMIO_SIZE};
 use crate::devices::Bus;
+use crate::jail::ThreadKind;
 use crate::loader::Initrd;
 use crate::mptable::{ioapic_id, setup_mptable, IO_APIC_DEFAULT_BASE};
 use crate::snapshot::{self, CpuIdentity, DeviceStates, Shape, SnapshotError, SnapshotState};
@@ -55,6 +56,8 @@ pub struct VmBuilder {
     restore: Option<PathBuf>,
     mailbox: Option<Vec<u8>>,
     pause_when_ready: bool,
+    jail: Option<crate::jail::JailConfig>,
+    jail_report: Option<std::os::fd::RawFd>,
 }
 
 impl std::fmt::Debug for VmBuilder {
@@ -66,6 +69,7 @@ impl std::fmt::Debug for VmBuilder {
             .field("initrd", &self.initrd.as_ref().map(Vec::len))
             .field("restore", &self.restore)
             .field("pause_when_ready", &self.pause_when_ready)
+            .field("jail", &self.jail)
             .finish_non_exhaustive()
     }
 }
@@ -83,6 +87,8 @@ impl VmBuilder {
             restore: None,
             mailbox: None,
             pause_when_ready: false,
+            jail: None,
+            jail_report: None,
         }
     }
 
@@ -108,6 +114,21 @@ impl VmBuilder {
     /// [`ExitReason::Ready`] from [`Vm::run`]: the VM can then be snapshotted.
     pub fn pause_when_ready(mut self, pause: bool) -> Self {
         self.pause_when_ready = pause;
+        self
+    }
+
+    /// Confines this process once the VM is built (everything it needs open) and before any
+    /// guest code runs: see [`crate::jail`]. The process must be single-threaded then, and
+    /// stays confined; [`Vm::run`]'s threads narrow their system calls to their kind's.
+    pub fn jail(mut self, jail: Option<crate::jail::JailConfig>) -> Self {
+        self.jail = jail;
+        self
+    }
+
+    /// [`jail`](Self::jail), with a forbidden call reported on `report` instead of stderr.
+    pub fn jail_reporting(mut self, jail: Option<crate::jail::JailConfig>, report: std::os::fd::RawFd) -> Self {
+        self.jail = jail;
+        self.jail_report = Some(report);
         self
     }
 
@@ -328,6 +349,10 @@ impl VmBuilder {
             }
             self.load_guest(&kvm_vm, &vcpus, &config)?;
         }
+        if let Some(jail) = &self.jail {
+            jail.enter(self.jail_report)?;
+            tracing::debug!(uid = jail.vmm_id(), root = %jail.root.display(), "VMM confined");
+        }
 
         Ok(Vm {
             shape: Shape::of(&config),
@@ -416,7 +441,7 @@ impl Vm {
     /// on the calling thread, each application processor on a thread of its own (they wait
     /// for the guest's INIT/SIPI in the in-kernel LAPIC); whichever vCPU ends the VM stops the
     /// others.
-    pub fn run(&mut self, console: &mut dyn Write) -> Result<VmExit, VmError> {
+    pub fn run(&mut self, console: &mut (dyn Write + Send)) -> Result<VmExit, VmError> {
         let control = Arc::new(RunControl::new(self.timeout).with_pause_when_ready(self.pause_when_ready));
         let stop_io = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VmError::EventFd)?);
         let receivers = self
@@ -438,19 +463,30 @@ impl Vm {
         let mut console_err = None;
         let (pio, mmio) = (&self.pio, &self.mmio);
         let (bsp, aps) = self.vcpus.split_first_mut().expect("a VM has at least one vCPU");
+        // In a jailed VMM each thread narrows its system calls to its kind's first (see
+        // `jail::seccomp`); a thread that cannot fails as its vCPU would.
+        let confined = |kind| crate::jail::seccomp::confine_thread(kind).map_err(|e| VcpuError::Confine(e.to_string()));
         let (bsp_result, ap_results) = std::thread::scope(|scope| {
             for (i, (transport, handles)) in receivers.iter().enumerate() {
-                let spawned = std::thread::Builder::new()
-                    .name(format!("net{i}-rx"))
-                    .spawn_scoped(scope, move || net::rx_loop(transport, handles));
+                let spawned = std::thread::Builder::new().name(format!("net{i}-rx")).spawn_scoped(scope, move || {
+                    if let Err(e) = confined(ThreadKind::Io) {
+                        tracing::error!(error = %e, "eth{i} receives nothing");
+                        return;
+                    }
+                    net::rx_loop(transport, handles)
+                });
                 if let Err(e) = spawned {
                     tracing::warn!(error = %e, "cannot start a network receive thread; eth{i} receives nothing");
                 }
             }
             if let Some((transport, handles)) = &socket {
-                let spawned = std::thread::Builder::new()
-                    .name("vsock-rx".into())
-                    .spawn_scoped(scope, move || vsock::rx_loop(transport, handles));
+                let spawned = std::thread::Builder::new().name("vsock-rx".into()).spawn_scoped(scope, move || {
+                    if let Err(e) = confined(ThreadKind::Io) {
+                        tracing::error!(error = %e, "the vsock device receives nothing");
+                        return;
+                    }
+                    vsock::rx_loop(transport, handles)
+                });
                 if let Err(e) = spawned {
                     tracing::warn!(error = %e, "cannot start the vsock receive thread; the guest hears nothing");
                 }
@@ -459,20 +495,36 @@ impl Vm {
                 .iter_mut()
                 .map(|vcpu| {
                     let control = &*control;
-                    std::thread::Builder::new()
-                        .name(format!("vcpu{}", vcpu.id()))
-                        .spawn_scoped(scope, move || vcpu.run(pio, mmio, control, &mut || {}))
+                    std::thread::Builder::new().name(format!("vcpu{}", vcpu.id())).spawn_scoped(scope, move || {
+                        confined(ThreadKind::Vcpu)?;
+                        vcpu.run(pio, mmio, control, &mut || {})
+                    })
                 })
                 .collect();
-            let mut forward = || {
+            let console_err = &mut console_err;
+            let mut forward = move || {
                 if console_err.is_none() {
                     if let Err(e) = buffer.drain_to(console) {
-                        console_err = Some(e);
+                        *console_err = Some(e);
                     }
                 }
             };
-            let bsp_result = bsp.run(pio, mmio, &control, &mut forward);
-            control.stop();
+            // The boot vCPU on a thread of its own too (confined as a vCPU), so this thread,
+            // whose calls a template's snapshot needs, runs no guest-driven code.
+            let control_bsp = &*control;
+            let bsp_thread = std::thread::Builder::new().name("vcpu0".into()).spawn_scoped(scope, move || {
+                let result = confined(ThreadKind::Vcpu).and_then(|()| bsp.run(pio, mmio, control_bsp, &mut forward));
+                control_bsp.stop();
+                forward();
+                result
+            });
+            let bsp_result = match bsp_thread {
+                Ok(handle) => handle.join().unwrap_or(Ok(None)),
+                Err(e) => {
+                    control.stop();
+                    Err(VcpuError::Watchdog(e))
+                }
+            };
             if let Err(e) = stop_io.write(1) {
                 tracing::warn!(error = %e, "cannot stop the network receive threads");
             }
@@ -483,7 +535,6 @@ impl Vm {
                     Err(e) => Err(VcpuError::Watchdog(e)),
                 })
                 .collect();
-            forward();
             (bsp_result, ap_results)
         });
         watchdog.stop();

@@ -25,6 +25,7 @@ pub mod config;
 pub mod console;
 pub mod devices;
 pub mod initramfs;
+pub mod jail;
 pub mod loader;
 pub mod mptable;
 pub mod snapshot;
@@ -175,6 +176,9 @@ pub enum VmError {
     /// The MP table could not be written.
     #[error("cannot describe the vCPUs to the guest")]
     MpTable(#[from] mptable::MpTableError),
+    /// The VMM could not be confined, or a thread could not narrow its system calls.
+    #[error(transparent)]
+    Jail(#[from] jail::JailError),
 }
 
 impl ExitCode for VmError {
@@ -192,6 +196,7 @@ impl ExitCode for VmError {
             VmError::MpTable(e) => e.exit_code(),
             VmError::Snapshot(e) => e.exit_code(),
             VmError::Clock(_) => twinbox_exit::INTERNAL,
+            VmError::Jail(e) => e.exit_code(),
             VmError::StubTooLarge { .. }
             | VmError::MailboxTooLarge { .. }
             | VmError::EventFd(_)
@@ -204,14 +209,14 @@ impl ExitCode for VmError {
 /// Builds the VM described by `config` and runs it to the end, copying the guest console to
 /// `console`. The boot timer counts from an estimate of this process's start (±10 ms); use
 /// [`VmBuilder::start_time`] to pass an exact `Instant` taken first thing in `main`.
-pub fn run(config: VmConfig, console: &mut dyn Write) -> Result<VmExit, VmError> {
+pub fn run(config: VmConfig, console: &mut (dyn Write + Send)) -> Result<VmExit, VmError> {
     Vm::try_from(config)?.run(console)
 }
 
 /// Runs a raw flat 32-bit stub (see [`stub`]) in a VM of `mem_mib` MiB, console to stdout.
 pub fn run_stub(code: &[u8], mem_mib: u32) -> Result<VmExit, VmError> {
     let config = VmConfig { memory_mib: mem_mib, ..VmConfig::default() };
-    VmBuilder::new(config).stub(code.to_vec()).build()?.run(&mut std::io::stdout().lock())
+    VmBuilder::new(config).stub(code.to_vec()).build()?.run(&mut std::io::stdout())
 }
 
 #[cfg(test)]

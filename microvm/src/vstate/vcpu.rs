@@ -95,6 +95,9 @@ pub enum VcpuError {
     /// The watchdog thread could not be started or the kick signal not installed.
     #[error("cannot set up the vCPU watchdog")]
     Watchdog(#[source] std::io::Error),
+    /// A thread of a jailed VMM could not narrow its system calls to its kind's.
+    #[error("{0}")]
+    Confine(String),
     /// The VMM got SIGINT, SIGTERM or SIGHUP (see
     /// [`stop_on_signals`](super::watchdog::stop_on_signals)) and stopped the guest.
     #[error("stopped by signal {0}")]
@@ -125,6 +128,7 @@ impl ExitCode for VcpuError {
             | VcpuError::UnexpectedExit { .. }
             | VcpuError::Timeout(_)
             | VcpuError::Watchdog(_)
+            | VcpuError::Confine(_)
             | VcpuError::State { .. } => twinbox_exit::INTERNAL,
         }
     }

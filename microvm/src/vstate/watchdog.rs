@@ -14,9 +14,28 @@ pub const POLL_INTERVAL: Duration = Duration::from_millis(20);
 /// The signal that asked every running vCPU to stop, 0 for none.
 static STOP_SIGNAL: AtomicI32 = AtomicI32::new(0);
 
+/// A VMM process this process is the monitor of: stop signals go on to it.
+static FORWARD_TO: AtomicI32 = AtomicI32::new(0);
+
 extern "C" fn stop_handler(sig: libc::c_int, _: *mut libc::siginfo_t, _: *mut libc::c_void) {
-    // Only an atomic store: async-signal-safe.
+    // Only an atomic store and kill(2): async-signal-safe.
     STOP_SIGNAL.store(sig, Ordering::SeqCst);
+    let pid = FORWARD_TO.load(Ordering::SeqCst);
+    if pid > 0 {
+        // SAFETY: kill takes integers only.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+/// From now on (with [`stop_on_signals`] installed) SIGINT, SIGTERM and SIGHUP also go to
+/// `pid`, the VMM process this process monitors; `None` stops that. A signal that came
+/// before goes to it at once.
+pub fn forward_stops_to(pid: Option<i32>) {
+    FORWARD_TO.store(pid.unwrap_or(0), Ordering::SeqCst);
+    if let (Some(pid), Some(sig)) = (pid, stop_requested()) {
+        // SAFETY: kill takes integers only.
+        unsafe { libc::kill(pid, sig) };
+    }
 }
 
 /// Makes SIGINT, SIGTERM and SIGHUP stop the running guest instead of killing the process, so
@@ -157,6 +176,13 @@ impl Watchdog {
         let thread = std::thread::Builder::new()
             .name("vcpu-watchdog".into())
             .spawn(move || {
+                if let Err(e) = crate::jail::seccomp::confine_thread(crate::jail::ThreadKind::Watchdog) {
+                    // Without kicks nothing could stop the vCPUs later: end the VM now.
+                    tracing::error!(error = %e, "the vCPU watchdog cannot run; stopping the VM");
+                    control.stop();
+                    control.kick_all();
+                    return;
+                }
                 while let Err(mpsc::RecvTimeoutError::Timeout) = rx.recv_timeout(POLL_INTERVAL) {
                     if deadline.is_some_and(|d| Instant::now() >= d) {
                         control.timed_out.store(true, Ordering::SeqCst);
