@@ -327,7 +327,7 @@ pub struct Proc {
 }
 
 /// The processes each instance leaves running, as `(instance, pid, share)`: those whose
-/// arguments hold the instance's marker (share 1), and the parent of those when it is a
+/// arguments hold the instance's marker and their descendants (share 1), and the parent of those when it is a
 /// launcher's process that watches workloads (not pid 1, not the harness, holding no marker),
 /// such as twinbox's container monitor, whose own arguments do not name the workload. A parent
 /// of k instances' processes (one monitor for every detached container of a store) is shared:
@@ -335,6 +335,22 @@ pub struct Proc {
 pub fn instance_processes(procs: &[Proc], markers: &[String]) -> Vec<(usize, u32, f64)> {
     let instance = |p: &Proc| markers.iter().position(|m| p.args.iter().any(|a| a == m));
     let mut out: Vec<(usize, u32, f64)> = procs.iter().filter_map(|p| Some((instance(p)?, p.pid, 1.0))).collect();
+    // And what a marked process started, whose own arguments do not say (a twinbox microVM's
+    // VMM process, `twinbox microvm-vmm`, under its `twinbox run`).
+    let mut children: std::collections::BTreeMap<u32, Vec<u32>> = Default::default();
+    for p in procs {
+        children.entry(p.ppid).or_default().push(p.pid);
+    }
+    let mut seen: std::collections::BTreeSet<u32> = out.iter().map(|(_, pid, _)| *pid).collect();
+    let mut todo: Vec<(usize, u32)> = out.iter().map(|&(i, pid, _)| (i, pid)).collect();
+    while let Some((i, pid)) = todo.pop() {
+        for &child in children.get(&pid).into_iter().flatten() {
+            if seen.insert(child) {
+                out.push((i, child, 1.0));
+                todo.push((i, child));
+            }
+        }
+    }
     let marked: std::collections::BTreeSet<u32> = out.iter().map(|(_, pid, _)| *pid).collect();
     let mut parents: std::collections::BTreeMap<u32, std::collections::BTreeSet<usize>> = Default::default();
     for p in procs {
@@ -467,10 +483,12 @@ mod tests {
             |pid: u32, ppid: u32, args: &[&str]| Proc { pid, ppid, args: args.iter().map(|a| a.to_string()).collect() };
         let me = std::process::id();
         let procs = [
-            p(10, 9, &["hello", "sleep", "101"]),  // a workload under its monitor (9)
-            p(9, 1, &["twinbox-monitor", "10"]),   // …which names no marker
-            p(20, me, &["hello", "sleep", "102"]), // a child of the harness: not the instance's
-            p(30, 5, &["hello", "sleep", "103"]),  // two instances under one shared parent (5)
+            p(10, 9, &["hello", "sleep", "101"]),   // a workload under its monitor (9)
+            p(9, 1, &["twinbox-monitor", "10"]),    // …which names no marker
+            p(20, me, &["hello", "sleep", "102"]),  // a child of the harness: not the instance's
+            p(21, 20, &["twinbox", "microvm-vmm"]), // what a marked process started (a VMM) is
+            p(22, 21, &["helper"]),                 // …and what that started
+            p(30, 5, &["hello", "sleep", "103"]),   // two instances under one shared parent (5)
             p(31, 5, &["hello", "sleep", "104"]),
             p(40, 1, &["hello", "sleep", "105"]), // reparented to init
             p(5, 1, &["shared-reaper"]),
@@ -485,6 +503,8 @@ mod tests {
                 (0, 9, 1.0),
                 (0, 10, 1.0),
                 (1, 20, 1.0),
+                (1, 21, 1.0),
+                (1, 22, 1.0),
                 (2, 5, 0.5),
                 (2, 30, 1.0),
                 (3, 5, 0.5),

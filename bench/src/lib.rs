@@ -283,6 +283,7 @@ pub fn run(opts: &Options) -> Result<Results, BenchError> {
                 Scenario::Cpu => scenario::cpu::run(&mut run),
                 Scenario::Net => scenario::net::run(&mut run),
                 Scenario::Disk => scenario::disk::run(&mut run),
+                Scenario::Isolation => scenario::isolation::run(&mut run),
             }
         }
     }

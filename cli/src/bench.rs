@@ -22,8 +22,8 @@ pub struct BenchArgs {
     /// where KVM cannot boot Linux, about 3.5 min in all).
     #[arg(long)]
     quick: bool,
-    /// Scenarios, comma-separated: start, memory, density, cpu, net, disk.
-    #[arg(long, value_delimiter = ',', default_value = "start,memory,density,cpu,net,disk")]
+    /// Scenarios, comma-separated: start, memory, density, cpu, net, disk, isolation.
+    #[arg(long, value_delimiter = ',', default_value = "start,memory,density,cpu,net,disk,isolation")]
     scenario: Vec<String>,
     /// Backends, comma-separated (default: all; the ones that cannot run here are listed with the reason).
     #[arg(long, value_delimiter = ',')]
@@ -171,7 +171,9 @@ pub fn bench(root: &Path, a: BenchArgs) -> Result<i32> {
         .iter()
         .map(|s| {
             Scenario::parse(s.trim()).ok_or_else(|| {
-                UserError(format!("unknown scenario {s:?}; scenarios: start, memory, density, cpu, net, disk"))
+                UserError(format!(
+                    "unknown scenario {s:?}; scenarios: start, memory, density, cpu, net, disk, isolation"
+                ))
             })
         })
         .collect::<Result<_, _>>()?;
@@ -277,6 +279,7 @@ fn run_nested(script: &Path, twinbox: &Path, opts: &Options) -> Result<twinbox_b
         Scenario::Cpu => (21, 45),
         Scenario::Net => (37, 70),
         Scenario::Disk => (16, 30),
+        Scenario::Isolation => (5, 5),
     };
     let mut phases = vec![("booting the L1".to_owned(), 15)];
     phases.extend(opts.scenarios.iter().map(|s| {

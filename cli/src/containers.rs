@@ -27,6 +27,10 @@ pub(crate) fn engine(root: &Path) -> Result<Engine> {
     let root = std::path::absolute(root).with_context(|| format!("finding the absolute path of {}", root.display()))?;
     engine.set_launcher(vec![exe.clone().into(), "--root".into(), root.clone().into(), "container-launch".into()]);
     engine.set_vm_launcher(vec![exe.clone().into(), "--root".into(), root.clone().into(), "microvm-launch".into()]);
+    let mut vmm: Vec<std::ffi::OsString> = vec![exe.clone().into()];
+    vmm.extend((0..*crate::VERBOSE.get().unwrap_or(&0)).map(|_| "-v".into()));
+    vmm.push("microvm-vmm".into());
+    engine.set_vmm_command(vmm);
     engine.set_on_exit(vec![exe.into(), "--root".into(), root.into(), "container-exited".into()]);
     Ok(engine)
 }
@@ -53,7 +57,8 @@ enum SystemCommand {
     /// Remove what killed twinbox commands left: containers whose create was cut short (their
     /// init, cgroup, runtime state, name and hold), containers that ended with nobody left to
     /// record it (marked exited with an unknown code; removed when run with --rm), and the RUN
-    /// step containers of killed builds. Says what it did.
+    /// step containers of killed builds; unpins the network namespace jailed VMMs share (the
+    /// next VMM makes it again). Says what it did.
     Prune,
 }
 
@@ -63,6 +68,13 @@ pub fn system(root: &Path, a: SystemArgs) -> Result<i32> {
             let engine = engine(root)?;
             let mut done = twinbox_engine::build_run::stop_orphan_steps(&engine)?;
             done.extend(engine.reconcile()?);
+            // Running VMMs keep it; the next one pins a new one.
+            let netns = Path::new(twinbox_microvm::jail::SHARED_NETNS);
+            if twinbox_microvm::jail::remove_shared_netns(netns)
+                .with_context(|| format!("unpinning the network namespace at {}", netns.display()))?
+            {
+                done.push(format!("unpinned the network namespace of jailed VMMs ({})", netns.display()));
+            }
             let mut out = std::io::stdout().lock();
             for line in &done {
                 writeln!(out, "{line}")?;
@@ -201,6 +213,11 @@ pub struct RunArgs {
     /// instead of booting the kernel. `twinbox snapshot ls` lists the templates.
     #[arg(long)]
     snapshot: bool,
+    /// MicroVM only, for debugging: run the VMM unconfined. By default, once its VM is built,
+    /// the VMM moves into a mount namespace with an empty read-only root, a network namespace
+    /// of its own, an unprivileged uid without capabilities, and a seccomp allowlist per thread.
+    #[arg(long)]
+    no_jail: bool,
     /// The image.
     image: String,
     /// Command and arguments (replace the image's CMD).
@@ -266,10 +283,11 @@ pub fn run(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
     if a.isolation == "microvm" {
         return run_microvm(root, a, verbose);
     }
-    if a.kernel.is_some() || a.timeout.is_some() || a.irqchip.is_some() || a.snapshot {
-        return Err(
-            UserError("--kernel, --timeout, --irqchip and --snapshot are for --isolation microvm".into()).into()
-        );
+    if a.kernel.is_some() || a.timeout.is_some() || a.irqchip.is_some() || a.snapshot || a.no_jail {
+        return Err(UserError(
+            "--kernel, --timeout, --irqchip, --snapshot and --no-jail are for --isolation microvm".into(),
+        )
+        .into());
     }
     let (network, publish) = a.network_and_ports()?;
     let volumes = a.volumes.iter().map(|v| v.parse()).collect::<Result<Vec<_>, _>>()?;
@@ -378,6 +396,7 @@ fn run_microvm(root: &Path, mut a: RunArgs, verbose: bool) -> Result<i32> {
         irqchip: a.irqchip.unwrap_or_default(),
         verbose,
         snapshot: a.snapshot,
+        no_jail: a.no_jail,
     };
     let opts = RunOptions {
         seccomp: None,

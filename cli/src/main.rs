@@ -100,6 +100,15 @@ enum Command {
     /// The VMM of a detached microVM (started by run -d and start, not by hand).
     #[command(hide = true)]
     MicrovmLaunch(containers::LaunchArgs),
+    /// A microVM's VMM process, started by the instance's monitor with its request on
+    /// descriptor 3 (see twinbox_engine::vmm).
+    #[command(hide = true)]
+    MicrovmVmm {
+        /// Instead: enter a VMM's jail and print, per thread kind, what it reaches of the host
+        /// kernel (the isolation figures of `twinbox bench`).
+        #[arg(long)]
+        probe: bool,
+    },
     /// Run by a detached container's monitor once the container's init has exited: records
     /// its exit code and removes what it leaves.
     #[command(hide = true)]
@@ -124,6 +133,10 @@ impl twinbox_exit::ExitCode for UserError {
     }
 }
 
+/// How many `-v` this process got: a microVM's VMM process gets as many (its boot timer's
+/// "Guest-boot-time" line, at -v, is how `twinbox bench` sees a guest start its workload).
+pub static VERBOSE: std::sync::OnceLock<u8> = std::sync::OnceLock::new();
+
 /// When this process started: what a microVM's boot timer counts from.
 pub static STARTED: std::sync::OnceLock<std::time::Instant> = std::sync::OnceLock::new();
 
@@ -146,6 +159,7 @@ fn main() -> ExitCode {
         return ExitCode::from(twinbox_runc::main(argv).clamp(0, 255) as u8);
     }
     init_logging(cli.verbose);
+    VERBOSE.get_or_init(|| cli.verbose);
     let root = &cli.root;
     let is_run = matches!(cli.command, Command::Run(_));
     let ok = |r: Result<()>| r.map(|()| 0);
@@ -174,6 +188,13 @@ fn main() -> ExitCode {
         Command::ContainerExited(a) => containers::exited(root, a),
         Command::ContainerLaunch(a) => containers::launch(root, a),
         Command::MicrovmLaunch(a) => containers::launch_microvm(root, a),
+        Command::MicrovmVmm { probe: false } => Ok(twinbox_engine::vmm::serve()),
+        Command::MicrovmVmm { probe: true } => twinbox_engine::vmm::probe()
+            .map(|json| {
+                println!("{json}");
+                0
+            })
+            .map_err(anyhow::Error::from),
         Command::Port(a) => containers::port(root, a),
         Command::Network(a) => networks::network(root, a),
         Command::Volume(a) => volumes::volume(root, a),

@@ -1,6 +1,6 @@
 //! `twinbox vm`: boot a kernel in a microVM directly (the lower-level entry point).
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use anyhow::Result;
 use clap::Args;
@@ -46,6 +46,12 @@ pub struct VmArgs {
     /// in KVM.
     #[arg(long, value_name = "split|kernel", default_value = "split")]
     irqchip: twinbox_microvm::IrqChip,
+    /// Run the VMM unconfined, for debugging. By default, once the VM is built, the VMM moves
+    /// into a mount namespace of its own (a private, empty, read-only root: only the vsock's
+    /// socket directory is kept), a new network namespace, an unprivileged uid/gid with no
+    /// capabilities, and a seccomp allowlist per thread; a forbidden call ends it, named.
+    #[arg(long)]
+    no_jail: bool,
 }
 
 /// `PATH`, `PATH,ro` or `PATH,rw`.
@@ -65,7 +71,9 @@ fn parse_disk(s: &str) -> Result<DiskConfig, String> {
 fn parse_vsock(s: &str) -> Result<twinbox_microvm::VsockConfig, String> {
     let (cid, path) = s.split_once(',').ok_or("give CID,PATH, e.g. 3,/tmp/vm.sock")?;
     let guest_cid = cid.parse().map_err(|_| format!("invalid CID {cid:?}: give a number from 3"))?;
-    Ok(twinbox_microvm::VsockConfig { guest_cid, uds_path: PathBuf::from(path) })
+    // Absolute: a jailed VMM's working directory is its jail's root.
+    let uds_path = std::path::absolute(path).map_err(|e| format!("invalid socket path {path:?}: {e}"))?;
+    Ok(twinbox_microvm::VsockConfig { guest_cid, uds_path })
 }
 
 /// `TAP` or `TAP,mac=MAC`.
@@ -100,7 +108,20 @@ pub fn vm(a: VmArgs) -> Result<i32> {
     let started = *crate::STARTED.get_or_init(std::time::Instant::now);
     // The console goes to stdout as it comes; the log also watches for a kernel panic.
     let mut console = ConsoleLog::new(Some(Box::new(std::io::stdout())));
-    let result = VmBuilder::new(config).start_time(started).build().and_then(|mut vm| vm.run(&mut console));
+    let jail = (!a.no_jail).then(|| twinbox_microvm::jail::JailConfig {
+        // A guest connecting to host port P reaches the socket `PATH_P` beside the vsock's.
+        // (Not when that is /: the jail would hold the whole host.)
+        binds: config
+            .vsock
+            .iter()
+            .filter_map(|v| v.uds_path.parent().map(Path::to_path_buf))
+            .filter(|dir| dir != Path::new("/"))
+            .collect(),
+        // Its socket, which it removes when the VM ends.
+        owned: config.vsock.iter().map(|v| v.uds_path.clone()).collect(),
+        ..Default::default()
+    });
+    let result = VmBuilder::new(config).start_time(started).jail(jail).build().and_then(|mut vm| vm.run(&mut console));
     if let Some(line) = console.panic_line() {
         anyhow::bail!("the guest kernel panicked: {line} (its console is above)");
     }

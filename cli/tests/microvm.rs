@@ -37,11 +37,11 @@ fn container_only_flags_are_refused_by_name_and_nothing_is_left() {
         assert_eq!(o.status.code(), Some(1), "the user's mistake is 1: {args:?}: {err}");
         assert!(err.contains(needle), "{args:?}: {err}");
     }
-    for flags in [&["--kernel", "/k"][..], &["--irqchip", "kernel"], &["--snapshot"]] {
+    for flags in [&["--kernel", "/k"][..], &["--irqchip", "kernel"], &["--snapshot"], &["--no-jail"]] {
         let o = env.run(&[&["run"][..], flags, &["x"]].concat());
         let err = String::from_utf8_lossy(&o.stderr);
         assert!(
-            err.contains("--kernel, --timeout, --irqchip and --snapshot are for --isolation microvm"),
+            err.contains("--kernel, --timeout, --irqchip, --snapshot and --no-jail are for --isolation microvm"),
             "{flags:?}: {err}"
         );
     }
@@ -437,6 +437,30 @@ fn microvm_run_matches_the_container_run() {
         shell_quote(probe),
         shell_quote(probe),
     ));
+    // The VMM of a running microVM, seen from the L1: confined (its own root with nothing in
+    // it, another network namespace, an unprivileged uid without capabilities, every thread
+    // under seccomp, in a cgroup of its own sized for the guest), unless --no-jail; its cgroup
+    // gone with it.
+    script.push_str(
+        "echo '@@CASE jail@@'\n\
+         vmm_of() { for c in /proc/[0-9]*/cmdline; do tr '\\0' ' ' <$c | grep -q 'twinbox[^ ]* microvm-vmm *$' && { p=${c%/cmdline}; echo ${p#/proc/}; }; done; }\n\
+         look() {\n\
+         \x20 p=$(vmm_of | head -n 1)\n\
+         \x20 s=/proc/$p/status\n\
+         \x20 echo \"$1 uid: $(grep '^Uid:' $s | tr -s '\\t ' ' ' | cut -d' ' -f2) caps: $(grep '^CapEff:' $s | cut -f2) bnd: $(grep '^CapBnd:' $s | cut -f2) seccomp: $(grep '^Seccomp:' $s | cut -f2)\"\n\
+         \x20 echo \"$1 filtered: $(grep -l '^Seccomp:.2' /proc/$p/task/*/status | wc -l) of $(ls /proc/$p/task | wc -l)\"\n\
+         \x20 echo \"$1 root: $(ls -A /proc/$p/root | wc -l) netns: $([ $(readlink /proc/$p/ns/net) = $(readlink /proc/self/ns/net) ] && echo host || echo own)\"\n\
+         \x20 echo \"$1 cgroup: $(cut -d: -f3 /proc/$p/cgroup | cut -d/ -f2,3) limit: $(cat /sys/fs/cgroup/twinbox/vmm/*/memory.max 2>/dev/null)\"\n\
+         }\n\
+         twinbox run -d --isolation microvm --memory 64m --name jailed hello serve 8083 >/dev/null 2>/tmp/err\n\
+         look jailed\n\
+         twinbox rm -f jailed >/dev/null\n\
+         echo \"after: $(ls /sys/fs/cgroup/twinbox 2>/dev/null | wc -l) vmms $(vmm_of | wc -l)\"\n\
+         twinbox run -d --isolation microvm --no-jail --name free hello serve 8083 >/dev/null 2>>/tmp/err\n\
+         look free\n\
+         twinbox rm -f free >/dev/null\n\
+         echo '@@ERR@@'\ncat /tmp/err\necho '@@CODE 0@@'\n",
+    );
     script.push_str("echo '@@CASE holds@@'\nls \"$TWINBOX_ROOT/holds\"\necho '@@CODE 0@@'\n");
 
     let started = std::time::Instant::now();
@@ -468,6 +492,15 @@ fn microvm_run_matches_the_container_run() {
             let stderr = String::from_utf8_lossy(&o.stderr);
             if attempt < 3 && (stderr.contains("L1 did not finish booting") || stderr.contains("L1 stalled")) {
                 eprintln!("attempt {attempt}: L1 did not boot or stalled; trying again:\n{}", stderr.trim());
+                continue;
+            }
+            // A guest that triple-faults in the L1 now and then (about 1 in 60 cold boots, 5 at
+            // a time, on a quiet host; as often with --no-jail) meets a fault of the emulated
+            // nested paging under it, not of twinbox: issue 20 traced one to a #PF on a kernel-
+            // text fetch right after L1's KVM mapped that page. The cases run once more, said
+            // here; a second fault fails the test.
+            if attempt < 2 && String::from_utf8_lossy(&o.stdout).contains("guest triple fault") {
+                eprintln!("attempt {attempt}: a guest triple-faulted in the nested L1; running the cases once more");
                 continue;
             }
             break o;
@@ -664,6 +697,22 @@ fn microvm_run_matches_the_container_run() {
     );
     assert!(snap.out.contains("snapshot-rm: 0 0 0"), "{snap:?}");
     assert!(snap.out.contains("left: 0 taps 0 sockets 0"), "{snap:?}");
+
+    let jail = get("jail");
+    let line = |prefix: &str| jail.out.lines().find(|l| l.starts_with(prefix)).unwrap_or_default().to_owned();
+    let uid: u64 = line("jailed uid: ").split_whitespace().nth(2).and_then(|u| u.parse().ok()).unwrap_or(0);
+    assert!(uid >= u64::from(twinbox_microvm::jail::VMM_ID_BASE), "an unprivileged uid of its own: {jail:?}");
+    assert!(
+        line("jailed uid: ").ends_with("caps: 0000000000000000 bnd: 0000000000000000 seccomp: 2"),
+        "no capability, seccomp: {jail:?}"
+    );
+    let filtered: Vec<String> = line("jailed filtered: ").split_whitespace().map(String::from).collect();
+    assert!(filtered.len() == 5 && filtered[2] == filtered[4] && filtered[2] != "0", "every thread: {jail:?}");
+    assert_eq!(line("jailed root: "), "jailed root: 0 netns: own", "{jail:?}");
+    assert_eq!(line("jailed cgroup: "), format!("jailed cgroup: twinbox/vmm limit: {}", (64 + 64) << 20), "{jail:?}");
+    assert_eq!(line("after: "), "after: 0 vmms 0", "the VMM and its cgroup are gone: {jail:?}");
+    assert!(line("free uid: ").starts_with("free uid: 0 ") && line("free uid: ").ends_with("seccomp: 0"), "{jail:?}");
+    assert!(line("free root: ").ends_with("netns: host"), "{jail:?}");
 
     assert_eq!(get("holds").out, "", "every run released its image hold");
 }

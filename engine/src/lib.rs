@@ -16,6 +16,7 @@ pub mod container;
 pub mod microvm;
 pub mod network;
 pub mod template;
+pub mod vmm;
 pub mod volume;
 
 pub use container::{Engine, EngineError, ExecOptions, Phase, Record, RunOptions};

@@ -26,8 +26,7 @@ use twinbox_microvm::agent::GuestConfig;
 use twinbox_microvm::config::{DiskConfig, IrqChip, NetConfig, VmConfig};
 use twinbox_microvm::console::ConsoleLog;
 pub use twinbox_microvm::loader::default_kernel;
-use twinbox_microvm::vstate::vcpu::VcpuError;
-use twinbox_microvm::{ExitReason, VmBuilder, VmError};
+use twinbox_microvm::{ExitReason, VmError};
 
 /// Kernel command line of an image run: serial console (kept for diagnostics), i8042 reset,
 /// no PCI or modules, a panic stops the guest at once, only the first UART probed, and no
@@ -110,6 +109,14 @@ pub enum ImageRunError {
     /// A warm template could not be made or read.
     #[error("microVM template: {0}")]
     Template(String),
+    /// The VMM process failed, or ended without saying how the guest did.
+    #[error("{message}")]
+    Vmm {
+        /// The exit code the failure maps to.
+        code: i32,
+        /// What happened.
+        message: String,
+    },
     /// The guest stopped without the agent's exit status.
     #[error("the guest stopped ({reason}) without reporting the workload's exit status\nlast console lines:\n{tail}")]
     NoStatus {
@@ -129,6 +136,7 @@ impl ExitCode for ImageRunError {
             ImageRunError::Vm(e) => e.exit_code(),
             ImageRunError::NoKernel(_) => twinbox_exit::USER_ERROR,
             ImageRunError::Interrupted(signal) => twinbox_exit::signalled(*signal),
+            ImageRunError::Vmm { code, .. } => *code,
             ImageRunError::Panic { .. }
             | ImageRunError::Timeout(..)
             | ImageRunError::NoStatus { .. }
@@ -216,6 +224,23 @@ pub struct VmOptions {
     /// Restore the image's warm template (see [`crate::template`]) instead of booting.
     #[serde(default)]
     pub snapshot: bool,
+    /// Run the VMM unconfined (`--no-jail`, for debugging): see [`twinbox_microvm::jail`].
+    #[serde(default)]
+    pub no_jail: bool,
+}
+
+impl VmOptions {
+    /// How the VMM of an instance whose monitor is this process is confined: by default in a
+    /// jail with no directory of the host, as uid [`VMM_ID_BASE`] + the monitor's pid (known
+    /// before the VMM starts, and unique while the monitor runs).
+    ///
+    /// [`VMM_ID_BASE`]: twinbox_microvm::jail::VMM_ID_BASE
+    pub fn jail(&self) -> Option<twinbox_microvm::jail::JailConfig> {
+        (!self.no_jail).then(|| twinbox_microvm::jail::JailConfig {
+            uid: Some(twinbox_microvm::jail::VMM_ID_BASE + std::process::id()),
+            ..Default::default()
+        })
+    }
 }
 
 /// The VMM's configuration and the initramfs for a prepared run, with network cards `nets`.
@@ -237,8 +262,6 @@ pub fn vm_config(prepared: PreparedRun, shape: &VmOptions, nets: Vec<NetConfig>)
 }
 
 /// Where the workload's stdout and stderr go.
-pub type Output = (Box<dyn Write + Send>, Box<dyn Write + Send>);
-
 /// A template's snapshot to restore instead of booting.
 #[derive(Debug)]
 pub struct Restore<'a> {
@@ -249,48 +272,131 @@ pub struct Restore<'a> {
     pub mailbox: Option<Vec<u8>>,
 }
 
-/// Builds the VM (booting `initrd`, or restoring the snapshot `restore`), calls `attach` (its
-/// taps exist from then on, until the VM is dropped), runs it with the workload's output going
-/// to `output`, and tells how it ended.
-#[allow(clippy::too_many_arguments)] // one call site each; a struct would only rename them
+/// Boots (or restores) the VM in a VMM process of its own (`vmm`: the command that starts
+/// one, see [`crate::vmm`]), confined by `jail`. `attach` runs once the VM is built and
+/// confined, before the guest runs (the instance's network and record); its error stops the
+/// VMM. The console's last lines explain a guest that failed.
+#[allow(clippy::too_many_arguments)]
 pub fn boot<E: From<ImageRunError>>(
+    vmm: &[std::ffi::OsString],
     config: VmConfig,
     initrd: Vec<u8>,
     restore: Option<Restore<'_>>,
     start: Instant,
-    output: Output,
+    output: crate::vmm::Output,
     verbose: bool,
+    jail: Option<twinbox_microvm::jail::JailConfig>,
     attach: impl FnOnce(ConsoleTail) -> Result<(), E>,
 ) -> Result<ImageRunExit, E> {
     tracing::debug!(disks = ?config.disks, nets = ?config.nets, "starting microVM");
     let echo: Option<Box<dyn Write + Send>> = if verbose { Some(Box::new(std::io::stderr())) } else { None };
     let shared = ConsoleTail(Arc::new(Mutex::new(ConsoleLog::new(echo))));
-    let builder = VmBuilder::new(config).start_time(start).output(output.0, output.1);
-    let restored = restore.is_some();
-    let builder = match restore {
-        Some(Restore { dir, mailbox: Some(bytes) }) => builder.restore(dir).mailbox(bytes),
-        Some(Restore { dir, mailbox: None }) => builder.restore(dir),
-        None => builder.initrd_bytes(initrd),
+    let (restore, mailbox, initrd) = match restore {
+        Some(Restore { dir, mailbox }) => (Some(dir.to_path_buf()), mailbox.map(hex::encode), Vec::new()),
+        None => (None, None, initrd),
     };
-    let mut vm = builder.build().map_err(|e| E::from(ImageRunError::from(e)))?;
-    tracing::debug!(restored, "VM built");
-    attach(shared.clone())?;
-    let result = vm.run(&mut shared.clone());
-    drop(vm);
+    let request = crate::vmm::Request {
+        config,
+        initrd_len: initrd.len(),
+        restore,
+        mailbox,
+        snapshot_to: None,
+        start_monotonic_ns: crate::vmm::monotonic_of(start),
+        jail,
+        tee_log: matches!(output, crate::vmm::Output::OursAndLog(_)),
+        log_only: matches!(output, crate::vmm::Output::Log(_)),
+    };
+    let mut process = crate::vmm::spawn(vmm, &request, &initrd, output, shared.clone()).map_err(|e| {
+        E::from(ImageRunError::Vmm {
+            code: twinbox_exit::INTERNAL,
+            message: format!("cannot start the VMM process: {e}"),
+        })
+    })?;
+    drop(initrd);
+    let first = process.next_status();
+    if first != Some(crate::vmm::Status::Built) {
+        let exit = process.finish();
+        return Err(ended(first, &mut process, exit, &shared, start).unwrap_err().into());
+    }
+    tracing::debug!(pid = process.pid(), "VM built and its VMM confined");
+    if let Err(e) = attach(shared.clone()) {
+        process.kill();
+        return Err(e);
+    }
+    let last = process.next_status();
+    let exit = process.finish();
+    ended(last, &mut process, exit, &shared, start).map_err(E::from)
+}
+
+/// Boots a template's VM in a VMM process of its own (confined by `jail`), pauses it when its
+/// agent is ready and has the VMM write its snapshot into the new directory `snapshot_to`
+/// (in a directory the jailed VMM may write).
+pub(crate) fn make_snapshot(
+    vmm: &[std::ffi::OsString],
+    config: VmConfig,
+    initrd: Vec<u8>,
+    snapshot_to: &std::path::Path,
+    jail: Option<twinbox_microvm::jail::JailConfig>,
+) -> Result<(), ImageRunError> {
+    let start = Instant::now();
+    let shared = ConsoleTail(Arc::new(Mutex::new(ConsoleLog::new(None))));
+    let request = crate::vmm::Request {
+        config,
+        initrd_len: initrd.len(),
+        restore: None,
+        mailbox: None,
+        snapshot_to: Some(snapshot_to.to_path_buf()),
+        start_monotonic_ns: crate::vmm::monotonic_of(start),
+        jail,
+        tee_log: false,
+        log_only: true,
+    };
+    let null = std::fs::File::create("/dev/null")
+        .map_err(|e| ImageRunError::Template(format!("cannot open /dev/null: {e}")))?;
+    let mut process = crate::vmm::spawn(vmm, &request, &initrd, crate::vmm::Output::Log(null), shared.clone())
+        .map_err(|e| ImageRunError::Template(format!("cannot start the VMM process: {e}")))?;
+    let mut last = process.next_status();
+    if last == Some(crate::vmm::Status::Built) {
+        last = process.next_status();
+    }
+    let exit = process.finish();
+    match last {
+        Some(crate::vmm::Status::Ended { reason: crate::vmm::ExitReasonWire::Ready, .. }) => Ok(()),
+        last => Err(ended(last, &mut process, exit, &shared, start)
+            .err()
+            .unwrap_or_else(|| ImageRunError::Template("the template's workload ran instead of waiting".into()))),
+    }
+}
+
+/// How a run ended, from the VMM's last status.
+fn ended(
+    last: Option<crate::vmm::Status>,
+    process: &mut crate::vmm::Vmm,
+    exit: std::io::Result<std::process::ExitStatus>,
+    shared: &ConsoleTail,
+    start: Instant,
+) -> Result<ImageRunExit, ImageRunError> {
+    use crate::vmm::Status;
     let total = start.elapsed();
     let console = shared.0.lock().unwrap_or_else(|e| e.into_inner());
     if let Some(line) = console.panic_line() {
-        return Err(ImageRunError::Panic { line: line.to_owned(), tail: console.tail() }.into());
+        return Err(ImageRunError::Panic { line: line.to_owned(), tail: console.tail() });
     }
-    let exit = match result {
-        Ok(exit) => exit,
-        Err(VmError::Vcpu(VcpuError::Timeout(t))) => return Err(ImageRunError::Timeout(t, console.tail()).into()),
-        Err(VmError::Vcpu(VcpuError::Interrupted(sig))) => return Err(ImageRunError::Interrupted(sig).into()),
-        Err(e) => return Err(ImageRunError::from(e).into()),
-    };
-    match exit.reason {
-        ExitReason::Exited(code) => Ok(ImageRunExit { code, boot_time: exit.boot_time, total }),
-        reason => Err(ImageRunError::NoStatus { reason, tail: console.tail() }.into()),
+    match last {
+        Some(Status::Ended { reason, boot_time_ns }) => match ExitReason::from(reason) {
+            ExitReason::Exited(code) => {
+                Ok(ImageRunExit { code, boot_time: boot_time_ns.map(Duration::from_nanos), total })
+            }
+            reason => Err(ImageRunError::NoStatus { reason, tail: console.tail() }),
+        },
+        Some(Status::Timeout { ms }) => Err(ImageRunError::Timeout(Duration::from_millis(ms), console.tail())),
+        Some(Status::Interrupted { signal }) => Err(ImageRunError::Interrupted(signal)),
+        Some(Status::Failed { code, message }) => Err(ImageRunError::Vmm { code, message }),
+        Some(Status::Built) => Err(ImageRunError::Vmm {
+            code: twinbox_exit::INTERNAL,
+            message: "the VMM process reported twice that it was built".into(),
+        }),
+        None => Err(ImageRunError::Vmm { code: twinbox_exit::INTERNAL, message: process.silent_end(exit) }),
     }
 }
 

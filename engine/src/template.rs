@@ -25,7 +25,6 @@ use sha2::{Digest, Sha256};
 use twinbox_image::Store;
 use twinbox_microvm::config::{NetConfig, VsockConfig};
 use twinbox_microvm::snapshot::VMM_BUILD;
-use twinbox_microvm::{ExitReason, VmBuilder};
 
 use crate::microvm::{self, ImageRunError, PreparedRun, VmOptions};
 
@@ -110,6 +109,7 @@ pub fn key(
 /// image's VM booted with its agent in template mode, paused at its ready signal, snapshotted.
 /// Concurrent callers make it once.
 pub fn ensure(
+    vmm: &crate::vmm::Launch,
     store: &Store,
     image: &str,
     image_digest: &str,
@@ -139,7 +139,7 @@ pub fn ensure(
     }
     // Left by a maker that was killed before it wrote the metadata.
     let _ = fs::remove_dir_all(&snapshot);
-    make(prepared, shape, network, &key, &snapshot)?;
+    make(vmm, prepared, shape, network, &key, &snapshot)?;
     let template = Template {
         key: key.clone(),
         image: image.to_owned(),
@@ -169,6 +169,7 @@ pub fn ensure(
 
 /// Boots the template VM and snapshots it into `snapshot`.
 fn make(
+    vmm: &crate::vmm::Launch,
     prepared: &PreparedRun,
     shape: &VmOptions,
     network: bool,
@@ -190,24 +191,22 @@ fn make(
     }
     let _ = fs::remove_file(&socket);
     config.vsock = Some(VsockConfig { guest_cid: GUEST_CID, uds_path: socket.clone() });
-    let mut console = twinbox_microvm::console::ConsoleLog::new(None);
-    let result = VmBuilder::new(config)
-        .initrd_bytes(initrd)
-        .output(Box::new(std::io::sink()), Box::new(std::io::sink()))
-        .pause_when_ready(true)
-        .build()
-        .and_then(|mut vm| {
-            let exit = vm.run(&mut console)?;
-            if exit.reason == ExitReason::Ready {
-                vm.snapshot(snapshot)?;
-            }
-            Ok(exit.reason)
-        });
+    // The jailed VMM writes the snapshot into a directory of its own uid, bound into its jail;
+    // moved into place from there once complete.
+    let making = snapshot.with_file_name(format!(".{key}.making-{}", std::process::id()));
+    let _ = fs::remove_dir_all(&making);
+    fs::create_dir(&making).map_err(io_err("create", &making))?;
+    let result = (|| {
+        if let Some(uid) = vmm.jail.as_ref().and_then(|j| j.uid) {
+            std::os::unix::fs::chown(&making, Some(uid), Some(uid)).map_err(io_err("hand to the VMM", &making))?;
+        }
+        let written = making.join("snapshot");
+        microvm::make_snapshot(&vmm.command, config, initrd, &written, vmm.jail.clone())?;
+        fs::rename(&written, snapshot).map_err(io_err("move into place", snapshot))
+    })();
     let _ = fs::remove_file(&socket);
-    match result.map_err(ImageRunError::from)? {
-        ExitReason::Ready => Ok(()),
-        reason => Err(ImageRunError::NoStatus { reason, tail: console.tail() }),
-    }
+    let _ = fs::remove_dir_all(&making);
+    result
 }
 
 /// Every template in the store, with the bytes its snapshot takes on disk.

@@ -186,6 +186,17 @@ impl Backend for TwinboxMicrovm {
         }
     }
 
+    fn host_surface_probe(&self) -> Option<Result<Command, BackendError>> {
+        // The VMM jailed as `twinbox run` jails it, probing as each of its thread kinds.
+        let mut cmd = Command::new(&self.exe);
+        cmd.args(["microvm-vmm", "--probe"]);
+        Some(Ok(cmd))
+    }
+
+    fn emulated_devices(&self) -> &'static [&'static str] {
+        &["8250 UART", "i8042", "I/O APIC", "virtio-blk", "virtio-vsock", "boot timer", "exit port", "output ports"]
+    }
+
     fn isolation(&self) -> Isolation {
         Isolation::MicroVm
     }
@@ -565,6 +576,19 @@ impl QemuMicrovm {
 impl Backend for QemuMicrovm {
     fn name(&self) -> &'static str {
         "qemu-microvm"
+    }
+
+    fn host_surface_probe(&self) -> Option<Result<Command, BackendError>> {
+        // QEMU runs here as a plain root process without -sandbox: the probe, run so, reaches
+        // what it reaches.
+        let image = self.image.as_ref()?;
+        let mut cmd = Command::new(image.workload_on_host());
+        cmd.arg("isolation");
+        Some(Ok(cmd))
+    }
+
+    fn emulated_devices(&self) -> &'static [&'static str] {
+        &["8250 UART", "i8259 PIC", "I/O APIC", "i8254 PIT", "isa-debug-exit", "virtio-blk", "fw_cfg"]
     }
 
     fn isolation(&self) -> Isolation {

@@ -95,6 +95,8 @@ pub enum Workload {
     /// The image's own entrypoint and cmd, as a run that gives no command starts it (the
     /// user's own image: [`PreparedImage::foreign`]).
     Own,
+    /// `hello isolation`: one JSON line of what it reaches of the kernel it runs on.
+    Isolation,
 }
 
 /// Where a backend mounts its volume for the `disk` scenario.
@@ -118,6 +120,7 @@ impl Workload {
                 vec!["disk".into(), if *volume { DISK_VOLUME_PATH } else { "/" }.into(), mib.to_string()]
             }
             Workload::Own => Vec::new(),
+            Workload::Isolation => vec!["isolation".into()],
         }
     }
 }
@@ -285,6 +288,19 @@ pub trait Backend {
     /// The host processes an instance stands on, found through the backend's own id of it:
     /// a container's init (and a process that serves its published port), a microVM's VMM.
     /// [`crate::host::instance_trees`] adds their descendants. Empty once the instance is gone.
+    /// For the `isolation` scenario: a command printing what this backend's instances reach of
+    /// the host kernel, when that is not the workload's own view (a VM's workload sees its
+    /// guest kernel; what reaches the host is its VMM). `None`: run `hello isolation` in an
+    /// instance.
+    fn host_surface_probe(&self) -> Option<Result<Command, BackendError>> {
+        None
+    }
+
+    /// The device models a VM backend's guest sees (none for the others).
+    fn emulated_devices(&self) -> &'static [&'static str] {
+        &[]
+    }
+
     fn instance_pids(&self, instance: &Instance) -> Vec<u32> {
         instance.child.as_ref().map(|c| c.id()).filter(|&p| crate::host::running(p)).into_iter().collect()
     }

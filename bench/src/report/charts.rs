@@ -530,7 +530,7 @@ pub fn draw_all(r: &Results, dir: &Path) -> Result<Vec<Chart>, ChartError> {
         let names: Vec<String> =
             g.columns.iter().skip(1).map(|c| c.label().replace(" (nested, emulated)", "*")).collect();
         // One colour per metric of glance::METRICS (in its order), pairs of a scenario in shades.
-        const PALETTE: [RGBColor; 12] = [
+        const PALETTE: [RGBColor; 13] = [
             RGBColor(31, 119, 180),
             RGBColor(174, 199, 232),
             RGBColor(23, 190, 207),
@@ -543,6 +543,7 @@ pub fn draw_all(r: &Results, dir: &Path) -> Result<Vec<Chart>, ChartError> {
             RGBColor(227, 119, 194),
             RGBColor(140, 86, 75),
             RGBColor(196, 156, 148),
+            RGBColor(127, 127, 127),
         ];
         let colour = |label: &str| {
             let i = super::glance::METRICS.iter().position(|m| m.0 == label).unwrap_or(0);

@@ -11,7 +11,7 @@ use crate::results::Results;
 use crate::stats::median;
 
 /// (label, scenario, metric, the metric is already a ratio to the process, more is better).
-pub const METRICS: [(&str, &str, &str, bool, bool); 12] = [
+pub const METRICS: [(&str, &str, &str, bool, bool); 13] = [
     ("start (time to workload)", "start", "time_to_workload", false, false),
     ("start (end to end)", "start", "end_to_end", false, false),
     ("time to ready", "start", "time_to_ready", false, false),
@@ -24,6 +24,9 @@ pub const METRICS: [(&str, &str, &str, bool, bool); 12] = [
     ("network throughput", "net", "throughput", false, true),
     ("durable 4 KiB writes (volume)", "disk", "volume_rand_write_iops", false, true),
     ("sequential writes (volume)", "disk", "volume_seq_write", false, true),
+    // What reaches the host kernel: the system calls that run for the workload (a VM: its
+    // VMM's vCPU thread), against the bare process's.
+    ("host kernel surface (system calls)", "isolation", "syscalls", false, false),
 ];
 
 /// One column: a backend of this run, or a microVM of the nested run.

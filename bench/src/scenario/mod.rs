@@ -9,6 +9,7 @@
 //! | [`cpu`] | `compute`, `syscalls` (ms of work), `compute_ratio`, `syscalls_ratio` (vs the bare process) |
 //! | [`net`] | `time_to_ready` (ms), `latency_keepalive`, `latency_new_connection` (µs), `throughput` (MB/s) through a published port |
 //! | [`disk`] | throughput, IOPS and p99 of sequential and random I/O in the root and in a volume |
+//! | [`isolation`] | `syscalls`, `capabilities`, `device_nodes`, `proc_sys_files`, `sys_class_entries` reachable on the host; `host_kernel_shared`; a VM's `emulated_device_types` |
 //!
 //! The user's own image (`--ready SPEC`) is measured where that means something without
 //! `hello`: time to ready, memory per ready instance, density, and request latency when SPEC is
@@ -19,6 +20,7 @@
 pub mod cpu;
 pub mod density;
 pub mod disk;
+pub mod isolation;
 pub mod memory;
 pub mod net;
 pub mod net_client;
@@ -48,11 +50,19 @@ pub enum Scenario {
     Cpu,
     Net,
     Disk,
+    Isolation,
 }
 
 impl Scenario {
-    pub const ALL: [Scenario; 6] =
-        [Scenario::Start, Scenario::Memory, Scenario::Density, Scenario::Cpu, Scenario::Net, Scenario::Disk];
+    pub const ALL: [Scenario; 7] = [
+        Scenario::Start,
+        Scenario::Memory,
+        Scenario::Density,
+        Scenario::Cpu,
+        Scenario::Net,
+        Scenario::Disk,
+        Scenario::Isolation,
+    ];
 
     pub fn as_str(self) -> &'static str {
         match self {
@@ -62,6 +72,7 @@ impl Scenario {
             Scenario::Cpu => "cpu",
             Scenario::Net => "net",
             Scenario::Disk => "disk",
+            Scenario::Isolation => "isolation",
         }
     }
 
@@ -246,6 +257,7 @@ pub fn not_applicable(spec: &ReadySpec) -> Vec<NotApplicable> {
         ),
         na("cpu", &[], "it times the hello image's own loops (`hello spin N timed`, `hello syscalls N timed`)"),
         na("disk", &[], "it runs the hello image's file I/O workload (`hello disk DIR MIB`) and reads its figures"),
+        na("isolation", &[], "it runs the hello image's probe (`hello isolation`) inside each instance"),
     ];
     v.push(match spec {
         ReadySpec::Http { .. } => na(

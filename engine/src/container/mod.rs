@@ -124,6 +124,9 @@ pub enum EngineError {
     /// The engine was not told what starts a detached container.
     #[error("detached containers need the command that launches them; see Engine::set_launcher")]
     NoLaunchCommand,
+    /// The engine was not told what starts a microVM's VMM process.
+    #[error("microVMs need the command that starts their VMM process; see Engine::set_vmm_command")]
+    NoVmmCommand,
     /// Running the microVM failed (see [`vm`]).
     #[error(transparent)]
     Vm(#[from] crate::microvm::ImageRunError),
@@ -163,7 +166,8 @@ impl ExitCode for EngineError {
             | EngineError::Sys(..)
             | EngineError::Monitor(_)
             | EngineError::NoExitCommand
-            | EngineError::NoLaunchCommand => INTERNAL,
+            | EngineError::NoLaunchCommand
+            | EngineError::NoVmmCommand => INTERNAL,
         }
     }
 }
@@ -275,6 +279,7 @@ pub struct Engine {
     on_exit: Option<Vec<std::ffi::OsString>>,
     launcher: Option<Vec<std::ffi::OsString>>,
     vm_launcher: Option<Vec<std::ffi::OsString>>,
+    vmm_command: Option<Vec<std::ffi::OsString>>,
 }
 
 /// How a foreground container ended.
@@ -292,7 +297,15 @@ impl Engine {
     pub fn new(store: Store, runtime_root: impl Into<PathBuf>) -> Result<Self, EngineError> {
         let dir = store.root().join("containers");
         fs::create_dir_all(&dir).map_err(io_err("create directory", &dir))?;
-        Ok(Self { store, runtime: Runtime::new(runtime_root), dir, on_exit: None, launcher: None, vm_launcher: None })
+        Ok(Self {
+            store,
+            runtime: Runtime::new(runtime_root),
+            dir,
+            on_exit: None,
+            launcher: None,
+            vm_launcher: None,
+            vmm_command: None,
+        })
     }
 
     /// The command a detached container's monitor runs, with the container's id and exit code
@@ -314,6 +327,12 @@ impl Engine {
     /// `microvm-launch`).
     pub fn set_vm_launcher(&mut self, command: Vec<std::ffi::OsString>) {
         self.vm_launcher = Some(command);
+    }
+
+    /// The command that starts a microVM's VMM process (`twinbox microvm-vmm`, which calls
+    /// [`crate::vmm::serve`]); without one no microVM runs.
+    pub fn set_vmm_command(&mut self, command: Vec<std::ffi::OsString>) {
+        self.vmm_command = Some(command);
     }
 
     /// The image store.
@@ -1001,8 +1020,9 @@ impl Engine {
     fn remove_files(&self, id: &str) -> Result<(), EngineError> {
         let stored = self.stored(id);
         if stored.as_ref().is_some_and(|r| r.vm.is_some()) {
-            // A VMM that was killed leaves its socket.
+            // A VMM that was killed leaves its socket, and its monitor the VMM's cgroup.
             let _ = fs::remove_file(vm::vsock_path(id));
+            crate::vmm::VmmCgroup::remove(id);
         }
         if let Some(r) = &stored {
             self.release_name(&r.name, id);

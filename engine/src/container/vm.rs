@@ -270,22 +270,6 @@ impl Drop for RawTerminal {
     }
 }
 
-/// Writes to both: the terminal and the instance's log.
-struct Tee<A, B>(A, B);
-
-impl<A: Write, B: Write> Write for Tee<A, B> {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        let _ = self.1.write_all(buf);
-        self.0.write_all(buf)?;
-        Ok(buf.len())
-    }
-
-    fn flush(&mut self) -> io::Result<()> {
-        let _ = self.1.flush();
-        self.0.flush()
-    }
-}
-
 impl Engine {
     /// Runs `opts.image` as a microVM in this process, as [`run_foreground`] runs a container:
     /// an instance record (named, on its network, its ports published) while it runs; when it
@@ -401,12 +385,7 @@ impl Engine {
             Ok(exit) => exit.code,
             Err(e) => {
                 // Nobody sees this process's stderr: the log says why the VM ended.
-                let mut text = format!("twinbox: {e}");
-                let mut source = std::error::Error::source(&e);
-                while let Some(cause) = source {
-                    text.push_str(&format!(": {cause}"));
-                    source = cause.source();
-                }
+                let text = format!("twinbox: {}", crate::vmm::error_text(&e));
                 if let Ok(mut f) = fs::OpenOptions::new().append(true).open(&log) {
                     let _ = writeln!(f, "{text}");
                 }
@@ -438,6 +417,8 @@ impl Engine {
         let report = Arc::new(Mutex::new(report));
         let waiting = Arc::new(AgentWait::default());
         let mut volume_locks = Vec::new();
+        // Removed once this function returns, its VMMs gone.
+        let mut vmm_cgroup = None;
         let outcome = std::thread::scope(|sc| {
             (|| {
                 let mut cards = Vec::new();
@@ -486,8 +467,20 @@ impl Engine {
                     disks.push(twinbox_microvm::config::DiskConfig { path, read_only: m.read_only });
                 }
                 let prepared = microvm::PreparedRun { guest: guest.clone(), ..prepared.clone() };
+                // The VMMs (the template's, then the instance's) join a cgroup sized for the
+                // guest, as part of their jail.
+                let vmm_command = self.vmm_command.clone().ok_or(EngineError::NoVmmCommand)?;
+                let mut jail = vm.jail();
+                if let Some(j) = &mut jail {
+                    let memory = vm.memory_mib.unwrap_or(microvm::DEFAULT_MEMORY_MIB);
+                    let cgroup = crate::vmm::VmmCgroup::create(&id, memory)
+                        .map_err(|e| EngineError::Monitor(format!("cannot make the cgroup of the VMM: {e}")))?;
+                    j.cgroups = cgroup.join_files();
+                    vmm_cgroup = Some(cgroup);
+                }
                 let template = match vm.snapshot {
                     true => Some(crate::template::ensure(
+                        &crate::vmm::Launch { command: vmm_command.clone(), jail: jail.clone() },
                         &self.store,
                         &record.image,
                         &record.image_digest,
@@ -528,12 +521,14 @@ impl Engine {
                 let output = self.vm_output(&record, detached)?;
                 let me = std::process::id() as i32;
                 let booted = microvm::boot(
+                    &vmm_command,
                     config,
                     initrd,
                     restore,
                     start,
                     output,
                     vm.verbose,
+                    jail,
                     |console| -> Result<(), EngineError> {
                         if let Some((endpoint, bridge)) = &joined {
                             attach::connect_tap(endpoint, bridge)?;
@@ -766,21 +761,23 @@ impl Engine {
 
     /// Where the workload's output goes: ours, and the log unless the instance goes with `--rm`;
     /// only the log when `detached`.
-    fn vm_output(&self, record: &Record, detached: bool) -> Result<microvm::Output, EngineError> {
+    fn vm_output(&self, record: &Record, detached: bool) -> Result<crate::vmm::Output, EngineError> {
         let path = self.container_dir(&record.id).join("log");
         let open = || fs::OpenOptions::new().create(true).append(true).open(&path).map_err(io_err("open", &path));
         if detached {
-            return Ok((Box::new(open()?), Box::new(open()?)));
+            return Ok(crate::vmm::Output::Log(open()?));
         }
         if record.options.rm {
-            return Ok((Box::new(io::stdout()), Box::new(io::stderr())));
+            return Ok(crate::vmm::Output::Ours);
         }
-        Ok((Box::new(Tee(io::stdout(), open()?)), Box::new(Tee(io::stderr(), open()?))))
+        Ok(crate::vmm::Output::OursAndLog(open()?))
     }
 
     /// After the VM ended with `code`: its network left and the exit recorded, or everything
     /// removed (`--rm`).
     pub(super) fn finish_microvm(&self, mut record: Record, code: i32) -> Result<(), EngineError> {
+        // Left by a monitor that was killed (its own run removes it as it returns).
+        crate::vmm::VmmCgroup::remove(&record.id);
         if record.options.rm {
             return self.remove_files(&record.id);
         }
