@@ -273,3 +273,34 @@ fn an_image_without_the_bare_process_is_shown_against_the_container() {
         "{md}"
     );
 }
+
+/// Isolation figures of both runs (containers on the host, microVMs in the nested one) reach
+/// the summary and the at-a-glance table, and the summary no longer says isolation is not
+/// measured.
+#[test]
+fn isolation_of_both_runs_is_summarised() {
+    use twinbox_bench::host::{VirtKind, Virtualization};
+    use twinbox_bench::results::Better;
+    let syscalls =
+        |backend: &str, n: f64| common::record(backend, "isolation", "syscalls", "calls", Better::Lower, vec![n]);
+    let mut nested = common::results(2, 1.0);
+    nested.context.virtualization = Virtualization { kind: VirtKind::NestedTcg, detail: "nested L1".into() };
+    for b in nested.backends.iter_mut().filter(|b| b.name == "twinbox-microvm") {
+        (b.available, b.reason) = (true, None);
+    }
+    nested.records.extend([syscalls("process", 344.0), syscalls("twinbox-microvm", 43.0)]);
+    let mut r = common::results(1, 1.0);
+    r.records.extend([syscalls("process", 344.0), syscalls("twinbox-container", 303.0), syscalls("runc", 331.0)]);
+    r.nested = Some(Box::new(nested));
+    let dir = tempfile::tempdir().unwrap();
+    let out = dir.path().join("report");
+    twinbox_bench::report::write(&r, &out).unwrap();
+    let md = std::fs::read_to_string(out.join("report.md")).unwrap();
+    let summary = md.lines().find(|l| l.contains("**Isolation.**")).unwrap_or_else(|| panic!("{md}"));
+    assert!(summary.contains("twinbox-container 303, runc 331"), "{summary}");
+    assert!(summary.contains("run: process 344, twinbox-microvm 43"), "{summary}");
+    assert!(!md.contains("Isolation strength itself is not measured"), "{md}");
+    assert!(md.contains("shared attack surface, is measured in the Isolation section"), "{md}");
+    let row = md.lines().find(|l| l.starts_with("| host kernel surface (system calls) |")).expect("a glance row");
+    assert!(row.contains("0.88×") && row.contains("0.12×"), "{row}");
+}

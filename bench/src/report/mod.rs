@@ -120,6 +120,13 @@ fn med(r: &Results, backend: &str, scenario: &str, metric: &str) -> Option<f64> 
     r.record(backend, scenario, metric).filter(|x| !x.samples.is_empty()).map(|x| median(&x.samples))
 }
 
+/// Whether the run (or its nested run) measured the isolation scenario.
+fn has_isolation(r: &Results) -> bool {
+    std::iter::once(r)
+        .chain(r.nested.as_deref())
+        .any(|r| r.records.iter().any(|x| x.scenario == "isolation" && !x.samples.is_empty()))
+}
+
 /// "twinbox-container 12.3 ms, runc 45.6 ms"
 fn list_medians(r: &Results, scenario: &str, metric: &str, unit: &str, skip: &[&str]) -> String {
     r.records
@@ -294,10 +301,11 @@ fn what_this_shows(r: &Results) -> Vec<String> {
             "**Containers against VMs** — only in the {} run of the last section, where every backend ran on the \
              same emulated machine (so the ratios mean something, the absolute times do not): start to exit {}; \
              memory per idle instance {}. The VMs boot their own kernel and hold guest RAM, which is the other \
-             half of the trade-off; what they buy, a much smaller shared attack surface, is not measured.",
+             half of the trade-off; what they buy, a much smaller shared attack surface, is {}.",
             n.context.virtualization.kind,
             vm("end_to_end", "start", "ms"),
             vm("pss_per_instance", "memory", "KiB"),
+            if has_isolation(r) { "measured in the Isolation section" } else { "not measured" },
         ));
     } else if !vm_measured {
         out.push(
@@ -357,20 +365,29 @@ fn what_this_shows(r: &Results) -> Vec<String> {
              (`scripts/journaled-state.sh`)."
         ));
     }
-    let surface = r
-        .records
-        .iter()
-        .filter(|x| x.scenario == "isolation" && x.metric == "syscalls" && !x.samples.is_empty())
-        .map(|x| format!("{} {}", x.backend, num(median(&x.samples))))
-        .collect::<Vec<_>>()
-        .join(", ");
+    let surface_of = |r: &Results| {
+        r.records
+            .iter()
+            .filter(|x| x.scenario == "isolation" && x.metric == "syscalls" && !x.samples.is_empty())
+            .map(|x| format!("{} {}", x.backend, num(median(&x.samples))))
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    let mut surface = surface_of(r);
+    if let Some(n) = r.nested.as_deref() {
+        let nested = surface_of(n);
+        if !nested.is_empty() {
+            let sep = if surface.is_empty() { "" } else { "; " };
+            surface = format!("{surface}{sep}in the {} run: {nested}", n.context.virtualization.kind);
+        }
+    }
     if !surface.is_empty() {
         out.push(format!(
             "**Isolation.** System calls of the host kernel that run when called, probed from inside: {surface}. \
              A container's are its workload's (twinbox's under its default seccomp profile, the bench's runc and \
              crun bundles without one). A VM's workload calls its own guest kernel, so what reaches the host is \
              its VMM: twinbox's VMM is jailed (a seccomp allowlist per thread, the vCPU thread's counted here; no \
-             capabilities; an unprivileged uid; an empty read-only root; a network namespace and a cgroup of its \
+             capabilities; an unprivileged uid; an empty read-only root; an empty network namespace; a cgroup of its \
              own), while QEMU runs here as an unconfined root process."
         ));
     }
