@@ -214,8 +214,9 @@ pub struct RunArgs {
     #[arg(long)]
     snapshot: bool,
     /// MicroVM only, for debugging: run the VMM unconfined. By default, once its VM is built,
-    /// the VMM moves into a mount namespace with an empty read-only root, a network namespace
-    /// of its own, an unprivileged uid without capabilities, and a seccomp allowlist per thread.
+    /// the VMM moves into a mount namespace with an empty read-only root, the empty network
+    /// namespace jailed VMMs share, a cgroup of its own, an unprivileged uid without
+    /// capabilities, and a seccomp allowlist per thread.
     #[arg(long)]
     no_jail: bool,
     /// The image.

@@ -48,8 +48,9 @@ pub struct VmArgs {
     irqchip: twinbox_microvm::IrqChip,
     /// Run the VMM unconfined, for debugging. By default, once the VM is built, the VMM moves
     /// into a mount namespace of its own (a private, empty, read-only root: only the vsock's
-    /// socket directory is kept), a new network namespace, an unprivileged uid/gid with no
-    /// capabilities, and a seccomp allowlist per thread; a forbidden call ends it, named.
+    /// socket directory is kept), the empty network namespace jailed VMMs share, an
+    /// unprivileged uid/gid with no capabilities, and a seccomp allowlist per thread; a
+    /// forbidden call ends it, named.
     #[arg(long)]
     no_jail: bool,
 }

@@ -192,8 +192,9 @@ fn make(
     let _ = fs::remove_file(&socket);
     config.vsock = Some(VsockConfig { guest_cid: GUEST_CID, uds_path: socket.clone() });
     // The jailed VMM writes the snapshot into a directory of its own uid, bound into its jail;
-    // moved into place from there once complete.
-    let making = snapshot.with_file_name(format!(".{key}.making-{}", std::process::id()));
+    // moved into place from there once complete. One name per key (its lock is held here): what
+    // a killed maker left is removed by the next one, or by prune.
+    let making = snapshot.with_file_name(format!(".{key}.making"));
     let _ = fs::remove_dir_all(&making);
     fs::create_dir(&making).map_err(io_err("create", &making))?;
     let result = (|| {

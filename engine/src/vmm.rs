@@ -219,7 +219,7 @@ impl VmmCgroup {
 impl Drop for VmmCgroup {
     fn drop(&mut self) {
         if let Err(e) = self.0.destroy() {
-            tracing::warn!(error = %e, "cannot remove a VMM's cgroup");
+            tracing::warn!(error = %e, cgroup = ?self.0.dirs(), "cannot remove a VMM's cgroup");
         }
     }
 }
@@ -243,8 +243,19 @@ impl<A: Write, B: Write> Write for Tee<A, B> {
 /// The VMM process's side (`twinbox microvm-vmm`): reads its request, builds, confines
 /// itself, runs, reports. Returns the process's exit code (0 once the report is written).
 pub fn serve() -> i32 {
-    // SAFETY: descriptors 3 to 6 are the pipes and file `spawn` put there; nothing else in
-    // this fresh process owns them.
+    // Run by hand, without `spawn`'s descriptors, it says so instead of taking over whatever
+    // is (or is not) open there.
+    // SAFETY: F_GETFD reads a descriptor's flags and changes nothing.
+    let open = |fd: RawFd| unsafe { libc::fcntl(fd, libc::F_GETFD) } >= 0;
+    if !(open(REQUEST_FD) && open(STATUS_FD) && open(CONSOLE_FD)) {
+        eprintln!(
+            "twinbox microvm-vmm: descriptors {REQUEST_FD} to {CONSOLE_FD} are not open: this command is started by a \
+             microVM's monitor (twinbox run), not by hand"
+        );
+        return twinbox_exit::USER_ERROR;
+    }
+    // SAFETY: descriptors 3 to 5 are open (checked above): the pipes `spawn` put there, which
+    // nothing else in this fresh process owns.
     let (request, mut status) = unsafe { (File::from_raw_fd(REQUEST_FD), File::from_raw_fd(STATUS_FD)) };
     let outcome = run_vm(request, status.as_raw_fd());
     let status_line = match outcome {
@@ -341,8 +352,8 @@ fn run_vm(request: File, status_fd: RawFd) -> Result<Status, ServeError> {
     Ok(Status::Ended { reason: exit.reason.into(), boot_time_ns: exit.boot_time.map(|d| d.as_nanos() as u64) })
 }
 
-/// `twinbox microvm-vmm --probe`: what a VMM jailed as the engine jails it reaches of the
-/// host kernel, each thread kind's figures as one JSON object (`{"vmm": {...}, "vcpu": ...}`).
+/// `twinbox microvm-vmm --probe`: what a VMM jailed as the engine jails it (but in a new
+/// network namespace and no cgroup, which change no figure here) reaches of the host kernel, each thread kind's figures as one JSON object (`{"vmm": {...}, "vcpu": ...}`).
 pub fn probe() -> Result<String, twinbox_microvm::jail::JailError> {
     let jail = JailConfig {
         uid: Some(twinbox_microvm::jail::VMM_ID_BASE + std::process::id()),
@@ -384,6 +395,11 @@ pub fn spawn(
     mut console: impl Write + Send + 'static,
 ) -> io::Result<Vmm> {
     let (program, args) = command.split_first().ok_or_else(|| io::Error::other("no VMM command configured"))?;
+    // The request: a JSON line, then the initramfs. Made before anything starts.
+    let mut line = serde_json::to_vec(request).map_err(|e| {
+        io::Error::other(format!("the VM's request cannot be written as JSON (a path that is not UTF-8?): {e}"))
+    })?;
+    line.push(b'\n');
     let (request_rd, mut request_wr) = io::pipe()?;
     let (status_rd, status_wr) = io::pipe()?;
     let (mut console_rd, console_wr) = io::pipe()?;
@@ -440,11 +456,8 @@ pub fn spawn(
     let child = cmd.spawn()?;
     drop(fds);
     drop(log);
-    // The request: a JSON line, then the initramfs.
-    let mut line = serde_json::to_vec(request).map_err(io::Error::other)?;
-    line.push(b'\n');
-    let written = request_wr.write_all(&line).and_then(|()| request_wr.write_all(initrd));
-    drop(request_wr);
+    let mut vmm =
+        Vmm { child, status: BufReader::new(File::from(OwnedFd::from(status_rd))), console: None, reports: Vec::new() };
     let console = std::thread::Builder::new().name("vm-console".into()).spawn(move || {
         let mut buf = [0u8; 4096];
         loop {
@@ -457,19 +470,29 @@ pub fn spawn(
                 Err(_) => break,
             }
         }
-    })?;
-    let vmm = Vmm {
-        child,
-        status: BufReader::new(File::from(OwnedFd::from(status_rd))),
-        console: Some(console),
-        reports: Vec::new(),
-    };
+    });
+    match console {
+        Ok(t) => vmm.console = Some(t),
+        Err(e) => {
+            // Nothing would read its console: it is stopped before it has its request.
+            drop(request_wr);
+            vmm.kill();
+            return Err(e);
+        }
+    }
+    let written = request_wr.write_all(&line).and_then(|()| request_wr.write_all(initrd));
+    drop(request_wr);
     twinbox_microvm::vstate::watchdog::forward_stops_to(Some(vmm.child.id() as i32));
     if let Err(e) = written {
         // It died before reading its request: its status says why, or its exit does.
         tracing::debug!(error = %e, "writing the VMM's request");
     }
     Ok(vmm)
+}
+
+/// `text` with control characters (a terminal's escapes among them) shown as `?`.
+fn printable(text: &str) -> String {
+    text.chars().map(|c| if c.is_control() && c != '\n' && c != '\t' { '?' } else { c }).collect()
 }
 
 impl Vmm {
@@ -481,15 +504,25 @@ impl Vmm {
     /// The next status; `None` once the VMM closed its end (it ended): then
     /// [`finish`](Self::finish) says how.
     pub fn next_status(&mut self) -> Option<Status> {
+        // The VMM runs what the guest drives: what it sends is bounded (a line, the lines kept)
+        // and shown without control characters.
+        const LINE_LIMIT: u64 = 64 << 10;
+        const REPORTS_KEPT: usize = 16;
         loop {
-            let mut line = String::new();
-            match self.status.read_line(&mut line) {
+            let mut bytes = Vec::new();
+            match (&mut self.status).take(LINE_LIMIT).read_until(b'\n', &mut bytes) {
                 Ok(0) | Err(_) => return None,
                 Ok(_) => {}
             }
-            match serde_json::from_str(line.trim_end()) {
+            let line = String::from_utf8_lossy(&bytes);
+            match serde_json::from_str::<Status>(line.trim_end()) {
+                Ok(Status::Failed { code, message }) => {
+                    return Some(Status::Failed { code, message: printable(&message) })
+                }
                 Ok(s) => return Some(s),
-                Err(_) if !line.trim().is_empty() => self.reports.push(line.trim_end().to_owned()),
+                Err(_) if !line.trim().is_empty() && self.reports.len() < REPORTS_KEPT => {
+                    self.reports.push(printable(line.trim_end()))
+                }
                 Err(_) => {}
             }
         }
@@ -497,8 +530,10 @@ impl Vmm {
 
     /// Waits for the VMM to end (its console copied to the end); its exit status.
     pub fn finish(&mut self) -> io::Result<std::process::ExitStatus> {
-        let status = self.child.wait();
+        // No stop is forwarded once its pid may be reaped and reused; one that comes between
+        // here and its end stops the monitor's own wait instead, which the VMM's death follows.
         twinbox_microvm::vstate::watchdog::forward_stops_to(None);
+        let status = self.child.wait();
         if let Some(t) = self.console.take() {
             let _ = t.join();
         }
@@ -539,6 +574,12 @@ impl Drop for Vmm {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn what_the_vmm_sends_is_shown_without_terminal_escapes() {
+        assert_eq!(printable("a\u{1b}[2Jb\rc\u{7}"), "a?[2Jb?c?");
+        assert_eq!(printable("line one\n\tline two"), "line one\n\tline two");
+    }
 
     #[test]
     fn statuses_round_trip_as_json_lines() {

@@ -436,11 +436,23 @@ impl TryFrom<VmConfig> for Vm {
     }
 }
 
+/// Stops the VM when the vCPU thread holding it unwinds from a panic, so the other vCPUs
+/// do not run on until the timeout.
+struct StopIfPanicking<'a>(&'a RunControl);
+
+impl Drop for StopIfPanicking<'_> {
+    fn drop(&mut self) {
+        if std::thread::panicking() {
+            self.0.stop();
+        }
+    }
+}
+
 impl Vm {
-    /// Runs the guest until it stops, copying its console to `console`. The boot vCPU runs
-    /// on the calling thread, each application processor on a thread of its own (they wait
-    /// for the guest's INIT/SIPI in the in-kernel LAPIC); whichever vCPU ends the VM stops the
-    /// others.
+    /// Runs the guest until it stops, copying its console to `console`. Every vCPU runs on a
+    /// thread of its own (the application processors wait for the guest's INIT/SIPI in the
+    /// in-kernel LAPIC), while the calling thread waits; whichever vCPU ends the VM stops the
+    /// others, and so does a vCPU thread that panics.
     pub fn run(&mut self, console: &mut (dyn Write + Send)) -> Result<VmExit, VmError> {
         let control = Arc::new(RunControl::new(self.timeout).with_pause_when_ready(self.pause_when_ready));
         let stop_io = Arc::new(EventFd::new(libc::EFD_NONBLOCK | libc::EFD_CLOEXEC).map_err(VmError::EventFd)?);
@@ -495,10 +507,14 @@ impl Vm {
                 .iter_mut()
                 .map(|vcpu| {
                     let control = &*control;
-                    std::thread::Builder::new().name(format!("vcpu{}", vcpu.id())).spawn_scoped(scope, move || {
-                        confined(ThreadKind::Vcpu)?;
-                        vcpu.run(pio, mmio, control, &mut || {})
-                    })
+                    let id = vcpu.id();
+                    let spawned =
+                        std::thread::Builder::new().name(format!("vcpu{id}")).spawn_scoped(scope, move || {
+                            let _stop = StopIfPanicking(control);
+                            confined(ThreadKind::Vcpu)?;
+                            vcpu.run(pio, mmio, control, &mut || {})
+                        });
+                    (id, spawned)
                 })
                 .collect();
             let console_err = &mut console_err;
@@ -513,13 +529,14 @@ impl Vm {
             // whose calls a template's snapshot needs, runs no guest-driven code.
             let control_bsp = &*control;
             let bsp_thread = std::thread::Builder::new().name("vcpu0".into()).spawn_scoped(scope, move || {
+                let _stop = StopIfPanicking(control_bsp);
                 let result = confined(ThreadKind::Vcpu).and_then(|()| bsp.run(pio, mmio, control_bsp, &mut forward));
                 control_bsp.stop();
                 forward();
                 result
             });
             let bsp_result = match bsp_thread {
-                Ok(handle) => handle.join().unwrap_or(Ok(None)),
+                Ok(handle) => handle.join().unwrap_or(Err(VcpuError::Panicked(0))),
                 Err(e) => {
                     control.stop();
                     Err(VcpuError::Watchdog(e))
@@ -530,8 +547,8 @@ impl Vm {
             }
             let ap_results: Vec<Result<Option<ExitReason>, VcpuError>> = threads
                 .into_iter()
-                .map(|t| match t {
-                    Ok(handle) => handle.join().unwrap_or(Ok(None)),
+                .map(|(id, t)| match t {
+                    Ok(handle) => handle.join().unwrap_or(Err(VcpuError::Panicked(id))),
                     Err(e) => Err(VcpuError::Watchdog(e)),
                 })
                 .collect();

@@ -24,13 +24,14 @@ fn main() {
     if let Ok(mode) = std::env::var(CHILD) {
         std::process::exit(child(&mode));
     }
-    let tests: [(&str, fn()); 4] = [
+    let tests: [(&str, fn()); 5] = [
         (
             "a_jailed_vmm_has_no_privilege_and_sees_only_its_binds",
             a_jailed_vmm_has_no_privilege_and_sees_only_its_binds,
         ),
         ("a_jailed_vm_runs_to_its_end", a_jailed_vm_runs_to_its_end),
         ("a_forbidden_call_ends_the_vmm_and_is_named", a_forbidden_call_ends_the_vmm_and_is_named),
+        ("a_jailed_vmm_starts_threads_but_no_process", a_jailed_vmm_starts_threads_but_no_process),
         ("a_probe_in_the_jail_finds_each_thread_kind_narrower", a_probe_in_the_jail_finds_each_thread_kind_narrower),
     ];
     let filter: Vec<String> = std::env::args().skip(1).filter(|a| !a.starts_with('-')).collect();
@@ -132,6 +133,25 @@ fn child(mode: &str) -> i32 {
             });
             let _ = thread.join();
             eprintln!("the forbidden call returned");
+            1
+        }
+        // The VMM thread starts a thread (clone3 refused with ENOSYS, clone with CLONE_THREAD
+        // allowed), then forks, which no VMM thread may: no new process from a jail.
+        "fork" => {
+            if let Err(e) = jail_config().enter(None) {
+                eprintln!("enter: {e:?}");
+                return 1;
+            }
+            match std::thread::spawn(|| 7).join() {
+                Ok(7) => println!("a thread ran"),
+                other => eprintln!("the thread: {other:?}"),
+            }
+            // SAFETY: the child (if any) only exits at once.
+            if unsafe { libc::fork() } == 0 {
+                // SAFETY: _exit is async-signal-safe.
+                unsafe { libc::_exit(0) };
+            }
+            eprintln!("the fork returned");
             1
         }
         _ => 2,
@@ -272,6 +292,19 @@ fn a_forbidden_call_ends_the_vmm_and_is_named() {
         stderr.contains("the vCPU thread made system call 257 (openat), which its seccomp filter forbids"),
         "{stderr}"
     );
+}
+
+fn a_jailed_vmm_starts_threads_but_no_process() {
+    let test = "a_jailed_vmm_starts_threads_but_no_process";
+    if !usable(test) {
+        return;
+    }
+    let root = tempfile::tempdir().unwrap();
+    let out = spawn("fork", root.path(), None).wait_with_output().unwrap();
+    let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(stdout.contains("a thread ran"), "{stdout} {stderr}");
+    assert_eq!(out.status.code(), Some(FORBIDDEN_CALL_EXIT), "{stderr}");
+    assert!(stderr.contains("the VMM thread made system call 56 (clone)"), "{stderr}");
 }
 
 fn a_probe_in_the_jail_finds_each_thread_kind_narrower() {

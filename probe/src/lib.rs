@@ -8,7 +8,9 @@
 //!   and the few in [`special_args`] that need other arguments to fail harmlessly. A call
 //!   counts as *reachable* unless the kernel never ran it: it failed with ENOSYS or EPERM (what
 //!   a seccomp profile's errno action, an unknown number and a missing capability answer), or
-//!   the caller's `blocked` check says so (a trap that a SIGSYS handler caught).
+//!   the caller's `blocked` check says so (a trap that a SIGSYS handler caught). Not all of
+//!   them fail: `sync` takes no argument and flushes the host's dirty pages (a write-back, no
+//!   change of state), and `setsid`, `umask` and the like change the probe process itself.
 //! - **Capabilities**: the effective set (capget).
 //! - **Device nodes**: character and block devices visible under /dev (stat only: opening a
 //!   device such as a watchdog has effects).

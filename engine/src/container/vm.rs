@@ -355,7 +355,7 @@ impl Engine {
     ///
     /// [`run_microvm_detached`]: Engine::run_microvm_detached
     pub fn launch_microvm(&self, id: &str, start: Instant, mut report: std::fs::File) -> i32 {
-        // Held while this process is the VM's VMM.
+        // Held while this process monitors the VM (its VMM is a child process).
         let mut _vmm_lock = None;
         let result = (|| {
             _vmm_lock = Some(self.vmm_lock(id)?);
@@ -778,6 +778,8 @@ impl Engine {
     pub(super) fn finish_microvm(&self, mut record: Record, code: i32) -> Result<(), EngineError> {
         // Left by a monitor that was killed (its own run removes it as it returns).
         crate::vmm::VmmCgroup::remove(&record.id);
+        // A jailed VMM cannot unlink its socket (its directory is not in the jail).
+        let _ = fs::remove_file(vsock_path(&record.id));
         if record.options.rm {
             return self.remove_files(&record.id);
         }

@@ -3,7 +3,8 @@
 //!
 //! ```text
 //! VmBuilder::build (root: /dev/kvm, disks, taps, sockets, kernel, snapshot memory)
-//!   └─ Jail::enter: cgroups joined → network namespace (a new, empty one, or one given)
+//!   └─ Jail::enter: cgroups joined → network namespace (by default the empty one jailed
+//!        VMMs share, pinned at [`SHARED_NETNS`]; or a new one, or one given)
 //!        → mount namespace: a private tmpfs (read-only, 64 KiB) as /, holding only the
 //!          directories the VM still writes (`binds`), the host's tree unmounted
 //!        → capabilities, groups and uid/gid dropped (an unprivileged uid of its own),
@@ -60,7 +61,8 @@ pub struct JailConfig {
     /// The VMM's uid and gid after the drop (default: [`VMM_ID_BASE`] + pid).
     pub uid: Option<u32>,
     /// Directories kept at their own path inside the jail, writable (where a template's
-    /// snapshot is written, the directory of a vsock's guest-initiated sockets).
+    /// snapshot is written; for `twinbox vm`, the directory of a vsock's guest-initiated
+    /// sockets; the engine binds none: its monitor removes the VM's socket).
     pub binds: Vec<PathBuf>,
     /// Its network namespace (default: the shared one at [`SHARED_NETNS`]).
     pub netns: NetNs,
@@ -68,7 +70,7 @@ pub struct JailConfig {
     /// cgroup v2): made and sized by the caller.
     pub cgroups: Vec<PathBuf>,
     /// Files (in `binds`) handed to the VMM's uid before the drop, so it can still remove
-    /// them when the VM ends: its vsock's listening socket.
+    /// them when the VM ends: `twinbox vm`'s vsock listening socket.
     #[serde(default)]
     pub owned: Vec<PathBuf>,
 }
@@ -145,8 +147,14 @@ fn mount(
     data: Option<&str>,
 ) -> Result<(), JailError> {
     let what = format!("mount {} on {}", source.or(fstype).unwrap_or("(remount)"), target.display());
-    let c = |s: Option<&str>| s.map(|s| CString::new(s).expect("no NUL in a literal"));
-    let (source, fstype, data) = (c(source), c(fstype), c(data));
+    let c = |s: Option<&str>| {
+        s.map(|s| {
+            CString::new(s)
+                .map_err(|_| step(format!("{what}: {s:?} has a NUL byte"))(io::ErrorKind::InvalidInput.into()))
+        })
+        .transpose()
+    };
+    let (source, fstype, data) = (c(source)?, c(fstype)?, c(data)?);
     let target = cstring(target)?;
     let ptr = |s: &Option<CString>| s.as_ref().map_or(std::ptr::null(), |s| s.as_ptr());
     // SAFETY: every pointer is a NUL-terminated string that outlives the call, or null where
@@ -206,9 +214,9 @@ impl JailConfig {
             let relative = bind.strip_prefix("/").unwrap_or(bind);
             let target = self.root.join(relative);
             std::fs::create_dir_all(&target).map_err(step(format!("create {}", target.display())))?;
-            let source = bind
-                .to_str()
-                .ok_or_else(|| step("bind a path that is not UTF-8")(io::ErrorKind::InvalidInput.into()))?;
+            let source = bind.to_str().ok_or_else(|| {
+                step(format!("bind {} (a path that is not UTF-8)", bind.display()))(io::ErrorKind::InvalidInput.into())
+            })?;
             mount(Some(source), &target, None, libc::MS_BIND | libc::MS_REC, None)?;
             mount(None, &target, None, libc::MS_REMOUNT | libc::MS_BIND | hardened, None)?;
         }
@@ -312,15 +320,7 @@ fn join_shared_netns(path: &Path) -> Result<(), JailError> {
     }
     let dir = path.parent().unwrap_or(Path::new("/"));
     std::fs::create_dir_all(dir).map_err(step(format!("create {}", dir.display())))?;
-    let lock_path = path.with_extension("lock");
-    let lock = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .open(&lock_path)
-        .map_err(step(format!("open {}", lock_path.display())))?;
-    let _lock = nix::fcntl::Flock::lock(lock, nix::fcntl::FlockArg::LockExclusive)
-        .map_err(|(_, e)| step(format!("lock {}", lock_path.display()))(e.into()))?;
+    let _lock = lock_shared_netns(path).map_err(step(format!("lock {}", path.with_extension("lock").display())))?;
     if let Some(file) = pinned_netns(path) {
         return join_netns_file(&file, path);
     }
@@ -337,8 +337,13 @@ fn join_shared_netns(path: &Path) -> Result<(), JailError> {
 /// Unpins the shared network namespace at `path` (VMMs in it keep it as long as they run).
 /// Returns whether one was pinned there.
 pub fn remove_shared_netns(path: &Path) -> io::Result<bool> {
+    if pinned_netns(path).is_none() && !path.with_extension("lock").exists() {
+        return Ok(false);
+    }
+    // Under the lock, which goes with the pin (a VMM waiting for it sees that and retries).
+    let _lock = lock_shared_netns(path)?;
+    let _ = std::fs::remove_file(path.with_extension("lock"));
     if pinned_netns(path).is_none() {
-        let _ = std::fs::remove_file(path.with_extension("lock"));
         return Ok(false);
     }
     let c = CString::new(path.as_os_str().as_bytes()).map_err(|_| io::Error::from(io::ErrorKind::InvalidInput))?;
@@ -347,8 +352,24 @@ pub fn remove_shared_netns(path: &Path) -> io::Result<bool> {
         return Err(io::Error::last_os_error());
     }
     std::fs::remove_file(path)?;
-    let _ = std::fs::remove_file(path.with_extension("lock"));
     Ok(true)
+}
+
+/// The lock beside the shared namespace's pin (`<path>.lock`), held exclusively; taken again
+/// when the file was removed (by [`remove_shared_netns`]) while this process waited for it.
+fn lock_shared_netns(path: &Path) -> io::Result<nix::fcntl::Flock<std::fs::File>> {
+    use std::os::unix::fs::MetadataExt;
+    let lock_path = path.with_extension("lock");
+    loop {
+        let file = std::fs::OpenOptions::new().create(true).truncate(false).write(true).open(&lock_path)?;
+        let lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| io::Error::from_raw_os_error(e as i32))?;
+        let held = lock.metadata()?;
+        match std::fs::metadata(&lock_path) {
+            Ok(now) if now.ino() == held.ino() && now.dev() == held.dev() => return Ok(lock),
+            Ok(_) | Err(_) => continue,
+        }
+    }
 }
 
 /// Every capability out of the bounding set, no supplementary groups, uid and gid `id`, no

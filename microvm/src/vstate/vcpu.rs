@@ -98,6 +98,10 @@ pub enum VcpuError {
     /// A thread of a jailed VMM could not narrow its system calls to its kind's.
     #[error("{0}")]
     Confine(String),
+    /// The thread serving the vCPU panicked (a bug in twinbox's device emulation); the VM
+    /// was stopped.
+    #[error("the thread of vCPU {0} panicked (a bug in twinbox's VMM); the VM was stopped")]
+    Panicked(u8),
     /// The VMM got SIGINT, SIGTERM or SIGHUP (see
     /// [`stop_on_signals`](super::watchdog::stop_on_signals)) and stopped the guest.
     #[error("stopped by signal {0}")]
@@ -129,6 +133,7 @@ impl ExitCode for VcpuError {
             | VcpuError::Timeout(_)
             | VcpuError::Watchdog(_)
             | VcpuError::Confine(_)
+            | VcpuError::Panicked(_)
             | VcpuError::State { .. } => twinbox_exit::INTERNAL,
         }
     }
