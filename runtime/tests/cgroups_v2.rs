@@ -269,3 +269,47 @@ fn layouts_are_detected_from_real_mounts() {
     let missing = detect(Path::new("/nonexistent-twinbox")).unwrap_err();
     assert!(matches!(missing, CgroupError::MountRoot { .. }), "{missing}");
 }
+
+/// Cgroups made and removed at once under one shared parent (the VMMs' /twinbox/vmm/<id>,
+/// five microVMs launched together): a parent that the last leaf's removal takes away while
+/// another leaf is being made under it is walked again, never an error. Bounded: 4 threads,
+/// 1.5 s or 300 rounds each.
+#[test]
+fn leaves_made_and_removed_at_once_under_one_parent() {
+    if !have_root("leaves_made_and_removed_at_once_under_one_parent", "mount cgroup2 and create cgroups") {
+        return;
+    }
+    let id = unique_id("v2race-");
+    let mut mounts = PrivateMounts::new();
+    let root = mounts.mount("", "cgroup2", None).expect("mount cgroup2");
+    let deadline = Instant::now() + Duration::from_millis(1500);
+    let failures: Vec<String> = std::thread::scope(|s| {
+        let threads: Vec<_> = (0..4)
+            .map(|t| {
+                let (root, id) = (&root, &id);
+                s.spawn(move || {
+                    let mut failed = Vec::new();
+                    for round in 0..300 {
+                        if Instant::now() > deadline {
+                            break;
+                        }
+                        let leaf = format!("{id}-{t}-{round}");
+                        let path = Path::new("/twinbox/vmm").join(&leaf);
+                        let m = CgroupManager::with_mount_root(root, Some(&path), &leaf).unwrap();
+                        if let Err(e) = m.create(None) {
+                            failed.push(format!("create {leaf}: {e}: {:?}", std::error::Error::source(&e)));
+                        }
+                        if let Err(e) = m.destroy() {
+                            failed.push(format!("destroy {leaf}: {e}"));
+                        }
+                    }
+                    failed
+                })
+            })
+            .collect();
+        threads.into_iter().flat_map(|t| t.join().unwrap()).collect()
+    });
+    assert!(failures.is_empty(), "{} failures, first: {:?}", failures.len(), failures.first());
+    assert!(!root.join("twinbox").exists(), "the emptied parents are removed");
+    drop(mounts);
+}

@@ -473,8 +473,12 @@ impl Engine {
                 let mut jail = vm.jail();
                 if let Some(j) = &mut jail {
                     let memory = vm.memory_mib.unwrap_or(microvm::DEFAULT_MEMORY_MIB);
-                    let cgroup = crate::vmm::VmmCgroup::create(&id, memory)
-                        .map_err(|e| EngineError::Monitor(format!("cannot make the cgroup of the VMM: {e}")))?;
+                    let cgroup = crate::vmm::VmmCgroup::create(&id, memory).map_err(|e| {
+                        EngineError::Monitor(format!(
+                            "cannot make the cgroup of the VMM: {}",
+                            crate::vmm::error_text(&e)
+                        ))
+                    })?;
                     j.cgroups = cgroup.join_files();
                     vmm_cgroup = Some(cgroup);
                 }

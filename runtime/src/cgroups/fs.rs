@@ -244,6 +244,14 @@ pub(super) fn make_chain(
             let vanished = |d: &Path| i > 0 && attempt < MKDIR_ATTEMPTS && (!d.exists() || dying(d));
             match before_child(&dir) {
                 Err(_) if vanished(&dir) => continue 'walk,
+                // A parent's file that read ENODEV was being removed then, even when the check
+                // above comes too late to see it (seen with five VMM cgroups made and removed
+                // at once under /twinbox/vmm).
+                Err(CgroupError::Read { source, .. })
+                    if i > 0 && attempt < MKDIR_ATTEMPTS && source.raw_os_error() == Some(libc::ENODEV) =>
+                {
+                    continue 'walk
+                }
                 r => r?,
             }
             let child = dir.join(comp);

@@ -99,6 +99,11 @@ fn enable(dir: &Path, wanted: &mut BTreeSet<String>) -> Result<(), CgroupError> 
     if fs::write(&file, &all).is_ok() {
         return Ok(());
     }
+    // Gone or going (the last cgroup under it was removed): an error, so the path is walked
+    // again, instead of dropping controllers that the next parent can enable.
+    if !file.exists() || !dir.join("cgroup.procs").exists() {
+        return Err(CgroupError::Read { path: file, source: std::io::ErrorKind::NotFound.into() });
+    }
     // One at a time, to keep those that can be enabled.
     for c in missing {
         if let Err(e) = fs::write(&file, &format!("+{c}")) {
