@@ -232,11 +232,18 @@ pub fn detect_virtualization(root: &Path, cpuinfo: &str) -> Virtualization {
     let nested = std::fs::read_to_string(root.join("proc/cmdline"))
         .is_ok_and(|c| c.split_whitespace().any(|w| w == "twinbox.nested=tcg"));
     let (kind, detail) = if nested {
+        // Its guests' memory: on the nested paging TCG emulates, or on L1 KVM's shadow pages.
+        let paging = match std::fs::read_to_string(root.join("sys/module/kvm_amd/parameters/npt")) {
+            Ok(v) if v.trim() == "N" || v.trim() == "0" => " (shadow paging, npt=0)",
+            Ok(_) => " (emulated nested paging)",
+            Err(_) => "",
+        };
         (
             VirtKind::NestedTcg,
-            "nested L1 of scripts/nested-kvm.sh: QEMU TCG emulating an AMD EPYC with SVM, kvm_amd inside; \
-             shows the mechanics, not representative timings"
-                .to_string(),
+            format!(
+                "nested L1 of scripts/nested-kvm.sh: QEMU TCG emulating an AMD EPYC with SVM, kvm_amd inside{paging}; \
+                 shows the mechanics, not representative timings"
+            ),
         )
     } else if has("sys/module/kvm_pvm") {
         (VirtKind::Pvm, format!("/dev/kvm is PVM (kvm_pvm loaded); {outer}"))
@@ -574,6 +581,11 @@ mod tests {
         let v = detect_virtualization(d.path(), flags);
         assert_eq!(v.kind, VirtKind::NestedTcg);
         assert!(v.detail.contains("not representative"), "{}", v.detail);
+        std::fs::create_dir_all(d.path().join("sys/module/kvm_amd/parameters")).unwrap();
+        std::fs::write(d.path().join("sys/module/kvm_amd/parameters/npt"), "N\n").unwrap();
+        assert!(detect_virtualization(d.path(), flags).detail.contains("shadow paging, npt=0"));
+        std::fs::write(d.path().join("sys/module/kvm_amd/parameters/npt"), "Y\n").unwrap();
+        assert!(detect_virtualization(d.path(), flags).detail.contains("(emulated nested paging)"));
     }
 
     #[test]
