@@ -124,6 +124,11 @@ fn twinbox(img: &Images, args: &[&str]) -> (i32, String, String) {
 fn no_leaks(img: &Images) {
     let mut l = leftovers(&img.env);
     l.extend(new_cgroups(img));
+    // No container holds an image any more, and what the store keeps is whole: every blob
+    // hashes to its name.
+    let store = twinbox_image::store::Store::open(img.env.root()).unwrap();
+    l.extend(store.holds().unwrap().into_iter().map(|(d, by)| format!("hold on {d}: {by:?}")));
+    l.extend(store.verify_all().unwrap().into_iter().map(|d| format!("blob that does not hash to its name: {d}")));
     assert!(l.is_empty(), "left behind: {l:#?}");
 }
 

@@ -353,7 +353,8 @@ fn run_vm(request: File, status_fd: RawFd) -> Result<Status, ServeError> {
 }
 
 /// `twinbox microvm-vmm --probe`: what a VMM jailed as the engine jails it (but in a new
-/// network namespace and no cgroup, which change no figure here) reaches of the host kernel, each thread kind's figures as one JSON object (`{"vmm": {...}, "vcpu": ...}`).
+/// network namespace and no cgroup, which change no figure here) reaches of the host kernel,
+/// each thread kind's figures as one JSON object (`{"vmm": {...}, "vcpu": ...}`).
 pub fn probe() -> Result<String, twinbox_microvm::jail::JailError> {
     let jail = JailConfig {
         uid: Some(twinbox_microvm::jail::VMM_ID_BASE + std::process::id()),
