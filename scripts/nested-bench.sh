@@ -47,19 +47,14 @@ p=$work/tb
 mkdir -p "$p/bin" "$p/lib" "$p/share/qemu"
 
 # Binaries keep their own names; their libraries go where the dynamic loader looks for them
-# in L1 (the L1 command copies lib/ into /lib/x86_64-linux-gnu and /lib64 first), so
-# /proc/self/exe stays the binary itself (the container runtime re-executes it).
-pack() {
-  cp -L "$1" "$p/bin/$(basename "$1")"
-  # A static binary (ldd says so and fails) needs nothing more.
-  { ldd "$1" 2>/dev/null || true; } | awk '/=> \// { print $3 } /^\t\/.*ld-linux/ { print $1 }' |
-    while read -r lib; do cp -Ln "$lib" "$p/lib/" 2>/dev/null || true; done
-}
-pack "$twinbox"
-pack "$(command -v mkfs.ext4 || echo /usr/sbin/mkfs.ext4)"
-pack "$(command -v qemu-system-x86_64)"
+# in L1 (the L1 command copies lib/ into /lib/x86_64-linux-gnu and /lib64 first).
+# shellcheck source=scripts/lib/payload.sh
+. "$here/lib/payload.sh"
+pack "$twinbox" "$p"
+pack "$(command -v mkfs.ext4 || echo /usr/sbin/mkfs.ext4)" "$p"
+pack "$(command -v qemu-system-x86_64)" "$p"
 for peer in runc crun; do
-  if command -v "$peer" >/dev/null; then pack "$(command -v "$peer")"; fi
+  if command -v "$peer" >/dev/null; then pack "$(command -v "$peer")" "$p"; fi
 done
 # The CNI plugins the runc and crun backends' network is made with (bench/src/backend/cni.rs),
 # and the iptables they call (iptables-nft: one binary named as each of its commands, and its
@@ -70,7 +65,7 @@ if [ -d /usr/lib/cni ]; then
   done
   xtables=$(readlink -f "$(command -v iptables || echo /usr/sbin/iptables)")
   if [ "$(basename "$xtables")" = xtables-nft-multi ]; then
-    pack "$xtables"
+    pack "$xtables" "$p"
     # XTABLES_LIBDIR, compiled in: xtables/ beside libxtables, its path resolved (Debian's
     # /lib is /usr/lib; in L1 /lib is a real directory, so the resolved one is made there).
     libxt=$(ldd "$xtables" | awk '/libxtables/ { print $3 }')
