@@ -367,7 +367,7 @@ impl Engine {
             None => format!("twinbox_{}", &id[..8]),
         };
         let cdir = self.container_dir(&id);
-        let guard = DirGuard(cdir.clone());
+        let guard = DirGuard::new(cdir.clone())?;
         for d in ["bundle/rootfs", "upper", "work"] {
             fs::create_dir_all(cdir.join(d)).map_err(io_err("create directory", cdir.join(d)))?;
         }
@@ -441,7 +441,7 @@ impl Engine {
         };
         self.save(&record)?;
         self.store.hold(&id, &image.manifest_digest)?;
-        std::mem::forget(guard);
+        guard.kept();
         _name.keep();
         Ok(record)
     }
@@ -1339,6 +1339,38 @@ impl Engine {
                 _ => {}
             }
         }
+        // Directories whose command was killed before it saved their record (see DirGuard).
+        for e in fs::read_dir(&self.dir).map_err(io_err("list", &self.dir))?.flatten() {
+            let id = e.file_name().to_string_lossy().into_owned();
+            // A lock left with no directory (killed between the two): removed once nobody holds it.
+            if let Some(of) = id.strip_prefix('.').and_then(|n| n.strip_suffix(".creating")) {
+                let held = fs::File::open(e.path())
+                    .is_ok_and(|f| nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err());
+                if !held && !self.dir.join(of).exists() {
+                    let _ = fs::remove_file(e.path());
+                }
+                continue;
+            }
+            if id.len() != 64 || !id.bytes().all(|b| b.is_ascii_hexdigit()) || e.path().join("record.json").exists() {
+                continue;
+            }
+            let lock_path = creating_lock_path(&e.path());
+            let lock = match fs::File::open(&lock_path) {
+                Ok(f) => match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
+                    Ok(l) => Some(l),
+                    Err(_) => continue, // its command is making it
+                },
+                Err(_) => None,
+            };
+            // Saved in the meantime (its creator unlocks only after saving).
+            if e.path().join("record.json").exists() {
+                continue;
+            }
+            self.remove_files(&id)?;
+            let _ = fs::remove_file(&lock_path);
+            drop(lock);
+            done.push(format!("removed {}: its twinbox was killed before recording it", &id[..12]));
+        }
         Ok(done)
     }
 
@@ -1615,10 +1647,73 @@ fn valid_name(name: &str) -> bool {
 }
 
 /// Removes a half-made container directory unless forgotten.
-struct DirGuard(PathBuf);
+/// A container directory being made: removed again unless [`kept`](DirGuard::kept) once its
+/// record is saved. Its creator holds `<containers>/.<id>.creating` locked from before the
+/// directory exists until then, so a directory without a record whose lock nobody holds was
+/// left by a killed command ([`Engine::reconcile`] removes it).
+struct DirGuard {
+    dir: PathBuf,
+    lock_path: PathBuf,
+    _lock: nix::fcntl::Flock<fs::File>,
+}
+
+impl DirGuard {
+    fn new(dir: PathBuf) -> Result<Self, EngineError> {
+        let lock_path = creating_lock_path(&dir);
+        let file = fs::File::create(&lock_path).map_err(io_err("create", &lock_path))?;
+        let _lock = nix::fcntl::Flock::lock(file, nix::fcntl::FlockArg::LockExclusive)
+            .map_err(|(_, e)| EngineError::Sys("locking a new container's directory", e))?;
+        Ok(DirGuard { dir, lock_path, _lock })
+    }
+
+    /// The record is saved: the directory stays, the lock goes.
+    fn kept(mut self) {
+        self.dir = PathBuf::new();
+    }
+}
 
 impl Drop for DirGuard {
     fn drop(&mut self) {
-        let _ = remove_tree(&self.0);
+        if !self.dir.as_os_str().is_empty() {
+            let _ = remove_tree(&self.dir);
+        }
+        let _ = fs::remove_file(&self.lock_path);
+    }
+}
+
+/// `<containers>/.<id>.creating` for the container directory `dir`.
+fn creating_lock_path(dir: &Path) -> PathBuf {
+    let id = dir.file_name().unwrap_or_default().to_string_lossy();
+    dir.with_file_name(format!(".{id}.creating"))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A container directory whose command was killed before it saved the record goes at the
+    /// next reconcile, with its lock; one still being made (its lock held) stays, and so does
+    /// nothing else.
+    #[test]
+    fn a_directory_no_command_recorded_is_removed_unless_being_made() {
+        let tmp = tempfile::tempdir().unwrap();
+        let store = Store::open(tmp.path().join("store")).unwrap();
+        let engine = Engine::new(store, tmp.path().join("runtime")).unwrap();
+        let dead = engine.container_dir(&"a".repeat(64));
+        fs::create_dir_all(dead.join("bundle/rootfs")).unwrap();
+        // Its creator died holding it: the file stays, its lock went with the process.
+        fs::File::create(creating_lock_path(&dead)).unwrap();
+        let live = DirGuard::new(engine.container_dir(&"b".repeat(64))).unwrap();
+        fs::create_dir_all(&live.dir).unwrap();
+        // Killed between the lock and the directory.
+        let stray = creating_lock_path(&engine.container_dir(&"c".repeat(64)));
+        fs::File::create(&stray).unwrap();
+        let done = engine.reconcile().unwrap();
+        assert_eq!(done, [format!("removed {}: its twinbox was killed before recording it", "a".repeat(12))]);
+        assert!(!dead.exists() && !creating_lock_path(&dead).exists() && !stray.exists());
+        assert!(live.dir.exists() && live.lock_path.exists(), "one being made stays");
+        let live_dir = live.dir.clone();
+        drop(live);
+        assert!(!live_dir.exists(), "its own guard removes it on error");
     }
 }

@@ -737,7 +737,7 @@ impl Engine {
         let image_opts = image_options(&opts, vm, &id);
         let prepared = microvm::prepare(&self.store, &image, &image_opts, &id)?;
         let cdir = self.container_dir(&id);
-        let guard = DirGuard(cdir.clone());
+        let guard = DirGuard::new(cdir.clone())?;
         fs::create_dir_all(&cdir).map_err(io_err("create directory", &cdir))?;
         // Before the record exists: a `start` that finds it waits for this command's VMM.
         let lock = self.vmm_lock(&id)?;
@@ -758,7 +758,7 @@ impl Engine {
         };
         self.save(&record)?;
         self.store.hold(&id, &image.manifest_digest)?;
-        std::mem::forget(guard);
+        guard.kept();
         claim.keep();
         Ok((record, prepared, lock))
     }
