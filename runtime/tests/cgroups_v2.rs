@@ -78,6 +78,10 @@ impl Drop for Kid {
     }
 }
 
+/// Every cgroup2 mount shows the one hierarchy: the tests that make and empty its /twinbox
+/// parent take turns.
+static TWINBOX_PARENT: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
 fn read(path: &Path) -> String {
     std::fs::read_to_string(path).unwrap_or_else(|e| panic!("{}: {e}", path.display())).trim().to_string()
 }
@@ -87,6 +91,7 @@ fn private_cgroup2_mount_is_unified_and_works() {
     if !have_root("private_cgroup2_mount_is_unified_and_works", "mount cgroup2 and create cgroups") {
         return;
     }
+    let _one_at_a_time = TWINBOX_PARENT.lock().unwrap_or_else(|e| e.into_inner());
     let id = unique_id("v2-");
     let mut mounts = PrivateMounts::new();
     let root = mounts.mount("", "cgroup2", None).expect("mount cgroup2");
@@ -279,6 +284,7 @@ fn leaves_made_and_removed_at_once_under_one_parent() {
     if !have_root("leaves_made_and_removed_at_once_under_one_parent", "mount cgroup2 and create cgroups") {
         return;
     }
+    let _one_at_a_time = TWINBOX_PARENT.lock().unwrap_or_else(|e| e.into_inner());
     let id = unique_id("v2race-");
     let mut mounts = PrivateMounts::new();
     let root = mounts.mount("", "cgroup2", None).expect("mount cgroup2");
