@@ -1344,9 +1344,7 @@ impl Engine {
             let id = e.file_name().to_string_lossy().into_owned();
             // A lock left with no directory (killed between the two): removed once nobody holds it.
             if let Some(of) = id.strip_prefix('.').and_then(|n| n.strip_suffix(".creating")) {
-                let held = fs::File::open(e.path())
-                    .is_ok_and(|f| nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).is_err());
-                if !held && !self.dir.join(of).exists() {
+                if take_unheld(&e.path()).is_ok() && !self.dir.join(of).exists() {
                     let _ = fs::remove_file(e.path());
                 }
                 continue;
@@ -1355,13 +1353,8 @@ impl Engine {
                 continue;
             }
             let lock_path = creating_lock_path(&e.path());
-            let lock = match fs::File::open(&lock_path) {
-                Ok(f) => match nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock) {
-                    Ok(l) => Some(l),
-                    Err(_) => continue, // its command is making it
-                },
-                Err(_) => None,
-            };
+            // Held: its command is making it.
+            let Ok(lock) = take_unheld(&lock_path) else { continue };
             // Saved in the meantime (its creator unlocks only after saving).
             if e.path().join("record.json").exists() {
                 continue;
@@ -1678,6 +1671,15 @@ impl Drop for DirGuard {
             let _ = remove_tree(&self.dir);
         }
         let _ = fs::remove_file(&self.lock_path);
+    }
+}
+
+/// The lock file at `path`, taken when nobody holds it (`Ok(None)`: there is none); `Err`
+/// while another process holds it.
+fn take_unheld(path: &Path) -> Result<Option<nix::fcntl::Flock<fs::File>>, ()> {
+    match fs::File::open(path) {
+        Ok(f) => nix::fcntl::Flock::lock(f, nix::fcntl::FlockArg::LockExclusiveNonblock).map(Some).map_err(|_| ()),
+        Err(_) => Ok(None),
     }
 }
 
